@@ -1,0 +1,75 @@
+"""Command line: subcommands -> functions. `tuneforge --help` lists them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, all_keys, load_config
+
+COMMANDS = {
+    "train": "fine-tune a model: tuneforge train CONFIG.yaml [key=value ...]",
+    "chat": "talk to a model (+ adapter): tuneforge chat [CONFIG.yaml] [key=value ...] [--query TEXT]",
+}
+
+
+def _keys_help() -> str:
+    lines = ["keys (LLaMA-Factory names; give them in the YAML or as key=value):"]
+    for group, keys in all_keys().items():
+        lines.append(f"\n  {group}:")
+        lines += [f"    {name:<32} {kind:<14} default: {default}" for name, kind, default in keys]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune pretrained models with one command "
+                                     "and one flat YAML file.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, epilog=_keys_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("args", nargs="*", help="a CONFIG file (.yaml/.yml/.json) and/or key=value overrides")
+        if name == "chat":
+            p.add_argument("--query", help="answer this one message and exit (for scripts)")
+            p.add_argument("--system", help="a system prompt")
+    return parser
+
+
+def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data.registry import DataError
+    from .models.load import ModelError
+
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    if not ns.command:
+        parser.print_help()
+        return 0
+    path, overrides = _split_args(ns.args)
+    try:
+        if ns.command == "train":
+            from .train.sft import run
+
+            cfg = load_config(path, overrides, validate_for="train")
+            run(cfg)
+        elif ns.command == "chat":
+            from .infer.chat import one_shot, repl
+
+            cfg = load_config(path, overrides, validate_for="chat")
+            if ns.query is not None:
+                print(one_shot(cfg, ns.query, ns.system))
+            else:
+                repl(cfg, ns.system)
+    except (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError) as err:
+        print(f"tuneforge: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""The one config gate: typed option groups, a flat YAML/JSON file plus `key=value` overrides, and validation.
+
+Key names and defaults follow LLaMA-Factory (see docs/config.md), so its configs run unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the person who wrote the config."""
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str | None = None
+    adapter_name_or_path: str | None = None  # comma list; all but the last are merged
+    cache_dir: str | None = None
+    model_revision: str = "main"
+    hf_hub_token: str | None = None
+    trust_remote_code: bool = False
+    use_fast_tokenizer: bool = True
+    resize_vocab: bool = False
+    add_special_tokens: str | None = None
+    flash_attn: str = "auto"  # auto | sdpa | eager | fa2
+    disable_gradient_checkpointing: bool = False
+    upcast_layernorm: bool = False
+    train_from_scratch: bool = False
+    infer_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    quantization_bit: int | None = None
+    quantization_method: str = "bnb"
+    quantization_type: str = "nf4"
+    double_quantization: bool = True
+    export_dir: str | None = None
+    export_size: int = 5
+    export_device: str = "cpu"
+    export_quantization_bit: int | None = None
+    export_legacy_format: bool = False
+
+
+@dataclass
+class DataArgs:
+    template: str | None = None
+    dataset: str | None = None
+    eval_dataset: str | None = None
+    dataset_dir: str = "data"
+    cutoff_len: int = 2048
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    streaming: bool = False
+    buffer_size: int = 16384
+    mix_strategy: str = "concat"
+    interleave_probs: str | None = None
+    overwrite_cache: bool = False
+    preprocessing_batch_size: int = 1000
+    preprocessing_num_workers: int | None = None
+    max_samples: int | None = None
+    val_size: float = 0.0
+    eval_on_each_dataset: bool = False
+    packing: bool | None = None
+    neat_packing: bool = False
+    default_system: str | None = None
+    enable_thinking: bool = True
+    tokenized_path: str | None = None
+
+
+@dataclass
+class FinetuneArgs:
+    stage: str = "sft"
+    finetuning_type: str = "lora"
+    plot_loss: bool = False
+    compute_accuracy: bool = False
+    early_stopping_steps: int | None = None
+    disable_shuffling: bool = False
+    pure_bf16: bool = False
+    freeze_trainable_layers: int = 2
+    freeze_trainable_modules: str = "all"
+    freeze_extra_modules: str | None = None
+    lora_rank: int = 8
+    lora_alpha: int | None = None
+    lora_dropout: float = 0.0
+    lora_target: str = "all"
+    additional_target: str | None = None
+    loraplus_lr_ratio: float | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    pissa_init: bool = False
+    create_new_adapter: bool = False
+    pref_beta: float = 0.1
+    pref_ftx: float = 0.0
+    pref_loss: str = "sigmoid"
+    dpo_label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    kto_chosen_weight: float = 1.0
+    kto_rejected_weight: float = 1.0
+    ref_model: str | None = None
+    ref_model_adapters: str | None = None
+    reward_model: str | None = None
+    reward_model_adapters: str | None = None
+    reward_model_type: str = "lora"
+    ppo_buffer_size: int = 1
+    ppo_epochs: int = 4
+    ppo_score_norm: bool = False
+    ppo_target: float = 6.0
+    ppo_whiten_rewards: bool = False
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str | None = None
+    overwrite_output_dir: bool = False
+    do_train: bool = True
+    do_eval: bool = False
+    do_predict: bool = False
+    predict_with_generate: bool = False
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_strategy: str = "steps"
+    save_total_limit: int | None = None
+    save_only_model: bool = False
+    eval_strategy: str = "no"
+    eval_steps: int | None = None
+    load_best_model_at_end: bool = False
+    metric_for_best_model: str | None = None
+    seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    optim: str = "adamw_torch"
+    report_to: str = "none"
+    resume_from_checkpoint: str | None = None
+    ddp_timeout: int = 1800
+    deepspeed: str | None = None
+    dataloader_num_workers: int = 0
+    run_name: str | None = None
+
+
+@dataclass
+class GenerateArgs:
+    do_sample: bool = True
+    temperature: float = 0.95
+    top_p: float = 0.7
+    top_k: int = 50
+    num_beams: int = 1
+    max_new_tokens: int = 1024
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    skip_special_tokens: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    finetune: FinetuneArgs = field(default_factory=FinetuneArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    generate: GenerateArgs = field(default_factory=GenerateArgs)
+    source: str = "<command line>"  # the file the config came from, for error messages
+
+
+GROUPS = {"model": ModelArgs, "data": DataArgs, "finetune": FinetuneArgs, "train": TrainArgs, "generate": GenerateArgs}
+KEY_GROUP = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+STAGES_BUILT = ("pt", "sft")
+STAGES_PLANNED = ("rm", "dpo", "kto", "ppo", "grpo", "cls")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# Keys accepted so LLaMA-Factory configs load, whose feature is not built yet: any non-default value is refused
+# (never silently ignored). Each entry says what the user can do instead.
+NOT_YET = {
+    "quantization_bit": "QLoRA is not built yet; remove quantization_bit to train in full precision",
+    "resize_vocab": "resizing the vocabulary is not built yet",
+    "add_special_tokens": "adding special tokens is not built yet",
+    "upcast_layernorm": "upcast_layernorm is not built yet",
+    "streaming": "streaming datasets are not built yet; load the file whole",
+    "mix_strategy": "only mix_strategy: concat is built so far",
+    "interleave_probs": "interleaving datasets is not built yet (mix_strategy: concat only)",
+    "tokenized_path": "saving/loading tokenized datasets is not built yet",
+    "neat_packing": "packing for sft is not built yet",
+    "eval_on_each_dataset": "eval_on_each_dataset is not built yet",
+    "pissa_init": "PiSSA initialisation is not built yet",
+    "load_best_model_at_end": "load_best_model_at_end is not built yet; use early_stopping_steps and the checkpoints",
+    "deepspeed": "DeepSpeed configs are not wired in yet; use `accelerate launch` or torchrun for DDP",
+    "export_dir": "`tuneforge export` is not built yet",
+    "export_quantization_bit": "`tuneforge export` is not built yet",
+}
+
+
+def _coerce(value, annotation: str, key: str, source: str):
+    """Turn a YAML or command-line value into the declared type, or explain what was expected."""
+    optional = "None" in annotation
+    base = annotation.replace("| None", "").strip()
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("null", "none", "")):
+        if optional:
+            return None
+        raise ConfigError(f"{source}: `{key}` needs a value of type {base}, got nothing")
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(value, (list, tuple)):  # `dataset: [a, b]` is the same as `dataset: a,b`
+            return ",".join(str(v) for v in value)
+        if isinstance(value, dict):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: `{key}` expects {base}, got {value!r}") from None
+
+
+def _read_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else (f" line {err.lineno}" if hasattr(err, "lineno") else "")
+        raise ConfigError(f"{path}{line}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+                          f"{getattr(err, 'problem', None) or err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of `key: value` lines, got a {type(data).__name__}")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` strings from the command line; values are read as YAML scalars (so 3e-4, true, null work)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"command-line argument {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip().lstrip("-")] = yaml.safe_load(value) if value != "" else None
+    return out
+
+
+def suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(KEY_GROUP), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else "; run `tuneforge train --help` for the list of keys"
+
+
+def build_config(values: dict, source: str = "<command line>") -> Config:
+    cfg = Config(source=source)
+    for key, value in values.items():
+        if key not in KEY_GROUP:
+            raise ConfigError(f"{source}: unknown key `{key}`{suggest(key)}")
+        group = KEY_GROUP[key]
+        annotation = next(f.type for f in dataclasses.fields(GROUPS[group]) if f.name == key)
+        setattr(getattr(cfg, group), key, _coerce(value, annotation, key, source))
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str] | None = None, validate_for: str | None = "train") -> Config:
+    values = _read_file(path) if path else {}
+    values.update(parse_overrides(overrides or []))
+    cfg = build_config(values, source=path or "<command line>")
+    if validate_for:
+        validate(cfg, validate_for)
+    return cfg
+
+
+def _fail(cfg: Config, message: str):
+    raise ConfigError(f"{cfg.source}: {message}")
+
+
+def validate(cfg: Config, command: str = "train") -> None:
+    """Cross-field rules, each explained in plain words."""
+    m, d, f, t = cfg.model, cfg.data, cfg.finetune, cfg.train
+    if not m.model_name_or_path:
+        _fail(cfg, "`model_name_or_path` is required (a local folder, a hub id, a .gguf file or a bundled alias "
+                   "such as smollm2-135m-instruct)")
+    defaults = {k: getattr(GROUPS[g](), k) for k, g in KEY_GROUP.items()}
+    for key, why in NOT_YET.items():
+        value = getattr(getattr(cfg, KEY_GROUP[key]), key)
+        if value != defaults[key]:
+            _fail(cfg, f"`{key}: {value}` is not supported yet: {why}")
+    if m.flash_attn not in ("auto", "sdpa", "eager", "fa2", "disabled"):
+        _fail(cfg, f"`flash_attn` must be auto, sdpa, eager, fa2 or disabled; got {m.flash_attn!r}")
+    if m.infer_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        _fail(cfg, f"`infer_dtype` must be auto, float32, bfloat16 or float16; got {m.infer_dtype!r}")
+    if command != "train":
+        return
+    if f.stage in STAGES_PLANNED:
+        _fail(cfg, f"stage `{f.stage}` is not built yet; the stages available now are {', '.join(STAGES_BUILT)}")
+    if f.stage not in STAGES_BUILT:
+        _fail(cfg, f"unknown stage `{f.stage}`; choose one of {', '.join(STAGES_BUILT + STAGES_PLANNED)}")
+    if f.finetuning_type not in ("full", "freeze", "lora"):
+        _fail(cfg, f"`finetuning_type` must be full, freeze or lora; got {f.finetuning_type!r}")
+    if t.do_train and not d.dataset:
+        _fail(cfg, "`dataset` is required for training (a name from dataset_info.json or a file path)")
+    if not t.output_dir:
+        _fail(cfg, "`output_dir` is required: where the trained model, logs and checkpoints go")
+    if d.train_on_prompt and d.mask_history:
+        _fail(cfg, "`train_on_prompt` and `mask_history` contradict each other; set only one")
+    if d.cutoff_len < 2:
+        _fail(cfg, f"`cutoff_len` must be at least 2; got {d.cutoff_len}")
+    if d.packing and f.stage != "pt":
+        _fail(cfg, "`packing: true` is only built for stage pt so far; remove it for sft")
+    if d.packing is False and f.stage == "pt":
+        _fail(cfg, "stage pt always concatenates and chunks text to cutoff_len; `packing: false` is not built")
+    if not 0 <= d.val_size:
+        _fail(cfg, f"`val_size` must be a fraction in [0, 1) or a count of examples; got {d.val_size}")
+    if t.bf16 and t.fp16:
+        _fail(cfg, "`bf16` and `fp16` are both true; pick one mixed-precision mode")
+    if f.pure_bf16 and f.finetuning_type != "lora":
+        _fail(cfg, "`pure_bf16` keeps the frozen base in bf16 and needs `finetuning_type: lora`")
+    if t.lr_scheduler_type not in SCHEDULERS:
+        _fail(cfg, f"`lr_scheduler_type` must be one of {', '.join(SCHEDULERS)}; got {t.lr_scheduler_type!r}")
+    if t.optim not in ("adamw_torch", "adamw_torch_fused"):
+        _fail(cfg, f"`optim: {t.optim}` is not supported yet; use adamw_torch")
+    if t.report_to not in ("none", None, ""):
+        _fail(cfg, f"`report_to: {t.report_to}` is not supported yet; metrics go to trainer_log.jsonl "
+                   "(set report_to: none)")
+    if t.eval_strategy not in ("no", "steps", "epoch"):
+        _fail(cfg, f"`eval_strategy` must be no, steps or epoch; got {t.eval_strategy!r}")
+    if t.save_strategy not in ("no", "steps", "epoch"):
+        _fail(cfg, f"`save_strategy` must be no, steps or epoch; got {t.save_strategy!r}")
+    if t.per_device_train_batch_size < 1 or t.gradient_accumulation_steps < 1:
+        _fail(cfg, "`per_device_train_batch_size` and `gradient_accumulation_steps` must be at least 1")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        _fail(cfg, "set `num_train_epochs` > 0 or `max_steps` > 0")
+    if f.early_stopping_steps and t.eval_strategy == "no" and not (d.val_size or d.eval_dataset):
+        _fail(cfg, "`early_stopping_steps` needs evaluation: set `val_size` or `eval_dataset` and `eval_steps`")
+    if t.eval_strategy != "no" and not (d.val_size or d.eval_dataset):
+        _fail(cfg, f"`eval_strategy: {t.eval_strategy}` needs evaluation data: set `val_size` or `eval_dataset`")
+    if t.do_predict and not t.predict_with_generate:
+        _fail(cfg, "`do_predict` needs `predict_with_generate: true` (predictions are generated text)")
+    if f.finetuning_type != "lora" and f.create_new_adapter:
+        _fail(cfg, "`create_new_adapter` only applies to `finetuning_type: lora`")
+    if m.adapter_name_or_path and f.finetuning_type != "lora":
+        _fail(cfg, "`adapter_name_or_path` needs `finetuning_type: lora`")
+    if t.fp16 and not _cuda_available():
+        _fail(cfg, "`fp16: true` needs a CUDA GPU; on CPU use `bf16: true`")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def all_keys() -> dict[str, list[tuple[str, str, object]]]:
+    """For --help: each group's keys with type and default."""
+    return {g: [(f.name, f.type, getattr(cls(), f.name)) for f in dataclasses.fields(cls)]
+            for g, cls in GROUPS.items()}
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the effective config back as flat YAML (used for reproducibility in output_dir)."""
+    flat = {}
+    for group in GROUPS:
+        flat.update(dataclasses.asdict(getattr(cfg, group)))
+    Path(path).write_text(yaml.safe_dump(flat, sort_keys=False), encoding="utf-8")

@@ -1,0 +1,69 @@
+"""Data: find datasets, read files, convert to canonical examples, encode, split train/validation."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .encode import encode_pretrain, encode_supervised
+from .formats import Example, to_examples
+from .registry import DataError, read_records, resolve
+from .templates import get_template
+
+__all__ = ["DataError", "Example", "LMData", "load_examples", "prepare_lm_data"]
+
+
+def load_examples(names: str, data_args, stage: str, seed: int) -> list[Example]:
+    examples = []
+    for attr in resolve(names, data_args.dataset_dir):
+        part = to_examples(attr, read_records(attr), stage)
+        if attr.num_samples:  # resample to the requested size, as LLaMA-Factory does
+            rng = random.Random(seed)
+            part = (part * (attr.num_samples // len(part) + 1))[: attr.num_samples] if attr.num_samples > len(part) \
+                else rng.sample(part, attr.num_samples)
+        if data_args.max_samples:
+            part = part[: data_args.max_samples]
+        examples += part
+    return examples
+
+
+@dataclass
+class LMData:
+    train: list[dict]
+    eval: list[dict]
+    eval_examples: list[Example]  # the canonical records behind `eval`, for generation-based prediction
+    template: object
+
+
+def _encode(examples, stage, tokenizer, template, d) -> tuple[list[dict], list[Example]]:
+    if stage == "pt":
+        return encode_pretrain(examples, tokenizer, d.cutoff_len), []
+    rows, kept = [], []
+    for example in examples:
+        row = encode_supervised(example, tokenizer, template, d.cutoff_len, d.train_on_prompt, d.mask_history,
+                                d.default_system)
+        if row is not None:
+            rows.append(row)
+            kept.append(example)
+    return rows, kept
+
+
+def prepare_lm_data(cfg, tokenizer, need_train: bool = True) -> LMData:
+    """Everything the pt/sft recipes need from the data, validated before anything is written to output_dir."""
+    d, stage, seed = cfg.data, cfg.finetune.stage, cfg.train.seed
+    template = get_template(d.template, tokenizer) if stage != "pt" else None
+    train_examples = load_examples(d.dataset, d, stage, seed) if d.dataset else []
+    eval_examples = load_examples(d.eval_dataset, d, stage, seed) if d.eval_dataset else []
+    if d.val_size and train_examples:
+        shuffled = train_examples[:]
+        random.Random(seed).shuffle(shuffled)
+        count = int(d.val_size) if d.val_size >= 1 else max(1, round(d.val_size * len(shuffled)))
+        if count >= len(shuffled):
+            raise DataError(f"val_size {d.val_size} leaves no training examples out of {len(shuffled)}; lower it")
+        eval_examples, train_examples = eval_examples + shuffled[:count], shuffled[count:]
+    train, _ = _encode(train_examples, stage, tokenizer, template, d)
+    evaluation, kept_eval = _encode(eval_examples, stage, tokenizer, template, d)
+    if need_train and not train:
+        raise DataError(f"dataset `{d.dataset}`: no example has a response token left after truncation to "
+                        f"cutoff_len={d.cutoff_len}; raise cutoff_len or check the data")
+    return LMData(train=train, eval=evaluation, eval_examples=kept_eval, template=template)

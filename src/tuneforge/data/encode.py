@@ -1,0 +1,64 @@
+"""Canonical examples -> token ids and labels (prompt tokens masked to -100), truncated to cutoff_len."""
+
+from __future__ import annotations
+
+from .formats import Example
+from .templates import tokenize_pieces
+
+IGNORE = -100
+
+
+def split_budget(prompt_len: int, answer_len: int, budget: int) -> tuple[int, int]:
+    """How many prompt and answer tokens to keep when a turn does not fit in `budget`.
+
+    A short side is kept whole and the long side takes the rest; when both are long they share the budget in
+    proportion to their lengths.
+    """
+    if prompt_len + answer_len <= budget:
+        return prompt_len, answer_len
+    if 2 * answer_len < budget:
+        return budget - answer_len, answer_len
+    if 2 * prompt_len < budget:
+        return prompt_len, budget - prompt_len
+    answer = int(budget * answer_len / (prompt_len + answer_len))
+    return budget - answer, answer
+
+
+def encode_supervised(example: Example, tokenizer, template, cutoff_len: int, train_on_prompt: bool = False,
+                      mask_history: bool = False, default_system: str | None = None) -> dict | None:
+    """Returns {"input_ids", "labels"} or None when truncation leaves nothing to learn."""
+    pieces = template.pieces(tokenizer, example.messages, example.system or default_system)
+    ids = tokenize_pieces(tokenizer, pieces)
+    turns = list(zip(ids[0::2], ids[1::2]))
+    input_ids, labels = [], []
+    for number, (prompt, answer) in enumerate(turns):
+        budget = cutoff_len - len(input_ids)
+        if budget <= 0:
+            break
+        keep_prompt, keep_answer = split_budget(len(prompt), len(answer), budget)
+        prompt, answer = prompt[:keep_prompt], answer[:keep_answer]
+        learn = not mask_history or number == len(turns) - 1
+        input_ids += prompt + answer
+        labels += (prompt if train_on_prompt else [IGNORE] * len(prompt)) + (answer if learn else [IGNORE] * len(answer))
+    if all(label == IGNORE for label in labels):
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def encode_prompt(messages: list[dict], tokenizer, template, system: str | None = None) -> list[int]:
+    """Token ids for generation: the conversation so far (ending on a user turn) plus the assistant header."""
+    return [token for piece in tokenize_pieces(tokenizer, template.pieces(tokenizer, messages, system))
+            for token in piece]
+
+
+def encode_pretrain(examples: list[Example], tokenizer, cutoff_len: int) -> list[dict]:
+    """Concatenate documents (each closed by eos) and cut the stream into blocks of cutoff_len tokens.
+
+    The last, shorter block is kept rather than dropped, so small corpora are not lost.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream = []
+    for example in examples:
+        stream += tokenizer.encode(example.text, add_special_tokens=True) + eos
+    blocks = [stream[i: i + cutoff_len] for i in range(0, len(stream), cutoff_len)]
+    return [{"input_ids": block, "labels": list(block)} for block in blocks if len(block) > 1]

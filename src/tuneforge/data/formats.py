@@ -1,0 +1,126 @@
+"""Alpaca / ShareGPT / OpenAI-messages / plain-text records -> one canonical `Example` that every stage consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .registry import DataError, DatasetAttr, RawRecord
+
+USER, ASSISTANT, OBSERVATION, FUNCTION = "user", "assistant", "observation", "function"
+USER_SIDE, ASSISTANT_SIDE = (USER, OBSERVATION), (ASSISTANT, FUNCTION)
+
+
+@dataclass
+class Example:
+    messages: list[dict] = field(default_factory=list)  # {"role": user|assistant|observation|function, "content"}
+    system: str = ""
+    tools: str = ""
+    text: str | None = None  # pre-training text
+    where: str = ""
+
+
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+               "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system"}
+
+
+def detect_formatting(record: dict, where: str) -> str:
+    if "conversations" in record:
+        return "sharegpt"
+    if "messages" in record:
+        return "openai"
+    if "instruction" in record or "text" in record:
+        return "alpaca"
+    raise DataError(f"{where}: cannot tell the format from the keys {sorted(record)}; expected `instruction`/`output` "
+                    "(alpaca), `conversations` (sharegpt), `messages` (openai) or `text` (pre-training). Register the "
+                    "file in dataset_info.json with `columns` to map other names")
+
+
+def to_examples(attr: DatasetAttr, records: list[RawRecord], stage: str) -> list[Example]:
+    if attr.ranking:
+        raise DataError(f"dataset `{attr.name}` is ranking (preference) data, which stage `{stage}` cannot use; "
+                        "use it with stage rm or dpo, or pick a non-ranking dataset")
+    formatting = attr.formatting
+    if formatting == "auto":
+        formatting = detect_formatting(records[0].data, records[0].where)
+    convert = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _sharegpt}[formatting]
+    return [convert(attr, formatting, r, stage) for r in records]
+
+
+def _field(record: RawRecord, column: str, kind=str, required=True, default=None):
+    data = record.data
+    if not isinstance(data, dict):
+        raise DataError(f"{record.where}: expected a JSON object, got {type(data).__name__}")
+    if column not in data or data[column] is None:
+        if required:
+            close = [k for k in data if k.lower() == column.lower() or k.rstrip("s") == column.rstrip("s")]
+            hint = f" (found `{close[0]}`: map it with `columns` in dataset_info.json)" if close else (
+                f"; the record has {sorted(data)}: map the right one with `columns` in dataset_info.json")
+            raise DataError(f"{record.where}: missing field `{column}`{hint}")
+        return default
+    value = data[column]
+    if kind is str and not isinstance(value, str):
+        raise DataError(f"{record.where}: field `{column}` must be a string, got {type(value).__name__}")
+    if kind is list and not isinstance(value, list):
+        raise DataError(f"{record.where}: field `{column}` must be a list, got {type(value).__name__}")
+    return value
+
+
+def _alpaca(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str) -> Example:
+    cols = {"prompt": "instruction", "query": "input", "response": "output", "history": "history", "system": "system",
+            **attr.columns}
+    if stage == "pt":
+        column = cols["prompt"] if cols["prompt"] in record.data or "text" not in record.data else "text"
+        text = _field(record, column)
+        return Example(text=text, where=record.where)
+    prompt = _field(record, cols["prompt"])
+    query = _field(record, cols["query"], required=False, default="")
+    response = _field(record, cols["response"])
+    messages = []
+    for i, turn in enumerate(_field(record, cols["history"], kind=list, required=False, default=[])):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise DataError(f"{record.where}: `{cols['history']}[{i}]` must be a pair [user, assistant] of strings")
+        messages += [{"role": USER, "content": turn[0]}, {"role": ASSISTANT, "content": turn[1]}]
+    user = "\n".join(part for part in (prompt, query) if part)
+    messages += [{"role": USER, "content": user}, {"role": ASSISTANT, "content": response}]
+    system = _field(record, cols["system"], required=False, default="")
+    return Example(messages=messages, system=system, where=record.where)
+
+
+def _sharegpt(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str) -> Example:
+    tags = {**(OPENAI_TAGS if formatting == "openai" else SHAREGPT_TAGS), **attr.tags}
+    cols = {"messages": "messages" if formatting == "openai" else "conversations", "system": "system",
+            "tools": "tools", **attr.columns}
+    conversation = _field(record, cols["messages"], kind=list)
+    roles = {tags["user_tag"]: USER, tags["assistant_tag"]: ASSISTANT, tags["observation_tag"]: OBSERVATION,
+             tags["function_tag"]: FUNCTION}
+    system = _field(record, cols["system"], required=False, default="")
+    if conversation and isinstance(conversation[0], dict) and conversation[0].get(tags["role_tag"]) == tags["system_tag"]:
+        system = conversation[0].get(tags["content_tag"], "")  # a leading system message wins over the column
+        conversation = conversation[1:]
+    messages = []
+    for i, message in enumerate(conversation):
+        where = f"{record.where}: `{cols['messages']}[{i}]`"
+        if not isinstance(message, dict) or tags["role_tag"] not in message or tags["content_tag"] not in message:
+            raise DataError(f"{where} must be an object with `{tags['role_tag']}` and `{tags['content_tag']}`")
+        role = roles.get(message[tags["role_tag"]])
+        if role is None:
+            raise DataError(f"{where} has role `{message[tags['role_tag']]}`; expected one of {sorted(roles)} "
+                            "(set `tags` in dataset_info.json if your data names roles differently)")
+        expected = USER_SIDE if i % 2 == 0 else ASSISTANT_SIDE
+        if role not in expected:
+            raise DataError(f"{where} is a `{message[tags['role_tag']]}` turn where a "
+                            f"{'user' if i % 2 == 0 else 'assistant'} turn was expected: turns must alternate "
+                            "user, assistant, user, assistant, ...")
+        if not isinstance(message[tags["content_tag"]], str):
+            raise DataError(f"{where}: `{tags['content_tag']}` must be a string")
+        messages.append({"role": role, "content": message[tags["content_tag"]]})
+    if stage == "pt":
+        return Example(text="\n".join(m["content"] for m in messages), where=record.where)
+    if len(messages) < 2 or len(messages) % 2:
+        raise DataError(f"{record.where}: a conversation needs user/assistant pairs ending with an assistant turn; "
+                        f"this one has {len(messages)} turn(s)")
+    tools = _field(record, cols["tools"], required=False, default="")
+    return Example(messages=messages, system=system, tools=tools if isinstance(tools, str) else str(tools),
+                   where=record.where)

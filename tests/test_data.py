@@ -1,0 +1,139 @@
+import json
+
+import pytest
+from conftest import write_jsonl
+
+from tuneforge.config import DataArgs
+from tuneforge.data import load_examples
+from tuneforge.data.encode import IGNORE, encode_pretrain, encode_prompt, encode_supervised, split_budget
+from tuneforge.data.formats import Example
+from tuneforge.data.registry import DataError
+from tuneforge.data.templates import TEMPLATES, TokenizerTemplate, get_template
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+CONVERSATION = {"conversations": [
+    {"from": "system", "value": "Be brief."},
+    {"from": "human", "value": "Who are you?"},
+    {"from": "gpt", "value": "I am Tiny."},
+    {"from": "human", "value": "What is two plus two?"},
+    {"from": "gpt", "value": "Four."},
+]}
+
+
+def _sharegpt_example(tmp_path) -> Example:
+    path = write_jsonl(tmp_path / "chat.jsonl", [CONVERSATION])
+    return load_examples(str(path), DataArgs(dataset_dir=str(tmp_path)), "sft", seed=0)[0]
+
+
+@pytest.mark.parametrize("template_name", ["chatml", None])
+def test_labels_are_exactly_the_assistant_tokens(tmp_path, tokenizer, template_name):
+    example = _sharegpt_example(tmp_path)
+    assert example.system == "Be brief." and [m["role"] for m in example.messages] == ["user", "assistant"] * 2
+    template = get_template(template_name, tokenizer)
+    row = encode_supervised(example, tokenizer, template, cutoff_len=512)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    expected = []  # each answer's own tokens followed by the end-of-turn token, nothing else
+    for answer in ("I am Tiny.", "Four."):
+        expected.append(tokenizer.encode(answer, add_special_tokens=False) + [im_end])
+    spans, current = [], []
+    for token, label in zip(row["input_ids"], row["labels"]):
+        if label != IGNORE:
+            assert label == token
+            current.append(label)
+        elif current:
+            spans.append(current)
+            current = []
+    if current:
+        spans.append(current)
+    assert spans == expected
+
+
+def test_chatml_matches_the_tokenizer_chat_template(tmp_path, tokenizer):
+    example = _sharegpt_example(tmp_path)
+    chat = [{"role": "system", "content": example.system}] + example.messages
+    reference = tokenizer.apply_chat_template(chat, tokenize=False)
+    for template in (TEMPLATES["chatml"], TokenizerTemplate(tokenizer)):
+        row = encode_supervised(example, tokenizer, template, cutoff_len=512)
+        # the reference ends with "<|im_end|>\n"; that last newline is never trained and not needed
+        assert row["input_ids"] == tokenizer.encode(reference.rstrip("\n"), add_special_tokens=False)
+    prompt = encode_prompt(example.messages[:1], tokenizer, TEMPLATES["chatml"], "Be brief.")
+    expected = tokenizer.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt == tokenizer.encode(expected, add_special_tokens=False)
+
+
+def test_alpaca_history_system_and_masks(tmp_path, tokenizer):
+    rows = [{"instruction": "Add", "input": "1 and 2", "output": "3", "system": "Math.", "history": [["Hi", "Hello"]]}]
+    example = load_examples(str(write_jsonl(tmp_path / "a.jsonl", rows)), DataArgs(), "sft", 0)[0]
+    assert example.messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                {"role": "user", "content": "Add\n1 and 2"}, {"role": "assistant", "content": "3"}]
+    template = TEMPLATES["chatml"]
+    full = encode_supervised(example, tokenizer, template, 512)
+    masked = encode_supervised(example, tokenizer, template, 512, mask_history=True)
+    prompt_too = encode_supervised(example, tokenizer, template, 512, train_on_prompt=True)
+    learned = lambda r: tokenizer.decode([t for t, l in zip(r["input_ids"], r["labels"]) if l != IGNORE])
+    assert learned(full) == "Hello<|im_end|>3<|im_end|>"
+    assert learned(masked) == "3<|im_end|>"
+    assert prompt_too["labels"] == prompt_too["input_ids"]
+
+
+def test_truncation_keeps_within_cutoff_and_drops_unlearnable(tokenizer):
+    example = Example(messages=[{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok " * 50}])
+    row = encode_supervised(example, tokenizer, TEMPLATES["default"], cutoff_len=64)
+    assert len(row["input_ids"]) == 64 and any(l != IGNORE for l in row["labels"])
+    assert split_budget(10, 100, 64) == (10, 54) and split_budget(100, 10, 64) == (54, 10)
+    assert split_budget(100, 100, 64) == (32, 32) and split_budget(3, 4, 64) == (3, 4)
+
+
+def test_pretrain_concatenates_and_chunks(tokenizer):
+    docs = [Example(text="The quick brown fox jumps over the lazy dog.") for _ in range(10)]
+    blocks = encode_pretrain(docs, tokenizer, cutoff_len=32)
+    stream = sum((tokenizer.encode(d.text) + [tokenizer.eos_token_id] for d in docs), [])
+    assert [t for b in blocks for t in b["input_ids"]] == stream
+    assert all(len(b["input_ids"]) == 32 for b in blocks[:-1]) and blocks[0]["labels"] == blocks[0]["input_ids"]
+
+
+def test_registry_and_txt(tmp_path):
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                        {"role": "assistant", "content": "yo"}]}])
+    (tmp_path / "corpus.txt").write_text("first document\n\nsecond document\n")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "chat": {"file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"},
+                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                          "assistant_tag": "assistant"}},
+        "corpus": {"file_name": "corpus.txt", "columns": {"prompt": "text"}}}))
+    args = DataArgs(dataset_dir=str(tmp_path))
+    assert load_examples("chat", args, "sft", 0)[0].messages[1] == {"role": "assistant", "content": "yo"}
+    assert [e.text for e in load_examples("corpus", args, "pt", 0)] == ["first document", "second document"]
+
+
+@pytest.mark.parametrize("content, dataset, message", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', "bad.jsonl",
+     r"bad.jsonl line 2 column \d+: not valid JSON"),
+    ('{"instruction": "a", "Output": "b"}\n', "bad.jsonl", r"bad.jsonl line 1: missing field `output` \(found `Output`"),
+    ('{"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}\n', "bad.jsonl",
+     r"bad.jsonl line 1: `conversations\[0\]` is a `gpt` turn where a user turn was expected"),
+    ('{"conversations": [{"from": "human", "value": "x"}]}\n', "bad.jsonl", "needs user/assistant pairs"),
+    ("", "bad.jsonl", "holds no records"),
+    ('{"instruction": "a", "output": "b"}\n', "alpacca", "neither in .* nor an existing file"),
+])
+def test_bad_data_errors_name_the_place(tmp_path, content, dataset, message):
+    (tmp_path / "bad.jsonl").write_text(content)
+    path = str(tmp_path / dataset) if dataset.endswith("jsonl") else dataset
+    with pytest.raises(DataError, match=message):
+        load_examples(path, DataArgs(dataset_dir=str(tmp_path)), "sft", 0)
+
+
+def test_non_utf8_and_unknown_registry_name(tmp_path):
+    (tmp_path / "latin.jsonl").write_bytes(b'{"instruction": "caf\xe9", "output": "b"}\n')
+    with pytest.raises(DataError, match="latin.jsonl line 1: bytes that are not UTF-8"):
+        load_examples(str(tmp_path / "latin.jsonl"), DataArgs(), "sft", 0)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"identity": {"file_name": "latin.jsonl"}}))
+    with pytest.raises(DataError, match="did you mean identity"):
+        load_examples("identiy", DataArgs(dataset_dir=str(tmp_path)), "sft", 0)

@@ -1,0 +1,122 @@
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import alpaca_rows, read_log, run_training, train_config, write_jsonl
+from safetensors.torch import load_file
+
+PT_TEXT = "\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog {i % 5} times." for i in range(40))
+
+
+@pytest.mark.parametrize("stage", ["pt", "sft"])
+@pytest.mark.parametrize("kind", ["full", "freeze", "lora"])
+def test_each_stage_and_method_learns(tiny_model, alpaca_file, tmp_path, stage, kind):
+    data = alpaca_file
+    if stage == "pt":
+        data = str(tmp_path / "corpus.txt")
+        (tmp_path / "corpus.txt").write_text(PT_TEXT)
+    lr = {"full": 3e-3, "freeze": 3e-3, "lora": 2e-2}[kind]
+    out = tmp_path / "out"
+    run_training(train_config(tiny_model, data, out, stage=stage, finetuning_type=kind, learning_rate=lr, max_steps=20,
+                              lr_scheduler_type="constant", freeze_trainable_layers=2, freeze_extra_modules="lm_head"))
+    losses = [r["loss"] for r in read_log(out) if "loss" in r]
+    assert len(losses) == 20 and losses[-1] < losses[0] - 0.3, losses  # at least 0.3 nats lower
+    expected = "adapter_model.safetensors" if kind == "lora" else "model.safetensors"
+    assert (out / expected).is_file() and (out / "tokenizer_config.json").is_file()
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["global_step"] == 20 and results["train_loss"] > 0
+
+
+def test_freeze_trains_only_the_chosen_layers(tiny_model, alpaca_file, tmp_path):
+    out = tmp_path / "out"
+    run_training(train_config(tiny_model, alpaca_file, out, finetuning_type="freeze", freeze_trainable_layers=-1,
+                              freeze_trainable_modules="mlp", freeze_extra_modules="embed_tokens", max_steps=2))
+    before, after = load_file(f"{tiny_model}/model.safetensors"), load_file(out / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {n for n in before if n.startswith("model.layers.0.mlp.") or "embed_tokens" in n}
+
+
+def _weights(folder):
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(folder / name)
+
+
+def _max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_accumulation_equals_a_big_batch(tiny_model, tmp_path, kind):
+    data = str(write_jsonl(tmp_path / "var.jsonl", alpaca_rows(32)))  # lengths vary, so batches carry padding
+    common = dict(finetuning_type=kind, max_steps=4, learning_rate=1e-3, logging_steps=1)
+    run_training(train_config(tiny_model, data, tmp_path / "big", per_device_train_batch_size=8, **common))
+    run_training(train_config(tiny_model, data, tmp_path / "acc", per_device_train_batch_size=2,
+                              gradient_accumulation_steps=4, **common))
+    assert _max_diff(_weights(tmp_path / "big"), _weights(tmp_path / "acc")) < 1e-5
+    big = [r["loss"] for r in read_log(tmp_path / "big")]
+    acc = [r["loss"] for r in read_log(tmp_path / "acc")]
+    assert big == pytest.approx(acc, abs=1e-4)
+
+
+def test_resume_mid_epoch_is_exact(tiny_model, tmp_path):
+    data = str(write_jsonl(tmp_path / "var.jsonl", alpaca_rows(16)))  # 4 steps per epoch: step 6 is mid-epoch 2
+    common = dict(max_steps=10, save_steps=2, lora_dropout=0.1, lr_scheduler_type="cosine", warmup_steps=2)
+    run_training(train_config(tiny_model, data, tmp_path / "straight", **common))
+    interrupted = tmp_path / "interrupted"
+    run_training(train_config(tiny_model, data, interrupted, **common))
+    # make it as if the run had stopped right after step 6
+    for name in ("checkpoint-8", "adapter_model.safetensors", "adapter_config.json", "train_results.json",
+                 "all_results.json"):
+        path = interrupted / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert json.loads((interrupted / "checkpoint-6" / "trainer_state.json").read_text())["step_in_epoch"] == 2
+    run_training(train_config(tiny_model, data, interrupted, **common))  # resumes from checkpoint-6 by itself
+    assert _max_diff(_weights(tmp_path / "straight"), _weights(interrupted)) < 1e-6
+    log = read_log(interrupted)
+    assert [r["current_steps"] for r in log] == list(range(1, 11))
+
+
+def test_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model, alpaca_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.config import build_config
+    from tuneforge.infer.engine import Engine
+
+    out = tmp_path / "out"
+    run_training(train_config(tiny_model, alpaca_file, out, max_steps=3, lora_target="q_proj,v_proj,down_proj",
+                              additional_target="lm_head"))
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out)).eval()
+    engine = Engine(build_config({"model_name_or_path": tiny_model, "adapter_name_or_path": str(out)}))
+    assert engine.template.name == "chatml"  # taken from the adapter's tuneforge_config.yaml
+    ids = torch.tensor([engine.prompt_ids([{"role": "user", "content": "What is 2 plus 3?"}])])
+    with torch.no_grad():
+        reference, ours = plain(ids).logits, engine.model(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
+    assert torch.allclose(reference, ours, atol=1e-6)
+    assert not torch.allclose(reference, base, atol=1e-3)  # the adapter really changed the model
+
+
+def test_output_dir_is_protected(tiny_model, alpaca_file, tmp_path):
+    out = tmp_path / "out"
+    run_training(train_config(tiny_model, alpaca_file, out, max_steps=1))
+    with pytest.raises(FileExistsError, match="already holds a trained model"):
+        run_training(train_config(tiny_model, alpaca_file, out, max_steps=1))
+    run_training(train_config(tiny_model, alpaca_file, out, max_steps=2, overwrite_output_dir=True))
+    assert json.loads((out / "train_results.json").read_text())["global_step"] == 2
+
+
+def test_eval_early_stopping_predict_and_plot(tiny_model, alpaca_file, tmp_path):
+    out = tmp_path / "out"
+    results = run_training(train_config(
+        tiny_model, alpaca_file, out, val_size=0.25, eval_strategy="steps", eval_steps=2, early_stopping_steps=1,
+        learning_rate=0.5, max_steps=30, do_eval=True, do_predict=True, predict_with_generate=True, do_sample=False,
+        max_new_tokens=8, plot_loss=True, compute_accuracy=True))
+    evals = [r for r in read_log(out) if "eval_loss" in r]
+    assert results["global_step"] < 30 and len(evals) >= 2  # a huge learning rate makes eval loss rise: stop early
+    assert evals[-1]["eval_loss"] >= min(e["eval_loss"] for e in evals[:-1])
+    assert {"eval_loss", "eval_perplexity", "eval_accuracy", "predict_bleu-4", "predict_rouge-l"} <= set(results)
+    predictions = [json.loads(l) for l in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 6 and {"prompt", "predict", "label"} <= set(predictions[0])
+    assert (out / "training_loss.png").is_file() and (out / "training_eval_loss.png").is_file()
