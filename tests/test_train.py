@@ -61,10 +61,12 @@ def test_accumulation_equals_a_big_batch(tiny_model, tmp_path, kind):
 
 def test_resume_mid_epoch_is_exact(tiny_model, tmp_path):
     data = str(write_jsonl(tmp_path / "var.jsonl", alpaca_rows(16)))  # 4 steps per epoch: step 6 is mid-epoch 2
-    common = dict(max_steps=10, save_steps=2, lora_dropout=0.1, lr_scheduler_type="cosine", warmup_steps=2)
+    common = dict(max_steps=10, save_steps=2, save_total_limit=2, lora_dropout=0.1, lr_scheduler_type="cosine",
+                  warmup_steps=2)
     run_training(train_config(tiny_model, data, tmp_path / "straight", **common))
     interrupted = tmp_path / "interrupted"
     run_training(train_config(tiny_model, data, interrupted, **common))
+    assert sorted(p.name for p in interrupted.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     # make it as if the run had stopped right after step 6
     for name in ("checkpoint-8", "adapter_model.safetensors", "adapter_config.json", "train_results.json",
                  "all_results.json"):
@@ -120,3 +122,13 @@ def test_eval_early_stopping_predict_and_plot(tiny_model, alpaca_file, tmp_path)
     predictions = [json.loads(l) for l in (out / "generated_predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 6 and {"prompt", "predict", "label"} <= set(predictions[0])
     assert (out / "training_loss.png").is_file() and (out / "training_eval_loss.png").is_file()
+
+
+def test_bf16_and_gradient_checkpointing_keep_results(tiny_model, alpaca_file, tmp_path):
+    common = dict(max_steps=3, lr_scheduler_type="constant")
+    run_training(train_config(tiny_model, alpaca_file, tmp_path / "plain", **common))
+    run_training(train_config(tiny_model, alpaca_file, tmp_path / "ckpt", gradient_checkpointing=True, **common))
+    run_training(train_config(tiny_model, alpaca_file, tmp_path / "bf16", bf16=True, **common))
+    plain, ckpt, bf16 = ([r["loss"] for r in read_log(tmp_path / name)] for name in ("plain", "ckpt", "bf16"))
+    assert ckpt == pytest.approx(plain, abs=1e-4)
+    assert bf16 == pytest.approx(plain, abs=0.05) and bf16 != plain  # autocast really ran in bf16

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .config import ConfigError, all_keys, load_config
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from .data.registry import DataError
     from .models.load import ModelError
 
+    # PEFT still calls a transformers method that transformers 5 deprecated; the notice is not the user's concern.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     parser = _parser()
     ns = parser.parse_args(argv)
     if not ns.command:

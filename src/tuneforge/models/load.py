@@ -100,7 +100,8 @@ def _converted_gguf(gguf_path: Path, eos_token: str | None, folder_name: str | N
 
 
 def _offline_hint(name: str, err: Exception) -> ModelError:
-    return ModelError(f"cannot load `{name}` from the Hugging Face hub ({type(err).__name__}: {str(err)[:200]}). "
+    reason = " ".join(str(err).split())[:160]
+    return ModelError(f"cannot load `{name}` from the Hugging Face hub ({type(err).__name__}: {reason}). "
                       "If this machine is offline, download the model elsewhere and set model_name_or_path to its "
                       f"folder, or use a bundled alias: {', '.join(BUNDLED)}")
 

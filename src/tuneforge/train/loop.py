@@ -72,14 +72,17 @@ def plan_steps(n_examples: int, t, world: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate(model, rows: list[dict], collator, batch_size: int, accelerator, compute_accuracy: bool = False) -> dict:
+def evaluate(model, rows: list[dict], collator, batch_size: int, accelerator, compute_accuracy: bool = False,
+             precision: "Precision | None" = None) -> dict:
     model.eval()
+    autocast = precision.autocast if precision else nullcontext
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = rows[rank::world]
     totals = torch.zeros(3, device=accelerator.device)  # loss sum, target tokens, correct tokens
     for start in range(0, len(mine), batch_size):
         batch = {k: v.to(accelerator.device) for k, v in collator(mine[start: start + batch_size]).items()}
-        loss_sum, count, correct = causal_lm_loss(model, batch, with_accuracy=compute_accuracy)
+        with autocast():
+            loss_sum, count, correct = causal_lm_loss(model, batch, with_accuracy=compute_accuracy)
         totals += torch.stack([loss_sum.float(), count.float(), correct.float()])
     totals = accelerator.reduce(totals, "sum") if world > 1 else totals
     model.train()
@@ -90,14 +93,29 @@ def evaluate(model, rows: list[dict], collator, batch_size: int, accelerator, co
     return metrics
 
 
+class Precision:
+    """bf16/fp16 autocast for forward passes, and a gradient scaler for fp16 (a no-op otherwise)."""
+
+    def __init__(self, t, device: torch.device):
+        self.dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=bool(t.fp16))
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
 def train(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[dict], accelerator,
           resume_from: str | None) -> dict:
     t, f = cfg.train, cfg.finetune
+    precision = Precision(t, accelerator.device)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch, total_steps = plan_steps(len(train_rows), t, world)
     optimizer = build_optimizer(model, t, f)
     scheduler = build_scheduler(optimizer, t, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model = accelerator.prepare(model)  # DDP wrapping when launched with several processes
     unwrapped = accelerator.unwrap_model(model)
     state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=len(train_rows))
     if resume_from:
@@ -127,7 +145,8 @@ def train(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[dict], 
                                  num_workers=t.dataloader_num_workers, generator=torch.Generator()))
         for group in groups[state.step_in_epoch:]:
             micro = [{k: v.to(accelerator.device) for k, v in next(loader).items()} for _ in group]
-            loss_sum, targets = _optimizer_step(model, micro, optimizer, scheduler, accelerator, t.max_grad_norm)
+            loss_sum, targets = _optimizer_step(model, micro, optimizer, scheduler, accelerator, precision,
+                                                t.max_grad_norm)
             state.global_step += 1
             state.step_in_epoch += 1
             interval_loss += loss_sum
@@ -146,7 +165,8 @@ def train(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[dict], 
                 interval_tokens.zero_()
                 interval_real, interval_start = 0, time.time()
             if eval_every and (state.global_step % eval_every == 0 or last):
-                stop = _evaluate_and_check(cfg, model, eval_rows, collator, accelerator, state, log, epoch_float)
+                stop = _evaluate_and_check(cfg, model, eval_rows, collator, accelerator, precision, state, log,
+                                           epoch_float)
             if _should_save(t, state, len(groups), last):
                 _save(cfg, unwrapped, tokenizer, optimizer, scheduler, state, accelerator)
             if last or stop:
@@ -155,7 +175,8 @@ def train(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[dict], 
             state.epoch += 1
             state.step_in_epoch = 0
             if t.eval_strategy == "epoch" and eval_rows:
-                stop = _evaluate_and_check(cfg, model, eval_rows, collator, accelerator, state, log, state.epoch)
+                stop = _evaluate_and_check(cfg, model, eval_rows, collator, accelerator, precision, state, log,
+                                           state.epoch)
     log.close()
     runtime = time.time() - log.started
     return {"epoch": round(state.epoch + state.step_in_epoch / max(per_epoch, 1), 2),
@@ -164,7 +185,7 @@ def train(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[dict], 
             "train_tokens": state.trained_tokens, "global_step": state.global_step}
 
 
-def _optimizer_step(model, micro: list[dict], optimizer, scheduler, accelerator, max_grad_norm: float):
+def _optimizer_step(model, micro: list[dict], optimizer, scheduler, accelerator, precision, max_grad_norm: float):
     targets = sum((b["labels"][:, 1:] != -100).sum() for b in micro)
     if accelerator.num_processes > 1:
         targets = accelerator.reduce(targets, "sum")
@@ -174,12 +195,15 @@ def _optimizer_step(model, micro: list[dict], optimizer, scheduler, accelerator,
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1
         with nullcontext() if sync else accelerator.no_sync(model):
-            loss_sum, _, _ = causal_lm_loss(model, batch)
-            accelerator.backward(loss_sum * scale)
+            with precision.autocast():
+                loss_sum, _, _ = causal_lm_loss(model, batch)
+            precision.scaler.scale(loss_sum * scale).backward()
         total += loss_sum.detach().float()
+    precision.scaler.unscale_(optimizer)
     if max_grad_norm and max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if accelerator.num_processes > 1:
@@ -187,10 +211,10 @@ def _optimizer_step(model, micro: list[dict], optimizer, scheduler, accelerator,
     return total, targets
 
 
-def _evaluate_and_check(cfg, model, eval_rows, collator, accelerator, state, log, epoch) -> bool:
+def _evaluate_and_check(cfg, model, eval_rows, collator, accelerator, precision, state, log, epoch) -> bool:
     """Evaluate, log, and say whether early stopping should end training."""
     metrics = evaluate(model, eval_rows, collator, cfg.train.per_device_eval_batch_size, accelerator,
-                       cfg.finetune.compute_accuracy)
+                       cfg.finetune.compute_accuracy, precision)
     log.eval_step(state.global_step, epoch, metrics)
     if state.best_eval_loss is None or metrics["eval_loss"] < state.best_eval_loss:
         state.best_eval_loss, state.evals_without_improvement = metrics["eval_loss"], 0

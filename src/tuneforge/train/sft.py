@@ -19,16 +19,17 @@ from ..models.adapters import attach_adapters, describe_trainable, setup_trainab
 from ..models.load import load_base_model, load_tokenizer
 from . import checkpoint as ckpt
 from .logging import plot_loss, write_results
-from .loop import evaluate, train
+from .loop import Precision, evaluate, train
 from .metrics import generation_scores
 
 
 def make_accelerator(t):
+    """Devices and processes come from accelerate; precision is ours (see loop.py), so it stays what the YAML says
+    and several runs can share one Python process."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "no"
-    return Accelerator(mixed_precision=precision,
+    return Accelerator(mixed_precision="no",
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout))])
 
 
@@ -47,7 +48,11 @@ def run(cfg) -> dict:
     results = {}
     if t.do_train:
         if t.gradient_checkpointing and not cfg.model.disable_gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.23's name
+            if enable:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         model = setup_trainable(model, cfg.model, f)
         accelerator.print(f"[tuneforge] {describe_trainable(model)}")
@@ -74,7 +79,7 @@ def run(cfg) -> dict:
         if not data.eval:
             raise ValueError("do_eval needs evaluation data: set val_size or eval_dataset")
         metrics = evaluate(model, data.eval, PadCollator(tokenizer.pad_token_id), t.per_device_eval_batch_size,
-                           accelerator, f.compute_accuracy)
+                           accelerator, f.compute_accuracy, Precision(t, accelerator.device))
         accelerator.print("[tuneforge] " + ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items()))
         if accelerator.is_main_process:
             write_results(t.output_dir, "eval", metrics)

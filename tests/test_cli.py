@@ -1,0 +1,51 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import read_log, write_jsonl, alpaca_rows
+
+TUNEFORGE = [sys.executable, "-m", "tuneforge.cli"]
+
+
+def _run(*args, stdin=None):
+    return subprocess.run([*TUNEFORGE, *args], capture_output=True, text=True, input=stdin, timeout=300)
+
+
+def test_help_lists_commands_and_keys():
+    top = _run("--help")
+    assert top.returncode == 0 and "train" in top.stdout and "chat" in top.stdout
+    train = _run("train", "--help")
+    assert train.returncode == 0
+    for key in ("model_name_or_path", "learning_rate", "lora_target", "cutoff_len", "gradient_accumulation_steps"):
+        assert key in train.stdout
+
+
+def test_train_with_overrides_then_chat(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(8))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model_name_or_path: {tiny_model}\ndataset: {data}\ntemplate: chatml\noutput_dir: {tmp_path/'o'}\n"
+                      "max_steps: 2\nlogging_steps: 1\ncutoff_len: 64\n")
+    done = _run("train", str(config), "learning_rate=3e-4", "per_device_train_batch_size=2")
+    assert done.returncode == 0, done.stderr
+    assert [r["lr"] for r in read_log(tmp_path / "o")][0] == 1.5e-4  # linear decay from 3e-4 over 2 steps
+    saved = (tmp_path / "o" / "tuneforge_config.yaml").read_text()
+    assert "learning_rate: 0.0003" in saved and "per_device_train_batch_size: 2" in saved
+    chat = [f"model_name_or_path={tiny_model}", f"adapter_name_or_path={tmp_path/'o'}", "do_sample=false",
+            "max_new_tokens=4"]
+    one = _run("chat", *chat, "--query", "What is 1 plus 2?")
+    assert one.returncode == 0 and one.stdout.strip(), one.stderr
+    session = _run("chat", *chat, stdin="hello\n/clear\nWhat is 3 plus 4?\n/exit\n")
+    assert session.returncode == 0, session.stderr
+    assert session.stdout.count("Assistant:") == 2 and "(history cleared)" in session.stdout
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model_name_or_path: m\nlearnig_rate: 1\n")
+    result = _run("train", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"tuneforge: error: {config}: unknown key `learnig_rate`; did you mean learning_rate?"]
+    missing = _run("train", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "config file not found" in missing.stderr

