@@ -94,8 +94,12 @@ def _converted_gguf(gguf_path: Path, eos_token: str | None, folder_name: str | N
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except OSError:  # another process (e.g. a second torchrun rank) finished the same conversion first
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
     return target
 
 

@@ -21,7 +21,7 @@ class RunLog:
         self.started = time.time()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not enabled)
-        if enabled and start_step and self.path.is_file():  # resuming: drop records past the checkpoint
+        if enabled and self.path.is_file():  # a new run starts a new log; a resumed one keeps records up to its step
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("current_steps", 0) <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -6,6 +6,7 @@ Reads top to bottom: data (validated before anything is written), model, what tr
 from __future__ import annotations
 
 import json
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def make_accelerator(t):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    return Accelerator(mixed_precision="no",
+    # accelerate only treats a torchrun launch without GPUs as distributed (gloo) when told to use the CPU
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision="no", cpu=cpu_ddp,
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout))])
 
 

@@ -1,0 +1,30 @@
+"""Real torchrun processes (gloo on CPU): DDP must give the same weights as one process on the same global batch."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import alpaca_rows, read_log, write_jsonl
+from safetensors.torch import load_file
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
+def test_ddp_two_processes_match_one(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(32))
+    common = [f"model_name_or_path={tiny_model}", f"dataset={data}", "template=chatml", "cutoff_len=64", "max_steps=4",
+              "logging_steps=1", "learning_rate=1e-3", "finetuning_type=full"]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "tuneforge.cli", "train", *common,
+                          f"output_dir={tmp_path / 'ddp'}", "per_device_train_batch_size=2",
+                          "gradient_accumulation_steps=2"], capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert ddp.stdout.count("trainable params") == 1  # only the main process reports
+    single = subprocess.run([sys.executable, "-m", "tuneforge.cli", "train", *common, f"output_dir={tmp_path / 'one'}",
+                             "per_device_train_batch_size=8"], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-5
+    ddp_loss = [r["loss"] for r in read_log(tmp_path / "ddp")]
+    assert ddp_loss == pytest.approx([r["loss"] for r in read_log(tmp_path / "one")], abs=1e-3)
