@@ -111,6 +111,8 @@ def test_overrides_and_types(tmp_path):
     ("lr_scheduler_type=polynomial", "`lr_scheduler_type` must be one of"),
     ("finetuning_type=half", "`finetuning_type` must be full, freeze or lora"),
     ("eval_strategy=steps", "needs evaluation data"),
+    ("do_eval=true", "`do_eval` needs evaluation data"),
+    ("early_stopping_steps=3 val_size=0.1", "`early_stopping_steps` needs evaluations during training"),
     ("report_to=wandb", "`report_to: wandb` is not supported yet"),
 ])
 def test_conflicts_are_explained(tmp_path, override, message):

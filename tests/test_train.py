@@ -132,3 +132,15 @@ def test_bf16_and_gradient_checkpointing_keep_results(tiny_model, alpaca_file, t
     plain, ckpt, bf16 = ([r["loss"] for r in read_log(tmp_path / name)] for name in ("plain", "ckpt", "bf16"))
     assert ckpt == pytest.approx(plain, abs=1e-4)
     assert bf16 == pytest.approx(plain, abs=0.05) and bf16 != plain  # autocast really ran in bf16
+
+
+def test_epochs_warmup_and_epoch_checkpoints(tiny_model, alpaca_file, tmp_path):
+    out = tmp_path / "out"
+    # 24 examples, batch 4 x accumulation 2 -> 3 steps per epoch; 2 epochs -> 6 steps, warm-up ceil(0.5 * 6) = 3
+    results = run_training(train_config(tiny_model, alpaca_file, out, max_steps=-1, num_train_epochs=2,
+                                        gradient_accumulation_steps=2, warmup_ratio=0.5, save_strategy="epoch",
+                                        lr_scheduler_type="constant_with_warmup", learning_rate=1e-3))
+    log = read_log(out)
+    assert results["global_step"] == 6 and [r["epoch"] for r in log][-1] == 2.0
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3, 1e-3])
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]  # the end of training saves to out itself

@@ -359,12 +359,18 @@ def validate(cfg: Config, command: str = "train") -> None:
         _fail(cfg, "`per_device_train_batch_size` and `gradient_accumulation_steps` must be at least 1")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
         _fail(cfg, "set `num_train_epochs` > 0 or `max_steps` > 0")
-    if f.early_stopping_steps and t.eval_strategy == "no" and not (d.val_size or d.eval_dataset):
-        _fail(cfg, "`early_stopping_steps` needs evaluation: set `val_size` or `eval_dataset` and `eval_steps`")
-    if t.eval_strategy != "no" and not (d.val_size or d.eval_dataset):
-        _fail(cfg, f"`eval_strategy: {t.eval_strategy}` needs evaluation data: set `val_size` or `eval_dataset`")
+    has_eval_data = bool(d.val_size or d.eval_dataset)
+    if f.early_stopping_steps and t.eval_strategy == "no":
+        _fail(cfg, "`early_stopping_steps` needs evaluations during training: set `eval_strategy: steps` (with "
+                   "`eval_steps`) or `epoch`, and `val_size` or `eval_dataset`")
+    for key, wanted in (("eval_strategy", t.eval_strategy != "no"), ("do_eval", t.do_eval),
+                        ("do_predict", t.do_predict)):
+        if wanted and not has_eval_data:
+            _fail(cfg, f"`{key}` needs evaluation data: set `val_size` (e.g. 0.1) or `eval_dataset`")
     if t.do_predict and not t.predict_with_generate:
         _fail(cfg, "`do_predict` needs `predict_with_generate: true` (predictions are generated text)")
+    if t.do_predict and f.stage != "sft":
+        _fail(cfg, "`do_predict` generates answers to prompts and needs `stage: sft`")
     if f.finetuning_type != "lora" and f.create_new_adapter:
         _fail(cfg, "`create_new_adapter` only applies to `finetuning_type: lora`")
     if m.adapter_name_or_path and f.finetuning_type != "lora":

@@ -66,4 +66,7 @@ def prepare_lm_data(cfg, tokenizer, need_train: bool = True) -> LMData:
     if need_train and not train:
         raise DataError(f"dataset `{d.dataset}`: no example has a response token left after truncation to "
                         f"cutoff_len={d.cutoff_len}; raise cutoff_len or check the data")
+    if eval_examples and not evaluation:
+        raise DataError(f"no evaluation example has a response token left after truncation to "
+                        f"cutoff_len={d.cutoff_len}; raise cutoff_len or check the evaluation data")
     return LMData(train=train, eval=evaluation, eval_examples=kept_eval, template=template)

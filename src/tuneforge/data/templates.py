@@ -57,7 +57,7 @@ def _fill(fmt: str, content: str, specials: dict) -> str:
 TEMPLATES = {
     t.name: t
     for t in [
-        Template("empty", user="{content}", assistant="{content}{eos}", prefix="{bos}"),
+        Template("empty", user="{content}", assistant="{content}{eos}"),
         Template("default", system="System: {content}\n", user="Human: {content}\nAssistant:",
                  assistant="{content}{eos}", separator="\n"),
         Template("chatml", system="<|im_start|>system\n{content}<|im_end|>\n",

@@ -85,10 +85,10 @@ def plot_loss(output_dir: str) -> list[Path]:
         steps, values = zip(*points)
         plt.figure(figsize=(6, 4))
         plt.plot(steps, values, marker="o" if len(points) < 30 else None, label=key)
-        if key == "loss" and len(values) >= 10:  # an exponential moving average reads better than raw noise
+        if key == "loss" and len(values) >= 20:  # with many noisy points a moving average shows the trend
             smooth, last = [], values[0]
             for v in values:
-                last = 0.9 * last + 0.1 * v
+                last = 0.8 * last + 0.2 * v
                 smooth.append(last)
             plt.plot(steps, smooth, label="smoothed")
         plt.xlabel("step")

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from ..config import ConfigError
 from ..data.collate import PadCollator
+from ..models.load import ModelError
 from . import checkpoint as ckpt
 from .logging import RunLog
 from .losses import causal_lm_loss
@@ -51,7 +53,7 @@ def build_optimizer(model, t, f):
         groups.append({"params": lora_b, "weight_decay": t.weight_decay, "lr": t.learning_rate * f.loraplus_lr_ratio})
     groups = [g for g in groups if g["params"]]
     if not groups:
-        raise ValueError("no parameter is trainable; check finetuning_type and its options")
+        raise ModelError("no parameter is trainable; check finetuning_type and its options")
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
                              fused=True if t.optim == "adamw_torch_fused" else None)
 
@@ -121,7 +123,7 @@ def train(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[dict], 
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, unwrapped, optimizer, scheduler)
         if state.num_train_examples != len(train_rows):
-            raise ValueError(f"{resume_from} was trained on {state.num_train_examples} examples but the data now has "
+            raise ConfigError(f"{resume_from} was trained on {state.num_train_examples} examples but the data now has "
                              f"{len(train_rows)}; resume with the same data, or set overwrite_output_dir: true")
         state.total_steps = total_steps
         accelerator.print(f"[tuneforge] resuming from {resume_from} at step {state.global_step}")

@@ -46,6 +46,7 @@ def run(cfg) -> dict:
     data = prepare_lm_data(cfg, tokenizer, need_train=t.do_train)
     resume = ckpt.check_output_dir(t.output_dir, t.overwrite_output_dir, t.resume_from_checkpoint) if t.do_train \
         else None
+    accelerator.wait_for_everyone()  # every process has decided before the main one clears old checkpoints
     model = load_base_model(cfg.model, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32)
     output = Path(t.output_dir)
     results = {}
@@ -79,8 +80,6 @@ def run(cfg) -> dict:
             output.mkdir(parents=True, exist_ok=True)
     model = model.to(accelerator.device)
     if t.do_eval:
-        if not data.eval:
-            raise ValueError("do_eval needs evaluation data: set val_size or eval_dataset")
         metrics = evaluate(model, data.eval, PadCollator(tokenizer.pad_token_id), t.per_device_eval_batch_size,
                            accelerator, f.compute_accuracy, Precision(t, accelerator.device))
         accelerator.print("[tuneforge] " + ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items()))
@@ -94,8 +93,6 @@ def run(cfg) -> dict:
 
 def predict(cfg, model, tokenizer, data) -> dict:
     """generated_predictions.jsonl (prompt, predict, label) and BLEU-4 / ROUGE-L on the evaluation examples."""
-    if cfg.finetune.stage != "sft" or not data.eval_examples:
-        raise ValueError("do_predict needs stage sft and evaluation data (eval_dataset or val_size)")
     engine = Engine(cfg, model=model, tokenizer=tokenizer)
     prompts = [engine.prompt_ids(e.messages[:-1], e.system) for e in data.eval_examples]
     labels = [e.messages[-1]["content"] for e in data.eval_examples]
