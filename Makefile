@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# Training-speed benchmark (a few minutes per row on 2 CPU cores); results in bench/results.jsonl.
+bench: $(STAMP)
+	$(BIN)/python bench/train_speed.py
 
 clean:
 	rm -rf $(VENV) saves

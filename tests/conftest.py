@@ -88,11 +88,11 @@ def train_config(model: str, data: str, out: Path, **overrides) -> dict:
 
 def run_training(values: dict):
     from tuneforge.config import build_config, validate
-    from tuneforge.train.sft import run
+    from tuneforge.train import run_stage
 
     cfg = build_config(values, source="test")
     validate(cfg, "train")
-    return run(cfg)
+    return run_stage(cfg)
 
 
 def read_log(out: Path) -> list[dict]:

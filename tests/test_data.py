@@ -137,3 +137,18 @@ def test_non_utf8_and_unknown_registry_name(tmp_path):
     (tmp_path / "dataset_info.json").write_text(json.dumps({"identity": {"file_name": "latin.jsonl"}}))
     with pytest.raises(DataError, match="did you mean identity"):
         load_examples("identiy", DataArgs(dataset_dir=str(tmp_path)), "sft", 0)
+
+
+def test_packed_rows_cover_every_token_once(tokenizer):
+    from tuneforge.data.collate import PadCollator, pack_rows
+
+    rows = [{"input_ids": list(range(n)), "labels": list(range(n))} for n in (5, 9, 3, 7, 2, 8)]
+    packed = pack_rows(rows, cutoff_len=10)
+    assert all(len(r["input_ids"]) <= 10 for r in packed) and len(packed) == 4
+    assert sorted(len(r["input_ids"]) for r in packed) == [5, 9, 10, 10]  # best fit: 9 | 8+2 | 7+3 | 5
+    assert sum(r["position_ids"].count(0) for r in packed) == 6  # one restart per example
+    for row in packed:  # each example's first label is masked so it is never predicted from its neighbour
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        assert all(row["labels"][i] == IGNORE for i in starts)
+    batch = PadCollator(0)(packed[:2])
+    assert "attention_mask" not in batch and batch["num_tokens"] == 19  # rows of 9 and 10 tokens

@@ -56,10 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     path, overrides = _split_args(ns.args)
     try:
         if ns.command == "train":
-            from .train.sft import run
+            from .train import run_stage
 
-            cfg = load_config(path, overrides, validate_for="train")
-            run(cfg)
+            run_stage(load_config(path, overrides, validate_for="train"))
         elif ns.command == "chat":
             from .infer.chat import one_shot, repl
 

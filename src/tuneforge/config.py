@@ -101,6 +101,7 @@ class FinetuneArgs:
     simpo_gamma: float = 0.5
     kto_chosen_weight: float = 1.0
     kto_rejected_weight: float = 1.0
+    precompute_ref_log_probs: bool = False  # dpo: run the reference once over the data before training
     ref_model: str | None = None
     ref_model_adapters: str | None = None
     reward_model: str | None = None
@@ -148,6 +149,7 @@ class TrainArgs:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    torch_compile: bool = False
     optim: str = "adamw_torch"
     report_to: str = "none"
     resume_from_checkpoint: str | None = None
@@ -183,8 +185,9 @@ class Config:
 GROUPS = {"model": ModelArgs, "data": DataArgs, "finetune": FinetuneArgs, "train": TrainArgs, "generate": GenerateArgs}
 KEY_GROUP = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
-STAGES_BUILT = ("pt", "sft")
-STAGES_PLANNED = ("rm", "dpo", "kto", "ppo", "grpo", "cls")
+STAGES_BUILT = ("pt", "sft", "rm", "dpo", "kto")
+STAGES_PLANNED = ("ppo", "grpo", "cls")
+PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # Keys accepted so LLaMA-Factory configs load, whose feature is not built yet: any non-default value is refused
 # (never silently ignored). Each entry says what the user can do instead.
@@ -197,7 +200,6 @@ NOT_YET = {
     "mix_strategy": "only mix_strategy: concat is built so far",
     "interleave_probs": "interleaving datasets is not built yet (mix_strategy: concat only)",
     "tokenized_path": "saving/loading tokenized datasets is not built yet",
-    "neat_packing": "packing for sft is not built yet",
     "eval_on_each_dataset": "eval_on_each_dataset is not built yet",
     "pissa_init": "PiSSA initialisation is not built yet",
     "load_best_model_at_end": "load_best_model_at_end is not built yet; use early_stopping_steps and the checkpoints",
@@ -334,8 +336,8 @@ def validate(cfg: Config, command: str = "train") -> None:
         _fail(cfg, "`train_on_prompt` and `mask_history` contradict each other; set only one")
     if d.cutoff_len < 2:
         _fail(cfg, f"`cutoff_len` must be at least 2; got {d.cutoff_len}")
-    if d.packing and f.stage != "pt":
-        _fail(cfg, "`packing: true` is only built for stage pt so far; remove it for sft")
+    if d.neat_packing and f.stage == "pt":
+        _fail(cfg, "`neat_packing` is built for sft; stage pt concatenates documents (set `neat_packing: false`)")
     if d.packing is False and f.stage == "pt":
         _fail(cfg, "stage pt always concatenates and chunks text to cutoff_len; `packing: false` is not built")
     if not 0 <= d.val_size:
@@ -367,10 +369,16 @@ def validate(cfg: Config, command: str = "train") -> None:
                         ("do_predict", t.do_predict)):
         if wanted and not has_eval_data:
             _fail(cfg, f"`{key}` needs evaluation data: set `val_size` (e.g. 0.1) or `eval_dataset`")
-    if t.do_predict and not t.predict_with_generate:
+    if t.do_predict and f.stage == "sft" and not t.predict_with_generate:
         _fail(cfg, "`do_predict` needs `predict_with_generate: true` (predictions are generated text)")
-    if t.do_predict and f.stage != "sft":
-        _fail(cfg, "`do_predict` generates answers to prompts and needs `stage: sft`")
+    if t.do_predict and f.stage not in ("sft", "rm"):
+        _fail(cfg, f"`do_predict` is built for stage sft (generated answers) and rm (scores), not {f.stage}")
+    if f.stage in ("rm", "dpo", "kto") and (d.packing or d.neat_packing):
+        _fail(cfg, f"packing is not built for stage {f.stage}; remove `packing` / `neat_packing`")
+    if f.stage == "dpo" and f.pref_loss not in PREF_LOSSES:
+        _fail(cfg, f"`pref_loss: {f.pref_loss}` is not supported; choose one of {', '.join(PREF_LOSSES)}")
+    if f.stage == "dpo" and f.pref_loss in ("ipo",) and f.pref_beta <= 0:
+        _fail(cfg, "`pref_loss: ipo` needs `pref_beta` > 0")
     if f.finetuning_type != "lora" and f.create_new_adapter:
         _fail(cfg, "`create_new_adapter` only applies to `finetuning_type: lora`")
     if m.adapter_name_or_path and f.finetuning_type != "lora":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .encode import encode_pretrain, encode_supervised
+from .collate import pack_rows
+from .encode import encode_kto, encode_pair, encode_pretrain, encode_supervised
 from .formats import Example, to_examples
 from .registry import DataError, read_records, resolve
 from .templates import get_template
@@ -29,10 +30,11 @@ def load_examples(names: str, data_args, stage: str, seed: int) -> list[Example]
 
 @dataclass
 class LMData:
-    train: list[dict]
+    train: list[dict]  # encoded rows (packed rows when packing)
     eval: list[dict]
     eval_examples: list[Example]  # the canonical records behind `eval`, for generation-based prediction
     template: object
+    num_train_examples: int = 0  # before packing
 
 
 def _encode(examples, stage, tokenizer, template, d) -> tuple[list[dict], list[Example]]:
@@ -48,10 +50,9 @@ def _encode(examples, stage, tokenizer, template, d) -> tuple[list[dict], list[E
     return rows, kept
 
 
-def prepare_lm_data(cfg, tokenizer, need_train: bool = True) -> LMData:
-    """Everything the pt/sft recipes need from the data, validated before anything is written to output_dir."""
+def load_splits(cfg) -> tuple[list[Example], list[Example]]:
+    """(training examples, evaluation examples): `eval_dataset` plus a `val_size` share held out of `dataset`."""
     d, stage, seed = cfg.data, cfg.finetune.stage, cfg.train.seed
-    template = get_template(d.template, tokenizer) if stage != "pt" else None
     train_examples = load_examples(d.dataset, d, stage, seed) if d.dataset else []
     eval_examples = load_examples(d.eval_dataset, d, stage, seed) if d.eval_dataset else []
     if d.val_size and train_examples:
@@ -61,12 +62,41 @@ def prepare_lm_data(cfg, tokenizer, need_train: bool = True) -> LMData:
         if count >= len(shuffled):
             raise DataError(f"val_size {d.val_size} leaves no training examples out of {len(shuffled)}; lower it")
         eval_examples, train_examples = eval_examples + shuffled[:count], shuffled[count:]
+    return train_examples, eval_examples
+
+
+def prepare_preference_data(cfg, tokenizer) -> tuple[list[dict], list[dict], list[Example]]:
+    """(train rows, eval rows, eval examples) for rm / dpo (pairs) and kto (examples with mismatched answers)."""
+    d = cfg.data
+    template = get_template(d.template, tokenizer)
+    train_examples, eval_examples = load_splits(cfg)
+    if cfg.finetune.stage == "kto":
+        def encode(examples):
+            return encode_kto(examples, tokenizer, template, d.cutoff_len, d.default_system) if examples else []
+    else:
+        def encode(examples):
+            return [encode_pair(e, tokenizer, template, d.cutoff_len, d.default_system) for e in examples]
+    train = encode(train_examples)
+    if cfg.train.do_train and not train:
+        raise DataError(f"dataset `{d.dataset}` gave no training examples")
+    return train, encode(eval_examples), eval_examples
+
+
+def prepare_lm_data(cfg, tokenizer, need_train: bool = True) -> LMData:
+    """Everything the pt/sft recipes need from the data, validated before anything is written to output_dir."""
+    d, stage = cfg.data, cfg.finetune.stage
+    template = get_template(d.template, tokenizer) if stage != "pt" else None
+    train_examples, eval_examples = load_splits(cfg)
     train, _ = _encode(train_examples, stage, tokenizer, template, d)
     evaluation, kept_eval = _encode(eval_examples, stage, tokenizer, template, d)
     if need_train and not train:
         raise DataError(f"dataset `{d.dataset}`: no example has a response token left after truncation to "
                         f"cutoff_len={d.cutoff_len}; raise cutoff_len or check the data")
+    num_train_examples = len(train)
+    if stage == "sft" and (d.packing or d.neat_packing):
+        train = pack_rows(train, d.cutoff_len)
     if eval_examples and not evaluation:
         raise DataError(f"no evaluation example has a response token left after truncation to "
                         f"cutoff_len={d.cutoff_len}; raise cutoff_len or check the evaluation data")
-    return LMData(train=train, eval=evaluation, eval_examples=kept_eval, template=template)
+    return LMData(train=train, eval=evaluation, eval_examples=kept_eval, template=template,
+                  num_train_examples=num_train_examples)

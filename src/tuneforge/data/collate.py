@@ -1,24 +1,104 @@
-"""Batches: right-pad token lists to the longest row; labels padded with -100."""
+"""Batches: right-padded rows, or packed rows (several examples per row, no attention across them)."""
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 
 from .encode import IGNORE
 
 
+def pack_rows(rows: list[dict], cutoff_len: int) -> list[dict]:
+    """Best-fit-decreasing packing of encoded examples into rows of at most `cutoff_len` tokens.
+
+    Each packed row carries `position_ids` that restart at 0 for every example; the model turns that into
+    block-diagonal causal attention. The first label of each example is masked, so no token is ever predicted
+    from the previous example: a packed row's loss is exactly the sum of its examples' losses.
+    """
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), sorted
+    for i in order:
+        size = len(rows[i]["input_ids"])
+        slot = bisect.bisect_left(free, (size, -1))
+        if slot == len(free):
+            bins.append([i])
+            bisect.insort(free, (cutoff_len - size, len(bins) - 1))
+        else:
+            room, b = free.pop(slot)
+            bins[b].append(i)
+            bisect.insort(free, (room - size, b))
+    packed = []
+    for members in bins:
+        input_ids, labels, positions = [], [], []
+        for i in members:
+            row = rows[i]
+            input_ids += row["input_ids"]
+            labels += [IGNORE] + row["labels"][1:]
+            positions += list(range(len(row["input_ids"])))
+        packed.append({"input_ids": input_ids, "labels": labels, "position_ids": positions})
+    return packed
+
+
 class PadCollator:
+    """Right-pads rows to the longest in the batch. Packed rows get no attention_mask (the model derives the
+    block-diagonal mask from position_ids); their padding forms one more short sequence with no targets."""
+
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict]) -> dict:
         width = max(len(row["input_ids"]) for row in rows)
+        packed = "position_ids" in rows[0]
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.arange(width).repeat(len(rows), 1)
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             input_ids[i, :n] = torch.tensor(row["input_ids"])
             labels[i, :n] = torch.tensor(row["labels"])
-            attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+            mask[i, :n] = 1
+            if packed:
+                positions[i, :n] = torch.tensor(row["position_ids"])
+                positions[i, n:] = torch.arange(width - n)
+        batch = {"input_ids": input_ids, "labels": labels}
+        if packed:
+            batch["position_ids"] = positions
+        else:
+            batch["attention_mask"] = mask
+        batch["num_tokens"] = int(mask.sum())  # real tokens, counted here so the training step needs no sync
+        return batch
+
+
+class PairCollator:
+    """Preference pairs as one batch of 2B rows, chosen answers first, so both go through the model in one
+    forward; reference log-probabilities travel along when they were computed beforehand."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = PadCollator(pad_token_id)
+
+    def __call__(self, rows: list[dict]) -> dict:
+        sides = [{"input_ids": r[f"{side}_input_ids"], "labels": r[f"{side}_labels"]}
+                 for side in ("chosen", "rejected") for r in rows]
+        batch = self.pad(sides)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in rows[0]:
+                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
+        return batch
+
+
+class KTOCollator:
+    """KTO examples plus their mismatched (prompt, other answer) rows for the KL estimate: 2B rows in one batch."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = PadCollator(pad_token_id)
+
+    def __call__(self, rows: list[dict]) -> dict:
+        own = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+        mismatched = [{"input_ids": r["kl_input_ids"], "labels": r["kl_labels"]} for r in rows]
+        batch = self.pad(own + mismatched)
+        batch["num_tokens"] = sum(len(r["input_ids"]) for r in rows)  # the KL rows are not training tokens
+        batch["kto_tag"] = torch.tensor([r["kto_tag"] for r in rows], dtype=torch.bool)
+        return batch

@@ -62,3 +62,46 @@ def encode_pretrain(examples: list[Example], tokenizer, cutoff_len: int) -> list
         stream += tokenizer.encode(example.text, add_special_tokens=True) + eos
     blocks = [stream[i: i + cutoff_len] for i in range(0, len(stream), cutoff_len)]
     return [{"input_ids": block, "labels": list(block)} for block in blocks if len(block) > 1]
+
+
+def encode_prompt_answer(example: Example, answer: str, tokenizer, template,
+                         default_system: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of the conversation so far (with the assistant header) and of one answer to it."""
+    messages = example.messages + [{"role": "assistant", "content": answer}]
+    ids = tokenize_pieces(tokenizer, template.pieces(tokenizer, messages, example.system or default_system))
+    return [token for piece in ids[:-1] for token in piece], ids[-1]
+
+
+def _fit(prompt: list[int], answers: list[list[int]], cutoff_len: int) -> tuple[list[int], list[list[int]]]:
+    """Truncate to cutoff_len; a prompt keeps its end (the last turn and the assistant header matter most)."""
+    keep_prompt, keep_answer = split_budget(len(prompt), max(map(len, answers)), cutoff_len)
+    return prompt[len(prompt) - keep_prompt:], [a[:keep_answer] for a in answers]
+
+
+def encode_pair(example: Example, tokenizer, template, cutoff_len: int, default_system: str | None = None) -> dict:
+    """{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}: one prompt, two answers."""
+    prompt, chosen = encode_prompt_answer(example, example.chosen, tokenizer, template, default_system)
+    _, rejected = encode_prompt_answer(example, example.rejected, tokenizer, template, default_system)
+    prompt, (chosen, rejected) = _fit(prompt, [chosen, rejected], cutoff_len)
+    masked = [IGNORE] * len(prompt)
+    return {"chosen_input_ids": prompt + chosen, "chosen_labels": masked + chosen,
+            "rejected_input_ids": prompt + rejected, "rejected_labels": masked + rejected}
+
+
+def encode_kto(examples: list[Example], tokenizer, template, cutoff_len: int,
+               default_system: str | None = None) -> list[dict]:
+    """KTO rows: each example's own final answer, plus a mismatched answer (the next example's) to its prompt,
+    from which the batch estimates the KL term."""
+    split = []
+    for example in examples:
+        history = Example(messages=example.messages[:-1], system=example.system)
+        split.append(encode_prompt_answer(history, example.messages[-1]["content"], tokenizer, template,
+                                          default_system))
+    rows = []
+    for i, (example, (prompt, answer)) in enumerate(zip(examples, split)):
+        other = split[(i + 1) % len(split)][1]
+        prompt, (answer, other) = _fit(prompt, [answer, other], cutoff_len)
+        masked = [IGNORE] * len(prompt)
+        rows.append({"input_ids": prompt + answer, "labels": masked + answer, "kl_input_ids": prompt + other,
+                     "kl_labels": masked + other, "kto_tag": bool(example.kto_tag)})
+    return rows

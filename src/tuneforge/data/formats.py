@@ -16,6 +16,9 @@ class Example:
     system: str = ""
     tools: str = ""
     text: str | None = None  # pre-training text
+    chosen: str | None = None  # preference data: the preferred and the dispreferred answer to `messages`
+    rejected: str | None = None
+    kto_tag: bool | None = None  # KTO: whether the final answer is desirable
     where: str = ""
 
 
@@ -37,15 +40,47 @@ def detect_formatting(record: dict, where: str) -> str:
                     "file in dataset_info.json with `columns` to map other names")
 
 
+PAIR_STAGES = ("rm", "dpo")
+
+
 def to_examples(attr: DatasetAttr, records: list[RawRecord], stage: str) -> list[Example]:
-    if attr.ranking:
+    formatting, ranking = attr.formatting, attr.ranking
+    if formatting == "auto":  # a file given directly: tell the format from its first record
+        formatting = detect_formatting(records[0].data, records[0].where)
+        ranking = isinstance(records[0].data, dict) and {"chosen", "rejected"} <= set(records[0].data)
+        if stage == "kto" and "kto_tag" in records[0].data:
+            attr.columns.setdefault("kto_tag", "kto_tag")
+    if ranking and stage not in PAIR_STAGES:
         raise DataError(f"dataset `{attr.name}` is ranking (preference) data, which stage `{stage}` cannot use; "
                         "use it with stage rm or dpo, or pick a non-ranking dataset")
-    formatting = attr.formatting
-    if formatting == "auto":
-        formatting = detect_formatting(records[0].data, records[0].where)
+    if stage in PAIR_STAGES and not ranking:
+        raise DataError(f"stage `{stage}` needs ranking data with chosen and rejected answers, but dataset "
+                        f"`{attr.name}` is not marked `ranking: true` in dataset_info.json")
+    if stage == "kto" and "kto_tag" not in attr.columns:
+        raise DataError(f"stage kto needs a desirable/undesirable flag per example: map it with "
+                        f"`columns: {{\"kto_tag\": ...}}` for dataset `{attr.name}` in dataset_info.json")
     convert = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _sharegpt}[formatting]
-    return [convert(attr, formatting, r, stage) for r in records]
+    return [_with_preferences(attr, formatting, r, stage, convert(attr, formatting, r, stage)) for r in records]
+
+
+def _with_preferences(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str, example: Example):
+    """Fill chosen/rejected (rm, dpo) or kto_tag (kto) from the record's columns."""
+    if stage in PAIR_STAGES:
+        for side in ("chosen", "rejected"):
+            value = _field(record, attr.columns.get(side, side), kind=object)
+            if isinstance(value, dict):  # sharegpt: a message object
+                tags = {**(OPENAI_TAGS if formatting == "openai" else SHAREGPT_TAGS), **attr.tags}
+                value = value.get(tags["content_tag"])
+            if not isinstance(value, str):
+                raise DataError(f"{record.where}: `{side}` must be a string or a message with text, got "
+                                f"{type(value).__name__}")
+            setattr(example, side, value)
+    if stage == "kto":
+        tag = _field(record, attr.columns["kto_tag"], kind=object)
+        if not isinstance(tag, bool):
+            raise DataError(f"{record.where}: `{attr.columns['kto_tag']}` must be true or false, got {tag!r}")
+        example.kto_tag = tag
+    return example
 
 
 def _field(record: RawRecord, column: str, kind=str, required=True, default=None):
@@ -76,14 +111,16 @@ def _alpaca(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str) -
         return Example(text=text, where=record.where)
     prompt = _field(record, cols["prompt"])
     query = _field(record, cols["query"], required=False, default="")
-    response = _field(record, cols["response"])
+    response = None if stage in PAIR_STAGES else _field(record, cols["response"])
     messages = []
     for i, turn in enumerate(_field(record, cols["history"], kind=list, required=False, default=[])):
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
             raise DataError(f"{record.where}: `{cols['history']}[{i}]` must be a pair [user, assistant] of strings")
         messages += [{"role": USER, "content": turn[0]}, {"role": ASSISTANT, "content": turn[1]}]
     user = "\n".join(part for part in (prompt, query) if part)
-    messages += [{"role": USER, "content": user}, {"role": ASSISTANT, "content": response}]
+    messages.append({"role": USER, "content": user})
+    if response is not None:
+        messages.append({"role": ASSISTANT, "content": response})
     system = _field(record, cols["system"], required=False, default="")
     return Example(messages=messages, system=system, where=record.where)
 
@@ -118,7 +155,11 @@ def _sharegpt(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str)
         messages.append({"role": role, "content": message[tags["content_tag"]]})
     if stage == "pt":
         return Example(text="\n".join(m["content"] for m in messages), where=record.where)
-    if len(messages) < 2 or len(messages) % 2:
+    if stage in PAIR_STAGES:  # the answers are in chosen/rejected: the conversation ends on a user turn
+        if len(messages) % 2 == 0:
+            raise DataError(f"{record.where}: a preference conversation must end on a user turn (the answers are "
+                            f"in chosen/rejected); this one has {len(messages)} turn(s)")
+    elif len(messages) < 2 or len(messages) % 2:
         raise DataError(f"{record.where}: a conversation needs user/assistant pairs ending with an assistant turn; "
                         f"this one has {len(messages)} turn(s)")
     tools = _field(record, cols["tools"], required=False, default="")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 FINISHED_MARKERS = ("train_results.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json")
@@ -24,8 +24,8 @@ class TrainerState:
     step_in_epoch: int = 0  # optimizer steps already done in that epoch
     total_steps: int = 0
     num_train_examples: int = 0
-    trained_tokens: int = 0
-    loss_sum: float = 0.0  # token-weighted, for the final train_loss
+    trained_units: int = 0  # target tokens, pairs or examples, as the stage's loss counts them
+    loss_sum: float = 0.0  # unit-weighted, for the final train_loss
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
     extra: dict = field(default_factory=dict)
@@ -83,16 +83,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_model(model, tokenizer, folder: Path) -> None:
-    """An adapter (PEFT format) for LoRA, else the full model as safetensors; plus the tokenizer."""
+def save_model(module, tokenizer, folder: Path) -> None:
+    """An adapter (PEFT format) for LoRA, else the full model as safetensors; plus the tokenizer and any extra
+    weights the stage trains besides the model (e.g. a reward model's value head)."""
+    model = getattr(module, "model", module)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    extra = module.extra_weights() if hasattr(module, "extra_weights") else None
+    if extra:
+        file, weights = extra
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(Path(folder) / file))
 
 
-def save_checkpoint(folder: Path, model, tokenizer, optimizer, scheduler, state: TrainerState,
+def save_checkpoint(folder: Path, module, tokenizer, optimizer, scheduler, state: TrainerState,
                     model_only: bool = False) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, tokenizer, folder)
+    save_model(module, tokenizer, folder)
     if not model_only:
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
         torch.save(scheduler.state_dict(), folder / "scheduler.pt")
@@ -122,9 +128,11 @@ def load_trainable_weights(model, folder: Path) -> None:
                          f"unexpected {unexpected[:3]}")
 
 
-def load_checkpoint(folder: str | Path, model, optimizer, scheduler) -> TrainerState:
+def load_checkpoint(folder: str | Path, module, optimizer, scheduler) -> TrainerState:
     folder = Path(folder)
-    load_trainable_weights(model, folder)
+    load_trainable_weights(module.model, folder)
+    if hasattr(module, "load_extra_weights"):
+        module.load_extra_weights(folder)
     if not (folder / "optimizer.pt").is_file():
         raise FileNotFoundError(f"{folder} was saved with save_only_model: it has no optimizer state to resume from")
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))

@@ -38,9 +38,11 @@ class RunLog:
             with self.path.open("a", encoding="utf-8") as out:
                 out.write(json.dumps(record) + "\n")
 
-    def train_step(self, step: int, epoch: float, loss: float, lr: float, tokens_per_second: float) -> None:
+    def train_step(self, step: int, epoch: float, loss: float, lr: float, tokens_per_second: float,
+                   metrics: dict | None = None) -> None:
         record = {"current_steps": step, "total_steps": self.total_steps, "loss": round(loss, 4), "lr": lr,
-                  "epoch": round(epoch, 2), **self._timing(step), "tokens_per_second": round(tokens_per_second, 1)}
+                  "epoch": round(epoch, 2), **{k: round(v, 4) for k, v in (metrics or {}).items()},
+                  **self._timing(step), "tokens_per_second": round(tokens_per_second, 1)}
         self.write(record)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
 

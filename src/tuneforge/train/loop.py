@@ -1,16 +1,16 @@
 """The shared training loop: deterministic batches, gradient accumulation with token-level loss normalisation,
 clipping, schedules, logging, evaluation, early stopping, checkpoints and exact resume.
 
-One optimizer step = up to `gradient_accumulation_steps` micro-batches of one epoch. Its loss is the sum of token
-losses over every micro-batch (and every process) divided by the number of target tokens in all of them, so the
-result does not depend on how the batch is split or padded.
+One optimizer step = up to `gradient_accumulation_steps` micro-batches of one epoch. Its loss is the sum of losses
+over every micro-batch (and every process) divided by the number of units (target tokens, pairs, examples) in all
+of them, so the result does not depend on how the batch is split or padded.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -21,7 +21,6 @@ from ..data.collate import PadCollator
 from ..models.load import ModelError
 from . import checkpoint as ckpt
 from .logging import RunLog
-from .losses import causal_lm_loss
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, rank: int = 0,
@@ -73,28 +72,6 @@ def plan_steps(n_examples: int, t, world: int) -> tuple[int, int]:
     return per_epoch, max(total, 1)
 
 
-@torch.no_grad()
-def evaluate(model, rows: list[dict], collator, batch_size: int, accelerator, compute_accuracy: bool = False,
-             precision: "Precision | None" = None) -> dict:
-    model.eval()
-    autocast = precision.autocast if precision else nullcontext
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = rows[rank::world]
-    totals = torch.zeros(3, device=accelerator.device)  # loss sum, target tokens, correct tokens
-    for start in range(0, len(mine), batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collator(mine[start: start + batch_size]).items()}
-        with autocast():
-            loss_sum, count, correct = causal_lm_loss(model, batch, with_accuracy=compute_accuracy)
-        totals += torch.stack([loss_sum.float(), count.float(), correct.float()])
-    totals = accelerator.reduce(totals, "sum") if world > 1 else totals
-    model.train()
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
-    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
-    if compute_accuracy:
-        metrics["eval_accuracy"] = (totals[2] / totals[1].clamp(min=1)).item()
-    return metrics
-
-
 class Precision:
     """bf16/fp16 autocast for forward passes, and a gradient scaler for fp16 (a no-op otherwise)."""
 
@@ -103,38 +80,81 @@ class Precision:
         self.device_type = device.type
         self.scaler = torch.amp.GradScaler(device.type, enabled=bool(t.fp16))
 
-    def autocast(self):
+    def autocast(self, model=None):
+        """Autocast; for a PEFT model also stop LoRA layers casting their input to the adapters' fp32, a copy per
+        layer that autocast would undo anyway."""
         if self.dtype is None:
             return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        stack = ExitStack()
+        stack.enter_context(torch.autocast(self.device_type, dtype=self.dtype))
+        if model is not None and hasattr(model, "peft_config"):
+            from peft.helpers import disable_input_dtype_casting
+
+            stack.enter_context(disable_input_dtype_casting(model))
+        return stack
 
 
-def train(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[dict], accelerator,
-          resume_from: str | None) -> dict:
+@torch.no_grad()
+def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, precision: Precision | None = None
+             ) -> dict:
+    """Unit-weighted eval loss and metrics of a loss module over `rows` (plus perplexity for token losses)."""
+    module.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = rows[rank::world]
+    loss_sum = torch.zeros((), device=accelerator.device)
+    units = torch.zeros((), device=accelerator.device)
+    sums: dict[str, torch.Tensor] = {}
+    for start in range(0, len(mine), batch_size):
+        batch = collator(mine[start: start + batch_size])
+        batch.pop("num_tokens")
+        units += _inner(module).units(batch).to(accelerator.device)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with precision.autocast(_inner(module).model) if precision else nullcontext():
+            loss, metrics = module(**batch)
+        loss_sum += loss.detach().float()
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0) + value.detach().float()
+    totals = torch.stack([loss_sum, units, *sums.values()])
+    totals = accelerator.reduce(totals, "sum") if world > 1 else totals
+    module.train()
+    count = totals[1].clamp(min=1)
+    loss = (totals[0] / count).item()
+    result = {"eval_loss": loss}
+    if _inner(module).unit == "token":
+        result["eval_perplexity"] = math.exp(min(loss, 50))
+    result.update({f"eval_{key}": (value / count).item() for key, value in zip(sums, totals[2:])})
+    return result
+
+
+def train(cfg, module, tokenizer, train_rows: list[dict], eval_rows: list[dict], accelerator,
+          resume_from: str | None, collator=None) -> dict:
+    """Train `module` (a loss module: CausalLMLoss, or a stage's own) and return the run's results.
+
+    A loss module holds the trainable `model`, says how many normalisation units a batch has (`units`: target
+    tokens, pairs, examples; `unit` names them) and returns (loss sum, metric sums) from `forward`.
+    """
     t, f = cfg.train, cfg.finetune
     precision = Precision(t, accelerator.device)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch, total_steps = plan_steps(len(train_rows), t, world)
-    optimizer = build_optimizer(model, t, f)
+    optimizer = build_optimizer(module, t, f)
     scheduler = build_scheduler(optimizer, t, total_steps)
-    model = accelerator.prepare(model)  # DDP wrapping when launched with several processes
-    unwrapped = accelerator.unwrap_model(model)
+    inner = module
+    module = accelerator.prepare(module)  # DDP wraps the loss module when there are several processes
     state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=len(train_rows))
     if resume_from:
-        state = ckpt.load_checkpoint(resume_from, unwrapped, optimizer, scheduler)
+        state = ckpt.load_checkpoint(resume_from, inner, optimizer, scheduler)
         if state.num_train_examples != len(train_rows):
             raise ConfigError(f"{resume_from} was trained on {state.num_train_examples} examples but the data now has "
-                             f"{len(train_rows)}; resume with the same data, or set overwrite_output_dir: true")
+                              f"{len(train_rows)}; resume with the same data, or set overwrite_output_dir: true")
         state.total_steps = total_steps
         accelerator.print(f"[tuneforge] resuming from {resume_from} at step {state.global_step}")
-    collator = PadCollator(tokenizer.pad_token_id)
+    collator = collator or PadCollator(tokenizer.pad_token_id)
     log = RunLog(t.output_dir, total_steps, state.global_step, enabled=accelerator.is_main_process)
     eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and eval_rows else 0
-    interval_loss = torch.zeros((), device=accelerator.device)
-    interval_tokens = torch.zeros((), device=accelerator.device)
-    interval_real, interval_start = 0, time.time()
+    interval = _Interval(accelerator.device)
     stop = False
-    model.train()
+    module.train()
     while state.global_step < total_steps and not stop:
         batches = epoch_batches(len(train_rows), t.per_device_train_batch_size, t.seed, state.epoch,
                                 not f.disable_shuffling, rank, world)
@@ -146,77 +166,112 @@ def train(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[dict], 
         loader = iter(DataLoader(train_rows, batch_sampler=flat, collate_fn=collator,
                                  num_workers=t.dataloader_num_workers, generator=torch.Generator()))
         for group in groups[state.step_in_epoch:]:
-            micro = [{k: v.to(accelerator.device) for k, v in next(loader).items()} for _ in group]
-            loss_sum, targets = _optimizer_step(model, micro, optimizer, scheduler, accelerator, precision,
-                                                t.max_grad_norm)
+            micro = [next(loader) for _ in group]
+            interval.real_tokens += sum(b.pop("num_tokens") for b in micro) * world
+            units = sum(inner.units(b) for b in micro).to(accelerator.device)  # counted on the CPU: no sync
+            micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
+            loss_sum, units, metrics = _optimizer_step(module, micro, units, optimizer, scheduler, accelerator,
+                                                       precision, t.max_grad_norm)
+            interval.add(loss_sum, units, metrics)
             state.global_step += 1
             state.step_in_epoch += 1
-            interval_loss += loss_sum
-            interval_tokens += targets
-            interval_real += sum(int(b["attention_mask"].sum()) for b in micro) * world
             log.advance()
             epoch_float = state.epoch + state.step_in_epoch / len(groups)
             last = state.global_step >= total_steps
             if state.global_step % t.logging_steps == 0 or last:
-                loss = (interval_loss / interval_tokens.clamp(min=1)).item()
-                state.loss_sum += loss * interval_tokens.item()
-                state.trained_tokens += int(interval_tokens.item())
-                speed = interval_real / max(time.time() - interval_start, 1e-9)
-                log.train_step(state.global_step, epoch_float, loss, scheduler.get_last_lr()[0], speed)
-                interval_loss.zero_()
-                interval_tokens.zero_()
-                interval_real, interval_start = 0, time.time()
+                loss, count, means, speed = interval.flush()
+                state.loss_sum += loss * count
+                state.trained_units += count
+                log.train_step(state.global_step, epoch_float, loss, scheduler.get_last_lr()[0], speed, means)
             if eval_every and (state.global_step % eval_every == 0 or last):
-                stop = _evaluate_and_check(cfg, model, eval_rows, collator, accelerator, precision, state, log,
+                stop = _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log,
                                            epoch_float)
             if _should_save(t, state, len(groups), last):
-                _save(cfg, unwrapped, tokenizer, optimizer, scheduler, state, accelerator)
+                _save(cfg, inner, tokenizer, optimizer, scheduler, state, accelerator)
             if last or stop:
                 break
         else:
             state.epoch += 1
             state.step_in_epoch = 0
             if t.eval_strategy == "epoch" and eval_rows:
-                stop = _evaluate_and_check(cfg, model, eval_rows, collator, accelerator, precision, state, log,
+                stop = _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log,
                                            state.epoch)
     log.close()
     runtime = time.time() - log.started
     return {"epoch": round(state.epoch + state.step_in_epoch / max(per_epoch, 1), 2),
-            "train_loss": state.loss_sum / max(state.trained_tokens, 1), "train_runtime": round(runtime, 2),
+            "train_loss": state.loss_sum / max(state.trained_units, 1), "train_runtime": round(runtime, 2),
             "train_steps_per_second": round((state.global_step - log.start_step) / runtime, 3),
-            "train_tokens": state.trained_tokens, "global_step": state.global_step}
+            f"train_{inner.unit}s": state.trained_units, "global_step": state.global_step}
 
 
-def _optimizer_step(model, micro: list[dict], optimizer, scheduler, accelerator, precision, max_grad_norm: float):
-    targets = sum((b["labels"][:, 1:] != -100).sum() for b in micro)
+class _Interval:
+    """Sums since the last log line, kept on the device so the step itself never waits for the host."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.loss = torch.zeros((), device=self.device)
+        self.units = torch.zeros((), device=self.device)
+        self.metrics: dict[str, torch.Tensor] = {}
+        self.real_tokens, self.started = 0, time.time()
+
+    def add(self, loss_sum, units, metrics):
+        self.loss += loss_sum
+        self.units += units
+        for key, value in metrics.items():
+            self.metrics[key] = self.metrics.get(key, 0) + value
+
+    def flush(self) -> tuple[float, int, dict, float]:
+        count = self.units.clamp(min=1)
+        loss = (self.loss / count).item()
+        means = {key: (value / count).item() for key, value in self.metrics.items()}
+        speed = self.real_tokens / max(time.time() - self.started, 1e-9)
+        units = int(self.units.item())
+        self.reset()
+        return loss, units, means, speed
+
+
+def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, accelerator, precision,
+                    max_grad_norm: float):
+    """One optimizer step over micro-batches; loss = sum of losses / units of all micro-batches and processes."""
     if accelerator.num_processes > 1:
-        targets = accelerator.reduce(targets, "sum")
-    # DDP averages gradients over processes, so scale by their number to get sum / all target tokens.
-    scale = accelerator.num_processes / targets.clamp(min=1)
+        units = accelerator.reduce(units, "sum")
+    # DDP averages gradients over processes, so scale by their number to get sum / all units.
+    scale = accelerator.num_processes / units.clamp(min=1)
     total = torch.zeros((), device=accelerator.device)
+    sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1
-        with nullcontext() if sync else accelerator.no_sync(model):
-            with precision.autocast():
-                loss_sum, _, _ = causal_lm_loss(model, batch)
+        with nullcontext() if sync else accelerator.no_sync(module):
+            with precision.autocast(_inner(module).model):
+                loss_sum, metrics = module(**batch)
             precision.scaler.scale(loss_sum * scale).backward()
         total += loss_sum.detach().float()
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0) + value.detach().float()
     precision.scaler.unscale_(optimizer)
     if max_grad_norm and max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_grad_norm)
     precision.scaler.step(optimizer)
     precision.scaler.update()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, "sum")
-    return total, targets
+        sums = {k: accelerator.reduce(v, "sum") for k, v in sums.items()}
+    return total, units, sums
 
 
-def _evaluate_and_check(cfg, model, eval_rows, collator, accelerator, precision, state, log, epoch) -> bool:
+def _inner(module):
+    """The loss module inside a (possibly DDP-wrapped) one."""
+    return getattr(module, "module", module)
+
+
+def _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log, epoch) -> bool:
     """Evaluate, log, and say whether early stopping should end training."""
-    metrics = evaluate(model, eval_rows, collator, cfg.train.per_device_eval_batch_size, accelerator,
-                       cfg.finetune.compute_accuracy, precision)
+    metrics = evaluate(module, eval_rows, collator, cfg.train.per_device_eval_batch_size, accelerator, precision)
     log.eval_step(state.global_step, epoch, metrics)
     if state.best_eval_loss is None or metrics["eval_loss"] < state.best_eval_loss:
         state.best_eval_loss, state.evals_without_improvement = metrics["eval_loss"], 0
@@ -237,10 +292,10 @@ def _should_save(t, state, steps_in_epoch: int, last: bool) -> bool:
     return t.save_strategy == "epoch" and state.step_in_epoch == steps_in_epoch
 
 
-def _save(cfg, unwrapped, tokenizer, optimizer, scheduler, state, accelerator) -> None:
+def _save(cfg, inner, tokenizer, optimizer, scheduler, state, accelerator) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         folder = Path(cfg.train.output_dir) / f"checkpoint-{state.global_step}"
-        ckpt.save_checkpoint(folder, unwrapped, tokenizer, optimizer, scheduler, state, cfg.train.save_only_model)
+        ckpt.save_checkpoint(folder, inner, tokenizer, optimizer, scheduler, state, cfg.train.save_only_model)
         ckpt.rotate_checkpoints(cfg.train.output_dir, cfg.train.save_total_limit)
     accelerator.wait_for_everyone()

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
+# Output-head options that change logits after the projection; models with any of them take the plain path.
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,13 +20,160 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return loss, (shift_labels != IGNORE).sum()
 
 
-def causal_lm_loss(model, batch: dict, with_accuracy: bool = False):
-    """(loss sum, target count, correct-prediction count) for one batch of a causal LM."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss, count = token_cross_entropy(logits, batch["labels"])
-    correct = torch.zeros((), device=loss.device)
-    if with_accuracy:
-        labels = batch["labels"][:, 1:]
-        predicted = logits[:, :-1].argmax(-1)
-        correct = ((predicted == labels) & (labels != IGNORE)).sum()
-    return loss, count, correct
+def _head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+                          chunk_size: int = 1024) -> torch.Tensor:
+    """Sum of cross-entropy of `head(hidden)` against labels, `chunk_size` rows at a time.
+
+    Each chunk's logits are recomputed in the backward pass instead of kept, so at most one chunk of
+    full-vocabulary fp32 logits exists at any moment.
+    """
+    if hidden.shape[0] <= chunk_size:
+        return _head_loss(hidden, labels, head)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = start + chunk_size
+        total = total + checkpoint(_head_loss, hidden[start:end], labels[start:end], head, use_reentrant=False)
+    return total
+
+
+def _head_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
+
+
+def sequence_log_probs(model, split, input_ids, labels, attention_mask=None, chunk_size: int = 1024
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log-probabilities of each row's target tokens, number of target tokens per row).
+
+    Like CausalLMLoss, the head runs only at target positions and in chunks recomputed in backward.
+    """
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    shift_labels = labels[:, 1:]
+    targets = shift_labels != IGNORE
+    row_of = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(shift_labels)[targets]
+    if split is None:
+        logits = model(**inputs).logits[:, :-1][targets].float()
+        token_logps = -F.cross_entropy(logits, shift_labels[targets], reduction="none")
+    else:
+        decoder, head = split
+        hidden = decoder(**inputs).last_hidden_state[:, :-1][targets]
+        wanted = shift_labels[targets]
+        parts = []
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            args = (hidden[start:end], wanted[start:end], head)
+            parts.append(checkpoint(_head_token_losses, *args, use_reentrant=False) if hidden.shape[0] > chunk_size
+                         else _head_token_losses(*args))
+        token_logps = -torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(labels.shape[0], device=labels.device, dtype=torch.float32).index_add(0, row_of, token_logps)
+    return sums, targets.sum(1)
+
+
+class CausalLMLoss(torch.nn.Module):
+    """A causal LM whose forward returns (loss sum over target tokens, metric sums): the pt/sft loss module.
+
+    It runs the decoder, then applies the output head only at positions that have a target, in chunks, so
+    prompt and padding positions never produce full-vocabulary logits. DDP wraps this module, so gradient
+    synchronisation sees the whole computation.
+    """
+
+    unit = "token"
+
+    def __init__(self, model, chunk_size: int = 1024, compute_accuracy: bool = False):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.compute_accuracy = compute_accuracy  # token accuracy, in evaluation only
+        self.split = decoder_and_head(model)
+
+    @staticmethod
+    def units(batch: dict) -> torch.Tensor:
+        return (batch["labels"][:, 1:] != IGNORE).sum()
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        shift_labels = labels[:, 1:]
+        targets = shift_labels != IGNORE
+        accuracy = self.compute_accuracy and not self.training
+        if self.split is None:  # output heads with extras: take the model's own logits
+            logits = self.model(**inputs).logits
+            loss, _ = token_cross_entropy(logits, labels)
+            metrics = {"accuracy": ((logits[:, :-1].argmax(-1) == shift_labels) & targets).sum()} if accuracy else {}
+            return loss, metrics
+        decoder, head = self.split
+        hidden = decoder(**inputs).last_hidden_state[:, :-1][targets]
+        wanted = shift_labels[targets]
+        loss = chunked_cross_entropy(hidden, head, wanted, self.chunk_size)
+        if not accuracy:
+            return loss, {}
+        with torch.no_grad():
+            correct = sum((head(hidden[s: s + self.chunk_size]).argmax(-1) == wanted[s: s + self.chunk_size]).sum()
+                          for s in range(0, hidden.shape[0], self.chunk_size))
+        return loss, {"accuracy": correct}
+
+
+def decoder_and_head(model):
+    """(decoder, output head) of a causal LM (PEFT-wrapped or not), or None when the head does more than project."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if any(getattr(base.config, name, None) for name in _HEAD_EXTRAS) or not hasattr(base, "get_decoder"):
+        return None
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+# ---- preference losses: each takes per-sequence log-probabilities and returns per-pair losses and rewards ----
+
+def dpo_family_loss(kind: str, chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor | None,
+                    ref_rejected: torch.Tensor | None, beta: float, label_smoothing: float = 0.0,
+                    simpo_gamma: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per pair, chosen reward, rejected reward) for pref_loss sigmoid / hinge / ipo / orpo / simpo.
+
+    `chosen`/`rejected` are the policy's log-probabilities of the answers: summed over tokens for sigmoid and
+    hinge, averaged over tokens for ipo, orpo and simpo (the caller passes the right one, see `uses_average`).
+    orpo and simpo use no reference model.
+    """
+    if kind in ("orpo", "simpo"):
+        if kind == "orpo":
+            # log odds(y) = log p - log(1 - p); ORPO adds the odds-ratio term to the SFT loss on the chosen answer
+            log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
+            loss = -chosen - beta * F.logsigmoid(log_odds)
+        else:
+            loss = -F.logsigmoid(beta * (chosen - rejected) - simpo_gamma)
+        return loss, beta * chosen.detach(), beta * rejected.detach()
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    if kind == "sigmoid":
+        loss = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+    elif kind == "hinge":
+        loss = torch.relu(1 - beta * margin)
+    elif kind == "ipo":
+        loss = (margin - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown pref_loss {kind!r}")
+    return loss, beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+
+
+def uses_average(kind: str) -> bool:
+    """Whether the loss takes length-normalised (per-token average) log-probabilities."""
+    return kind in ("ipo", "orpo", "simpo")
+
+
+def kto_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             policy_kl: torch.Tensor, ref_kl: torch.Tensor, beta: float, chosen_weight: float = 1.0,
+             rejected_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(losses of desirable and undesirable examples concatenated, chosen rewards, rejected rewards).
+
+    The reference point z0 is the batch's KL estimate from mismatched prompt/answer pairs, clamped at 0 and not
+    back-propagated, as in the KTO paper.
+    """
+    z0 = (policy_kl - ref_kl).mean().clamp(min=0).detach()
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    losses = torch.cat([chosen_weight * (1 - torch.sigmoid(beta * (chosen_ratio - z0))),
+                        rejected_weight * (1 - torch.sigmoid(beta * (z0 - rejected_ratio)))])
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def pairwise_reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Reward-model loss per pair: -log sigmoid(r_chosen - r_rejected)."""
+    return -F.logsigmoid(chosen_scores - rejected_scores)

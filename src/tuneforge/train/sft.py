@@ -6,88 +6,37 @@ Reads top to bottom: data (validated before anything is written), model, what tr
 from __future__ import annotations
 
 import json
-import os
-from datetime import timedelta
 from pathlib import Path
 
-import torch
-
-from ..config import save_config
 from ..data import prepare_lm_data
 from ..data.collate import PadCollator
 from ..infer.engine import Engine
-from ..models.adapters import attach_adapters, describe_trainable, setup_trainable
-from ..models.load import load_base_model, load_tokenizer
-from . import checkpoint as ckpt
-from .logging import plot_loss, write_results
-from .loop import Precision, evaluate, train
+from .common import evaluate_and_report, finish_training, guard_output_dir, open_output_dir, prepare_model, start
+from .logging import write_results
+from .loop import train
+from .losses import CausalLMLoss
 from .metrics import generation_scores
 
 
-def make_accelerator(t):
-    """Devices and processes come from accelerate; precision is ours (see loop.py), so it stays what the YAML says
-    and several runs can share one Python process."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    # accelerate only treats a torchrun launch without GPUs as distributed (gloo) when told to use the CPU
-    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision="no", cpu=cpu_ddp,
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout))])
-
-
 def run(cfg) -> dict:
-    from accelerate.utils import set_seed
-
     t, f = cfg.train, cfg.finetune
-    set_seed(t.seed)
-    accelerator = make_accelerator(t)
-    tokenizer = load_tokenizer(cfg.model)
+    accelerator, tokenizer = start(cfg)
     data = prepare_lm_data(cfg, tokenizer, need_train=t.do_train)
-    resume = ckpt.check_output_dir(t.output_dir, t.overwrite_output_dir, t.resume_from_checkpoint) if t.do_train \
-        else None
-    accelerator.wait_for_everyone()  # every process has decided before the main one clears old checkpoints
-    model = load_base_model(cfg.model, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32)
-    output = Path(t.output_dir)
+    resume = guard_output_dir(cfg, accelerator)
+    model = prepare_model(cfg, accelerator, packed=bool(data.train) and "position_ids" in data.train[0])
+    packed = f" (packed into {len(data.train)} rows)" if len(data.train) != data.num_train_examples else ""
+    accelerator.print(f"[tuneforge] {data.num_train_examples} training examples{packed}, "
+                      f"{len(data.eval)} evaluation examples")
+    module = CausalLMLoss(model, compute_accuracy=f.compute_accuracy)
+    open_output_dir(cfg, accelerator)
     results = {}
     if t.do_train:
-        if t.gradient_checkpointing and not cfg.model.disable_gradient_checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.23's name
-            if enable:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        model = setup_trainable(model, cfg.model, f)
-        accelerator.print(f"[tuneforge] {describe_trainable(model)}")
-        accelerator.print(f"[tuneforge] {len(data.train)} training and {len(data.eval)} evaluation examples")
-        if accelerator.is_main_process:
-            output.mkdir(parents=True, exist_ok=True)
-            if t.overwrite_output_dir and not t.resume_from_checkpoint:
-                ckpt.clear_old_checkpoints(t.output_dir)
-            save_config(cfg, output / "tuneforge_config.yaml")
-        results.update(train(cfg, model, tokenizer, data.train, data.eval, accelerator, resume))
-        model = accelerator.unwrap_model(model)
-        if accelerator.is_main_process:
-            ckpt.save_model(model, tokenizer, output)
-            write_results(t.output_dir, "train", results)
-            if f.plot_loss:
-                plot_loss(t.output_dir)
-        accelerator.wait_for_everyone()
-    else:
-        model = attach_adapters(model, cfg.model, f, is_trainable=False)
-        if accelerator.is_main_process:
-            output.mkdir(parents=True, exist_ok=True)
-    model = model.to(accelerator.device)
+        results.update(train(cfg, module, tokenizer, data.train, data.eval, accelerator, resume))
+        finish_training(cfg, module, tokenizer, results, accelerator)
     if t.do_eval:
-        metrics = evaluate(model, data.eval, PadCollator(tokenizer.pad_token_id), t.per_device_eval_batch_size,
-                           accelerator, f.compute_accuracy, Precision(t, accelerator.device))
-        accelerator.print("[tuneforge] " + ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items()))
-        if accelerator.is_main_process:
-            write_results(t.output_dir, "eval", metrics)
-        results.update(metrics)
+        results.update(evaluate_and_report(cfg, module, data.eval, PadCollator(tokenizer.pad_token_id), accelerator))
     if t.do_predict and accelerator.is_main_process:
-        results.update(predict(cfg, model, tokenizer, data))
+        results.update(predict(cfg, model.to(accelerator.device), tokenizer, data))
     return results
 
 

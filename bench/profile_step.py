@@ -1,0 +1,114 @@
+"""Where a training step's time goes: torch.profiler over a few optimizer steps of the benchmark workload.
+
+    .venv/bin/python bench/profile_step.py [--only smollm2-lora] [--set key=value ...]
+
+Prints the operators that take the most self CPU time (and CUDA time on a GPU), grouped by kind (matmul,
+attention, elementwise, optimizer, ...), so the next speed lever is a reading, not a guess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import DATA, FIXED, WORKLOADS, tiny_model  # noqa: E402
+
+KINDS = {
+    "matmul": ("mm", "addmm", "bmm", "matmul", "linear"),
+    "attention": ("scaled_dot_product", "attention", "softmax"),
+    "cross-entropy / head": ("cross_entropy", "log_softmax", "nll_loss"),
+    "optimizer": ("adam", "_foreach", "lerp", "addcdiv", "sqrt"),
+    "casts / copies": ("to", "_to_copy", "copy_", "clone", "contiguous"),
+}
+
+
+def kind_of(name: str) -> str:
+    short = name.replace("aten::", "")
+    for kind, keys in KINDS.items():
+        if any(short == k or short.startswith(k + "_") or k in short for k in keys):
+            return kind
+    return "other (elementwise, norms, indexing)"
+
+
+def main() -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tuneforge.config import build_config, parse_overrides, validate
+    from tuneforge.data import prepare_lm_data
+    from tuneforge.models.adapters import setup_trainable
+    from tuneforge.models.load import load_base_model, load_tokenizer
+    from tuneforge.train.loop import Precision, _optimizer_step, build_optimizer, build_scheduler
+    from tuneforge.train.losses import CausalLMLoss
+    from tuneforge.train.common import compile_layers
+    from tuneforge.data.collate import PadCollator
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=list(WORKLOADS), default="smollm2-lora")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--set", nargs="*", default=[])
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tuneforge-profile-"))
+    values = {**FIXED, **WORKLOADS[args.only], "dataset": str(DATA), "output_dir": str(work / "out"),
+              "max_steps": 100, **parse_overrides(args.set)}
+    if values["model_name_or_path"] == "tiny":
+        values["model_name_or_path"] = tiny_model(work / "tiny")
+    cfg = build_config(values, source="profile")
+    validate(cfg, "train")
+    tokenizer = load_tokenizer(cfg.model)
+    rows = prepare_lm_data(cfg, tokenizer).train
+    model = load_base_model(cfg.model, dtype=torch.bfloat16 if cfg.finetune.pure_bf16 else torch.float32)
+    model = setup_trainable(model, cfg.model, cfg.finetune)
+    if cfg.train.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.torch_compile:
+        compile_layers(model)
+    module = CausalLMLoss(model).train()
+    optimizer = build_optimizer(model, cfg.train, cfg.finetune)
+    scheduler = build_scheduler(optimizer, cfg.train, 100)
+    collator = PadCollator(tokenizer.pad_token_id)
+    precision = Precision(cfg.train, torch.device("cpu"))
+
+    class Single:  # the step function's view of a one-process accelerator
+        num_processes = 1
+        device = torch.device("cpu")
+
+        @staticmethod
+        def no_sync(_):
+            from contextlib import nullcontext
+
+            return nullcontext()
+
+    def step(i: int):
+        size, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
+        micro = []
+        for j in range(accum):
+            batch = collator(rows[(i * accum + j) * size: (i * accum + j + 1) * size])
+            batch.pop("num_tokens")
+            micro.append(batch)
+        _optimizer_step(module, micro, optimizer, scheduler, Single, precision, cfg.train.max_grad_norm)
+
+    step(0)  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for i in range(1, args.steps + 1):
+            step(i)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    by_kind = defaultdict(float)
+    for e in events:
+        by_kind[kind_of(e.key)] += e.self_cpu_time_total
+    print(f"profile of {args.steps} optimizer steps, {args.only} {' '.join(args.set)}; self CPU time by kind:")
+    for kind, micros in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<38} {micros / 1e6:8.2f} s  {100 * micros / total:5.1f}%")
+    print("\ntop operators:")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

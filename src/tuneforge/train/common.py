@@ -1,0 +1,147 @@
+"""What every recipe does the same way: accelerator, model set-up, output_dir handling, final save, evaluation."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from ..config import save_config
+from ..models.adapters import attach_adapters, describe_trainable, setup_trainable
+from ..models.load import ModelError, load_base_model, load_tokenizer
+from . import checkpoint as ckpt
+from .logging import plot_loss, write_results
+from .loop import Precision, evaluate
+
+
+def make_accelerator(t):
+    """Devices and processes come from accelerate; precision is ours (see loop.py), so it stays what the YAML says
+    and several runs can share one Python process."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # accelerate only treats a torchrun launch without GPUs as distributed (gloo) when told to use the CPU
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision="no", cpu=cpu_ddp,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout))])
+
+
+def start(cfg):
+    """(accelerator, tokenizer), with every random generator seeded."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+    return make_accelerator(cfg.train), load_tokenizer(cfg.model)
+
+
+def guard_output_dir(cfg, accelerator) -> str | None:
+    """The checkpoint to resume from, if any; refuses to overwrite a finished output_dir (see checkpoint.py)."""
+    t = cfg.train
+    resume = ckpt.check_output_dir(t.output_dir, t.overwrite_output_dir, t.resume_from_checkpoint) if t.do_train \
+        else None
+    accelerator.wait_for_everyone()  # every process has decided before the main one clears old checkpoints
+    return resume
+
+
+def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = False):
+    """The base model with what trains set up (or, for inference and references, adapters merged in)."""
+    t, f = cfg.train, cfg.finetune
+    model = load_base_model(cfg.model, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32)
+    if not t.do_train or reference:
+        return attach_adapters(model, cfg.model, f, is_trainable=False).eval()
+    if t.gradient_checkpointing and not cfg.model.disable_gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.23's name
+        if enable:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if packed:
+        check_packing_support(model)
+    model = setup_trainable(model, cfg.model, f)
+    if t.torch_compile:
+        compile_layers(model)
+    accelerator.print(f"[tuneforge] {describe_trainable(model)}")
+    return model
+
+
+def open_output_dir(cfg, accelerator) -> None:
+    t = cfg.train
+    if accelerator.is_main_process:
+        Path(t.output_dir).mkdir(parents=True, exist_ok=True)
+        if t.do_train:
+            if t.overwrite_output_dir and not t.resume_from_checkpoint:
+                ckpt.clear_old_checkpoints(t.output_dir)
+            save_config(cfg, Path(t.output_dir) / "tuneforge_config.yaml")
+
+
+def finish_training(cfg, module, tokenizer, results: dict, accelerator) -> None:
+    """The trained model (and the stage's extra weights) into output_dir, with results and the loss plot."""
+    if accelerator.is_main_process:
+        ckpt.save_model(module, tokenizer, Path(cfg.train.output_dir))
+        write_results(cfg.train.output_dir, "train", results)
+        if cfg.finetune.plot_loss:
+            plot_loss(cfg.train.output_dir)
+    accelerator.wait_for_everyone()
+
+
+def evaluate_and_report(cfg, module, rows: list[dict], collator, accelerator) -> dict:
+    metrics = evaluate(module.to(accelerator.device), rows, collator, cfg.train.per_device_eval_batch_size,
+                       accelerator, Precision(cfg.train, accelerator.device))
+    accelerator.print("[tuneforge] " + ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items()))
+    if accelerator.is_main_process:
+        write_results(cfg.train.output_dir, "eval", metrics)
+    return metrics
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer (they share one graph, compiled once, with dynamic sequence length).
+
+    Layers rather than the whole model: the loss selects target positions with data-dependent shapes, which
+    would break the graph, and layer-level graphs fuse what costs time on CPUs (norms, activations, casts).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None) if hasattr(base, "get_decoder") else None
+    if layers is None:
+        raise ModelError(f"torch_compile: {type(base).__name__} has no decoder `.layers` to compile; "
+                         "set torch_compile: false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
+@torch.no_grad()
+def check_packing_support(model) -> None:
+    """Packed rows rely on the model turning restarting position_ids into block-diagonal attention. Check it on
+    this model: the second of two packed sequences must give the same logits as when run alone."""
+    vocab = model.config.vocab_size
+    first, second = torch.arange(3, 9) % vocab, torch.arange(20, 25) % vocab
+    device = next(model.parameters()).device
+    packed = torch.cat([first, second])[None].to(device)
+    positions = torch.cat([torch.arange(6), torch.arange(5)])[None].to(device)
+    # use_cache=False as in training: with a cache, transformers does not look for packed sequences
+    together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0, 6:].float()
+    alone = model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
+    if not torch.allclose(together, alone, atol=1e-2 * max(1.0, alone.abs().max().item() / 100)):
+        raise ModelError(f"{type(model).__name__} lets packed examples attend to each other, so `packing` / "
+                         "`neat_packing` would mix examples; set both to false for this model")
+
+
+def reference_model(cfg):
+    """The frozen reference for dpo / kto, or None when the policy itself serves (LoRA: adapters switched off)
+    or no reference is needed (pref_loss orpo and simpo)."""
+    f = cfg.finetune
+    if f.stage == "dpo" and f.pref_loss in ("orpo", "simpo"):
+        return None
+    if f.ref_model:
+        from dataclasses import replace
+
+        args = replace(cfg.model, model_name_or_path=f.ref_model, adapter_name_or_path=f.ref_model_adapters)
+    elif f.finetuning_type == "lora":
+        return None
+    else:
+        args = cfg.model  # full / freeze: a frozen copy of the starting model
+    model = load_base_model(args, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32)
+    model = attach_adapters(model, args, f, is_trainable=False)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,112 @@
+"""Recipe for stage `dpo`: pref_loss sigmoid (DPO), hinge, ipo, orpo or simpo on chosen/rejected pairs.
+
+Both answers of a pair go through the policy in one concatenated forward. The reference is the LoRA base with
+its adapter switched off (no second copy in memory), a frozen copy for full/freeze, or `ref_model`; orpo and
+simpo use none. With `precompute_ref_log_probs` the reference runs once over the data before training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data import prepare_preference_data
+from ..data.collate import PairCollator
+from .common import evaluate_and_report, finish_training, guard_output_dir, open_output_dir, prepare_model, \
+    reference_model, start
+from .loop import train
+from .losses import decoder_and_head, dpo_family_loss, sequence_log_probs, uses_average
+
+
+class PreferenceLoss(torch.nn.Module):
+    unit = "pair"
+
+    def __init__(self, model, finetune_args, reference=None):
+        super().__init__()
+        self.model, self.args = model, finetune_args
+        self.split = decoder_and_head(model)
+        self.reference = [reference] if reference is not None else []  # a list: not a submodule, never trained
+        self.needs_reference = finetune_args.pref_loss not in ("orpo", "simpo")
+
+    @staticmethod
+    def units(batch: dict) -> torch.Tensor:
+        return torch.tensor(batch["input_ids"].shape[0] // 2)
+
+    def _log_probs(self, model, split, input_ids, labels, attention_mask):
+        sums, counts = sequence_log_probs(model, split, input_ids, labels, attention_mask)
+        average = sums / counts.clamp(min=1)
+        return (average if uses_average(self.args.pref_loss) else sums), average
+
+    @torch.no_grad()
+    def reference_log_probs(self, input_ids, labels, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reference:
+            model = self.reference[0]
+            logps, _ = self._log_probs(model, decoder_and_head(model), input_ids, labels, attention_mask)
+        else:
+            with self.model.disable_adapter():
+                logps, _ = self._log_probs(self.model, self.split, input_ids, labels, attention_mask)
+        return logps.chunk(2)
+
+    def forward(self, input_ids, labels, attention_mask=None, ref_chosen_logps=None, ref_rejected_logps=None):
+        a = self.args
+        logps, average = self._log_probs(self.model, self.split, input_ids, labels, attention_mask)
+        chosen, rejected = logps.chunk(2)
+        ref_chosen = ref_rejected = None
+        if self.needs_reference:
+            if ref_chosen_logps is None:
+                ref_chosen, ref_rejected = self.reference_log_probs(input_ids, labels, attention_mask)
+            else:
+                ref_chosen, ref_rejected = ref_chosen_logps, ref_rejected_logps
+        losses, chosen_reward, rejected_reward = dpo_family_loss(
+            a.pref_loss, chosen, rejected, ref_chosen, ref_rejected, a.pref_beta, a.dpo_label_smoothing,
+            a.simpo_gamma)
+        if a.pref_ftx and a.pref_loss != "orpo":  # orpo's loss already holds the SFT term
+            losses = losses - a.pref_ftx * average.chunk(2)[0]
+        metrics = {"rewards/chosen": chosen_reward.sum(), "rewards/rejected": rejected_reward.sum(),
+                   "rewards/accuracies": (chosen_reward > rejected_reward).float().sum(),
+                   "rewards/margins": (chosen_reward - rejected_reward).sum(),
+                   "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum()}
+        return losses.sum(), metrics
+
+
+@torch.no_grad()
+def precompute_reference(module: PreferenceLoss, rows: list[dict], collator, batch_size: int, device) -> None:
+    """Store the reference log-probabilities in the rows, so training runs the policy only."""
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start: start + batch_size]
+        batch = collator(chunk)
+        ref_chosen, ref_rejected = module.reference_log_probs(
+            batch["input_ids"].to(device), batch["labels"].to(device), batch["attention_mask"].to(device))
+        for row, c, r in zip(chunk, ref_chosen.tolist(), ref_rejected.tolist()):
+            row["ref_chosen_logps"], row["ref_rejected_logps"] = c, r
+    module.reference.clear()  # a frozen copy is no longer needed
+
+
+def run(cfg) -> dict:
+    t, f = cfg.train, cfg.finetune
+    accelerator, tokenizer = start(cfg)
+    train_rows, eval_rows, _ = prepare_preference_data(cfg, tokenizer)
+    resume = guard_output_dir(cfg, accelerator)
+    model = prepare_model(cfg, accelerator)
+    module = PreferenceLoss(model, f, reference_model(cfg)).to(accelerator.device)
+    collator = PairCollator(tokenizer.pad_token_id)
+    accelerator.print(f"[tuneforge] {len(train_rows)} training and {len(eval_rows)} evaluation pairs; "
+                      f"pref_loss {f.pref_loss}, reference: {_describe_reference(module, f)}")
+    if f.precompute_ref_log_probs and module.needs_reference:
+        precompute_reference(module, train_rows + eval_rows, collator, t.per_device_eval_batch_size,
+                             accelerator.device)
+    open_output_dir(cfg, accelerator)
+    results = {}
+    if t.do_train:
+        results.update(train(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator))
+        finish_training(cfg, module, tokenizer, results, accelerator)
+    if t.do_eval:
+        results.update(evaluate_and_report(cfg, module, eval_rows, collator, accelerator))
+    return results
+
+
+def _describe_reference(module: PreferenceLoss, f) -> str:
+    if not module.needs_reference:
+        return "none"
+    if module.reference:
+        return f.ref_model or "a frozen copy of the starting model"
+    return "the base model with the LoRA adapter disabled"

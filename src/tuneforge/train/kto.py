@@ -1,0 +1,70 @@
+"""Recipe for stage `kto`: desirable and undesirable answers, each judged against a reference point z0, the
+batch's KL estimate from mismatched (prompt, other answer) pairs, as in the KTO paper. The reference model is the
+LoRA base with its adapter switched off, a frozen copy for full/freeze, or `ref_model`."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data import prepare_preference_data
+from ..data.collate import KTOCollator
+from .common import evaluate_and_report, finish_training, guard_output_dir, open_output_dir, prepare_model, \
+    reference_model, start
+from .loop import train
+from .losses import decoder_and_head, kto_loss, sequence_log_probs
+
+
+class KTOLoss(torch.nn.Module):
+    unit = "example"
+
+    def __init__(self, model, finetune_args, reference=None):
+        super().__init__()
+        self.model, self.args = model, finetune_args
+        self.split = decoder_and_head(model)
+        self.reference = [reference] if reference is not None else []  # a list: not a submodule, never trained
+
+    @staticmethod
+    def units(batch: dict) -> torch.Tensor:
+        return torch.tensor(batch["kto_tag"].shape[0])
+
+    @torch.no_grad()
+    def _reference_sums(self, input_ids, labels, attention_mask) -> torch.Tensor:
+        if self.reference:
+            model = self.reference[0]
+            return sequence_log_probs(model, decoder_and_head(model), input_ids, labels, attention_mask)[0]
+        with self.model.disable_adapter():
+            return sequence_log_probs(self.model, self.split, input_ids, labels, attention_mask)[0]
+
+    def forward(self, input_ids, labels, attention_mask, kto_tag):
+        a, n = self.args, kto_tag.shape[0]
+        sums, _ = sequence_log_probs(self.model, self.split, input_ids, labels, attention_mask)
+        ref = self._reference_sums(input_ids, labels, attention_mask)
+        own, mismatched, ref_own, ref_mismatched = sums[:n], sums[n:], ref[:n], ref[n:]
+        losses, chosen_reward, rejected_reward = kto_loss(
+            own[kto_tag], own[~kto_tag], ref_own[kto_tag], ref_own[~kto_tag], mismatched, ref_mismatched,
+            a.pref_beta, a.kto_chosen_weight, a.kto_rejected_weight)
+        # per-example means: a desirable answer's reward should rise, an undesirable one's fall
+        signed = chosen_reward.sum() - rejected_reward.sum()
+        kl = (mismatched - ref_mismatched).detach().mean().clamp(min=0)
+        return losses.sum(), {"rewards/signed": signed, "kl": kl * n}
+
+
+def run(cfg) -> dict:
+    t, f = cfg.train, cfg.finetune
+    accelerator, tokenizer = start(cfg)
+    train_rows, eval_rows, _ = prepare_preference_data(cfg, tokenizer)
+    resume = guard_output_dir(cfg, accelerator)
+    model = prepare_model(cfg, accelerator)
+    module = KTOLoss(model, f, reference_model(cfg)).to(accelerator.device)
+    collator = KTOCollator(tokenizer.pad_token_id)
+    desirable = sum(r["kto_tag"] for r in train_rows)
+    accelerator.print(f"[tuneforge] {len(train_rows)} training examples ({desirable} desirable), "
+                      f"{len(eval_rows)} evaluation examples")
+    open_output_dir(cfg, accelerator)
+    results = {}
+    if t.do_train:
+        results.update(train(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator))
+        finish_training(cfg, module, tokenizer, results, accelerator)
+    if t.do_eval:
+        results.update(evaluate_and_report(cfg, module, eval_rows, collator, accelerator))
+    return results

@@ -1,0 +1,109 @@
+"""Recipe for stage `rm`: a reward model, a scalar value head on a causal LM's last non-padding token, trained
+with the pairwise loss -log sigmoid(r_chosen - r_rejected). The value head always trains and is saved beside the
+model or adapter as value_head.safetensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..data import prepare_preference_data
+from ..data.collate import PairCollator
+from .common import evaluate_and_report, finish_training, guard_output_dir, open_output_dir, prepare_model, start
+from .loop import train
+from .losses import pairwise_reward_loss
+
+VALUE_HEAD = "value_head.safetensors"
+
+
+class RewardLoss(torch.nn.Module):
+    unit = "pair"
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.decoder = [base.get_decoder()]  # a list: already a part of self.model
+        head = base.get_output_embeddings()
+        if head is not None and head.weight is not base.get_input_embeddings().weight:
+            head.requires_grad_(False)  # unused by a reward model; DDP must not wait for its gradient
+        self.value_head = torch.nn.Linear(base.config.hidden_size, 1)
+        torch.nn.init.normal_(self.value_head.weight, std=1 / (base.config.hidden_size + 1))
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    @staticmethod
+    def units(batch: dict) -> torch.Tensor:
+        return torch.tensor(batch["input_ids"].shape[0] // 2)
+
+    def scores(self, input_ids, attention_mask) -> torch.Tensor:
+        """One reward per row, read at its last non-padding token (rows are right-padded)."""
+        hidden = self.decoder[0](input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        last = attention_mask.sum(1) - 1
+        return self.value_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
+
+    def forward(self, input_ids, labels, attention_mask):
+        chosen, rejected = self.scores(input_ids, attention_mask).chunk(2)
+        losses = pairwise_reward_loss(chosen, rejected)
+        metrics = {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).detach().sum(),
+                   "chosen_reward": chosen.detach().sum(), "rejected_reward": rejected.detach().sum()}
+        return losses.sum(), metrics
+
+    def extra_weights(self):
+        return VALUE_HEAD, self.value_head.state_dict()
+
+    def load_extra_weights(self, folder) -> None:
+        self.value_head.load_state_dict(load_file(Path(folder) / VALUE_HEAD))
+
+
+def load_reward_model(cfg, accelerator) -> RewardLoss:
+    """A trained reward model: base model + adapter, and the value head saved beside the adapter or model."""
+    folder = cfg.model.adapter_name_or_path.split(",")[-1].strip() if cfg.model.adapter_name_or_path \
+        else cfg.model.model_name_or_path
+    if not (Path(folder) / VALUE_HEAD).is_file():
+        raise FileNotFoundError(f"{folder} has no {VALUE_HEAD}: point adapter_name_or_path (LoRA) or "
+                                "model_name_or_path (full/freeze) at the output_dir of a `stage: rm` run")
+    module = RewardLoss(prepare_model(cfg, accelerator))
+    module.load_extra_weights(folder)
+    return module.eval()
+
+
+@torch.no_grad()
+def predict(cfg, module: RewardLoss, rows: list[dict], collator, device) -> dict:
+    """generated_predictions.jsonl: the chosen and rejected score of every evaluation pair."""
+    path = Path(cfg.train.output_dir) / "generated_predictions.jsonl"
+    correct = 0
+    with path.open("w", encoding="utf-8") as out:
+        for start in range(0, len(rows), cfg.train.per_device_eval_batch_size):
+            batch = collator(rows[start: start + cfg.train.per_device_eval_batch_size])
+            scores = module.scores(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            for chosen, rejected in zip(*[part.tolist() for part in scores.chunk(2)]):
+                out.write(json.dumps({"chosen": round(chosen, 4), "rejected": round(rejected, 4)}) + "\n")
+                correct += chosen > rejected
+    print(f"[tuneforge] pairwise accuracy {correct / max(len(rows), 1):.4f}; scores in {path}")
+    return {"predict_accuracy": correct / max(len(rows), 1)}
+
+
+def run(cfg) -> dict:
+    t = cfg.train
+    accelerator, tokenizer = start(cfg)
+    train_rows, eval_rows, _ = prepare_preference_data(cfg, tokenizer)
+    resume = guard_output_dir(cfg, accelerator)
+    if t.do_train:
+        module = RewardLoss(prepare_model(cfg, accelerator)).to(accelerator.device)
+    else:
+        module = load_reward_model(cfg, accelerator).to(accelerator.device)
+    collator = PairCollator(tokenizer.pad_token_id)
+    accelerator.print(f"[tuneforge] {len(train_rows)} training and {len(eval_rows)} evaluation pairs")
+    open_output_dir(cfg, accelerator)
+    results = {}
+    if t.do_train:
+        results.update(train(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator))
+        finish_training(cfg, module, tokenizer, results, accelerator)
+    if t.do_eval:
+        results.update(evaluate_and_report(cfg, module, eval_rows, collator, accelerator))
+    if t.do_predict and accelerator.is_main_process:
+        results.update(predict(cfg, module.eval(), eval_rows, collator, accelerator.device))
+    return results

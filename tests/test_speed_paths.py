@@ -1,0 +1,93 @@
+"""The fast paths must not change results: chunked cross-entropy, packing, bf16."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tuneforge.data.collate import PadCollator, pack_rows
+from tuneforge.data.encode import IGNORE
+from tuneforge.train.losses import CausalLMLoss, chunked_cross_entropy, token_cross_entropy
+
+
+def test_chunked_cross_entropy_equals_plain_in_value_and_gradient():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    plain = F.cross_entropy(head(hidden), labels, reduction="sum")
+    plain_grads = torch.autograd.grad(plain, [hidden, head.weight])
+    chunked = chunked_cross_entropy(hidden, head, labels, chunk_size=8)  # 5 chunks, recomputed in backward
+    chunked_grads = torch.autograd.grad(chunked, [hidden, head.weight])
+    assert chunked.item() / 37 == pytest.approx(plain.item() / 37, abs=1e-5)  # per-token, as training reports it
+    for a, b in zip(plain_grads, chunked_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+
+
+def _rows():
+    torch.manual_seed(1)
+    rows = []
+    for length, prompt in ((12, 5), (7, 3), (20, 9)):
+        ids = torch.randint(3, 300, (length,)).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    return rows
+
+
+def _alone(model, row) -> torch.Tensor:
+    ids = torch.tensor([row["input_ids"]])
+    loss, _ = token_cross_entropy(model(input_ids=ids).logits, torch.tensor([row["labels"]]))
+    return loss
+
+
+@torch.no_grad()
+def test_packed_row_gives_each_example_its_own_loss(model):
+    rows = _rows()
+    packed = pack_rows(rows, cutoff_len=64)
+    assert len(packed) == 1
+    batch = PadCollator(0)(packed)
+    batch.pop("num_tokens")
+    module = CausalLMLoss(model)
+    total, _ = module(**batch)
+    assert total.item() == pytest.approx(sum(_alone(model, r).item() for r in rows), rel=1e-5)
+    # per example: keep one example's labels in the packed row at a time (pack order: longest first)
+    for row, start in zip(sorted(rows, key=lambda r: -len(r["input_ids"])), (0, 20, 32)):
+        labels = torch.full_like(batch["labels"], IGNORE)
+        end = start + len(row["input_ids"])
+        labels[0, start + 1: end] = batch["labels"][0, start + 1: end]
+        one, _ = module(input_ids=batch["input_ids"], labels=labels, position_ids=batch["position_ids"])
+        assert one.item() == pytest.approx(_alone(model, row).item(), rel=1e-5)
+
+
+def test_all_speed_options_match_the_fp32_path(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.train.common import check_packing_support
+
+    rows = _rows()
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        reference = sum(_alone(fp32, r) for r in rows)
+    fast = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).eval()  # pure bf16 base
+    check_packing_support(fast)
+    batch = PadCollator(0)(pack_rows(rows, cutoff_len=64))
+    batch.pop("num_tokens")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = CausalLMLoss(fast, chunk_size=4)(**batch)  # chunked head, packed rows, bf16
+    assert CausalLMLoss.units(batch).item() == sum(sum(l != IGNORE for l in r["labels"][1:]) for r in rows)
+    assert loss.item() == pytest.approx(reference.item(), rel=2e-2)
+
+
+def test_torch_compile_wraps_every_decoder_layer(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.train.common import compile_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    compile_layers(model)  # compiling happens lazily at the first call; here we check what was set up
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
