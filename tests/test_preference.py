@@ -1,0 +1,119 @@
+"""Stages rm, dpo and kto on a tiny random model: they train, learn a learnable preference, and keep their data
+rules."""
+
+import json
+
+import pytest
+from conftest import read_log, run_training, train_config, write_jsonl
+
+from tuneforge.data.registry import DataError
+
+TOPICS = ["the sea", "a cat", "the moon", "bread", "a train", "music", "rain", "a garden", "winter", "a river",
+          "the city", "coffee", "a book", "the wind", "a bridge", "snow"]
+
+
+def preference_rows(start: int, count: int) -> list[dict]:
+    """Chosen answers always open with 'Sure' and stay on topic; rejected ones open with 'Sorry'."""
+    rows = []
+    for i in range(start, start + count):
+        topic = TOPICS[i % len(TOPICS)]
+        rows.append({"instruction": f"Tell me something about {topic} ({i}).", "input": "",
+                     "chosen": f"Sure! Here is a fact about {topic}.", "rejected": f"Sorry, I will not talk about {topic}."})
+    return rows
+
+
+@pytest.fixture
+def pref_data(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", preference_rows(0, 48))
+    write_jsonl(tmp_path / "heldout.jsonl", preference_rows(100, 16))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "pairs": {"file_name": "train.jsonl", "ranking": True},
+        "heldout": {"file_name": "heldout.jsonl", "ranking": True}}))
+    return tmp_path
+
+
+def _config(tiny_model, data_dir, out, stage, **overrides):
+    values = train_config(tiny_model, "pairs", out, stage=stage, dataset_dir=str(data_dir), eval_dataset="heldout",
+                          max_steps=30, learning_rate=1e-2, lr_scheduler_type="constant", per_device_train_batch_size=8,
+                          eval_strategy="steps", eval_steps=30, do_eval=True)
+    values.update(overrides)
+    return values
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_dpo_learns_the_preference(tiny_model, pref_data, tmp_path, kind):
+    out = tmp_path / "out"
+    lr = 1e-2 if kind == "lora" else 1e-3
+    results = run_training(_config(tiny_model, pref_data, out, "dpo", finetuning_type=kind, learning_rate=lr,
+                                   pref_beta=0.5))
+    log = [r for r in read_log(out) if "loss" in r]
+    assert log[-1]["loss"] < log[0]["loss"] - 0.2
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected"} <= set(log[0])
+    assert results["eval_rewards/accuracies"] >= 0.9  # held-out pairs
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "hinge", "ipo", "orpo", "simpo"])
+def test_every_pref_loss_trains(tiny_model, pref_data, tmp_path, loss):
+    out = tmp_path / "out"
+    results = run_training(_config(tiny_model, pref_data, out, "dpo", pref_loss=loss, max_steps=15, pref_beta=0.5,
+                                   pref_ftx=0.1 if loss == "sigmoid" else 0.0,
+                                   dpo_label_smoothing=0.1 if loss == "sigmoid" else 0.0))
+    log = [r for r in read_log(out) if "loss" in r]
+    assert log[-1]["loss"] < log[0]["loss"], (loss, [r["loss"] for r in log])
+    assert results["eval_rewards/accuracies"] >= 0.75
+
+
+def test_lora_dpo_holds_no_second_model(tiny_model, pref_data, tmp_path):
+    from tuneforge.config import build_config
+    from tuneforge.train.common import make_accelerator, prepare_model, reference_model
+    from tuneforge.train.dpo import PreferenceLoss
+
+    cfg = build_config(_config(tiny_model, pref_data, tmp_path / "o", "dpo"))
+    model = prepare_model(cfg, make_accelerator(cfg.train))
+    module = PreferenceLoss(model, cfg.finetune, reference_model(cfg))
+    base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    assert module.reference == [] and sum(p.numel() for p in module.parameters()) < 1.2 * base
+    full = build_config(_config(tiny_model, pref_data, tmp_path / "o", "dpo", finetuning_type="full"))
+    assert reference_model(full) is not None  # full fine-tuning needs a frozen copy
+
+
+def test_reward_model_learns_and_reloads(tiny_model, pref_data, tmp_path):
+    out = tmp_path / "rm"
+    results = run_training(_config(tiny_model, pref_data, out, "rm", learning_rate=3e-3))
+    assert results["eval_accuracy"] >= 0.9
+    assert (out / "value_head.safetensors").is_file() and (out / "adapter_model.safetensors").is_file()
+    # the saved reward model scores the held-out pairs the same way when loaded again
+    again = run_training(_config(tiny_model, pref_data, tmp_path / "scores", "rm", do_train=False,
+                                 adapter_name_or_path=str(out), do_predict=True, eval_strategy="no"))
+    assert again["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
+    scores = [json.loads(line) for line in (tmp_path / "scores" / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(scores) == 16 and sum(s["chosen"] > s["rejected"] for s in scores) / 16 == again["predict_accuracy"]
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_kto_trains(tiny_model, tmp_path, kind):
+    rows = []
+    for i, row in enumerate(preference_rows(0, 40)):
+        good = i % 3 != 0
+        rows.append({"instruction": row["instruction"], "input": "", "output": row["chosen" if good else "rejected"],
+                     "label": good})
+    write_jsonl(tmp_path / "kto.jsonl", rows)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"kto": {"file_name": "kto.jsonl",
+                                                                    "columns": {"kto_tag": "label"}}}))
+    out = tmp_path / "out"
+    run_training(train_config(tiny_model, "kto", out, stage="kto", dataset_dir=str(tmp_path), finetuning_type=kind,
+                              max_steps=15, learning_rate=1e-2 if kind == "lora" else 1e-3,
+                              lr_scheduler_type="constant", per_device_train_batch_size=8, pref_beta=0.5))
+    log = [r for r in read_log(out) if "loss" in r]
+    assert log[-1]["loss"] < log[0]["loss"] and log[-1]["rewards/signed"] > log[0]["rewards/signed"]
+
+
+def test_stages_refuse_the_wrong_kind_of_data(tiny_model, pref_data, alpaca_file, tmp_path):
+    with pytest.raises(DataError, match="stage `dpo` needs ranking data"):
+        run_training(train_config(tiny_model, alpaca_file, tmp_path / "a", stage="dpo"))
+    with pytest.raises(DataError, match="is ranking \\(preference\\) data, which stage `sft` cannot use"):
+        run_training(train_config(tiny_model, "pairs", tmp_path / "b", dataset_dir=str(pref_data)))
+    with pytest.raises(DataError, match="stage kto needs a desirable/undesirable flag"):
+        run_training(train_config(tiny_model, alpaca_file, tmp_path / "c", stage="kto"))
+    assert not any((tmp_path / name).exists() for name in "abc")  # nothing written before the data validated
