@@ -1,7 +1,5 @@
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 from conftest import read_log, write_jsonl, alpaca_rows
 

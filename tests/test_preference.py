@@ -117,3 +117,11 @@ def test_stages_refuse_the_wrong_kind_of_data(tiny_model, pref_data, alpaca_file
     with pytest.raises(DataError, match="stage kto needs a desirable/undesirable flag"):
         run_training(train_config(tiny_model, alpaca_file, tmp_path / "c", stage="kto"))
     assert not any((tmp_path / name).exists() for name in "abc")  # nothing written before the data validated
+
+
+def test_precomputed_reference_gives_the_same_training(tiny_model, pref_data, tmp_path):
+    common = dict(finetuning_type="full", learning_rate=1e-3, max_steps=3, eval_strategy="no", do_eval=False)
+    run_training(_config(tiny_model, pref_data, tmp_path / "live", "dpo", **common))
+    run_training(_config(tiny_model, pref_data, tmp_path / "pre", "dpo", precompute_ref_log_probs=True, **common))
+    live, pre = ([r["loss"] for r in read_log(tmp_path / name)] for name in ("live", "pre"))
+    assert pre == pytest.approx(live, abs=1e-4)

@@ -13,7 +13,7 @@ from ..models.adapters import attach_adapters, describe_trainable, setup_trainab
 from ..models.load import ModelError, load_base_model, load_tokenizer
 from . import checkpoint as ckpt
 from .logging import plot_loss, write_results
-from .loop import Precision, evaluate
+from .loop import Precision, evaluate, train
 
 
 def make_accelerator(t):
@@ -85,6 +85,19 @@ def finish_training(cfg, module, tokenizer, results: dict, accelerator) -> None:
         if cfg.finetune.plot_loss:
             plot_loss(cfg.train.output_dir)
     accelerator.wait_for_everyone()
+
+
+def train_and_evaluate(cfg, module, tokenizer, train_rows: list[dict], eval_rows: list[dict], accelerator,
+                       resume: str | None, collator) -> dict:
+    """Open output_dir; train and save (do_train); evaluate (do_eval). Returns the results."""
+    open_output_dir(cfg, accelerator)
+    results = {}
+    if cfg.train.do_train:
+        results.update(train(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator))
+        finish_training(cfg, module, tokenizer, results, accelerator)
+    if cfg.train.do_eval:
+        results.update(evaluate_and_report(cfg, module, eval_rows, collator, accelerator))
+    return results
 
 
 def evaluate_and_report(cfg, module, rows: list[dict], collator, accelerator) -> dict:

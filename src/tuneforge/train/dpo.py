@@ -11,10 +11,8 @@ import torch
 
 from ..data import prepare_preference_data
 from ..data.collate import PairCollator
-from .common import evaluate_and_report, finish_training, guard_output_dir, open_output_dir, prepare_model, \
-    reference_model, start
-from .loop import train
-from .losses import decoder_and_head, dpo_family_loss, sequence_log_probs, uses_average
+from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
+from .losses import decoder_and_head, dpo_family_loss, reference_log_probs, sequence_log_probs, uses_average
 
 
 class PreferenceLoss(torch.nn.Module):
@@ -31,24 +29,19 @@ class PreferenceLoss(torch.nn.Module):
     def units(batch: dict) -> torch.Tensor:
         return torch.tensor(batch["input_ids"].shape[0] // 2)
 
-    def _log_probs(self, model, split, input_ids, labels, attention_mask):
-        sums, counts = sequence_log_probs(model, split, input_ids, labels, attention_mask)
+    def _select(self, sums, counts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the log-probabilities the loss uses: sums or per-token averages, the per-token averages)."""
         average = sums / counts.clamp(min=1)
         return (average if uses_average(self.args.pref_loss) else sums), average
 
-    @torch.no_grad()
     def reference_log_probs(self, input_ids, labels, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.reference:
-            model = self.reference[0]
-            logps, _ = self._log_probs(model, decoder_and_head(model), input_ids, labels, attention_mask)
-        else:
-            with self.model.disable_adapter():
-                logps, _ = self._log_probs(self.model, self.split, input_ids, labels, attention_mask)
-        return logps.chunk(2)
+        reference = self.reference[0] if self.reference else None
+        sums, counts = reference_log_probs(self.model, self.split, reference, input_ids, labels, attention_mask)
+        return self._select(sums, counts)[0].chunk(2)
 
     def forward(self, input_ids, labels, attention_mask=None, ref_chosen_logps=None, ref_rejected_logps=None):
         a = self.args
-        logps, average = self._log_probs(self.model, self.split, input_ids, labels, attention_mask)
+        logps, average = self._select(*sequence_log_probs(self.model, self.split, input_ids, labels, attention_mask))
         chosen, rejected = logps.chunk(2)
         ref_chosen = ref_rejected = None
         if self.needs_reference:
@@ -71,8 +64,8 @@ class PreferenceLoss(torch.nn.Module):
 @torch.no_grad()
 def precompute_reference(module: PreferenceLoss, rows: list[dict], collator, batch_size: int, device) -> None:
     """Store the reference log-probabilities in the rows, so training runs the policy only."""
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start: start + batch_size]
+    for first in range(0, len(rows), batch_size):
+        chunk = rows[first: first + batch_size]
         batch = collator(chunk)
         ref_chosen, ref_rejected = module.reference_log_probs(
             batch["input_ids"].to(device), batch["labels"].to(device), batch["attention_mask"].to(device))
@@ -94,14 +87,7 @@ def run(cfg) -> dict:
     if f.precompute_ref_log_probs and module.needs_reference:
         precompute_reference(module, train_rows + eval_rows, collator, t.per_device_eval_batch_size,
                              accelerator.device)
-    open_output_dir(cfg, accelerator)
-    results = {}
-    if t.do_train:
-        results.update(train(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator))
-        finish_training(cfg, module, tokenizer, results, accelerator)
-    if t.do_eval:
-        results.update(evaluate_and_report(cfg, module, eval_rows, collator, accelerator))
-    return results
+    return train_and_evaluate(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator)
 
 
 def _describe_reference(module: PreferenceLoss, f) -> str:

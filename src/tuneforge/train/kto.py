@@ -8,10 +8,8 @@ import torch
 
 from ..data import prepare_preference_data
 from ..data.collate import KTOCollator
-from .common import evaluate_and_report, finish_training, guard_output_dir, open_output_dir, prepare_model, \
-    reference_model, start
-from .loop import train
-from .losses import decoder_and_head, kto_loss, sequence_log_probs
+from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
+from .losses import decoder_and_head, kto_loss, reference_log_probs, sequence_log_probs
 
 
 class KTOLoss(torch.nn.Module):
@@ -27,18 +25,11 @@ class KTOLoss(torch.nn.Module):
     def units(batch: dict) -> torch.Tensor:
         return torch.tensor(batch["kto_tag"].shape[0])
 
-    @torch.no_grad()
-    def _reference_sums(self, input_ids, labels, attention_mask) -> torch.Tensor:
-        if self.reference:
-            model = self.reference[0]
-            return sequence_log_probs(model, decoder_and_head(model), input_ids, labels, attention_mask)[0]
-        with self.model.disable_adapter():
-            return sequence_log_probs(self.model, self.split, input_ids, labels, attention_mask)[0]
-
     def forward(self, input_ids, labels, attention_mask, kto_tag):
         a, n = self.args, kto_tag.shape[0]
         sums, _ = sequence_log_probs(self.model, self.split, input_ids, labels, attention_mask)
-        ref = self._reference_sums(input_ids, labels, attention_mask)
+        reference = self.reference[0] if self.reference else None
+        ref, _ = reference_log_probs(self.model, self.split, reference, input_ids, labels, attention_mask)
         own, mismatched, ref_own, ref_mismatched = sums[:n], sums[n:], ref[:n], ref[n:]
         losses, chosen_reward, rejected_reward = kto_loss(
             own[kto_tag], own[~kto_tag], ref_own[kto_tag], ref_own[~kto_tag], mismatched, ref_mismatched,
@@ -50,7 +41,7 @@ class KTOLoss(torch.nn.Module):
 
 
 def run(cfg) -> dict:
-    t, f = cfg.train, cfg.finetune
+    f = cfg.finetune
     accelerator, tokenizer = start(cfg)
     train_rows, eval_rows, _ = prepare_preference_data(cfg, tokenizer)
     resume = guard_output_dir(cfg, accelerator)
@@ -60,11 +51,4 @@ def run(cfg) -> dict:
     desirable = sum(r["kto_tag"] for r in train_rows)
     accelerator.print(f"[tuneforge] {len(train_rows)} training examples ({desirable} desirable), "
                       f"{len(eval_rows)} evaluation examples")
-    open_output_dir(cfg, accelerator)
-    results = {}
-    if t.do_train:
-        results.update(train(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator))
-        finish_training(cfg, module, tokenizer, results, accelerator)
-    if t.do_eval:
-        results.update(evaluate_and_report(cfg, module, eval_rows, collator, accelerator))
-    return results
+    return train_and_evaluate(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator)

@@ -72,6 +72,16 @@ def sequence_log_probs(model, split, input_ids, labels, attention_mask=None, chu
     return sums, targets.sum(1)
 
 
+@torch.no_grad()
+def reference_log_probs(policy, policy_split, reference, input_ids, labels, attention_mask=None):
+    """sequence_log_probs of the reference model: `reference` when there is one, else the (LoRA) policy with its
+    adapter switched off."""
+    if reference is not None:
+        return sequence_log_probs(reference, decoder_and_head(reference), input_ids, labels, attention_mask)
+    with policy.disable_adapter():
+        return sequence_log_probs(policy, policy_split, input_ids, labels, attention_mask)
+
+
 class CausalLMLoss(torch.nn.Module):
     """A causal LM whose forward returns (loss sum over target tokens, metric sums): the pt/sft loss module.
 

@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 
 from ..data import prepare_preference_data
 from ..data.collate import PairCollator
-from .common import evaluate_and_report, finish_training, guard_output_dir, open_output_dir, prepare_model, start
-from .loop import train
+from .common import guard_output_dir, prepare_model, start, train_and_evaluate
 from .losses import pairwise_reward_loss
 
 VALUE_HEAD = "value_head.safetensors"
@@ -76,8 +75,8 @@ def predict(cfg, module: RewardLoss, rows: list[dict], collator, device) -> dict
     path = Path(cfg.train.output_dir) / "generated_predictions.jsonl"
     correct = 0
     with path.open("w", encoding="utf-8") as out:
-        for start in range(0, len(rows), cfg.train.per_device_eval_batch_size):
-            batch = collator(rows[start: start + cfg.train.per_device_eval_batch_size])
+        for first in range(0, len(rows), cfg.train.per_device_eval_batch_size):
+            batch = collator(rows[first: first + cfg.train.per_device_eval_batch_size])
             scores = module.scores(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             for chosen, rejected in zip(*[part.tolist() for part in scores.chunk(2)]):
                 out.write(json.dumps({"chosen": round(chosen, 4), "rejected": round(rejected, 4)}) + "\n")
@@ -97,13 +96,7 @@ def run(cfg) -> dict:
         module = load_reward_model(cfg, accelerator).to(accelerator.device)
     collator = PairCollator(tokenizer.pad_token_id)
     accelerator.print(f"[tuneforge] {len(train_rows)} training and {len(eval_rows)} evaluation pairs")
-    open_output_dir(cfg, accelerator)
-    results = {}
-    if t.do_train:
-        results.update(train(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator))
-        finish_training(cfg, module, tokenizer, results, accelerator)
-    if t.do_eval:
-        results.update(evaluate_and_report(cfg, module, eval_rows, collator, accelerator))
+    results = train_and_evaluate(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator)
     if t.do_predict and accelerator.is_main_process:
         results.update(predict(cfg, module.eval(), eval_rows, collator, accelerator.device))
     return results

@@ -11,9 +11,8 @@ from pathlib import Path
 from ..data import prepare_lm_data
 from ..data.collate import PadCollator
 from ..infer.engine import Engine
-from .common import evaluate_and_report, finish_training, guard_output_dir, open_output_dir, prepare_model, start
+from .common import guard_output_dir, prepare_model, start, train_and_evaluate
 from .logging import write_results
-from .loop import train
 from .losses import CausalLMLoss
 from .metrics import generation_scores
 
@@ -28,13 +27,8 @@ def run(cfg) -> dict:
     accelerator.print(f"[tuneforge] {data.num_train_examples} training examples{packed}, "
                       f"{len(data.eval)} evaluation examples")
     module = CausalLMLoss(model, compute_accuracy=f.compute_accuracy)
-    open_output_dir(cfg, accelerator)
-    results = {}
-    if t.do_train:
-        results.update(train(cfg, module, tokenizer, data.train, data.eval, accelerator, resume))
-        finish_training(cfg, module, tokenizer, results, accelerator)
-    if t.do_eval:
-        results.update(evaluate_and_report(cfg, module, data.eval, PadCollator(tokenizer.pad_token_id), accelerator))
+    results = train_and_evaluate(cfg, module, tokenizer, data.train, data.eval, accelerator, resume,
+                                 PadCollator(tokenizer.pad_token_id))
     if t.do_predict and accelerator.is_main_process:
         results.update(predict(cfg, model.to(accelerator.device), tokenizer, data))
     return results
