@@ -125,3 +125,12 @@ def test_precomputed_reference_gives_the_same_training(tiny_model, pref_data, tm
     run_training(_config(tiny_model, pref_data, tmp_path / "pre", "dpo", precompute_ref_log_probs=True, **common))
     live, pre = ([r["loss"] for r in read_log(tmp_path / name)] for name in ("live", "pre"))
     assert pre == pytest.approx(live, abs=1e-4)
+
+
+def test_reward_model_full_finetuning(tiny_model, pref_data, tmp_path):
+    out = tmp_path / "rm-full"
+    results = run_training(_config(tiny_model, pref_data, out, "rm", finetuning_type="full", learning_rate=1e-3,
+                                   max_steps=20))
+    log = [r for r in read_log(out) if "loss" in r]
+    assert log[-1]["loss"] < log[0]["loss"] and results["eval_accuracy"] >= 0.9
+    assert (out / "value_head.safetensors").is_file() and (out / "model.safetensors").is_file()
