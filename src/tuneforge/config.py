@@ -90,6 +90,8 @@ class FinetuneArgs:
     lora_target: str = "all"
     additional_target: str | None = None
     loraplus_lr_ratio: float | None = None
+    layer_lr: str | None = None  # per-module learning rates: "classifier=5e-4,encoder=1e-5" (last match wins)
+    layerwise_lr_decay: float | None = None  # each lower layer's rate x this factor (embeddings lowest)
     use_rslora: bool = False
     use_dora: bool = False
     pissa_init: bool = False
@@ -185,8 +187,8 @@ class Config:
 GROUPS = {"model": ModelArgs, "data": DataArgs, "finetune": FinetuneArgs, "train": TrainArgs, "generate": GenerateArgs}
 KEY_GROUP = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
-STAGES_BUILT = ("pt", "sft", "rm", "dpo", "kto")
-STAGES_PLANNED = ("ppo", "grpo", "cls")
+STAGES_BUILT = ("pt", "sft", "rm", "dpo", "kto", "cls")
+STAGES_PLANNED = ("ppo", "grpo")
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # Keys accepted so LLaMA-Factory configs load, whose feature is not built yet: any non-default value is refused
@@ -371,9 +373,15 @@ def validate(cfg: Config, command: str = "train") -> None:
             _fail(cfg, f"`{key}` needs evaluation data: set `val_size` (e.g. 0.1) or `eval_dataset`")
     if t.do_predict and f.stage == "sft" and not t.predict_with_generate:
         _fail(cfg, "`do_predict` needs `predict_with_generate: true` (predictions are generated text)")
-    if t.do_predict and f.stage not in ("sft", "rm"):
-        _fail(cfg, f"`do_predict` is built for stage sft (generated answers) and rm (scores), not {f.stage}")
-    if f.stage in ("rm", "dpo", "kto") and (d.packing or d.neat_packing):
+    if t.do_predict and f.stage not in ("sft", "rm", "cls"):
+        _fail(cfg, f"`do_predict` is built for stages sft (generated answers), rm (scores) and cls (labels), "
+                   f"not {f.stage}")
+    if f.layerwise_lr_decay is not None and not 0 < f.layerwise_lr_decay <= 1:
+        _fail(cfg, f"`layerwise_lr_decay` must be in (0, 1]; got {f.layerwise_lr_decay}")
+    for item in (f.layer_lr or "").split(","):
+        if item.strip() and ("=" not in item or not _is_number(item.split("=", 1)[1])):
+            _fail(cfg, f"`layer_lr` entries look like `pattern=rate` (e.g. classifier=5e-4); got {item.strip()!r}")
+    if f.stage in ("rm", "dpo", "kto", "cls") and (d.packing or d.neat_packing):
         _fail(cfg, f"packing is not built for stage {f.stage}; remove `packing` / `neat_packing`")
     if f.stage == "dpo" and f.pref_loss not in PREF_LOSSES:
         _fail(cfg, f"`pref_loss: {f.pref_loss}` is not supported; choose one of {', '.join(PREF_LOSSES)}")
@@ -385,6 +393,14 @@ def validate(cfg: Config, command: str = "train") -> None:
         _fail(cfg, "`adapter_name_or_path` needs `finetuning_type: lora`")
     if t.fp16 and not _cuda_available():
         _fail(cfg, "`fp16: true` needs a CUDA GPU; on CPU use `bf16: true`")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _cuda_available() -> bool:

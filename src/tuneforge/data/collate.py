@@ -102,3 +102,27 @@ class KTOCollator:
         batch["num_tokens"] = sum(len(r["input_ids"]) for r in rows)  # the KL rows are not training tokens
         batch["kto_tag"] = torch.tensor([r["kto_tag"] for r in rows], dtype=torch.bool)
         return batch
+
+
+class ClassCollator:
+    """Classification rows: padded token ids (and segment ids) with one label per row."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
+            mask[i, : len(row["input_ids"])] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask,
+                 "labels": torch.tensor([row["label"] for row in rows], dtype=torch.long)}
+        if "token_type_ids" in rows[0]:
+            types = torch.zeros_like(input_ids)
+            for i, row in enumerate(rows):
+                types[i, : len(row["token_type_ids"])] = torch.tensor(row["token_type_ids"])
+            batch["token_type_ids"] = types
+        batch["num_tokens"] = int(mask.sum())
+        return batch

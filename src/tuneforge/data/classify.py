@@ -1,0 +1,87 @@
+"""Classification data: text (and optional text pair) with a label, from CSV/TSV/JSON/JSONL/Parquet files.
+
+Columns come from `columns` in dataset_info.json (`text`, `text_pair`, `label`) or, for files given directly, from
+common names (text / sentence / review / content, and label / sentiment / class).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .registry import DataError, RawRecord, read_records, resolve
+
+TEXT_NAMES = ("text", "sentence", "review", "content", "sentence1")
+PAIR_NAMES = ("text_pair", "sentence2")
+LABEL_NAMES = ("label", "labels", "sentiment", "class")
+
+
+@dataclass
+class Labelled:
+    text: str
+    label: str  # labels are kept as strings: "1", "positive", ...
+    text_pair: str | None = None
+    where: str = ""
+
+
+def _pick(record: RawRecord, wanted: str | None, names: tuple[str, ...], role: str, required: bool = True):
+    data = record.data
+    if wanted:
+        if wanted not in data:
+            raise DataError(f"{record.where}: missing {role} column `{wanted}`; the record has {sorted(data)}")
+        return wanted
+    found = next((n for n in names if n in data), None)
+    if found is None and required:
+        raise DataError(f"{record.where}: no {role} column (looked for {', '.join(names)}); the record has "
+                        f"{sorted(data)}: name it with `columns: {{\"{role}\": ...}}` in dataset_info.json")
+    return found
+
+
+def load_labelled(names: str, data_args, seed: int) -> list[Labelled]:
+    examples = []
+    for attr in resolve(names, data_args.dataset_dir):
+        records = read_records(attr)
+        first = records[0]
+        text_col = _pick(first, attr.columns.get("text"), TEXT_NAMES, "text")
+        label_col = _pick(first, attr.columns.get("label"), LABEL_NAMES, "label")
+        pair_col = _pick(first, attr.columns.get("text_pair"), PAIR_NAMES, "text_pair", required=False)
+        part = []
+        for record in records:
+            text, label = record.data.get(text_col), record.data.get(label_col)
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{record.where}: `{text_col}` must be non-empty text, got {text!r}")
+            if label is None or str(label).strip() == "":
+                raise DataError(f"{record.where}: `{label_col}` is empty; every example needs a label")
+            pair = record.data.get(pair_col) if pair_col else None
+            part.append(Labelled(text.strip(), str(label).strip(), pair, record.where))
+        if attr.num_samples:
+            rng = random.Random(seed)
+            part = rng.sample(part, attr.num_samples) if attr.num_samples <= len(part) else \
+                (part * (attr.num_samples // len(part) + 1))[: attr.num_samples]
+        if data_args.max_samples:
+            part = part[: data_args.max_samples]
+        examples += part
+    return examples
+
+
+def label_maps(examples: list[Labelled], dataset: str) -> tuple[dict[str, int], dict[int, str]]:
+    """label2id / id2label from the training labels: numbers in numeric order, names alphabetically."""
+    labels = sorted({e.label for e in examples}, key=lambda x: (0, int(x)) if x.lstrip("-").isdigit() else (1, x))
+    if len(labels) < 2:
+        raise DataError(f"dataset `{dataset}` has only one class ({labels[0]!r}); a classifier needs at least two")
+    label2id = {label: i for i, label in enumerate(labels)}
+    return label2id, {i: label for label, i in label2id.items()}
+
+
+def encode_labelled(examples: list[Labelled], tokenizer, label2id: dict[str, int], cutoff_len: int) -> list[dict]:
+    rows = []
+    for e in examples:
+        if e.label not in label2id:
+            raise DataError(f"{e.where}: label {e.label!r} did not occur in the training data "
+                            f"(known: {', '.join(label2id)})")
+        encoded = tokenizer(e.text, e.text_pair, truncation=True, max_length=cutoff_len)
+        row = {"input_ids": encoded["input_ids"], "label": label2id[e.label]}
+        if "token_type_ids" in encoded:
+            row["token_type_ids"] = encoded["token_type_ids"]
+        rows.append(row)
+    return rows

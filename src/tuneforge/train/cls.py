@@ -1,0 +1,223 @@
+"""Recipe for stage `cls`: a text classifier. A new classification head goes on a pretrained encoder (BERT,
+MiniLM, ...) or decoder; what else trains depends on finetuning_type:
+- freeze: only the head, plus the last `freeze_trainable_layers` layers (0 = head only);
+- lora: LoRA on `lora_target` (e.g. query,value); the head always trains and is saved with the adapter;
+- full: everything.
+Metrics: accuracy, macro-F1, per-class precision and recall, and a confusion-matrix PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.classify import encode_labelled, label_maps, load_labelled
+from ..data.collate import ClassCollator
+from ..data.registry import DataError
+from ..models.adapters import all_linear_names, describe_trainable
+from ..models.load import ModelError, load_tokenizer, resolve_model_path
+from .common import guard_output_dir, make_accelerator, train_and_evaluate
+from .logging import write_results
+
+LABELS_FILE = "label_map.json"
+HEAD_NAMES = ("classifier", "score")
+
+
+class ClassifierLoss(torch.nn.Module):
+    unit = "example"
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    @staticmethod
+    def units(batch: dict) -> torch.Tensor:
+        return torch.tensor(batch["labels"].shape[0])
+
+    def forward(self, input_ids, attention_mask, labels, token_type_ids=None):
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float()
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        return loss, {"accuracy": (logits.argmax(-1) == labels).float().sum()}
+
+
+def load_classifier(cfg, label2id: dict[str, int], id2label: dict[int, str]):
+    """A pretrained model with a new classification head sized for these labels."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(cfg.model.model_name_or_path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(label2id), label2id=label2id, id2label=id2label, ignore_mismatched_sizes=True,
+            trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load `{cfg.model.model_name_or_path}` as a sequence classifier: "
+                         f"{' '.join(str(err).split())[:200]}") from None
+    if model.config.pad_token_id is None:  # decoder LMs classify at the last non-padding token
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def head_names(model) -> list[str]:
+    names = {name.split(".")[0] if name.split(".")[0] in HEAD_NAMES else name.split(".")[-2]
+             for name, _ in model.named_parameters()}
+    return [n for n in HEAD_NAMES if n in names]
+
+
+def setup_strategy(model, cfg):
+    """Mark what trains; returns the model (PEFT-wrapped for LoRA)."""
+    f = cfg.finetune
+    heads = head_names(model)
+    if not heads:
+        raise ModelError(f"{type(model).__name__} has no `classifier` or `score` head to train")
+    if f.finetuning_type == "full":
+        return model.requires_grad_(True)
+    if f.finetuning_type == "freeze":
+        n_layers = model.config.num_hidden_layers
+        keep = f.freeze_trainable_layers
+        if not 0 <= keep <= n_layers:
+            raise ModelError(f"freeze_trainable_layers must be between 0 (head only) and {n_layers} for stage cls; "
+                             f"got {keep}")
+        for name, param in model.named_parameters():
+            layer = re.search(r"\.(\d+)\.", name)
+            in_top = layer is not None and int(layer.group(1)) >= n_layers - keep
+            param.requires_grad_(name.split(".")[0] in heads or in_top)
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if f.lora_target.strip() == "all":
+        targets = [n for n in all_linear_names(model) if n not in heads]  # every linear layer but the head
+    else:
+        targets = [t.strip() for t in f.lora_target.split(",") if t.strip()]
+    known = {name.split(".")[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in known]
+    if missing:
+        raise ModelError(f"lora_target {missing} not found in the model; its linear layers are "
+                         f"{', '.join(all_linear_names(model))}")
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=f.lora_rank, lora_alpha=f.lora_alpha or 2 * f.lora_rank,
+                        lora_dropout=f.lora_dropout, target_modules=targets, modules_to_save=heads,
+                        use_rslora=f.use_rslora, use_dora=f.use_dora)
+    return get_peft_model(model, config)
+
+
+@torch.no_grad()
+def predict_rows(module, rows: list[dict], collator, batch_size: int, device) -> torch.Tensor:
+    """Class probabilities for every row."""
+    module.eval()
+    out = []
+    for first in range(0, len(rows), batch_size):
+        batch = collator(rows[first: first + batch_size])
+        batch.pop("num_tokens")
+        batch.pop("labels")
+        logits = module.model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+        out.append(logits.softmax(-1).cpu())
+    module.train()
+    return torch.cat(out)
+
+
+def classification_metrics(predicted: list[int], gold: list[int], id2label: dict[int, str]) -> dict:
+    n = len(id2label)
+    matrix = [[0] * n for _ in range(n)]
+    for p, g in zip(predicted, gold):
+        matrix[g][p] += 1
+    per_class, f1s = {}, []
+    for i in range(n):
+        true_pos = matrix[i][i]
+        predicted_i = sum(matrix[g][i] for g in range(n))
+        actual_i = sum(matrix[i])
+        precision = true_pos / predicted_i if predicted_i else 0.0
+        recall = true_pos / actual_i if actual_i else 0.0
+        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+        per_class[id2label[i]] = {"precision": round(precision, 4), "recall": round(recall, 4), "support": actual_i}
+    accuracy = sum(matrix[i][i] for i in range(n)) / max(len(gold), 1)
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / n, "per_class": per_class, "confusion_matrix": matrix}
+
+
+def plot_confusion(matrix: list[list[int]], id2label: dict[int, str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [id2label[i] for i in range(len(matrix))]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))
+    ax.imshow(matrix, cmap="Blues")
+    for g, row in enumerate(matrix):
+        for p, count in enumerate(row):
+            ax.text(p, g, str(count), ha="center", va="center")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg) -> dict:
+    from accelerate.utils import set_seed
+
+    t, d = cfg.train, cfg.data
+    set_seed(t.seed)
+    accelerator = make_accelerator(t)
+    tokenizer = load_tokenizer(cfg.model)
+    train_examples = load_labelled(d.dataset, d, t.seed) if d.dataset else []
+    eval_examples = load_labelled(d.eval_dataset, d, t.seed) if d.eval_dataset else []
+    if d.val_size and train_examples:
+        count = int(d.val_size) if d.val_size >= 1 else max(1, round(d.val_size * len(train_examples)))
+        shuffled = train_examples[:]
+        torch.manual_seed(t.seed)
+        shuffled = [shuffled[i] for i in torch.randperm(len(shuffled)).tolist()]
+        eval_examples, train_examples = eval_examples + shuffled[:count], shuffled[count:]
+    if not train_examples:
+        raise DataError("stage cls needs training data: set `dataset`")
+    label2id, id2label = label_maps(train_examples, d.dataset)
+    train_rows = encode_labelled(train_examples, tokenizer, label2id, d.cutoff_len)
+    eval_rows = encode_labelled(eval_examples, tokenizer, label2id, d.cutoff_len)
+    resume = guard_output_dir(cfg, accelerator)
+    model = setup_strategy(load_classifier(cfg, label2id, id2label), cfg)
+    accelerator.print(f"[tuneforge] {describe_trainable(model)}")
+    accelerator.print(f"[tuneforge] {len(train_rows)} training and {len(eval_rows)} evaluation examples, "
+                      f"labels {list(label2id)}")
+    module = ClassifierLoss(model).to(accelerator.device)
+    collator = ClassCollator(tokenizer.pad_token_id)
+    sample = eval_examples[:5]
+    before = predict_rows(module, eval_rows[:5], collator, 5, accelerator.device) if sample else None
+    results = train_and_evaluate(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator)
+    if accelerator.is_main_process and t.do_train:
+        (Path(t.output_dir) / LABELS_FILE).write_text(json.dumps({"label2id": label2id}, indent=2), encoding="utf-8")
+    if eval_rows and accelerator.is_main_process and (t.do_eval or t.do_predict):
+        probabilities = predict_rows(module, eval_rows, collator, t.per_device_eval_batch_size, accelerator.device)
+        predicted = probabilities.argmax(-1).tolist()
+        metrics = classification_metrics(predicted, [r["label"] for r in eval_rows], id2label)
+        plot_confusion(metrics["confusion_matrix"], id2label, Path(t.output_dir) / "confusion_matrix.png")
+        write_results(t.output_dir, "eval", {f"eval_{k}": v for k, v in metrics.items()})
+        results.update({"eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"]})
+        print(f"[tuneforge] accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} on "
+              f"{len(eval_rows)} examples; confusion_matrix.png in {t.output_dir}")
+        if before is not None:
+            print(before_after_table(sample, before, probabilities[: len(sample)], id2label))
+        if t.do_predict:
+            write_predictions(Path(t.output_dir) / "predictions.jsonl", eval_examples, probabilities, id2label)
+    return results
+
+
+def before_after_table(examples, before, after, id2label) -> str:
+    lines = ["| text | label | before training | after training |", "|---|---|---|---|"]
+    for e, b, a in zip(examples, before, after):
+        show = lambda p: f"{id2label[int(p.argmax())]} ({float(p.max()):.2f})"
+        lines.append(f"| {e.text[:60]} | {e.label} | {show(b)} | {show(a)} |")
+    return "\n".join(lines)
+
+
+def write_predictions(path: Path, examples, probabilities, id2label) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for e, p in zip(examples, probabilities):
+            out.write(json.dumps({"text": e.text, "label": e.label, "predict": id2label[int(p.argmax())],
+                                  "probabilities": {id2label[i]: round(float(v), 4) for i, v in enumerate(p)}},
+                                 ensure_ascii=False) + "\n")

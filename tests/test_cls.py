@@ -1,0 +1,124 @@
+"""Stage cls on a tiny random BERT: strategies, saved heads, frozen weights, per-layer rates, bad input."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import read_log, run_training
+from safetensors.torch import load_file
+
+from tuneforge.data.registry import DataError
+
+WORDS = {"good": 1, "great": 1, "fine": 1, "bad": 0, "awful": 0, "poor": 0}
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"the movie was is a film plot acting".split()]
+    core = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def reviews(tmp_path):
+    rng = random.Random(0)
+    words = [rng.choice(list(WORDS)) for _ in range(120)]
+    lines = [f"the {rng.choice(['movie', 'film', 'plot'])} was {w},{'positive' if WORDS[w] else 'negative'}"
+             for w in words]
+    path = tmp_path / "reviews.csv"
+    path.write_text("review,sentiment\n" + "\n".join(lines) + "\n")
+    return str(path)
+
+
+def _cls(model, data, out, **overrides):
+    values = dict(model_name_or_path=model, stage="cls", dataset=data, val_size=0.25, output_dir=str(out),
+                  learning_rate=5e-3, num_train_epochs=6, per_device_train_batch_size=8, logging_steps=5,
+                  lr_scheduler_type="constant", do_eval=True, seed=0)
+    values.update(overrides)
+    return values
+
+
+@pytest.mark.parametrize("kind, extra", [("freeze", {"freeze_trainable_layers": 1, "learning_rate": 1e-2}),
+                                         ("lora", {"lora_target": "query,value", "learning_rate": 2e-2}),
+                                         ("full", {})])
+def test_every_strategy_learns_and_the_head_reloads(tiny_bert, reviews, tmp_path, kind, extra):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / kind
+    results = run_training(_cls(tiny_bert, reviews, out, finetuning_type=kind, **extra))
+    log = [r for r in read_log(out) if "loss" in r]
+    assert log[-1]["loss"] < log[0]["loss"] and results["eval_accuracy"] >= 0.9, (kind, results)
+    assert (out / "confusion_matrix.png").is_file() and json.loads((out / "label_map.json").read_text())[
+        "label2id"] == {"negative": 0, "positive": 1}
+    if kind == "lora":
+        from peft import PeftModel
+
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+        model = PeftModel.from_pretrained(base, str(out)).eval()
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+        assert model.config.id2label == {0: "negative", 1: "positive"}
+    from transformers import AutoTokenizer
+
+    batch = AutoTokenizer.from_pretrained(tiny_bert)(["the film was great", "the plot was awful"], return_tensors="pt",
+                                                     padding=True)
+    with torch.no_grad():
+        assert model(**batch).logits.argmax(-1).tolist() == [1, 0]
+
+
+def test_frozen_weights_stay_bit_identical(tiny_bert, reviews, tmp_path):
+    out = tmp_path / "freeze"
+    run_training(_cls(tiny_bert, reviews, out, finetuning_type="freeze", freeze_trainable_layers=0, num_train_epochs=1))
+    before, after = load_file(f"{tiny_bert}/model.safetensors"), load_file(out / "model.safetensors")
+    assert set(after) == {f"bert.{name}" for name in before} | {"classifier.weight", "classifier.bias"}
+    for name, value in before.items():  # head only: every backbone tensor is exactly as loaded
+        assert torch.equal(value, after[f"bert.{name}"]), name
+
+
+def test_per_layer_rates_land_in_the_right_groups(tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    from tuneforge.config import FinetuneArgs, TrainArgs
+    from tuneforge.train.loop import build_optimizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    optimizer = build_optimizer(model, TrainArgs(learning_rate=1e-4),
+                                FinetuneArgs(layer_lr="classifier=5e-3", layerwise_lr_decay=0.5))
+    rate = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert rate[id(named["classifier.weight"])] == pytest.approx(5e-3)
+    assert rate[id(named["bert.encoder.layer.1.attention.self.query.weight"])] == pytest.approx(1e-4)
+    assert rate[id(named["bert.encoder.layer.0.attention.self.query.weight"])] == pytest.approx(5e-5)
+    assert rate[id(named["bert.embeddings.word_embeddings.weight"])] == pytest.approx(2.5e-5)
+
+
+def test_bad_classification_data(tiny_bert, tmp_path):
+    one = tmp_path / "one.csv"
+    one.write_text("text,label\nthe film was good,1\nthe plot was fine,1\n")
+    with pytest.raises(DataError, match="has only one class"):
+        run_training(_cls(tiny_bert, str(one), tmp_path / "a", val_size=0, do_eval=False))
+    missing = tmp_path / "missing.csv"
+    missing.write_text("comment,label\nthe film was good,1\nthe film was bad,0\n")
+    with pytest.raises(DataError, match=r"missing.csv row 2: no text column \(looked for text, sentence"):
+        run_training(_cls(tiny_bert, str(missing), tmp_path / "b", val_size=0, do_eval=False))
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\nthe film was good,pos\nthe film was bad,neg\n")
+    unseen = tmp_path / "unseen.csv"
+    unseen.write_text("text,label\nthe film was fine,neutral\n")
+    with pytest.raises(DataError, match="unseen.csv row 2: label 'neutral' did not occur in the training data"):
+        run_training(_cls(tiny_bert, str(train), tmp_path / "c", val_size=0, eval_dataset=str(unseen)))
+    assert not any((tmp_path / n).exists() for n in "abc")
