@@ -122,3 +122,66 @@ def test_bad_classification_data(tiny_bert, tmp_path):
     with pytest.raises(DataError, match="unseen.csv row 2: label 'neutral' did not occur in the training data"):
         run_training(_cls(tiny_bert, str(train), tmp_path / "c", val_size=0, eval_dataset=str(unseen)))
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def _image_folder(root, per_class=12):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, channel in (("red", 0), ("green", 1), ("blue", 2)):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (20, 24, 3), dtype=np.uint8)
+            pixels[..., channel] = rng.integers(180, 255, (20, 24), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module", params=["vit", "resnet"])
+def tiny_image_model(request, tmp_path_factory):
+    from transformers import (ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification,
+                              ViTImageProcessorPil)
+
+    folder = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    if request.param == "vit":
+        model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=64, num_labels=2))
+    else:
+        model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                          num_labels=2))
+    model.save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["full", "partial"])
+def test_image_classifier_learns_colours(tiny_image_model, tmp_path, kind):
+    from transformers import AutoModelForImageClassification
+
+    data = _image_folder(tmp_path / "colours")
+    out = tmp_path / "out"
+    if kind == "partial":  # LoRA on the ViT's attention; the ResNet's top stage (LoRA is for linear layers)
+        kind = "lora" if "vit" in tiny_image_model else "freeze"
+    results = run_training(_cls(tiny_image_model, str(data), out, finetuning_type=kind, lora_target="q_proj,v_proj",
+                                freeze_trainable_layers=1, learning_rate=1e-2, num_train_epochs=8,
+                                per_device_train_batch_size=6))
+    assert results["eval_accuracy"] >= 0.85, results
+    assert (out / "preprocessor_config.json").is_file() and (out / "confusion_matrix.png").is_file()
+    if kind == "full":
+        assert AutoModelForImageClassification.from_pretrained(out).config.id2label == {0: "blue", 1: "green",
+                                                                                         2: "red"}
+
+
+def test_image_paths_from_a_csv_and_a_broken_image(tiny_image_model, tmp_path):
+    data = _image_folder(tmp_path / "colours", per_class=4)
+    rows = [f"colours/{c}/{i}.png,{c}" for c in ("red", "green", "blue") for i in range(4)]
+    (tmp_path / "images.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    results = run_training(_cls(tiny_image_model, str(tmp_path / "images.csv"), tmp_path / "a", num_train_epochs=1,
+                                finetuning_type="full"))
+    assert "eval_accuracy" in results and data.is_dir()
+    (data / "red" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot open image .*red/0.png"):
+        run_training(_cls(tiny_image_model, str(data), tmp_path / "b"))
+    assert not (tmp_path / "b").exists()

@@ -1,7 +1,8 @@
-"""Classification data: text (and optional text pair) with a label, from CSV/TSV/JSON/JSONL/Parquet files.
+"""Classification data: text (and optional text pair) or an image, with a label.
 
-Columns come from `columns` in dataset_info.json (`text`, `text_pair`, `label`) or, for files given directly, from
-common names (text / sentence / review / content, and label / sentiment / class).
+Text and image paths come from CSV/TSV/JSON/JSONL/Parquet files, with columns from `columns` in dataset_info.json
+(`text`, `text_pair`, `image`, `label`) or, for files given directly, from common names. A folder with one
+sub-folder per class (the ImageFolder layout) is an image dataset whose labels are the sub-folder names.
 """
 
 from __future__ import annotations
@@ -9,8 +10,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from pathlib import Path
+
 from .registry import DataError, RawRecord, read_records, resolve
 
+IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_NAMES = ("image", "image_path", "path", "file", "filename")
 TEXT_NAMES = ("text", "sentence", "review", "content", "sentence1")
 PAIR_NAMES = ("text_pair", "sentence2")
 LABEL_NAMES = ("label", "labels", "sentiment", "class")
@@ -18,10 +23,33 @@ LABEL_NAMES = ("label", "labels", "sentiment", "class")
 
 @dataclass
 class Labelled:
-    text: str
+    text: str  # for images: the file path
     label: str  # labels are kept as strings: "1", "positive", ...
     text_pair: str | None = None
     where: str = ""
+    image: bool = False
+
+
+def _image_folder(root: Path) -> list[Labelled]:
+    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    examples = [Labelled(str(f), c.name, where=str(f), image=True)
+                for c in classes for f in sorted(c.iterdir()) if f.suffix.lower() in IMAGE_TYPES]
+    if not examples:
+        raise DataError(f"{root}: no images ({', '.join(IMAGE_TYPES)}) in its class sub-folders")
+    return examples
+
+
+def check_images(examples: list[Labelled]) -> None:
+    """Open every image once, so a broken file fails before training with its path."""
+    from PIL import Image, UnidentifiedImageError
+
+    for e in examples:
+        try:
+            with Image.open(e.text) as image:
+                image.verify()
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"{e.where}: cannot open image {e.text} ({type(err).__name__}: {err}); fix or remove "
+                            "the file") from None
 
 
 def _pick(record: RawRecord, wanted: str | None, names: tuple[str, ...], role: str, required: bool = True):
@@ -39,10 +67,28 @@ def _pick(record: RawRecord, wanted: str | None, names: tuple[str, ...], role: s
 
 def load_labelled(names: str, data_args, seed: int) -> list[Labelled]:
     examples = []
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        folder = Path(name) if Path(name).is_dir() else Path(data_args.dataset_dir) / name
+        if folder.is_dir() and any(p.is_dir() for p in folder.iterdir()):
+            part = _image_folder(folder)
+            examples += part[: data_args.max_samples] if data_args.max_samples else part
+            continue
+        examples += _load_table(name, data_args, seed)
+    if any(e.image for e in examples):
+        check_images(examples)
+    return examples
+
+
+def _load_table(names: str, data_args, seed: int) -> list[Labelled]:
+    examples = []
     for attr in resolve(names, data_args.dataset_dir):
         records = read_records(attr)
         first = records[0]
-        text_col = _pick(first, attr.columns.get("text"), TEXT_NAMES, "text")
+        image_col = _pick(first, attr.columns.get("image"), IMAGE_NAMES, "image", required=False) \
+            if "text" not in attr.columns else None
+        if image_col and not str(first.data[image_col]).lower().endswith(IMAGE_TYPES):
+            image_col = None  # a column called e.g. "file" that does not hold image paths
+        text_col = image_col or _pick(first, attr.columns.get("text"), TEXT_NAMES, "text")
         label_col = _pick(first, attr.columns.get("label"), LABEL_NAMES, "label")
         pair_col = _pick(first, attr.columns.get("text_pair"), PAIR_NAMES, "text_pair", required=False)
         part = []
@@ -53,7 +99,9 @@ def load_labelled(names: str, data_args, seed: int) -> list[Labelled]:
             if label is None or str(label).strip() == "":
                 raise DataError(f"{record.where}: `{label_col}` is empty; every example needs a label")
             pair = record.data.get(pair_col) if pair_col else None
-            part.append(Labelled(text.strip(), str(label).strip(), pair, record.where))
+            if image_col:  # image paths are relative to the file that lists them
+                text = str(attr.files[0].parent / text) if not Path(text).is_absolute() else text
+            part.append(Labelled(text.strip(), str(label).strip(), pair, record.where, image=bool(image_col)))
         if attr.num_samples:
             rng = random.Random(seed)
             part = rng.sample(part, attr.num_samples) if attr.num_samples <= len(part) else \
@@ -79,6 +127,9 @@ def encode_labelled(examples: list[Labelled], tokenizer, label2id: dict[str, int
         if e.label not in label2id:
             raise DataError(f"{e.where}: label {e.label!r} did not occur in the training data "
                             f"(known: {', '.join(label2id)})")
+        if e.image:  # images are loaded and processed batch by batch (ImageCollator)
+            rows.append({"image": e.text, "label": label2id[e.label]})
+            continue
         encoded = tokenizer(e.text, e.text_pair, truncation=True, max_length=cutoff_len)
         row = {"input_ids": encoded["input_ids"], "label": label2id[e.label]}
         if "token_type_ids" in encoded:

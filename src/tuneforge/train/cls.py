@@ -1,5 +1,5 @@
-"""Recipe for stage `cls`: a text classifier. A new classification head goes on a pretrained encoder (BERT,
-MiniLM, ...) or decoder; what else trains depends on finetuning_type:
+"""Recipe for stage `cls`: a text or image classifier. A new classification head goes on a pretrained encoder
+(BERT, MiniLM, ViT, ResNet, ...) or decoder; what else trains depends on finetuning_type:
 - freeze: only the head, plus the last `freeze_trainable_layers` layers (0 = head only);
 - lora: LoRA on `lora_target` (e.g. query,value); the head always trains and is saved with the adapter;
 - full: everything.
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.classify import encode_labelled, label_maps, load_labelled
-from ..data.collate import ClassCollator
+from ..data.collate import ClassCollator, ImageCollator
 from ..data.registry import DataError
 from ..models.adapters import all_linear_names, describe_trainable
 from ..models.load import ModelError, load_tokenizer, resolve_model_path
@@ -38,28 +38,40 @@ class ClassifierLoss(torch.nn.Module):
     def units(batch: dict) -> torch.Tensor:
         return torch.tensor(batch["labels"].shape[0])
 
-    def forward(self, input_ids, attention_mask, labels, token_type_ids=None):
-        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float()
+    def forward(self, labels, **inputs):  # input_ids / attention_mask / token_type_ids, or pixel_values
+        logits = self.model(**inputs).logits.float()
         loss = F.cross_entropy(logits, labels, reduction="sum")
         return loss, {"accuracy": (logits.argmax(-1) == labels).float().sum()}
 
 
-def load_classifier(cfg, label2id: dict[str, int], id2label: dict[int, str]):
+def load_classifier(cfg, label2id: dict[str, int], id2label: dict[int, str], images: bool):
     """A pretrained model with a new classification head sized for these labels."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     path = resolve_model_path(cfg.model.model_name_or_path)
+    auto = AutoModelForImageClassification if images else AutoModelForSequenceClassification
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = auto.from_pretrained(
             path, num_labels=len(label2id), label2id=label2id, id2label=id2label, ignore_mismatched_sizes=True,
             trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load `{cfg.model.model_name_or_path}` as a sequence classifier: "
+        raise ModelError(f"cannot load `{cfg.model.model_name_or_path}` as an {'image' if images else 'text'} "
+                         f"classifier: "
                          f"{' '.join(str(err).split())[:200]}") from None
-    if model.config.pad_token_id is None:  # decoder LMs classify at the last non-padding token
+    if not images and getattr(model.config, "pad_token_id", None) is None:  # decoders classify at the last real token
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def load_image_processor(cfg):
+    from transformers import AutoImageProcessor
+
+    path = resolve_model_path(cfg.model.model_name_or_path)
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"`{cfg.model.model_name_or_path}` has no image processor (preprocessor_config.json): "
+                         f"{' '.join(str(err).split())[:160]}") from None
 
 
 def head_names(model) -> list[str]:
@@ -77,7 +89,8 @@ def setup_strategy(model, cfg):
     if f.finetuning_type == "full":
         return model.requires_grad_(True)
     if f.finetuning_type == "freeze":
-        n_layers = model.config.num_hidden_layers
+        # transformer layers, or a ResNet's stages
+        n_layers = getattr(model.config, "num_hidden_layers", None) or len(getattr(model.config, "depths", []))
         keep = f.freeze_trainable_layers
         if not 0 <= keep <= n_layers:
             raise ModelError(f"freeze_trainable_layers must be between 0 (head only) and {n_layers} for stage cls; "
@@ -89,8 +102,12 @@ def setup_strategy(model, cfg):
         return model
     from peft import LoraConfig, TaskType, get_peft_model
 
-    if f.lora_target.strip() == "all":
-        targets = [n for n in all_linear_names(model) if n not in heads]  # every linear layer but the head
+    if f.lora_target.strip() == "all":  # every linear layer outside the head
+        targets = sorted({name.split(".")[-1] for name, module in model.named_modules()
+                          if isinstance(module, torch.nn.Linear) and name.split(".")[0] not in heads})
+        if not targets:
+            raise ModelError(f"{type(model).__name__} has no linear layers outside its head for LoRA; use "
+                             "finetuning_type freeze or full, or name modules in lora_target")
     else:
         targets = [t.strip() for t in f.lora_target.split(",") if t.strip()]
     known = {name.split(".")[-1] for name, _ in model.named_modules()}
@@ -98,7 +115,8 @@ def setup_strategy(model, cfg):
     if missing:
         raise ModelError(f"lora_target {missing} not found in the model; its linear layers are "
                          f"{', '.join(all_linear_names(model))}")
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=f.lora_rank, lora_alpha=f.lora_alpha or 2 * f.lora_rank,
+    images = "pixel_values" in model.main_input_name
+    config = LoraConfig(task_type=None if images else TaskType.SEQ_CLS, r=f.lora_rank, lora_alpha=f.lora_alpha or 2 * f.lora_rank,
                         lora_dropout=f.lora_dropout, target_modules=targets, modules_to_save=heads,
                         use_rslora=f.use_rslora, use_dora=f.use_dora)
     return get_peft_model(model, config)
@@ -165,7 +183,6 @@ def run(cfg) -> dict:
     t, d = cfg.train, cfg.data
     set_seed(t.seed)
     accelerator = make_accelerator(t)
-    tokenizer = load_tokenizer(cfg.model)
     train_examples = load_labelled(d.dataset, d, t.seed) if d.dataset else []
     eval_examples = load_labelled(d.eval_dataset, d, t.seed) if d.eval_dataset else []
     if d.val_size and train_examples:
@@ -177,15 +194,18 @@ def run(cfg) -> dict:
     if not train_examples:
         raise DataError("stage cls needs training data: set `dataset`")
     label2id, id2label = label_maps(train_examples, d.dataset)
+    images = train_examples[0].image
+    # images go through the model's image processor; it is saved in place of a tokenizer
+    tokenizer = load_image_processor(cfg) if images else load_tokenizer(cfg.model)
     train_rows = encode_labelled(train_examples, tokenizer, label2id, d.cutoff_len)
     eval_rows = encode_labelled(eval_examples, tokenizer, label2id, d.cutoff_len)
     resume = guard_output_dir(cfg, accelerator)
-    model = setup_strategy(load_classifier(cfg, label2id, id2label), cfg)
+    model = setup_strategy(load_classifier(cfg, label2id, id2label, images), cfg)
     accelerator.print(f"[tuneforge] {describe_trainable(model)}")
     accelerator.print(f"[tuneforge] {len(train_rows)} training and {len(eval_rows)} evaluation examples, "
                       f"labels {list(label2id)}")
     module = ClassifierLoss(model).to(accelerator.device)
-    collator = ClassCollator(tokenizer.pad_token_id)
+    collator = ImageCollator(tokenizer) if images else ClassCollator(tokenizer.pad_token_id)
     sample = eval_examples[:5]
     before = predict_rows(module, eval_rows[:5], collator, 5, accelerator.device) if sample else None
     results = train_and_evaluate(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator)
@@ -211,7 +231,8 @@ def before_after_table(examples, before, after, id2label) -> str:
     lines = ["| text | label | before training | after training |", "|---|---|---|---|"]
     for e, b, a in zip(examples, before, after):
         show = lambda p: f"{id2label[int(p.argmax())]} ({float(p.max()):.2f})"
-        lines.append(f"| {e.text[:60]} | {e.label} | {show(b)} | {show(a)} |")
+        shown = Path(e.text).name if e.image else e.text[:60]
+        lines.append(f"| {shown} | {e.label} | {show(b)} | {show(a)} |")
     return "\n".join(lines)
 
 
