@@ -185,3 +185,44 @@ def test_image_paths_from_a_csv_and_a_broken_image(tiny_image_model, tmp_path):
     with pytest.raises(DataError, match=r"cannot open image .*red/0.png"):
         run_training(_cls(tiny_image_model, str(data), tmp_path / "b"))
     assert not (tmp_path / "b").exists()
+
+
+def test_best_model_by_accuracy_is_kept(tiny_bert, reviews, tmp_path):
+    out = tmp_path / "best"
+    results = run_training(_cls(tiny_bert, reviews, out, finetuning_type="full", eval_strategy="steps", eval_steps=4,
+                                metric_for_best_model="accuracy", load_best_model_at_end=True, learning_rate=2e-2,
+                                num_train_epochs=4))
+    evals = [r for r in read_log(out) if "eval_accuracy" in r]
+    best = next(r for r in evals if r["eval_accuracy"] == max(e["eval_accuracy"] for e in evals))  # first best
+    assert best is not evals[-1] and best["eval_loss"] != pytest.approx(evals[-1]["eval_loss"], abs=1e-3)
+    # the final model is the one evaluated at the best step, not the last one
+    assert results["eval_accuracy"] == best["eval_accuracy"]
+    assert results["eval_loss"] == pytest.approx(best["eval_loss"], abs=1e-4)
+    assert not (out / "best_model").exists()  # the best weights became the final model
+
+
+def test_predict_command_labels_texts_and_files(tiny_bert, reviews, tmp_path, capsys):
+    from tuneforge.cli import main
+
+    out = tmp_path / "lora"
+    run_training(_cls(tiny_bert, reviews, out, finetuning_type="lora", lora_target="query,value", learning_rate=2e-2))
+    common = [f"model_name_or_path={tiny_bert}", f"adapter_name_or_path={out}"]
+    assert main(["predict", *common, "--text", "the film was great", "--text", "the plot was awful"]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert [l["predict"] for l in lines] == ["positive", "negative"]
+    assert set(lines[0]["probabilities"]) == {"negative", "positive"}
+    labelled = tmp_path / "check.csv"
+    labelled.write_text("text,label\nthe movie was good,positive\nthe movie was poor,negative\n")
+    assert main(["predict", *common, "--file", str(labelled), "--out", str(tmp_path / "p.jsonl")]) == 0
+    assert "accuracy 1.0000 on 2 labelled inputs" in capsys.readouterr().out
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("text,label\nthe movie was good,neutral\n")
+    assert main(["predict", *common, "--file", str(wrong)]) == 2
+    assert "labels ['neutral'] are not among the classifier's labels" in capsys.readouterr().err
+
+
+def test_decoder_lm_with_a_classification_head(tiny_model, reviews, tmp_path):
+    out = tmp_path / "llama-cls"
+    results = run_training(_cls(tiny_model, reviews, out, finetuning_type="lora", lora_target="q_proj,v_proj",
+                                learning_rate=2e-2))
+    assert results["eval_accuracy"] >= 0.9, results  # LlamaForSequenceClassification reads the last real token

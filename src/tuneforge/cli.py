@@ -11,6 +11,8 @@ from .config import ConfigError, all_keys, load_config
 COMMANDS = {
     "train": "fine-tune a model: tuneforge train CONFIG.yaml [key=value ...]",
     "chat": "talk to a model (+ adapter): tuneforge chat [CONFIG.yaml] [key=value ...] [--query TEXT]",
+    "predict": "label texts or images with a trained classifier: tuneforge predict [CONFIG.yaml] [key=value ...] "
+               "(--text TEXT ... | --file FILE) [--out FILE]",
 }
 
 
@@ -33,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         if name == "chat":
             p.add_argument("--query", help="answer this one message and exit (for scripts)")
             p.add_argument("--system", help="a system prompt")
+        if name == "predict":
+            p.add_argument("--text", action="append", default=[], help="a text (or image path) to label; repeatable")
+            p.add_argument("--file", help="a .txt (one input per line), CSV/TSV/JSON/JSONL/Parquet with a text or "
+                                          "image column (and optionally labels, to report accuracy)")
+            p.add_argument("--out", help="write JSON lines here instead of printing them")
     return parser
 
 
@@ -59,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             from .train import run_stage
 
             run_stage(load_config(path, overrides, validate_for="train"))
+        elif ns.command == "predict":
+            from .infer.classify import run_predict
+
+            if not ns.text and not ns.file:
+                raise ConfigError("predict needs --text TEXT or --file FILE")
+            run_predict(load_config(path, overrides, validate_for="chat"), ns.text, ns.file, ns.out)
         elif ns.command == "chat":
             from .infer.chat import one_shot, repl
 

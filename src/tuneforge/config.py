@@ -204,7 +204,6 @@ NOT_YET = {
     "tokenized_path": "saving/loading tokenized datasets is not built yet",
     "eval_on_each_dataset": "eval_on_each_dataset is not built yet",
     "pissa_init": "PiSSA initialisation is not built yet",
-    "load_best_model_at_end": "load_best_model_at_end is not built yet; use early_stopping_steps and the checkpoints",
     "deepspeed": "DeepSpeed configs are not wired in yet; use `accelerate launch` or torchrun for DDP",
     "export_dir": "`tuneforge export` is not built yet",
     "export_quantization_bit": "`tuneforge export` is not built yet",
@@ -364,6 +363,9 @@ def validate(cfg: Config, command: str = "train") -> None:
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
         _fail(cfg, "set `num_train_epochs` > 0 or `max_steps` > 0")
     has_eval_data = bool(d.val_size or d.eval_dataset)
+    if t.load_best_model_at_end and t.eval_strategy == "no":
+        _fail(cfg, "`load_best_model_at_end` needs evaluations during training: set `eval_strategy: steps` or "
+                   "`epoch`, and `val_size` or `eval_dataset`")
     if f.early_stopping_steps and t.eval_strategy == "no":
         _fail(cfg, "`early_stopping_steps` needs evaluations during training: set `eval_strategy: steps` (with "
                    "`eval_steps`) or `epoch`, and `val_size` or `eval_dataset`")

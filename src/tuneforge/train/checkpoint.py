@@ -26,7 +26,8 @@ class TrainerState:
     num_train_examples: int = 0
     trained_units: int = 0  # target tokens, pairs or examples, as the stage's loss counts them
     loss_sum: float = 0.0  # unit-weighted, for the final train_loss
-    best_eval_loss: float | None = None
+    best_metric: float | None = None  # of metric_for_best_model (eval_loss by default)
+    best_step: int | None = None
     evals_without_improvement: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -83,12 +84,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_model(module, tokenizer, folder: Path) -> None:
+def save_model(module, tokenizer, folder: Path) -> None:  # tokenizer None: weights only
     """An adapter (PEFT format) for LoRA, else the full model as safetensors; plus the tokenizer and any extra
     weights the stage trains besides the model (e.g. a reward model's value head)."""
     model = getattr(module, "model", module)
     model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
     extra = module.extra_weights() if hasattr(module, "extra_weights") else None
     if extra:
         file, weights = extra

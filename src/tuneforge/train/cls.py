@@ -23,7 +23,7 @@ from ..models.load import ModelError, load_tokenizer, resolve_model_path
 from .common import guard_output_dir, make_accelerator, train_and_evaluate
 from .logging import write_results
 
-LABELS_FILE = "label_map.json"
+from ..infer.classify import LABELS_FILE
 HEAD_NAMES = ("classifier", "score")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
@@ -226,6 +227,7 @@ def train(cfg, module, tokenizer, train_rows: list[dict], eval_rows: list[dict],
                 stop = _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log,
                                            state.epoch)
     log.close()
+    restore_best(cfg, inner, state, accelerator)
     runtime = time.time() - log.started
     return {"epoch": round(state.epoch + state.step_in_epoch / max(per_epoch, 1), 2),
             "train_loss": state.loss_sum / max(state.trained_units, 1), "train_runtime": round(runtime, 2),
@@ -298,19 +300,53 @@ def _inner(module):
     return getattr(module, "module", module)
 
 
+BEST = "best_model"
+
+
+def best_metric_name(t) -> tuple[str, bool]:
+    """(metric that decides the best model and early stopping, whether higher is better)."""
+    name = t.metric_for_best_model or "eval_loss"
+    name = name if name.startswith("eval_") else f"eval_{name}"
+    return name, not name.endswith(("loss", "perplexity"))
+
+
 def _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log, epoch) -> bool:
-    """Evaluate, log, and say whether early stopping should end training."""
-    metrics = evaluate(module, eval_rows, collator, cfg.train.per_device_eval_batch_size, accelerator, precision)
+    """Evaluate, log, keep the best model (load_best_model_at_end), and say whether early stopping should end
+    training."""
+    t = cfg.train
+    metrics = evaluate(module, eval_rows, collator, t.per_device_eval_batch_size, accelerator, precision)
     log.eval_step(state.global_step, epoch, metrics)
-    if state.best_eval_loss is None or metrics["eval_loss"] < state.best_eval_loss:
-        state.best_eval_loss, state.evals_without_improvement = metrics["eval_loss"], 0
+    name, higher = best_metric_name(t)
+    if name not in metrics:
+        raise ConfigError(f"metric_for_best_model `{t.metric_for_best_model}`: evaluation reports "
+                          f"{', '.join(metrics)}; pick one of those")
+    value = metrics[name]
+    if state.best_metric is None or (value > state.best_metric if higher else value < state.best_metric):
+        state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
+        if t.load_best_model_at_end and accelerator.is_main_process:
+            ckpt.save_model(_inner(module), None, Path(t.output_dir) / BEST)
     else:
         state.evals_without_improvement += 1
     patience = cfg.finetune.early_stopping_steps
     if patience and state.evals_without_improvement >= patience:
-        accelerator.print(f"[tuneforge] early stopping: eval_loss has not improved for {patience} evaluations")
+        accelerator.print(f"[tuneforge] early stopping: {name} has not improved for {patience} evaluations")
         return True
     return False
+
+
+def restore_best(cfg, inner, state, accelerator) -> None:
+    """With load_best_model_at_end: put the best evaluated weights back and drop their temporary copy."""
+    folder = Path(cfg.train.output_dir) / BEST
+    if not (cfg.train.load_best_model_at_end and folder.is_dir()):
+        return
+    ckpt.load_trainable_weights(inner.model, folder)
+    if hasattr(inner, "load_extra_weights"):
+        inner.load_extra_weights(folder)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.print(f"[tuneforge] loaded the best model (step {state.best_step}, "
+                          f"{best_metric_name(cfg.train)[0]} = {state.best_metric:.4f})")
+        shutil.rmtree(folder)
 
 
 def _should_save(t, state, steps_in_epoch: int, last: bool) -> bool:
