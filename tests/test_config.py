@@ -82,6 +82,11 @@ def test_llamafactory_yaml_is_accepted(tmp_path):
     assert cfg.train.learning_rate == pytest.approx(1e-4)
     assert cfg.train.gradient_accumulation_steps == 8 and cfg.train.bf16 is True
     assert cfg.finetune.lora_dropout == pytest.approx(0.05) and cfg.train.eval_steps == 500
+    from tuneforge.config import notices
+
+    assert notices(cfg) == ["note: `preprocessing_num_workers` has no effect yet: preprocessing runs in one process",
+                            "note: `overwrite_cache` has no effect yet: tokenised data is not cached yet, so there "
+                            "is nothing to overwrite"]
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):

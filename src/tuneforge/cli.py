@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from .config import ConfigError, all_keys, load_config
+from .config import ConfigError, all_keys, load_config, notices
 
 COMMANDS = {
     "train": "fine-tune a model: tuneforge train CONFIG.yaml [key=value ...]",
@@ -49,6 +49,13 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
+def _load(path, overrides, validate_for):
+    cfg = load_config(path, overrides, validate_for=validate_for)
+    for line in notices(cfg):
+        print(f"tuneforge: {line}", file=sys.stderr)
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data.registry import DataError
     from .models.load import ModelError
@@ -65,17 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "train":
             from .train import run_stage
 
-            run_stage(load_config(path, overrides, validate_for="train"))
+            run_stage(_load(path, overrides, "train"))
         elif ns.command == "predict":
             from .infer.classify import run_predict
 
             if not ns.text and not ns.file:
                 raise ConfigError("predict needs --text TEXT or --file FILE")
-            run_predict(load_config(path, overrides, validate_for="chat"), ns.text, ns.file, ns.out)
+            run_predict(_load(path, overrides, "chat"), ns.text, ns.file, ns.out)
         elif ns.command == "chat":
             from .infer.chat import one_shot, repl
 
-            cfg = load_config(path, overrides, validate_for="chat")
+            cfg = _load(path, overrides, "chat")
             if ns.query is not None:
                 print(one_shot(cfg, ns.query, ns.system))
             else:

@@ -207,7 +207,28 @@ NOT_YET = {
     "deepspeed": "DeepSpeed configs are not wired in yet; use `accelerate launch` or torchrun for DDP",
     "export_dir": "`tuneforge export` is not built yet",
     "export_quantization_bit": "`tuneforge export` is not built yet",
+    "use_fast_tokenizer": "tuneforge uses the fast (tokenizers) tokenizers only",
 }
+# Keys LLaMA-Factory configs often set that have no effect in tuneforge yet: accepted with a printed notice, so
+# those configs run and nothing is skipped silently.
+NO_EFFECT_YET = {
+    "preprocessing_num_workers": "preprocessing runs in one process",
+    "preprocessing_batch_size": "preprocessing is not batched",
+    "overwrite_cache": "tokenised data is not cached yet, so there is nothing to overwrite",
+    "buffer_size": "it applies to streaming, which is not built",
+    "run_name": "it names runs for report_to, which is not built",
+    "enable_thinking": "no template with a thinking mode is built yet",
+}
+
+
+def notices(cfg: Config) -> list[str]:
+    """One line per key that is set but has no effect yet."""
+    out = []
+    for key, why in NO_EFFECT_YET.items():
+        group = getattr(cfg, KEY_GROUP[key])
+        if getattr(group, key) != getattr(type(group)(), key):
+            out.append(f"note: `{key}` has no effect yet: {why}")
+    return out
 
 
 def _coerce(value, annotation: str, key: str, source: str):
