@@ -47,3 +47,20 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
         f"tuneforge: error: {config}: unknown key `learnig_rate`; did you mean learning_rate?"]
     missing = _run("train", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "config file not found" in missing.stderr
+
+
+def test_data_command_previews_and_fails_like_train(tiny_model, tmp_path):
+    rows = alpaca_rows(8) + [{"instruction": "word " * 80, "input": "", "output": "long answer " * 20}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model_name_or_path: {tiny_model}\ndataset: {data}\ntemplate: chatml\ncutoff_len: 64\n"
+                      "output_dir: never-written\n")
+    done = _run("data", str(config), "--show", "1", "--plot", str(tmp_path / "lengths.png"))
+    assert done.returncode == 0, done.stderr
+    assert "split: 9 train, 0 evaluation" in done.stdout
+    assert "cutoff_len 64: 3 of 9 records truncated, 0 left with nothing to learn" in done.stdout
+    assert "[[0 plus 0 is 0.<|im_end|>]]" in done.stdout  # the trained answer, bracketed; the prompt is not
+    assert (tmp_path / "lengths.png").is_file() and not (tmp_path / "never-written").exists()
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": \n')
+    bad = _run("data", str(config), f"dataset={tmp_path / 'bad.jsonl'}")
+    assert bad.returncode == 2 and "bad.jsonl line 1 column" in bad.stderr

@@ -11,6 +11,7 @@ from .config import ConfigError, all_keys, load_config, notices
 COMMANDS = {
     "train": "fine-tune a model: tuneforge train CONFIG.yaml [key=value ...]",
     "chat": "talk to a model (+ adapter): tuneforge chat [CONFIG.yaml] [key=value ...] [--query TEXT]",
+    "data": "check and preview a dataset without training: tuneforge data CONFIG.yaml [key=value ...] [--show N]",
     "predict": "label texts or images with a trained classifier: tuneforge predict [CONFIG.yaml] [key=value ...] "
                "(--text TEXT ... | --file FILE) [--out FILE]",
 }
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "chat":
             p.add_argument("--query", help="answer this one message and exit (for scripts)")
             p.add_argument("--system", help="a system prompt")
+        if name == "data":
+            p.add_argument("--show", type=int, default=3, help="how many decoded examples to print")
+            p.add_argument("--plot", default="token_lengths.png", help="where to write the length histogram")
         if name == "predict":
             p.add_argument("--text", action="append", default=[], help="a text (or image path) to label; repeatable")
             p.add_argument("--file", help="a .txt (one input per line), CSV/TSV/JSON/JSONL/Parquet with a text or "
@@ -73,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
             from .train import run_stage
 
             run_stage(_load(path, overrides, "train"))
+        elif ns.command == "data":
+            from .data.preview import preview
+            from .models.load import load_tokenizer
+
+            cfg = _load(path, overrides, "chat")
+            if not cfg.data.dataset:
+                raise ConfigError("`dataset` is required: the data to check")
+            preview(cfg, load_tokenizer(cfg.model), ns.show, ns.plot)
         elif ns.command == "predict":
             from .infer.classify import run_predict
 
