@@ -51,6 +51,17 @@ def build_llama(folder: Path, vocab_size: int, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def test_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tuneforge-cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(test_cache, monkeypatch):
+    """Tests cache tokenised data in a folder of their own, never in the user's ~/.cache/tuneforge."""
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(test_cache))
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = build_tokenizer(folder)

@@ -84,9 +84,7 @@ def test_llamafactory_yaml_is_accepted(tmp_path):
     assert cfg.finetune.lora_dropout == pytest.approx(0.05) and cfg.train.eval_steps == 500
     from tuneforge.config import notices
 
-    assert notices(cfg) == ["note: `preprocessing_num_workers` has no effect yet: preprocessing runs in one process",
-                            "note: `overwrite_cache` has no effect yet: tokenised data is not cached yet, so there "
-                            "is nothing to overwrite"]
+    assert notices(cfg) == ["note: `preprocessing_num_workers` has no effect yet: preprocessing runs in one process"]
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):

@@ -152,3 +152,35 @@ def test_packed_rows_cover_every_token_once(tokenizer):
         assert all(row["labels"][i] == IGNORE for i in starts)
     batch = PadCollator(0)(packed[:2])
     assert "attention_mask" not in batch and batch["num_tokens"] == 19  # rows of 9 and 10 tokens
+
+
+def test_tokenised_data_is_cached(tiny_model, tmp_path, monkeypatch):
+    from tuneforge import data as data_module
+    from tuneforge.config import build_config
+
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(6)])
+    calls = []
+    real = data_module.encode_supervised
+    monkeypatch.setattr(data_module, "encode_supervised", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def prepare(**extra):
+        from transformers import AutoTokenizer
+
+        cfg = build_config({"model_name_or_path": tiny_model, "dataset": str(path), "template": "chatml",
+                            "output_dir": str(tmp_path / "o"), **extra})
+        calls.clear()
+        return data_module.prepare_lm_data(cfg, AutoTokenizer.from_pretrained(tiny_model))
+
+    first = prepare()
+    assert len(calls) == 6
+    again = prepare()
+    assert calls == [] and again.train == first.train and again.template is not None  # tokenisation skipped
+    prepare(overwrite_cache=True)
+    assert len(calls) == 6
+    prepare(cutoff_len=128)  # a different setting is a different cache entry
+    assert len(calls) == 6
+    write_jsonl(path, [{"instruction": f"q{i}", "output": f"b{i}"} for i in range(6)])  # changed data
+    assert prepare().train != first.train and len(calls) == 6
+    saved = prepare(tokenized_path=str(tmp_path / "tok"))
+    assert (tmp_path / "tok" / "tokenized.pkl").is_file() and len(calls) == 6
+    assert prepare(tokenized_path=str(tmp_path / "tok")).train == saved.train and calls == []

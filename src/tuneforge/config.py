@@ -201,7 +201,6 @@ NOT_YET = {
     "streaming": "streaming datasets are not built yet; load the file whole",
     "mix_strategy": "only mix_strategy: concat is built so far",
     "interleave_probs": "interleaving datasets is not built yet (mix_strategy: concat only)",
-    "tokenized_path": "saving/loading tokenized datasets is not built yet",
     "eval_on_each_dataset": "eval_on_each_dataset is not built yet",
     "pissa_init": "PiSSA initialisation is not built yet",
     "deepspeed": "DeepSpeed configs are not wired in yet; use `accelerate launch` or torchrun for DDP",
@@ -214,7 +213,6 @@ NOT_YET = {
 NO_EFFECT_YET = {
     "preprocessing_num_workers": "preprocessing runs in one process",
     "preprocessing_batch_size": "preprocessing is not batched",
-    "overwrite_cache": "tokenised data is not cached yet, so there is nothing to overwrite",
     "buffer_size": "it applies to streaming, which is not built",
     "run_name": "it names runs for report_to, which is not built",
     "enable_thinking": "no template with a thinking mode is built yet",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from . import cache
 from .collate import pack_rows
 from .encode import encode_kto, encode_pair, encode_pretrain, encode_supervised
 from .formats import Example, to_examples
@@ -83,9 +84,28 @@ def prepare_preference_data(cfg, tokenizer) -> tuple[list[dict], list[dict], lis
 
 
 def prepare_lm_data(cfg, tokenizer, need_train: bool = True) -> LMData:
-    """Everything the pt/sft recipes need from the data, validated before anything is written to output_dir."""
+    """Everything the pt/sft recipes need from the data, validated before anything is written to output_dir.
+
+    Tokenised data is cached (see cache.py): an unchanged dataset is not tokenised again.
+    """
     d, stage = cfg.data, cfg.finetune.stage
     template = get_template(d.template, tokenizer) if stage != "pt" else None
+    key = cache.fingerprint(cfg, tokenizer, template)
+    path = cache.cache_file(cfg, key)
+    cached = None if d.overwrite_cache else cache.load(path, key)
+    if cached is not None:
+        print(f"[tuneforge] tokenised data loaded from the cache ({path})")
+        cached.template = template
+        return cached
+    data = _tokenise(cfg, tokenizer, template, need_train)
+    data.template = None  # templates are rebuilt on load; the data alone is cached
+    cache.save(path, key, data)
+    data.template = template
+    return data
+
+
+def _tokenise(cfg, tokenizer, template, need_train: bool) -> LMData:
+    d, stage = cfg.data, cfg.finetune.stage
     train_examples, eval_examples = load_splits(cfg)
     train, _ = _encode(train_examples, stage, tokenizer, template, d)
     evaluation, kept_eval = _encode(eval_examples, stage, tokenizer, template, d)

@@ -1,0 +1,61 @@
+"""A cache of tokenised data, keyed by a fingerprint of everything that decides the result: the data files'
+bytes, the registry entry, the tokenizer, the template and the encoding options. A second run with the same key
+skips tokenisation; `overwrite_cache` redoes it; `tokenized_path` names an explicit place to save or load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+
+from .registry import resolve
+
+VERSION = 1  # bump when the encoded format changes
+
+
+def fingerprint(cfg, tokenizer, template) -> str:
+    d = cfg.data
+    digest = hashlib.sha256()
+
+    def add(value) -> None:
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+
+    add([VERSION, cfg.finetune.stage, cfg.train.seed, d.dataset, d.eval_dataset, d.cutoff_len, d.train_on_prompt,
+         d.mask_history, d.default_system, d.max_samples, d.val_size, d.packing, d.neat_packing])
+    for names in (d.dataset, d.eval_dataset):
+        for attr in resolve(names, d.dataset_dir) if names else []:
+            add([attr.name, attr.formatting, attr.ranking, attr.columns, attr.tags, attr.num_samples])
+            for file in attr.files:
+                digest.update(file.read_bytes())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    add(backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()))
+    add([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, getattr(tokenizer, "chat_template", None)])
+    add(repr(template))
+    return digest.hexdigest()[:20]
+
+
+def cache_file(cfg, key: str) -> Path:
+    if cfg.data.tokenized_path:
+        return Path(cfg.data.tokenized_path) / "tokenized.pkl"
+    from ..models.load import cache_root
+
+    return cache_root() / "data" / f"{key}.pkl"
+
+
+def load(path: Path, key: str):
+    """The cached value, or None when there is none or it belongs to other data or settings."""
+    if not path.is_file():
+        return None
+    with path.open("rb") as handle:
+        saved = pickle.load(handle)
+    return saved["value"] if saved.get("key") == key else None
+
+
+def save(path: Path, key: str, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".tmp{os.getpid()}")  # several processes (torchrun ranks) may write at once
+    with staging.open("wb") as handle:
+        pickle.dump({"key": key, "value": value}, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    staging.replace(path)
