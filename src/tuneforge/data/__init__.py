@@ -51,11 +51,14 @@ def _encode(examples, stage, tokenizer, template, d) -> tuple[list[dict], list[E
     return rows, kept
 
 
-def load_splits(cfg) -> tuple[list[Example], list[Example]]:
-    """(training examples, evaluation examples): `eval_dataset` plus a `val_size` share held out of `dataset`."""
+def load_splits(cfg, load=None) -> tuple[list, list]:
+    """(training examples, evaluation examples): `eval_dataset` plus a `val_size` share held out of `dataset`.
+
+    `load(names)` reads a comma list of datasets; by default as canonical Examples for the config's stage."""
     d, stage, seed = cfg.data, cfg.finetune.stage, cfg.train.seed
-    train_examples = load_examples(d.dataset, d, stage, seed) if d.dataset else []
-    eval_examples = load_examples(d.eval_dataset, d, stage, seed) if d.eval_dataset else []
+    load = load or (lambda names: load_examples(names, d, stage, seed))
+    train_examples = load(d.dataset) if d.dataset else []
+    eval_examples = load(d.eval_dataset) if d.eval_dataset else []
     if d.val_size and train_examples:
         shuffled = train_examples[:]
         random.Random(seed).shuffle(shuffled)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data import load_splits
 from ..data.classify import encode_labelled, label_maps, load_labelled
 from ..data.collate import ClassCollator, ImageCollator
 from ..data.registry import DataError
@@ -183,14 +184,7 @@ def run(cfg) -> dict:
     t, d = cfg.train, cfg.data
     set_seed(t.seed)
     accelerator = make_accelerator(t)
-    train_examples = load_labelled(d.dataset, d, t.seed) if d.dataset else []
-    eval_examples = load_labelled(d.eval_dataset, d, t.seed) if d.eval_dataset else []
-    if d.val_size and train_examples:
-        count = int(d.val_size) if d.val_size >= 1 else max(1, round(d.val_size * len(train_examples)))
-        shuffled = train_examples[:]
-        torch.manual_seed(t.seed)
-        shuffled = [shuffled[i] for i in torch.randperm(len(shuffled)).tolist()]
-        eval_examples, train_examples = eval_examples + shuffled[:count], shuffled[count:]
+    train_examples, eval_examples = load_splits(cfg, lambda names: load_labelled(names, d, t.seed))
     if not train_examples:
         raise DataError("stage cls needs training data: set `dataset`")
     label2id, id2label = label_maps(train_examples, d.dataset)
@@ -208,16 +202,20 @@ def run(cfg) -> dict:
     collator = ImageCollator(tokenizer) if images else ClassCollator(tokenizer.pad_token_id)
     sample = eval_examples[:5]
     before = predict_rows(module, eval_rows[:5], collator, 5, accelerator.device) if sample else None
-    results = train_and_evaluate(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator)
+    # the evaluation below gives loss, accuracy, F1 and the confusion matrix from one pass over the data
+    results = train_and_evaluate(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator,
+                                 evaluate_at_end=False)
     if accelerator.is_main_process and t.do_train:
         (Path(t.output_dir) / LABELS_FILE).write_text(json.dumps({"label2id": label2id}, indent=2), encoding="utf-8")
     if eval_rows and accelerator.is_main_process and (t.do_eval or t.do_predict):
         probabilities = predict_rows(module, eval_rows, collator, t.per_device_eval_batch_size, accelerator.device)
-        predicted = probabilities.argmax(-1).tolist()
-        metrics = classification_metrics(predicted, [r["label"] for r in eval_rows], id2label)
+        gold = [r["label"] for r in eval_rows]
+        metrics = classification_metrics(probabilities.argmax(-1).tolist(), gold, id2label)
+        picked = probabilities[torch.arange(len(gold)), torch.tensor(gold)]
+        metrics = {"loss": float(-picked.clamp(min=1e-12).log().mean()), **metrics}
         plot_confusion(metrics["confusion_matrix"], id2label, Path(t.output_dir) / "confusion_matrix.png")
         write_results(t.output_dir, "eval", {f"eval_{k}": v for k, v in metrics.items()})
-        results.update({"eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"]})
+        results.update({f"eval_{k}": metrics[k] for k in ("loss", "accuracy", "macro_f1")})
         print(f"[tuneforge] accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} on "
               f"{len(eval_rows)} examples; confusion_matrix.png in {t.output_dir}")
         if before is not None:

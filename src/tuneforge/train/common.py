@@ -88,14 +88,14 @@ def finish_training(cfg, module, tokenizer, results: dict, accelerator) -> None:
 
 
 def train_and_evaluate(cfg, module, tokenizer, train_rows: list[dict], eval_rows: list[dict], accelerator,
-                       resume: str | None, collator) -> dict:
-    """Open output_dir; train and save (do_train); evaluate (do_eval). Returns the results."""
+                       resume: str | None, collator, evaluate_at_end: bool = True) -> dict:
+    """Open output_dir; train and save (do_train); evaluate (do_eval, unless the recipe evaluates itself)."""
     open_output_dir(cfg, accelerator)
     results = {}
     if cfg.train.do_train:
         results.update(train(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator))
         finish_training(cfg, module, tokenizer, results, accelerator)
-    if cfg.train.do_eval:
+    if cfg.train.do_eval and evaluate_at_end:
         results.update(evaluate_and_report(cfg, module, eval_rows, collator, accelerator))
     return results
 

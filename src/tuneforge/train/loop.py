@@ -60,7 +60,7 @@ def learning_rate_of(name: str, t, f, n_layers: int | None) -> float:
 def build_optimizer(model, t, f, report=None):
     """AdamW over the trainable parameters, grouped by learning rate and by weight decay (none for biases and
     norms). `report` receives one line per group with its effective rate."""
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None) or _config_layers(model)
+    n_layers = _num_layers(model)
     groups: dict[tuple[float, bool], list] = {}
     names: dict[tuple[float, bool], list[str]] = {}
     for name, param in model.named_parameters():
@@ -81,9 +81,9 @@ def build_optimizer(model, t, f, report=None):
                              eps=t.adam_epsilon, fused=True if t.optim == "adamw_torch_fused" else None)
 
 
-def _config_layers(module) -> int | None:
-    inner = getattr(module, "model", None)
-    config = getattr(inner, "config", None)
+def _num_layers(module) -> int | None:
+    """num_hidden_layers of a model or of the model inside a loss module."""
+    config = getattr(module, "config", None) or getattr(getattr(module, "model", None), "config", None)
     return getattr(config, "num_hidden_layers", None)
 
 
@@ -127,7 +127,11 @@ class Precision:
 @torch.no_grad()
 def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, precision: Precision | None = None
              ) -> dict:
-    """Unit-weighted eval loss and metrics of a loss module over `rows` (plus perplexity for token losses)."""
+    """Unit-weighted eval loss and metrics of a loss module over `rows` (plus perplexity for token losses).
+
+    Runs the unwrapped module: evaluation needs no gradient sync, and processes may hold different numbers of
+    batches, so no DDP collective may run per batch."""
+    module = _inner(module)
     module.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = rows[rank::world]
@@ -137,9 +141,9 @@ def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, p
     for start in range(0, len(mine), batch_size):
         batch = collator(mine[start: start + batch_size])
         batch.pop("num_tokens")
-        units += _inner(module).units(batch).to(accelerator.device)
+        units += module.units(batch).to(accelerator.device)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with precision.autocast(_inner(module).model) if precision else nullcontext():
+        with precision.autocast(module.model) if precision else nullcontext():
             loss, metrics = module(**batch)
         loss_sum += loss.detach().float()
         for key, value in metrics.items():
@@ -150,7 +154,7 @@ def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, p
     count = totals[1].clamp(min=1)
     loss = (totals[0] / count).item()
     result = {"eval_loss": loss}
-    if _inner(module).unit == "token":
+    if module.unit == "token":
         result["eval_perplexity"] = math.exp(min(loss, 50))
     result.update({f"eval_{key}": (value / count).item() for key, value in zip(sums, totals[2:])})
     return result
@@ -337,7 +341,10 @@ def _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision
 def restore_best(cfg, inner, state, accelerator) -> None:
     """With load_best_model_at_end: put the best evaluated weights back and drop their temporary copy."""
     folder = Path(cfg.train.output_dir) / BEST
-    if not (cfg.train.load_best_model_at_end and folder.is_dir()):
+    if not cfg.train.load_best_model_at_end:
+        return
+    accelerator.wait_for_everyone()  # the main process may still be writing the last best model
+    if not folder.is_dir():
         return
     ckpt.load_trainable_weights(inner.model, folder)
     if hasattr(inner, "load_extra_weights"):

@@ -20,28 +20,28 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return loss, (shift_labels != IGNORE).sum()
 
 
-def _head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+def _head_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
+
+
+def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+                         chunk_size: int = 1024) -> torch.Tensor:
+    """Per-row cross-entropy of `head(hidden)` against labels, `chunk_size` rows at a time.
+
+    When there is more than one chunk, each chunk's logits are recomputed in the backward pass instead of kept,
+    so at most one chunk of full-vocabulary fp32 logits exists at any moment.
+    """
+    if hidden.shape[0] <= chunk_size:
+        return _head_token_losses(hidden, labels, head)
+    return torch.cat([checkpoint(_head_token_losses, hidden[start: start + chunk_size],
+                                 labels[start: start + chunk_size], head, use_reentrant=False)
+                      for start in range(0, hidden.shape[0], chunk_size)])
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
                           chunk_size: int = 1024) -> torch.Tensor:
-    """Sum of cross-entropy of `head(hidden)` against labels, `chunk_size` rows at a time.
-
-    Each chunk's logits are recomputed in the backward pass instead of kept, so at most one chunk of
-    full-vocabulary fp32 logits exists at any moment.
-    """
-    if hidden.shape[0] <= chunk_size:
-        return _head_loss(hidden, labels, head)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        end = start + chunk_size
-        total = total + checkpoint(_head_loss, hidden[start:end], labels[start:end], head, use_reentrant=False)
-    return total
-
-
-def _head_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
+    """Sum of cross-entropy of `head(hidden)` against labels, computed in chunks (see chunked_token_losses)."""
+    return chunked_token_losses(hidden, head, labels, chunk_size).sum()
 
 
 def sequence_log_probs(model, split, input_ids, labels, attention_mask=None, chunk_size: int = 1024
@@ -60,14 +60,7 @@ def sequence_log_probs(model, split, input_ids, labels, attention_mask=None, chu
     else:
         decoder, head = split
         hidden = decoder(**inputs).last_hidden_state[:, :-1][targets]
-        wanted = shift_labels[targets]
-        parts = []
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = start + chunk_size
-            args = (hidden[start:end], wanted[start:end], head)
-            parts.append(checkpoint(_head_token_losses, *args, use_reentrant=False) if hidden.shape[0] > chunk_size
-                         else _head_token_losses(*args))
-        token_logps = -torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+        token_logps = -chunked_token_losses(hidden, head, shift_labels[targets], chunk_size)
     sums = torch.zeros(labels.shape[0], device=labels.device, dtype=torch.float32).index_add(0, row_of, token_logps)
     return sums, targets.sum(1)
 
