@@ -117,6 +117,8 @@ def test_overrides_and_types(tmp_path):
     ("do_eval=true", "`do_eval` needs evaluation data"),
     ("early_stopping_steps=3 val_size=0.1", "`early_stopping_steps` needs evaluations during training"),
     ("report_to=wandb", "`report_to: wandb` is not supported yet"),
+    ("stage=cls torch_compile=true", "`torch_compile` is not supported for stage cls yet"),
+    ("stage=dpo compute_accuracy=true", "`compute_accuracy` is token accuracy for stages pt and sft"),
 ])
 def test_conflicts_are_explained(tmp_path, override, message):
     path = tmp_path / "c.yaml"

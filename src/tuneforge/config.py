@@ -397,6 +397,16 @@ def validate(cfg: Config, command: str = "train") -> None:
     if t.do_predict and f.stage not in ("sft", "rm", "cls"):
         _fail(cfg, f"`do_predict` is built for stages sft (generated answers), rm (scores) and cls (labels), "
                    f"not {f.stage}")
+    if f.stage == "cls":  # the classifier recipe loads its own model; these are not wired into it yet
+        unsupported = {"gradient_checkpointing": t.gradient_checkpointing, "torch_compile": t.torch_compile,
+                       "pure_bf16": f.pure_bf16, "adapter_name_or_path": m.adapter_name_or_path,
+                       "train_from_scratch": m.train_from_scratch, "flash_attn": m.flash_attn != "auto"}
+        for key, value in unsupported.items():
+            if value:
+                _fail(cfg, f"`{key}` is not supported for stage cls yet; remove it")
+    if f.compute_accuracy and f.stage not in ("pt", "sft"):
+        _fail(cfg, f"`compute_accuracy` is token accuracy for stages pt and sft; stage {f.stage} reports its own "
+                   "accuracy metrics, so remove it")
     if f.layerwise_lr_decay is not None and not 0 < f.layerwise_lr_decay <= 1:
         _fail(cfg, f"`layerwise_lr_decay` must be in (0, 1]; got {f.layerwise_lr_decay}")
     for item in (f.layer_lr or "").split(","):
