@@ -215,7 +215,6 @@ NO_EFFECT_YET = {
     "preprocessing_batch_size": "preprocessing is not batched",
     "buffer_size": "it applies to streaming, which is not built",
     "run_name": "it names runs for report_to, which is not built",
-    "enable_thinking": "no template with a thinking mode is built yet",
 }
 
 

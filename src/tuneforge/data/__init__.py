@@ -72,7 +72,7 @@ def load_splits(cfg, load=None) -> tuple[list, list]:
 def prepare_preference_data(cfg, tokenizer) -> tuple[list[dict], list[dict], list[Example]]:
     """(train rows, eval rows, eval examples) for rm / dpo (pairs) and kto (examples with mismatched answers)."""
     d = cfg.data
-    template = get_template(d.template, tokenizer)
+    template = get_template(d.template, tokenizer, d.enable_thinking)
     train_examples, eval_examples = load_splits(cfg)
     if cfg.finetune.stage == "kto":
         def encode(examples):
@@ -92,7 +92,7 @@ def prepare_lm_data(cfg, tokenizer, need_train: bool = True) -> LMData:
     Tokenised data is cached (see cache.py): an unchanged dataset is not tokenised again.
     """
     d, stage = cfg.data, cfg.finetune.stage
-    template = get_template(d.template, tokenizer) if stage != "pt" else None
+    template = get_template(d.template, tokenizer, d.enable_thinking) if stage != "pt" else None
     key = cache.fingerprint(cfg, tokenizer, template)
     path = cache.cache_file(cfg, key)
     cached = None if d.overwrite_cache else cache.load(path, key)

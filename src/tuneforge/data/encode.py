@@ -26,18 +26,28 @@ def split_budget(prompt_len: int, answer_len: int, budget: int) -> tuple[int, in
 
 def encode_supervised(example: Example, tokenizer, template, cutoff_len: int, train_on_prompt: bool = False,
                       mask_history: bool = False, default_system: str | None = None) -> dict | None:
-    """Returns {"input_ids", "labels"} or None when truncation leaves nothing to learn."""
-    pieces = template.pieces(tokenizer, example.messages, example.system or default_system)
-    ids = tokenize_pieces(tokenizer, pieces)
-    turns = list(zip(ids[0::2], ids[1::2]))
-    input_ids, labels = [], []
-    for number, (prompt, answer) in enumerate(turns):
-        budget = cutoff_len - len(input_ids)
+    """Returns {"input_ids", "labels"} or None when truncation leaves nothing to learn.
+
+    When the conversation is longer than cutoff_len, the last turn's share is set aside first (its prompt keeps
+    its end, where the assistant header is); earlier turns fill what is left, from the start.
+    """
+    pieces = template.pieces(tokenizer, example.messages, example.system or default_system, example.tools)
+    turns = list(zip(*[iter(tokenize_pieces(tokenizer, pieces))] * 2))
+    last_prompt, last_answer = turns[-1]
+    keep_prompt, keep_answer = split_budget(len(last_prompt), len(last_answer), cutoff_len)
+    last = (last_prompt[len(last_prompt) - keep_prompt:], last_answer[:keep_answer])
+    budget = cutoff_len - keep_prompt - keep_answer
+    kept = []
+    for prompt, answer in turns[:-1]:
         if budget <= 0:
             break
         keep_prompt, keep_answer = split_budget(len(prompt), len(answer), budget)
-        prompt, answer = prompt[:keep_prompt], answer[:keep_answer]
-        learn = not mask_history or number == len(turns) - 1
+        kept.append((prompt[:keep_prompt], answer[:keep_answer]))
+        budget -= keep_prompt + keep_answer
+    kept.append(last)
+    input_ids, labels = [], []
+    for number, (prompt, answer) in enumerate(kept):
+        learn = not mask_history or number == len(kept) - 1
         input_ids += prompt + answer
         labels += (prompt if train_on_prompt else [IGNORE] * len(prompt)) + (answer if learn else [IGNORE] * len(answer))
     if all(label == IGNORE for label in labels):
@@ -68,7 +78,8 @@ def encode_prompt_answer(example: Example, answer: str, tokenizer, template,
                          default_system: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the conversation so far (with the assistant header) and of one answer to it."""
     messages = example.messages + [{"role": "assistant", "content": answer}]
-    ids = tokenize_pieces(tokenizer, template.pieces(tokenizer, messages, example.system or default_system))
+    ids = tokenize_pieces(tokenizer, template.pieces(tokenizer, messages, example.system or default_system,
+                                                     example.tools))
     return [token for piece in ids[:-1] for token in piece], ids[-1]
 
 

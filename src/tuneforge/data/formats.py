@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from .registry import DataError, DatasetAttr, RawRecord
+from .tools import parse_calls, parse_tools
 
 USER, ASSISTANT, OBSERVATION, FUNCTION = "user", "assistant", "observation", "function"
 USER_SIDE, ASSISTANT_SIDE = (USER, OBSERVATION), (ASSISTANT, FUNCTION)
@@ -152,6 +154,11 @@ def _sharegpt(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str)
                             "user, assistant, user, assistant, ...")
         if not isinstance(message[tags["content_tag"]], str):
             raise DataError(f"{where}: `{tags['content_tag']}` must be a string")
+        if role == FUNCTION:
+            try:
+                parse_calls(message[tags["content_tag"]])
+            except ValueError as err:
+                raise DataError(f"{where}: {err}") from None
         messages.append({"role": role, "content": message[tags["content_tag"]]})
     if stage == "pt":
         return Example(text="\n".join(m["content"] for m in messages), where=record.where)
@@ -162,6 +169,11 @@ def _sharegpt(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str)
     elif len(messages) < 2 or len(messages) % 2:
         raise DataError(f"{record.where}: a conversation needs user/assistant pairs ending with an assistant turn; "
                         f"this one has {len(messages)} turn(s)")
-    tools = _field(record, cols["tools"], required=False, default="")
-    return Example(messages=messages, system=system, tools=tools if isinstance(tools, str) else str(tools),
-                   where=record.where)
+    tools = _field(record, cols["tools"], kind=object, required=False, default="")
+    tools = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+    if tools:
+        try:
+            parse_tools(tools)
+        except ValueError as err:
+            raise DataError(f"{record.where}: field `{cols['tools']}`: {err}") from None
+    return Example(messages=messages, system=system, tools=tools, where=record.where)

@@ -49,7 +49,7 @@ def preview(cfg, tokenizer, examples_to_show: int = 3, plot: str | None = "token
     if stage not in ("pt", "sft"):
         raise DataError(f"`tuneforge data` previews stages pt and sft so far; stage {stage} data is checked when "
                         "`tuneforge train` starts")
-    template = get_template(d.template, tokenizer) if stage == "sft" else None
+    template = get_template(d.template, tokenizer, d.enable_thinking) if stage == "sft" else None
     report = {}
     for name in [n.strip() for n in (d.dataset or "").split(",") if n.strip()]:
         report[name] = len(load_examples(name, d, stage, cfg.train.seed))

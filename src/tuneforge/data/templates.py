@@ -6,10 +6,11 @@ the boundary between what the model reads (prompt, label -100) and what it learn
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .formats import ASSISTANT, FUNCTION, OBSERVATION, USER
 from .registry import DataError
+from .tools import format_calls, parse_calls, parse_tools, tool_prompt
 
 
 @dataclass(frozen=True)
@@ -24,28 +25,60 @@ class Template:
     function: str | None = None  # tool calls; the assistant format when unset
     default_system: str = ""
     stop_words: tuple[str, ...] = ()
+    system_in_user: bool = False  # no system turn: the formatted system text opens the first user message
+    tool_format: str = "json"  # how tool definitions and calls are written (see tools.py)
+    thinking: bool = False  # Qwen3-style <think> blocks: stripped from earlier answers, empty one added when absent
+    enable_thinking: bool = True  # with `thinking`: whether an answer without thoughts still learns the empty block
 
-    def pieces(self, tokenizer, messages: list[dict], system: str | None) -> list[str]:
+    def pieces(self, tokenizer, messages: list[dict], system: str | None, tools: str = "") -> list[str]:
         """Text pieces alternating prompt, response, ...; a conversation ending on a user turn ends on a prompt."""
         specials = {"{bos}": tokenizer.bos_token or "", "{eos}": tokenizer.eos_token or ""}
-        system = system or self.default_system
+        system = "\n\n".join(filter(None, [system or self.default_system,
+                                           tool_prompt(self.tool_format, tools) if tools else ""]))
         pieces, prompt = [], _fill(self.prefix, "", specials)
-        if system:
-            prompt += _fill(self.system, system, specials)
+        system_text = _fill(self.system, system, specials) if system else ""
+        if not self.system_in_user:
+            prompt += system_text
+        last_user = max((i for i, m in enumerate(messages) if m["role"] in (USER, OBSERVATION)), default=-1)
         for i, message in enumerate(messages):
             role, content = message["role"], message["content"]
             if role in (USER, OBSERVATION):
+                if i == 0 and self.system_in_user:
+                    content = system_text + content
                 fmt = self.observation if role == OBSERVATION and self.observation else self.user
                 prompt += (self.separator if i > 0 else "") + _fill(fmt, content, specials)
+                if self.thinking and i == last_user and not self.enable_thinking and i == len(messages) - 1:
+                    prompt += EMPTY_THOUGHT  # generation without thinking, as the model's own template does
                 pieces.append(prompt)
                 prompt = ""
-            else:
-                fmt = self.function if role == FUNCTION and self.function else self.assistant
-                pieces.append(_fill(fmt, content, specials))
+                continue
+            if role == FUNCTION:
+                content = format_calls(self.tool_format, content)
+            if self.thinking:
+                content = _with_thought(content, keep=i > last_user)
+                if i > last_user and not self.enable_thinking and content.startswith(EMPTY_THOUGHT):
+                    pieces[-1] += EMPTY_THOUGHT  # thinking off: the empty block is given, not learned
+                    content = content[len(EMPTY_THOUGHT):]
+            fmt = self.function if role == FUNCTION and self.function else self.assistant
+            pieces.append(_fill(fmt, content, specials))
         return pieces
 
     def stop_texts(self, tokenizer) -> list[str]:
         return [tokenizer.eos_token] + list(self.stop_words) if tokenizer.eos_token else list(self.stop_words)
+
+
+EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
+
+
+def _with_thought(content: str, keep: bool) -> str:
+    """Qwen3's rendering of an answer: thoughts of answers before the last user turn are dropped; the final answer
+    always carries a <think> block (an empty one when it has none)."""
+    if "</think>" in content:
+        thought, answer = content.split("</think>", 1)
+        thought, answer = thought.split("<think>")[-1].strip("\n"), answer.lstrip("\n")
+    else:
+        thought, answer = "", content
+    return f"<think>\n{thought}\n</think>\n\n{answer}" if keep else answer
 
 
 def _fill(fmt: str, content: str, specials: dict) -> str:
@@ -54,18 +87,41 @@ def _fill(fmt: str, content: str, specials: dict) -> str:
     return fmt.replace("{content}", content)
 
 
+CHATML = dict(system="<|im_start|>system\n{content}<|im_end|>\n",
+              user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+              assistant="{content}<|im_end|>", separator="\n", stop_words=("<|im_end|>",))
+QWEN = dict(CHATML, tool_format="qwen",
+            observation="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n"
+                        "<|im_start|>assistant\n")
+GEMMA = dict(prefix="{bos}", system="{content}\n\n", system_in_user=True,
+             user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
+             assistant="{content}<end_of_turn>", separator="\n",
+             observation="<start_of_turn>tool\n{content}<end_of_turn>\n<start_of_turn>model\n",
+             stop_words=("<end_of_turn>",))
+
 TEMPLATES = {
     t.name: t
     for t in [
         Template("empty", user="{content}", assistant="{content}{eos}"),
-        Template("default", system="System: {content}\n", user="Human: {content}\nAssistant:",
+        Template("default", system="System: {content}{eos}\n", user="Human: {content}{eos}\nAssistant:",
                  assistant="{content}{eos}", separator="\n"),
-        Template("chatml", system="<|im_start|>system\n{content}<|im_end|>\n",
-                 user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-                 assistant="{content}<|im_end|>", separator="\n",
-                 observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
-                 stop_words=("<|im_end|>",)),
-        Template("llama3", prefix="{bos}",
+        Template("alpaca", system="{content}\n\n", user="### Instruction:\n{content}\n\n### Response:\n",
+                 assistant="{content}{eos}", separator="\n\n", default_system="Below is an instruction that describes "
+                 "a task. Write a response that appropriately completes the request."),
+        Template("vicuna", system="{content} ", user="USER: {content} ASSISTANT:", assistant=" {content}{eos}",
+                 default_system="A chat between a curious user and an artificial intelligence assistant. The "
+                 "assistant gives helpful, detailed, and polite answers to the user's questions."),
+        Template("chatml", **CHATML, observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n"),
+        Template("qwen", **QWEN, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+        Template("qwen3", **QWEN, thinking=True),
+        Template("qwen3_nothink", **QWEN),
+        Template("yi", **CHATML),
+        Template("llama2", user="{bos}[INST] {content} [/INST]", assistant=" {content} {eos}",
+                 system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_in_user=True),
+        Template("mistral", prefix="{bos}", user="[INST] {content}[/INST]", assistant=" {content}{eos}",
+                 system="{content}\n\n", system_in_user=True, tool_format="mistral",
+                 function="[TOOL_CALLS] {content}{eos}", observation='[TOOL_RESULTS] {"content": {content}}[/TOOL_RESULTS]'),
+        Template("llama3", prefix="{bos}", tool_format="llama3",
                  system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
                  user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
                       "<|start_header_id|>assistant<|end_header_id|>\n\n",
@@ -73,6 +129,19 @@ TEMPLATES = {
                  observation="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>"
                              "<|start_header_id|>assistant<|end_header_id|>\n\n",
                  stop_words=("<|eot_id|>", "<|eom_id|>")),
+        Template("gemma", **GEMMA),
+        Template("gemma3", **GEMMA),
+        Template("phi4", system="<|im_start|>system<|im_sep|>{content}<|im_end|>",
+                 user="<|im_start|>user<|im_sep|>{content}<|im_end|><|im_start|>assistant<|im_sep|>",
+                 assistant="{content}<|im_end|>", stop_words=("<|im_end|>",)),
+        Template("deepseek3", prefix="{bos}", user="<｜User｜>{content}<｜Assistant｜>", assistant="{content}{eos}"),
+        Template("zephyr", system="<|system|>\n{content}{eos}\n", user="<|user|>\n{content}{eos}\n<|assistant|>\n",
+                 assistant="{content}{eos}", separator="\n"),
+        # GLM-4 closes an answer with nothing but the next turn's header; like LLaMA-Factory, each answer here ends
+        # with eos so the model learns to stop (and <|user|> / <|observation|> stop generation too)
+        Template("glm4", prefix="[gMASK]<sop>", system="<|system|>\n{content}", user="<|user|>\n{content}<|assistant|>",
+                 assistant="\n{content}{eos}", observation="<|observation|>\n{content}<|assistant|>", tool_format="glm4",
+                 stop_words=("<|user|>", "<|observation|>")),
     ]
 }
 
@@ -83,19 +152,28 @@ class TokenizerTemplate:
     name = "tokenizer"
     stop_words: tuple[str, ...] = ()
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, enable_thinking: bool = True):
         if not getattr(tokenizer, "chat_template", None):
-            raise DataError("the tokenizer has no chat_template; set `template` (e.g. default, chatml, llama3, empty)")
+            raise DataError("the tokenizer has no chat_template; set `template` (e.g. default, chatml, llama3, qwen)")
+        self.enable_thinking = enable_thinking
 
-    def pieces(self, tokenizer, messages: list[dict], system: str | None) -> list[str]:
+    def pieces(self, tokenizer, messages: list[dict], system: str | None, tools: str = "") -> list[str]:
         hf_roles = {USER: "user", ASSISTANT: "assistant", OBSERVATION: "tool", FUNCTION: "assistant"}
-        chat = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": hf_roles[m["role"]], "content": m["content"]} for m in messages]
+        chat = [{"role": "system", "content": system}] if system else []
+        for m in messages:
+            if m["role"] == FUNCTION:  # tool calls as the transformers chat format writes them
+                calls = [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                         for c in parse_calls(m["content"])]
+                chat.append({"role": "assistant", "content": "", "tool_calls": calls})
+            else:
+                chat.append({"role": hf_roles[m["role"]], "content": m["content"]})
         offset = len(chat) - len(messages)
+        extra = {"tools": parse_tools(tools)} if tools else {}
         pieces, done = [], ""
         for i in range(len(messages)):
             rendered = tokenizer.apply_chat_template(chat[: offset + i + 1], tokenize=False,
-                                                     add_generation_prompt=messages[i]["role"] in (USER, OBSERVATION))
+                                                     add_generation_prompt=messages[i]["role"] in (USER, OBSERVATION),
+                                                     enable_thinking=self.enable_thinking, **extra)
             if not rendered.startswith(done):
                 raise DataError("the tokenizer's chat_template renders a conversation differently from its own "
                                 "prefix, so prompt and answer cannot be told apart; set `template` explicitly")
@@ -112,16 +190,17 @@ class TokenizerTemplate:
         return [tokenizer.eos_token] if tokenizer.eos_token else []
 
 
-def get_template(name: str | None, tokenizer):
+def get_template(name: str | None, tokenizer, enable_thinking: bool = True):
+    """A named template, or (no name) the tokenizer's own chat_template."""
     if not name:
-        return TokenizerTemplate(tokenizer)
+        return TokenizerTemplate(tokenizer, enable_thinking)
     if name not in TEMPLATES:
         import difflib
 
         close = difflib.get_close_matches(name, list(TEMPLATES), n=1)
         hint = f"did you mean {close[0]}?" if close else f"available: {', '.join(TEMPLATES)}"
         raise DataError(f"unknown template `{name}`; {hint} (or leave `template` unset to use the tokenizer's own)")
-    return TEMPLATES[name]
+    return replace(TEMPLATES[name], enable_thinking=enable_thinking)
 
 
 def tokenize_pieces(tokenizer, pieces: list[str]) -> list[list[int]]:

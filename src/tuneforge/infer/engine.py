@@ -43,7 +43,7 @@ class Engine:
             model = load_base_model(cfg.model, dtype=inference_dtype(cfg.model))
             model = attach_adapters(model, cfg.model, cfg.finetune, is_trainable=False)
         self.model = model.eval()
-        self.template = get_template(cfg.data.template, self.tokenizer)
+        self.template = get_template(cfg.data.template, self.tokenizer, cfg.data.enable_thinking)
         self.stop_ids = stop_token_ids(self.template, self.tokenizer)
 
     def prompt_ids(self, messages: list[dict], system: str | None = None) -> list[int]:

@@ -1,0 +1,64 @@
+"""Tool use in conversations: tool definitions written into the system text, and tool calls (`function_call`
+turns, JSON `{"name", "arguments"}` or a list of them) written the way each model family expects."""
+
+from __future__ import annotations
+
+import json
+
+
+def parse_calls(content: str) -> list[dict]:
+    """The calls in a function_call turn; ValueError with the reason when it is not one or more name/arguments."""
+    try:
+        calls = json.loads(content)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"a function_call turn must be JSON {{\"name\": ..., \"arguments\": {{...}}}} ({err.msg})") \
+            from None
+    calls = calls if isinstance(calls, list) else [calls]
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or "arguments" not in call:
+            raise ValueError('each tool call needs a string "name" and "arguments"')
+    return calls
+
+
+def parse_tools(tools: str) -> list[dict]:
+    try:
+        value = json.loads(tools)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"`tools` must be a JSON list of function definitions ({err.msg})") from None
+    value = value if isinstance(value, list) else [value]
+    if not all(isinstance(tool, dict) for tool in value):
+        raise ValueError("`tools` must be a JSON list of function definitions (objects)")
+    return value
+
+
+def _dump(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def tool_prompt(fmt: str, tools: str) -> str:
+    """The text that tells the model which tools it has; it follows the system text."""
+    definitions = parse_tools(tools)
+    if fmt == "qwen":  # Qwen2.5 / Qwen3's published tool prompt
+        wrapped = [t if t.get("type") == "function" else {"type": "function", "function": t} for t in definitions]
+        return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
+                "with function signatures within <tools></tools> XML tags:\n<tools>"
+                + "".join("\n" + _dump(t) for t in wrapped)
+                + "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+                "<args-json-object>}\n</tool_call>")
+    return ("You can call these tools (JSON schema):\n" + "\n".join(_dump(t) for t in definitions)
+            + "\n\nTo call a tool, answer with a JSON object {\"name\": <tool name>, \"arguments\": {...}}.")
+
+
+def format_calls(fmt: str, content: str) -> str:
+    calls = parse_calls(content)
+    if fmt == "qwen":
+        return "\n".join("<tool_call>\n" + _dump({"name": c["name"], "arguments": c["arguments"]}) + "\n</tool_call>"
+                         for c in calls)
+    if fmt == "llama3":  # Llama 3.1's JSON tool call
+        return "\n".join(_dump({"name": c["name"], "parameters": c["arguments"]}) for c in calls)
+    if fmt == "glm4":
+        return "\n".join(f"{c['name']}\n{_dump(c['arguments'])}" for c in calls)
+    if fmt == "mistral":
+        return _dump([{"name": c["name"], "arguments": c["arguments"]} for c in calls])
+    return _dump(calls[0] if len(calls) == 1 else calls)

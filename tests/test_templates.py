@@ -1,0 +1,188 @@
+"""Every named template against its model family's published conversation format, token for token.
+
+Each family gets the tiny test tokenizer plus its own special tokens, so markers such as <|im_start|> are single
+tokens as in the real tokenizers. The expected strings are the published renderings of one two-turn conversation
+with a system message; the trailing newline some formats put after the final end-of-turn is not part of a training
+sequence (the model stops at the end-of-turn token), so it is left out.
+"""
+
+import re
+
+import pytest
+
+from tuneforge.data.encode import IGNORE, encode_prompt, encode_supervised
+from tuneforge.data.formats import Example
+from tuneforge.data.templates import TEMPLATES, TokenizerTemplate, get_template
+
+SYSTEM, Q1, A1, Q2, A2 = "Be brief.", "Hi there", "Hello! How can I help?", "What is 2+2?", "4."
+CHATML = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+          "Hello! How can I help?<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>")
+GEMMA = ("<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\nHello! How can I help?"
+         "<end_of_turn>\n<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4.<end_of_turn>")
+
+# name: (bos, eos, published rendering, the learned text of each answer)
+CASES = {
+    "empty": ("<s>", "</s>", "Be brief.Hi thereHello! How can I help?</s>What is 2+2?4.</s>",
+              ["Hello! How can I help?</s>", "4.</s>"]),
+    "default": ("<s>", "</s>", "System: Be brief.</s>\nHuman: Hi there</s>\nAssistant:Hello! How can I help?</s>\n"
+                "Human: What is 2+2?</s>\nAssistant:4.</s>", ["Hello! How can I help?</s>", "4.</s>"]),
+    "alpaca": ("<s>", "</s>", "Be brief.\n\n### Instruction:\nHi there\n\n### Response:\nHello! How can I help?</s>\n\n"
+               "### Instruction:\nWhat is 2+2?\n\n### Response:\n4.</s>", ["Hello! How can I help?</s>", "4.</s>"]),
+    "vicuna": ("<s>", "</s>", "Be brief. USER: Hi there ASSISTANT: Hello! How can I help?</s>USER: What is 2+2? "
+               "ASSISTANT: 4.</s>", [" Hello! How can I help?</s>", " 4.</s>"]),
+    "chatml": ("<|im_start|>", "<|im_end|>", CHATML, ["Hello! How can I help?<|im_end|>", "4.<|im_end|>"]),
+    "qwen": ("", "<|im_end|>", CHATML, ["Hello! How can I help?<|im_end|>", "4.<|im_end|>"]),
+    "qwen3_nothink": ("", "<|im_end|>", CHATML, ["Hello! How can I help?<|im_end|>", "4.<|im_end|>"]),
+    "qwen3": ("", "<|im_end|>", CHATML.replace("assistant\n4.", "assistant\n<think>\n\n</think>\n\n4."),
+              ["Hello! How can I help?<|im_end|>", "<think>\n\n</think>\n\n4.<|im_end|>"]),
+    "yi": ("", "<|im_end|>", CHATML, ["Hello! How can I help?<|im_end|>", "4.<|im_end|>"]),
+    "llama2": ("<s>", "</s>", "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! How can I help? </s>"
+               "<s>[INST] What is 2+2? [/INST] 4. </s>", [" Hello! How can I help? </s>", " 4. </s>"]),
+    "mistral": ("<s>", "</s>", "<s>[INST] Be brief.\n\nHi there[/INST] Hello! How can I help?</s>[INST] What is 2+2?"
+                "[/INST] 4.</s>", [" Hello! How can I help?</s>", " 4.</s>"]),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>",
+               "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>"
+               "user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+               "Hello! How can I help?<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n4.<|eot_id|>",
+               ["Hello! How can I help?<|eot_id|>", "4.<|eot_id|>"]),
+    "gemma": ("<bos>", "<eos>", GEMMA, ["Hello! How can I help?<end_of_turn>", "4.<end_of_turn>"]),
+    "gemma3": ("<bos>", "<eos>", GEMMA, ["Hello! How can I help?<end_of_turn>", "4.<end_of_turn>"]),
+    "phi4": ("", "<|im_end|>", "<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>Hi there"
+             "<|im_end|><|im_start|>assistant<|im_sep|>Hello! How can I help?<|im_end|><|im_start|>user<|im_sep|>"
+             "What is 2+2?<|im_end|><|im_start|>assistant<|im_sep|>4.<|im_end|>",
+             ["Hello! How can I help?<|im_end|>", "4.<|im_end|>"]),
+    "deepseek3": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
+                  "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi there<｜Assistant｜>Hello! How can I help?"
+                  "<｜end▁of▁sentence｜><｜User｜>What is 2+2?<｜Assistant｜>4.<｜end▁of▁sentence｜>",
+                  ["Hello! How can I help?<｜end▁of▁sentence｜>", "4.<｜end▁of▁sentence｜>"]),
+    "zephyr": ("<s>", "</s>", "<|system|>\nBe brief.</s>\n<|user|>\nHi there</s>\n<|assistant|>\nHello! How can I help?"
+               "</s>\n<|user|>\nWhat is 2+2?</s>\n<|assistant|>\n4.</s>", ["Hello! How can I help?</s>", "4.</s>"]),
+    # GLM-4 as published has no end token after an answer; like LLaMA-Factory we close each answer with eos
+    "glm4": ("", "<|endoftext|>", "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>\nHello! How can I "
+             "help?<|endoftext|><|user|>\nWhat is 2+2?<|assistant|>\n4.<|endoftext|>",
+             ["\nHello! How can I help?<|endoftext|>", "\n4.<|endoftext|>"]),
+}
+SPECIAL = re.compile(r"<\|[a-z_]+\|>|<｜[^｜]+｜>|</?s>|<(?:bos|eos|start_of_turn|end_of_turn|sop)>|\[gMASK\]")
+
+
+def family_tokenizer(folder, bos: str, eos: str, text: str):
+    """The tiny tokenizer with this family's markers added as special tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    markers = sorted(set(SPECIAL.findall(text)) | {eos} | ({bos} if bos else set()))
+    tokenizer.add_special_tokens({"additional_special_tokens": markers, "eos_token": eos,
+                                  **({"bos_token": bos} if bos else {})})
+    return tokenizer
+
+
+def conversation(system: str = SYSTEM) -> Example:
+    return Example(messages=[{"role": "user", "content": Q1}, {"role": "assistant", "content": A1},
+                             {"role": "user", "content": Q2}, {"role": "assistant", "content": A2}], system=system)
+
+
+def learned_spans(tokenizer, row) -> list[str]:
+    spans, current = [], []
+    for token, label in zip(row["input_ids"], row["labels"]):
+        if label != IGNORE:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    return [tokenizer.decode(s) for s in spans + ([current] if current else [])]
+
+
+def test_every_listed_name_is_built():
+    listed = ("default empty alpaca vicuna chatml qwen qwen3 qwen3_nothink llama2 llama3 mistral gemma gemma3 phi4 "
+              "deepseek3 zephyr yi glm4").split()
+    assert set(listed) <= set(TEMPLATES) and set(CASES) == set(TEMPLATES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_template_matches_the_published_format(tiny_model, name):
+    bos, eos, expected, learned = CASES[name]
+    tokenizer = family_tokenizer(tiny_model, bos, eos, expected)
+    template = get_template(name, tokenizer)
+    row = encode_supervised(conversation(), tokenizer, template, cutoff_len=4096)
+    assert row["input_ids"] == tokenizer.encode(expected, add_special_tokens=False)
+    assert learned_spans(tokenizer, row) == learned
+    # the generation prompt is the conversation up to the second question, ending on the assistant header
+    prompt = encode_prompt(conversation().messages[:3], tokenizer, template, SYSTEM)
+    assert prompt == row["input_ids"][: len(prompt)] and row["labels"][len(prompt)] != IGNORE
+
+
+@pytest.mark.parametrize("name", ["chatml", "qwen3_nothink", "yi", None])
+def test_chatml_family_matches_apply_chat_template(tiny_model, name):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)  # carries a ChatML chat_template
+    template = TokenizerTemplate(tokenizer) if name is None else get_template(name, tokenizer)
+    example = conversation()
+    chat = [{"role": "system", "content": SYSTEM}] + example.messages
+    row = encode_supervised(example, tokenizer, template, cutoff_len=4096)
+    reference = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert row["input_ids"] == tokenizer.encode(reference.rstrip("\n"), add_special_tokens=False)
+    prompt = tokenizer.apply_chat_template(chat[:4], tokenize=False, add_generation_prompt=True)
+    assert encode_prompt(example.messages[:3], tokenizer, template, SYSTEM) == tokenizer.encode(
+        prompt, add_special_tokens=False)
+
+
+def test_default_systems(tiny_model):
+    bos, eos, expected, _ = CASES["qwen"]
+    tokenizer = family_tokenizer(tiny_model, bos, eos, expected)
+    text = tokenizer.decode(encode_supervised(conversation(system=""), tokenizer, get_template("qwen", tokenizer),
+                                              4096)["input_ids"])
+    assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+                           "assistant.<|im_end|>\n<|im_start|>user\n")
+    tokenizer = family_tokenizer(tiny_model, "<s>", "</s>", "")
+    text = tokenizer.decode(encode_supervised(conversation(system=""), tokenizer, get_template("alpaca", tokenizer),
+                                              4096)["input_ids"])
+    assert text.startswith("Below is an instruction that describes a task. Write a response that appropriately "
+                           "completes the request.\n\n### Instruction:\nHi there")
+
+
+def test_qwen3_thoughts(tiny_model):
+    bos, eos, expected, _ = CASES["qwen3"]
+    tokenizer = family_tokenizer(tiny_model, bos, eos, expected)
+    example = conversation()
+    example.messages[1]["content"] = "<think>\nGreet back.\n</think>\n\n" + A1  # an earlier turn's thought
+    example.messages[3]["content"] = "<think>Add.</think>" + A2
+    row = encode_supervised(example, tokenizer, get_template("qwen3", tokenizer), 4096)
+    # as Qwen3's own template: earlier thoughts dropped, the final one kept in its canonical layout
+    assert learned_spans(tokenizer, row) == [A1 + "<|im_end|>", "<think>\nAdd.\n</think>\n\n4.<|im_end|>"]
+    off = get_template("qwen3", tokenizer, enable_thinking=False)
+    row = encode_supervised(conversation(), tokenizer, off, 4096)
+    assert tokenizer.decode(row["input_ids"]) == expected  # same text, but the empty thought is given, not learned
+    assert learned_spans(tokenizer, row)[-1] == "4.<|im_end|>"
+    prompt = tokenizer.decode(encode_prompt(conversation().messages[:3], tokenizer, off, SYSTEM))
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_qwen_tools_calls_and_results(tiny_model):
+    tokenizer = family_tokenizer(tiny_model, "", "<|im_end|>", CHATML)
+    tools = '[{"name": "add", "description": "Add numbers", "parameters": {"type": "object"}}]'
+    example = Example(messages=[
+        {"role": "user", "content": "2+2?"},
+        {"role": "function", "content": '{"name": "add", "arguments": {"a": 2, "b": 2}}'},
+        {"role": "observation", "content": "4"},
+        {"role": "assistant", "content": "It is 4."}], system="Be brief.", tools=tools)
+    row = encode_supervised(example, tokenizer, get_template("qwen", tokenizer), 4096)
+    text = tokenizer.decode(row["input_ids"])
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions")
+    assert '<tools>\n{"type": "function", "function": {"name": "add", "description": "Add numbers"' in text
+    assert learned_spans(tokenizer, row) == [
+        '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call><|im_end|>', "It is 4.<|im_end|>"]
+    assert "<|im_start|>user\n<tool_response>\n4\n</tool_response><|im_end|>\n<|im_start|>assistant\n" in text
+
+
+def test_truncation_keeps_the_last_turn(tiny_model):
+    tokenizer = family_tokenizer(tiny_model, "", "<|im_end|>", CHATML)
+    example = conversation()
+    example.messages[1]["content"] = "Hello! " * 200  # a long first answer
+    template = get_template("chatml", tokenizer)
+    row = encode_supervised(example, tokenizer, template, cutoff_len=64)
+    assert len(row["input_ids"]) == 64
+    assert learned_spans(tokenizer, row)[-1] == "4.<|im_end|>"  # the last answer survives whole
+    assert tokenizer.decode(row["input_ids"]).endswith("<|im_start|>assistant\n4.<|im_end|>")
