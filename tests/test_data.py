@@ -184,3 +184,66 @@ def test_tokenised_data_is_cached(tiny_model, tmp_path, monkeypatch):
     saved = prepare(tokenized_path=str(tmp_path / "tok"))
     assert (tmp_path / "tok" / "tokenized.pkl").is_file() and len(calls) == 6
     assert prepare(tokenized_path=str(tmp_path / "tok")).train == saved.train and calls == []
+
+
+def test_arrow_files_split_folders_and_hub_entries(tmp_path):
+    import datasets
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(4)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))  # a folder of .arrow + JSON metadata
+    (tmp_path / "splits").mkdir()
+    write_jsonl(tmp_path / "splits" / "train.jsonl", rows[:3])
+    write_jsonl(tmp_path / "splits" / "test.jsonl", rows[3:])
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "saved": {"file_name": "saved"}, "train_part": {"file_name": "splits"},
+        "test_part": {"file_name": "splits", "split": "test"},
+        "hub": {"hf_hub_url": "org/data", "file_name": "splits"}}))
+    args = DataArgs(dataset_dir=str(tmp_path))
+    assert [e.messages[1]["content"] for e in load_examples("saved", args, "sft", 0)] == ["a0", "a1", "a2", "a3"]
+    assert len(load_examples("train_part", args, "sft", 0)) == 3
+    assert [e.messages[1]["content"] for e in load_examples("test_part", args, "sft", 0)] == ["a3"]
+    from tuneforge.data.registry import resolve
+
+    assert resolve("hub", str(tmp_path))[0].hub == "org/data"  # the first source present wins, as in LLaMA-Factory
+
+
+def test_mix_strategies(tmp_path):
+    from tuneforge.config import ConfigError, build_config, validate
+    from tuneforge.data import mix
+
+    a, b = list("abc"), list("12345")
+    assert mix([a, b], "concat", None, 0) == a + b
+    assert mix([a, b], "interleave_under", None, 0) == ["a", "1", "b", "2", "c"]
+    assert mix([a, b], "interleave_over", None, 0) == ["a", "1", "b", "2", "c", "3", "a", "4", "b", "5"]
+    assert mix([a, b], "interleave_once", None, 0) == ["a", "1", "b", "2", "c", "3", "4", "5"]
+    drawn = mix([a * 100, b * 100], "interleave_under", "0.2,0.8", 0)
+    assert 0.15 < sum(x in a for x in drawn) / len(drawn) < 0.25  # drawn by the given probabilities
+    assert mix([a, b], "interleave_over", "1,0", 0) == a  # a zero-probability dataset is never waited for
+    write_jsonl(tmp_path / "x.jsonl", [{"instruction": "q", "output": "a"}] * 3)
+    write_jsonl(tmp_path / "y.jsonl", [{"instruction": "r", "output": "b"}] * 2)
+    names = f"{tmp_path / 'x.jsonl'},{tmp_path / 'y.jsonl'}"
+    mixed = load_examples(names, DataArgs(mix_strategy="interleave_under"), "sft", 0)
+    assert [e.messages[0]["content"] for e in mixed] == ["q", "r", "q", "r"]
+    for bad, message in [({"interleave_probs": "0.5"}, "one non-negative number per dataset"),
+                         ({"mix_strategy": "zip"}, "mix_strategy` must be concat"),
+                         ({"interleave_probs": "0.5,0.5", "mix_strategy": "concat"}, "not concat")]:
+        cfg = build_config({"model_name_or_path": "m", "dataset": names, "output_dir": "o",
+                            "mix_strategy": "interleave_over", **bad})
+        with pytest.raises(ConfigError, match=message):
+            validate(cfg, "train")
+
+
+def test_eval_on_each_dataset_reports_each_set(tiny_model, tmp_path):
+    from conftest import read_log, run_training
+
+    write_jsonl(tmp_path / "train.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(8)])
+    write_jsonl(tmp_path / "easy.jsonl", [{"instruction": "q1", "output": "a1"}] * 2)
+    write_jsonl(tmp_path / "hard.jsonl", [{"instruction": "What is the weather?", "output": "Sunny and warm."}] * 3)
+    out = tmp_path / "out"
+    results = run_training(dict(
+        model_name_or_path=tiny_model, dataset=str(tmp_path / "train.jsonl"), template="chatml",
+        eval_dataset=f"{tmp_path / 'easy.jsonl'},{tmp_path / 'hard.jsonl'}", eval_on_each_dataset=True,
+        output_dir=str(out), max_steps=2, eval_strategy="steps", eval_steps=1, do_eval=True, report_to="none"))
+    assert {"eval_easy_loss", "eval_hard_loss", "eval_easy_perplexity"} <= set(results)
+    assert results["eval_easy_loss"] != results["eval_hard_loss"] and "eval_loss" not in results
+    assert any("eval_hard_loss" in entry for entry in read_log(out))

@@ -70,6 +70,7 @@ class DataArgs:
     default_system: str | None = None
     enable_thinking: bool = True
     tokenized_path: str | None = None
+    skip_bad_records: bool = False  # drop malformed records (counted, first reasons printed) instead of failing
 
 
 @dataclass
@@ -199,9 +200,6 @@ NOT_YET = {
     "add_special_tokens": "adding special tokens is not built yet",
     "upcast_layernorm": "upcast_layernorm is not built yet",
     "streaming": "streaming datasets are not built yet; load the file whole",
-    "mix_strategy": "only mix_strategy: concat is built so far",
-    "interleave_probs": "interleaving datasets is not built yet (mix_strategy: concat only)",
-    "eval_on_each_dataset": "eval_on_each_dataset is not built yet",
     "pissa_init": "PiSSA initialisation is not built yet",
     "deepspeed": "DeepSpeed configs are not wired in yet; use `accelerate launch` or torchrun for DDP",
     "export_dir": "`tuneforge export` is not built yet",
@@ -359,6 +357,27 @@ def validate(cfg: Config, command: str = "train") -> None:
         _fail(cfg, "`neat_packing` is built for sft; stage pt concatenates documents (set `neat_packing: false`)")
     if d.packing is False and f.stage == "pt":
         _fail(cfg, "stage pt always concatenates and chunks text to cutoff_len; `packing: false` is not built")
+    if d.mix_strategy not in ("concat", "interleave_under", "interleave_over", "interleave_once"):
+        _fail(cfg, f"`mix_strategy` must be concat, interleave_under, interleave_over or interleave_once; got "
+                   f"{d.mix_strategy!r}")
+    if d.interleave_probs:
+        count = len([n for n in (d.dataset or "").split(",") if n.strip()])
+        try:
+            probs = [float(p) for p in d.interleave_probs.split(",")]
+        except ValueError:
+            probs = []
+        if len(probs) != count or any(p < 0 for p in probs) or not sum(probs):
+            _fail(cfg, f"`interleave_probs` needs one non-negative number per dataset ({count}), comma-separated; got "
+                       f"{d.interleave_probs!r}")
+        if d.mix_strategy == "concat":
+            _fail(cfg, "`interleave_probs` applies to mix_strategy interleave_under / interleave_over / "
+                       "interleave_once, not concat")
+    if d.eval_on_each_dataset and f.stage not in ("pt", "sft"):
+        _fail(cfg, f"`eval_on_each_dataset` is built for stages pt and sft; stage {f.stage} evaluates all sets together")
+    if d.eval_on_each_dataset and (t.load_best_model_at_end or f.early_stopping_steps) and \
+            not (t.metric_for_best_model or "").startswith("eval_"):
+        _fail(cfg, "with `eval_on_each_dataset` every set reports its own metrics (eval_<dataset>_loss, ...); set "
+                   "`metric_for_best_model` to one of them, e.g. eval_<dataset>_loss")
     if not 0 <= d.val_size:
         _fail(cfg, f"`val_size` must be a fraction in [0, 1) or a count of examples; got {d.val_size}")
     if t.bf16 and t.fp16:

@@ -16,17 +16,45 @@ __all__ = ["DataError", "Example", "LMData", "load_examples", "prepare_lm_data"]
 
 
 def load_examples(names: str, data_args, stage: str, seed: int) -> list[Example]:
-    examples = []
+    """The canonical examples of a comma list of datasets, mixed by `mix_strategy`."""
+    parts = []
     for attr in resolve(names, data_args.dataset_dir):
-        part = to_examples(attr, read_records(attr), stage)
+        skip = data_args.skip_bad_records
+        part = to_examples(attr, read_records(attr, skip), stage, skip)
         if attr.num_samples:  # resample to the requested size, as LLaMA-Factory does
             rng = random.Random(seed)
             part = (part * (attr.num_samples // len(part) + 1))[: attr.num_samples] if attr.num_samples > len(part) \
                 else rng.sample(part, attr.num_samples)
         if data_args.max_samples:
             part = part[: data_args.max_samples]
-        examples += part
-    return examples
+        parts.append(part)
+    return mix(parts, data_args.mix_strategy, data_args.interleave_probs, seed)
+
+
+def mix(parts: list[list], strategy: str, probs: str | None, seed: int) -> list:
+    """concat: one after another. interleave_under: take from the datasets in turn (or at random by
+    `interleave_probs`) until one runs out; interleave_over: until every one has been seen whole, starting exhausted
+    ones again (oversampling); interleave_once: until every one runs out, each example used once."""
+    if strategy == "concat" or len(parts) == 1:
+        return [example for part in parts for example in part]
+    weights = [float(p) for p in probs.split(",")] if probs else [1.0] * len(parts)
+    rng, position, whole, out, turn = random.Random(seed), [0] * len(parts), [False] * len(parts), [], 0
+    needed = [i for i, weight in enumerate(weights) if weight > 0]  # a zero-weight dataset is never drawn
+    while True:
+        live = [i for i in needed if strategy == "interleave_over" or position[i] < len(parts[i])]
+        if not live:
+            return out
+        if probs:
+            i = rng.choices(live, weights=[weights[j] for j in live])[0]
+        else:
+            i, turn = live[turn % len(live)], turn + 1
+        position[i] %= len(parts[i])  # interleave_over starts a used-up dataset again
+        out.append(parts[i][position[i]])
+        position[i] += 1
+        if position[i] == len(parts[i]):
+            whole[i] = True
+            if strategy == "interleave_under" or (strategy == "interleave_over" and all(whole[j] for j in needed)):
+                return out
 
 
 @dataclass
@@ -107,6 +135,14 @@ def prepare_lm_data(cfg, tokenizer, need_train: bool = True) -> LMData:
     return data
 
 
+def _metric_name(dataset: str) -> str:
+    """A dataset name (or file path) as a metric-name part: eval_<this>_loss."""
+    import re
+    from pathlib import Path
+
+    return re.sub(r"\W+", "_", Path(dataset).stem if "/" in dataset or "." in dataset else dataset).strip("_")
+
+
 def _tokenise(cfg, tokenizer, template, need_train: bool) -> LMData:
     d, stage = cfg.data, cfg.finetune.stage
     train_examples, eval_examples = load_splits(cfg)
@@ -121,5 +157,9 @@ def _tokenise(cfg, tokenizer, template, need_train: bool) -> LMData:
     if eval_examples and not evaluation:
         raise DataError(f"no evaluation example has a response token left after truncation to "
                         f"cutoff_len={d.cutoff_len}; raise cutoff_len or check the evaluation data")
+    if d.eval_on_each_dataset:  # one evaluation set per dataset, reported as eval_<name>_loss, ...
+        names = dict.fromkeys(e.dataset for e in eval_examples)
+        evaluation = {_metric_name(name): _encode([e for e in eval_examples if e.dataset == name], stage, tokenizer,
+                                                  template, d)[0] for name in names}
     return LMData(train=train, eval=evaluation, eval_examples=kept_eval, template=template,
                   num_train_examples=num_train_examples)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .registry import resolve
 
-VERSION = 1  # bump when the encoded format changes
+VERSION = 2  # bump when the encoded format changes
 
 
 def fingerprint(cfg, tokenizer, template) -> str:
@@ -23,10 +23,12 @@ def fingerprint(cfg, tokenizer, template) -> str:
         digest.update(json.dumps(value, sort_keys=True, default=str).encode())
 
     add([VERSION, cfg.finetune.stage, cfg.train.seed, d.dataset, d.eval_dataset, d.cutoff_len, d.train_on_prompt,
-         d.mask_history, d.default_system, d.max_samples, d.val_size, d.packing, d.neat_packing])
+         d.mask_history, d.default_system, d.max_samples, d.val_size, d.packing, d.neat_packing, d.mix_strategy,
+         d.interleave_probs, d.eval_on_each_dataset, d.enable_thinking, d.skip_bad_records])
     for names in (d.dataset, d.eval_dataset):
         for attr in resolve(names, d.dataset_dir) if names else []:
-            add([attr.name, attr.formatting, attr.ranking, attr.columns, attr.tags, attr.num_samples])
+            add([attr.name, attr.formatting, attr.ranking, attr.columns, attr.tags, attr.num_samples, attr.hub,
+                 attr.subset, attr.split, list(map(str, attr.files))])
             for file in attr.files:
                 digest.update(file.read_bytes())
     backend = getattr(tokenizer, "backend_tokenizer", None)

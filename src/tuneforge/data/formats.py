@@ -22,6 +22,7 @@ class Example:
     rejected: str | None = None
     kto_tag: bool | None = None  # KTO: whether the final answer is desirable
     where: str = ""
+    dataset: str = ""  # the registry name (or file) it came from
 
 
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
@@ -45,7 +46,8 @@ def detect_formatting(record: dict, where: str) -> str:
 PAIR_STAGES = ("rm", "dpo")
 
 
-def to_examples(attr: DatasetAttr, records: list[RawRecord], stage: str) -> list[Example]:
+def to_examples(attr: DatasetAttr, records: list[RawRecord], stage: str, skip: bool = False) -> list[Example]:
+    """Canonical examples; a malformed record stops with its error, or with `skip` is dropped and counted."""
     formatting, ranking = attr.formatting, attr.ranking
     if formatting == "auto":  # a file given directly: tell the format from its first record
         formatting = detect_formatting(records[0].data, records[0].where)
@@ -62,7 +64,23 @@ def to_examples(attr: DatasetAttr, records: list[RawRecord], stage: str) -> list
         raise DataError(f"stage kto needs a desirable/undesirable flag per example: map it with "
                         f"`columns: {{\"kto_tag\": ...}}` for dataset `{attr.name}` in dataset_info.json")
     convert = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _sharegpt}[formatting]
-    return [_with_preferences(attr, formatting, r, stage, convert(attr, formatting, r, stage)) for r in records]
+    examples, reasons = [], list(attr.skipped)
+    for record in records:
+        try:
+            examples.append(_with_preferences(attr, formatting, record, stage,
+                                              convert(attr, formatting, record, stage)))
+            examples[-1].dataset = attr.name
+        except DataError as err:
+            if not skip:
+                raise
+            reasons.append(str(err))
+    if reasons:
+        if not examples:
+            raise DataError(f"dataset `{attr.name}`: every record is malformed; the first: {reasons[0]}")
+        total = len(records) + len(attr.skipped)
+        print(f"[tuneforge] dataset `{attr.name}`: skipped {len(reasons)} of {total} malformed records "
+              "(skip_bad_records); the first: " + " | ".join(reasons[:3]))
+    return examples
 
 
 def _with_preferences(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str, example: Example):

@@ -13,7 +13,8 @@ class DataError(ValueError):
     """A data problem, worded for the person who owns the data: file, record, field, expectation, fix."""
 
 
-FILE_TYPES = {".json": "json", ".jsonl": "json", ".txt": "text", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".txt": "text", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
+              ".arrow": "arrow"}
 
 
 @dataclass
@@ -23,11 +24,14 @@ class DatasetAttr:
     name: str
     files: list[Path]
     formatting: str = "alpaca"  # alpaca | sharegpt | openai
+    hub: str | None = None  # hf_hub_url: a Hugging Face Hub dataset, read with `datasets`
+    subset: str | None = None
     ranking: bool = False
     split: str = "train"
     num_samples: int | None = None
     columns: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # reasons for lines dropped while reading (skip_bad_records)
 
 
 @dataclass
@@ -70,27 +74,51 @@ def resolve(names: str, dataset_dir: str) -> list[DatasetAttr]:
 def _from_entry(name: str, entry: dict, dataset_dir: Path, info_path: Path) -> DatasetAttr:
     if not isinstance(entry, dict):
         raise DataError(f"{info_path}: entry `{name}` must be an object with at least `file_name`")
-    for remote in ("hf_hub_url", "ms_hub_url", "script_url", "cloud_file_name"):
-        if remote in entry and "file_name" not in entry:
-            raise DataError(f"{info_path}: dataset `{name}` uses `{remote}`; loading remote datasets is not built yet "
-                            "and this machine may be offline: download the data and set `file_name` to a local file")
-    if "file_name" not in entry:
+    source = next((key for key in ("hf_hub_url", "ms_hub_url", "script_url", "cloud_file_name", "file_name")
+                   if key in entry), None)  # the first present wins, as in LLaMA-Factory
+    if source is None:
         raise DataError(f"{info_path}: dataset `{name}` has no `file_name`; set it to a file or folder under "
                         f"{dataset_dir}")
+    if source in ("ms_hub_url", "script_url", "cloud_file_name"):
+        raise DataError(f"{info_path}: dataset `{name}` uses `{source}`, which tuneforge does not read; download the "
+                        "data and set `file_name` to a local file (or use `hf_hub_url`)")
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt", "openai"):
         raise DataError(f"{info_path}: dataset `{name}` has formatting `{formatting}`; expected alpaca, sharegpt "
                         "or openai")
-    path = dataset_dir / entry["file_name"]
-    return DatasetAttr(name=name, files=_files_of(path, f"{info_path} entry `{name}`"), formatting=formatting,
-                       ranking=bool(entry.get("ranking", False)), split=entry.get("split", "train"),
+    split = entry.get("split", "train")
+    if source == "hf_hub_url":
+        files, hub = [], entry["hf_hub_url"]
+    else:
+        path = dataset_dir / entry["file_name"]
+        files, hub = _split_files(_files_of(path, f"{info_path} entry `{name}`"), split, path), None
+    return DatasetAttr(name=name, files=files, formatting=formatting, hub=hub, subset=entry.get("subset"),
+                       ranking=bool(entry.get("ranking", False)), split=split,
                        num_samples=entry.get("num_samples"), columns=dict(entry.get("columns") or {}),
                        tags=dict(entry.get("tags") or {}))
+
+
+def _split_files(files: list[Path], split: str, path: Path) -> list[Path]:
+    """A folder holding one file set per split (train.jsonl, test.jsonl, ...): the files of `split`. A single
+    file, or a folder without split names, is the train split."""
+    named = [f for f in files if f.stem.split("-")[0].split(".")[0] in ("train", "test", "validation", "dev")]
+    if not named or not path.is_dir():
+        if split != "train":
+            raise DataError(f"{path}: split `{split}` asked for, but only folders with files named by split "
+                            "(train.jsonl, test.jsonl, ...) hold other splits; remove `split` or point at the file")
+        return files
+    chosen = [f for f in named if f.stem.split("-")[0].split(".")[0] == split]
+    if not chosen:
+        found = sorted({f.stem.split("-")[0].split(".")[0] for f in named})
+        raise DataError(f"{path}: no file for split `{split}`; the folder holds {', '.join(found)}")
+    return chosen
 
 
 def _files_of(path: Path, owner: str) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in FILE_TYPES)
+        if any(p.suffix == ".arrow" for p in files):  # a `save_to_disk` folder: its JSON files are metadata
+            files = [p for p in files if p.suffix == ".arrow"]
         if not files:
             raise DataError(f"{owner}: folder {path} holds no data files ({', '.join(FILE_TYPES)})")
         return files
@@ -101,7 +129,9 @@ def _files_of(path: Path, owner: str) -> list[Path]:
     return [path]
 
 
-def read_records(attr: DatasetAttr) -> list[RawRecord]:
+def read_records(attr: DatasetAttr, skip: bool = False) -> list[RawRecord]:
+    if attr.hub:
+        return _read_hub(attr)
     records = []
     for path in attr.files:
         kind = FILE_TYPES[path.suffix]
@@ -115,7 +145,9 @@ def read_records(attr: DatasetAttr) -> list[RawRecord]:
             records += [RawRecord({"text": line}, f"{path} line {i + 1}")
                         for i, line in enumerate(text.splitlines()) if line.strip()]
         elif kind == "json":
-            records += _read_json(path, text)
+            records += _read_json(path, text, attr.skipped if skip else None)
+        elif kind == "arrow":
+            records += _read_arrow(path)
         else:
             records += _read_table(path)
     if not records:
@@ -123,7 +155,7 @@ def read_records(attr: DatasetAttr) -> list[RawRecord]:
     return records
 
 
-def _read_json(path: Path, text: str) -> list[RawRecord]:
+def _read_json(path: Path, text: str, skipped: list | None = None) -> list[RawRecord]:
     stripped = text.lstrip()
     if stripped.startswith("["):  # a JSON array, whatever the extension
         try:
@@ -141,8 +173,11 @@ def _read_json(path: Path, text: str) -> list[RawRecord]:
         try:
             records.append(RawRecord(json.loads(line), f"{path} line {number}"))
         except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {number} column {err.colno}: not valid JSON ({err.msg}); each line must be "
-                            "one JSON object") from None
+            message = (f"{path} line {number} column {err.colno}: not valid JSON ({err.msg}); each line must be one "
+                       "JSON object")
+            if skipped is None:
+                raise DataError(message) from None
+            skipped.append(message)
     return records
 
 
@@ -157,3 +192,34 @@ def _read_table(path: Path) -> list[RawRecord]:
         table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
     return [RawRecord(row, f"{path} row {i + 2 if path.suffix != '.parquet' else i}")
             for i, row in enumerate(table.to_pylist())]
+
+
+def _read_arrow(path: Path) -> list[RawRecord]:
+    """An Arrow IPC file: the stream format `datasets` saves (save_to_disk), or the random-access file format."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            try:
+                table = pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_file(source).read_all()
+    except pa.ArrowInvalid as err:
+        raise DataError(f"{path}: not an Arrow file ({err}); save it with datasets' save_to_disk or pyarrow.ipc") \
+            from None
+    return [RawRecord(row, f"{path} record {i}") for i, row in enumerate(table.to_pylist())]
+
+
+def _read_hub(attr: DatasetAttr) -> list[RawRecord]:
+    """A Hugging Face Hub dataset through `datasets` (its local cache first); a clear error when it cannot be had."""
+    import datasets
+
+    try:
+        data = datasets.load_dataset(attr.hub, attr.subset, split=attr.split)
+    except Exception as err:  # offline, unknown repository, missing split: all end the same way for the user
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise DataError(f"dataset `{attr.name}`: cannot load `{attr.hub}` (split {attr.split}) from the Hugging Face "
+                        f"Hub ({reason}); on an offline machine download it elsewhere and register it with "
+                        "`file_name` pointing at a local file") from None
+    return [RawRecord(row, f"{attr.hub} [{attr.split}] record {i}") for i, row in enumerate(data)]

@@ -130,7 +130,12 @@ def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, p
     """Unit-weighted eval loss and metrics of a loss module over `rows` (plus perplexity for token losses).
 
     Runs the unwrapped module: evaluation needs no gradient sync, and processes may hold different numbers of
-    batches, so no DDP collective may run per batch."""
+    batches, so no DDP collective may run per batch.
+
+    `rows` may be a dict of named sets (eval_on_each_dataset): each reports its own eval_<name>_... metrics."""
+    if isinstance(rows, dict):
+        return {key.replace("eval_", f"eval_{name}_", 1): value for name, part in rows.items()
+                for key, value in evaluate(module, part, collator, batch_size, accelerator, precision).items()}
     module = _inner(module)
     module.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -321,6 +326,8 @@ def _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision
     metrics = evaluate(module, eval_rows, collator, t.per_device_eval_batch_size, accelerator, precision)
     log.eval_step(state.global_step, epoch, metrics)
     name, higher = best_metric_name(t)
+    if name not in metrics and not (t.load_best_model_at_end or cfg.finetune.early_stopping_steps):
+        return False  # nothing depends on the best metric (e.g. eval_on_each_dataset without a named one)
     if name not in metrics:
         raise ConfigError(f"metric_for_best_model `{t.metric_for_best_model}`: evaluation reports "
                           f"{', '.join(metrics)}; pick one of those")

@@ -17,6 +17,10 @@ from .losses import CausalLMLoss
 from .metrics import generation_scores
 
 
+def _count(rows) -> str:
+    return (" + ".join(f"{len(v)} ({k})" for k, v in rows.items()) or "0") if isinstance(rows, dict) else str(len(rows))
+
+
 def run(cfg) -> dict:
     t, f = cfg.train, cfg.finetune
     accelerator, tokenizer = start(cfg)
@@ -25,7 +29,7 @@ def run(cfg) -> dict:
     model = prepare_model(cfg, accelerator, packed=bool(data.train) and "position_ids" in data.train[0])
     packed = f" (packed into {len(data.train)} rows)" if len(data.train) != data.num_train_examples else ""
     accelerator.print(f"[tuneforge] {data.num_train_examples} training examples{packed}, "
-                      f"{len(data.eval)} evaluation examples")
+                      f"{_count(data.eval)} evaluation examples")
     module = CausalLMLoss(model, compute_accuracy=f.compute_accuracy)
     results = train_and_evaluate(cfg, module, tokenizer, data.train, data.eval, accelerator, resume,
                                  PadCollator(tokenizer.pad_token_id))
