@@ -1,6 +1,8 @@
+import json
 import subprocess
 import sys
 
+import pytest
 from conftest import read_log, write_jsonl, alpaca_rows
 
 TUNEFORGE = [sys.executable, "-m", "tuneforge.cli"]
@@ -64,3 +66,44 @@ def test_data_command_previews_and_fails_like_train(tiny_model, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": \n')
     bad = _run("data", str(config), f"dataset={tmp_path / 'bad.jsonl'}")
     assert bad.returncode == 2 and "bad.jsonl line 1 column" in bad.stderr
+
+
+DATA_FORMATS = {  # stage, registry entry, records
+    "alpaca": ("sft", {"file_name": "f.jsonl"}, [{"instruction": "2+2?", "input": "", "output": "four"}]),
+    "sharegpt": ("sft", {"file_name": "f.jsonl", "formatting": "sharegpt"},
+                 [{"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "four"}]}]),
+    "openai": ("sft", {"file_name": "f.jsonl", "formatting": "openai"},
+               [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "four"}]}]),
+    "text": ("pt", {"file_name": "f.jsonl", "columns": {"prompt": "text"}}, [{"text": "two plus two is four"}]),
+    "alpaca_pairs": ("dpo", {"file_name": "f.jsonl", "ranking": True},
+                     [{"instruction": "2+2?", "chosen": "four", "rejected": "five"}]),
+    "sharegpt_pairs": ("rm", {"file_name": "f.jsonl", "formatting": "sharegpt", "ranking": True},
+                       [{"conversations": [{"from": "human", "value": "2+2?"}],
+                         "chosen": {"from": "gpt", "value": "four"}, "rejected": {"from": "gpt", "value": "five"}}]),
+    "kto": ("kto", {"file_name": "f.jsonl", "columns": {"kto_tag": "label"}},
+            [{"instruction": "2+2?", "output": "four", "label": True},
+             {"instruction": "3+3?", "output": "seven", "label": False}]),
+    "text_label": ("cls", {"file_name": "f.jsonl"}, [{"text": "great film", "label": "pos"},
+                                                     {"text": "dull film", "label": "neg"}]),
+}
+SHOWN = {"alpaca": "[[four<|im_end|>]]", "sharegpt": "[[four<|im_end|>]]", "openai": "[[four<|im_end|>]]",
+         "text": "[[two plus two is four", "alpaca_pairs": "[rejected] <|im_start|>user\n2+2?",
+         "sharegpt_pairs": "[chosen] <|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n[[four<|im_end|>]]",
+         "kto": "[kto_tag False] <|im_start|>user\n3+3?", "text_label": "label [[pos]] ---\ngreat film"}
+
+
+@pytest.mark.parametrize("kind", sorted(DATA_FORMATS))
+def test_data_command_on_every_format(tiny_model, tmp_path, capsys, kind):
+    from tuneforge.cli import main
+
+    stage, entry, rows = DATA_FORMATS[kind]
+    write_jsonl(tmp_path / "f.jsonl", rows)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({kind: entry}))
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"model_name_or_path": tiny_model, "dataset": kind, "dataset_dir": str(tmp_path),
+                                  "stage": stage, "template": "chatml", "output_dir": str(tmp_path / "out")}))
+    assert main(["data", str(config), "--plot", str(tmp_path / "h.png")]) == 0
+    printed = capsys.readouterr().out
+    assert f"split: {len(rows)} train, 0 evaluation" in printed
+    assert SHOWN[kind] in printed, printed
+    assert not (tmp_path / "out").exists()

@@ -79,12 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(_load(path, overrides, "train"))
         elif ns.command == "data":
             from .data.preview import preview
-            from .models.load import load_tokenizer
 
             cfg = _load(path, overrides, "chat")
             if not cfg.data.dataset:
                 raise ConfigError("`dataset` is required: the data to check")
-            preview(cfg, load_tokenizer(cfg.model), ns.show, ns.plot)
+            preview(cfg, ns.show, ns.plot)
         elif ns.command == "predict":
             from .infer.classify import run_predict
 

@@ -1,7 +1,8 @@
 """`tuneforge data CONFIG`: check and preview a dataset without training.
 
-Prints counts per dataset and split, token-length statistics (and writes a histogram PNG), how many records
-cutoff_len truncates, and a few decoded examples with the trained tokens in [[double brackets]]. Data errors are
+Every stage's data: counts per dataset and split, token-length statistics (and a histogram PNG), how many
+records cutoff_len truncates, and a few decoded examples with the trained tokens in [[double brackets]] (both
+answers of a preference pair; the tag of a KTO example; the label of a classification example). Data errors are
 the same one-line errors `tuneforge train` gives.
 """
 
@@ -11,8 +12,7 @@ import statistics
 from pathlib import Path
 
 from . import load_examples, load_splits
-from .encode import IGNORE, encode_pretrain, encode_supervised
-from .registry import DataError
+from .encode import IGNORE, encode_kto, encode_pair, encode_pretrain, encode_supervised
 from .templates import get_template
 
 NO_LIMIT = 10 ** 9
@@ -44,48 +44,101 @@ def show_trained(tokenizer, row: dict) -> str:
     return "".join(pieces)
 
 
-def preview(cfg, tokenizer, examples_to_show: int = 3, plot: str | None = "token_lengths.png") -> dict:
+def preview(cfg, examples_to_show: int = 3, plot: str | None = "token_lengths.png") -> dict:
+    """Check and describe the data of the config's stage; returns the numbers it printed."""
     d, stage = cfg.data, cfg.finetune.stage
-    if stage not in ("pt", "sft"):
-        raise DataError(f"`tuneforge data` previews stages pt and sft so far; stage {stage} data is checked when "
-                        "`tuneforge train` starts")
-    template = get_template(d.template, tokenizer, d.enable_thinking) if stage == "sft" else None
+    if stage == "cls":
+        return _preview_labelled(cfg, examples_to_show)
+    from ..models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    template = get_template(d.template, tokenizer, d.enable_thinking) if stage != "pt" else None
     report = {}
     for name in [n.strip() for n in (d.dataset or "").split(",") if n.strip()]:
         report[name] = len(load_examples(name, d, stage, cfg.train.seed))
     train, evaluation = load_splits(cfg)
     print("records per dataset: " + ", ".join(f"{k} {v}" for k, v in report.items()))
     print(f"split: {len(train)} train, {len(evaluation)} evaluation")
+    summary = {"records": report, "train": len(train), "eval": len(evaluation)}
     if stage == "pt":
         blocks = encode_pretrain(train, tokenizer, d.cutoff_len)
         print(f"pre-training: {sum(len(b['input_ids']) for b in blocks)} tokens in {len(blocks)} blocks of up to "
-              f"{d.cutoff_len}")
-        return {"records": report, "blocks": len(blocks)}
+              f"{d.cutoff_len}; every token is trained")
+        for i, block in enumerate(blocks[:examples_to_show]):
+            print(f"\n--- block {i}; [[...]] is trained ---\n{show_trained(tokenizer, block)}")
+        return {**summary, "blocks": len(blocks)}
+
+    def encode(example, cutoff):
+        if stage in ("rm", "dpo"):
+            row = encode_pair(example, tokenizer, template, cutoff, d.default_system)
+            return [{"input_ids": row[f"{side}_input_ids"], "labels": row[f"{side}_labels"]}
+                    for side in ("chosen", "rejected")]
+        if stage == "kto":
+            return encode_kto([example], tokenizer, template, cutoff, d.default_system)[:1]
+        row = encode_supervised(example, tokenizer, template, cutoff, d.train_on_prompt, d.mask_history,
+                                d.default_system)
+        return [row] if row is not None else []
+
     full, kept, truncated, dropped = [], [], 0, 0
     for example in train:
-        whole = encode_supervised(example, tokenizer, template, NO_LIMIT, d.train_on_prompt, d.mask_history,
-                                  d.default_system)
-        row = encode_supervised(example, tokenizer, template, d.cutoff_len, d.train_on_prompt, d.mask_history,
-                                d.default_system)
-        if whole is not None:
-            full.append(len(whole["input_ids"]))
-            truncated += len(whole["input_ids"]) > d.cutoff_len
-        if row is None:
-            dropped += 1
+        whole, rows = encode(example, NO_LIMIT), encode(example, d.cutoff_len)
+        lengths = [len(r["input_ids"]) for r in whole]
+        full += lengths
+        truncated += any(n > d.cutoff_len for n in lengths)
+        if rows:
+            kept.append((example, rows))
         else:
-            kept.append(row)
-    print(f"token lengths before truncation: {_stats(full)}")
+            dropped += 1
+    unit = {"rm": "sequences (chosen and rejected)", "dpo": "sequences (chosen and rejected)"}.get(stage, "records")
+    print(f"token lengths before truncation, {unit}: {_stats(full)}")
     print(f"cutoff_len {d.cutoff_len}: {truncated} of {len(train)} records truncated, {dropped} left with nothing "
           "to learn (dropped)")
-    targets = [sum(label != IGNORE for label in r["labels"]) for r in kept]
-    print(f"trained tokens per record: {_stats(targets)}")
+    targets = [sum(label != IGNORE for label in r["labels"]) for _, rows in kept for r in rows]
+    print(f"trained tokens per sequence: {_stats(targets)}")
+    if stage == "kto":
+        desirable = sum(bool(e.kto_tag) for e in train)
+        print(f"kto_tag: {desirable} desirable, {len(train) - desirable} undesirable")
     if plot and full:
         _histogram(full, d.cutoff_len, Path(plot))
         print(f"histogram: {plot}")
-    for i, row in enumerate(kept[:examples_to_show]):
-        print(f"\n--- example {i} ({train[i].where}); [[...]] is trained ---\n{show_trained(tokenizer, row)}")
-    return {"records": report, "train": len(train), "eval": len(evaluation), "truncated": truncated,
-            "dropped": dropped}
+    for i, (example, rows) in enumerate(kept[:examples_to_show]):
+        print(f"\n--- example {i} ({example.where}); [[...]] is trained ---")
+        names = ["chosen", "rejected"] if stage in ("rm", "dpo") else [
+            f"kto_tag {example.kto_tag}"] if stage == "kto" else [""]
+        for name, row in zip(names, rows):
+            print((f"[{name}] " if name else "") + show_trained(tokenizer, row))
+    return {**summary, "truncated": truncated, "dropped": dropped}
+
+
+def _preview_labelled(cfg, examples_to_show: int) -> dict:
+    """Stage cls: counts per label and split, text lengths in tokens, a few examples with their labels."""
+    from collections import Counter
+
+    from .classify import load_labelled
+
+    d = cfg.data
+    train, evaluation = load_splits(cfg, lambda names: load_labelled(names, d, cfg.train.seed))
+    counts = Counter(e.label for e in train)
+    print(f"split: {len(train)} train, {len(evaluation)} evaluation")
+    print("labels (train): " + ", ".join(f"{label} {n}" for label, n in sorted(counts.items())))
+    missing = sorted({e.label for e in evaluation} - set(counts))
+    if missing:
+        print(f"warning: evaluation labels never seen in training: {', '.join(missing)}")
+    summary = {"train": len(train), "eval": len(evaluation), "labels": dict(counts)}
+    if train and train[0].image:
+        for e in train[:examples_to_show]:
+            print(f"{e.label}\t{e.text}")
+        return summary
+    from ..models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    lengths = [len(tokenizer(e.text, e.text_pair)["input_ids"]) for e in train]
+    truncated = sum(n > d.cutoff_len for n in lengths)
+    print(f"token lengths before truncation: {_stats(lengths)}")
+    print(f"cutoff_len {d.cutoff_len}: {truncated} of {len(train)} texts truncated")
+    for e in train[:examples_to_show]:
+        print(f"\n--- {e.where}: label [[{e.label}]] ---\n{e.text}" + (f"\n{e.text_pair}" if e.text_pair else ""))
+    return {**summary, "truncated": truncated}
 
 
 def _histogram(lengths: list[int], cutoff: int, path: Path) -> None:
