@@ -23,9 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-# Training-speed benchmark (a few minutes per row on 2 CPU cores); results in bench/results.jsonl.
+# Benchmarks: training speed (a few minutes per row on 2 CPU cores; bench/results.jsonl), then preprocessing speed.
 bench: $(STAMP)
 	$(BIN)/python bench/train_speed.py
+	$(BIN)/python bench/preprocess_speed.py
 
 clean:
 	rm -rf $(VENV) saves

@@ -160,8 +160,9 @@ def test_tokenised_data_is_cached(tiny_model, tmp_path, monkeypatch):
 
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(6)])
     calls = []
-    real = data_module.encode_supervised
-    monkeypatch.setattr(data_module, "encode_supervised", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = data_module.encode_supervised_batch
+    monkeypatch.setattr(data_module, "encode_supervised_batch",
+                        lambda batch, *a, **k: calls.extend([1] * len(batch)) or real(batch, *a, **k))
 
     def prepare(**extra):
         from transformers import AutoTokenizer
@@ -247,3 +248,51 @@ def test_eval_on_each_dataset_reports_each_set(tiny_model, tmp_path):
     assert {"eval_easy_loss", "eval_hard_loss", "eval_easy_perplexity"} <= set(results)
     assert results["eval_easy_loss"] != results["eval_hard_loss"] and "eval_loss" not in results
     assert any("eval_hard_loss" in entry for entry in read_log(out))
+
+
+def test_batched_and_parallel_encoding_equal_one_by_one(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tuneforge.config import build_config
+    from tuneforge.data import _encode
+    from tuneforge.data.encode import encode_supervised_batch
+
+    from conftest import alpaca_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    template = get_template("chatml", tokenizer)
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(23))
+    examples = load_examples(str(path), DataArgs(), "sft", 0)
+    single = [encode_supervised(e, tokenizer, template, 40) for e in examples]
+    assert encode_supervised_batch(examples, tokenizer, template, 40) == single
+    for workers in (None, 3):
+        cfg = build_config({"model_name_or_path": tiny_model, "dataset": str(path), "cutoff_len": 40,
+                            "preprocessing_batch_size": 5, "preprocessing_num_workers": workers, "output_dir": "o"})
+        rows, kept = _encode(examples, "sft", tokenizer, template, cfg.data)
+        assert rows == [r for r in single if r is not None] and len(kept) == len(rows)
+
+
+def test_preference_data_is_cached(tiny_model, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from tuneforge import data as data_module
+    from tuneforge.config import build_config
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"instruction": f"q{i}", "chosen": "yes", "rejected": "no"}
+                                              for i in range(4)])
+    calls = []
+    real = data_module.encode_pair
+    monkeypatch.setattr(data_module, "encode_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+
+    def prepare(**extra):
+        calls.clear()
+        cfg = build_config({"model_name_or_path": tiny_model, "dataset": str(path), "stage": "dpo",
+                            "template": "chatml", "output_dir": "o", **extra})
+        return data_module.prepare_preference_data(cfg, tokenizer)
+
+    first = prepare()
+    assert len(calls) == 4
+    assert prepare() == first and calls == []  # the second run skips tokenisation
+    prepare(overwrite_cache=True)
+    assert len(calls) == 4

@@ -209,8 +209,6 @@ NOT_YET = {
 # Keys LLaMA-Factory configs often set that have no effect in tuneforge yet: accepted with a printed notice, so
 # those configs run and nothing is skipped silently.
 NO_EFFECT_YET = {
-    "preprocessing_num_workers": "preprocessing runs in one process",
-    "preprocessing_batch_size": "preprocessing is not batched",
     "buffer_size": "it applies to streaming, which is not built",
     "run_name": "it names runs for report_to, which is not built",
 }

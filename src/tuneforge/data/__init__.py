@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from . import cache
 from .collate import pack_rows
-from .encode import encode_kto, encode_pair, encode_pretrain, encode_supervised
+from .encode import encode_kto, encode_pair, encode_pretrain, encode_supervised_batch
 from .formats import Example, to_examples
 from .registry import DataError, read_records, resolve
 from .templates import get_template
@@ -69,14 +69,33 @@ class LMData:
 def _encode(examples, stage, tokenizer, template, d) -> tuple[list[dict], list[Example]]:
     if stage == "pt":
         return encode_pretrain(examples, tokenizer, d.cutoff_len), []
+    size = d.preprocessing_batch_size
+    batches = [examples[start: start + size] for start in range(0, len(examples), size)]
+    job = (tokenizer, template, d.cutoff_len, d.train_on_prompt, d.mask_history, d.default_system)
+    workers = min(d.preprocessing_num_workers or 1, len(batches))
+    if workers > 1:  # forked workers inherit the tokenizer; each encodes whole batches
+        import multiprocessing
+
+        global _JOB
+        _JOB = job
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            encoded = pool.map(_encode_batch, batches)
+    else:
+        encoded = [encode_supervised_batch(batch, *job) for batch in batches]
     rows, kept = [], []
-    for example in examples:
-        row = encode_supervised(example, tokenizer, template, d.cutoff_len, d.train_on_prompt, d.mask_history,
-                                d.default_system)
-        if row is not None:
-            rows.append(row)
-            kept.append(example)
+    for batch, batch_rows in zip(batches, encoded):
+        for example, row in zip(batch, batch_rows):
+            if row is not None:
+                rows.append(row)
+                kept.append(example)
     return rows, kept
+
+
+_JOB = None  # (tokenizer, template, options) for forked preprocessing workers
+
+
+def _encode_batch(batch: list[Example]) -> list[dict | None]:
+    return encode_supervised_batch(batch, *_JOB)
 
 
 def load_splits(cfg, load=None) -> tuple[list, list]:
@@ -98,9 +117,23 @@ def load_splits(cfg, load=None) -> tuple[list, list]:
 
 
 def prepare_preference_data(cfg, tokenizer) -> tuple[list[dict], list[dict], list[Example]]:
-    """(train rows, eval rows, eval examples) for rm / dpo (pairs) and kto (examples with mismatched answers)."""
+    """(train rows, eval rows, eval examples) for rm / dpo (pairs) and kto (examples with mismatched answers),
+    cached like prepare_lm_data."""
     d = cfg.data
     template = get_template(d.template, tokenizer, d.enable_thinking)
+    key = cache.fingerprint(cfg, tokenizer, template)
+    path = cache.cache_file(cfg, key)
+    cached = None if d.overwrite_cache else cache.load(path, key)
+    if cached is not None:
+        print(f"[tuneforge] tokenised data loaded from the cache ({path})")
+        return cached
+    result = _encode_preferences(cfg, tokenizer, template)
+    cache.save(path, key, result)
+    return result
+
+
+def _encode_preferences(cfg, tokenizer, template) -> tuple[list[dict], list[dict], list[Example]]:
+    d = cfg.data
     train_examples, eval_examples = load_splits(cfg)
     if cfg.finetune.stage == "kto":
         def encode(examples):
