@@ -84,7 +84,8 @@ def test_llamafactory_yaml_is_accepted(tmp_path):
     assert cfg.finetune.lora_dropout == pytest.approx(0.05) and cfg.train.eval_steps == 500
     from tuneforge.config import notices
 
-    assert notices(cfg) == ["note: `preprocessing_num_workers` has no effect yet: preprocessing runs in one process"]
+    assert notices(cfg) == []  # its preprocessing_num_workers applies; nothing it sets is ignored
+    assert notices(load_config(str(path), ["buffer_size=1"]))[0].startswith("note: `buffer_size` has no effect yet")
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):

@@ -113,7 +113,7 @@ def test_eval_early_stopping_predict_and_plot(tiny_model, alpaca_file, tmp_path)
     out = tmp_path / "out"
     results = run_training(train_config(
         tiny_model, alpaca_file, out, val_size=0.25, eval_strategy="steps", eval_steps=2, early_stopping_steps=1,
-        learning_rate=0.5, max_steps=30, do_eval=True, do_predict=True, predict_with_generate=True, do_sample=False,
+        learning_rate=5.0, max_steps=30, do_eval=True, do_predict=True, predict_with_generate=True, do_sample=False,
         max_new_tokens=8, plot_loss=True, compute_accuracy=True))
     evals = [r for r in read_log(out) if "eval_loss" in r]
     assert results["global_step"] < 30 and len(evals) >= 2  # a huge learning rate makes eval loss rise: stop early

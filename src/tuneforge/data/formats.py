@@ -54,6 +54,10 @@ def to_examples(attr: DatasetAttr, records: list[RawRecord], stage: str, skip: b
         ranking = isinstance(records[0].data, dict) and {"chosen", "rejected"} <= set(records[0].data)
         if stage == "kto" and "kto_tag" in records[0].data:
             attr.columns.setdefault("kto_tag", "kto_tag")
+    media = [key for key in ("images", "videos", "audios") if key in attr.columns]
+    if media:
+        raise DataError(f"dataset `{attr.name}` maps `{media[0]}`: multimodal fine-tuning of chat models is not built "
+                        "yet; remove that column mapping (for image classification use stage cls with an image folder)")
     if ranking and stage not in PAIR_STAGES:
         raise DataError(f"dataset `{attr.name}` is ranking (preference) data, which stage `{stage}` cannot use; "
                         "use it with stage rm or dpo, or pick a non-ranking dataset")
