@@ -108,3 +108,16 @@ def run_training(values: dict):
 
 def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def learned_spans(row: dict) -> list[list[int]]:
+    """The runs of trained tokens (label == input id; every other label is -100) in an encoded row."""
+    spans, current = [], []
+    for token, label in zip(row["input_ids"], row["labels"]):
+        if label != -100:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    return spans + ([current] if current else [])

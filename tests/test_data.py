@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import write_jsonl
+from conftest import learned_spans, write_jsonl
 
 from tuneforge.config import DataArgs
 from tuneforge.data import load_examples
@@ -42,17 +42,7 @@ def test_labels_are_exactly_the_assistant_tokens(tmp_path, tokenizer, template_n
     expected = []  # each answer's own tokens followed by the end-of-turn token, nothing else
     for answer in ("I am Tiny.", "Four."):
         expected.append(tokenizer.encode(answer, add_special_tokens=False) + [im_end])
-    spans, current = [], []
-    for token, label in zip(row["input_ids"], row["labels"]):
-        if label != IGNORE:
-            assert label == token
-            current.append(label)
-        elif current:
-            spans.append(current)
-            current = []
-    if current:
-        spans.append(current)
-    assert spans == expected
+    assert learned_spans(row) == expected
 
 
 def test_chatml_matches_the_tokenizer_chat_template(tmp_path, tokenizer):

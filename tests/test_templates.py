@@ -9,6 +9,7 @@ sequence (the model stops at the end-of-turn token), so it is left out.
 import re
 
 import pytest
+from conftest import learned_spans
 
 from tuneforge.data.encode import IGNORE, encode_prompt, encode_supervised
 from tuneforge.data.formats import Example
@@ -82,18 +83,6 @@ def conversation(system: str = SYSTEM) -> Example:
                              {"role": "user", "content": Q2}, {"role": "assistant", "content": A2}], system=system)
 
 
-def learned_spans(tokenizer, row) -> list[str]:
-    spans, current = [], []
-    for token, label in zip(row["input_ids"], row["labels"]):
-        if label != IGNORE:
-            assert label == token
-            current.append(token)
-        elif current:
-            spans.append(current)
-            current = []
-    return [tokenizer.decode(s) for s in spans + ([current] if current else [])]
-
-
 def test_every_listed_name_is_built():
     listed = ("default empty alpaca vicuna chatml qwen qwen3 qwen3_nothink llama2 llama3 mistral gemma gemma3 phi4 "
               "deepseek3 zephyr yi glm4").split()
@@ -107,7 +96,7 @@ def test_template_matches_the_published_format(tiny_model, name):
     template = get_template(name, tokenizer)
     row = encode_supervised(conversation(), tokenizer, template, cutoff_len=4096)
     assert row["input_ids"] == tokenizer.encode(expected, add_special_tokens=False)
-    assert learned_spans(tokenizer, row) == learned
+    assert [tokenizer.decode(span) for span in learned_spans(row)] == learned
     # the generation prompt is the conversation up to the second question, ending on the assistant header
     prompt = encode_prompt(conversation().messages[:3], tokenizer, template, SYSTEM)
     assert prompt == row["input_ids"][: len(prompt)] and row["labels"][len(prompt)] != IGNORE
@@ -151,11 +140,11 @@ def test_qwen3_thoughts(tiny_model):
     example.messages[3]["content"] = "<think>Add.</think>" + A2
     row = encode_supervised(example, tokenizer, get_template("qwen3", tokenizer), 4096)
     # as Qwen3's own template: earlier thoughts dropped, the final one kept in its canonical layout
-    assert learned_spans(tokenizer, row) == [A1 + "<|im_end|>", "<think>\nAdd.\n</think>\n\n4.<|im_end|>"]
+    assert [tokenizer.decode(span) for span in learned_spans(row)] == [A1 + "<|im_end|>", "<think>\nAdd.\n</think>\n\n4.<|im_end|>"]
     off = get_template("qwen3", tokenizer, enable_thinking=False)
     row = encode_supervised(conversation(), tokenizer, off, 4096)
     assert tokenizer.decode(row["input_ids"]) == expected  # same text, but the empty thought is given, not learned
-    assert learned_spans(tokenizer, row)[-1] == "4.<|im_end|>"
+    assert [tokenizer.decode(span) for span in learned_spans(row)][-1] == "4.<|im_end|>"
     prompt = tokenizer.decode(encode_prompt(conversation().messages[:3], tokenizer, off, SYSTEM))
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
@@ -172,7 +161,7 @@ def test_qwen_tools_calls_and_results(tiny_model):
     text = tokenizer.decode(row["input_ids"])
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions")
     assert '<tools>\n{"type": "function", "function": {"name": "add", "description": "Add numbers"' in text
-    assert learned_spans(tokenizer, row) == [
+    assert [tokenizer.decode(span) for span in learned_spans(row)] == [
         '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call><|im_end|>', "It is 4.<|im_end|>"]
     assert "<|im_start|>user\n<tool_response>\n4\n</tool_response><|im_end|>\n<|im_start|>assistant\n" in text
 
@@ -184,5 +173,5 @@ def test_truncation_keeps_the_last_turn(tiny_model):
     template = get_template("chatml", tokenizer)
     row = encode_supervised(example, tokenizer, template, cutoff_len=64)
     assert len(row["input_ids"]) == 64
-    assert learned_spans(tokenizer, row)[-1] == "4.<|im_end|>"  # the last answer survives whole
+    assert [tokenizer.decode(span) for span in learned_spans(row)][-1] == "4.<|im_end|>"  # the last answer survives whole
     assert tokenizer.decode(row["input_ids"]).endswith("<|im_start|>assistant\n4.<|im_end|>")
