@@ -196,6 +196,11 @@ def test_arrow_files_split_folders_and_hub_entries(tmp_path):
     from tuneforge.data.registry import resolve
 
     assert resolve("hub", str(tmp_path))[0].hub == "org/data"  # the first source present wins, as in LLaMA-Factory
+    # the hub path is datasets.load_dataset, which takes a repository id or (here, offline) a local dataset folder
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "hub_test": {"hf_hub_url": str(tmp_path / "splits"), "split": "test"}}))
+    examples = load_examples("hub_test", args, "sft", 0)
+    assert [e.messages[1]["content"] for e in examples] == ["a3"] and "[test] record 0" in examples[0].where
 
 
 def test_mix_strategies(tmp_path):
