@@ -260,11 +260,15 @@ def test_batched_and_parallel_encoding_equal_one_by_one(tiny_model, tmp_path):
     examples = load_examples(str(path), DataArgs(), "sft", 0)
     single = [encode_supervised(e, tokenizer, template, 40) for e in examples]
     assert encode_supervised_batch(examples, tokenizer, template, 40) == single
+    texts = [Example(text=f"document {i} " * (i % 5 + 1)) for i in range(23)]
     for workers in (None, 3):
         cfg = build_config({"model_name_or_path": tiny_model, "dataset": str(path), "cutoff_len": 40,
                             "preprocessing_batch_size": 5, "preprocessing_num_workers": workers, "output_dir": "o"})
         rows, kept = _encode(examples, "sft", tokenizer, template, cfg.data)
         assert rows == [r for r in single if r is not None] and len(kept) == len(rows)
+        stream = [t for e in texts for t in tokenizer.encode(e.text) + [tokenizer.eos_token_id]]
+        blocks = _encode(texts, "pt", tokenizer, None, cfg.data)[0]
+        assert [t for b in blocks for t in b["input_ids"]] == stream and len(blocks[0]["input_ids"]) == 40
 
 
 def test_preference_data_is_cached(tiny_model, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from . import cache
 from .collate import pack_rows
-from .encode import encode_kto, encode_pair, encode_pretrain, encode_supervised_batch
+from .encode import chunk_documents, encode_kto, encode_pair, encode_supervised_batch, tokenize_documents
 from .formats import Example, to_examples
 from .registry import DataError, read_records, resolve
 from .templates import get_template
@@ -67,11 +67,10 @@ class LMData:
 
 
 def _encode(examples, stage, tokenizer, template, d) -> tuple[list[dict], list[Example]]:
-    if stage == "pt":
-        return encode_pretrain(examples, tokenizer, d.cutoff_len), []
+    """Encode in batches of preprocessing_batch_size, in preprocessing_num_workers processes when asked."""
     size = d.preprocessing_batch_size
     batches = [examples[start: start + size] for start in range(0, len(examples), size)]
-    job = (tokenizer, template, d.cutoff_len, d.train_on_prompt, d.mask_history, d.default_system)
+    job = (stage, tokenizer, template, d.cutoff_len, d.train_on_prompt, d.mask_history, d.default_system)
     workers = min(d.preprocessing_num_workers or 1, len(batches))
     if workers > 1:  # forked workers inherit the tokenizer; each encodes whole batches
         import multiprocessing
@@ -81,7 +80,9 @@ def _encode(examples, stage, tokenizer, template, d) -> tuple[list[dict], list[E
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             encoded = pool.map(_encode_batch, batches)
     else:
-        encoded = [encode_supervised_batch(batch, *job) for batch in batches]
+        encoded = [_encode_batch(batch, job) for batch in batches]
+    if stage == "pt":
+        return chunk_documents([ids for batch in encoded for ids in batch], d.cutoff_len), []
     rows, kept = [], []
     for batch, batch_rows in zip(batches, encoded):
         for example, row in zip(batch, batch_rows):
@@ -91,11 +92,14 @@ def _encode(examples, stage, tokenizer, template, d) -> tuple[list[dict], list[E
     return rows, kept
 
 
-_JOB = None  # (tokenizer, template, options) for forked preprocessing workers
+_JOB = None  # (stage, tokenizer, template, options) for forked preprocessing workers
 
 
-def _encode_batch(batch: list[Example]) -> list[dict | None]:
-    return encode_supervised_batch(batch, *_JOB)
+def _encode_batch(batch: list[Example], job: tuple | None = None) -> list:
+    stage, tokenizer, template, *options = job or _JOB
+    if stage == "pt":
+        return tokenize_documents(batch, tokenizer)
+    return encode_supervised_batch(batch, tokenizer, template, *options)
 
 
 def load_splits(cfg, load=None) -> tuple[list, list]:

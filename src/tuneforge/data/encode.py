@@ -82,14 +82,20 @@ def encode_prompt(messages: list[dict], tokenizer, template, system: str | None 
 
 
 def encode_pretrain(examples: list[Example], tokenizer, cutoff_len: int) -> list[dict]:
-    """Concatenate documents (each closed by eos) and cut the stream into blocks of cutoff_len tokens.
+    """Concatenate documents (each closed by eos) and cut the stream into blocks of cutoff_len tokens."""
+    return chunk_documents(tokenize_documents(examples, tokenizer), cutoff_len)
 
-    The last, shorter block is kept rather than dropped, so small corpora are not lost.
-    """
+
+def tokenize_documents(examples: list[Example], tokenizer) -> list[list[int]]:
+    """Each pre-training text's token ids (with the tokenizer's own special tokens), closed by eos; one batched call."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream = []
-    for example in examples:
-        stream += tokenizer.encode(example.text, add_special_tokens=True) + eos
+    ids = tokenizer([e.text for e in examples], add_special_tokens=True)["input_ids"] if examples else []
+    return [document + eos for document in ids]
+
+
+def chunk_documents(documents: list[list[int]], cutoff_len: int) -> list[dict]:
+    """One stream cut into blocks of cutoff_len; the last, shorter block is kept, so small corpora are not lost."""
+    stream = [token for document in documents for token in document]
     blocks = [stream[i: i + cutoff_len] for i in range(0, len(stream), cutoff_len)]
     return [{"input_ids": block, "labels": list(block)} for block in blocks if len(block) > 1]
 

@@ -47,7 +47,7 @@ class Template:
                     content = system_text + content
                 fmt = self.observation if role == OBSERVATION and self.observation else self.user
                 prompt += (self.separator if i > 0 else "") + _fill(fmt, content, specials)
-                if self.thinking and i == last_user and not self.enable_thinking and i == len(messages) - 1:
+                if self.thinking and not self.enable_thinking and i == len(messages) - 1:
                     prompt += EMPTY_THOUGHT  # generation without thinking, as the model's own template does
                 pieces.append(prompt)
                 prompt = ""
