@@ -133,3 +133,16 @@ def test_required_keys(tmp_path):
     path.write_text("dataset: d\n")
     with pytest.raises(ConfigError, match="`model_name_or_path` is required"):
         load_config(str(path))
+
+
+def test_data_options_a_stage_would_ignore():
+    from tuneforge.config import ConfigError, build_config, notices, validate
+
+    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "cls",
+                        "skip_bad_records": True})
+    with pytest.raises(ConfigError, match="`skip_bad_records` is built for the chat and text stages"):
+        validate(cfg, "train")
+    cfg = build_config({"model_name_or_path": "m", "stage": "dpo", "preprocessing_num_workers": 4})
+    assert notices(cfg) == ["note: `preprocessing_num_workers` applies to stages pt and sft; stage dpo preprocesses "
+                            "in one process"]
+    assert notices(build_config({"model_name_or_path": "m", "preprocessing_num_workers": 4})) == []

@@ -221,6 +221,9 @@ def notices(cfg: Config) -> list[str]:
         group = getattr(cfg, KEY_GROUP[key])
         if getattr(group, key) != getattr(type(group)(), key):
             out.append(f"note: `{key}` has no effect yet: {why}")
+    if (cfg.data.preprocessing_num_workers or 1) > 1 and cfg.finetune.stage not in ("pt", "sft"):
+        out.append(f"note: `preprocessing_num_workers` applies to stages pt and sft; stage {cfg.finetune.stage} "
+                   "preprocesses in one process")
     return out
 
 
@@ -370,6 +373,8 @@ def validate(cfg: Config, command: str = "train") -> None:
         if d.mix_strategy == "concat":
             _fail(cfg, "`interleave_probs` applies to mix_strategy interleave_under / interleave_over / "
                        "interleave_once, not concat")
+    if d.skip_bad_records and f.stage == "cls":
+        _fail(cfg, "`skip_bad_records` is built for the chat and text stages; stage cls stops at the first bad record")
     if d.eval_on_each_dataset and f.stage not in ("pt", "sft"):
         _fail(cfg, f"`eval_on_each_dataset` is built for stages pt and sft; stage {f.stage} evaluates all sets together")
     if d.eval_on_each_dataset and (t.load_best_model_at_end or f.early_stopping_steps) and \

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import cache
 from .collate import pack_rows
@@ -123,17 +125,8 @@ def load_splits(cfg, load=None) -> tuple[list, list]:
 def prepare_preference_data(cfg, tokenizer) -> tuple[list[dict], list[dict], list[Example]]:
     """(train rows, eval rows, eval examples) for rm / dpo (pairs) and kto (examples with mismatched answers),
     cached like prepare_lm_data."""
-    d = cfg.data
-    template = get_template(d.template, tokenizer, d.enable_thinking)
-    key = cache.fingerprint(cfg, tokenizer, template)
-    path = cache.cache_file(cfg, key)
-    cached = None if d.overwrite_cache else cache.load(path, key)
-    if cached is not None:
-        print(f"[tuneforge] tokenised data loaded from the cache ({path})")
-        return cached
-    result = _encode_preferences(cfg, tokenizer, template)
-    cache.save(path, key, result)
-    return result
+    template = get_template(cfg.data.template, tokenizer, cfg.data.enable_thinking)
+    return cache.cached(cfg, tokenizer, template, lambda: _encode_preferences(cfg, tokenizer, template))
 
 
 def _encode_preferences(cfg, tokenizer, template) -> tuple[list[dict], list[dict], list[Example]]:
@@ -158,25 +151,13 @@ def prepare_lm_data(cfg, tokenizer, need_train: bool = True) -> LMData:
     """
     d, stage = cfg.data, cfg.finetune.stage
     template = get_template(d.template, tokenizer, d.enable_thinking) if stage != "pt" else None
-    key = cache.fingerprint(cfg, tokenizer, template)
-    path = cache.cache_file(cfg, key)
-    cached = None if d.overwrite_cache else cache.load(path, key)
-    if cached is not None:
-        print(f"[tuneforge] tokenised data loaded from the cache ({path})")
-        cached.template = template
-        return cached
-    data = _tokenise(cfg, tokenizer, template, need_train)
-    data.template = None  # templates are rebuilt on load; the data alone is cached
-    cache.save(path, key, data)
-    data.template = template
+    data = cache.cached(cfg, tokenizer, template, lambda: _tokenise(cfg, tokenizer, template, need_train))
+    data.template = template  # templates are rebuilt, not cached
     return data
 
 
 def _metric_name(dataset: str) -> str:
     """A dataset name (or file path) as a metric-name part: eval_<this>_loss."""
-    import re
-    from pathlib import Path
-
     return re.sub(r"\W+", "_", Path(dataset).stem if "/" in dataset or "." in dataset else dataset).strip("_")
 
 
@@ -198,5 +179,5 @@ def _tokenise(cfg, tokenizer, template, need_train: bool) -> LMData:
         names = dict.fromkeys(e.dataset for e in eval_examples)
         evaluation = {_metric_name(name): _encode([e for e in eval_examples if e.dataset == name], stage, tokenizer,
                                                   template, d)[0] for name in names}
-    return LMData(train=train, eval=evaluation, eval_examples=kept_eval, template=template,
+    return LMData(train=train, eval=evaluation, eval_examples=kept_eval, template=None,
                   num_train_examples=num_train_examples)

@@ -38,6 +38,20 @@ def fingerprint(cfg, tokenizer, template) -> str:
     return digest.hexdigest()[:20]
 
 
+def cached(cfg, tokenizer, template, build):
+    """The tokenised data for these settings: from the cache when present (and not overwrite_cache), else
+    `build()`, saved for the next run."""
+    key = fingerprint(cfg, tokenizer, template)
+    path = cache_file(cfg, key)
+    value = None if cfg.data.overwrite_cache else load(path, key)
+    if value is not None:
+        print(f"[tuneforge] tokenised data loaded from the cache ({path})")
+        return value
+    value = build()
+    save(path, key, value)
+    return value
+
+
 def cache_file(cfg, key: str) -> Path:
     if cfg.data.tokenized_path:
         return Path(cfg.data.tokenized_path) / "tokenized.pkl"

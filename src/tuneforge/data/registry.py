@@ -101,15 +101,18 @@ def _from_entry(name: str, entry: dict, dataset_dir: Path, info_path: Path) -> D
 def _split_files(files: list[Path], split: str, path: Path) -> list[Path]:
     """A folder holding one file set per split (train.jsonl, test.jsonl, ...): the files of `split`. A single
     file, or a folder without split names, is the train split."""
-    named = [f for f in files if f.stem.split("-")[0].split(".")[0] in ("train", "test", "validation", "dev")]
+    def split_of(file: Path) -> str:  # train.jsonl, train-00000-of-00002.parquet, test.part1.json -> the split
+        return file.stem.split("-")[0].split(".")[0]
+
+    named = [f for f in files if split_of(f) in ("train", "test", "validation", "dev")]
     if not named or not path.is_dir():
         if split != "train":
             raise DataError(f"{path}: split `{split}` asked for, but only folders with files named by split "
                             "(train.jsonl, test.jsonl, ...) hold other splits; remove `split` or point at the file")
         return files
-    chosen = [f for f in named if f.stem.split("-")[0].split(".")[0] == split]
+    chosen = [f for f in named if split_of(f) == split]
     if not chosen:
-        found = sorted({f.stem.split("-")[0].split(".")[0] for f in named})
+        found = sorted({split_of(f) for f in named})
         raise DataError(f"{path}: no file for split `{split}`; the folder holds {', '.join(found)}")
     return chosen
 
