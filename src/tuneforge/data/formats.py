@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 from .registry import DataError, DatasetAttr, RawRecord
 from .tools import parse_calls, parse_tools
@@ -47,12 +49,22 @@ PAIR_STAGES = ("rm", "dpo")
 
 
 def to_examples(attr: DatasetAttr, records: list[RawRecord], stage: str, skip: bool = False) -> list[Example]:
-    """Canonical examples; a malformed record stops with its error, or with `skip` is dropped and counted."""
+    return list(iter_examples(attr, records, stage, skip))
+
+
+def iter_examples(attr: DatasetAttr, records: Iterable[RawRecord], stage: str, skip: bool = False
+                  ) -> Iterator[Example]:
+    """Canonical examples, one at a time; a malformed record stops with its error, or with `skip` is dropped and
+    counted (the count and the first reasons are printed once the records are used up)."""
+    records = iter(records)
+    first = next(records, None)
+    if first is None:
+        raise DataError(f"dataset `{attr.name}`: {', '.join(map(str, attr.files)) or attr.hub} holds no records")
     formatting, ranking = attr.formatting, attr.ranking
     if formatting == "auto":  # a file given directly: tell the format from its first record
-        formatting = detect_formatting(records[0].data, records[0].where)
-        ranking = isinstance(records[0].data, dict) and {"chosen", "rejected"} <= set(records[0].data)
-        if stage == "kto" and "kto_tag" in records[0].data:
+        formatting = detect_formatting(first.data, first.where)
+        ranking = isinstance(first.data, dict) and {"chosen", "rejected"} <= set(first.data)
+        if stage == "kto" and "kto_tag" in first.data:
             attr.columns.setdefault("kto_tag", "kto_tag")
     media = [key for key in ("images", "videos", "audios") if key in attr.columns]
     if media:
@@ -68,23 +80,24 @@ def to_examples(attr: DatasetAttr, records: list[RawRecord], stage: str, skip: b
         raise DataError(f"stage kto needs a desirable/undesirable flag per example: map it with "
                         f"`columns: {{\"kto_tag\": ...}}` for dataset `{attr.name}` in dataset_info.json")
     convert = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _sharegpt}[formatting]
-    examples, reasons = [], list(attr.skipped)
-    for record in records:
+    reasons, count = [], 0
+    for record in itertools.chain([first], records):
         try:
-            examples.append(_with_preferences(attr, formatting, record, stage,
-                                              convert(attr, formatting, record, stage)))
-            examples[-1].dataset = attr.name
+            example = _with_preferences(attr, formatting, record, stage, convert(attr, formatting, record, stage))
         except DataError as err:
             if not skip:
                 raise
             reasons.append(str(err))
+            continue
+        example.dataset = attr.name
+        count += 1
+        yield example
+    reasons = attr.skipped + reasons  # unreadable lines, then unusable records
     if reasons:
-        if not examples:
+        if not count:
             raise DataError(f"dataset `{attr.name}`: every record is malformed; the first: {reasons[0]}")
-        total = len(records) + len(attr.skipped)
-        print(f"[tuneforge] dataset `{attr.name}`: skipped {len(reasons)} of {total} malformed records "
+        print(f"[tuneforge] dataset `{attr.name}`: skipped {len(reasons)} of {count + len(reasons)} malformed records "
               "(skip_bad_records); the first: " + " | ".join(reasons[:3]))
-    return examples
 
 
 def _with_preferences(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str, example: Example):

@@ -7,6 +7,7 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 
 class DataError(ValueError):
@@ -133,96 +134,133 @@ def _files_of(path: Path, owner: str) -> list[Path]:
 
 
 def read_records(attr: DatasetAttr, skip: bool = False) -> list[RawRecord]:
-    if attr.hub:
-        return _read_hub(attr)
-    records = []
-    for path in attr.files:
-        kind = FILE_TYPES[path.suffix]
-        try:
-            text = path.read_bytes().decode("utf-8") if kind in ("json", "text") else None
-        except UnicodeDecodeError as err:
-            line = path.read_bytes()[: err.start].count(b"\n") + 1
-            raise DataError(f"{path} line {line}: bytes that are not UTF-8 (at byte {err.start}); re-save the file as "
-                            "UTF-8") from None
-        if kind == "text":
-            records += [RawRecord({"text": line}, f"{path} line {i + 1}")
-                        for i, line in enumerate(text.splitlines()) if line.strip()]
-        elif kind == "json":
-            records += _read_json(path, text, attr.skipped if skip else None)
-        elif kind == "arrow":
-            records += _read_arrow(path)
-        else:
-            records += _read_table(path)
+    records = list(iter_records(attr, skip))
     if not records:
-        raise DataError(f"dataset `{attr.name}`: {', '.join(map(str, attr.files))} holds no records")
+        raise DataError(f"dataset `{attr.name}`: {', '.join(map(str, attr.files)) or attr.hub} holds no records")
     return records
 
 
-def _read_json(path: Path, text: str, skipped: list | None = None) -> list[RawRecord]:
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # a JSON array, whatever the extension
+def iter_records(attr: DatasetAttr, skip: bool = False, streaming: bool = False) -> Iterator[RawRecord]:
+    """A dataset's records one at a time, in file order, never holding a whole file (but a JSON array) in memory.
+    With `skip`, malformed JSON lines are dropped and their reasons kept in attr.skipped."""
+    attr.skipped.clear()  # a stream is read once per epoch
+    if attr.hub:
+        yield from _read_hub(attr, streaming)
+        return
+    for path in attr.files:
+        kind = FILE_TYPES[path.suffix]
+        if kind == "text":
+            yield from (RawRecord({"text": line}, f"{path} line {number}")
+                        for number, line in _text_lines(path) if line.strip())
+        elif kind == "json":
+            yield from _read_json(path, attr.skipped if skip else None)
+        elif kind == "arrow":
+            yield from _read_arrow(path)
+        else:
+            yield from _read_table(path)
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its end) of a UTF-8 file, read line by line."""
+    offset = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} line {number}: bytes that are not UTF-8 (at byte {offset + err.start}); "
+                                "re-save the file as UTF-8") from None
+            offset += len(raw)
+
+
+def _read_json(path: Path, skipped: list | None = None) -> Iterator[RawRecord]:
+    """A JSON array (read whole), or one JSON object per line (read line by line)."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip()
+    if head.startswith(b"["):  # a JSON array, whatever the extension
+        text = "\n".join(line for _, line in _text_lines(path))
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {err.lineno} column {err.colno}: not valid JSON ({err.msg}); fix the file "
                             "or save one JSON object per line as .jsonl") from None
-        return [RawRecord(row, f"{path} record {i}") for i, row in enumerate(rows)]
-    if path.suffix == ".json" and stripped.startswith("{") and "\n" not in stripped.strip():
-        return [RawRecord(json.loads(text), f"{path} record 0")]
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+        yield from (RawRecord(row, f"{path} record {i}") for i, row in enumerate(rows))
+        return
+    for number, line in _text_lines(path):
         if not line.strip():
             continue
         try:
-            records.append(RawRecord(json.loads(line), f"{path} line {number}"))
+            record = RawRecord(json.loads(line), f"{path} line {number}")
         except json.JSONDecodeError as err:
             message = (f"{path} line {number} column {err.colno}: not valid JSON ({err.msg}); each line must be one "
                        "JSON object")
             if skipped is None:
                 raise DataError(message) from None
             skipped.append(message)
-    return records
+            continue
+        yield record
 
 
-def _read_table(path: Path) -> list[RawRecord]:
+def _read_table(path: Path) -> Iterator[RawRecord]:
+    """CSV / TSV (a header line, then one row per line) or Parquet, a batch of rows at a time."""
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    if path.suffix == ".parquet":
-        table = pq.read_table(path)
-    else:
-        delimiter = "\t" if path.suffix == ".tsv" else ","
-        table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
-    return [RawRecord(row, f"{path} row {i + 2 if path.suffix != '.parquet' else i}")
-            for i, row in enumerate(table.to_pylist())]
+    number = 0 if path.suffix == ".parquet" else 2  # CSV: line 1 is the header
+    try:
+        if path.suffix == ".parquet":
+            batches = pq.ParquetFile(path).iter_batches()
+        else:
+            parse = pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ",")
+            # text stays text: only true/false columns keep a type, so "42" is not an int and a column that looks
+            # numeric in the first block cannot fail to convert further down
+            header = pacsv.open_csv(path, parse_options=parse).schema
+            text = {f.name: pa.string() for f in header if not pa.types.is_boolean(f.type)}
+            batches = pacsv.open_csv(path, parse_options=parse,
+                                     convert_options=pacsv.ConvertOptions(column_types=text))
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield RawRecord(row, f"{path} row {number}")
+                number += 1
+    except pa.ArrowInvalid as err:
+        raise DataError(f"{path} near row {number}: cannot read the table ({str(err).splitlines()[0]}); "
+                        "check that every row has the header's columns (and true/false columns only true or false)") from None
 
 
-def _read_arrow(path: Path) -> list[RawRecord]:
+def _read_arrow(path: Path) -> Iterator[RawRecord]:
     """An Arrow IPC file: the stream format `datasets` saves (save_to_disk), or the random-access file format."""
     import pyarrow as pa
 
-    try:
-        with pa.memory_map(str(path)) as source:
+    with pa.memory_map(str(path)) as source:
+        try:
             try:
-                table = pa.ipc.open_stream(source).read_all()
+                reader = pa.ipc.open_stream(source)
+                batches = iter(reader)
             except pa.ArrowInvalid:
                 source.seek(0)
-                table = pa.ipc.open_file(source).read_all()
-    except pa.ArrowInvalid as err:
-        raise DataError(f"{path}: not an Arrow file ({err}); save it with datasets' save_to_disk or pyarrow.ipc") \
-            from None
-    return [RawRecord(row, f"{path} record {i}") for i, row in enumerate(table.to_pylist())]
+                reader = pa.ipc.open_file(source)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid as err:
+            raise DataError(f"{path}: not an Arrow file ({err}); save it with datasets' save_to_disk or pyarrow.ipc") \
+                from None
+        number = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield RawRecord(row, f"{path} record {number}")
+                number += 1
 
 
-def _read_hub(attr: DatasetAttr) -> list[RawRecord]:
-    """A Hugging Face Hub dataset through `datasets` (its local cache first); a clear error when it cannot be had."""
+def _read_hub(attr: DatasetAttr, streaming: bool = False) -> Iterator[RawRecord]:
+    """A Hugging Face Hub dataset through `datasets` (its local cache first; with `streaming`, read as it
+    downloads); a clear error when it cannot be had."""
     import datasets
 
     try:
-        data = datasets.load_dataset(attr.hub, attr.subset, split=attr.split)
+        data = datasets.load_dataset(attr.hub, attr.subset, split=attr.split, streaming=streaming)
+        yield from (RawRecord(row, f"{attr.hub} [{attr.split}] record {i}") for i, row in enumerate(data))
     except Exception as err:  # offline, unknown repository, missing split: all end the same way for the user
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise DataError(f"dataset `{attr.name}`: cannot load `{attr.hub}` (split {attr.split}) from the Hugging Face "
                         f"Hub ({reason}); on an offline machine download it elsewhere and register it with "
                         "`file_name` pointing at a local file") from None
-    return [RawRecord(row, f"{attr.hub} [{attr.split}] record {i}") for i, row in enumerate(data)]
