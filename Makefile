@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/train_speed.py
 	$(BIN)/python bench/preprocess_speed.py
+	$(BIN)/python bench/preprocess_speed.py --streaming
 
 clean:
 	rm -rf $(VENV) saves

@@ -85,7 +85,13 @@ def test_llamafactory_yaml_is_accepted(tmp_path):
     from tuneforge.config import notices
 
     assert notices(cfg) == []  # its preprocessing_num_workers applies; nothing it sets is ignored
-    assert notices(load_config(str(path), ["buffer_size=1"]))[0].startswith("note: `buffer_size` has no effect yet")
+    assert notices(load_config(str(path), ["run_name=x"]))[0].startswith("note: `run_name` has no effect yet")
+    assert notices(load_config(str(path), ["buffer_size=1"]))[0].startswith(
+        "note: `buffer_size` has no effect without streaming")
+    assert [n.split(":")[1] for n in notices(load_config(str(path), [
+        "streaming=true", "max_steps=10", "val_size=100", "dataloader_num_workers=2", "overwrite_cache=true"]))] == [
+        " `preprocessing_num_workers` has no effect with streaming", " `dataloader_num_workers` has no effect with "
+        "streaming", " `overwrite_cache` has no effect with streaming"]
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):

@@ -199,7 +199,6 @@ NOT_YET = {
     "resize_vocab": "resizing the vocabulary is not built yet",
     "add_special_tokens": "adding special tokens is not built yet",
     "upcast_layernorm": "upcast_layernorm is not built yet",
-    "streaming": "streaming datasets are not built yet; load the file whole",
     "pissa_init": "PiSSA initialisation is not built yet",
     "deepspeed": "DeepSpeed configs are not wired in yet; use `accelerate launch` or torchrun for DDP",
     "export_dir": "`tuneforge export` is not built yet",
@@ -209,7 +208,6 @@ NOT_YET = {
 # Keys LLaMA-Factory configs often set that have no effect in tuneforge yet: accepted with a printed notice, so
 # those configs run and nothing is skipped silently.
 NO_EFFECT_YET = {
-    "buffer_size": "it applies to streaming, which is not built",
     "run_name": "it names runs for report_to, which is not built",
 }
 
@@ -221,9 +219,21 @@ def notices(cfg: Config) -> list[str]:
         group = getattr(cfg, KEY_GROUP[key])
         if getattr(group, key) != getattr(type(group)(), key):
             out.append(f"note: `{key}` has no effect yet: {why}")
-    if (cfg.data.preprocessing_num_workers or 1) > 1 and cfg.finetune.stage not in ("pt", "sft"):
+    d = cfg.data
+    if (d.preprocessing_num_workers or 1) > 1 and cfg.finetune.stage not in ("pt", "sft"):
         out.append(f"note: `preprocessing_num_workers` applies to stages pt and sft; stage {cfg.finetune.stage} "
                    "preprocesses in one process")
+    if d.buffer_size != DataArgs.buffer_size and not d.streaming:
+        out.append("note: `buffer_size` has no effect without streaming: in-memory data is shuffled whole")
+    if d.streaming:
+        for key, value, why in (
+                ("preprocessing_num_workers", (d.preprocessing_num_workers or 1) > 1, "streamed rows are encoded in "
+                 "the training process, a batch at a time, as training reads them"),
+                ("dataloader_num_workers", cfg.train.dataloader_num_workers > 0, "streamed rows are collated in the "
+                 "training process"),
+                ("overwrite_cache", d.overwrite_cache, "streamed data is never cached")):
+            if value:
+                out.append(f"note: `{key}` has no effect with streaming: {why}")
     return out
 
 
@@ -323,6 +333,25 @@ def _fail(cfg: Config, message: str):
     raise ConfigError(f"{cfg.source}: {message}")
 
 
+def _check_streaming(cfg: Config) -> None:
+    d, t = cfg.data, cfg.train
+    if cfg.finetune.stage not in ("pt", "sft"):
+        _fail(cfg, f"`streaming` is built for stages pt and sft; stage {cfg.finetune.stage} reads its data into "
+                   "memory (set streaming: false)")
+    if t.max_steps <= 0:
+        _fail(cfg, "`streaming: true` reads the data as training goes, so its length is unknown: set `max_steps`")
+    if d.val_size and d.val_size != int(d.val_size):
+        _fail(cfg, f"with streaming, `val_size` is a count of examples (e.g. 500), not a fraction; got {d.val_size}")
+    if d.tokenized_path:
+        _fail(cfg, "`tokenized_path` saves tokenised data, which streaming never holds whole; remove it or set "
+                   "streaming: false")
+    for key in ("eval_strategy", "save_strategy"):
+        if getattr(t, key) == "epoch":
+            _fail(cfg, f"`{key}: epoch` needs epochs of known length; with streaming use `{key}: steps`")
+    if d.buffer_size < 1:
+        _fail(cfg, f"`buffer_size` must be at least 1 (1 keeps the file order); got {d.buffer_size}")
+
+
 def validate(cfg: Config, command: str = "train") -> None:
     """Cross-field rules, each explained in plain words."""
     m, d, f, t = cfg.model, cfg.data, cfg.finetune, cfg.train
@@ -381,6 +410,8 @@ def validate(cfg: Config, command: str = "train") -> None:
             not (t.metric_for_best_model or "").startswith("eval_"):
         _fail(cfg, "with `eval_on_each_dataset` every set reports its own metrics (eval_<dataset>_loss, ...); set "
                    "`metric_for_best_model` to one of them, e.g. eval_<dataset>_loss")
+    if d.streaming:
+        _check_streaming(cfg)
     if not 0 <= d.val_size:
         _fail(cfg, f"`val_size` must be a fraction in [0, 1) or a count of examples; got {d.val_size}")
     if t.bf16 and t.fp16:

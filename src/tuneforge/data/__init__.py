@@ -6,6 +6,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 from . import cache
 from .collate import pack_rows
@@ -34,38 +35,55 @@ def load_examples(names: str, data_args, stage: str, seed: int) -> list[Example]
 
 
 def mix(parts: list[list], strategy: str, probs: str | None, seed: int) -> list:
-    """concat: one after another. interleave_under: take from the datasets in turn (or at random by
-    `interleave_probs`) until one runs out; interleave_over: until every one has been seen whole, starting exhausted
-    ones again (oversampling); interleave_once: until every one runs out, each example used once."""
-    if strategy == "concat" or len(parts) == 1:
-        return [example for part in parts for example in part]
-    weights = [float(p) for p in probs.split(",")] if probs else [1.0] * len(parts)
-    rng, position, whole, out, turn = random.Random(seed), [0] * len(parts), [False] * len(parts), [], 0
+    return list(mix_streams([lambda part=part: iter(part) for part in parts], strategy, probs, seed))
+
+
+def mix_streams(sources: list[Callable[[], Iterator]], strategy: str, probs: str | None, seed: int) -> Iterator:
+    """Mix datasets, each given as a function that opens it. concat: one after another. interleave_under: take
+    from the datasets in turn (or at random by `interleave_probs`) until one runs out; interleave_over: until every
+    one has been seen whole, opening used-up ones again (oversampling); interleave_once: until every one runs out,
+    each example used once."""
+    if strategy == "concat" or len(sources) == 1:
+        for source in sources:
+            yield from source()
+        return
+    weights = [float(p) for p in probs.split(",")] if probs else [1.0] * len(sources)
+    rng, turn, end = random.Random(seed), 0, object()
+    streams = [source() for source in sources]
+    ahead = [next(stream, end) for stream in streams]  # the next example of each dataset: `end` once used up
+    whole = [False] * len(sources)
     needed = [i for i, weight in enumerate(weights) if weight > 0]  # a zero-weight dataset is never drawn
     while True:
-        live = [i for i in needed if strategy == "interleave_over" or position[i] < len(parts[i])]
+        live = [i for i in needed if strategy == "interleave_over" or ahead[i] is not end]
         if not live:
-            return out
+            return
         if probs:
             i = rng.choices(live, weights=[weights[j] for j in live])[0]
         else:
             i, turn = live[turn % len(live)], turn + 1
-        position[i] %= len(parts[i])  # interleave_over starts a used-up dataset again
-        out.append(parts[i][position[i]])
-        position[i] += 1
-        if position[i] == len(parts[i]):
+        if ahead[i] is end:  # interleave_over starts a used-up dataset again
+            streams[i] = sources[i]()
+            ahead[i] = next(streams[i])
+        yield ahead[i]
+        ahead[i] = next(streams[i], end)
+        if ahead[i] is end:
             whole[i] = True
             if strategy == "interleave_under" or (strategy == "interleave_over" and all(whole[j] for j in needed)):
-                return out
+                return
 
 
 @dataclass
 class LMData:
-    train: list[dict]  # encoded rows (packed rows when packing)
+    train: list[dict]  # encoded rows (packed rows when packing), or a RowStream with `streaming`
     eval: list[dict]
     eval_examples: list[Example]  # the canonical records behind `eval`, for generation-based prediction
     template: object
     num_train_examples: int = 0  # before packing
+
+    @property
+    def packed(self) -> bool:
+        first = self.train.first if hasattr(self.train, "first") else (self.train[0] if self.train else {})
+        return "position_ids" in (first or {})
 
 
 def _encode(examples, stage, tokenizer, template, d) -> tuple[list[dict], list[Example]]:
@@ -151,6 +169,8 @@ def prepare_lm_data(cfg, tokenizer, need_train: bool = True) -> LMData:
     """
     d, stage = cfg.data, cfg.finetune.stage
     template = get_template(d.template, tokenizer, d.enable_thinking) if stage != "pt" else None
+    if d.streaming:
+        return _stream(cfg, tokenizer, template, need_train)
     data = cache.cached(cfg, tokenizer, template, lambda: _tokenise(cfg, tokenizer, template, need_train))
     data.template = template  # templates are rebuilt, not cached
     return data
@@ -172,12 +192,40 @@ def _tokenise(cfg, tokenizer, template, need_train: bool) -> LMData:
     num_train_examples = len(train)
     if stage == "sft" and (d.packing or d.neat_packing):
         train = pack_rows(train, d.cutoff_len)
+    evaluation = _evaluation_sets(evaluation, eval_examples, stage, tokenizer, template, d)
+    return LMData(train=train, eval=evaluation, eval_examples=kept_eval, template=None,
+                  num_train_examples=num_train_examples)
+
+
+def _evaluation_sets(evaluation, eval_examples, stage, tokenizer, template, d):
+    """The encoded evaluation rows, or with eval_on_each_dataset one set per dataset (eval_<name>_loss, ...)."""
     if eval_examples and not evaluation:
         raise DataError(f"no evaluation example has a response token left after truncation to "
                         f"cutoff_len={d.cutoff_len}; raise cutoff_len or check the evaluation data")
-    if d.eval_on_each_dataset:  # one evaluation set per dataset, reported as eval_<name>_loss, ...
-        names = dict.fromkeys(e.dataset for e in eval_examples)
-        evaluation = {_metric_name(name): _encode([e for e in eval_examples if e.dataset == name], stage, tokenizer,
-                                                  template, d)[0] for name in names}
-    return LMData(train=train, eval=evaluation, eval_examples=kept_eval, template=None,
-                  num_train_examples=num_train_examples)
+    if not d.eval_on_each_dataset:
+        return evaluation
+    names = dict.fromkeys(e.dataset for e in eval_examples)
+    return {_metric_name(name): _encode([e for e in eval_examples if e.dataset == name], stage, tokenizer, template,
+                                        d)[0] for name in names}
+
+
+def _stream(cfg, tokenizer, template, need_train: bool) -> LMData:
+    """Training rows streamed from the files (see stream.py); evaluation data in memory: `eval_dataset` plus
+    `val_size` examples held out of the stream. Not cached: the stream is encoded as training reads it."""
+    from .stream import RowStream
+
+    d, stage = cfg.data, cfg.finetune.stage
+
+    def encode(examples: list[Example]) -> list[dict]:
+        rows = _encode(examples, stage, tokenizer, template, d)[0]
+        return pack_rows(rows, d.cutoff_len) if stage == "sft" and (d.packing or d.neat_packing) else rows
+
+    stream = RowStream(cfg, encode)
+    eval_examples = load_examples(d.eval_dataset, d, stage, cfg.train.seed) if d.eval_dataset else []
+    if d.val_size:
+        eval_examples += stream.hold_out(int(d.val_size))
+    evaluation, kept_eval = _encode(eval_examples, stage, tokenizer, template, d)
+    evaluation = _evaluation_sets(evaluation, eval_examples, stage, tokenizer, template, d)
+    if need_train:  # the first batch is read and encoded now, so its data errors come before output_dir is touched
+        stream.first = next(stream.rows())[0]
+    return LMData(train=stream, eval=evaluation, eval_examples=kept_eval, template=template)

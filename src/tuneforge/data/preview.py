@@ -8,6 +8,7 @@ the same one-line errors `tuneforge train` gives.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from pathlib import Path
 
@@ -53,10 +54,13 @@ def preview(cfg, examples_to_show: int = 3, plot: str | None = "token_lengths.pn
 
     tokenizer = load_tokenizer(cfg.model)
     template = get_template(d.template, tokenizer, d.enable_thinking) if stage != "pt" else None
-    report = {}
-    for name in [n.strip() for n in (d.dataset or "").split(",") if n.strip()]:
-        report[name] = len(load_examples(name, d, stage, cfg.train.seed))
-    train, evaluation = load_splits(cfg)
+    if d.streaming:
+        report, train, evaluation = _stream_sample(cfg)
+    else:
+        report = {}
+        for name in [n.strip() for n in (d.dataset or "").split(",") if n.strip()]:
+            report[name] = len(load_examples(name, d, stage, cfg.train.seed))
+        train, evaluation = load_splits(cfg)
     print("records per dataset: " + ", ".join(f"{k} {v}" for k, v in report.items()))
     print(f"split: {len(train)} train, {len(evaluation)} evaluation")
     summary = {"records": report, "train": len(train), "eval": len(evaluation)}
@@ -108,6 +112,23 @@ def preview(cfg, examples_to_show: int = 3, plot: str | None = "token_lengths.pn
         for name, row in zip(names, rows):
             print((f"[{name}] " if name else "") + show_trained(tokenizer, row))
     return {**summary, "truncated": truncated, "dropped": dropped}
+
+
+def _stream_sample(cfg) -> tuple[dict, list, list]:
+    """With streaming the data may not fit in memory: count each dataset's records in one pass, and describe the
+    first `buffer_size` training examples of the stream (after the `val_size` held out)."""
+    from .stream import RowStream
+
+    d = cfg.data
+    stream = RowStream(cfg, encode=None)
+    report = {attr.name: sum(1 for _ in stream.read(attr)) for attr in stream.attrs}
+    evaluation = load_examples(d.eval_dataset, d, cfg.finetune.stage, cfg.train.seed) if d.eval_dataset else []
+    if d.val_size:
+        evaluation += stream.hold_out(int(d.val_size))
+    train = list(itertools.islice(stream.examples(0), d.buffer_size))
+    print(f"streaming: the statistics below describe the first {len(train)} training examples of the stream "
+          "(buffer_size)")
+    return report, train, evaluation
 
 
 def _preview_labelled(cfg, examples_to_show: int) -> dict:

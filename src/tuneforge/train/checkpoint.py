@@ -29,6 +29,8 @@ class TrainerState:
     best_metric: float | None = None  # of metric_for_best_model (eval_loss by default)
     best_step: int | None = None
     evals_without_improvement: int = 0
+    stream_position: list[int] | None = None  # streaming: [epoch, batch, row] of the next training row
+    stream_data: str | None = None  # streaming: signature of the streamed files
     extra: dict = field(default_factory=dict)
 
 

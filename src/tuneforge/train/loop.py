@@ -14,6 +14,7 @@ import shutil
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -165,36 +166,64 @@ def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, p
     return result
 
 
-def train(cfg, module, tokenizer, train_rows: list[dict], eval_rows: list[dict], accelerator,
-          resume_from: str | None, collator=None) -> dict:
+def train(cfg, module, tokenizer, train_rows, eval_rows: list[dict], accelerator, resume_from: str | None,
+          collator=None) -> dict:
     """Train `module` (a loss module: CausalLMLoss, or a stage's own) and return the run's results.
 
     A loss module holds the trainable `model`, says how many normalisation units a batch has (`units`: target
     tokens, pairs, examples; `unit` names them) and returns (loss sum, metric sums) from `forward`.
+    `train_rows` is a list of encoded rows, or a RowStream (streaming: true) read until max_steps.
     """
     t, f = cfg.train, cfg.finetune
+    streaming = not isinstance(train_rows, list)
     precision = Precision(t, accelerator.device)
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_epoch, total_steps = plan_steps(len(train_rows), t, world)
+    per_epoch, total_steps = (0, t.max_steps) if streaming else plan_steps(len(train_rows), t, world)
     optimizer = build_optimizer(module, t, f, report=accelerator.print)
     scheduler = build_scheduler(optimizer, t, total_steps)
     inner = module
     module = accelerator.prepare(module)  # DDP wraps the loss module when there are several processes
-    state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=len(train_rows))
+    state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=0 if streaming else len(train_rows),
+                              stream_data=train_rows.signature() if streaming else None)
     if resume_from:
-        state = ckpt.load_checkpoint(resume_from, inner, optimizer, scheduler)
-        if state.num_train_examples != len(train_rows):
-            raise ConfigError(f"{resume_from} was trained on {state.num_train_examples} examples but the data now has "
-                              f"{len(train_rows)}; resume with the same data, or set overwrite_output_dir: true")
-        state.total_steps = total_steps
-        accelerator.print(f"[tuneforge] resuming from {resume_from} at step {state.global_step}")
+        state = _resume(resume_from, inner, optimizer, scheduler, state, accelerator)
     collator = collator or PadCollator(tokenizer.pad_token_id)
     log = RunLog(t.output_dir, total_steps, state.global_step, enabled=accelerator.is_main_process)
     eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and eval_rows else 0
     interval = _Interval(accelerator.device)
-    stop = False
+
+    def step(micro: list[dict], steps_in_epoch: int) -> tuple[bool, bool]:
+        """One optimizer step with its logging, evaluation and checkpoint; returns (last step, stop early)."""
+        interval.real_tokens += sum(b.pop("num_tokens") for b in micro) * world
+        units = sum(inner.units(b) for b in micro).to(accelerator.device)  # counted on the CPU: no sync
+        micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
+        loss_sum, units, metrics = _optimizer_step(module, micro, units, optimizer, scheduler, accelerator,
+                                                   precision, t.max_grad_norm)
+        interval.add(loss_sum, units, metrics)
+        state.global_step += 1
+        state.step_in_epoch += 1
+        log.advance()
+        epoch = state.epoch + state.step_in_epoch / steps_in_epoch if steps_in_epoch else state.epoch
+        last, stop = state.global_step >= total_steps, False
+        if state.global_step % t.logging_steps == 0 or last:
+            loss, count, means, speed = interval.flush()
+            state.loss_sum += loss * count
+            state.trained_units += count
+            log.train_step(state.global_step, epoch, loss, scheduler.get_last_lr()[0], speed, means)
+        if eval_every and (state.global_step % eval_every == 0 or last):
+            stop = _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log, epoch)
+        if _should_save(t, state, steps_in_epoch, last):
+            _save(cfg, inner, tokenizer, optimizer, scheduler, state, accelerator)
+        return last, stop
+
     module.train()
-    while state.global_step < total_steps and not stop:
+    if streaming:
+        steps = _stream_steps(train_rows, t, state, rank, world, collator)
+        done = state.global_step >= total_steps
+        while not done:
+            done = any(step(next(steps), 0))  # the last step, or early stopping
+    stop = False
+    while not streaming and state.global_step < total_steps and not stop:
         batches = epoch_batches(len(train_rows), t.per_device_train_batch_size, t.seed, state.epoch,
                                 not f.disable_shuffling, rank, world)
         groups = [batches[i: i + t.gradient_accumulation_steps]
@@ -205,28 +234,7 @@ def train(cfg, module, tokenizer, train_rows: list[dict], eval_rows: list[dict],
         loader = iter(DataLoader(train_rows, batch_sampler=flat, collate_fn=collator,
                                  num_workers=t.dataloader_num_workers, generator=torch.Generator()))
         for group in groups[state.step_in_epoch:]:
-            micro = [next(loader) for _ in group]
-            interval.real_tokens += sum(b.pop("num_tokens") for b in micro) * world
-            units = sum(inner.units(b) for b in micro).to(accelerator.device)  # counted on the CPU: no sync
-            micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
-            loss_sum, units, metrics = _optimizer_step(module, micro, units, optimizer, scheduler, accelerator,
-                                                       precision, t.max_grad_norm)
-            interval.add(loss_sum, units, metrics)
-            state.global_step += 1
-            state.step_in_epoch += 1
-            log.advance()
-            epoch_float = state.epoch + state.step_in_epoch / len(groups)
-            last = state.global_step >= total_steps
-            if state.global_step % t.logging_steps == 0 or last:
-                loss, count, means, speed = interval.flush()
-                state.loss_sum += loss * count
-                state.trained_units += count
-                log.train_step(state.global_step, epoch_float, loss, scheduler.get_last_lr()[0], speed, means)
-            if eval_every and (state.global_step % eval_every == 0 or last):
-                stop = _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log,
-                                           epoch_float)
-            if _should_save(t, state, len(groups), last):
-                _save(cfg, inner, tokenizer, optimizer, scheduler, state, accelerator)
+            last, stop = step([next(loader) for _ in group], len(groups))
             if last or stop:
                 break
         else:
@@ -238,10 +246,40 @@ def train(cfg, module, tokenizer, train_rows: list[dict], eval_rows: list[dict],
     log.close()
     restore_best(cfg, inner, state, accelerator)
     runtime = time.time() - log.started
-    return {"epoch": round(state.epoch + state.step_in_epoch / max(per_epoch, 1), 2),
+    epoch = state.epoch if streaming else state.epoch + state.step_in_epoch / max(per_epoch, 1)
+    return {"epoch": round(epoch, 2),
             "train_loss": state.loss_sum / max(state.trained_units, 1), "train_runtime": round(runtime, 2),
             "train_steps_per_second": round((state.global_step - log.start_step) / runtime, 3),
             f"train_{inner.unit}s": state.trained_units, "global_step": state.global_step}
+
+
+def _resume(folder: str, inner, optimizer, scheduler, fresh, accelerator):
+    """The state of checkpoint `folder`, loaded into the module, optimizer and scheduler, after checking that it
+    was trained on the same data."""
+    state = ckpt.load_checkpoint(folder, inner, optimizer, scheduler)
+    if state.num_train_examples != fresh.num_train_examples or state.stream_data != fresh.stream_data:
+        was = f"{state.num_train_examples} examples" if state.stream_data is None else "streamed files"
+        raise ConfigError(f"{folder} was trained on other data ({was}) than the config now gives; resume with the "
+                          "same data, or set overwrite_output_dir: true")
+    state.total_steps = fresh.total_steps
+    accelerator.print(f"[tuneforge] resuming from {folder} at step {state.global_step}")
+    return state
+
+
+def _stream_steps(stream, t, state, rank: int, world: int, collator) -> Iterator[list[dict]]:
+    """Each optimizer step's micro-batches from a RowStream, from the state's stream position on. Every process
+    reads the same rows and keeps its own share; the state's position moves with every step handed out."""
+    rows = stream.rows(state.stream_position or (0, 0, 0))
+    size = t.per_device_train_batch_size
+    while True:
+        micro = []
+        for _ in range(t.gradient_accumulation_steps):
+            taken = [next(rows) for _ in range(size * world)]
+            micro.append(collator([row for row, _ in taken[rank * size: (rank + 1) * size]]))
+        state.stream_position = taken[-1][1]
+        if state.stream_position[0] != state.epoch:  # a new pass over the data began
+            state.epoch, state.step_in_epoch = state.stream_position[0], 0
+        yield micro
 
 
 class _Interval:

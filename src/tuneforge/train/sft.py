@@ -26,10 +26,13 @@ def run(cfg) -> dict:
     accelerator, tokenizer = start(cfg)
     data = prepare_lm_data(cfg, tokenizer, need_train=t.do_train)
     resume = guard_output_dir(cfg, accelerator)
-    model = prepare_model(cfg, accelerator, packed=bool(data.train) and "position_ids" in data.train[0])
-    packed = f" (packed into {len(data.train)} rows)" if len(data.train) != data.num_train_examples else ""
-    accelerator.print(f"[tuneforge] {data.num_train_examples} training examples{packed}, "
-                      f"{_count(data.eval)} evaluation examples")
+    model = prepare_model(cfg, accelerator, packed=data.packed)
+    if cfg.data.streaming:
+        trained = f"training rows streamed from `{cfg.data.dataset}` (buffer of {cfg.data.buffer_size} examples)"
+    else:
+        packed = f" (packed into {len(data.train)} rows)" if len(data.train) != data.num_train_examples else ""
+        trained = f"{data.num_train_examples} training examples{packed}"
+    accelerator.print(f"[tuneforge] {trained}, {_count(data.eval)} evaluation examples")
     module = CausalLMLoss(model, compute_accuracy=f.compute_accuracy)
     results = train_and_evaluate(cfg, module, tokenizer, data.train, data.eval, accelerator, resume,
                                  PadCollator(tokenizer.pad_token_id))
