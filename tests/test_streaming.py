@@ -201,3 +201,18 @@ def test_every_file_type_streams_as_it_loads(tiny_model, tmp_path):
     examples = load_examples(str(tmp_path / "d.csv"), DataArgs(), "sft", 0)
     assert [e.messages[1]["content"] for e in examples] == ["0", "1", "2", "3", "4", "5"]
     assert examples[0].where.endswith("d.csv row 2")
+
+
+def test_hub_datasets_stream_through_datasets(tmp_path):
+    from tuneforge.data.registry import iter_records, read_records, resolve
+
+    (tmp_path / "splits").mkdir()
+    write_jsonl(tmp_path / "splits" / "train.jsonl", [{"instruction": "q0", "output": "a0"}])
+    write_jsonl(tmp_path / "splits" / "test.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in (1, 2)])
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "hub": {"hf_hub_url": str(tmp_path / "splits"), "split": "test"}}))  # load_dataset takes a local folder too
+    attr = resolve("hub", str(tmp_path))[0]
+    streamed = list(iter_records(attr, streaming=True))
+    assert [r.data for r in streamed] == [r.data for r in read_records(attr)] == [
+        {"instruction": "q1", "output": "a1"}, {"instruction": "q2", "output": "a2"}]
+    assert streamed[0].where.endswith("splits [test] record 0")
