@@ -105,7 +105,7 @@ def test_streaming_resume_is_exact(tiny_model, tmp_path):
     shutil.rmtree(interrupted / "checkpoint-10", ignore_errors=True)
     for name in ("adapter_model.safetensors", "adapter_config.json", "train_results.json", "all_results.json"):
         (interrupted / name).unlink()
-    with pytest.raises(ConfigError, match="was trained on other data"):
+    with pytest.raises(ConfigError, match="was trained on streamed examples but the data now has other files"):
         run_training(train_config(tiny_model, data, interrupted, **common))
 
 

@@ -225,7 +225,8 @@ def _read_table(path: Path) -> Iterator[RawRecord]:
                 number += 1
     except pa.ArrowInvalid as err:
         raise DataError(f"{path} near row {number}: cannot read the table ({str(err).splitlines()[0]}); "
-                        "check that every row has the header's columns (and true/false columns only true or false)") from None
+                        "check that every row has the header's columns (and true/false columns only true or false)") \
+            from None
 
 
 def _read_arrow(path: Path) -> Iterator[RawRecord]:

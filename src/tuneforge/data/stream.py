@@ -97,8 +97,9 @@ class RowStream:
                     yield rows[index], [epoch, batch, index + 1]
                 start_row = 0
             if whole_pass and not made:
-                raise DataError(f"dataset `{self.cfg.data.dataset}`: a whole pass gave no training row; check that "
-                                f"examples keep a response token after truncation to cutoff_len={self.cfg.data.cutoff_len}")
+                d = self.cfg.data
+                raise DataError(f"dataset `{d.dataset}`: a whole pass gave no training row; check that examples keep a "
+                                f"response token after truncation to cutoff_len={d.cutoff_len}")
             epoch, start_batch = epoch + 1, 0
 
     def signature(self) -> str:

@@ -258,9 +258,9 @@ def _resume(folder: str, inner, optimizer, scheduler, fresh, accelerator):
     was trained on the same data."""
     state = ckpt.load_checkpoint(folder, inner, optimizer, scheduler)
     if state.num_train_examples != fresh.num_train_examples or state.stream_data != fresh.stream_data:
-        was = f"{state.num_train_examples} examples" if state.stream_data is None else "streamed files"
-        raise ConfigError(f"{folder} was trained on other data ({was}) than the config now gives; resume with the "
-                          "same data, or set overwrite_output_dir: true")
+        now = "other files" if fresh.stream_data or state.stream_data else f"{fresh.num_train_examples} examples"
+        raise ConfigError(f"{folder} was trained on {state.num_train_examples or 'streamed'} examples but the data now "
+                          f"has {now}; resume with the same data, or set overwrite_output_dir: true")
     state.total_steps = fresh.total_steps
     accelerator.print(f"[tuneforge] resuming from {folder} at step {state.global_step}")
     return state
