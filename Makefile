@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-numerics bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# The suite under other CPU numerics: one thread, and the avx2 kernels an older CPU would run (about 3x `make test`).
+test-numerics: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
+	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest tests
+	ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
 
 # Benchmarks: training speed (a few minutes per row on 2 CPU cores; bench/results.jsonl), then preprocessing speed.
 bench: $(STAMP)

@@ -106,6 +106,24 @@ def run_training(values: dict):
     return run_stage(cfg)
 
 
+# Numeric comparisons in this suite must hold on every CPU our machines and users have (Intel AMX, AMD AVX512-BF16,
+# plain AVX2) and for any thread count: float32 sums come out in a different order there. Each tolerance says why
+# it is the size it is; `ATEN_CPU_CAPABILITY=avx2` and `OMP_NUM_THREADS=1` show other kernels' numerics here.
+
+# trainer_log.jsonl rounds losses to 4 decimals, so two equal losses a float-noise apart can land on neighbouring
+# roundings, 1e-4 apart; 1.5e-4 allows that and nothing more.
+LOGGED_LOSS = 1.5e-4
+
+
+def relative_update_gap(start: dict, a: dict, b: dict) -> float:
+    """|update_a - update_b| / |update_a| over all tensors: how far two runs' weight changes differ, as a share of
+    how far the weights moved. Adam divides by sqrt(v), so a weight whose gradient is ~0 can move by a rate-sized
+    step on float32 noise alone: runs compare as a whole update, not weight by weight."""
+    gap = sum(((a[k] - b[k]).double() ** 2).sum() for k in a) ** 0.5
+    moved = sum(((a[k] - start[k]).double() ** 2).sum() for k in a) ** 0.5
+    return (gap / moved).item()
+
+
 def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
 

@@ -213,6 +213,7 @@ def test_mix_strategies(tmp_path):
     assert mix([a, b], "interleave_over", None, 0) == ["a", "1", "b", "2", "c", "3", "a", "4", "b", "5"]
     assert mix([a, b], "interleave_once", None, 0) == ["a", "1", "b", "2", "c", "3", "4", "5"]
     drawn = mix([a * 100, b * 100], "interleave_under", "0.2,0.8", 0)
+    # seeded integer draws, the same on every machine (0.201 of 626); +-0.05 is 3 standard deviations
     assert 0.15 < sum(x in a for x in drawn) / len(drawn) < 0.25  # drawn by the given probabilities
     assert mix([a, b], "interleave_over", "1,0", 0) == a  # a zero-probability dataset is never waited for
     write_jsonl(tmp_path / "x.jsonl", [{"instruction": "q", "output": "a"}] * 3)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import alpaca_rows, read_log, write_jsonl
+from conftest import LOGGED_LOSS, alpaca_rows, read_log, relative_update_gap, write_jsonl
 from safetensors.torch import load_file
 
 
@@ -26,6 +26,9 @@ def test_ddp_two_processes_match_one(tiny_model, tmp_path, streaming):
                              "per_device_train_batch_size=8"], capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
     a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-5
+    # AdamW over gloo's all-reduce, whose summation order differs from one process's: measured at most 7e-6 of the update
+    # (streaming 8e-7); the accumulation test's rule (2e-3) applies. Processes taking the wrong rows, or a wrong
+    # normalisation across processes, move the update by percents.
+    assert relative_update_gap(load_file(f"{tiny_model}/model.safetensors"), a, b) < 2e-3
     ddp_loss = [r["loss"] for r in read_log(tmp_path / "ddp")]
-    assert ddp_loss == pytest.approx([r["loss"] for r in read_log(tmp_path / "one")], abs=1e-3)
+    assert ddp_loss == pytest.approx([r["loss"] for r in read_log(tmp_path / "one")], abs=LOGGED_LOSS)

@@ -4,7 +4,7 @@ rules."""
 import json
 
 import pytest
-from conftest import read_log, run_training, train_config, write_jsonl
+from conftest import LOGGED_LOSS, read_log, run_training, train_config, write_jsonl
 
 from tuneforge.data.registry import DataError
 
@@ -86,7 +86,7 @@ def test_reward_model_learns_and_reloads(tiny_model, pref_data, tmp_path):
     # the saved reward model scores the held-out pairs the same way when loaded again
     again = run_training(_config(tiny_model, pref_data, tmp_path / "scores", "rm", do_train=False,
                                  adapter_name_or_path=str(out), do_predict=True, eval_strategy="no"))
-    assert again["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
+    assert again["eval_accuracy"] == results["eval_accuracy"]  # same weights, same kernels: the same scores
     scores = [json.loads(line) for line in (tmp_path / "scores" / "generated_predictions.jsonl").read_text().splitlines()]
     assert len(scores) == 16 and sum(s["chosen"] > s["rejected"] for s in scores) / 16 == again["predict_accuracy"]
 
@@ -124,7 +124,9 @@ def test_precomputed_reference_gives_the_same_training(tiny_model, pref_data, tm
     run_training(_config(tiny_model, pref_data, tmp_path / "live", "dpo", **common))
     run_training(_config(tiny_model, pref_data, tmp_path / "pre", "dpo", precompute_ref_log_probs=True, **common))
     live, pre = ([r["loss"] for r in read_log(tmp_path / name)] for name in ("live", "pre"))
-    assert pre == pytest.approx(live, abs=1e-4)
+    # precomputed and live reference log-probs come from batches padded differently (float32 noise, ~1e-6), and
+    # the logged losses are rounded
+    assert pre == pytest.approx(live, abs=LOGGED_LOSS)
 
 
 def test_reward_model_full_finetuning(tiny_model, pref_data, tmp_path):

@@ -153,7 +153,7 @@ class TrainArgs:
     fp16: bool = False
     gradient_checkpointing: bool = False
     torch_compile: bool = False
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch"  # adamw_torch | adamw_torch_fused | sgd (no momentum)
     report_to: str = "none"
     resume_from_checkpoint: str | None = None
     ddp_timeout: int = 1800
@@ -420,8 +420,8 @@ def validate(cfg: Config, command: str = "train") -> None:
         _fail(cfg, "`pure_bf16` keeps the frozen base in bf16 and needs `finetuning_type: lora`")
     if t.lr_scheduler_type not in SCHEDULERS:
         _fail(cfg, f"`lr_scheduler_type` must be one of {', '.join(SCHEDULERS)}; got {t.lr_scheduler_type!r}")
-    if t.optim not in ("adamw_torch", "adamw_torch_fused"):
-        _fail(cfg, f"`optim: {t.optim}` is not supported yet; use adamw_torch")
+    if t.optim not in ("adamw_torch", "adamw_torch_fused", "sgd"):
+        _fail(cfg, f"`optim: {t.optim}` is not supported yet; use adamw_torch, adamw_torch_fused or sgd")
     if t.report_to not in ("none", None, ""):
         _fail(cfg, f"`report_to: {t.report_to}` is not supported yet; metrics go to trainer_log.jsonl "
                    "(set report_to: none)")

@@ -78,6 +78,8 @@ def build_optimizer(model, t, f, report=None):
                    f"e.g. {members[0]}")
     param_groups = [{"params": params, "lr": rate, "weight_decay": t.weight_decay if decays else 0.0}
                     for (rate, decays), params in groups.items()]
+    if t.optim == "sgd":  # plain SGD: the update is the gradient times the rate, nothing divides it
+        return torch.optim.SGD(param_groups, lr=t.learning_rate)
     return torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                              eps=t.adam_epsilon, fused=True if t.optim == "adamw_torch_fused" else None)
 
