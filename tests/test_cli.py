@@ -28,6 +28,8 @@ def test_train_with_overrides_then_chat(tiny_model, tmp_path):
                       "max_steps: 2\nlogging_steps: 1\ncutoff_len: 64\n")
     done = _run("train", str(config), "learning_rate=3e-4", "per_device_train_batch_size=2")
     assert done.returncode == 0, done.stderr
+    # our progress bar, without transformers' bars for loading and saving weights around it
+    assert "train: 100%" in done.stderr and "Loading weights" not in done.stderr + done.stdout
     assert [r["lr"] for r in read_log(tmp_path / "o")][0] == 1.5e-4  # linear decay from 3e-4 over 2 steps
     saved = (tmp_path / "o" / "tuneforge_config.yaml").read_text()
     assert "learning_rate: 0.0003" in saved and "per_device_train_batch_size: 2" in saved
@@ -35,6 +37,7 @@ def test_train_with_overrides_then_chat(tiny_model, tmp_path):
             "max_new_tokens=4"]
     one = _run("chat", *chat, "--query", "What is 1 plus 2?")
     assert one.returncode == 0 and one.stdout.strip(), one.stderr
+    assert "[tuneforge]" not in one.stdout and "Loading weights" not in one.stderr  # stdout is the answer alone
     session = _run("chat", *chat, stdin="hello\n/clear\nWhat is 3 plus 4?\n/exit\n")
     assert session.returncode == 0, session.stderr
     assert session.stdout.count("Assistant:") == 2 and "(history cleared)" in session.stdout

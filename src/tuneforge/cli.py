@@ -60,6 +60,16 @@ def _load(path, overrides, validate_for):
     return cfg
 
 
+def _quiet_library_bars() -> None:
+    """transformers draws a bar for every load and save of weights (a fraction of a second each) around ours; our
+    own bar and messages say what takes time. Hub downloads keep their bars: those can take minutes."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # this also turns off the hub's bars ...
+    enable_progress_bars()  # ... which downloads still need
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data.registry import DataError
     from .models.load import ModelError
@@ -72,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     path, overrides = _split_args(ns.args)
+    _quiet_library_bars()
     try:
         if ns.command == "train":
             from .train import run_stage

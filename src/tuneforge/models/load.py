@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import os
 import shutil
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,10 +90,13 @@ def _converted_gguf(gguf_path: Path, eos_token: str | None, folder_name: str | N
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[tuneforge] converting {gguf_path.name} to safetensors in {target} (once)", flush=True)
+    # stderr: stdout is for answers (`chat --query` is used in scripts)
+    print(f"[tuneforge] converting {gguf_path.name} to safetensors in {target} (once; seconds to minutes)",
+          file=sys.stderr, flush=True)
     folder, file = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    loaded = _without_gguf_bar(lambda: AutoModelForCausalLM.from_pretrained(folder, gguf_file=file,
+                                                                            dtype=torch.float32))
     # The loaded model is flagged as GGUF-quantised and refuses to save; rebuild it from a clean config.
     settings = loaded.config.to_dict()
     settings.pop("quantization_config", None)
@@ -114,6 +121,17 @@ def _converted_gguf(gguf_path: Path, eos_token: str | None, folder_name: str | N
         if not (target / "config.json").is_file():
             raise
     return target
+
+
+def _without_gguf_bar(load):
+    """Run `load` without the progress bar transformers' GGUF reader draws per tensor: a tqdm of its own that no
+    switch turns off, around a conversion we already announce. Warnings raised meanwhile are passed on."""
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("always")
+        result = load()
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return result
 
 
 def _offline_hint(name: str, err: Exception) -> ModelError:
