@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import random
 import resource
 import sys
@@ -51,6 +50,7 @@ def main() -> None:
     from tuneforge.config import build_config
     from tuneforge.data import _encode, load_splits
     from tuneforge.data.templates import get_template
+    from tuneforge.machine import cpu_description
     from tuneforge.models.load import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,7 +75,7 @@ def main() -> None:
                       "encode_s": round(encode, 2), "records_per_s": round(len(examples) / (read + encode)),
                       "encode_tokens_per_s": round(tokens / encode), "mean_tokens": round(tokens / len(rows), 1)}
     print(json.dumps({**result, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                      "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}))
+                      "cpu": cpu_description(), "cores": os.cpu_count()}))
 
 
 def stream_epoch(cfg, tokenizer) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -95,6 +94,7 @@ def child(name: str, steps: int, warmup: int, overrides: list[str]) -> dict:
 
     from tuneforge.config import build_config, parse_overrides, validate
     from tuneforge.data import prepare_lm_data
+    from tuneforge.machine import cpu_description
     from tuneforge.models.load import load_tokenizer
     from tuneforge.train.sft import run
 
@@ -130,7 +130,7 @@ def child(name: str, steps: int, warmup: int, overrides: list[str]) -> dict:
         "final_loss": measured[-1]["loss"], "steps": steps, "warmup_steps": warmup,
         "seq_len": cfg.data.cutoff_len, "batch": f"{cfg.train.per_device_train_batch_size}x"
                                                  f"{cfg.train.gradient_accumulation_steps}",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_description(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
     if torch.cuda.is_available():
@@ -146,16 +146,6 @@ def _count_params(config) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> int:
