@@ -76,7 +76,7 @@ def tiny_model(folder: Path) -> str:
 
 def batch_plan_stats(cfg, rows, warmup: int) -> tuple[float, float]:
     """(padding fraction, real tokens per optimizer step) over the measured steps, replaying the loop's plan."""
-    from tuneforge.train.loop import epoch_batches
+    from tuneforge.train.steps import epoch_batches
 
     t = cfg.train
     batches = epoch_batches(len(rows), t.per_device_train_batch_size, t.seed, 0, True)

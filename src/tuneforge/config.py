@@ -188,9 +188,6 @@ class Config:
 GROUPS = {"model": ModelArgs, "data": DataArgs, "finetune": FinetuneArgs, "train": TrainArgs, "generate": GenerateArgs}
 KEY_GROUP = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
-STAGES_BUILT = ("pt", "sft", "rm", "dpo", "kto", "cls")
-STAGES_PLANNED = ("ppo", "grpo")
-PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # Keys accepted so LLaMA-Factory configs load, whose feature is not built yet: any non-default value is refused
 # (never silently ignored). Each entry says what the user can do instead.
@@ -219,10 +216,12 @@ def notices(cfg: Config) -> list[str]:
         group = getattr(cfg, KEY_GROUP[key])
         if getattr(group, key) != getattr(type(group)(), key):
             out.append(f"note: `{key}` has no effect yet: {why}")
-    d = cfg.data
-    if (d.preprocessing_num_workers or 1) > 1 and cfg.finetune.stage not in ("pt", "sft"):
-        out.append(f"note: `preprocessing_num_workers` applies to stages pt and sft; stage {cfg.finetune.stage} "
-                   "preprocesses in one process")
+    d, stage = cfg.data, _stage(cfg)
+    if (d.preprocessing_num_workers or 1) > 1 and stage and not stage.language_modelling:
+        from .train.stages import names
+
+        out.append(f"note: `preprocessing_num_workers` applies to stages {names(lambda s: s.language_modelling)}; "
+                   f"stage {stage.name} preprocesses in one process")
     if d.buffer_size != DataArgs.buffer_size and not d.streaming:
         out.append("note: `buffer_size` has no effect without streaming: in-memory data is shuffled whole")
     if d.streaming:
@@ -329,153 +328,181 @@ def load_config(path: str | None, overrides: list[str] | None = None, validate_f
     return cfg
 
 
-def _fail(cfg: Config, message: str):
-    raise ConfigError(f"{cfg.source}: {message}")
+def _stage(cfg: Config):
+    """The config's Stage from the table, or None for a name it does not hold."""
+    from .train.stages import STAGES
+
+    return STAGES.get(cfg.finetune.stage)
 
 
-def _check_streaming(cfg: Config) -> None:
-    d, t = cfg.data, cfg.train
-    if cfg.finetune.stage not in ("pt", "sft"):
-        _fail(cfg, f"`streaming` is built for stages pt and sft; stage {cfg.finetune.stage} reads its data into "
-                   "memory (set streaming: false)")
+def raise_problems(cfg: Config, problems: list[str]) -> None:
+    """One problem: its own line (tests and people read `<source>: <problem>`); several: all of them at once."""
+    if len(problems) == 1:
+        raise ConfigError(f"{cfg.source}: {problems[0]}")
+    if problems:
+        raise ConfigError(f"{cfg.source}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _streaming_problems(cfg: Config) -> list[str]:
+    from .train.stages import names
+
+    d, t, stage, out = cfg.data, cfg.train, _stage(cfg), []
+    if not stage.language_modelling:
+        out.append(f"`streaming` is built for stages {names(lambda s: s.language_modelling)}; stage {stage.name} "
+                   "reads its data into memory (set streaming: false)")
     if t.max_steps <= 0:
-        _fail(cfg, "`streaming: true` reads the data as training goes, so its length is unknown: set `max_steps`")
+        out.append("`streaming: true` reads the data as training goes, so its length is unknown: set `max_steps`")
     if d.val_size and d.val_size != int(d.val_size):
-        _fail(cfg, f"with streaming, `val_size` is a count of examples (e.g. 500), not a fraction; got {d.val_size}")
+        out.append(f"with streaming, `val_size` is a count of examples (e.g. 500), not a fraction; got {d.val_size}")
     if d.tokenized_path:
-        _fail(cfg, "`tokenized_path` saves tokenised data, which streaming never holds whole; remove it or set "
+        out.append("`tokenized_path` saves tokenised data, which streaming never holds whole; remove it or set "
                    "streaming: false")
     for key in ("eval_strategy", "save_strategy"):
         if getattr(t, key) == "epoch":
-            _fail(cfg, f"`{key}: epoch` needs epochs of known length; with streaming use `{key}: steps`")
+            out.append(f"`{key}: epoch` needs epochs of known length; with streaming use `{key}: steps`")
     if d.buffer_size < 1:
-        _fail(cfg, f"`buffer_size` must be at least 1 (1 keeps the file order); got {d.buffer_size}")
+        out.append(f"`buffer_size` must be at least 1 (1 keeps the file order); got {d.buffer_size}")
+    return out
 
 
 def validate(cfg: Config, command: str = "train") -> None:
-    """Cross-field rules, each explained in plain words."""
-    m, d, f, t = cfg.model, cfg.data, cfg.finetune, cfg.train
+    """Every problem of the config, explained in plain words, raised together as one ConfigError. The generic
+    rules live here; each stage's recipe checks its own options (`check(cfg)` in train/<recipe>.py)."""
+    problems = _model_problems(cfg)
+    if command == "train":
+        problems += _train_problems(cfg)
+        stage = _stage(cfg)
+        if stage is not None and stage.built:
+            problems += stage.recipe_module().check(cfg)
+    raise_problems(cfg, problems)
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    m, out = cfg.model, []
     if not m.model_name_or_path:
-        _fail(cfg, "`model_name_or_path` is required (a local folder, a hub id, a .gguf file or a bundled alias "
+        out.append("`model_name_or_path` is required (a local folder, a hub id, a .gguf file or a bundled alias "
                    "such as smollm2-135m-instruct)")
     defaults = {k: getattr(GROUPS[g](), k) for k, g in KEY_GROUP.items()}
     for key, why in NOT_YET.items():
         value = getattr(getattr(cfg, KEY_GROUP[key]), key)
         if value != defaults[key]:
-            _fail(cfg, f"`{key}: {value}` is not supported yet: {why}")
+            out.append(f"`{key}: {value}` is not supported yet: {why}")
     if m.flash_attn not in ("auto", "sdpa", "eager", "fa2", "disabled"):
-        _fail(cfg, f"`flash_attn` must be auto, sdpa, eager, fa2 or disabled; got {m.flash_attn!r}")
+        out.append(f"`flash_attn` must be auto, sdpa, eager, fa2 or disabled; got {m.flash_attn!r}")
     if m.infer_dtype not in ("auto", "float32", "bfloat16", "float16"):
-        _fail(cfg, f"`infer_dtype` must be auto, float32, bfloat16 or float16; got {m.infer_dtype!r}")
-    if command != "train":
-        return
-    if f.stage in STAGES_PLANNED:
-        _fail(cfg, f"stage `{f.stage}` is not built yet; the stages available now are {', '.join(STAGES_BUILT)}")
-    if f.stage not in STAGES_BUILT:
-        _fail(cfg, f"unknown stage `{f.stage}`; choose one of {', '.join(STAGES_BUILT + STAGES_PLANNED)}")
+        out.append(f"`infer_dtype` must be auto, float32, bfloat16 or float16; got {m.infer_dtype!r}")
+    return out
+
+
+def _train_problems(cfg: Config) -> list[str]:
+    from .train.stages import STAGES, names
+
+    m, d, f, t, stage, out = cfg.model, cfg.data, cfg.finetune, cfg.train, _stage(cfg), []
+    if stage is None:
+        out.append(f"unknown stage `{f.stage}`; choose one of {', '.join(STAGES)}")
+    elif not stage.built:
+        out.append(f"stage `{f.stage}` is not built yet; the stages available now are "
+                   f"{', '.join(s.name for s in STAGES.values() if s.built)}")
     if f.finetuning_type not in ("full", "freeze", "lora"):
-        _fail(cfg, f"`finetuning_type` must be full, freeze or lora; got {f.finetuning_type!r}")
+        out.append(f"`finetuning_type` must be full, freeze or lora; got {f.finetuning_type!r}")
     if t.do_train and not d.dataset:
-        _fail(cfg, "`dataset` is required for training (a name from dataset_info.json or a file path)")
+        out.append("`dataset` is required for training (a name from dataset_info.json or a file path)")
     if not t.output_dir:
-        _fail(cfg, "`output_dir` is required: where the trained model, logs and checkpoints go")
+        out.append("`output_dir` is required: where the trained model, logs and checkpoints go")
     if d.train_on_prompt and d.mask_history:
-        _fail(cfg, "`train_on_prompt` and `mask_history` contradict each other; set only one")
+        out.append("`train_on_prompt` and `mask_history` contradict each other; set only one")
     if d.cutoff_len < 2:
-        _fail(cfg, f"`cutoff_len` must be at least 2; got {d.cutoff_len}")
-    if d.neat_packing and f.stage == "pt":
-        _fail(cfg, "`neat_packing` is built for sft; stage pt concatenates documents (set `neat_packing: false`)")
-    if d.packing is False and f.stage == "pt":
-        _fail(cfg, "stage pt always concatenates and chunks text to cutoff_len; `packing: false` is not built")
+        out.append(f"`cutoff_len` must be at least 2; got {d.cutoff_len}")
     if d.mix_strategy not in ("concat", "interleave_under", "interleave_over", "interleave_once"):
-        _fail(cfg, f"`mix_strategy` must be concat, interleave_under, interleave_over or interleave_once; got "
+        out.append(f"`mix_strategy` must be concat, interleave_under, interleave_over or interleave_once; got "
                    f"{d.mix_strategy!r}")
-    if d.interleave_probs:
-        count = len([n for n in (d.dataset or "").split(",") if n.strip()])
-        try:
-            probs = [float(p) for p in d.interleave_probs.split(",")]
-        except ValueError:
-            probs = []
-        if len(probs) != count or any(p < 0 for p in probs) or not sum(probs):
-            _fail(cfg, f"`interleave_probs` needs one non-negative number per dataset ({count}), comma-separated; got "
-                       f"{d.interleave_probs!r}")
-        if d.mix_strategy == "concat":
-            _fail(cfg, "`interleave_probs` applies to mix_strategy interleave_under / interleave_over / "
-                       "interleave_once, not concat")
-    if d.skip_bad_records and f.stage == "cls":
-        _fail(cfg, "`skip_bad_records` is built for the chat and text stages; stage cls stops at the first bad record")
-    if d.eval_on_each_dataset and f.stage not in ("pt", "sft"):
-        _fail(cfg, f"`eval_on_each_dataset` is built for stages pt and sft; stage {f.stage} evaluates all sets together")
+    out += _interleave_problems(d)
+    known = stage is not None and stage.built  # the rules below ask the table about the stage
+    lm_stages = names(lambda s: s.language_modelling)
+    if known and d.eval_on_each_dataset and not stage.language_modelling:
+        out.append(f"`eval_on_each_dataset` is built for stages {lm_stages}; stage {f.stage} evaluates all sets "
+                   "together")
     if d.eval_on_each_dataset and (t.load_best_model_at_end or f.early_stopping_steps) and \
             not (t.metric_for_best_model or "").startswith("eval_"):
-        _fail(cfg, "with `eval_on_each_dataset` every set reports its own metrics (eval_<dataset>_loss, ...); set "
+        out.append("with `eval_on_each_dataset` every set reports its own metrics (eval_<dataset>_loss, ...); set "
                    "`metric_for_best_model` to one of them, e.g. eval_<dataset>_loss")
-    if d.streaming:
-        _check_streaming(cfg)
+    if known and d.streaming:
+        out += _streaming_problems(cfg)
     if not 0 <= d.val_size:
-        _fail(cfg, f"`val_size` must be a fraction in [0, 1) or a count of examples; got {d.val_size}")
+        out.append(f"`val_size` must be a fraction in [0, 1) or a count of examples; got {d.val_size}")
     if t.bf16 and t.fp16:
-        _fail(cfg, "`bf16` and `fp16` are both true; pick one mixed-precision mode")
+        out.append("`bf16` and `fp16` are both true; pick one mixed-precision mode")
     if f.pure_bf16 and f.finetuning_type != "lora":
-        _fail(cfg, "`pure_bf16` keeps the frozen base in bf16 and needs `finetuning_type: lora`")
-    if t.lr_scheduler_type not in SCHEDULERS:
-        _fail(cfg, f"`lr_scheduler_type` must be one of {', '.join(SCHEDULERS)}; got {t.lr_scheduler_type!r}")
-    if t.optim not in ("adamw_torch", "adamw_torch_fused", "sgd"):
-        _fail(cfg, f"`optim: {t.optim}` is not supported yet; use adamw_torch, adamw_torch_fused or sgd")
-    if t.report_to not in ("none", None, ""):
-        _fail(cfg, f"`report_to: {t.report_to}` is not supported yet; metrics go to trainer_log.jsonl "
-                   "(set report_to: none)")
-    if t.eval_strategy not in ("no", "steps", "epoch"):
-        _fail(cfg, f"`eval_strategy` must be no, steps or epoch; got {t.eval_strategy!r}")
-    if t.save_strategy not in ("no", "steps", "epoch"):
-        _fail(cfg, f"`save_strategy` must be no, steps or epoch; got {t.save_strategy!r}")
-    if t.per_device_train_batch_size < 1 or t.gradient_accumulation_steps < 1:
-        _fail(cfg, "`per_device_train_batch_size` and `gradient_accumulation_steps` must be at least 1")
-    if t.max_steps <= 0 and t.num_train_epochs <= 0:
-        _fail(cfg, "set `num_train_epochs` > 0 or `max_steps` > 0")
+        out.append("`pure_bf16` keeps the frozen base in bf16 and needs `finetuning_type: lora`")
+    out += _schedule_problems(t)
     has_eval_data = bool(d.val_size or d.eval_dataset)
     if t.load_best_model_at_end and t.eval_strategy == "no":
-        _fail(cfg, "`load_best_model_at_end` needs evaluations during training: set `eval_strategy: steps` or "
+        out.append("`load_best_model_at_end` needs evaluations during training: set `eval_strategy: steps` or "
                    "`epoch`, and `val_size` or `eval_dataset`")
     if f.early_stopping_steps and t.eval_strategy == "no":
-        _fail(cfg, "`early_stopping_steps` needs evaluations during training: set `eval_strategy: steps` (with "
+        out.append("`early_stopping_steps` needs evaluations during training: set `eval_strategy: steps` (with "
                    "`eval_steps`) or `epoch`, and `val_size` or `eval_dataset`")
     for key, wanted in (("eval_strategy", t.eval_strategy != "no"), ("do_eval", t.do_eval),
                         ("do_predict", t.do_predict)):
         if wanted and not has_eval_data:
-            _fail(cfg, f"`{key}` needs evaluation data: set `val_size` (e.g. 0.1) or `eval_dataset`")
-    if t.do_predict and f.stage == "sft" and not t.predict_with_generate:
-        _fail(cfg, "`do_predict` needs `predict_with_generate: true` (predictions are generated text)")
-    if t.do_predict and f.stage not in ("sft", "rm", "cls"):
-        _fail(cfg, f"`do_predict` is built for stages sft (generated answers), rm (scores) and cls (labels), "
-                   f"not {f.stage}")
-    if f.stage == "cls":  # the classifier recipe loads its own model; these are not wired into it yet
-        unsupported = {"gradient_checkpointing": t.gradient_checkpointing, "torch_compile": t.torch_compile,
-                       "pure_bf16": f.pure_bf16, "adapter_name_or_path": m.adapter_name_or_path,
-                       "train_from_scratch": m.train_from_scratch, "flash_attn": m.flash_attn != "auto"}
-        for key, value in unsupported.items():
-            if value:
-                _fail(cfg, f"`{key}` is not supported for stage cls yet; remove it")
-    if f.compute_accuracy and f.stage not in ("pt", "sft"):
-        _fail(cfg, f"`compute_accuracy` is token accuracy for stages pt and sft; stage {f.stage} reports its own "
+            out.append(f"`{key}` needs evaluation data: set `val_size` (e.g. 0.1) or `eval_dataset`")
+    if known and t.do_predict and not stage.predicts:
+        built = [s for s in STAGES.values() if s.predicts]
+        out.append("`do_predict` is built for stages " + ", ".join(f"{s.name} ({s.predicts})" for s in built[:-1])
+                   + f" and {built[-1].name} ({built[-1].predicts}), not {f.stage}")
+    if known and f.compute_accuracy and not stage.language_modelling:
+        out.append(f"`compute_accuracy` is token accuracy for stages {lm_stages}; stage {f.stage} reports its own "
                    "accuracy metrics, so remove it")
     if f.layerwise_lr_decay is not None and not 0 < f.layerwise_lr_decay <= 1:
-        _fail(cfg, f"`layerwise_lr_decay` must be in (0, 1]; got {f.layerwise_lr_decay}")
+        out.append(f"`layerwise_lr_decay` must be in (0, 1]; got {f.layerwise_lr_decay}")
     for item in (f.layer_lr or "").split(","):
         if item.strip() and ("=" not in item or not _is_number(item.split("=", 1)[1])):
-            _fail(cfg, f"`layer_lr` entries look like `pattern=rate` (e.g. classifier=5e-4); got {item.strip()!r}")
-    if f.stage in ("rm", "dpo", "kto", "cls") and (d.packing or d.neat_packing):
-        _fail(cfg, f"packing is not built for stage {f.stage}; remove `packing` / `neat_packing`")
-    if f.stage == "dpo" and f.pref_loss not in PREF_LOSSES:
-        _fail(cfg, f"`pref_loss: {f.pref_loss}` is not supported; choose one of {', '.join(PREF_LOSSES)}")
-    if f.stage == "dpo" and f.pref_loss in ("ipo",) and f.pref_beta <= 0:
-        _fail(cfg, "`pref_loss: ipo` needs `pref_beta` > 0")
+            out.append(f"`layer_lr` entries look like `pattern=rate` (e.g. classifier=5e-4); got {item.strip()!r}")
     if f.finetuning_type != "lora" and f.create_new_adapter:
-        _fail(cfg, "`create_new_adapter` only applies to `finetuning_type: lora`")
+        out.append("`create_new_adapter` only applies to `finetuning_type: lora`")
     if m.adapter_name_or_path and f.finetuning_type != "lora":
-        _fail(cfg, "`adapter_name_or_path` needs `finetuning_type: lora`")
+        out.append("`adapter_name_or_path` needs `finetuning_type: lora`")
     if t.fp16 and not _cuda_available():
-        _fail(cfg, "`fp16: true` needs a CUDA GPU; on CPU use `bf16: true`")
+        out.append("`fp16: true` needs a CUDA GPU; on CPU use `bf16: true`")
+    return out
+
+
+def _interleave_problems(d: DataArgs) -> list[str]:
+    if not d.interleave_probs:
+        return []
+    out = []
+    count = len([n for n in (d.dataset or "").split(",") if n.strip()])
+    try:
+        probs = [float(p) for p in d.interleave_probs.split(",")]
+    except ValueError:
+        probs = []
+    if len(probs) != count or any(p < 0 for p in probs) or not sum(probs):
+        out.append(f"`interleave_probs` needs one non-negative number per dataset ({count}), comma-separated; got "
+                   f"{d.interleave_probs!r}")
+    if d.mix_strategy == "concat":
+        out.append("`interleave_probs` applies to mix_strategy interleave_under / interleave_over / "
+                   "interleave_once, not concat")
+    return out
+
+
+def _schedule_problems(t: TrainArgs) -> list[str]:
+    out = []
+    if t.lr_scheduler_type not in SCHEDULERS:
+        out.append(f"`lr_scheduler_type` must be one of {', '.join(SCHEDULERS)}; got {t.lr_scheduler_type!r}")
+    if t.optim not in ("adamw_torch", "adamw_torch_fused", "sgd"):
+        out.append(f"`optim: {t.optim}` is not supported yet; use adamw_torch, adamw_torch_fused or sgd")
+    if t.report_to not in ("none", None, ""):
+        out.append(f"`report_to: {t.report_to}` is not supported yet; metrics go to trainer_log.jsonl "
+                   "(set report_to: none)")
+    if t.eval_strategy not in ("no", "steps", "epoch"):
+        out.append(f"`eval_strategy` must be no, steps or epoch; got {t.eval_strategy!r}")
+    if t.save_strategy not in ("no", "steps", "epoch"):
+        out.append(f"`save_strategy` must be no, steps or epoch; got {t.save_strategy!r}")
+    if t.per_device_train_batch_size < 1 or t.gradient_accumulation_steps < 1:
+        out.append("`per_device_train_batch_size` and `gradient_accumulation_steps` must be at least 1")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        out.append("set `num_train_epochs` > 0 or `max_steps` > 0")
+    return out
 
 
 def _is_number(text: str) -> bool:

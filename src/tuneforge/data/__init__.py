@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..train.stages import data_kind
 from . import cache
 from .collate import pack_rows
 from .encode import chunk_documents, encode_kto, encode_pair, encode_supervised_batch, tokenize_documents
@@ -101,7 +102,7 @@ def _encode(examples, stage, tokenizer, template, d) -> tuple[list[dict], list[E
             encoded = pool.map(_encode_batch, batches)
     else:
         encoded = [_encode_batch(batch, job) for batch in batches]
-    if stage == "pt":
+    if data_kind(stage) == "pt":
         return chunk_documents([ids for batch in encoded for ids in batch], d.cutoff_len), []
     rows, kept = [], []
     for batch, batch_rows in zip(batches, encoded):
@@ -117,7 +118,7 @@ _JOB = None  # (stage, tokenizer, template, options) for forked preprocessing wo
 
 def _encode_batch(batch: list[Example], job: tuple | None = None) -> list:
     stage, tokenizer, template, *options = job or _JOB
-    if stage == "pt":
+    if data_kind(stage) == "pt":
         return tokenize_documents(batch, tokenizer)
     return encode_supervised_batch(batch, tokenizer, template, *options)
 
@@ -150,7 +151,7 @@ def prepare_preference_data(cfg, tokenizer) -> tuple[list[dict], list[dict], lis
 def _encode_preferences(cfg, tokenizer, template) -> tuple[list[dict], list[dict], list[Example]]:
     d = cfg.data
     train_examples, eval_examples = load_splits(cfg)
-    if cfg.finetune.stage == "kto":
+    if data_kind(cfg.finetune.stage) == "kto":
         def encode(examples):
             return encode_kto(examples, tokenizer, template, d.cutoff_len, d.default_system) if examples else []
     else:
@@ -168,7 +169,7 @@ def prepare_lm_data(cfg, tokenizer, need_train: bool = True) -> LMData:
     Tokenised data is cached (see cache.py): an unchanged dataset is not tokenised again.
     """
     d, stage = cfg.data, cfg.finetune.stage
-    template = get_template(d.template, tokenizer, d.enable_thinking) if stage != "pt" else None
+    template = get_template(d.template, tokenizer, d.enable_thinking) if data_kind(stage) != "pt" else None
     if d.streaming:
         return _stream(cfg, tokenizer, template, need_train)
     data = cache.cached(cfg, tokenizer, template, lambda: _tokenise(cfg, tokenizer, template, need_train))
@@ -190,7 +191,7 @@ def _tokenise(cfg, tokenizer, template, need_train: bool) -> LMData:
         raise DataError(f"dataset `{d.dataset}`: no example has a response token left after truncation to "
                         f"cutoff_len={d.cutoff_len}; raise cutoff_len or check the data")
     num_train_examples = len(train)
-    if stage == "sft" and (d.packing or d.neat_packing):
+    if data_kind(stage) == "lm" and (d.packing or d.neat_packing):
         train = pack_rows(train, d.cutoff_len)
     evaluation = _evaluation_sets(evaluation, eval_examples, stage, tokenizer, template, d)
     return LMData(train=train, eval=evaluation, eval_examples=kept_eval, template=None,
@@ -218,7 +219,7 @@ def _stream(cfg, tokenizer, template, need_train: bool) -> LMData:
 
     def encode(examples: list[Example]) -> list[dict]:
         rows = _encode(examples, stage, tokenizer, template, d)[0]
-        return pack_rows(rows, d.cutoff_len) if stage == "sft" and (d.packing or d.neat_packing) else rows
+        return pack_rows(rows, d.cutoff_len) if data_kind(stage) == "lm" and (d.packing or d.neat_packing) else rows
 
     stream = RowStream(cfg, encode)
     eval_examples = load_examples(d.eval_dataset, d, stage, cfg.train.seed) if d.eval_dataset else []

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from ..train.stages import data_kind, names
 from .registry import DataError, DatasetAttr, RawRecord
 from .tools import parse_calls, parse_tools
 
@@ -45,9 +46,6 @@ def detect_formatting(record: dict, where: str) -> str:
                     "file in dataset_info.json with `columns` to map other names")
 
 
-PAIR_STAGES = ("rm", "dpo")
-
-
 def to_examples(attr: DatasetAttr, records: list[RawRecord], stage: str, skip: bool = False) -> list[Example]:
     return list(iter_examples(attr, records, stage, skip))
 
@@ -56,6 +54,7 @@ def iter_examples(attr: DatasetAttr, records: Iterable[RawRecord], stage: str, s
                   ) -> Iterator[Example]:
     """Canonical examples, one at a time; a malformed record stops with its error, or with `skip` is dropped and
     counted (the count and the first reasons are printed once the records are used up)."""
+    kind = data_kind(stage)
     records = iter(records)
     first = next(records, None)
     if first is None:
@@ -64,26 +63,26 @@ def iter_examples(attr: DatasetAttr, records: Iterable[RawRecord], stage: str, s
     if formatting == "auto":  # a file given directly: tell the format from its first record
         formatting = detect_formatting(first.data, first.where)
         ranking = isinstance(first.data, dict) and {"chosen", "rejected"} <= set(first.data)
-        if stage == "kto" and "kto_tag" in first.data:
+        if kind == "kto" and "kto_tag" in first.data:
             attr.columns.setdefault("kto_tag", "kto_tag")
     media = [key for key in ("images", "videos", "audios") if key in attr.columns]
     if media:
         raise DataError(f"dataset `{attr.name}` maps `{media[0]}`: multimodal fine-tuning of chat models is not built "
                         "yet; remove that column mapping (for image classification use stage cls with an image folder)")
-    if ranking and stage not in PAIR_STAGES:
+    if ranking and kind != "preference":
         raise DataError(f"dataset `{attr.name}` is ranking (preference) data, which stage `{stage}` cannot use; "
-                        "use it with stage rm or dpo, or pick a non-ranking dataset")
-    if stage in PAIR_STAGES and not ranking:
+                        f"use it with stage {names(lambda s: s.data == 'preference', 'or')}, or pick a non-ranking dataset")
+    if kind == "preference" and not ranking:
         raise DataError(f"stage `{stage}` needs ranking data with chosen and rejected answers, but dataset "
                         f"`{attr.name}` is not marked `ranking: true` in dataset_info.json")
-    if stage == "kto" and "kto_tag" not in attr.columns:
+    if kind == "kto" and "kto_tag" not in attr.columns:
         raise DataError(f"stage kto needs a desirable/undesirable flag per example: map it with "
                         f"`columns: {{\"kto_tag\": ...}}` for dataset `{attr.name}` in dataset_info.json")
     convert = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _sharegpt}[formatting]
     reasons, count = [], 0
     for record in itertools.chain([first], records):
         try:
-            example = _with_preferences(attr, formatting, record, stage, convert(attr, formatting, record, stage))
+            example = _with_preferences(attr, formatting, record, kind, convert(attr, formatting, record, kind))
         except DataError as err:
             if not skip:
                 raise
@@ -100,9 +99,9 @@ def iter_examples(attr: DatasetAttr, records: Iterable[RawRecord], stage: str, s
               "(skip_bad_records); the first: " + " | ".join(reasons[:3]))
 
 
-def _with_preferences(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str, example: Example):
-    """Fill chosen/rejected (rm, dpo) or kto_tag (kto) from the record's columns."""
-    if stage in PAIR_STAGES:
+def _with_preferences(attr: DatasetAttr, formatting: str, record: RawRecord, kind: str, example: Example):
+    """Fill chosen/rejected (preference data) or kto_tag (kto) from the record's columns."""
+    if kind == "preference":
         for side in ("chosen", "rejected"):
             value = _field(record, attr.columns.get(side, side), kind=object)
             if isinstance(value, dict):  # sharegpt: a message object
@@ -112,7 +111,7 @@ def _with_preferences(attr: DatasetAttr, formatting: str, record: RawRecord, sta
                 raise DataError(f"{record.where}: `{side}` must be a string or a message with text, got "
                                 f"{type(value).__name__}")
             setattr(example, side, value)
-    if stage == "kto":
+    if kind == "kto":
         tag = _field(record, attr.columns["kto_tag"], kind=object)
         if not isinstance(tag, bool):
             raise DataError(f"{record.where}: `{attr.columns['kto_tag']}` must be true or false, got {tag!r}")
@@ -139,16 +138,16 @@ def _field(record: RawRecord, column: str, kind=str, required=True, default=None
     return value
 
 
-def _alpaca(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str) -> Example:
+def _alpaca(attr: DatasetAttr, formatting: str, record: RawRecord, kind: str) -> Example:
     cols = {"prompt": "instruction", "query": "input", "response": "output", "history": "history", "system": "system",
             **attr.columns}
-    if stage == "pt":
+    if kind == "pt":
         column = cols["prompt"] if cols["prompt"] in record.data or "text" not in record.data else "text"
         text = _field(record, column)
         return Example(text=text, where=record.where)
     prompt = _field(record, cols["prompt"])
     query = _field(record, cols["query"], required=False, default="")
-    response = None if stage in PAIR_STAGES else _field(record, cols["response"])
+    response = None if kind == "preference" else _field(record, cols["response"])
     messages = []
     for i, turn in enumerate(_field(record, cols["history"], kind=list, required=False, default=[])):
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
@@ -162,7 +161,7 @@ def _alpaca(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str) -
     return Example(messages=messages, system=system, where=record.where)
 
 
-def _sharegpt(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str) -> Example:
+def _sharegpt(attr: DatasetAttr, formatting: str, record: RawRecord, kind: str) -> Example:
     tags = {**(OPENAI_TAGS if formatting == "openai" else SHAREGPT_TAGS), **attr.tags}
     cols = {"messages": "messages" if formatting == "openai" else "conversations", "system": "system",
             "tools": "tools", **attr.columns}
@@ -195,9 +194,9 @@ def _sharegpt(attr: DatasetAttr, formatting: str, record: RawRecord, stage: str)
             except ValueError as err:
                 raise DataError(f"{where}: {err}") from None
         messages.append({"role": role, "content": message[tags["content_tag"]]})
-    if stage == "pt":
+    if kind == "pt":
         return Example(text="\n".join(m["content"] for m in messages), where=record.where)
-    if stage in PAIR_STAGES:  # the answers are in chosen/rejected: the conversation ends on a user turn
+    if kind == "preference":  # the answers are in chosen/rejected: the conversation ends on a user turn
         if len(messages) % 2 == 0:
             raise DataError(f"{record.where}: a preference conversation must end on a user turn (the answers are "
                             f"in chosen/rejected); this one has {len(messages)} turn(s)")

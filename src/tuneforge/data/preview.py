@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import load_examples, load_splits
 from .encode import IGNORE, encode_kto, encode_pair, encode_pretrain, encode_supervised
+from ..train.stages import data_kind
 from .templates import get_template
 
 NO_LIMIT = 10 ** 9
@@ -47,13 +48,13 @@ def show_trained(tokenizer, row: dict) -> str:
 
 def preview(cfg, examples_to_show: int = 3, plot: str | None = "token_lengths.png") -> dict:
     """Check and describe the data of the config's stage; returns the numbers it printed."""
-    d, stage = cfg.data, cfg.finetune.stage
-    if stage == "cls":
+    d, stage, kind = cfg.data, cfg.finetune.stage, data_kind(cfg.finetune.stage)
+    if kind == "labelled":
         return _preview_labelled(cfg, examples_to_show)
     from ..models.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    template = get_template(d.template, tokenizer, d.enable_thinking) if stage != "pt" else None
+    template = get_template(d.template, tokenizer, d.enable_thinking) if kind != "pt" else None
     if d.streaming:
         report, train, evaluation = _stream_sample(cfg)
     else:
@@ -64,7 +65,7 @@ def preview(cfg, examples_to_show: int = 3, plot: str | None = "token_lengths.pn
     print("records per dataset: " + ", ".join(f"{k} {v}" for k, v in report.items()))
     print(f"split: {len(train)} train, {len(evaluation)} evaluation")
     summary = {"records": report, "train": len(train), "eval": len(evaluation)}
-    if stage == "pt":
+    if kind == "pt":
         blocks = encode_pretrain(train, tokenizer, d.cutoff_len)
         print(f"pre-training: {sum(len(b['input_ids']) for b in blocks)} tokens in {len(blocks)} blocks of up to "
               f"{d.cutoff_len}; every token is trained")
@@ -73,11 +74,11 @@ def preview(cfg, examples_to_show: int = 3, plot: str | None = "token_lengths.pn
         return {**summary, "blocks": len(blocks)}
 
     def encode(example, cutoff):
-        if stage in ("rm", "dpo"):
+        if kind == "preference":
             row = encode_pair(example, tokenizer, template, cutoff, d.default_system)
             return [{"input_ids": row[f"{side}_input_ids"], "labels": row[f"{side}_labels"]}
                     for side in ("chosen", "rejected")]
-        if stage == "kto":
+        if kind == "kto":
             return encode_kto([example], tokenizer, template, cutoff, d.default_system)[:1]
         row = encode_supervised(example, tokenizer, template, cutoff, d.train_on_prompt, d.mask_history,
                                 d.default_system)
@@ -93,13 +94,13 @@ def preview(cfg, examples_to_show: int = 3, plot: str | None = "token_lengths.pn
             kept.append((example, rows))
         else:
             dropped += 1
-    unit = {"rm": "sequences (chosen and rejected)", "dpo": "sequences (chosen and rejected)"}.get(stage, "records")
+    unit = "sequences (chosen and rejected)" if kind == "preference" else "records"
     print(f"token lengths before truncation, {unit}: {_stats(full)}")
     print(f"cutoff_len {d.cutoff_len}: {truncated} of {len(train)} records truncated, {dropped} left with nothing "
           "to learn (dropped)")
     targets = [sum(label != IGNORE for label in r["labels"]) for _, rows in kept for r in rows]
     print(f"trained tokens per sequence: {_stats(targets)}")
-    if stage == "kto":
+    if kind == "kto":
         desirable = sum(bool(e.kto_tag) for e in train)
         print(f"kto_tag: {desirable} desirable, {len(train) - desirable} undesirable")
     if plot and full:
@@ -107,8 +108,8 @@ def preview(cfg, examples_to_show: int = 3, plot: str | None = "token_lengths.pn
         print(f"histogram: {plot}")
     for i, (example, rows) in enumerate(kept[:examples_to_show]):
         print(f"\n--- example {i} ({example.where}); [[...]] is trained ---")
-        names = ["chosen", "rejected"] if stage in ("rm", "dpo") else [
-            f"kto_tag {example.kto_tag}"] if stage == "kto" else [""]
+        names = ["chosen", "rejected"] if kind == "preference" else [
+            f"kto_tag {example.kto_tag}"] if kind == "kto" else [""]
         for name, row in zip(names, rows):
             print((f"[{name}] " if name else "") + show_trained(tokenizer, row))
     return {**summary, "truncated": truncated, "dropped": dropped}

@@ -3,7 +3,6 @@
 
 def run_stage(cfg) -> dict:
     """Run the recipe of `cfg.finetune.stage` and return its results."""
-    from importlib import import_module
+    from .stages import STAGES
 
-    recipe = {"pt": "sft", "sft": "sft", "rm": "rm", "dpo": "dpo", "kto": "kto", "cls": "cls"}[cfg.finetune.stage]
-    return import_module(f"{__name__}.{recipe}").run(cfg)
+    return STAGES[cfg.finetune.stage].recipe_module().run(cfg)

@@ -87,16 +87,19 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_model(module, tokenizer, folder: Path) -> None:  # tokenizer None: weights only
-    """An adapter (PEFT format) for LoRA, else the full model as safetensors; plus the tokenizer and any extra
-    weights the stage trains besides the model (e.g. a reward model's value head)."""
-    model = getattr(module, "model", module)
-    model.save_pretrained(folder, safe_serialization=True)
+    """A loss module's model: an adapter (PEFT format) for LoRA, else the full model as safetensors; plus the
+    tokenizer and the extra modules the stage trains besides the model (e.g. a reward model's value head)."""
+    module.model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    extra = module.extra_weights() if hasattr(module, "extra_weights") else None
-    if extra:
-        file, weights = extra
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(Path(folder) / file))
+    for file, part in module.extra.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in part.state_dict().items()}, str(Path(folder) / file))
+
+
+def load_extra_weights(module, folder: str | Path) -> None:
+    """Put the extra modules of a loss module (see save_model) back from `folder`."""
+    for file, part in module.extra.items():
+        part.load_state_dict(load_file(Path(folder) / file))
 
 
 def save_checkpoint(folder: Path, module, tokenizer, optimizer, scheduler, state: TrainerState,
@@ -135,8 +138,7 @@ def load_trainable_weights(model, folder: Path) -> None:
 def load_checkpoint(folder: str | Path, module, optimizer, scheduler) -> TrainerState:
     folder = Path(folder)
     load_trainable_weights(module.model, folder)
-    if hasattr(module, "load_extra_weights"):
-        module.load_extra_weights(folder)
+    load_extra_weights(module, folder)
     if not (folder / "optimizer.pt").is_file():
         raise FileNotFoundError(f"{folder} was saved with save_only_model: it has no optimizer state to resume from")
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))

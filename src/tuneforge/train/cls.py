@@ -23,6 +23,7 @@ from ..models.adapters import all_linear_names, describe_trainable
 from ..models.load import ModelError, load_tokenizer, resolve_model_path
 from .common import guard_output_dir, make_accelerator, train_and_evaluate
 from .logging import write_results
+from .stages import refuse_packing
 
 from ..infer.classify import LABELS_FILE
 HEAD_NAMES = ("classifier", "score")
@@ -30,6 +31,7 @@ HEAD_NAMES = ("classifier", "score")
 
 class ClassifierLoss(torch.nn.Module):
     unit = "example"
+    extra: dict = {}  # nothing trains besides the model (see steps.LossModule)
 
     def __init__(self, model):
         super().__init__()
@@ -176,6 +178,19 @@ def plot_confusion(matrix: list[list[int]], id2label: dict[int, str], path: Path
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def check(cfg) -> list[str]:
+    """The classifier recipe loads its own model: options of the causal-LM set-up are not wired into it."""
+    m, f, t = cfg.model, cfg.finetune, cfg.train
+    out = []
+    if cfg.data.skip_bad_records:
+        out.append("`skip_bad_records` is built for the chat and text stages; stage cls stops at the first bad record")
+    unsupported = {"gradient_checkpointing": t.gradient_checkpointing, "torch_compile": t.torch_compile,
+                   "pure_bf16": f.pure_bf16, "adapter_name_or_path": m.adapter_name_or_path,
+                   "train_from_scratch": m.train_from_scratch, "flash_attn": m.flash_attn != "auto"}
+    out += [f"`{key}` is not supported for stage cls yet; remove it" for key, value in unsupported.items() if value]
+    return out + refuse_packing(cfg)
 
 
 def run(cfg) -> dict:

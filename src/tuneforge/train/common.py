@@ -14,6 +14,7 @@ from ..models.load import ModelError, load_base_model, load_tokenizer
 from . import checkpoint as ckpt
 from .logging import plot_loss, write_results
 from .loop import Precision, evaluate, train
+from .steps import rows_source
 
 
 def make_accelerator(t):
@@ -87,13 +88,15 @@ def finish_training(cfg, module, tokenizer, results: dict, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def train_and_evaluate(cfg, module, tokenizer, train_rows: list[dict], eval_rows: list[dict], accelerator,
+def train_and_evaluate(cfg, module, tokenizer, train_data, eval_rows: list[dict], accelerator,
                        resume: str | None, collator, evaluate_at_end: bool = True) -> dict:
-    """Open output_dir; train and save (do_train); evaluate (do_eval, unless the recipe evaluates itself)."""
+    """Open output_dir; train and save (do_train); evaluate (do_eval, unless the recipe evaluates itself).
+    `train_data`: encoded rows, a RowStream, or a step source of the recipe's own (rollouts)."""
     open_output_dir(cfg, accelerator)
     results = {}
     if cfg.train.do_train:
-        results.update(train(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator))
+        source = rows_source(train_data, cfg.train, collator, not cfg.finetune.disable_shuffling, accelerator)
+        results.update(train(cfg, module, tokenizer, source, eval_rows, accelerator, resume, collator))
         finish_training(cfg, module, tokenizer, results, accelerator)
     if cfg.train.do_eval and evaluate_at_end:
         results.update(evaluate_and_report(cfg, module, eval_rows, collator, accelerator))
@@ -141,11 +144,11 @@ def check_packing_support(model) -> None:
                          "`neat_packing` would mix examples; set both to false for this model")
 
 
-def reference_model(cfg):
-    """The frozen reference for dpo / kto, or None when the policy itself serves (LoRA: adapters switched off)
-    or no reference is needed (pref_loss orpo and simpo)."""
+def reference_model(cfg, needed: bool = True):
+    """The frozen reference for dpo / kto / the RL stages, or None when the policy itself serves (LoRA: adapters
+    switched off) or no reference is `needed` (e.g. pref_loss orpo and simpo)."""
     f = cfg.finetune
-    if f.stage == "dpo" and f.pref_loss in ("orpo", "simpo"):
+    if not needed:
         return None
     if f.ref_model:
         from dataclasses import replace

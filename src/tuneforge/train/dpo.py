@@ -13,17 +13,22 @@ from ..data import prepare_preference_data
 from ..data.collate import PairCollator
 from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
 from .losses import decoder_and_head, dpo_family_loss, reference_log_probs, sequence_log_probs, uses_average
+from .stages import refuse_packing
+
+PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
+REFERENCE_FREE = ("orpo", "simpo")  # losses that compare the policy's own answers, with no reference model
 
 
 class PreferenceLoss(torch.nn.Module):
     unit = "pair"
+    extra: dict = {}  # nothing trains besides the model (see steps.LossModule)
 
     def __init__(self, model, finetune_args, reference=None):
         super().__init__()
         self.model, self.args = model, finetune_args
         self.split = decoder_and_head(model)
         self.reference = [reference] if reference is not None else []  # a list: not a submodule, never trained
-        self.needs_reference = finetune_args.pref_loss not in ("orpo", "simpo")
+        self.needs_reference = finetune_args.pref_loss not in REFERENCE_FREE
 
     @staticmethod
     def units(batch: dict) -> torch.Tensor:
@@ -74,13 +79,23 @@ def precompute_reference(module: PreferenceLoss, rows: list[dict], collator, bat
     module.reference.clear()  # a frozen copy is no longer needed
 
 
+def check(cfg) -> list[str]:
+    f, out = cfg.finetune, refuse_packing(cfg)
+    if f.pref_loss not in PREF_LOSSES:
+        out.append(f"`pref_loss: {f.pref_loss}` is not supported; choose one of {', '.join(PREF_LOSSES)}")
+    if f.pref_loss == "ipo" and f.pref_beta <= 0:
+        out.append("`pref_loss: ipo` needs `pref_beta` > 0")
+    return out
+
+
 def run(cfg) -> dict:
     t, f = cfg.train, cfg.finetune
     accelerator, tokenizer = start(cfg)
     train_rows, eval_rows, _ = prepare_preference_data(cfg, tokenizer)
     resume = guard_output_dir(cfg, accelerator)
     model = prepare_model(cfg, accelerator)
-    module = PreferenceLoss(model, f, reference_model(cfg)).to(accelerator.device)
+    reference = reference_model(cfg, needed=f.pref_loss not in REFERENCE_FREE)
+    module = PreferenceLoss(model, f, reference).to(accelerator.device)
     collator = PairCollator(tokenizer.pad_token_id)
     accelerator.print(f"[tuneforge] {len(train_rows)} training and {len(eval_rows)} evaluation pairs; "
                       f"pref_loss {f.pref_loss}, reference: {_describe_reference(module, f)}")

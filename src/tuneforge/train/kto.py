@@ -10,10 +10,12 @@ from ..data import prepare_preference_data
 from ..data.collate import KTOCollator
 from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
 from .losses import decoder_and_head, kto_loss, reference_log_probs, sequence_log_probs
+from .stages import refuse_packing
 
 
 class KTOLoss(torch.nn.Module):
     unit = "example"
+    extra: dict = {}  # nothing trains besides the model (see steps.LossModule)
 
     def __init__(self, model, finetune_args, reference=None):
         super().__init__()
@@ -38,6 +40,10 @@ class KTOLoss(torch.nn.Module):
         signed = chosen_reward.sum() - rejected_reward.sum()
         kl = (mismatched - ref_mismatched).detach().mean().clamp(min=0)
         return losses.sum(), {"rewards/signed": signed, "kl": kl * n}
+
+
+def check(cfg) -> list[str]:
+    return refuse_packing(cfg)
 
 
 def run(cfg) -> dict:

@@ -14,29 +14,14 @@ import shutil
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Iterator
-
 import torch
-from torch.utils.data import DataLoader
 
 from ..config import ConfigError
 from ..data.collate import PadCollator
 from ..models.load import ModelError
 from . import checkpoint as ckpt
 from .logging import RunLog
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, rank: int = 0,
-                  world: int = 1) -> list[list[int]]:
-    """This process's micro-batches (lists of example indices) for one epoch; the same on every run."""
-    if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    else:
-        order = list(range(n))
-    span = batch_size * world
-    if world > 1 and n % span:  # every process needs the same number of non-empty micro-batches
-        order += order[: span - n % span]
-    return [order[start + rank * batch_size: start + (rank + 1) * batch_size] for start in range(0, len(order), span)]
+from .steps import LossModule, StepSource
 
 
 def learning_rate_of(name: str, t, f, n_layers: int | None) -> float:
@@ -95,14 +80,6 @@ def build_scheduler(optimizer, t, total_steps: int):
 
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total_steps)
     return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def plan_steps(n_examples: int, t, world: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps)."""
-    micro = math.ceil(n_examples / (t.per_device_train_batch_size * world))
-    per_epoch = math.ceil(micro / t.gradient_accumulation_steps)
-    total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
-    return per_epoch, max(total, 1)
 
 
 class Precision:
@@ -168,25 +145,20 @@ def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, p
     return result
 
 
-def train(cfg, module, tokenizer, train_rows, eval_rows: list[dict], accelerator, resume_from: str | None,
-          collator=None) -> dict:
-    """Train `module` (a loss module: CausalLMLoss, or a stage's own) and return the run's results.
-
-    A loss module holds the trainable `model`, says how many normalisation units a batch has (`units`: target
-    tokens, pairs, examples; `unit` names them) and returns (loss sum, metric sums) from `forward`.
-    `train_rows` is a list of encoded rows, or a RowStream (streaming: true) read until max_steps.
-    """
+def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: list[dict], accelerator,
+          resume_from: str | None, collator=None) -> dict:
+    """Train `module` on the steps `source` hands out, and return the run's results."""
     t, f = cfg.train, cfg.finetune
-    streaming = not isinstance(train_rows, list)
     precision = Precision(t, accelerator.device)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_epoch, total_steps = (0, t.max_steps) if streaming else plan_steps(len(train_rows), t, world)
+    world = accelerator.num_processes
+    per_epoch = source.steps_per_epoch
+    total_steps = max(t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch), 1)
     optimizer = build_optimizer(module, t, f, report=accelerator.print)
     scheduler = build_scheduler(optimizer, t, total_steps)
     inner = module
     module = accelerator.prepare(module)  # DDP wraps the loss module when there are several processes
-    state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=0 if streaming else len(train_rows),
-                              stream_data=train_rows.signature() if streaming else None)
+    state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=source.num_examples,
+                              stream_data=source.signature)
     if resume_from:
         state = _resume(resume_from, inner, optimizer, scheduler, state, accelerator)
     collator = collator or PadCollator(tokenizer.pad_token_id)
@@ -194,7 +166,7 @@ def train(cfg, module, tokenizer, train_rows, eval_rows: list[dict], accelerator
     eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and eval_rows else 0
     interval = _Interval(accelerator.device)
 
-    def step(micro: list[dict], steps_in_epoch: int) -> tuple[bool, bool]:
+    def step(micro: list[dict]) -> tuple[bool, bool]:
         """One optimizer step with its logging, evaluation and checkpoint; returns (last step, stop early)."""
         interval.real_tokens += sum(b.pop("num_tokens") for b in micro) * world
         units = sum(inner.units(b) for b in micro).to(accelerator.device)  # counted on the CPU: no sync
@@ -205,7 +177,7 @@ def train(cfg, module, tokenizer, train_rows, eval_rows: list[dict], accelerator
         state.global_step += 1
         state.step_in_epoch += 1
         log.advance()
-        epoch = state.epoch + state.step_in_epoch / steps_in_epoch if steps_in_epoch else state.epoch
+        epoch = state.epoch + state.step_in_epoch / per_epoch if per_epoch else state.epoch
         last, stop = state.global_step >= total_steps, False
         if state.global_step % t.logging_steps == 0 or last:
             loss, count, means, speed = interval.flush()
@@ -214,41 +186,32 @@ def train(cfg, module, tokenizer, train_rows, eval_rows: list[dict], accelerator
             log.train_step(state.global_step, epoch, loss, scheduler.get_last_lr()[0], speed, means)
         if eval_every and (state.global_step % eval_every == 0 or last):
             stop = _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log, epoch)
-        if _should_save(t, state, steps_in_epoch, last):
+        if _should_save(t, state, per_epoch, last):
             _save(cfg, inner, tokenizer, optimizer, scheduler, state, accelerator)
         return last, stop
 
+    def end_of_epoch() -> bool:
+        """After a known-length epoch's last step: the next epoch begins; returns whether to stop early."""
+        if not per_epoch or state.step_in_epoch < per_epoch:
+            return False
+        state.epoch += 1
+        state.step_in_epoch = 0
+        if t.eval_strategy == "epoch" and eval_rows:
+            return _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log,
+                                       state.epoch)
+        return False
+
     module.train()
-    if streaming:
-        steps = _stream_steps(train_rows, t, state, rank, world, collator)
-        done = state.global_step >= total_steps
-        while not done:
-            done = any(step(next(steps), 0))  # the last step, or early stopping
-    stop = False
-    while not streaming and state.global_step < total_steps and not stop:
-        batches = epoch_batches(len(train_rows), t.per_device_train_batch_size, t.seed, state.epoch,
-                                not f.disable_shuffling, rank, world)
-        groups = [batches[i: i + t.gradient_accumulation_steps]
-                  for i in range(0, len(batches), t.gradient_accumulation_steps)]
-        flat = [index for group in groups[state.step_in_epoch:] for index in group]
-        # a private generator: creating an iterator must not draw from the global RNG that dropout uses,
-        # or a resumed run would see different random numbers than an uninterrupted one
-        loader = iter(DataLoader(train_rows, batch_sampler=flat, collate_fn=collator,
-                                 num_workers=t.dataloader_num_workers, generator=torch.Generator()))
-        for group in groups[state.step_in_epoch:]:
-            last, stop = step([next(loader) for _ in group], len(groups))
-            if last or stop:
+    # a checkpoint saved at the end of an epoch resumes into the next one
+    if state.global_step < total_steps and not end_of_epoch():
+        for micro in source.steps(state):
+            last, stop = step(micro)
+            if last or stop or end_of_epoch():
                 break
-        else:
-            state.epoch += 1
-            state.step_in_epoch = 0
-            if t.eval_strategy == "epoch" and eval_rows:
-                stop = _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log,
-                                           state.epoch)
     log.close()
     restore_best(cfg, inner, state, accelerator)
     runtime = time.time() - log.started
-    epoch = state.epoch if streaming else state.epoch + state.step_in_epoch / max(per_epoch, 1)
+    epoch = state.epoch + state.step_in_epoch / per_epoch if per_epoch else state.epoch
     return {"epoch": round(epoch, 2),
             "train_loss": state.loss_sum / max(state.trained_units, 1), "train_runtime": round(runtime, 2),
             "train_steps_per_second": round((state.global_step - log.start_step) / runtime, 3),
@@ -266,22 +229,6 @@ def _resume(folder: str, inner, optimizer, scheduler, fresh, accelerator):
     state.total_steps = fresh.total_steps
     accelerator.print(f"[tuneforge] resuming from {folder} at step {state.global_step}")
     return state
-
-
-def _stream_steps(stream, t, state, rank: int, world: int, collator) -> Iterator[list[dict]]:
-    """Each optimizer step's micro-batches from a RowStream, from the state's stream position on. Every process
-    reads the same rows and keeps its own share; the state's position moves with every step handed out."""
-    rows = stream.rows(state.stream_position or (0, 0, 0))
-    size = t.per_device_train_batch_size
-    while True:
-        micro = []
-        for _ in range(t.gradient_accumulation_steps):
-            taken = [next(rows) for _ in range(size * world)]
-            micro.append(collator([row for row, _ in taken[rank * size: (rank + 1) * size]]))
-        state.stream_position = taken[-1][1]
-        if state.stream_position[0] != state.epoch:  # a new pass over the data began
-            state.epoch, state.step_in_epoch = state.stream_position[0], 0
-        yield micro
 
 
 class _Interval:
@@ -394,8 +341,7 @@ def restore_best(cfg, inner, state, accelerator) -> None:
     if not folder.is_dir():
         return
     ckpt.load_trainable_weights(inner.model, folder)
-    if hasattr(inner, "load_extra_weights"):
-        inner.load_extra_weights(folder)
+    ckpt.load_extra_weights(inner, folder)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.print(f"[tuneforge] loaded the best model (step {state.best_step}, "

@@ -84,6 +84,7 @@ class CausalLMLoss(torch.nn.Module):
     """
 
     unit = "token"
+    extra: dict = {}  # nothing trains besides the model (see steps.LossModule)
 
     def __init__(self, model, chunk_size: int = 1024, compute_accuracy: bool = False):
         super().__init__()
@@ -180,3 +181,4 @@ def kto_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
 def pairwise_reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
     """Reward-model loss per pair: -log sigmoid(r_chosen - r_rejected)."""
     return -F.logsigmoid(chosen_scores - rejected_scores)
+

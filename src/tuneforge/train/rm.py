@@ -8,12 +8,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..data import prepare_preference_data
 from ..data.collate import PairCollator
+from .checkpoint import load_extra_weights
 from .common import guard_output_dir, prepare_model, start, train_and_evaluate
 from .losses import pairwise_reward_loss
+from .stages import refuse_packing
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -32,6 +33,7 @@ class RewardLoss(torch.nn.Module):
         self.value_head = torch.nn.Linear(base.config.hidden_size, 1)
         torch.nn.init.normal_(self.value_head.weight, std=1 / (base.config.hidden_size + 1))
         torch.nn.init.zeros_(self.value_head.bias)
+        self.extra = {VALUE_HEAD: self.value_head}
 
     @staticmethod
     def units(batch: dict) -> torch.Tensor:
@@ -50,11 +52,10 @@ class RewardLoss(torch.nn.Module):
                    "chosen_reward": chosen.detach().sum(), "rejected_reward": rejected.detach().sum()}
         return losses.sum(), metrics
 
-    def extra_weights(self):
-        return VALUE_HEAD, self.value_head.state_dict()
 
-    def load_extra_weights(self, folder) -> None:
-        self.value_head.load_state_dict(load_file(Path(folder) / VALUE_HEAD))
+
+def check(cfg) -> list[str]:
+    return refuse_packing(cfg)
 
 
 def load_reward_model(cfg, accelerator) -> RewardLoss:
@@ -65,7 +66,7 @@ def load_reward_model(cfg, accelerator) -> RewardLoss:
         raise FileNotFoundError(f"{folder} has no {VALUE_HEAD}: point adapter_name_or_path (LoRA) or "
                                 "model_name_or_path (full/freeze) at the output_dir of a `stage: rm` run")
     module = RewardLoss(prepare_model(cfg, accelerator))
-    module.load_extra_weights(folder)
+    load_extra_weights(module, folder)
     return module.eval()
 
 

@@ -21,6 +21,19 @@ def _count(rows) -> str:
     return (" + ".join(f"{len(v)} ({k})" for k, v in rows.items()) or "0") if isinstance(rows, dict) else str(len(rows))
 
 
+def check(cfg) -> list[str]:
+    """Problems with the pt / sft options."""
+    d, out = cfg.data, []
+    if cfg.finetune.stage == "pt":
+        if d.neat_packing:
+            out.append("`neat_packing` is built for sft; stage pt concatenates documents (set `neat_packing: false`)")
+        if d.packing is False:
+            out.append("stage pt always concatenates and chunks text to cutoff_len; `packing: false` is not built")
+    elif cfg.train.do_predict and not cfg.train.predict_with_generate:
+        out.append("`do_predict` needs `predict_with_generate: true` (predictions are generated text)")
+    return out
+
+
 def run(cfg) -> dict:
     t, f = cfg.train, cfg.finetune
     accelerator, tokenizer = start(cfg)

@@ -1,0 +1,68 @@
+"""The table of training stages: what each one is called, which recipe runs it and what data it reads.
+
+Code that behaves differently per stage asks this table (or the stage's recipe) instead of comparing stage names.
+Each recipe `train/<recipe>.py` has `run(cfg) -> dict` and `check(cfg) -> list[str]` (every problem with its own
+options, worded like config.validate's). Kept free of torch imports: config.py reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Literal
+
+# What records a stage reads: pt raw text, lm conversations with answers, preference chosen/rejected pairs,
+# kto answers flagged desirable or not, prompt conversations ending on a user turn (answers are generated),
+# labelled texts or images for classifiers.
+DataKind = Literal["pt", "lm", "preference", "kto", "prompt", "labelled"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    recipe: str  # module train/<recipe>.py
+    data: DataKind
+    description: str
+    predicts: str = ""  # what `do_predict` writes, when the stage predicts at all
+    built: bool = True
+
+    @property
+    def language_modelling(self) -> bool:
+        """Trains on token losses of text (pt, sft): packing, streaming and token accuracy are built for these."""
+        return self.data in ("pt", "lm")
+
+    def recipe_module(self):
+        return import_module(f"{__package__}.{self.recipe}")
+
+
+STAGES = {s.name: s for s in (
+    Stage("pt", "sft", "pt", "continued pre-training on raw text"),
+    Stage("sft", "sft", "lm", "supervised fine-tuning on conversations", predicts="generated answers"),
+    Stage("rm", "rm", "preference", "a reward model (value head) on chosen/rejected pairs", predicts="scores"),
+    Stage("dpo", "dpo", "preference", "direct preference optimisation (sigmoid, hinge, ipo, orpo, simpo)"),
+    Stage("kto", "kto", "kto", "KTO on answers flagged desirable or undesirable"),
+    Stage("cls", "cls", "labelled", "a text or image classifier", predicts="labels"),
+    Stage("ppo", "ppo", "prompt", "PPO against a reward model", built=False),
+    Stage("grpo", "grpo", "prompt", "GRPO: group-relative policy optimisation with reward functions", built=False),
+)}
+
+
+def names(predicate, conjunction: str = "and") -> str:
+    """The stages that satisfy `predicate`, as prose: "pt and sft", "rm or dpo", "pt, sft and rm"."""
+    chosen = [s.name for s in STAGES.values() if predicate(s)]
+    return ", ".join(chosen[:-1]) + f" {conjunction} " + chosen[-1] if len(chosen) > 1 else "".join(chosen)
+
+
+def data_kind(stage: str) -> DataKind:
+    if stage not in STAGES:
+        from ..config import ConfigError
+
+        raise ConfigError(f"unknown stage `{stage}`; choose one of {', '.join(STAGES)}")
+    return STAGES[stage].data
+
+
+def refuse_packing(cfg) -> list[str]:
+    """The packing refusal of the stages that train on whole examples (rm, dpo, kto, cls)."""
+    if cfg.data.packing or cfg.data.neat_packing:
+        return [f"packing is not built for stage {cfg.finetune.stage}; remove `packing` / `neat_packing`"]
+    return []

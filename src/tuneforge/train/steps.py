@@ -1,0 +1,113 @@
+"""The two contracts of the training loop, written down: what a loss module is, and where steps come from.
+
+A loss module (LossModule) holds the trainable model and turns one collated micro-batch into a loss sum and
+metric sums. A step source (StepSource) hands out, for every optimizer step, that step's micro-batches: fixed
+epochs over in-memory rows (RowSteps), rows read as training goes (StreamSteps), or rollouts an RL recipe
+generates with the policy being trained.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import torch
+from torch.utils.data import DataLoader
+
+
+class LossModule(Protocol):
+    unit: str  # what `units` counts: "token", "pair", "example", "completion token"
+    model: torch.nn.Module  # the trainable model (PEFT-wrapped for LoRA); saved as the adapter or full model
+    # modules trained besides `model`, saved beside it under these file names (a reward model's value head);
+    # empty for most stages
+    extra: dict[str, torch.nn.Module]
+
+    def units(self, batch: dict) -> torch.Tensor:
+        """How many normalisation units the micro-batch holds (counted on the CPU: no device sync)."""
+
+    def __call__(self, **batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss summed over the batch's units, metric sums); the loop divides both by the step's units."""
+
+
+class StepSource(Protocol):
+    steps_per_epoch: int  # optimizer steps in one pass over the data; 0 when unknown (a stream)
+    num_examples: int  # checked on resume: a checkpoint continues only on the same data (0: not counted)
+    signature: str | None  # likewise, for data that is not counted (the streamed files)
+
+    def steps(self, state) -> Iterator[list[dict]]:
+        """Each optimizer step's collated micro-batches (each with `num_tokens`), from the position `state` holds
+        on. The loop moves `state.epoch` / `step_in_epoch` at the end of a known-length epoch; a source of unknown
+        length moves them itself."""
+
+
+class RowSteps:
+    """Epochs over encoded rows in memory: the same shuffled micro-batches on every run, so resume is exact."""
+
+    def __init__(self, rows: list[dict], t, collator, shuffle: bool, rank: int = 0, world: int = 1):
+        import math
+
+        self.rows, self.t, self.collator, self.shuffle, self.rank, self.world = rows, t, collator, shuffle, rank, world
+        micro = math.ceil(len(rows) / (t.per_device_train_batch_size * world))
+        self.steps_per_epoch = math.ceil(micro / t.gradient_accumulation_steps)
+        self.num_examples, self.signature = len(rows), None
+    def steps(self, state) -> Iterator[list[dict]]:
+        t = self.t
+        while True:
+            batches = epoch_batches(len(self.rows), t.per_device_train_batch_size, t.seed, state.epoch, self.shuffle,
+                                    self.rank, self.world)
+            groups = [batches[i: i + t.gradient_accumulation_steps]
+                      for i in range(0, len(batches), t.gradient_accumulation_steps)]
+            flat = [index for group in groups[state.step_in_epoch:] for index in group]
+            # a private generator: creating an iterator must not draw from the global RNG that dropout uses,
+            # or a resumed run would see different random numbers than an uninterrupted one
+            loader = iter(DataLoader(self.rows, batch_sampler=flat, collate_fn=self.collator,
+                                     num_workers=t.dataloader_num_workers, generator=torch.Generator()))
+            for group in groups[state.step_in_epoch:]:
+                yield [next(loader) for _ in group]
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, rank: int = 0,
+                  world: int = 1) -> list[list[int]]:
+    """This process's micro-batches (lists of example indices) for one epoch; the same on every run."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    else:
+        order = list(range(n))
+    span = batch_size * world
+    if world > 1 and n % span:  # every process needs the same number of non-empty micro-batches
+        order += order[: span - n % span]
+    return [order[start + rank * batch_size: start + (rank + 1) * batch_size] for start in range(0, len(order), span)]
+
+
+class StreamSteps:
+    """Rows of a RowStream (streaming: true), read until max_steps. Every process reads the same rows and keeps
+    its own share; the state's stream position moves with every step handed out, so resume is exact."""
+
+    steps_per_epoch, num_examples = 0, 0
+
+    def __init__(self, stream, t, collator, rank: int = 0, world: int = 1):
+        self.stream, self.t, self.collator, self.rank, self.world = stream, t, collator, rank, world
+        self.signature = stream.signature()
+    def steps(self, state) -> Iterator[list[dict]]:
+        rows = self.stream.rows(state.stream_position or (0, 0, 0))
+        size, rank = self.t.per_device_train_batch_size, self.rank
+        while True:
+            micro = []
+            for _ in range(self.t.gradient_accumulation_steps):
+                taken = [next(rows) for _ in range(size * self.world)]
+                micro.append(self.collator([row for row, _ in taken[rank * size: (rank + 1) * size]]))
+            state.stream_position = taken[-1][1]
+            if state.stream_position[0] != state.epoch:  # a new pass over the data began
+                state.epoch, state.step_in_epoch = state.stream_position[0], 0
+            yield micro
+
+
+def rows_source(data, t, collator, shuffle: bool, accelerator) -> StepSource:
+    """The step source of a recipe's training data: rows in memory, a RowStream, or a source already."""
+    from ..data.stream import RowStream
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if isinstance(data, list):
+        return RowSteps(data, t, collator, shuffle, rank, world)
+    if isinstance(data, RowStream):
+        return StreamSteps(data, t, collator, rank, world)
+    return data
