@@ -40,10 +40,11 @@ class ModelArgs:
     quantization_type: str = "nf4"
     double_quantization: bool = True
     export_dir: str | None = None
-    export_size: int = 5
-    export_device: str = "cpu"
+    export_size: float = 5  # GB per safetensors shard (a float, so small models can be sharded too)
+    export_device: str = "cpu"  # cpu | auto (a GPU when there is one)
     export_quantization_bit: int | None = None
     export_legacy_format: bool = False
+    export_gguf: str | None = None  # ours: also write a GGUF file (f16 | bf16 | q8_0 | q4_0) and an Ollama Modelfile
 
 
 @dataclass
@@ -201,8 +202,8 @@ NOT_YET = {
     "upcast_layernorm": "upcast_layernorm is not built yet",
     "pissa_init": "PiSSA initialisation is not built yet",
     "deepspeed": "DeepSpeed configs are not wired in yet; use `accelerate launch` or torchrun for DDP",
-    "export_dir": "`tuneforge export` is not built yet",
-    "export_quantization_bit": "`tuneforge export` is not built yet",
+    "export_quantization_bit": "GPTQ export is not built; for a quantised model use `export_gguf: q8_0` or "
+                               "`export_gguf: q4_0` (llama.cpp / Ollama)",
     "use_fast_tokenizer": "tuneforge uses the fast (tokenizers) tokenizers only",
 }
 # Keys LLaMA-Factory configs often set that have no effect in tuneforge yet: accepted with a printed notice, so
@@ -352,6 +353,16 @@ def _check_streaming(cfg: Config) -> None:
         _fail(cfg, f"`buffer_size` must be at least 1 (1 keeps the file order); got {d.buffer_size}")
 
 
+def _check_export(cfg: Config) -> None:
+    m = cfg.model
+    if not m.export_dir:
+        _fail(cfg, "`export_dir` is required: the new folder the merged model is written to")
+    if m.export_gguf not in (None, "f16", "bf16", "q8_0", "q4_0"):
+        _fail(cfg, f"`export_gguf` must be f16, bf16, q8_0 or q4_0; got {m.export_gguf!r}")
+    if m.export_size <= 0:
+        _fail(cfg, f"`export_size` is GB per shard and must be > 0; got {m.export_size}")
+
+
 def validate(cfg: Config, command: str = "train") -> None:
     """Cross-field rules, each explained in plain words."""
     m, d, f, t = cfg.model, cfg.data, cfg.finetune, cfg.train
@@ -367,6 +378,8 @@ def validate(cfg: Config, command: str = "train") -> None:
         _fail(cfg, f"`flash_attn` must be auto, sdpa, eager, fa2 or disabled; got {m.flash_attn!r}")
     if m.infer_dtype not in ("auto", "float32", "bfloat16", "float16"):
         _fail(cfg, f"`infer_dtype` must be auto, float32, bfloat16 or float16; got {m.infer_dtype!r}")
+    if command == "export":
+        _check_export(cfg)
     if command != "train":
         return
     if f.stage in STAGES_PLANNED:
