@@ -112,11 +112,22 @@ def _to_legacy_bin(folder: Path) -> None:
         index.unlink()
 
 
+def _published_dtype(cfg) -> torch.dtype:
+    """The dtype the base model's folder declares (merging itself runs in float32; the result is saved like the
+    base, so a bf16 model does not come back twice its size)."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(resolve_model_path(cfg.model.model_name_or_path)), "dtype", None)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def export_causal_lm(cfg, folder: Path):
-    """Base + adapters (merged in order) as one model in full precision; returns (model, tokenizer, template)."""
+    """Base + adapters merged in order (float32), saved in the base's dtype; returns (model, tokenizer, template)."""
     tokenizer, template = _tokenizer_with_template(cfg)
     model = load_base_model(cfg.model, dtype=torch.float32).to(_device(cfg))
     model = _merged(attach_adapters(model, cfg.model, cfg.finetune, is_trainable=False)).eval()
+    model = model.to(_published_dtype(cfg))
     stops = stop_token_ids(template, tokenizer)
     model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     model.generation_config.pad_token_id = tokenizer.pad_token_id
