@@ -117,6 +117,11 @@ def test_models_chat_and_stream_equal_greedy(api):
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(deltas) == 3 and "".join(deltas) == answer.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "stop"
+    cut = client.chat.completions.create(model="tiny", messages=chat, temperature=0, stop=['"arguments"'])
+    assert cut.choices[0].message.content == PIECES[0] and cut.choices[0].finish_reason == "stop"
+    cut = list(client.chat.completions.create(model="tiny", messages=chat, temperature=0, stop=["Paris"],
+                                              stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in cut) == "".join(PIECES).split("Paris")[0]
     # free text from the random part of the model: streamed pieces assemble to the one-shot greedy text
     plain = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=12, temperature=0)
     streamed = "".join(c.choices[0].text for c in client.completions.create(

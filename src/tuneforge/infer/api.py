@@ -125,7 +125,6 @@ class Server:
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         tokenizer = engine.tokenizer
         self.context = getattr(engine.model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-        self.stop_texts = [t for t in engine.template.stop_texts(tokenizer) if t]
         self.batcher = Batcher(engine.model, tokenizer.pad_token_id, engine.stop_ids, max_batch=max_batch)
 
     def check_key(self, authorization: str | None) -> None:
