@@ -14,6 +14,10 @@ COMMANDS = {
     "data": "check and preview a dataset without training: tuneforge data CONFIG.yaml [key=value ...] [--show N]",
     "predict": "label texts or images with a trained classifier: tuneforge predict [CONFIG.yaml] [key=value ...] "
                "(--text TEXT ... | --file FILE) [--out FILE]",
+    "export": "merge adapters into the model (Hugging Face folder; export_gguf: also GGUF + Ollama Modelfile): "
+              "tuneforge export CONFIG.yaml [key=value ...]",
+    "api": "serve the model (+ adapter) over an OpenAI-compatible HTTP API (API_HOST, API_PORT, API_KEY, "
+           "API_MODEL_NAME): tuneforge api [CONFIG.yaml] [key=value ...]",
 }
 
 
@@ -101,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
             if not ns.text and not ns.file:
                 raise ConfigError("predict needs --text TEXT or --file FILE")
             run_predict(_load(path, overrides, "chat"), ns.text, ns.file, ns.out)
+        elif ns.command == "export":
+            from .export import run_export
+
+            run_export(_load(path, overrides, "export"))
+        elif ns.command == "api":
+            from .infer.api import serve
+
+            serve(_load(path, overrides, "chat"))
         elif ns.command == "chat":
             from .infer.chat import one_shot, repl
 

@@ -40,10 +40,11 @@ class ModelArgs:
     quantization_type: str = "nf4"
     double_quantization: bool = True
     export_dir: str | None = None
-    export_size: int = 5
-    export_device: str = "cpu"
+    export_size: float = 5  # GB per safetensors shard (a float, so small models can be sharded too)
+    export_device: str = "cpu"  # cpu | auto (a GPU when there is one)
     export_quantization_bit: int | None = None
     export_legacy_format: bool = False
+    export_gguf: str | None = None  # ours: also write a GGUF file (f16 | bf16 | q8_0 | q4_0) and an Ollama Modelfile
 
 
 @dataclass
@@ -198,8 +199,8 @@ NOT_YET = {
     "upcast_layernorm": "upcast_layernorm is not built yet",
     "pissa_init": "PiSSA initialisation is not built yet",
     "deepspeed": "DeepSpeed configs are not wired in yet; use `accelerate launch` or torchrun for DDP",
-    "export_dir": "`tuneforge export` is not built yet",
-    "export_quantization_bit": "`tuneforge export` is not built yet",
+    "export_quantization_bit": "GPTQ export is not built; for a quantised model use `export_gguf: q8_0` or "
+                               "`export_gguf: q4_0` (llama.cpp / Ollama)",
     "use_fast_tokenizer": "tuneforge uses the fast (tokenizers) tokenizers only",
 }
 # Keys LLaMA-Factory configs often set that have no effect in tuneforge yet: accepted with a printed notice, so
@@ -365,10 +366,23 @@ def _streaming_problems(cfg: Config) -> list[str]:
     return out
 
 
+def _export_problems(cfg: Config) -> list[str]:
+    m, out = cfg.model, []
+    if not m.export_dir:
+        out.append("`export_dir` is required: the new folder the merged model is written to")
+    if m.export_gguf not in (None, "f16", "bf16", "q8_0", "q4_0"):
+        out.append(f"`export_gguf` must be f16, bf16, q8_0 or q4_0; got {m.export_gguf!r}")
+    if m.export_size <= 0:
+        out.append(f"`export_size` is GB per shard and must be > 0; got {m.export_size}")
+    return out
+
+
 def validate(cfg: Config, command: str = "train") -> None:
     """Every problem of the config, explained in plain words, raised together as one ConfigError. The generic
     rules live here; each stage's recipe checks its own options (`check(cfg)` in train/<recipe>.py)."""
     problems = _model_problems(cfg)
+    if command == "export":
+        problems += _export_problems(cfg)
     if command == "train":
         problems += _train_problems(cfg)
         stage = _stage(cfg)

@@ -62,3 +62,33 @@ def format_calls(fmt: str, content: str) -> str:
     if fmt == "mistral":
         return _dump([{"name": c["name"], "arguments": c["arguments"]} for c in calls])
     return _dump(calls[0] if len(calls) == 1 else calls)
+
+
+def _call(value) -> dict | None:
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        arguments = value.get("arguments", value.get("parameters", {}))
+        return {"name": value["name"], "arguments": arguments}
+    return None
+
+
+def parse_answer_calls(fmt: str, text: str) -> list[dict] | None:
+    """The tool calls in a generated answer written in `fmt` (the inverse of format_calls), or None when the answer
+    is not a tool call."""
+    import re
+
+    text = text.strip()
+    try:
+        if fmt == "qwen":
+            values = [json.loads(body) for body in re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S)]
+        elif fmt == "glm4":
+            name, _, arguments = text.partition("\n")
+            values = [{"name": name.strip(), "arguments": json.loads(arguments)}]
+        elif fmt == "llama3":
+            values = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            value = json.loads(text.removeprefix("[TOOL_CALLS]").strip())
+            values = value if isinstance(value, list) else [value]
+    except json.JSONDecodeError:
+        return None
+    calls = [_call(v) for v in values]
+    return calls if calls and all(calls) else None

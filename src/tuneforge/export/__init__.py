@@ -1,0 +1,43 @@
+"""`tuneforge export`: merge what was trained into a plain Hugging Face folder, and optionally write a GGUF file
+with an Ollama Modelfile beside it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..infer.engine import template_from_adapter
+from ..models.load import ModelError
+from .merge import LABELS_FILE, export_causal_lm, export_model, prepare_export_dir, source_folder
+
+
+def run_export(cfg) -> Path:
+    folder = prepare_export_dir(cfg.model.export_dir)
+    template_from_adapter(cfg)
+    start = time.perf_counter()
+    if not cfg.model.export_gguf:
+        kind = export_model(cfg, folder)
+        print(f"[tuneforge] exported the merged {kind.replace('_', ' ')} to {folder} "
+              f"({time.perf_counter() - start:.1f} s)")
+        return folder
+    from .gguf import write_gguf
+    from .ollama import modelfile
+
+    if (source_folder(cfg) / LABELS_FILE).is_file():
+        raise ModelError("export_gguf is for causal language models; a classifier exports as a Hugging Face folder "
+                         "(remove export_gguf)")
+    _, tokenizer, template = export_causal_lm(cfg, folder)
+    merged = time.perf_counter()
+    gguf_file = folder / f"{folder.name}.{cfg.model.export_gguf}.gguf"
+    write_gguf(folder, gguf_file, cfg.model.export_gguf, template)
+    size = gguf_file.stat().st_size / 2**20
+    print(f"[tuneforge] exported {folder} (merge {merged - start:.1f} s) and {gguf_file.name} ({size:.1f} MiB, "
+          f"{time.perf_counter() - merged:.1f} s)")
+    text = modelfile(gguf_file.name, template, tokenizer, cfg.data.default_system)
+    if text is None:
+        print(f"[tuneforge] note: no Ollama Modelfile written: template `{template.name}` has no Ollama translation "
+              "(set `template` to one of tuneforge's named templates, e.g. chatml or llama3)")
+    else:
+        (folder / "Modelfile").write_text(text, encoding="utf-8")
+        print(f"[tuneforge] Ollama: cd {folder} && ollama create {folder.name} -f Modelfile")
+    return folder

@@ -1,0 +1,168 @@
+"""Write a merged Hugging Face folder as one GGUF file (llama.cpp, Ollama, LM Studio) in pure Python with the `gguf`
+package: its tensor-name map and quantisers, our own hyper-parameter and tokenizer metadata. Metadata key names and
+llama's Q/K row order follow llama.cpp's convert_hf_to_gguf.py; no llama.cpp binary is built or needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.load import ModelError
+
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
+# transformers model_type -> llama.cpp architecture. Mistral (dense) is written as llama, as llama.cpp does.
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def _qtype(name: str):
+    from gguf import GGMLQuantizationType as Q, LlamaFileType as F
+
+    return {"f16": (Q.F16, F.MOSTLY_F16), "bf16": (Q.BF16, F.MOSTLY_BF16), "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0),
+            "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0)}[name]
+
+
+def _permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's rotary embedding pairs neighbouring rows of each head; Hugging Face pairs row i with i + d/2.
+    Reorder Q and K rows so llama.cpp rotates the same pairs (transformers' GGUF loader undoes exactly this)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    kind = rope.get("rope_type", "default")
+    if kind != "default":
+        raise ModelError(f"GGUF export of rope scaling `{kind}` is not built; models with default RoPE export")
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _hyper_parameters(writer, config, arch: str) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    if arch == "qwen3" or head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def _pre_tokenizer(tokenizer_json: dict) -> str:
+    """llama.cpp's name for how text is split before BPE, read from the tokenizer's own pre-tokenizer."""
+    pre = json.dumps(tokenizer_json.get("pre_tokenizer"))
+    if '"individual_digits": true' in pre and "ByteLevel" in pre:
+        return "smollm"
+    if "\\\\p{N}{1,3}" in pre:
+        return "llama-bpe"
+    if "\\\\p{N}|" in pre or "\\\\p{N}\"" in pre:
+        return "qwen2"
+    if '"type": "ByteLevel"' in pre and '"use_regex": true' in pre:
+        return "gpt2"
+    return "default"
+
+
+def _tokenizer(writer, folder: Path, vocab_size: int, template) -> None:
+    """Vocabulary, merges, token types, special ids and chat template of a byte-level BPE tokenizer."""
+    from gguf import TokenType
+    from transformers import AutoTokenizer
+
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")) \
+        if (folder / "tokenizer.json").is_file() else {}
+    if data.get("model", {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(data.get("decoder")):
+        raise ModelError("GGUF export handles byte-level BPE tokenizers (Llama 3, SmolLM2, Qwen2/3); this model's "
+                         "tokenizer is of another kind")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):  # the embedding matrix may have more rows than the tokenizer has tokens
+        tokens.append(by_id.get(i, f"[PAD{i}]"))
+        types.append(TokenType.UNUSED if i not in by_id else
+                     (TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED) if i in added
+                     else TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer(data))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    from transformers import GenerationConfig
+
+    eos = GenerationConfig.from_pretrained(folder).eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, eos),
+                          (writer.add_unk_token_id, tokenizer.unk_token_id),
+                          (writer.add_pad_token_id, tokenizer.pad_token_id)):
+        if token_id is not None:
+            add(token_id)
+    # llama.cpp adds BOS itself when told to; templates that open with {bos} expect it there
+    writer.add_add_bos_token(bool(getattr(template, "prefix", "").startswith("{bos}")))
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _tensors(folder: Path):
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _encode(weight: torch.Tensor, choice: str):
+    """(data, type) for the writer: 1-D tensors (norms, biases) stay F32 as llama.cpp keeps them; 2-D
+    weights take the chosen type, or F16 when a row does not split into the quantiser's 32-value blocks."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants
+
+    data = weight.float().numpy()
+    if data.ndim == 1:
+        return data, Q.F32
+    qtype = _qtype(choice)[0]
+    if data.shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+        qtype = Q.F16
+    return quants.quantize(data, qtype), qtype
+
+
+def write_gguf(folder: Path, out: Path, choice: str, template=None) -> Path:
+    """`folder` (a merged causal LM) as one GGUF file `out`, weights in `choice` (f16, bf16, q8_0 or q4_0)."""
+    import gguf
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    arch = ARCHS.get(config.model_type)
+    if arch is None:
+        raise ModelError(f"GGUF export supports {', '.join(sorted(ARCHS))} models; this one is "
+                         f"{config.model_type} (export_gguf needs one of those, or leave it unset)")
+    writer = gguf.GGUFWriter(out, arch)
+    writer.add_name(folder.name)
+    writer.add_file_type(_qtype(choice)[1])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _hyper_parameters(writer, config, arch)
+    _tokenizer(writer, folder, config.vocab_size, template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    for name, weight in _tensors(folder):
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise ModelError(f"GGUF export does not know where tensor {name} goes in a {arch} model")
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+            weight = _permute_rows(weight, heads)
+        data, qtype = _encode(weight, choice)
+        writer.add_tensor(target, data, raw_dtype=qtype)  # quantised data is bytes; the writer infers the shape
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

@@ -1,0 +1,116 @@
+"""Batched decoding for the API server. One worker thread owns the model; requests wait in a queue; the worker
+takes every request that is waiting (up to `max_batch`), decodes them together step by step over one KV cache
+(prompts left-padded), hands each new token to its request, and drops a row as soon as its request finished, hit a
+stop token, or was cancelled (a stop text was seen, or its client went away). Requests that arrive while a batch is
+running start with the next batch."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class GenRequest:
+    prompt: list[int]
+    max_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    seed: int | None
+    emit: Callable[[int | None, str | None], None]  # (token, None) per token; (None, finish reason) once at the end
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def pick_token(logits: torch.Tensor, request: GenRequest, generator: torch.Generator) -> int:
+    """The next token: argmax at temperature 0, else a sample from the top-p nucleus at that temperature."""
+    if request.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / request.temperature, dim=-1)
+    if request.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= request.top_p  # the most likely token always stays
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Batcher:
+    def __init__(self, model, pad_id: int, stop_ids: list[int], max_batch: int = 8, gather_s: float = 0.02):
+        self.model, self.pad_id, self.stop_ids = model, pad_id, set(stop_ids)
+        self.max_batch, self.gather_s = max_batch, gather_s
+        self.waiting: queue.Queue[GenRequest] = queue.Queue()
+        self.device = next(model.parameters()).device
+        threading.Thread(target=self._work, name="tuneforge-batcher", daemon=True).start()
+
+    def submit(self, request: GenRequest) -> None:
+        self.waiting.put(request)
+
+    def _work(self) -> None:
+        while True:
+            batch = [self.waiting.get()]
+            # a short wait lets requests sent at the same moment share the batch
+            deadline = time.monotonic() + self.gather_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.waiting.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            batch = [r for r in batch if not r.cancelled.is_set()]
+            try:
+                if batch:
+                    self._decode(batch)
+            except Exception as err:  # noqa: BLE001 - the server must outlive one failed batch; clients hear why
+                for request in batch:
+                    request.emit(None, f"error: {type(err).__name__}: {err}")
+
+    @torch.no_grad()
+    def _decode(self, batch: list[GenRequest]) -> None:
+        width = max(len(r.prompt) for r in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, request in enumerate(batch):
+            ids[row, width - len(request.prompt):] = torch.tensor(request.prompt)
+            mask[row, width - len(request.prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        generators = [torch.Generator() for _ in batch]  # per request: a seed gives the same answer in any batch
+        for request, generator in zip(batch, generators):
+            generator.manual_seed(request.seed) if request.seed is not None else generator.seed()
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), use_cache=True)
+        cache, rows, counts = out.past_key_values, list(range(len(batch))), [0] * len(batch)
+        next_position = positions[:, -1] + 1
+        while True:
+            last = out.logits[:, -1].float().cpu()
+            keep, tokens = [], []
+            for i, row in enumerate(rows):
+                request = batch[row]
+                if request.cancelled.is_set():
+                    continue
+                token = pick_token(last[i], request, generators[row])
+                counts[row] += 1
+                if token in self.stop_ids:
+                    request.emit(None, "stop")
+                    continue
+                request.emit(token, None)
+                if counts[row] >= request.max_tokens:
+                    request.emit(None, "length")
+                    continue
+                keep.append(i)
+                tokens.append(token)
+            if not keep:
+                return
+            if len(keep) < len(rows):  # finished rows leave the batch and the cache
+                index = torch.tensor(keep)
+                cache.batch_select_indices(index.to(self.device))
+                mask, next_position = mask[index], next_position[index]
+                rows = [rows[i] for i in keep]
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
+            out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None],
+                             attention_mask=mask.to(self.device), position_ids=next_position[:, None].to(self.device),
+                             past_key_values=cache, use_cache=True)
+            next_position = next_position + 1
