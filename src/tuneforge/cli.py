@@ -14,6 +14,8 @@ COMMANDS = {
     "data": "check and preview a dataset without training: tuneforge data CONFIG.yaml [key=value ...] [--show N]",
     "predict": "label texts or images with a trained classifier: tuneforge predict [CONFIG.yaml] [key=value ...] "
                "(--text TEXT ... | --file FILE) [--out FILE]",
+    "eval": "score a model (+ adapter) on a multiple-choice benchmark: tuneforge eval CONFIG.yaml [key=value ...] "
+            "[--compare key=value ...]",
 }
 
 
@@ -44,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--file", help="a .txt (one input per line), CSV/TSV/JSON/JSONL/Parquet with a text or "
                                           "image column (and optionally labels, to report accuracy)")
             p.add_argument("--out", help="write JSON lines here instead of printing them")
+        if name == "eval":
+            p.add_argument("--compare", nargs="+", metavar="KEY=VALUE", help="also score the config with these "
+                           "keys changed (e.g. adapter_name_or_path=saves/quickstart) and print the change")
     return parser
 
 
@@ -90,6 +95,14 @@ def main(argv: list[str] | None = None) -> int:
             if not ns.text and not ns.file:
                 raise ConfigError("predict needs --text TEXT or --file FILE")
             run_predict(_load(path, overrides, "chat"), ns.text, ns.file, ns.out)
+        elif ns.command == "eval":
+            from .evaluate import run_comparison, run_eval
+
+            cfg = _load(path, overrides, "eval")
+            if ns.compare:
+                run_comparison(cfg, _load(path, overrides + ns.compare, "eval"))
+            else:
+                run_eval(cfg)
         elif ns.command == "chat":
             from .infer.chat import one_shot, repl
 

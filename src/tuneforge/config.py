@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -125,6 +126,8 @@ class TrainArgs:
     do_eval: bool = False
     do_predict: bool = False
     predict_with_generate: bool = False
+    predict_metric: str | None = None  # sft do_predict: a user metric "path.py:function", called as
+    # function(predictions, references) with two lists of strings; returns a number or a dict of name -> number
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -176,16 +179,30 @@ class GenerateArgs:
 
 
 @dataclass
+class EvalArgs:
+    """`tuneforge eval`: multiple-choice benchmarks (the MMLU / C-Eval / CMMLU family); see docs/evaluation.md."""
+
+    task: str | None = None  # <folder>_<split>, e.g. basics_test, mmlu_test, ceval_validation
+    task_dir: str = "evaluation"  # the folder that holds task folders
+    n_shot: int = 5  # solved examples from the task's dev split shown before each question, as earlier chat turns
+    lang: Literal["en", "zh"] = "en"  # prompt wording
+    batch_size: int = 4  # questions per forward pass
+    save_dir: str | None = None  # where results.json / results.log go; must not exist yet
+
+
+@dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     finetune: FinetuneArgs = field(default_factory=FinetuneArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
+    evaluation: EvalArgs = field(default_factory=EvalArgs)
     source: str = "<command line>"  # the file the config came from, for error messages
 
 
-GROUPS = {"model": ModelArgs, "data": DataArgs, "finetune": FinetuneArgs, "train": TrainArgs, "generate": GenerateArgs}
+GROUPS = {"model": ModelArgs, "data": DataArgs, "finetune": FinetuneArgs, "train": TrainArgs, "generate": GenerateArgs,
+          "evaluation": EvalArgs}
 KEY_GROUP = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
 STAGES_BUILT = ("pt", "sft", "rm", "dpo", "kto", "cls")
@@ -352,6 +369,18 @@ def _check_streaming(cfg: Config) -> None:
         _fail(cfg, f"`buffer_size` must be at least 1 (1 keeps the file order); got {d.buffer_size}")
 
 
+def _check_eval(cfg: Config) -> None:
+    e = cfg.evaluation
+    if not e.task:
+        _fail(cfg, "`task` is required: a task folder and split under task_dir, e.g. `task: basics_test`")
+    if "_" not in e.task:
+        _fail(cfg, f"`task` is <folder>_<split> (e.g. basics_test, mmlu_test, ceval_validation); got {e.task!r}")
+    if e.lang not in ("en", "zh"):
+        _fail(cfg, f"`lang` must be en or zh (the prompt wording); got {e.lang!r}")
+    if e.n_shot < 0 or e.batch_size < 1:
+        _fail(cfg, f"`n_shot` must be at least 0 and `batch_size` at least 1; got {e.n_shot} and {e.batch_size}")
+
+
 def validate(cfg: Config, command: str = "train") -> None:
     """Cross-field rules, each explained in plain words."""
     m, d, f, t = cfg.model, cfg.data, cfg.finetune, cfg.train
@@ -367,6 +396,8 @@ def validate(cfg: Config, command: str = "train") -> None:
         _fail(cfg, f"`flash_attn` must be auto, sdpa, eager, fa2 or disabled; got {m.flash_attn!r}")
     if m.infer_dtype not in ("auto", "float32", "bfloat16", "float16"):
         _fail(cfg, f"`infer_dtype` must be auto, float32, bfloat16 or float16; got {m.infer_dtype!r}")
+    if command == "eval":
+        _check_eval(cfg)
     if command != "train":
         return
     if f.stage in STAGES_PLANNED:
@@ -446,6 +477,10 @@ def validate(cfg: Config, command: str = "train") -> None:
             _fail(cfg, f"`{key}` needs evaluation data: set `val_size` (e.g. 0.1) or `eval_dataset`")
     if t.do_predict and f.stage == "sft" and not t.predict_with_generate:
         _fail(cfg, "`do_predict` needs `predict_with_generate: true` (predictions are generated text)")
+    if t.predict_metric and not (t.do_predict and f.stage == "sft"):
+        _fail(cfg, "`predict_metric` scores generated answers: it needs `do_predict: true` and stage sft")
+    if t.predict_metric and ":" not in t.predict_metric:
+        _fail(cfg, f"`predict_metric` is `path.py:function`, e.g. metrics.py:f1; got {t.predict_metric!r}")
     if t.do_predict and f.stage not in ("sft", "rm", "cls"):
         _fail(cfg, f"`do_predict` is built for stages sft (generated answers), rm (scores) and cls (labels), "
                    f"not {f.stage}")
