@@ -140,7 +140,7 @@ def test_a_model_that_always_says_c_scores_the_share_of_c_answers(letter_models)
 
 
 def test_left_padding_does_not_change_the_scores(engine, tiny_model):
-    """A random model's option logits for a prompt are the same alone and in a padded batch."""
+    """A random model's option logits are those after each prompt's last token, alone and in a padded batch."""
     cfg = _cfg(tiny_model, n_shot=1)
     subject = Subject("sums", "arithmetic", "STEM", [Q1, Q2, Q3], [Q2, Q3, Q1])
     prompts = [question_ids(engine, subject, i, cfg, "test")[0] for i in range(3)]
@@ -148,7 +148,10 @@ def test_left_padding_does_not_change_the_scores(engine, tiny_model):
     choices = choice_token_ids(engine.tokenizer)
     alone = choice_logits(engine.model, prompts, choices, engine.tokenizer.pad_token_id, batch_size=1)
     batched = choice_logits(engine.model, prompts, choices, engine.tokenizer.pad_token_id, batch_size=3)
+    with torch.no_grad():
+        direct = torch.stack([engine.model(input_ids=torch.tensor([p])).logits[0, -1, choices] for p in prompts])
     # float32 matmuls of a different batch shape sum in a different order: ~1e-6 relative on logits of size ~1
+    torch.testing.assert_close(alone, direct, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
     assert alone.std() > 1e-3  # a random model, not a constant one: the comparison can fail
 
