@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .config import ConfigError
 from .data.registry import DataError
@@ -244,7 +245,7 @@ def evaluate(cfg, engine, subjects: list[Subject]) -> dict:
     _, split = split_task(e.task)
     choice_ids = choice_token_ids(engine.tokenizer)
     predictions, cut = [], 0
-    for subject in subjects:
+    for subject in tqdm(subjects, desc="eval", unit="subject"):
         prompts = []
         for index in range(len(subject.questions)):
             ids, was_cut = question_ids(engine, subject, index, cfg, split)
