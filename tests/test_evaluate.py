@@ -11,8 +11,8 @@ import torch
 
 from tuneforge.cli import main
 from tuneforge.config import ConfigError, build_config, validate
-from tuneforge.evaluate import (Subject, choice_logits, choice_token_ids, evaluate, load_task, question_ids,
-                                read_questions)
+from tuneforge.evaluate import (Subject, choice_logits, choice_token_ids, evaluate, load_task, option_ids,
+                                option_scores, question_ids, read_questions)
 from tuneforge.infer.engine import Engine
 from tuneforge.train.metrics import generation_scores, load_user_metric
 
@@ -154,6 +154,37 @@ def test_left_padding_does_not_change_the_scores(engine, tiny_model):
     torch.testing.assert_close(alone, direct, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
     assert alone.std() > 1e-3  # a random model, not a constant one: the comparison can fail
+
+
+def test_option_scoring_answers_examples_with_the_text(engine, tiny_model):
+    cfg = _cfg(tiny_model, n_shot=1, scoring="option")
+    ids, _ = question_ids(engine, Subject("sums", "arithmetic", "STEM", [Q1], [Q2]), 0, cfg, "test")
+    text = ("<|im_start|>user\nThe following are multiple choice questions (with answers) about arithmetic.\n\n"
+            "Who are you?\nA. a fox\nB. a dog\nC. an assistant\nD. the sea\nAnswer:<|im_end|>\n<|im_start|>assistant\n"
+            "an assistant<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 22\nAnswer:<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    assert ids == _expected(engine.tokenizer, text)
+    assert option_ids(engine, Q1)[3] == _expected(engine.tokenizer, "22<|im_end|>")
+
+
+def test_option_scores_are_mean_log_probabilities_of_the_option_tokens(engine, tiny_model):
+    cfg = _cfg(tiny_model, n_shot=0, scoring="option")
+    subject = Subject("sums", "arithmetic", "STEM", [Q1, Q2, Q3], [])
+    prompts = [question_ids(engine, subject, i, cfg, "test")[0] for i in range(3)]
+    options = [option_ids(engine, row) for row in subject.questions]
+    expected = []
+    with torch.no_grad():
+        for prompt, answers in zip(prompts, options):
+            for answer in answers:
+                logits = engine.model(input_ids=torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+                expected.append(sum(logits[len(prompt) - 1 + k, token] for k, token in enumerate(answer)) / len(answer))
+    expected = torch.stack(expected).view(3, 4)
+    pad = engine.tokenizer.pad_token_id
+    for batch_size in (1, 2):  # 2 questions: 8 rows of different lengths, left-padded together
+        # float32 sums in a different order for another batch shape: ~1e-6 relative on log-probs of size ~6
+        torch.testing.assert_close(option_scores(engine.model, prompts, options, pad, batch_size), expected,
+                                   rtol=1e-4, atol=1e-4)
+    assert expected.std() > 1e-3  # a random model's options differ, so a wrong position would show
 
 
 def test_before_after_prints_both_and_the_change(letter_models, tmp_path, capsys):

@@ -187,6 +187,9 @@ class EvalArgs:
     n_shot: int = 5  # solved examples from the task's dev split shown before each question, as earlier chat turns
     lang: Literal["en", "zh"] = "en"  # prompt wording
     batch_size: int = 4  # questions per forward pass
+    # letter: the option letters' next-token logits (LLaMA-Factory's way); option: each option's text scored as the
+    # answer by its mean token log-probability (lm-evaluation-harness style, for models too small to answer by letter)
+    scoring: Literal["letter", "option"] = "letter"
     save_dir: str | None = None  # where results.json / results.log go; must not exist yet
 
 
@@ -375,6 +378,8 @@ def _check_eval(cfg: Config) -> None:
         _fail(cfg, "`task` is required: a task folder and split under task_dir, e.g. `task: basics_test`")
     if "_" not in e.task:
         _fail(cfg, f"`task` is <folder>_<split> (e.g. basics_test, mmlu_test, ceval_validation); got {e.task!r}")
+    if e.scoring not in ("letter", "option"):
+        _fail(cfg, f"`scoring` must be letter or option; got {e.scoring!r}")
     if e.lang not in ("en", "zh"):
         _fail(cfg, f"`lang` must be en or zh (the prompt wording); got {e.lang!r}")
     if e.n_shot < 0 or e.batch_size < 1:

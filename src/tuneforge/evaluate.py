@@ -160,12 +160,15 @@ def format_question(row: dict, wording: Wording) -> str:
     return row["question"] + options + wording.answer
 
 
-def build_messages(row: dict, shots: list[dict], subject_name: str, wording: Wording) -> list[dict]:
-    """Solved examples as earlier turns, then the question; the subject line opens the first user message."""
+def build_messages(row: dict, shots: list[dict], subject_name: str, wording: Wording,
+                   scoring: str = "letter") -> list[dict]:
+    """Solved examples as earlier turns (answered by letter, or by the option's text with scoring: option), then the
+    question; the subject line opens the first user message."""
     messages = []
     for shot in shots:
+        answer = shot["answer"] if scoring == "letter" else shot[shot["answer"]]
         messages += [{"role": "user", "content": format_question(shot, wording)},
-                     {"role": "assistant", "content": shot["answer"]}]
+                     {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": format_question(row, wording)})
     messages[0]["content"] = wording.system.format(subject=subject_name) + messages[0]["content"]
     return messages
@@ -183,7 +186,8 @@ def question_ids(engine, subject: Subject, index: int, cfg, split: str) -> tuple
     e = cfg.evaluation
     shots = pick_shots(subject, e.n_shot, cfg.train.seed, index, split)
     for keep in range(len(shots), -1, -1):
-        ids = engine.prompt_ids(build_messages(subject.questions[index], shots[:keep], subject.name, WORDING[e.lang]))
+        messages = build_messages(subject.questions[index], shots[:keep], subject.name, WORDING[e.lang], e.scoring)
+        ids = engine.prompt_ids(messages)
         if len(ids) <= cfg.data.cutoff_len:
             return ids, keep < len(shots)
     return ids[len(ids) - cfg.data.cutoff_len:], True  # even alone it is too long: keep its end (options, cue)
@@ -218,6 +222,41 @@ def choice_logits(model, prompts: list[list[int]], choice_ids: list[int], pad_id
     return torch.cat(out)
 
 
+def option_ids(engine, row: dict) -> list[list[int]]:
+    """Each option's text as the template writes an assistant answer (with its end-of-turn text), as token ids."""
+    tokenizer, out = engine.tokenizer, []
+    for letter in CHOICES:
+        chat = [{"role": "user", "content": "?"}, {"role": "assistant", "content": row[letter]}]
+        out.append(tokenizer.encode(engine.template.pieces(tokenizer, chat, None)[-1], add_special_tokens=False))
+    return out
+
+
+@torch.inference_mode()
+def option_scores(model, prompts: list[list[int]], options: list[list[list[int]]], pad_id: int,
+                  batch_size: int) -> torch.Tensor:
+    """[questions, 4]: the mean log-probability of each option's tokens after its question's prompt. Rows are
+    left-padded as in choice_logits; only the positions that predict option tokens get logits."""
+    device = next(model.parameters()).device
+    rows = [(prompt, answer) for prompt, answers in zip(prompts, options) for answer in answers]
+    out = []
+    for start in range(0, len(rows), batch_size * len(CHOICES)):
+        chunk = rows[start: start + batch_size * len(CHOICES)]
+        width = max(len(p) + len(a) for p, a in chunk)
+        keep = max(len(a) for _, a in chunk) + 1
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (prompt, answer) in enumerate(chunk):
+            ids[i, width - len(prompt) - len(answer):] = torch.tensor(prompt + answer)
+            mask[i, width - len(prompt) - len(answer):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       logits_to_keep=keep).logits.float().log_softmax(-1).cpu()
+        for i, (_, answer) in enumerate(chunk):  # kept position j predicts the token at width - keep + j + 1
+            predicted = logits[i, keep - len(answer) - 1: keep - 1]
+            out.append(predicted.gather(-1, torch.tensor(answer)[:, None]).mean())
+    return torch.stack(out).view(-1, len(CHOICES))
+
+
 # ---------------------------------------------------------------- scores
 
 
@@ -238,24 +277,31 @@ def score(subjects: list[Subject], predictions: list[list[str]]) -> dict:
             "subjects": per_subject}
 
 
+def subject_scores(engine, subject: Subject, cfg, split: str) -> tuple[torch.Tensor, int]:
+    """[questions, 4] option scores (higher: more likely the answer) and how many prompts lost examples to fit."""
+    e, pad = cfg.evaluation, engine.tokenizer.pad_token_id
+    prompts = [question_ids(engine, subject, index, cfg, split) for index in range(len(subject.questions))]
+    cut = sum(was_cut for _, was_cut in prompts)
+    prompts = [ids for ids, _ in prompts]
+    if e.scoring == "option":
+        options = [option_ids(engine, row) for row in subject.questions]
+        return option_scores(engine.model, prompts, options, pad, e.batch_size), cut
+    return choice_logits(engine.model, prompts, choice_token_ids(engine.tokenizer), pad, e.batch_size), cut
+
+
 def evaluate(cfg, engine, subjects: list[Subject]) -> dict:
     """Score every question of the task with the engine's model; returns the results dict (see score)."""
     e = cfg.evaluation
     started = time.perf_counter()
     _, split = split_task(e.task)
-    choice_ids = choice_token_ids(engine.tokenizer)
     predictions, cut = [], 0
     for subject in tqdm(subjects, desc="eval", unit="subject"):
-        prompts = []
-        for index in range(len(subject.questions)):
-            ids, was_cut = question_ids(engine, subject, index, cfg, split)
-            prompts.append(ids)
-            cut += was_cut
-        logits = choice_logits(engine.model, prompts, choice_ids, engine.tokenizer.pad_token_id, e.batch_size)
-        predictions.append([CHOICES[i] for i in logits.argmax(-1).tolist()])
+        scores, subject_cut = subject_scores(engine, subject, cfg, split)
+        predictions.append([CHOICES[i] for i in scores.argmax(-1).tolist()])
+        cut += subject_cut
     results = score(subjects, predictions)
     results.update(task=e.task, model=cfg.model.model_name_or_path, adapter=cfg.model.adapter_name_or_path,
-                   template=cfg.data.template, n_shot=e.n_shot, lang=e.lang, seed=cfg.train.seed,
+                   template=cfg.data.template, n_shot=e.n_shot, lang=e.lang, scoring=e.scoring, seed=cfg.train.seed,
                    shots_cut_to_fit=cut, seconds=round(time.perf_counter() - started, 1))
     return results
 
@@ -271,7 +317,8 @@ def _rows(results: dict) -> list[tuple[str, dict]]:
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{results['task']}, {results['n_shot']}-shot, {results['lang']}: {results['model']}"
+    lines = [f"{results['task']}, {results['n_shot']}-shot, {results['lang']}, by {results['scoring']}: "
+             f"{results['model']}"
              + (f" + {results['adapter']}" if results["adapter"] else ""), f"{'':<32}{'accuracy':>10}{'questions':>11}"]
     lines += [f"{label:<32}{value['accuracy']:>10.2f}{value['count']:>11}" for label, value in _rows(results)]
     if results["shots_cut_to_fit"]:
@@ -335,7 +382,7 @@ def run_eval(cfg) -> dict:
 def run_comparison(before_cfg, after_cfg) -> dict:
     """`tuneforge eval CONFIG --compare key=value ...`: both runs, then the change per category and subject.
     Results go to save_dir (from the first config) as before/, after/ and comparison.json."""
-    for key in ("task", "task_dir", "n_shot", "lang"):
+    for key in ("task", "task_dir", "n_shot", "lang", "scoring"):
         if getattr(before_cfg.evaluation, key) != getattr(after_cfg.evaluation, key):
             raise ConfigError(f"--compare changes `{key}`; both runs must answer the same questions the same way "
                               "(compare a model, an adapter or a template instead)")
