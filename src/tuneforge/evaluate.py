@@ -201,23 +201,27 @@ def choice_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device) -> dict:
+    """Model inputs for rows of different lengths, padded on the left so every row ends at the last position;
+    positions count from each row's first real token, so padding changes nothing but the shapes."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+
+
 @torch.inference_mode()
 def choice_logits(model, prompts: list[list[int]], choice_ids: list[int], pad_id: int, batch_size: int) -> torch.Tensor:
-    """[questions, 4]: each option letter's next-token logit after each prompt. Prompts are left-padded, with
-    positions counted from each prompt's first real token, so only the last position's logits are computed."""
+    """[questions, 4]: each option letter's next-token logit after each prompt. Prompts are left-padded, so only
+    the last position's logits are computed."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start: start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, prompt in enumerate(chunk):
-            ids[i, width - len(prompt):] = torch.tensor(prompt)
-            mask[i, width - len(prompt):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       logits_to_keep=1).logits[:, -1]
+        logits = model(**left_pad(prompts[start: start + batch_size], pad_id, device), logits_to_keep=1).logits[:, -1]
         out.append(logits[:, choice_ids].float().cpu())
     return torch.cat(out)
 
@@ -241,17 +245,10 @@ def option_scores(model, prompts: list[list[int]], options: list[list[list[int]]
     out = []
     for start in range(0, len(rows), batch_size * len(CHOICES)):
         chunk = rows[start: start + batch_size * len(CHOICES)]
-        width = max(len(p) + len(a) for p, a in chunk)
         keep = max(len(a) for _, a in chunk) + 1
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (prompt, answer) in enumerate(chunk):
-            ids[i, width - len(prompt) - len(answer):] = torch.tensor(prompt + answer)
-            mask[i, width - len(prompt) - len(answer):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       logits_to_keep=keep).logits.float().log_softmax(-1).cpu()
-        for i, (_, answer) in enumerate(chunk):  # kept position j predicts the token at width - keep + j + 1
+        inputs = left_pad([prompt + answer for prompt, answer in chunk], pad_id, device)
+        logits = model(**inputs, logits_to_keep=keep).logits.float().log_softmax(-1).cpu()
+        for i, (_, answer) in enumerate(chunk):  # the last `keep` positions: the last one predicts nothing
             predicted = logits[i, keep - len(answer) - 1: keep - 1]
             out.append(predicted.gather(-1, torch.tensor(answer)[:, None]).mean())
     return torch.stack(out).view(-1, len(CHOICES))
