@@ -228,6 +228,9 @@ def test_hub_task_without_a_local_copy_says_how_to_point_task_dir(tiny_model, tm
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert "task_dir" in err and "evaluation/mmlu" in err and "mmlu.zip" in err
+    rc = main(["eval", f"model_name_or_path={tiny_model}", f"task_dir={BUNDLED}", "task=basic_test"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"task folders in {BUNDLED}: basics)" in err
 
 
 def test_task_files_are_checked_with_file_and_row(tmp_path):

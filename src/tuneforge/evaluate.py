@@ -2,8 +2,8 @@
 
 A question becomes a chat under the model's own template: the solved dev-split examples are earlier user/assistant
 turns, the question is the last user turn, and the prediction is whichever option letter (A-D) gets the highest
-next-token logit after the assistant header (as LLaMA-Factory's evaluator does). The task layout is documented in
-docs/evaluation.md.
+next-token logit after the assistant header (as LLaMA-Factory's evaluator does), or with `scoring: option` whichever
+option's text is the likeliest answer. The task layout is documented in docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -76,13 +76,11 @@ def task_folder(task_dir: str, task: str) -> Path:
                             f"(cd {folder} && unzip {zips[0].name})")
         return folder
     if name in HUB_TASKS:
-        raise DataError(f"task `{task}`: no folder {folder}; tuneforge does not download benchmarks: copy "
-                        f"LLaMA-Factory's evaluation/{name} folder here (unzip its {name}.zip inside it) and set "
-                        f"task_dir to the folder that holds {name}/")
-    found = sorted(p.name for p in Path(task_dir).glob("*/mapping.json") if p.is_file()) if Path(task_dir).is_dir() \
-        else []
-    have = f"task folders in {task_dir}: {', '.join(Path(p).parent.name for p in found)}" if found else \
-        f"{task_dir} holds no task folders"
+        raise DataError(f"task `{task}`: no folder {folder}, and tuneforge does not download benchmarks: copy "
+                        f"LLaMA-Factory's evaluation/{name} folder to {folder} (and unzip its {name}.zip inside it), "
+                        f"or set task_dir to the folder that holds your copy of {name}/")
+    found = sorted(p.parent.name for p in Path(task_dir).glob("*/mapping.json"))
+    have = f"task folders in {task_dir}: {', '.join(found)}" if found else f"{task_dir} holds no task folders"
     raise DataError(f"task `{task}`: no folder {folder} ({have}); `task` is <folder>_<split> under `task_dir`")
 
 
