@@ -236,8 +236,9 @@ def option_ids(engine, row: dict) -> list[list[int]]:
 @torch.inference_mode()
 def option_scores(model, prompts: list[list[int]], options: list[list[list[int]]], pad_id: int,
                   batch_size: int) -> torch.Tensor:
-    """[questions, 4]: the mean log-probability of each option's tokens after its question's prompt. Rows are
-    left-padded as in choice_logits; only the positions that predict option tokens get logits."""
+    """[questions, 4]: the log-probability of each option's tokens after its question's prompt (their sum, like
+    lm-evaluation-harness's `acc`). Rows are left-padded as in choice_logits; only the positions that predict option
+    tokens get logits."""
     device = next(model.parameters()).device
     rows = [(prompt, answer) for prompt, answers in zip(prompts, options) for answer in answers]
     out = []
@@ -248,7 +249,7 @@ def option_scores(model, prompts: list[list[int]], options: list[list[list[int]]
         logits = model(**inputs, logits_to_keep=keep).logits.float().log_softmax(-1).cpu()
         for i, (_, answer) in enumerate(chunk):  # the last `keep` positions: the last one predicts nothing
             predicted = logits[i, keep - len(answer) - 1: keep - 1]
-            out.append(predicted.gather(-1, torch.tensor(answer)[:, None]).mean())
+            out.append(predicted.gather(-1, torch.tensor(answer)[:, None]).sum())
     return torch.stack(out).view(-1, len(CHOICES))
 
 
