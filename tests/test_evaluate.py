@@ -261,6 +261,8 @@ def test_user_metric_function(tmp_path, monkeypatch):
     scores = generation_scores(["Paris is", "Rome"], ["Paris", "Oslo"], load_user_metric("mine.py:first_word"))
     assert scores["predict_first_word"] == 50.0 and scores["predict_count"] == 2.0
     assert generation_scores(["ab", "c"], ["x", "y"], load_user_metric("mine.py:length"))["predict_length"] == 3.0
+    with pytest.raises(ConfigError, match="returned 'high'; expected a number or a dict"):
+        generation_scores(["a"], ["b"], lambda preds, refs: "high")
 
 
 @pytest.mark.parametrize("spec, message", [

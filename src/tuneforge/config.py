@@ -484,8 +484,6 @@ def validate(cfg: Config, command: str = "train") -> None:
         _fail(cfg, "`do_predict` needs `predict_with_generate: true` (predictions are generated text)")
     if t.predict_metric and not (t.do_predict and f.stage == "sft"):
         _fail(cfg, "`predict_metric` scores generated answers: it needs `do_predict: true` and stage sft")
-    if t.predict_metric and ":" not in t.predict_metric:
-        _fail(cfg, f"`predict_metric` is `path.py:function`, e.g. metrics.py:f1; got {t.predict_metric!r}")
     if t.do_predict and f.stage not in ("sft", "rm", "cls"):
         _fail(cfg, f"`do_predict` is built for stages sft (generated answers), rm (scores) and cls (labels), "
                    f"not {f.stage}")
