@@ -22,6 +22,11 @@ Q1 = {"question": "What is 2 + 2?", "A": "3", "B": "4", "C": "5", "D": "22", "an
 Q2 = {"question": "Who are you?", "A": "a fox", "B": "a dog", "C": "an assistant", "D": "the sea", "answer": "C"}
 Q3 = {"question": "Translate hello.", "A": "Bonjour", "B": "Hola", "C": "Ciao", "D": "Hallo", "answer": "A"}
 
+# LLaMA-Factory's en / zh wording, written out here rather than taken from the code under test
+HEAD = {"en": "The following are multiple choice questions (with answers) about arithmetic.\n\n",
+        "zh": "以下是中国关于arithmetic考试的单项选择题，请选出其中的正确答案。\n\n"}
+CUE = {"en": "\nAnswer:", "zh": "\n答案："}
+
 
 def _cfg(model: str, **values):
     cfg = build_config({"model_name_or_path": model, "template": "chatml", "task": "basics_test",
@@ -44,9 +49,7 @@ def test_zero_shot_prompt_token_for_token(engine, tiny_model, lang):
     cfg = _cfg(tiny_model, n_shot=0, lang=lang)
     subject = Subject("sums", "arithmetic", "STEM", [Q1], [])
     ids, cut = question_ids(engine, subject, 0, cfg, "test")
-    head = {"en": "The following are multiple choice questions (with answers) about arithmetic.\n\n",
-            "zh": "以下是中国关于arithmetic考试的单项选择题，请选出其中的正确答案。\n\n"}[lang]
-    cue = {"en": "\nAnswer:", "zh": "\n答案："}[lang]
+    head, cue = HEAD[lang], CUE[lang]
     text = (f"<|im_start|>user\n{head}What is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 22{cue}<|im_end|>\n"
             "<|im_start|>assistant\n")
     assert ids == _expected(engine.tokenizer, text)
@@ -59,9 +62,7 @@ def test_few_shot_prompt_token_for_token(engine, tiny_model, lang):
     cfg = _cfg(tiny_model, n_shot=2, lang=lang)
     subject = Subject("sums", "arithmetic", "STEM", [Q1], [Q2, Q3])
     ids, _ = question_ids(engine, subject, 0, cfg, "test")
-    head = {"en": "The following are multiple choice questions (with answers) about arithmetic.\n\n",
-            "zh": "以下是中国关于arithmetic考试的单项选择题，请选出其中的正确答案。\n\n"}[lang]
-    cue = {"en": "\nAnswer:", "zh": "\n答案："}[lang]
+    head, cue = HEAD[lang], CUE[lang]
     turns = {
         "Q2": f"Who are you?\nA. a fox\nB. a dog\nC. an assistant\nD. the sea{cue}<|im_end|>\n<|im_start|>assistant\n"
               "C<|im_end|>\n",
