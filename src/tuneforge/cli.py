@@ -18,6 +18,8 @@ COMMANDS = {
               "tuneforge export CONFIG.yaml [key=value ...]",
     "api": "serve the model (+ adapter) over an OpenAI-compatible HTTP API (API_HOST, API_PORT, API_KEY, "
            "API_MODEL_NAME): tuneforge api [CONFIG.yaml] [key=value ...]",
+    "eval": "score a model (+ adapter) on a multiple-choice benchmark: tuneforge eval CONFIG.yaml [key=value ...] "
+            "[--compare key=value ...]",
 }
 
 
@@ -48,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--file", help="a .txt (one input per line), CSV/TSV/JSON/JSONL/Parquet with a text or "
                                           "image column (and optionally labels, to report accuracy)")
             p.add_argument("--out", help="write JSON lines here instead of printing them")
+        if name == "eval":
+            p.add_argument("--compare", nargs="+", metavar="KEY=VALUE", help="also score the config with these "
+                           "keys changed (e.g. adapter_name_or_path=saves/quickstart) and print the change")
     return parser
 
 
@@ -113,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
             from .infer.api import serve
 
             serve(_load(path, overrides, "chat"))
+        elif ns.command == "eval":
+            from .evaluate import run_comparison, run_eval
+
+            cfg = _load(path, overrides, "eval")
+            if ns.compare:
+                run_comparison(cfg, _load(path, overrides + ns.compare, "eval"))
+            else:
+                run_eval(cfg)
         elif ns.command == "chat":
             from .infer.chat import one_shot, repl
 

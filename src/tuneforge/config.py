@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -126,6 +127,8 @@ class TrainArgs:
     do_eval: bool = False
     do_predict: bool = False
     predict_with_generate: bool = False
+    predict_metric: str | None = None  # sft do_predict: a user metric "path.py:function", called as
+    # function(predictions, references) with two lists of strings; returns a number or a dict of name -> number
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -177,16 +180,33 @@ class GenerateArgs:
 
 
 @dataclass
+class EvalArgs:
+    """`tuneforge eval`: multiple-choice benchmarks (the MMLU / C-Eval / CMMLU family); see docs/evaluation.md."""
+
+    task: str | None = None  # <folder>_<split>, e.g. basics_test, mmlu_test, ceval_validation
+    task_dir: str = "evaluation"  # the folder that holds task folders
+    n_shot: int = 5  # solved examples from the task's dev split shown before each question, as earlier chat turns
+    lang: Literal["en", "zh"] = "en"  # prompt wording
+    batch_size: int = 4  # questions per forward pass
+    # letter: the option letters' next-token logits (LLaMA-Factory's way); option: each option's text scored as the
+    # answer by its log-probability (lm-evaluation-harness's acc), for models too small to answer by letter
+    scoring: Literal["letter", "option"] = "letter"
+    save_dir: str | None = None  # where results.json / results.log go; must not exist yet
+
+
+@dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     finetune: FinetuneArgs = field(default_factory=FinetuneArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
+    evaluation: EvalArgs = field(default_factory=EvalArgs)
     source: str = "<command line>"  # the file the config came from, for error messages
 
 
-GROUPS = {"model": ModelArgs, "data": DataArgs, "finetune": FinetuneArgs, "train": TrainArgs, "generate": GenerateArgs}
+GROUPS = {"model": ModelArgs, "data": DataArgs, "finetune": FinetuneArgs, "train": TrainArgs, "generate": GenerateArgs,
+          "evaluation": EvalArgs}
 KEY_GROUP = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -377,12 +397,29 @@ def _export_problems(cfg: Config) -> list[str]:
     return out
 
 
+def _eval_problems(cfg: Config) -> list[str]:
+    e, out = cfg.evaluation, []
+    if not e.task:
+        out.append("`task` is required: a task folder and split under task_dir, e.g. `task: basics_test`")
+    elif "_" not in e.task:
+        out.append(f"`task` is <folder>_<split> (e.g. basics_test, mmlu_test, ceval_validation); got {e.task!r}")
+    if e.scoring not in ("letter", "option"):
+        out.append(f"`scoring` must be letter or option; got {e.scoring!r}")
+    if e.lang not in ("en", "zh"):
+        out.append(f"`lang` must be en or zh (the prompt wording); got {e.lang!r}")
+    if e.n_shot < 0 or e.batch_size < 1:
+        out.append(f"`n_shot` must be at least 0 and `batch_size` at least 1; got {e.n_shot} and {e.batch_size}")
+    return out
+
+
 def validate(cfg: Config, command: str = "train") -> None:
     """Every problem of the config, explained in plain words, raised together as one ConfigError. The generic
     rules live here; each stage's recipe checks its own options (`check(cfg)` in train/<recipe>.py)."""
     problems = _model_problems(cfg)
     if command == "export":
         problems += _export_problems(cfg)
+    if command == "eval":
+        problems += _eval_problems(cfg)
     if command == "train":
         problems += _train_problems(cfg)
         stage = _stage(cfg)
@@ -464,6 +501,9 @@ def _train_problems(cfg: Config) -> list[str]:
         built = [s for s in STAGES.values() if s.predicts]
         out.append("`do_predict` is built for stages " + ", ".join(f"{s.name} ({s.predicts})" for s in built[:-1])
                    + f" and {built[-1].name} ({built[-1].predicts}), not {f.stage}")
+    if known and t.predict_metric and stage.data != "lm":
+        out.append(f"`predict_metric` scores the answers that stage sft generates with do_predict; stage {f.stage} "
+                   "generates none, so remove it")
     if known and f.compute_accuracy and not stage.language_modelling:
         out.append(f"`compute_accuracy` is token accuracy for stages {lm_stages}; stage {f.stage} reports its own "
                    "accuracy metrics, so remove it")

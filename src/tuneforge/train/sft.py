@@ -14,7 +14,7 @@ from ..infer.engine import Engine
 from .common import guard_output_dir, prepare_model, start, train_and_evaluate
 from .logging import write_results
 from .losses import CausalLMLoss
-from .metrics import generation_scores
+from .metrics import generation_scores, load_user_metric
 
 
 def _count(rows) -> str:
@@ -31,11 +31,14 @@ def check(cfg) -> list[str]:
             out.append("stage pt always concatenates and chunks text to cutoff_len; `packing: false` is not built")
     elif cfg.train.do_predict and not cfg.train.predict_with_generate:
         out.append("`do_predict` needs `predict_with_generate: true` (predictions are generated text)")
+    elif cfg.train.predict_metric and not cfg.train.do_predict:
+        out.append("`predict_metric` scores generated answers: it needs `do_predict: true`")
     return out
 
 
 def run(cfg) -> dict:
     t, f = cfg.train, cfg.finetune
+    user_metric = load_user_metric(t.predict_metric) if t.predict_metric else None  # fails before training starts
     accelerator, tokenizer = start(cfg)
     data = prepare_lm_data(cfg, tokenizer, need_train=t.do_train)
     resume = guard_output_dir(cfg, accelerator)
@@ -50,12 +53,13 @@ def run(cfg) -> dict:
     results = train_and_evaluate(cfg, module, tokenizer, data.train, data.eval, accelerator, resume,
                                  PadCollator(tokenizer.pad_token_id))
     if t.do_predict and accelerator.is_main_process:
-        results.update(predict(cfg, model.to(accelerator.device), tokenizer, data))
+        results.update(predict(cfg, model.to(accelerator.device), tokenizer, data, user_metric))
     return results
 
 
-def predict(cfg, model, tokenizer, data) -> dict:
-    """generated_predictions.jsonl (prompt, predict, label) and BLEU-4 / ROUGE-L on the evaluation examples."""
+def predict(cfg, model, tokenizer, data, user_metric=None) -> dict:
+    """generated_predictions.jsonl (prompt, predict, label) and BLEU-4 / ROUGE-L / exact match (+ the user's
+    metric) on the evaluation examples."""
     engine = Engine(cfg, model=model, tokenizer=tokenizer)
     prompts = [engine.prompt_ids(e.messages[:-1], e.system) for e in data.eval_examples]
     labels = [e.messages[-1]["content"] for e in data.eval_examples]
@@ -65,7 +69,7 @@ def predict(cfg, model, tokenizer, data) -> dict:
         for prompt, answer, label in zip(prompts, answers, labels):
             out.write(json.dumps({"prompt": tokenizer.decode(prompt), "predict": answer, "label": label},
                                  ensure_ascii=False) + "\n")
-    scores = generation_scores(answers, labels)
+    scores = generation_scores(answers, labels, user_metric)
     write_results(cfg.train.output_dir, "predict", scores)
     print("[tuneforge] " + ", ".join(f"{k} = {v:.2f}" for k, v in scores.items()) + f"; predictions in {path}")
     return scores
