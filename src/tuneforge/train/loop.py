@@ -14,6 +14,7 @@ import shutil
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
+
 import torch
 
 from ..config import ConfigError
