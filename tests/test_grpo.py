@@ -99,3 +99,10 @@ def test_resume_mid_run_gives_the_same_weights(tiny_model, tmp_path):
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
     assert [r["current_steps"] for r in read_log(interrupted)] == [1, 2, 3, 4]
     assert "kl" in read_log(interrupted)[-1]
+
+
+def test_clip_range_that_cannot_bind_is_refused():
+    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "grpo",
+                        "reward_funcs": "length", "epsilon_high": 0.28}, source="g.yaml")
+    with pytest.raises(ConfigError, match="g.yaml: `epsilon` / `epsilon_high` would have no effect"):
+        validate(cfg, "train")

@@ -120,7 +120,9 @@ class FinetuneArgs:
     # a completion's advantage is its reward minus its group's mean (scaled by `scale_rewards`)
     num_generations: int = 8  # group size; a step's completions (batch size x accumulation) hold whole groups
     beta: float = 0.0  # weight of the per-token KL to the reference; 0 runs no reference forward at all
-    epsilon: float = 0.2  # clip range of the probability ratio to the rollout policy: [1 - epsilon, 1 + epsilon_high]
+    # clip range of the probability ratio to the rollout policy, [1 - epsilon, 1 + epsilon_high]: only the defaults
+    # are accepted while grpo optimises once per rollout, where the ratio is always 1
+    epsilon: float = 0.2
     epsilon_high: float | None = None  # upper clip (DAPO's clip-higher); None: the same as epsilon
     # how token losses become the step's loss: grpo averages each completion's tokens, then completions; dr_grpo
     # divides every completion's token sum by max_completion_length; dapo divides by all completion tokens of the

@@ -43,9 +43,12 @@ def check(cfg) -> list[str]:
         out.append("stage grpo samples its completions: set `do_sample: true` and `num_beams: 1`")
     if g.max_new_tokens != type(g)().max_new_tokens:
         out.append("stage grpo generates up to `max_completion_length` tokens; remove `max_new_tokens`")
-    if f.beta < 0 or f.epsilon <= 0 or (f.epsilon_high is not None and f.epsilon_high < f.epsilon):
-        out.append(f"grpo needs beta >= 0, epsilon > 0 and epsilon_high >= epsilon; got beta {f.beta}, epsilon "
-                   f"{f.epsilon}, epsilon_high {f.epsilon_high}")
+    if f.beta < 0:
+        out.append(f"`beta` must be at least 0 (0: no KL term and no reference); got {f.beta}")
+    if f.epsilon != type(f)().epsilon or f.epsilon_high is not None:
+        # the clip would bind only with several optimisation passes per rollout (TRL's num_iterations > 1)
+        out.append("`epsilon` / `epsilon_high` would have no effect: grpo optimises once per rollout (as TRL's "
+                   "default num_iterations: 1), where the probability ratio is always 1; remove them")
     if f.max_completion_length < 1:
         out.append(f"`max_completion_length` must be at least 1; got {f.max_completion_length}")
     if t.eval_strategy != "no":
