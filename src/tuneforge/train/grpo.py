@@ -77,8 +77,8 @@ class GRPOLoss(torch.nn.Module):
                                               completion_mask.shape[1], with_entropy=True)
         # one optimisation pass per rollout (TRL's num_iterations=1): the rollout policy is the current one, so
         # the ratio is 1 in value and carries the policy gradient
-        losses, clipped = clipped_policy_loss(logps, logps.detach(), advantages[:, None], a.epsilon, a.epsilon_high)
-        per_token = {"entropy": entropy.detach(), "clip_ratio": clipped.float()}
+        losses, _ = clipped_policy_loss(logps, logps.detach(), advantages[:, None], a.epsilon, a.epsilon_high)
+        per_token = {"entropy": entropy.detach()}
         if ref_logps is not None:
             kl = kl_to_reference(logps, ref_logps)
             losses = losses + a.beta * kl
@@ -90,7 +90,7 @@ class GRPOLoss(torch.nn.Module):
 
 
 class RolloutSteps:
-    """The loop's source of steps for grpo: every step, `prompts_per_step` prompts (shuffled per epoch with the
+    """The loop's source of steps for grpo: every step, `per_step` prompts per process (shuffled per epoch with the
     seed, as in-memory rows are), `num_generations` completions each, with rewards and advantages."""
 
     signature = None
