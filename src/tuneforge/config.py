@@ -354,7 +354,7 @@ def _stage(cfg: Config):
     return STAGES.get(cfg.finetune.stage)
 
 
-def raise_problems(cfg: Config, problems: list[str]) -> None:
+def _raise_problems(cfg: Config, problems: list[str]) -> None:
     """One problem: its own line (tests and people read `<source>: <problem>`); several: all of them at once."""
     if len(problems) == 1:
         raise ConfigError(f"{cfg.source}: {problems[0]}")
@@ -393,7 +393,7 @@ def validate(cfg: Config, command: str = "train") -> None:
         stage = _stage(cfg)
         if stage is not None and stage.built:
             problems += stage.recipe_module().check(cfg)
-    raise_problems(cfg, problems)
+    _raise_problems(cfg, problems)
 
 
 def _model_problems(cfg: Config) -> list[str]:
