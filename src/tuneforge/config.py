@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 
@@ -117,6 +117,24 @@ class FinetuneArgs:
     ppo_score_norm: bool = False
     ppo_target: float = 6.0
     ppo_whiten_rewards: bool = False
+    # grpo (TRL's key names): each prompt gets `num_generations` sampled completions, scored by `reward_funcs`;
+    # a completion's advantage is its reward minus its group's mean (scaled by `scale_rewards`)
+    num_generations: int = 8  # group size; a step's completions (batch size x accumulation) hold whole groups
+    beta: float = 0.0  # weight of the per-token KL to the reference; 0 runs no reference forward at all
+    # clip range of the probability ratio to the rollout policy, [1 - epsilon, 1 + epsilon_high]: only the defaults
+    # are accepted while grpo optimises once per rollout, where the ratio is always 1
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # upper clip (DAPO's clip-higher); None: the same as epsilon
+    # how token losses become the step's loss: grpo averages each completion's tokens, then completions; dr_grpo
+    # divides every completion's token sum by max_completion_length; dapo divides by all completion tokens of the
+    # step; bnpo by the completion tokens of each micro-batch
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # divide advantages by the group's or batch's std
+    max_completion_length: int = 256  # new tokens per completion (grpo's own; max_new_tokens is for inference)
+    mask_truncated_completions: bool = False  # completions cut at max_completion_length get no loss
+    reward_funcs: str | None = None  # comma list: accuracy, format, length, or path/to/file.py:function
+    reward_weights: str | None = None  # comma list, one weight per reward function; default 1 each
+    reward_format_pattern: str | None = None  # the regex the `format` reward wants a whole completion to match
 
 
 @dataclass
@@ -356,7 +374,7 @@ def _stage(cfg: Config):
     return STAGES.get(cfg.finetune.stage)
 
 
-def raise_problems(cfg: Config, problems: list[str]) -> None:
+def _raise_problems(cfg: Config, problems: list[str]) -> None:
     """One problem: its own line (tests and people read `<source>: <problem>`); several: all of them at once."""
     if len(problems) == 1:
         raise ConfigError(f"{cfg.source}: {problems[0]}")
@@ -425,7 +443,7 @@ def validate(cfg: Config, command: str = "train") -> None:
         stage = _stage(cfg)
         if stage is not None and stage.built:
             problems += stage.recipe_module().check(cfg)
-    raise_problems(cfg, problems)
+    _raise_problems(cfg, problems)
 
 
 def _model_problems(cfg: Config) -> list[str]:
@@ -518,6 +536,32 @@ def _train_problems(cfg: Config) -> list[str]:
         out.append("`adapter_name_or_path` needs `finetuning_type: lora`")
     if t.fp16 and not _cuda_available():
         out.append("`fp16: true` needs a CUDA GPU; on CPU use `bf16: true`")
+    return out + _literal_problems(cfg) + _foreign_key_problems(cfg)
+
+
+def _literal_problems(cfg: Config) -> list[str]:
+    """Keys declared with Literal choices hold one of them."""
+    import typing
+
+    out = []
+    for group, cls in GROUPS.items():
+        for key, hint in typing.get_type_hints(cls).items():
+            value = getattr(getattr(cfg, group), key)
+            if typing.get_origin(hint) is Literal and value not in get_args(hint):
+                out.append(f"`{key}` must be one of {', '.join(get_args(hint))}; got {value!r}")
+    return out
+
+
+def _foreign_key_problems(cfg: Config) -> list[str]:
+    """A key that only another stage reads would be ignored: refuse it."""
+    from .train.stages import STAGES
+
+    out = []
+    for stage in STAGES.values():
+        for key in stage.own_keys if stage.name != cfg.finetune.stage else ():
+            group = getattr(cfg, KEY_GROUP[key])
+            if getattr(group, key) != getattr(type(group)(), key):
+                out.append(f"`{key}` applies to stage {stage.name} only; remove it or set `stage: {stage.name}`")
     return out
 
 

@@ -24,6 +24,7 @@ class Example:
     chosen: str | None = None  # preference data: the preferred and the dispreferred answer to `messages`
     rejected: str | None = None
     kto_tag: bool | None = None  # KTO: whether the final answer is desirable
+    extra: dict = field(default_factory=dict)  # prompt data: the record's other columns, for reward functions
     where: str = ""
     dataset: str = ""  # the registry name (or file) it came from
 
@@ -70,8 +71,9 @@ def iter_examples(attr: DatasetAttr, records: Iterable[RawRecord], stage: str, s
         raise DataError(f"dataset `{attr.name}` maps `{media[0]}`: multimodal fine-tuning of chat models is not built "
                         "yet; remove that column mapping (for image classification use stage cls with an image folder)")
     if ranking and kind != "preference":
+        pair_stages = names(lambda s: s.data == "preference", "or")
         raise DataError(f"dataset `{attr.name}` is ranking (preference) data, which stage `{stage}` cannot use; "
-                        f"use it with stage {names(lambda s: s.data == 'preference', 'or')}, or pick a non-ranking dataset")
+                        f"use it with stage {pair_stages}, or pick a non-ranking dataset")
     if kind == "preference" and not ranking:
         raise DataError(f"stage `{stage}` needs ranking data with chosen and rejected answers, but dataset "
                         f"`{attr.name}` is not marked `ranking: true` in dataset_info.json")
@@ -147,7 +149,7 @@ def _alpaca(attr: DatasetAttr, formatting: str, record: RawRecord, kind: str) ->
         return Example(text=text, where=record.where)
     prompt = _field(record, cols["prompt"])
     query = _field(record, cols["query"], required=False, default="")
-    response = None if kind == "preference" else _field(record, cols["response"])
+    response = None if kind in ("preference", "prompt") else _field(record, cols["response"])
     messages = []
     for i, turn in enumerate(_field(record, cols["history"], kind=list, required=False, default=[])):
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
@@ -158,7 +160,13 @@ def _alpaca(attr: DatasetAttr, formatting: str, record: RawRecord, kind: str) ->
     if response is not None:
         messages.append({"role": ASSISTANT, "content": response})
     system = _field(record, cols["system"], required=False, default="")
-    return Example(messages=messages, system=system, where=record.where)
+    used = (cols["prompt"], cols["query"], cols["history"], cols["system"])
+    return Example(messages=messages, system=system, where=record.where, extra=_extra(record, kind, used))
+
+
+def _extra(record: RawRecord, kind: str, used: tuple) -> dict:
+    """The columns a prompt record holds besides its prompt (an answer, a test, ...): reward functions get them."""
+    return {k: v for k, v in record.data.items() if k not in used} if kind == "prompt" else {}
 
 
 def _sharegpt(attr: DatasetAttr, formatting: str, record: RawRecord, kind: str) -> Example:
@@ -196,10 +204,11 @@ def _sharegpt(attr: DatasetAttr, formatting: str, record: RawRecord, kind: str) 
         messages.append({"role": role, "content": message[tags["content_tag"]]})
     if kind == "pt":
         return Example(text="\n".join(m["content"] for m in messages), where=record.where)
-    if kind == "preference":  # the answers are in chosen/rejected: the conversation ends on a user turn
+    if kind in ("preference", "prompt"):  # the answers are in chosen/rejected, or generated: it ends on a user turn
         if len(messages) % 2 == 0:
-            raise DataError(f"{record.where}: a preference conversation must end on a user turn (the answers are "
-                            f"in chosen/rejected); this one has {len(messages)} turn(s)")
+            answers = "in chosen/rejected" if kind == "preference" else "generated in training"
+            raise DataError(f"{record.where}: a {kind} conversation must end on a user turn (the answers are "
+                            f"{answers}); this one has {len(messages)} turn(s)")
     elif len(messages) < 2 or len(messages) % 2:
         raise DataError(f"{record.where}: a conversation needs user/assistant pairs ending with an assistant turn; "
                         f"this one has {len(messages)} turn(s)")
@@ -210,4 +219,5 @@ def _sharegpt(attr: DatasetAttr, formatting: str, record: RawRecord, kind: str) 
             parse_tools(tools)
         except ValueError as err:
             raise DataError(f"{record.where}: field `{cols['tools']}`: {err}") from None
-    return Example(messages=messages, system=system, tools=tools, where=record.where)
+    return Example(messages=messages, system=system, tools=tools, where=record.where,
+                   extra=_extra(record, kind, (cols["messages"], cols["system"], cols["tools"])))

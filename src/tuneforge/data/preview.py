@@ -12,9 +12,9 @@ import itertools
 import statistics
 from pathlib import Path
 
-from . import load_examples, load_splits
-from .encode import IGNORE, encode_kto, encode_pair, encode_pretrain, encode_supervised
 from ..train.stages import data_kind
+from . import load_examples, load_splits
+from .encode import IGNORE, encode_kto, encode_pair, encode_pretrain, encode_supervised, tokenize_pieces
 from .templates import get_template
 
 NO_LIMIT = 10 ** 9
@@ -80,6 +80,10 @@ def preview(cfg, examples_to_show: int = 3, plot: str | None = "token_lengths.pn
                     for side in ("chosen", "rejected")]
         if kind == "kto":
             return encode_kto([example], tokenizer, template, cutoff, d.default_system)[:1]
+        if kind == "prompt":  # completions are generated in training: no token of the record is a target
+            pieces = template.pieces(tokenizer, example.messages, example.system or d.default_system, example.tools)
+            ids = [token for piece in tokenize_pieces(tokenizer, pieces) for token in piece][-cutoff:]
+            return [{"input_ids": ids, "labels": [IGNORE] * len(ids)}]
         row = encode_supervised(example, tokenizer, template, cutoff, d.train_on_prompt, d.mask_history,
                                 d.default_system)
         return [row] if row is not None else []

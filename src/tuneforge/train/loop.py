@@ -14,6 +14,7 @@ import shutil
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
+
 import torch
 
 from ..config import ConfigError
@@ -183,7 +184,8 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
             loss, count, means, speed = interval.flush()
             state.loss_sum += loss * count
             state.trained_units += count
-            log.train_step(state.global_step, epoch, loss, scheduler.get_last_lr()[0], speed, means)
+            log.train_step(state.global_step, epoch, loss, scheduler.get_last_lr()[0], speed,
+                           {**means, **source.log_metrics()})
         if eval_every and (state.global_step % eval_every == 0 or last):
             stop = _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log, epoch)
         if _should_save(t, state, per_epoch, last):

@@ -182,3 +182,79 @@ def pairwise_reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Ten
     """Reward-model loss per pair: -log sigmoid(r_chosen - r_rejected)."""
     return -F.logsigmoid(chosen_scores - rejected_scores)
 
+
+# ---- RL losses: per-token tensors of shape [completions, completion length], `mask` 1 on completion tokens ----
+
+def completion_log_probs(model, split, input_ids, attention_mask, completion_width: int, with_entropy: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probability of each completion token, its entropy or None) for rows laid out as
+    [left-padded prompt | completion]; the last `completion_width` columns are the completion.
+
+    Positions come from the attention mask, as in generation, so left padding does not shift them."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    start = input_ids.shape[1] - completion_width - 1  # the position whose logits predict the first completion token
+    if split is None:
+        logits = model(**inputs).logits[:, start:-1].float()
+    else:
+        decoder, head = split
+        logits = head(decoder(**inputs).last_hidden_state[:, start:-1]).float()
+    log_probs = logits.log_softmax(-1)
+    token_logps = log_probs.gather(-1, input_ids[:, -completion_width:, None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    return token_logps, entropy
+
+
+def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon: float,
+                        epsilon_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token clipped surrogate loss -min(r A, clip(r, 1 - eps, 1 + eps_high) A), whether the clip was active),
+    r = exp(logps - old_logps); `advantages` is per token or per row ([rows, 1])."""
+    ratio = torch.exp(logps - old_logps)
+    clipped = ratio.clamp(1 - epsilon, 1 + (epsilon if epsilon_high is None else epsilon_high))
+    unclipped_term, clipped_term = ratio * advantages, clipped * advantages
+    return -torch.min(unclipped_term, clipped_term), (clipped_term < unclipped_term)
+
+
+def kl_to_reference(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate exp(ref - logp) - (ref - logp) - 1 (Schulman's k3: non-negative, unbiased)."""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
+    """Each completion's reward minus its group's mean, divided by the group's (scale group) or the whole batch's
+    (scale batch) standard deviation + 1e-4, or not divided (scale none). Groups are consecutive rows."""
+    groups = rewards.view(-1, group_size)
+    centred = (groups - groups.mean(1, keepdim=True)).view(-1)
+    if scale == "group":
+        return centred / (groups.std(1).repeat_interleave(group_size) + 1e-4)
+    if scale == "batch":
+        return centred / (rewards.std() + 1e-4)
+    return centred
+
+
+def token_weights(loss_type: str, mask: torch.Tensor, max_completion_length: int) -> torch.Tensor:
+    """Per-token weights that turn token losses into the micro-batch's loss sum, to be divided by
+    `loss_units(loss_type, mask)` summed over the step:
+    grpo: 1 / own length (then mean over completions); dr_grpo: 1 / max_completion_length (then mean over
+    completions); dapo: 1 (then divided by all completion tokens of the step); bnpo: 1 / this micro-batch's
+    completion tokens (then mean over micro-batches)."""
+    mask = mask.float()
+    if loss_type == "grpo":
+        return mask / mask.sum(1, keepdim=True).clamp(min=1)
+    if loss_type == "dr_grpo":
+        return mask / max_completion_length
+    if loss_type == "dapo":
+        return mask
+    if loss_type == "bnpo":
+        return mask / mask.sum().clamp(min=1)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def loss_units(loss_type: str, mask: torch.Tensor) -> torch.Tensor:
+    """What a micro-batch adds to the step's denominator (see token_weights)."""
+    if loss_type == "dapo":
+        return mask.sum()
+    if loss_type == "bnpo":
+        return torch.tensor(1)
+    return torch.tensor(mask.shape[0])

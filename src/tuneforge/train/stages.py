@@ -24,6 +24,7 @@ class Stage:
     data: DataKind
     description: str
     predicts: str = ""  # what `do_predict` writes, when the stage predicts at all
+    own_keys: tuple[str, ...] = ()  # keys no other stage reads: set with another stage, they are refused
     built: bool = True
 
     @property
@@ -43,7 +44,10 @@ STAGES = {s.name: s for s in (
     Stage("kto", "kto", "kto", "KTO on answers flagged desirable or undesirable"),
     Stage("cls", "cls", "labelled", "a text or image classifier", predicts="labels"),
     Stage("ppo", "ppo", "prompt", "PPO against a reward model", built=False),
-    Stage("grpo", "grpo", "prompt", "GRPO: group-relative policy optimisation with reward functions", built=False),
+    Stage("grpo", "grpo", "prompt", "GRPO: group-relative policy optimisation with reward functions",
+          own_keys=("num_generations", "beta", "epsilon", "epsilon_high", "loss_type", "scale_rewards",
+                    "max_completion_length", "mask_truncated_completions", "reward_funcs", "reward_weights",
+                    "reward_format_pattern")),
 )}
 
 

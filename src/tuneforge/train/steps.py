@@ -38,6 +38,10 @@ class StepSource(Protocol):
         on. The loop moves `state.epoch` / `step_in_epoch` at the end of a known-length epoch; a source of unknown
         length moves them itself."""
 
+    def log_metrics(self) -> dict[str, float]:
+        """What the source itself measured since the last call (rollouts: rewards, lengths, generation speed),
+        for the log line; empty for data read from files."""
+
 
 class RowSteps:
     """Epochs over encoded rows in memory: the same shuffled micro-batches on every run, so resume is exact."""
@@ -49,6 +53,10 @@ class RowSteps:
         micro = math.ceil(len(rows) / (t.per_device_train_batch_size * world))
         self.steps_per_epoch = math.ceil(micro / t.gradient_accumulation_steps)
         self.num_examples, self.signature = len(rows), None
+
+    def log_metrics(self) -> dict[str, float]:
+        return {}
+
     def steps(self, state) -> Iterator[list[dict]]:
         t = self.t
         while True:
@@ -87,6 +95,10 @@ class StreamSteps:
     def __init__(self, stream, t, collator, rank: int = 0, world: int = 1):
         self.stream, self.t, self.collator, self.rank, self.world = stream, t, collator, rank, world
         self.signature = stream.signature()
+
+    def log_metrics(self) -> dict[str, float]:
+        return {}
+
     def steps(self, state) -> Iterator[list[dict]]:
         rows = self.stream.rows(state.stream_position or (0, 0, 0))
         size, rank = self.t.per_device_train_batch_size, self.rank

@@ -1,0 +1,238 @@
+"""Recipe for stage `grpo`: group-relative policy optimisation (DeepSeekMath's GRPO, with TRL's key names).
+
+Every optimizer step: take the next prompts, sample `num_generations` completions of each with the policy being
+trained, score them with the reward functions, and give each completion its reward minus its group's mean as the
+advantage of all its tokens; then one clipped policy-gradient step on those completions (plus `beta` x the
+per-token KL to the reference: the LoRA base with its adapter off, or a frozen copy). The rollouts are the loop's
+source of steps (RolloutSteps), so logging, checkpoints and exact resume are the loop's own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+import torch
+
+from ..data import DataError, load_splits
+from ..data.encode import tokenize_pieces
+from ..data.templates import get_template, stop_token_ids
+from . import rewards as reward_functions
+from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
+from .logging import write_results
+from .loop import Precision
+from .losses import (clipped_policy_loss, completion_log_probs, decoder_and_head, group_advantages, kl_to_reference,
+                     loss_units, token_weights)
+from .rollout import generate
+from .stages import refuse_packing
+from .steps import epoch_batches
+
+
+def check(cfg) -> list[str]:
+    f, t, d, g = cfg.finetune, cfg.train, cfg.data, cfg.generate
+    out = reward_functions.check(f) + refuse_packing(cfg)
+    per_process = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    if f.num_generations < 2:
+        out.append(f"`num_generations` must be at least 2 (a group needs others to compare with); got "
+                   f"{f.num_generations}")
+    elif per_process % f.num_generations:
+        out.append(f"per_device_train_batch_size x gradient_accumulation_steps ({per_process}) must be a multiple of "
+                   f"num_generations ({f.num_generations}): each step holds whole groups of completions")
+    if not g.do_sample or g.num_beams != 1:
+        out.append("stage grpo samples its completions: set `do_sample: true` and `num_beams: 1`")
+    if g.max_new_tokens != type(g)().max_new_tokens:
+        out.append("stage grpo generates up to `max_completion_length` tokens; remove `max_new_tokens`")
+    if f.beta < 0:
+        out.append(f"`beta` must be at least 0 (0: no KL term and no reference); got {f.beta}")
+    if f.epsilon != type(f)().epsilon or f.epsilon_high is not None:
+        # the clip would bind only with several optimisation passes per rollout (TRL's num_iterations > 1)
+        out.append("`epsilon` / `epsilon_high` would have no effect: grpo optimises once per rollout (as TRL's "
+                   "default num_iterations: 1), where the probability ratio is always 1; remove them")
+    if f.max_completion_length < 1:
+        out.append(f"`max_completion_length` must be at least 1; got {f.max_completion_length}")
+    if t.eval_strategy != "no":
+        out.append("evaluation during training is not built for stage grpo yet: set `eval_strategy: no` (the log "
+                   "reports every step's mean reward; `do_eval` scores the evaluation prompts before and after)")
+    if f.precompute_ref_log_probs:
+        out.append("`precompute_ref_log_probs` is for dpo; grpo scores new completions every step, so remove it")
+    return out
+
+
+class GRPOLoss(torch.nn.Module):
+    extra: dict = {}  # nothing trains besides the model (see steps.LossModule)
+
+    def __init__(self, model, finetune_args):
+        super().__init__()
+        self.model, self.args = model, finetune_args
+        self.split = decoder_and_head(model)
+        self.unit = {"dapo": "completion_token", "bnpo": "micro_batch"}.get(finetune_args.loss_type, "completion")
+
+    def units(self, batch: dict) -> torch.Tensor:
+        return loss_units(self.args.loss_type, batch["completion_mask"])
+
+    def forward(self, input_ids, attention_mask, completion_mask, advantages, ref_logps=None):
+        a = self.args
+        logps, entropy = completion_log_probs(self.model, self.split, input_ids, attention_mask,
+                                              completion_mask.shape[1], with_entropy=True)
+        # one optimisation pass per rollout (TRL's num_iterations=1): the rollout policy is the current one, so
+        # the ratio is 1 in value and carries the policy gradient
+        losses, _ = clipped_policy_loss(logps, logps.detach(), advantages[:, None], a.epsilon, a.epsilon_high)
+        per_token = {"entropy": entropy.detach()}
+        if ref_logps is not None:
+            kl = kl_to_reference(logps, ref_logps)
+            losses = losses + a.beta * kl
+            per_token["kl"] = kl.detach()
+        weights = token_weights(a.loss_type, completion_mask, a.max_completion_length)
+        # metrics are averaged like the loss, except that dr_grpo's constant divisor would shrink them: per completion
+        shown = token_weights("grpo", completion_mask, 1) if a.loss_type == "dr_grpo" else weights
+        return (losses * weights).sum(), {k: (v * shown).sum() for k, v in per_token.items()}
+
+
+class RolloutSteps:
+    """The loop's source of steps for grpo: every step, `per_step` prompts per process (shuffled per epoch with the
+    seed, as in-memory rows are), `num_generations` completions each, with rewards and advantages."""
+
+    signature = None
+
+    def __init__(self, cfg, module: GRPOLoss, tokenizer, prompts: list[dict], rewards, reference, accelerator):
+        t, f = cfg.train, cfg.finetune
+        self.cfg, self.module, self.tokenizer, self.prompts, self.rewards = cfg, module, tokenizer, prompts, rewards
+        self.reference, self.device = reference, accelerator.device
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps // f.num_generations
+        self.steps_per_epoch = math.ceil(len(prompts) / (self.per_step * self.world))
+        self.num_examples = len(prompts)
+        self.template = get_template(cfg.data.template, tokenizer, cfg.data.enable_thinking)
+        self.stop_ids = stop_token_ids(self.template, tokenizer)
+        self.precision = Precision(t, accelerator.device)
+        self._reset()
+
+    def _reset(self):
+        self.sums, self.count, self.gen_seconds, self.gen_tokens, self.since = {}, 0, 0.0, 0, time.perf_counter()
+
+    def steps(self, state):
+        t = self.cfg.train
+        while True:
+            batches = epoch_batches(len(self.prompts), self.per_step, t.seed, state.epoch,
+                                    not self.cfg.finetune.disable_shuffling, self.rank, self.world)
+            for indices in batches[state.step_in_epoch:]:
+                yield self.rollout([self.prompts[i] for i in indices])
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[dict]) -> list[dict]:
+        """One step's micro-batches: generated, scored, with advantages (and reference log-probs when beta > 0)."""
+        f, size = self.cfg.finetune, self.cfg.train.per_device_train_batch_size
+        group = f.num_generations
+        model = self.module.model
+        rows = [p for p in prompts for _ in range(group)]  # a group's completions are consecutive rows
+        out = generate(model, [p["ids"] for p in rows], self.cfg.generate, f.max_completion_length, self.stop_ids,
+                       self.tokenizer, self.precision.autocast(model))
+        scores, means = reward_functions.score(self.rewards, [p["text"] for p in rows], out.completions,
+                                               [p["extra"] for p in rows])
+        advantages = group_advantages(scores, group, f.scale_rewards)
+        mask = out.completion_mask
+        if f.mask_truncated_completions:
+            mask = mask * (~out.truncated)[:, None]
+        self._record(scores, group, out, means)
+        micro = []
+        for first in range(0, len(rows), size):
+            part = slice(first, first + size)
+            batch = {"input_ids": out.input_ids[part], "attention_mask": out.attention_mask[part],
+                     "completion_mask": mask[part], "advantages": advantages[part]}
+            if f.beta > 0:
+                batch["ref_logps"] = self.reference_log_probs(batch).cpu()
+            batch["num_tokens"] = int(batch["attention_mask"].sum())
+            micro.append(batch)
+        return micro
+
+    def reference_log_probs(self, batch: dict) -> torch.Tensor:
+        model, width = self.module.model, batch["completion_mask"].shape[1]
+        inputs = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        with self.precision.autocast(model):
+            if self.reference is not None:
+                return completion_log_probs(self.reference, decoder_and_head(self.reference), *inputs, width)[0]
+            with model.disable_adapter():
+                return completion_log_probs(model, self.module.split, *inputs, width)[0]
+
+    def _record(self, scores, group: int, out, means: dict) -> None:
+        stats = {"reward": scores.mean().item(), "reward_std": scores.view(-1, group).std(1).mean().item(),
+                 "completion_length": out.completion_mask.sum(1).float().mean().item(),
+                 "truncated_ratio": out.truncated.float().mean().item(), **means}
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+        self.gen_seconds += out.seconds
+        self.gen_tokens += out.generated_tokens
+
+    def log_metrics(self) -> dict[str, float]:
+        """Means over the rollouts since the last call, with generation speed and its share of the time."""
+        if not self.count:
+            return {}
+        wall = time.perf_counter() - self.since
+        metrics = {k: v / self.count for k, v in self.sums.items()}
+        metrics.update(generation_tokens_per_second=self.gen_tokens / max(self.gen_seconds, 1e-9),
+                       generation_time_share=self.gen_seconds / max(wall, 1e-9))
+        self._reset()
+        return metrics
+
+
+def encode_prompts(cfg, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(training prompts, evaluation prompts), each with its token ids (conversation + assistant header, keeping
+    the last cutoff_len tokens), the text of its last user turn (what reward functions get as the prompt) and its
+    extra columns."""
+    d = cfg.data
+    template = get_template(d.template, tokenizer, d.enable_thinking)
+
+    def encode(e) -> dict:
+        pieces = tokenize_pieces(tokenizer, template.pieces(tokenizer, e.messages, e.system or d.default_system,
+                                                            e.tools))
+        ids = [token for piece in pieces for token in piece]
+        return {"ids": ids[-d.cutoff_len:], "text": e.messages[-1]["content"], "extra": e.extra}
+    train, evaluation = load_splits(cfg)
+    return [encode(e) for e in train], [encode(e) for e in evaluation]
+
+
+@torch.no_grad()
+def evaluate_rewards(cfg, model, tokenizer, prompts: list[dict], rewards, source: RolloutSteps) -> dict:
+    """Mean reward (and each function's) of one greedy completion per evaluation prompt."""
+    greedy, size = replace(cfg.generate, do_sample=False), cfg.train.per_device_eval_batch_size
+    completions = []
+    for first in range(0, len(prompts), size):
+        chunk = [p["ids"] for p in prompts[first: first + size]]
+        completions += generate(model, chunk, greedy, cfg.finetune.max_completion_length, source.stop_ids, tokenizer,
+                                source.precision.autocast(model)).completions
+    total, means = reward_functions.score(rewards, [p["text"] for p in prompts], completions,
+                                          [p["extra"] for p in prompts])
+    return {"eval_reward": total.mean().item(), **{f"eval_{k}": v for k, v in means.items()}}
+
+
+def run(cfg) -> dict:
+    f, t = cfg.finetune, cfg.train
+    accelerator, tokenizer = start(cfg)
+    prompts, eval_prompts = encode_prompts(cfg, tokenizer)
+    if t.do_train and not prompts:
+        raise DataError(f"dataset `{cfg.data.dataset}` gave no prompts")
+    rewards = reward_functions.load_rewards(cfg, tokenizer)
+    resume = guard_output_dir(cfg, accelerator)
+    model = prepare_model(cfg, accelerator)
+    module = GRPOLoss(model, f).to(accelerator.device)
+    reference = reference_model(cfg, needed=f.beta > 0)
+    if reference is not None:
+        reference.to(accelerator.device)
+    source = RolloutSteps(cfg, module, tokenizer, prompts, rewards, reference, accelerator)
+    accelerator.print(f"[tuneforge] {len(prompts)} prompts, {source.per_step} per step x {f.num_generations} "
+                      f"completions; rewards: {', '.join(f'{r.name} x {r.weight:g}' for r in rewards)}; loss_type "
+                      f"{f.loss_type}, beta {f.beta:g}")
+    evaluating = t.do_eval and accelerator.is_main_process
+    before = evaluate_rewards(cfg, model, tokenizer, eval_prompts, rewards, source) if evaluating else {}
+    results = train_and_evaluate(cfg, module, tokenizer, source, [], accelerator, resume, collator=None,
+                                 evaluate_at_end=False)
+    if evaluating:
+        after = evaluate_rewards(cfg, model, tokenizer, eval_prompts, rewards, source)
+        metrics = {**after, **{k.replace("eval_", "eval_before_", 1): v for k, v in before.items()}}
+        write_results(t.output_dir, "eval", metrics)
+        accelerator.print(f"[tuneforge] {len(eval_prompts)} evaluation prompts, greedy: mean reward "
+                          f"{before['eval_reward']:.4f} before, {after['eval_reward']:.4f} after")
+        results.update(metrics)
+    return results

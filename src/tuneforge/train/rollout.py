@@ -1,0 +1,72 @@
+"""Rollouts for the RL stages: batched sampling from the policy being trained (adapter active, KV cache, left
+padding, stop at the template's stop tokens), laid out as rows [left-padded prompt | completion]."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..infer.engine import generation_kwargs
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # [rows, prompt width + completion width]; padding left of prompts, right of completions
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor  # [rows, completion width]: 1 up to and including the stop token
+    truncated: torch.Tensor  # [rows] bool: no stop token within the length limit
+    completions: list[str]  # decoded, without the stop token and special tokens
+    seconds: float  # time spent generating
+
+    @property
+    def generated_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) with every prompt ending in the last column, so generation continues each one."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = torch.tensor(prompt)
+        mask[i, width - len(prompt):] = 1
+    return ids, mask
+
+
+def completion_mask(completion: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of each row's tokens up to and including its first stop token, whether the row never stopped)."""
+    is_stop = torch.isin(completion, torch.tensor(stop_ids, device=completion.device))
+    stopped = is_stop.any(1)
+    never = torch.full_like(stopped, completion.shape[1], dtype=torch.long)
+    first = torch.where(stopped, is_stop.int().argmax(1), never)
+    positions = torch.arange(completion.shape[1], device=completion.device)[None]
+    return (positions <= first[:, None]).long(), ~stopped
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], gen, max_new_tokens: int, stop_ids: list[int], tokenizer,
+             autocast) -> Rollout:
+    """Sample one completion per prompt (repeat a prompt to get several) in one batched call."""
+    was_training = model.training
+    model.eval()  # no dropout while sampling; the KV cache is used even when training checkpoints activations
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    kwargs = generation_kwargs(gen, stop_ids, tokenizer.pad_token_id)
+    kwargs.update(max_new_tokens=max_new_tokens, use_cache=True)
+    started = time.perf_counter()
+    with autocast:
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).cpu()
+    seconds = time.perf_counter() - started
+    model.train(was_training)
+    completion = out[:, ids.shape[1]:]
+    if completion.shape[1] == 0:  # nothing generated: keep one padding column so shapes stay valid
+        completion = torch.full((len(prompts), 1), tokenizer.pad_token_id, dtype=torch.long)
+    keep, truncated = completion_mask(completion, stop_ids)
+    completion = torch.where(keep.bool(), completion, tokenizer.pad_token_id)
+    texts = [tokenizer.decode([t for t, k in zip(row.tolist(), kept.tolist()) if k and t not in stop_ids],
+                              skip_special_tokens=True) for row, kept in zip(completion, keep)]
+    return Rollout(input_ids=torch.cat([ids, completion], 1), attention_mask=torch.cat([mask, keep], 1),
+                   completion_mask=keep, truncated=truncated, completions=texts, seconds=seconds)

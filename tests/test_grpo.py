@@ -1,0 +1,108 @@
+"""Stage grpo on the tiny random model: prompt data, a toy reward that rises, exact resume, and its config rules."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import read_log, run_training, train_config, write_jsonl
+from tuneforge.config import ConfigError, DataArgs, build_config, validate
+from tuneforge.data import DataError, load_examples
+
+TOPICS = ["the sea", "a fox", "the weather", "two plus two", "French", "a poem", "the dog", "tools"]
+# the toy reward: how many letters `e` a completion holds
+REWARD = "def count_e(prompts, completions, **columns):\n    return [float(c.count('e')) for c in completions]\n"
+
+
+def _prompt_files(tmp_path: Path) -> tuple[str, str]:
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": f"Tell me about {t}.", "answer": str(i)}
+                                                    for i, t in enumerate(TOPICS)])
+    (tmp_path / "reward.py").write_text(REWARD)
+    return str(data), f"{tmp_path / 'reward.py'}:count_e"
+
+
+def _grpo(model, data, reward, out, **overrides):
+    values = dict(stage="grpo", reward_funcs=reward, num_generations=4, per_device_train_batch_size=8,
+                  max_completion_length=12, temperature=1.0, top_p=1.0, top_k=0, learning_rate=3e-3,
+                  finetuning_type="lora", lora_rank=8)
+    values.update(overrides)
+    return train_config(model, data, out, **values)
+
+
+def test_prompt_data_in_every_format_keeps_its_extra_columns(tmp_path):
+    write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "What is 2+2?", "answer": "4", "level": 1}])
+    (tmp_path / "chat.json").write_text(json.dumps([{"conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "2+3?"}],
+        "answer": "5"}]))
+    args = DataArgs(dataset_dir=str(tmp_path))
+    alpaca = load_examples(str(tmp_path / "alpaca.jsonl"), args, "grpo", 0)[0]
+    assert alpaca.messages == [{"role": "user", "content": "What is 2+2?"}]
+    assert alpaca.extra == {"answer": "4", "level": 1}
+    chat = load_examples(str(tmp_path / "chat.json"), args, "grpo", 0)[0]
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user"] and chat.extra == {"answer": "5"}
+    (tmp_path / "answered.json").write_text(json.dumps([{"conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]))
+    with pytest.raises(DataError, match="answered.json record 0: a prompt conversation must end on a user turn"):
+        load_examples(str(tmp_path / "answered.json"), args, "grpo", 0)
+
+
+def test_grpo_options_are_checked_together():
+    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "grpo",
+                        "num_generations": 3, "loss_type": "ppo", "do_sample": False}, source="g.yaml")
+    with pytest.raises(ConfigError) as caught:
+        validate(cfg, "train")
+    message = str(caught.value)
+    assert message.startswith("g.yaml: 4 problems:")
+    for part in ("`loss_type` must be one of grpo, dr_grpo, dapo, bnpo; got 'ppo'", "needs `reward_funcs`",
+                 "(8) must be a multiple of num_generations (3)", "set `do_sample: true`"):
+        assert part in message
+    sft = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "beta": 0.1}, source="s.yaml")
+    with pytest.raises(ConfigError, match="`beta` applies to stage grpo only"):
+        validate(sft, "train")
+
+
+def test_a_toy_reward_rises(tiny_model, tmp_path):
+    data, reward = _prompt_files(tmp_path)
+    out = tmp_path / "out"
+    results = run_training(_grpo(tiny_model, data, reward, out, finetuning_type="full", learning_rate=1e-2,
+                                 gradient_accumulation_steps=2, max_steps=20, loss_type="grpo", eval_dataset=data,
+                                 do_eval=True))
+    rewards = [r["reward"] for r in read_log(out)]
+    assert len(rewards) == 20
+    # a random model writes about one `e` in 12 tokens; the policy learns to write many more. Sampling makes single
+    # steps noisy, so compare means of five steps with a wide margin (measured: about 1 -> 7)
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 1.5, rewards
+    record = read_log(out)[-1]
+    # do_eval scores one greedy completion per evaluation prompt before and after training
+    assert {"eval_reward", "eval_before_reward", "eval_rewards/count_e"} <= set(results)
+    for key in ("reward_std", "completion_length", "entropy", "rewards/count_e",
+                "generation_tokens_per_second", "generation_time_share"):
+        assert key in record, key
+
+
+def test_resume_mid_run_gives_the_same_weights(tiny_model, tmp_path):
+    """The sampled completions depend on the global RNG, which checkpoints restore: a resumed run samples what the
+    uninterrupted one sampled. LoRA with beta > 0 also runs the reference (the adapter switched off)."""
+    data, reward = _prompt_files(tmp_path)
+    common = dict(max_steps=4, save_steps=2, beta=0.05, lora_dropout=0.1)
+    run_training(_grpo(tiny_model, data, reward, tmp_path / "straight", **common))
+    interrupted = tmp_path / "interrupted"
+    run_training(_grpo(tiny_model, data, reward, interrupted, **common))
+    for name in ("adapter_model.safetensors", "adapter_config.json", "train_results.json", "all_results.json"):
+        (interrupted / name).unlink()
+    run_training(_grpo(tiny_model, data, reward, interrupted, **common))  # resumes from checkpoint-2 by itself
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    resumed = load_file(interrupted / "adapter_model.safetensors")
+    # the same operations on the same numbers in the same process type: equal up to float32 rounding
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
+    assert [r["current_steps"] for r in read_log(interrupted)] == [1, 2, 3, 4]
+    assert "kl" in read_log(interrupted)[-1]
+
+
+def test_clip_range_that_cannot_bind_is_refused():
+    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "grpo",
+                        "reward_funcs": "length", "epsilon_high": 0.28}, source="g.yaml")
+    with pytest.raises(ConfigError, match="g.yaml: `epsilon` / `epsilon_high` would have no effect"):
+        validate(cfg, "train")
