@@ -382,62 +382,16 @@ def _raise_problems(cfg: Config, problems: list[str]) -> None:
         raise ConfigError(f"{cfg.source}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def _streaming_problems(cfg: Config) -> list[str]:
-    from .train.stages import names
-
-    d, t, stage, out = cfg.data, cfg.train, _stage(cfg), []
-    if not stage.language_modelling:
-        out.append(f"`streaming` is built for stages {names(lambda s: s.language_modelling)}; stage {stage.name} "
-                   "reads its data into memory (set streaming: false)")
-    if t.max_steps <= 0:
-        out.append("`streaming: true` reads the data as training goes, so its length is unknown: set `max_steps`")
-    if d.val_size and d.val_size != int(d.val_size):
-        out.append(f"with streaming, `val_size` is a count of examples (e.g. 500), not a fraction; got {d.val_size}")
-    if d.tokenized_path:
-        out.append("`tokenized_path` saves tokenised data, which streaming never holds whole; remove it or set "
-                   "streaming: false")
-    for key in ("eval_strategy", "save_strategy"):
-        if getattr(t, key) == "epoch":
-            out.append(f"`{key}: epoch` needs epochs of known length; with streaming use `{key}: steps`")
-    if d.buffer_size < 1:
-        out.append(f"`buffer_size` must be at least 1 (1 keeps the file order); got {d.buffer_size}")
-    return out
-
-
-def _export_problems(cfg: Config) -> list[str]:
-    m, out = cfg.model, []
-    if not m.export_dir:
-        out.append("`export_dir` is required: the new folder the merged model is written to")
-    if m.export_gguf not in (None, "f16", "bf16", "q8_0", "q4_0"):
-        out.append(f"`export_gguf` must be f16, bf16, q8_0 or q4_0; got {m.export_gguf!r}")
-    if m.export_size <= 0:
-        out.append(f"`export_size` is GB per shard and must be > 0; got {m.export_size}")
-    return out
-
-
-def _eval_problems(cfg: Config) -> list[str]:
-    e, out = cfg.evaluation, []
-    if not e.task:
-        out.append("`task` is required: a task folder and split under task_dir, e.g. `task: basics_test`")
-    elif "_" not in e.task:
-        out.append(f"`task` is <folder>_<split> (e.g. basics_test, mmlu_test, ceval_validation); got {e.task!r}")
-    if e.scoring not in ("letter", "option"):
-        out.append(f"`scoring` must be letter or option; got {e.scoring!r}")
-    if e.lang not in ("en", "zh"):
-        out.append(f"`lang` must be en or zh (the prompt wording); got {e.lang!r}")
-    if e.n_shot < 0 or e.batch_size < 1:
-        out.append(f"`n_shot` must be at least 0 and `batch_size` at least 1; got {e.n_shot} and {e.batch_size}")
-    return out
-
-
 def validate(cfg: Config, command: str = "train") -> None:
     """Every problem of the config, explained in plain words, raised together as one ConfigError. The generic
     rules live here; each stage's recipe checks its own options (`check(cfg)` in train/<recipe>.py)."""
     problems = _model_problems(cfg)
-    if command == "export":
-        problems += _export_problems(cfg)
+    if command == "export":  # the commands beside train check their own options, as recipes do
+        from .export import check
+        problems += check(cfg)
     if command == "eval":
-        problems += _eval_problems(cfg)
+        from .evaluate import check
+        problems += check(cfg)
     if command == "train":
         problems += _train_problems(cfg)
         stage = _stage(cfg)
@@ -496,7 +450,9 @@ def _train_problems(cfg: Config) -> list[str]:
         out.append("with `eval_on_each_dataset` every set reports its own metrics (eval_<dataset>_loss, ...); set "
                    "`metric_for_best_model` to one of them, e.g. eval_<dataset>_loss")
     if known and d.streaming:
-        out += _streaming_problems(cfg)
+        from .data.stream import check_options
+
+        out += check_options(cfg, stage)
     if not 0 <= d.val_size:
         out.append(f"`val_size` must be a fraction in [0, 1) or a count of examples; got {d.val_size}")
     if t.bf16 and t.fp16:

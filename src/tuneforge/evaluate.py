@@ -26,6 +26,22 @@ SPLIT_FOLDERS = {"dev": "dev", "val": "val", "validation": "val", "test": "test"
 HUB_TASKS = ("mmlu", "cmmlu", "ceval")  # names LLaMA-Factory fetches from the hub; here they need a local copy
 
 
+def check(cfg) -> list[str]:
+    """Problems with the evaluation options (config.validate adds them to the generic ones)."""
+    e, out = cfg.evaluation, []
+    if not e.task:
+        out.append("`task` is required: a task folder and split under task_dir, e.g. `task: basics_test`")
+    elif "_" not in e.task:
+        out.append(f"`task` is <folder>_<split> (e.g. basics_test, mmlu_test, ceval_validation); got {e.task!r}")
+    if e.scoring not in ("letter", "option"):
+        out.append(f"`scoring` must be letter or option; got {e.scoring!r}")
+    if e.lang not in ("en", "zh"):
+        out.append(f"`lang` must be en or zh (the prompt wording); got {e.lang!r}")
+    if e.n_shot < 0 or e.batch_size < 1:
+        out.append(f"`n_shot` must be at least 0 and `batch_size` at least 1; got {e.n_shot} and {e.batch_size}")
+    return out
+
+
 @dataclass(frozen=True)
 class Wording:
     """LLaMA-Factory's eval_template: a subject line before the first question, option lines, the answer cue."""

@@ -23,6 +23,29 @@ from .formats import Example, iter_examples
 from .registry import DataError, iter_records, resolve
 
 
+def check_options(cfg, stage) -> list[str]:
+    """Problems with `streaming: true` and the options it cannot honour (config.validate asks)."""
+    from ..train.stages import names
+
+    d, t, out = cfg.data, cfg.train, []
+    if not stage.language_modelling:
+        out.append(f"`streaming` is built for stages {names(lambda s: s.language_modelling)}; stage {stage.name} "
+                   "reads its data into memory (set streaming: false)")
+    if t.max_steps <= 0:
+        out.append("`streaming: true` reads the data as training goes, so its length is unknown: set `max_steps`")
+    if d.val_size and d.val_size != int(d.val_size):
+        out.append(f"with streaming, `val_size` is a count of examples (e.g. 500), not a fraction; got {d.val_size}")
+    if d.tokenized_path:
+        out.append("`tokenized_path` saves tokenised data, which streaming never holds whole; remove it or set "
+                   "streaming: false")
+    for key in ("eval_strategy", "save_strategy"):
+        if getattr(t, key) == "epoch":
+            out.append(f"`{key}: epoch` needs epochs of known length; with streaming use `{key}: steps`")
+    if d.buffer_size < 1:
+        out.append(f"`buffer_size` must be at least 1 (1 keeps the file order); got {d.buffer_size}")
+    return out
+
+
 def shuffled(items, size: int, seed: int) -> Iterator:
     """Buffer shuffle, as `datasets` does for iterable datasets: each item out is a random pick among the next
     `size` items in."""

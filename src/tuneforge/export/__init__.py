@@ -11,6 +11,18 @@ from ..models.load import ModelError
 from .merge import LABELS_FILE, export_causal_lm, export_model, prepare_export_dir, source_folder
 
 
+def check(cfg) -> list[str]:
+    """Problems with the export options (config.validate adds them to the generic ones)."""
+    m, out = cfg.model, []
+    if not m.export_dir:
+        out.append("`export_dir` is required: the new folder the merged model is written to")
+    if m.export_gguf not in (None, "f16", "bf16", "q8_0", "q4_0"):
+        out.append(f"`export_gguf` must be f16, bf16, q8_0 or q4_0; got {m.export_gguf!r}")
+    if m.export_size <= 0:
+        out.append(f"`export_size` is GB per shard and must be > 0; got {m.export_size}")
+    return out
+
+
 def run_export(cfg) -> Path:
     folder = prepare_export_dir(cfg.model.export_dir)
     template_from_adapter(cfg)
