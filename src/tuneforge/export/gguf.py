@@ -73,7 +73,7 @@ def _pre_tokenizer(tokenizer_json: dict) -> str:
 def _tokenizer(writer, folder: Path, vocab_size: int, template) -> None:
     """Vocabulary, merges, token types, special ids and chat template of a byte-level BPE tokenizer."""
     from gguf import TokenType
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
     data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")) \
         if (folder / "tokenizer.json").is_file() else {}
@@ -82,7 +82,7 @@ def _tokenizer(writer, folder: Path, vocab_size: int, template) -> None:
                          "tokenizer is of another kind")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
+    added = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for i in range(vocab_size):  # the embedding matrix may have more rows than the tokenizer has tokens
         tokens.append(by_id.get(i, f"[PAD{i}]"))
@@ -95,8 +95,6 @@ def _tokenizer(writer, folder: Path, vocab_size: int, template) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    from transformers import GenerationConfig
-
     eos = GenerationConfig.from_pretrained(folder).eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, eos),
