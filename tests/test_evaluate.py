@@ -128,13 +128,15 @@ def test_a_model_that_always_says_c_scores_the_share_of_c_answers(letter_models)
     results = evaluate(cfg, Engine(cfg), load_task(str(BUNDLED), "basics_test", n_shot=3))
     shares = _share("C")
     for key, (share, count) in shares.items():
-        assert results["subjects"][key]["accuracy"] == pytest.approx(share) and results["subjects"][key]["count"] == count
+        got = results["subjects"][key]
+        assert got["accuracy"] == pytest.approx(share) and got["count"] == count
         assert set(results["subjects"][key]["predictions"]) == {"C"}
     mapping = json.loads((BUNDLED / "basics" / "mapping.json").read_text())
     for category in {v["category"] for v in mapping.values()}:
         keys = [k for k, v in mapping.items() if v["category"] == category]
         hits = sum(shares[k][0] * shares[k][1] / 100 for k in keys)
-        assert results["categories"][category]["accuracy"] == pytest.approx(100 * hits / sum(shares[k][1] for k in keys))
+        expected = 100 * hits / sum(shares[k][1] for k in keys)
+        assert results["categories"][category]["accuracy"] == pytest.approx(expected)
     total = sum(c for _, c in shares.values())
     assert results["accuracy"] == pytest.approx(sum(s * c for s, c in shares.values()) / total)
     assert 0 < results["accuracy"] < 100  # the bundled task's answers are spread over the letters
@@ -285,7 +287,8 @@ def test_sft_predict_reports_exact_match_and_the_user_metric(tiny_model, alpaca_
     from conftest import run_training
 
     monkeypatch.chdir(tmp_path)
-    Path("metric.py").write_text("def answered(preds, refs):\n    return 100 * sum(bool(p) for p in preds) / len(preds)\n")
+    Path("metric.py").write_text("def answered(preds, refs):\n"
+                                 "    return 100 * sum(bool(p) for p in preds) / len(preds)\n")
     results = run_training(dict(model_name_or_path=tiny_model, dataset=alpaca_file, template="chatml",
                                 output_dir=str(tmp_path / "out"), cutoff_len=64, per_device_train_batch_size=4,
                                 max_steps=1, val_size=4, do_predict=True, predict_with_generate=True,

@@ -54,7 +54,8 @@ class Wording:
 WORDING = {
     "en": Wording("The following are multiple choice questions (with answers) about {subject}.\n\n",
                   "\n{choice}. {content}", "\nAnswer:"),
-    "zh": Wording("以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n", "\n{choice}. {content}", "\n答案："),
+    "zh": Wording("以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n",
+                  "\n{choice}. {content}", "\n答案："),
 }
 
 
