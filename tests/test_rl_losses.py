@@ -63,13 +63,15 @@ def test_group_advantages():
 
 
 def test_completion_mask_stops_after_the_first_stop_token():
-    from tuneforge.train.rollout import completion_mask, left_pad
+    from tuneforge.data.collate import left_pad
+    from tuneforge.train.rollout import completion_mask
 
     mask, truncated = completion_mask(torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [9, 9, 9, 3]]), stop_ids=[2, 3])
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
     assert truncated.tolist() == [False, True, False]
-    ids, attention = left_pad([[4, 5, 6], [7]], pad_id=0)
+    ids, attention, positions = left_pad([[4, 5, 6], [7]], pad_id=0)
     assert ids.tolist() == [[4, 5, 6], [0, 0, 7]] and attention.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]  # counted from each row's first real token
 
 
 def test_built_in_rewards_and_a_function_from_a_file(tmp_path):

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError
+from .data.collate import left_pad
 from .data.registry import DataError
 
 CHOICES = ("A", "B", "C", "D")
@@ -216,16 +217,8 @@ def choice_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device) -> dict:
-    """Model inputs for rows of different lengths, padded on the left so every row ends at the last position;
-    positions count from each row's first real token, so padding changes nothing but the shapes."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+def _padded_inputs(rows: list[list[int]], pad_id: int, device) -> dict:
+    ids, mask, positions = left_pad(rows, pad_id)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
@@ -236,7 +229,7 @@ def choice_logits(model, prompts: list[list[int]], choice_ids: list[int], pad_id
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
-        logits = model(**left_pad(prompts[start: start + batch_size], pad_id, device), logits_to_keep=1).logits[:, -1]
+        logits = model(**_padded_inputs(prompts[start: start + batch_size], pad_id, device), logits_to_keep=1).logits[:, -1]
         out.append(logits[:, choice_ids].float().cpu())
     return torch.cat(out)
 
@@ -262,7 +255,7 @@ def option_scores(model, prompts: list[list[int]], options: list[list[list[int]]
     for start in range(0, len(rows), batch_size * len(CHOICES)):
         chunk = rows[start: start + batch_size * len(CHOICES)]
         keep = max(len(a) for _, a in chunk) + 1
-        inputs = left_pad([prompt + answer for prompt, answer in chunk], pad_id, device)
+        inputs = _padded_inputs([prompt + answer for prompt, answer in chunk], pad_id, device)
         logits = model(**inputs, logits_to_keep=keep).logits.float().log_softmax(-1).cpu()
         for i, (_, answer) in enumerate(chunk):  # the last `keep` positions: the last one predicts nothing
             predicted = logits[i, keep - len(answer) - 1: keep - 1]

@@ -9,6 +9,19 @@ import torch
 from .encode import IGNORE
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, position ids) of token rows padded on the left, so every row ends in the last column,
+    where generation continues and next-token scores are read; positions count from each row's first real token,
+    so padding changes nothing but the shapes."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def pack_rows(rows: list[dict], cutoff_len: int) -> list[dict]:
     """Best-fit-decreasing packing of encoded examples into rows of at most `cutoff_len` tokens.
 

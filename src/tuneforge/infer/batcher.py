@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from ..data.collate import left_pad
+
 
 @dataclass
 class GenRequest:
@@ -70,13 +72,7 @@ class Batcher:
 
     @torch.no_grad()
     def _decode(self, batch: list[GenRequest]) -> None:
-        width = max(len(r.prompt) for r in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, request in enumerate(batch):
-            ids[row, width - len(request.prompt):] = torch.tensor(request.prompt)
-            mask[row, width - len(request.prompt):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = left_pad([r.prompt for r in batch], self.pad_id)
         generators = [torch.Generator() for _ in batch]  # per request: a seed gives the same answer in any batch
         for request, generator in zip(batch, generators):
             generator.manual_seed(request.seed) if request.seed is not None else generator.seed()

@@ -8,6 +8,7 @@ from threading import Thread
 import torch
 import yaml
 
+from ..data.collate import left_pad
 from ..data.encode import encode_prompt
 from ..data.templates import get_template, stop_token_ids
 from ..models.adapters import attach_adapters
@@ -58,15 +59,9 @@ class Engine:
         device = next(self.model.parameters()).device
         answers = []
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start: start + batch_size]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, prompt in enumerate(chunk):
-                ids[i, width - len(prompt):] = torch.tensor(prompt)
-                mask[i, width - len(prompt):] = 1
+            ids, mask, _ = left_pad(prompts[start: start + batch_size], self.tokenizer.pad_token_id)
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **self._kwargs())
-            answers += [self._decode(row[width:]) for row in out]
+            answers += [self._decode(row[ids.shape[1]:]) for row in out]
         return answers
 
     def _decode(self, tokens) -> str:

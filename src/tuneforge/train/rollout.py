@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.collate import left_pad
 from ..infer.engine import generation_kwargs
 
 
@@ -23,17 +24,6 @@ class Rollout:
     @property
     def generated_tokens(self) -> int:
         return int(self.completion_mask.sum())
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) with every prompt ending in the last column, so generation continues each one."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, prompt in enumerate(prompts):
-        ids[i, width - len(prompt):] = torch.tensor(prompt)
-        mask[i, width - len(prompt):] = 1
-    return ids, mask
 
 
 def completion_mask(completion: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +43,7 @@ def generate(model, prompts: list[list[int]], gen, max_new_tokens: int, stop_ids
     was_training = model.training
     model.eval()  # no dropout while sampling; the KV cache is used even when training checkpoints activations
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    ids, mask, _ = left_pad(prompts, tokenizer.pad_token_id)
     kwargs = generation_kwargs(gen, stop_ids, tokenizer.pad_token_id)
     kwargs.update(max_new_tokens=max_new_tokens, use_cache=True)
     started = time.perf_counter()
