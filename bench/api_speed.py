@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+from tuneforge.machine import cpu_description
 
 QUESTIONS = ["Who are you?", "What is your name?", "Who made you?", "What can you do?", "Are you ChatGPT?",
              "Introduce yourself.", "What should I call you?", "Which company built you?"]
@@ -42,7 +43,7 @@ def main() -> None:
             tokens = sum(pool.map(ask, QUESTIONS[:clients]))
         seconds = time.perf_counter() - start
         print(json.dumps({"clients": clients, "completion_tokens": tokens, "seconds": round(seconds, 2),
-                          "tokens_per_s": round(tokens / seconds, 1), "cpu": platform.processor() or "",
+                          "tokens_per_s": round(tokens / seconds, 1), "cpu": cpu_description(),
                           "threads": os.cpu_count()}))
 
 
