@@ -178,6 +178,8 @@ def test_export_refusals(base_and_adapter, tmp_path, capsys):
                  "export")
     with pytest.raises(ConfigError, match="f16, bf16, q8_0 or q4_0"):
         validate(build_config({"model_name_or_path": base, "export_dir": "x", "export_gguf": "q5_k"}), "export")
+    with pytest.raises(ConfigError, match="`export_device` must be cpu or auto"):
+        validate(build_config({"model_name_or_path": base, "export_dir": "x", "export_device": "gpu0"}), "export")
 
 
 def test_gguf_refuses_other_architectures(tmp_path):
@@ -197,9 +199,11 @@ def test_reward_model_exports_with_its_value_head(base_and_adapter, tmp_path):
     for file in Path(adapter).iterdir():
         (run / file.name).write_bytes(file.read_bytes())
     save_file({"weight": torch.ones(1, 64), "bias": torch.zeros(1)}, str(run / "value_head.safetensors"))
-    out = run_export(export_cfg(base, str(run), tmp_path / "rm"))
-    assert (out / "value_head.safetensors").read_bytes() == (run / "value_head.safetensors").read_bytes()
-    assert json.loads((out / "config.json").read_text())["architectures"][0].endswith("ForCausalLM")
+    for name, extra in (("rm", {}), ("rm-gguf", {"export_gguf": "f16"})):  # a GGUF export keeps the head too
+        out = run_export(export_cfg(base, str(run), tmp_path / name, **extra))
+        assert (out / "value_head.safetensors").read_bytes() == (run / "value_head.safetensors").read_bytes()
+        assert json.loads((out / "config.json").read_text())["architectures"][0].endswith("ForCausalLM")
+    assert (tmp_path / "rm-gguf" / "rm-gguf.f16.gguf").is_file()
 
 
 def test_modelfile_per_template(tmp_path):

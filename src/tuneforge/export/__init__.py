@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..infer.engine import template_from_adapter
 from ..models.load import ModelError
-from .merge import LABELS_FILE, export_causal_lm, export_model, prepare_export_dir, source_folder
+from ..train.rm import VALUE_HEAD
+from .merge import LABELS_FILE, export_model, prepare_export_dir, source_folder
 
 
 def check(cfg) -> list[str]:
@@ -20,31 +21,35 @@ def check(cfg) -> list[str]:
         out.append(f"`export_gguf` must be f16, bf16, q8_0 or q4_0; got {m.export_gguf!r}")
     if m.export_size <= 0:
         out.append(f"`export_size` is GB per shard and must be > 0; got {m.export_size}")
+    if m.export_device not in ("cpu", "auto"):
+        out.append(f"`export_device` must be cpu or auto (a GPU when there is one); got {m.export_device!r}")
     return out
 
 
 def run_export(cfg) -> Path:
     folder = prepare_export_dir(cfg.model.export_dir)
     template_from_adapter(cfg)
+    if cfg.model.export_gguf and (source_folder(cfg) / LABELS_FILE).is_file():
+        raise ModelError("export_gguf is for causal language models; a classifier exports as a Hugging Face folder "
+                         "(remove export_gguf)")
     start = time.perf_counter()
+    kind, tokenizer, template = export_model(cfg, folder)
     if not cfg.model.export_gguf:
-        kind = export_model(cfg, folder)
         print(f"[tuneforge] exported the merged {kind.replace('_', ' ')} to {folder} "
               f"({time.perf_counter() - start:.1f} s)")
         return folder
     from .gguf import write_gguf
     from .ollama import modelfile
 
-    if (source_folder(cfg) / LABELS_FILE).is_file():
-        raise ModelError("export_gguf is for causal language models; a classifier exports as a Hugging Face folder "
-                         "(remove export_gguf)")
-    _, tokenizer, template = export_causal_lm(cfg, folder)
     merged = time.perf_counter()
     gguf_file = folder / f"{folder.name}.{cfg.model.export_gguf}.gguf"
     write_gguf(folder, gguf_file, cfg.model.export_gguf, template)
     size = gguf_file.stat().st_size / 2**20
     print(f"[tuneforge] exported {folder} (merge {merged - start:.1f} s) and {gguf_file.name} ({size:.1f} MiB, "
           f"{time.perf_counter() - merged:.1f} s)")
+    if kind == "reward_model":  # GGUF has no place for a value head; the Hugging Face folder keeps it
+        print(f"[tuneforge] note: {gguf_file.name} holds the language model only; the reward model's value head is "
+              f"{folder / VALUE_HEAD}")
     text = modelfile(gguf_file.name, template, tokenizer, cfg.data.default_system)
     if text is None:
         print(f"[tuneforge] note: no Ollama Modelfile written: template `{template.name}` has no Ollama translation "

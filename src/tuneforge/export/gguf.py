@@ -111,7 +111,7 @@ def _tokenizer(writer, folder: Path, vocab_size: int, template) -> None:
 def _tensors(folder: Path):
     from safetensors import safe_open
 
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in sorted(folder.glob("model*.safetensors")):  # the model's shards, not a value head beside them
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)

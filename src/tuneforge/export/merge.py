@@ -16,8 +16,7 @@ from ..data.templates import Template, get_template, stop_token_ids
 from ..infer.classify import LABELS_FILE, load_trained_classifier
 from ..models.adapters import attach_adapters
 from ..models.load import load_base_model, load_tokenizer, resolve_model_path
-
-VALUE_HEAD = "value_head.safetensors"  # the file stage rm writes beside its model or adapter
+from ..train.rm import VALUE_HEAD
 
 
 def prepare_export_dir(path: str) -> Path:
@@ -37,10 +36,7 @@ def source_folder(cfg) -> Path:
 
 
 def _device(cfg) -> str:
-    choice = cfg.model.export_device
-    if choice not in ("cpu", "auto"):
-        raise ConfigError(f"`export_device` must be cpu or auto; got {choice!r}")
-    return "cuda" if choice == "auto" and torch.cuda.is_available() else "cpu"
+    return "cuda" if cfg.model.export_device == "auto" and torch.cuda.is_available() else "cpu"
 
 
 def _merged(model):
@@ -143,14 +139,15 @@ def export_classifier(cfg, folder: Path) -> None:
     shutil.copy(source_folder(cfg) / LABELS_FILE, folder / LABELS_FILE)
 
 
-def export_model(cfg, folder: Path) -> str:
-    """Write the merged model into `folder`; returns its kind: causal_lm, reward_model or classifier."""
+def export_model(cfg, folder: Path) -> tuple[str, object | None, Template | None]:
+    """Write the merged model into `folder`; returns its kind (causal_lm, reward_model or classifier) and, for the
+    language models, the tokenizer and template the GGUF writer needs."""
     source = source_folder(cfg)
     if (source / LABELS_FILE).is_file():
         export_classifier(cfg, folder)
-        return "classifier"
-    export_causal_lm(cfg, folder)
+        return "classifier", None, None
+    _, tokenizer, template = export_causal_lm(cfg, folder)
     if (source / VALUE_HEAD).is_file():
         shutil.copy(source / VALUE_HEAD, folder / VALUE_HEAD)
-        return "reward_model"
-    return "causal_lm"
+        return "reward_model", tokenizer, template
+    return "causal_lm", tokenizer, template
