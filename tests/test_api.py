@@ -166,6 +166,8 @@ def test_errors_in_openai_shape(api):
              ({"model": "tiny", "messages": chat, "temperature": "hot"}, 400, "temperature"),
              ({"model": "tiny", "messages": chat, "max_tokens": 0}, 400, "max_tokens"),
              ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages"),
+             ({"model": "tiny", "messages": chat, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+             ({"model": "tiny", "messages": chat, "best_of": 2}, 400, "best_of"),
              ({"model": "other", "messages": chat}, 404, "model")]
     for body, status, param in cases:
         code, answer = post(f"{url}/v1/chat/completions", json.dumps(body).encode())
@@ -176,6 +178,9 @@ def test_errors_in_openai_shape(api):
                 key="wrong")[0] == 401
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[])
+    # OpenAI's own defaults change nothing, so clients that always send them are served
+    assert client.chat.completions.create(model="tiny", messages=chat, max_tokens=2, frequency_penalty=0,
+                                          logprobs=False, user="me").choices
 
 
 def test_eight_concurrent_streams_complete(api):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.formats import ASSISTANT, FUNCTION, OBSERVATION, USER
 from ..data.templates import tokenize_pieces
@@ -27,6 +27,11 @@ from ..data.tools import parse_answer_calls
 from .batcher import Batcher, GenRequest
 
 MAX_N = 8
+# OpenAI parameters this server does not implement: accepted at OpenAI's own defaults (clients often send those),
+# refused otherwise, never silently ignored. `user` only names the end user and changes no answer.
+OPENAI_DEFAULTS = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": None,
+                   "logit_bias": None, "parallel_tool_calls": True}
+NAMES_ONLY = ("user",)
 
 
 class ApiError(Exception):
@@ -50,6 +55,7 @@ class Message(BaseModel):
 
 
 class Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other parameters are checked by `unsupported`, not dropped
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -70,6 +76,16 @@ class ChatRequest(Sampling):
 
 class CompletionRequest(Sampling):
     prompt: str
+
+
+def unsupported(body: Sampling) -> None:
+    """Refuse a parameter this server would otherwise ignore (see OPENAI_DEFAULTS)."""
+    for key, value in (body.model_extra or {}).items():
+        if key in NAMES_ONLY or (key in OPENAI_DEFAULTS and value == OPENAI_DEFAULTS[key]):
+            continue
+        hint = f"leave it at its default ({json.dumps(OPENAI_DEFAULTS[key])})" if key in OPENAI_DEFAULTS else \
+            "remove it"
+        raise ApiError(400, f"`{key}` is not supported by this server; {hint}", key)
 
 
 def _text(content) -> str:
@@ -153,6 +169,7 @@ class Server:
         return [t for piece in tokenize_pieces(tokenizer, pieces) for t in piece], bool(tools)
 
     def requests(self, body: Sampling, prompt: list[int], emit_for) -> list[GenRequest]:
+        unsupported(body)
         gen = self.engine.cfg.generate
         room = self.context - len(prompt)
         if room < 1:
