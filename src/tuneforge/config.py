@@ -385,7 +385,7 @@ def _raise_problems(cfg: Config, problems: list[str]) -> None:
 def validate(cfg: Config, command: str = "train") -> None:
     """Every problem of the config, explained in plain words, raised together as one ConfigError. The generic
     rules live here; each stage's recipe checks its own options (`check(cfg)` in train/<recipe>.py)."""
-    problems = _model_problems(cfg)
+    problems = _model_problems(cfg) + _literal_problems(cfg)  # Literal keys: every command
     if command == "export":  # the commands beside train check their own options, as recipes do
         from .export import check
         problems += check(cfg)
@@ -492,7 +492,7 @@ def _train_problems(cfg: Config) -> list[str]:
         out.append("`adapter_name_or_path` needs `finetuning_type: lora`")
     if t.fp16 and not _cuda_available():
         out.append("`fp16: true` needs a CUDA GPU; on CPU use `bf16: true`")
-    return out + _literal_problems(cfg) + _foreign_key_problems(cfg)
+    return out + _foreign_key_problems(cfg)
 
 
 def _literal_problems(cfg: Config) -> list[str]:

@@ -34,10 +34,6 @@ def check(cfg) -> list[str]:
         out.append("`task` is required: a task folder and split under task_dir, e.g. `task: basics_test`")
     elif "_" not in e.task:
         out.append(f"`task` is <folder>_<split> (e.g. basics_test, mmlu_test, ceval_validation); got {e.task!r}")
-    if e.scoring not in ("letter", "option"):
-        out.append(f"`scoring` must be letter or option; got {e.scoring!r}")
-    if e.lang not in ("en", "zh"):
-        out.append(f"`lang` must be en or zh (the prompt wording); got {e.lang!r}")
     if e.n_shot < 0 or e.batch_size < 1:
         out.append(f"`n_shot` must be at least 0 and `batch_size` at least 1; got {e.n_shot} and {e.batch_size}")
     return out
