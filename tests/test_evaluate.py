@@ -14,7 +14,8 @@ from tuneforge.config import ConfigError, build_config, validate
 from tuneforge.evaluate import (Subject, choice_logits, choice_token_ids, evaluate, load_task, option_ids,
                                 option_scores, question_ids, read_questions)
 from tuneforge.infer.engine import Engine
-from tuneforge.train.metrics import generation_scores, load_user_metric
+from tuneforge.train.metrics import generation_scores
+from tuneforge.user_code import load_user_function
 
 BUNDLED = Path(__file__).resolve().parents[1] / "evaluation"
 
@@ -261,9 +262,9 @@ def test_user_metric_function(tmp_path, monkeypatch):
                                "    return {'first_word': 100 * sum(p.split()[:1] == r.split()[:1] "
                                "for p, r in zip(preds, refs)) / len(refs), 'count': len(refs)}\n"
                                "def length(preds, refs):\n    return sum(map(len, preds))\n")
-    scores = generation_scores(["Paris is", "Rome"], ["Paris", "Oslo"], load_user_metric("mine.py:first_word"))
+    scores = generation_scores(["Paris is", "Rome"], ["Paris", "Oslo"], load_user_function("mine.py:first_word", "predict_metric"))
     assert scores["predict_first_word"] == 50.0 and scores["predict_count"] == 2.0
-    assert generation_scores(["ab", "c"], ["x", "y"], load_user_metric("mine.py:length"))["predict_length"] == 3.0
+    assert generation_scores(["ab", "c"], ["x", "y"], load_user_function("mine.py:length", "predict_metric"))["predict_length"] == 3.0
     with pytest.raises(ConfigError, match="returned 'high'; expected a number or a dict"):
         generation_scores(["a"], ["b"], lambda preds, refs: "high")
 
@@ -279,7 +280,7 @@ def test_bad_user_metric_is_one_line(tmp_path, monkeypatch, spec, message):
     Path("mine.py").write_text("def length(preds, refs):\n    return 1\n")
     Path("broken.py").write_text("undefined_name\n")
     with pytest.raises(ConfigError, match="predict_metric") as info:
-        load_user_metric(spec)
+        load_user_function(spec, "predict_metric")
     assert message in str(info.value) and "\n" not in str(info.value)
 
 

@@ -125,7 +125,7 @@ def test_gguf_round_trip_every_type(kind, tmp_path):
         model.model.norm.weight.mul_(8)
     model.save_pretrained(tmp_path / "base")
     out = run_export(export_cfg(str(tmp_path / "base"), None, tmp_path / "out", export_gguf="f16"))
-    assert (out / "Modelfile").read_text().startswith(f"FROM ./out.f16.gguf\nTEMPLATE")
+    assert (out / "Modelfile").read_text().startswith("FROM ./out.f16.gguf\nTEMPLATE")
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     prompts = [_prompt_ids(tokenizer, p) for p in PROMPTS]
     reference = [logits(merged, ids) for ids in prompts]

@@ -75,7 +75,8 @@ def test_completion_mask_stops_after_the_first_stop_token():
 
 
 def test_built_in_rewards_and_a_function_from_a_file(tmp_path):
-    from tuneforge.train.rewards import Reward, accuracy, format_reward, load_function, score
+    from tuneforge.train.rewards import Reward, accuracy, format_reward, score
+    from tuneforge.user_code import load_user_function
 
     completions = ["so the answer is 12", "12? no, it is 7", "twelve", "anything"]
     assert accuracy([""] * 4, completions, answer=["12", "12", "Twelve", None]) == [1.0, 0.0, 1.0, None]
@@ -83,7 +84,7 @@ def test_built_in_rewards_and_a_function_from_a_file(tmp_path):
     (tmp_path / "r.py").write_text("def shout(prompts, completions, topic, **_):\n"
                                    "    return [None if t == 'skip' else float(c.count('!')) for c, t in "
                                    "zip(completions, topic)]\n")
-    shout = load_function(f"{tmp_path / 'r.py'}:shout")
+    shout = load_user_function(f"{tmp_path / 'r.py'}:shout", "reward_funcs")
     total, means = score([Reward("r.py:shout", shout, 2.0), Reward("accuracy", accuracy, 1.0)], ["p"] * 3,
                          ["12!!", "!", "12"], [{"topic": "a", "answer": "12"}, {"topic": "skip", "answer": "3"},
                                                {"topic": "b", "answer": "12"}])

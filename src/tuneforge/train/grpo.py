@@ -30,7 +30,7 @@ from .steps import epoch_batches
 
 
 def check(cfg) -> list[str]:
-    f, t, d, g = cfg.finetune, cfg.train, cfg.data, cfg.generate
+    f, t, g = cfg.finetune, cfg.train, cfg.generate
     out = reward_functions.check(f) + refuse_packing(cfg)
     per_process = t.per_device_train_batch_size * t.gradient_accumulation_steps
     if f.num_generations < 2:

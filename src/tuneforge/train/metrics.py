@@ -4,9 +4,7 @@ metric function (`predict_metric: path.py:function`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import numbers
-from pathlib import Path
 from typing import Callable
 
 from ..config import ConfigError
@@ -42,27 +40,6 @@ def rouge_l(prediction: str, reference: str) -> float:
 def exact_match(prediction: str, reference: str) -> float:
     """100 when the answer is the reference, ignoring leading and trailing whitespace only."""
     return 100.0 if prediction.strip() == reference.strip() else 0.0
-
-
-def load_user_metric(spec: str) -> Callable:
-    """The function named by `path.py:function` (path relative to the working directory)."""
-    path, _, name = spec.rpartition(":")
-    where = f"`predict_metric: {spec}`"
-    if not path.endswith(".py") or not name.isidentifier():
-        raise ConfigError(f"{where}: expected path.py:function, e.g. metrics.py:f1")
-    if not Path(path).is_file():
-        raise ConfigError(f"{where}: file {Path(path).resolve()} not found")
-    module_spec = importlib.util.spec_from_file_location(f"tuneforge_user_metric_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as err:  # the user's file: any error in it is theirs to see, in one line
-        raise ConfigError(f"{where}: importing {path} failed: {type(err).__name__}: {err}") from None
-    function = getattr(module, name, None)
-    if not callable(function):
-        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise ConfigError(f"{where}: {path} has no function {name!r} (it defines: {', '.join(found) or 'none'})")
-    return function
 
 
 def _user_scores(function: Callable, predictions: list[str], references: list[str]) -> dict:

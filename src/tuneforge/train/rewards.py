@@ -11,7 +11,6 @@ Built-ins:
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from ..config import ConfigError
 from ..data.registry import DataError
+from ..user_code import load_user_function
 
 RewardFn = Callable[..., list]
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -73,20 +72,6 @@ def length_reward(tokenizer, max_length: int) -> RewardFn:
     return reward
 
 
-def load_function(spec: str) -> RewardFn:
-    """`path/to/file.py:function` from a file of the user's."""
-    path, _, name = spec.rpartition(":")
-    if not Path(path).is_file():
-        raise ConfigError(f"reward_funcs: {path} is not a file; give `path/to/file.py:function`")
-    module_spec = importlib.util.spec_from_file_location(f"tuneforge_reward_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ConfigError(f"reward_funcs: {path} has no function `{name}`")
-    return function
-
-
 def load_rewards(cfg, tokenizer) -> list[Reward]:
     f = cfg.finetune
     specs = [s.strip() for s in (f.reward_funcs or "").split(",") if s.strip()]
@@ -100,7 +85,7 @@ def load_rewards(cfg, tokenizer) -> list[Reward]:
         elif spec == "length":
             function = length_reward(tokenizer, f.max_completion_length)
         else:
-            function = load_function(spec)
+            function = load_user_function(spec, "reward_funcs")
         out.append(Reward(spec, function, weight))
     return out
 

@@ -14,7 +14,8 @@ from ..infer.engine import Engine
 from .common import guard_output_dir, prepare_model, start, train_and_evaluate
 from .logging import write_results
 from .losses import CausalLMLoss
-from .metrics import generation_scores, load_user_metric
+from ..user_code import load_user_function
+from .metrics import generation_scores
 
 
 def _count(rows) -> str:
@@ -38,7 +39,7 @@ def check(cfg) -> list[str]:
 
 def run(cfg) -> dict:
     t, f = cfg.train, cfg.finetune
-    user_metric = load_user_metric(t.predict_metric) if t.predict_metric else None  # fails before training starts
+    user_metric = load_user_function(t.predict_metric, "predict_metric") if t.predict_metric else None  # fails before training starts
     accelerator, tokenizer = start(cfg)
     data = prepare_lm_data(cfg, tokenizer, need_train=t.do_train)
     resume = guard_output_dir(cfg, accelerator)
