@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import itertools
+import logging
 import sys
 import warnings
 
-from .config import ConfigError, all_keys, load_config, notices
+from . import __version__
+from .config import ConfigError, all_keys, load_config, notices, split_command_line
+
 
 COMMANDS = {
     "train": "fine-tune a model: tuneforge train CONFIG.yaml [key=value ...]",
@@ -23,43 +27,72 @@ COMMANDS = {
 }
 
 
+PRECEDENCE = ("Config keys come from an optional CONFIG file (.yaml/.yml/.json) and the command line, in any order "
+              "and in any of LLaMA-Factory's forms: key=value, --key value, --key=value, and bare --flag for a "
+              "true boolean. The file is read first, then the command line's keys override it; when a key is "
+              "given twice on the command line, the later one wins.")
+
+
 def _keys_help() -> str:
-    lines = ["keys (LLaMA-Factory names; give them in the YAML or as key=value):"]
+    lines = ["keys (LLaMA-Factory names; give them in the YAML, as key=value or as --key value):"]
     for group, keys in all_keys().items():
         lines.append(f"\n  {group}:")
         lines += [f"    {name:<32} {kind:<14} default: {default}" for name, kind, default in keys]
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, argparse.Action]]]:
+    """The parser and, per command, its own flags (everything else on a command line is a config key)."""
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune pretrained models with one command "
                                      "and one flat YAML file.")
+    parser.add_argument("--version", action="version", version=f"tuneforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    own: dict[str, dict[str, argparse.Action]] = {}
     for name, text in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text, epilog=_keys_help(),
+        p = sub.add_parser(name, help=text, description=text + "\n\n" + PRECEDENCE, epilog=_keys_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("args", nargs="*", help="a CONFIG file (.yaml/.yml/.json) and/or key=value overrides")
+        flags = []
         if name == "chat":
-            p.add_argument("--query", help="answer this one message and exit (for scripts)")
-            p.add_argument("--system", help="a system prompt")
+            flags.append(p.add_argument("--query", help="answer this one message and exit (for scripts)"))
+            flags.append(p.add_argument("--system", help="a system prompt"))
         if name == "data":
-            p.add_argument("--show", type=int, default=3, help="how many decoded examples to print")
-            p.add_argument("--plot", default="token_lengths.png", help="where to write the length histogram")
+            flags.append(p.add_argument("--show", type=int, default=3, help="how many decoded examples to print"))
+            flags.append(p.add_argument("--plot", default="token_lengths.png",
+                                        help="where to write the length histogram"))
         if name == "predict":
-            p.add_argument("--text", action="append", default=[], help="a text (or image path) to label; repeatable")
-            p.add_argument("--file", help="a .txt (one input per line), CSV/TSV/JSON/JSONL/Parquet with a text or "
-                                          "image column (and optionally labels, to report accuracy)")
-            p.add_argument("--out", help="write JSON lines here instead of printing them")
+            flags.append(p.add_argument("--text", action="append", default=[],
+                                        help="a text (or image path) to label; repeatable"))
+            flags.append(p.add_argument("--file", help="a .txt (one input per line), CSV/TSV/JSON/JSONL/Parquet with "
+                                        "a text or image column (and optionally labels, to report accuracy)"))
+            flags.append(p.add_argument("--out", help="write JSON lines here instead of printing them"))
         if name == "eval":
-            p.add_argument("--compare", nargs="+", metavar="KEY=VALUE", help="also score the config with these "
-                           "keys changed (e.g. adapter_name_or_path=saves/quickstart) and print the change")
-    return parser
+            flags.append(p.add_argument("--compare", nargs="+", metavar="KEY=VALUE", help="also score the config "
+                                        "with these keys changed (e.g. adapter_name_or_path=saves/quickstart) and "
+                                        "print the change"))
+        own[name] = {option: action for action in flags for option in action.option_strings}
+    sub.add_parser("version", help="print tuneforge's version")
+    sub.add_parser("env", help="versions of tuneforge and the libraries it runs on, the CPU and its matrix units, "
+                   "threads and CUDA devices (paste it into bug reports)")
+    return parser, own
 
 
-def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
-    if args and "=" not in args[0]:
-        return args[0], args[1:]
-    return None, args
+def _split_own_flags(args: list[str], own: dict[str, argparse.Action]) -> tuple[list[str], list[str]]:
+    """(the command's own flags with their values, the config's file and keys), in any order."""
+    mine, config, i = [], [], 0
+    while i < len(args):
+        item = args[i]
+        action = own.get(item.split("=", 1)[0])
+        if item in ("-h", "--help") or (action and "=" in item):
+            mine.append(item)
+        elif action:
+            count = len(args) if action.nargs == "+" else 1  # "+": the values up to the next --flag
+            values = list(itertools.takewhile(lambda a: not a.startswith("--"), args[i + 1:i + 1 + count]))
+            mine += [item, *values]
+            i += len(values)
+        else:
+            config.append(item)
+        i += 1
+    return mine, config
 
 
 def _load(path, overrides, validate_for):
@@ -77,6 +110,9 @@ def _quiet_library_bars() -> None:
 
     transformers_logging.disable_progress_bar()  # this also turns off the hub's bars ...
     enable_progress_bars()  # ... which downloads still need
+    # bitsandbytes (imported by PEFT) warns at import that it could not download an optional CPU kernel from the
+    # hub; it then uses its built-in one, so the warning says nothing the user can act on
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,14 +121,25 @@ def main(argv: list[str] | None = None) -> int:
 
     # PEFT still calls a transformers method that transformers 5 deprecated; the notice is not the user's concern.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    parser = _parser()
-    ns = parser.parse_args(argv)
+    parser, own = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and argv[0] in own else None
+    mine, config = _split_own_flags(argv[1:], own[command]) if command else ([], [])
+    ns = parser.parse_args([command, *mine] if command else argv)
+    if ns.command == "version":
+        print(f"tuneforge {__version__}")
+        return 0
+    if ns.command == "env":
+        from .machine import environment
+
+        print(environment())
+        return 0
     if not ns.command:
         parser.print_help()
         return 0
-    path, overrides = _split_args(ns.args)
     _quiet_library_bars()
     try:
+        path, overrides = split_command_line(config)
         if ns.command == "train":
             from .train import run_stage
 

@@ -220,7 +220,8 @@ class Config:
     train: TrainArgs = field(default_factory=TrainArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
     evaluation: EvalArgs = field(default_factory=EvalArgs)
-    source: str = "<command line>"  # the file the config came from, for error messages
+    source: str = "command line"  # the file the config came from, for error messages
+    cli_keys: frozenset = frozenset()  # keys set on the command line (over the file's), for error messages
 
 
 GROUPS = {"model": ModelArgs, "data": DataArgs, "finetune": FinetuneArgs, "train": TrainArgs, "generate": GenerateArgs,
@@ -256,6 +257,12 @@ def notices(cfg: Config) -> list[str]:
         if getattr(group, key) != getattr(type(group)(), key):
             out.append(f"note: `{key}` has no effect yet: {why}")
     d, stage = cfg.data, _stage(cfg)
+    if cfg.train.fp16 and not _cuda_available():
+        from .machine import cpu_description, multiplies_fp16_natively
+
+        out.append(f"note: `fp16` on this CPU ({cpu_description()}) " + (
+            "runs in fp16: it has fp16 matrix units" if multiplies_fp16_natively() else "trains in bf16 autocast, the "
+            "same 16-bit mixed precision: it has no fp16 matrix units, and fp16 matmul would run ~100x slower"))
     if (d.preprocessing_num_workers or 1) > 1 and stage and not stage.language_modelling:
         from .train.stages import names
 
@@ -331,37 +338,102 @@ def _read_file(path: str) -> dict:
     return data
 
 
+def _bool_key(key: str) -> bool:
+    group = KEY_GROUP.get(key)
+    return group is not None and any(f.name == key and f.type.startswith("bool")
+                                     for f in dataclasses.fields(GROUPS[group]))
+
+
+def _value_follows(item: str, following: str | None) -> bool:
+    """`--key VALUE`: the next argument is the key's value; after a boolean key only true/false (or yes/no/1/0) is,
+    so `--do_train config.yaml` is a flag and a file."""
+    return item.startswith("--") and "=" not in item and following is not None and not following.startswith("--") \
+        and (not _bool_key(item[2:]) or following.lower() in ("true", "false", "yes", "no", "1", "0"))
+
+
 def parse_overrides(items: list[str]) -> dict:
-    """`key=value` strings from the command line; values are read as YAML scalars (so 3e-4, true, null work)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"command-line argument {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
+    """Config keys given on the command line, in LLaMA-Factory's forms as well as ours: `key=value`,
+    `--key=value`, `--key value`, and bare `--flag` for boolean keys (`--fp16`, `--do_train`; a following
+    true/false is read as its value). Values are read as YAML scalars, so 3e-4, True, null work. Later ones win."""
+    out, i = {}, 0
+    while i < len(items):
+        item = items[i]
+        i += 1
+        if item.startswith("--") and "=" not in item:
+            key = item[2:]
+            following = items[i] if i < len(items) else None
+            takes_next = _value_follows(item, following)
+            if not takes_next and not _bool_key(key) and key in KEY_GROUP:
+                raise ConfigError(f"command line: `--{key}` needs a value: --{key} VALUE or {key}=VALUE")
+            value = following if takes_next else "true"
+            i += takes_next
+        elif "=" in item:
+            key, value = item.split("=", 1)
+        else:
+            raise ConfigError(f"command-line argument {item!r} is not of the form key=value (or --key value)")
         out[key.strip().lstrip("-")] = yaml.safe_load(value) if value != "" else None
     return out
 
 
+def split_command_line(args: list[str]) -> tuple[str | None, list[str]]:
+    """(the config file, the key tokens): the file is the one argument that is neither a key nor a key's value,
+    wherever it stands."""
+    path, rest, i = None, [], 0
+    while i < len(args):
+        item = args[i]
+        takes_next = _value_follows(item, args[i + 1] if i + 1 < len(args) else None)
+        if not item.startswith("--") and "=" not in item:
+            if path is not None:
+                raise ConfigError(f"command line: two config files ({path} and {item}); give one, and the other "
+                                  "keys as --key value or key=value")
+            path = item
+        else:
+            rest += args[i:i + 1 + takes_next]
+            i += takes_next
+        i += 1
+    return path, rest
+
+
+def _is_close(key: str, candidate: str) -> bool:
+    """A typo of `candidate`: nearly the same string, or every word of `key` nearly one of its words (so
+    gradient_accumulation finds gradient_accumulation_steps, but use_galore does not find use_rslora)."""
+    if difflib.SequenceMatcher(None, key, candidate).ratio() >= 0.85:
+        return True
+    words = candidate.split("_")
+    return all(max(difflib.SequenceMatcher(None, w, c).ratio() for c in words) >= 0.75 for w in key.split("_"))
+
+
 def suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, list(KEY_GROUP), n=1, cutoff=0.6)
+    close = [c for c in difflib.get_close_matches(key, list(KEY_GROUP), n=5, cutoff=0.6) if _is_close(key, c)]
     return f"; did you mean {close[0]}?" if close else "; run `tuneforge train --help` for the list of keys"
 
 
-def build_config(values: dict, source: str = "<command line>") -> Config:
-    cfg = Config(source=source)
-    for key, value in values.items():
-        if key not in KEY_GROUP:
-            raise ConfigError(f"{source}: unknown key `{key}`{suggest(key)}")
-        group = KEY_GROUP[key]
-        annotation = next(f.type for f in dataclasses.fields(GROUPS[group]) if f.name == key)
-        setattr(getattr(cfg, group), key, _coerce(value, annotation, key, source))
+def build_config(values: dict, source: str = "command line", cli_values: dict | None = None) -> Config:
+    """The config from a file's `values` (named `source` in messages) with `cli_values` from the command line
+    applied over them. Every unknown key and mistyped value is reported at once, each named by where it came from."""
+    cfg, problems = Config(source=source, cli_keys=frozenset(cli_values or ())), []
+    for where, items in ((source, values), ("command line", cli_values or {})):
+        for key, value in items.items():
+            if key not in KEY_GROUP:
+                problems.append(f"{where}: unknown key `{key}`{suggest(key)}")
+                continue
+            group = KEY_GROUP[key]
+            annotation = next(f.type for f in dataclasses.fields(GROUPS[group]) if f.name == key)
+            try:
+                setattr(getattr(cfg, group), key, _coerce(value, annotation, key, where))
+            except ConfigError as err:
+                problems.append(str(err))
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
     return cfg
 
 
 def load_config(path: str | None, overrides: list[str] | None = None, validate_for: str | None = "train") -> Config:
-    values = _read_file(path) if path else {}
-    values.update(parse_overrides(overrides or []))
-    cfg = build_config(values, source=path or "<command line>")
+    """The file's keys first, then the command line's over them (LLaMA-Factory's rule; later ones win)."""
+    cfg = build_config(_read_file(path) if path else {}, source=path or "command line",
+                       cli_values=parse_overrides(overrides or []))
     if validate_for:
         validate(cfg, validate_for)
     return cfg
@@ -375,11 +447,17 @@ def _stage(cfg: Config):
 
 
 def _raise_problems(cfg: Config, problems: list[str]) -> None:
-    """One problem: its own line (tests and people read `<source>: <problem>`); several: all of them at once."""
+    """One problem: its own line (tests and people read `<source>: <problem>`); several: all of them at once.
+    A problem whose key was set on the command line says so."""
+    def where(problem: str) -> str:
+        key = problem.split("`")[1].split(":")[0] if problem.count("`") >= 2 else ""
+        return " (set on the command line)" if key in cfg.cli_keys and cfg.source != "command line" else ""
+
     if len(problems) == 1:
-        raise ConfigError(f"{cfg.source}: {problems[0]}")
+        raise ConfigError(f"{cfg.source}: {problems[0]}{where(problems[0])}")
     if problems:
-        raise ConfigError(f"{cfg.source}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(f"{cfg.source}: {len(problems)} problems:\n" +
+                          "\n".join(f"  - {p}{where(p)}" for p in problems))
 
 
 def validate(cfg: Config, command: str = "train") -> None:
@@ -490,8 +568,6 @@ def _train_problems(cfg: Config) -> list[str]:
         out.append("`create_new_adapter` only applies to `finetuning_type: lora`")
     if m.adapter_name_or_path and f.finetuning_type != "lora":
         out.append("`adapter_name_or_path` needs `finetuning_type: lora`")
-    if t.fp16 and not _cuda_available():
-        out.append("`fp16: true` needs a CUDA GPU; on CPU use `bf16: true`")
     return out + _foreign_key_problems(cfg)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -38,3 +39,34 @@ def cpu_description() -> str:
     """e.g. 'AMD EPYC (AVX512-BF16, no AMX)': the name every benchmark and speed figure carries."""
     name, flags = _cpuinfo()
     return f"{name} ({matrix_units(flags)})" if flags else name
+
+
+def multiplies_fp16_natively(flags: set[str] | None = None) -> bool:
+    """Whether this CPU has fp16 matrix units (AMX-FP16, Intel Granite Rapids; AVX512-FP16, Sapphire Rapids and
+    later). Without them torch converts every fp16 product, and fp16 matmul runs at a few GFLOP/s (2 on the AMD EPYC
+    against 369 in bf16, two threads)."""
+    return bool({"amx_fp16", "avx512_fp16"} & (_cpuinfo()[1] if flags is None else flags))
+
+
+def environment() -> str:
+    """`tuneforge env`: what a bug report needs to say about the machine and the libraries."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    lines = []
+    for package in ("tuneforge", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes"):
+        try:
+            lines.append(f"{package:<13} {version(package)}")
+        except PackageNotFoundError:
+            lines.append(f"{package:<13} not installed")
+    _, flags = _cpuinfo()
+    units = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("amx_fp16", "AMX-FP16"), ("avx512_bf16",
+             "AVX512-BF16"), ("avx512_fp16", "AVX512-FP16"), ("avx512f", "AVX512F"), ("avx2", "AVX2")) if flag in flags]
+    lines += [f"python        {platform.python_version()}", f"cpu           {cpu_description()}",
+              f"cpu units     {', '.join(units) or 'unknown'}",
+              f"fp16 on cpu   {'fp16 (native fp16 units)' if multiplies_fp16_natively(flags) else 'runs as bf16 (no fp16 units)'}",
+              f"threads       {torch.get_num_threads()} (torch), {os.cpu_count()} CPUs"]
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    lines.append(f"cuda          {', '.join(f'{i}: {n}' for i, n in enumerate(cuda)) or 'none'}")
+    return "\n".join(lines)
