@@ -9,7 +9,7 @@ from conftest import read_log, run_training, train_config
 
 from tuneforge.config import ConfigError, build_config, notices, validate
 from tuneforge.machine import multiplies_fp16_natively
-from tuneforge.train.loop import Precision, autocast_fp16
+from tuneforge.train.loop import Precision, autocast_dtype
 
 
 def _pure_bf16_full_is_accepted() -> bool:
@@ -43,7 +43,7 @@ def test_fp16_follows_the_cpu_fp16_units(monkeypatch):
     assert multiplies_fp16_natively({"avx512f", "amx_fp16"}) and multiplies_fp16_natively({"avx512_fp16"})
     assert not multiplies_fp16_natively({"avx512f", "avx512_bf16", "amx_bf16"})
     fp16 = build_config({"model_name_or_path": "m", "fp16": True}).train
-    assert autocast_fp16(torch.device("cuda")) == torch.float16  # GPUs multiply fp16 natively
+    assert autocast_dtype(fp16, torch.device("cuda")) == torch.float16  # GPUs multiply fp16 natively
     monkeypatch.setattr("tuneforge.machine._cpuinfo", lambda: ("AMD EPYC", {"avx512f", "avx512_bf16"}))
     monkeypatch.setattr("tuneforge.config._cuda_available", lambda: False)
     precision = Precision(fp16, torch.device("cpu"))

@@ -232,7 +232,6 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # Keys accepted so LLaMA-Factory configs load, whose feature is not built yet: any non-default value is refused
 # (never silently ignored). Each entry says what the user can do instead.
 NOT_YET = {
-    "quantization_bit": "QLoRA is not built yet; remove quantization_bit to train in full precision",
     "resize_vocab": "resizing the vocabulary is not built yet",
     "add_special_tokens": "adding special tokens is not built yet",
     "upcast_layernorm": "upcast_layernorm is not built yet",
@@ -490,6 +489,14 @@ def _model_problems(cfg: Config) -> list[str]:
             out.append(f"`{key}: {value}` is not supported yet: {why}")
     if m.flash_attn not in ("auto", "sdpa", "eager", "fa2", "disabled"):
         out.append(f"`flash_attn` must be auto, sdpa, eager, fa2 or disabled; got {m.flash_attn!r}")
+    if m.quantization_bit not in (None, 4, 8):
+        out.append(f"`quantization_bit` must be 4 or 8 (bitsandbytes); got {m.quantization_bit}")
+    if m.quantization_bit and m.quantization_method != "bnb":
+        out.append(f"`quantization_method: {m.quantization_method}` is not built; use bnb (bitsandbytes, CPU and GPU)")
+    if m.quantization_type not in ("nf4", "fp4"):
+        out.append(f"`quantization_type` must be nf4 or fp4; got {m.quantization_type!r}")
+    if m.quantization_bit and m.train_from_scratch:
+        out.append("`quantization_bit` quantises pretrained weights; remove it or `train_from_scratch`")
     if m.infer_dtype not in ("auto", "float32", "bfloat16", "float16"):
         out.append(f"`infer_dtype` must be auto, float32, bfloat16 or float16; got {m.infer_dtype!r}")
     return out
@@ -566,6 +573,9 @@ def _train_problems(cfg: Config) -> list[str]:
             out.append(f"`layer_lr` entries look like `pattern=rate` (e.g. classifier=5e-4); got {item.strip()!r}")
     if f.finetuning_type != "lora" and f.create_new_adapter:
         out.append("`create_new_adapter` only applies to `finetuning_type: lora`")
+    if m.quantization_bit and f.finetuning_type != "lora":
+        out.append(f"`quantization_bit` (QLoRA) trains LoRA adapters on a frozen quantised base: set "
+                   f"`finetuning_type: lora`; you set {f.finetuning_type}")
     if m.adapter_name_or_path and f.finetuning_type != "lora":
         out.append("`adapter_name_or_path` needs `finetuning_type: lora`")
     return out + _foreign_key_problems(cfg)

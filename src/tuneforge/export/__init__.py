@@ -21,6 +21,9 @@ def check(cfg) -> list[str]:
         out.append(f"`export_gguf` must be f16, bf16, q8_0 or q4_0; got {m.export_gguf!r}")
     if m.export_size <= 0:
         out.append(f"`export_size` is GB per shard and must be > 0; got {m.export_size}")
+    if m.quantization_bit:
+        out.append("`quantization_bit`: export merges adapters into the full-precision base, not a quantised one; "
+                   "remove it (for a quantised file use export_gguf: q8_0 or q4_0)")
     if m.export_device not in ("cpu", "auto"):
         out.append(f"`export_device` must be cpu or auto (a GPU when there is one); got {m.export_device!r}")
     return out

@@ -41,7 +41,8 @@ class Engine:
         template_from_adapter(cfg)
         self.tokenizer = tokenizer or load_tokenizer(cfg.model)
         if model is None:
-            model = load_base_model(cfg.model, dtype=inference_dtype(cfg.model))
+            dtype = inference_dtype(cfg.model)
+            model = load_base_model(cfg.model, dtype=dtype, compute_dtype=dtype)  # quantised with quantization_bit
             model = attach_adapters(model, cfg.model, cfg.finetune, is_trainable=False)
         self.model = model.eval()
         self.template = get_template(cfg.data.template, self.tokenizer, cfg.data.enable_thinking)

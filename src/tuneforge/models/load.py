@@ -161,12 +161,18 @@ def _attn_implementation(flash_attn: str) -> str | None:
     return {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager", "fa2": "flash_attention_2"}[flash_attn]
 
 
-def load_base_model(model_args, dtype: torch.dtype = torch.float32):
+def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None):
+    """The causal LM with its weights in `dtype`; with `compute_dtype` and `quantization_bit` set, its linear
+    layers quantised by bitsandbytes and multiplying in `compute_dtype` (QLoRA's base; see quantization_config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(model_args.model_name_or_path)
     common = dict(trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
                   revision=model_args.model_revision, token=model_args.hf_hub_token)
+    if compute_dtype is not None and model_args.quantization_bit:
+        # quantised weights are placed when they load; a later .to() cannot move them
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        common.update(quantization_config=quantization_config(model_args, compute_dtype), device_map={"": device})
     try:
         if model_args.train_from_scratch:
             config = AutoConfig.from_pretrained(path, **common)
@@ -176,6 +182,30 @@ def load_base_model(model_args, dtype: torch.dtype = torch.float32):
                                                     attn_implementation=_attn_implementation(model_args.flash_attn))
     except OSError as err:
         raise _offline_hint(model_args.model_name_or_path, err) from None
+
+
+def quantization_config(model_args, compute_dtype: torch.dtype):
+    """bitsandbytes settings for `quantization_bit` 4 (nf4/fp4, optionally double-quantised) or 8 (LLM.int8).
+    The output head and anything not an nn.Linear stay in full precision (transformers skips them)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("quantization_bit needs the bitsandbytes package: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if model_args.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.quantization_type,
+                              bnb_4bit_use_double_quant=model_args.double_quantization,
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
+
+
+def keep_quantized_layers_differentiable(model) -> None:
+    """bitsandbytes repacks a 4-bit layer's weights for a faster CPU kernel (AVX512-BF16) the first time the layer
+    runs in eval mode without gradients, and keeps them so; that kernel has no backward, so every later training
+    step would silently lose the gradient through the layer (after an evaluation, a GRPO rollout, the packing check).
+    A model that trains keeps the differentiable layout; inference-only models keep the fast one."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def inference_dtype(model_args) -> torch.dtype:

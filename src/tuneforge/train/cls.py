@@ -188,7 +188,8 @@ def check(cfg) -> list[str]:
         out.append("`skip_bad_records` is built for the chat and text stages; stage cls stops at the first bad record")
     unsupported = {"gradient_checkpointing": t.gradient_checkpointing, "torch_compile": t.torch_compile,
                    "pure_bf16": f.pure_bf16, "adapter_name_or_path": m.adapter_name_or_path,
-                   "train_from_scratch": m.train_from_scratch, "flash_attn": m.flash_attn != "auto"}
+                   "train_from_scratch": m.train_from_scratch, "flash_attn": m.flash_attn != "auto",
+                   "quantization_bit": m.quantization_bit}
     out += [f"`{key}` is not supported for stage cls yet; remove it" for key, value in unsupported.items() if value]
     return out + refuse_packing(cfg)
 

@@ -10,10 +10,10 @@ import torch
 
 from ..config import save_config
 from ..models.adapters import attach_adapters, describe_trainable, setup_trainable
-from ..models.load import ModelError, load_base_model, load_tokenizer
+from ..models.load import ModelError, keep_quantized_layers_differentiable, load_base_model, load_tokenizer
 from . import checkpoint as ckpt
 from .logging import plot_loss, write_results
-from .loop import Precision, evaluate, train
+from .loop import Precision, autocast_dtype, evaluate, train
 from .steps import rows_source
 
 
@@ -49,9 +49,11 @@ def guard_output_dir(cfg, accelerator) -> str | None:
 def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = False):
     """The base model with what trains set up (or, for inference and references, adapters merged in)."""
     t, f = cfg.train, cfg.finetune
-    model = load_base_model(cfg.model, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32)
+    model = load_base_model(cfg.model, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32,
+                            compute_dtype=compute_dtype(cfg, accelerator.device))
     if not t.do_train or reference:
         return attach_adapters(model, cfg.model, f, is_trainable=False).eval()
+    keep_quantized_layers_differentiable(model)
     if t.gradient_checkpointing and not cfg.model.disable_gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.23's name
         if enable:
@@ -66,6 +68,12 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
         compile_layers(model)
     accelerator.print(f"[tuneforge] {describe_trainable(model)}")
     return model
+
+
+def compute_dtype(cfg, device: torch.device) -> torch.dtype:
+    """What a quantised base (quantization_bit) multiplies in: the precision's autocast dtype, bf16 with
+    pure_bf16, fp32 otherwise. The LoRA adapters stay fp32 whatever it is."""
+    return autocast_dtype(cfg.train, device) or (torch.bfloat16 if cfg.finetune.pure_bf16 else torch.float32)
 
 
 def open_output_dir(cfg, accelerator) -> None:
@@ -158,6 +166,7 @@ def reference_model(cfg, needed: bool = True):
         return None
     else:
         args = cfg.model  # full / freeze: a frozen copy of the starting model
-    model = load_base_model(args, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32)
+    model = load_base_model(args, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32,
+                            compute_dtype=compute_dtype(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
     model = attach_adapters(model, args, f, is_trainable=False)
     return model.eval().requires_grad_(False)

@@ -83,19 +83,24 @@ def build_scheduler(optimizer, t, total_steps: int):
     return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def autocast_fp16(device: torch.device) -> torch.dtype:
-    """What `fp16: true` autocasts to: fp16 on GPUs and on CPUs with fp16 matrix units; elsewhere bf16, the same
-    16-bit mixed precision, because there fp16 matmul has no fast path (see machine.py; config.notices says so)."""
+def autocast_dtype(t, device: torch.device) -> torch.dtype | None:
+    """What forward passes autocast to. `fp16: true` gives fp16 on GPUs and on CPUs with fp16 matrix units;
+    elsewhere bf16, the same 16-bit mixed precision, because there fp16 matmul has no fast path (see machine.py;
+    config.notices says so)."""
     from ..machine import multiplies_fp16_natively
 
-    return torch.float16 if device.type != "cpu" or multiplies_fp16_natively() else torch.bfloat16
+    if t.bf16:
+        return torch.bfloat16
+    if t.fp16:
+        return torch.float16 if device.type != "cpu" or multiplies_fp16_natively() else torch.bfloat16
+    return None
 
 
 class Precision:
     """bf16/fp16 autocast for forward passes, and a gradient scaler for fp16 (a no-op otherwise)."""
 
     def __init__(self, t, device: torch.device):
-        self.dtype = torch.bfloat16 if t.bf16 else autocast_fp16(device) if t.fp16 else None
+        self.dtype = autocast_dtype(t, device)
         self.device_type = device.type
         # bf16 has fp32's exponent range, so only fp16's small gradients need scaling against underflow
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
