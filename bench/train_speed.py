@@ -34,6 +34,9 @@ WORKLOADS = {
     "smollm2-lora-compile": dict(SMOL_LORA, **FAST, pure_bf16=True, torch_compile=True),
     "smollm2-lora-lowmem": dict(SMOL_LORA, **FAST, pure_bf16=True, gradient_checkpointing=True),
     "smollm2-full": dict(model_name_or_path="smollm2-135m-instruct", finetuning_type="full", **FAST),
+    # QLoRA: the same LoRA on a base quantised by bitsandbytes (docs/benchmarks.md#qlora compares eval loss too)
+    "smollm2-qlora4": dict(SMOL_LORA, **FAST, pure_bf16=True, quantization_bit=4),
+    "smollm2-qlora8": dict(SMOL_LORA, **FAST, pure_bf16=True, quantization_bit=8),
     "tiny-lora": dict(model_name_or_path="tiny", finetuning_type="lora", lora_rank=8, lora_target="all", **FAST),
 }
 FIXED = dict(stage="sft", template="chatml", cutoff_len=256, per_device_train_batch_size=4,
@@ -108,7 +111,7 @@ def child(name: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     rows = prepare_lm_data(cfg, load_tokenizer(cfg.model)).train
     precision = "bfloat16" if cfg.train.bf16 or cfg.finetune.pure_bf16 else "float32"
     peak = gemm_peak_gflops(precision)
-    run(cfg)
+    results = run(cfg)
     log = [json.loads(line) for line in (work / "out" / "trainer_log.jsonl").read_text().splitlines()]
     measured = [r for r in log if "loss" in r and r["current_steps"] > warmup]
     tokens_per_second = len(measured) / sum(1 / r["tokens_per_second"] for r in measured)  # harmonic: per token
@@ -127,7 +130,7 @@ def child(name: str, steps: int, warmup: int, overrides: list[str]) -> dict:
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 2),
         "mfu": round(tokens_per_second * flops_per_token / (peak * 1e9), 3),
         "matmul_peak_gflops": round(peak, 1), "precision": precision, "params": n_params,
-        "final_loss": measured[-1]["loss"], "steps": steps, "warmup_steps": warmup,
+        "final_loss": measured[-1]["loss"], "eval_loss": results.get("eval_loss"), "steps": steps, "warmup_steps": warmup,
         "seq_len": cfg.data.cutoff_len, "batch": f"{cfg.train.per_device_train_batch_size}x"
                                                  f"{cfg.train.gradient_accumulation_steps}",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_description(),

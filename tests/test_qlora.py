@@ -119,3 +119,12 @@ def test_qlora_options_are_checked(values, message):
     cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", **values})
     with pytest.raises(ConfigError, match=message):
         validate(cfg, "train")
+
+
+def test_qlora_trains_grpo(tiny_model, tmp_path):
+    from test_grpo import _grpo, _prompt_files
+
+    data, reward = _prompt_files(tmp_path)
+    out = tmp_path / "out"
+    run_training(_grpo(tiny_model, data, reward, out, max_steps=2, quantization_bit=4, beta=0.1))
+    assert len(_falls(out)) == 2 and (out / "adapter_model.safetensors").is_file()

@@ -59,6 +59,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, argparse.Act
             flags.append(p.add_argument("--show", type=int, default=3, help="how many decoded examples to print"))
             flags.append(p.add_argument("--plot", default="token_lengths.png",
                                         help="where to write the length histogram"))
+            flags.append(p.add_argument("--fill", metavar="NAME=VALUE,...", help="fill {{NAME}} placeholders in the "
+                                        "data's text (the same as the key fill_placeholders, which train reads)"))
         if name == "predict":
             flags.append(p.add_argument("--text", action="append", default=[],
                                         help="a text (or image path) to label; repeatable"))
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.command == "data":
             from .data.preview import preview
 
-            cfg = _load(path, overrides, "chat")
+            cfg = _load(path, overrides + ([f"fill_placeholders={ns.fill}"] if ns.fill else []), "chat")
             if not cfg.data.dataset:
                 raise ConfigError("`dataset` is required: the data to check")
             preview(cfg, ns.show, ns.plot)

@@ -73,6 +73,9 @@ class DataArgs:
     enable_thinking: bool = True
     tokenized_path: str | None = None
     skip_bad_records: bool = False  # drop malformed records (counted, first reasons printed) instead of failing
+    # ours: fill `{{name}}` placeholders in the data's text, e.g. "name=Forgewright,author=Anvil Labs"; placeholders
+    # left unfilled are trained as written, with a warning
+    fill_placeholders: str | None = None
 
 
 @dataclass

@@ -24,7 +24,7 @@ def fingerprint(cfg, tokenizer, template) -> str:
 
     add([VERSION, cfg.finetune.stage, cfg.train.seed, d.dataset, d.eval_dataset, d.cutoff_len, d.train_on_prompt,
          d.mask_history, d.default_system, d.max_samples, d.val_size, d.packing, d.neat_packing, d.mix_strategy,
-         d.interleave_probs, d.eval_on_each_dataset, d.enable_thinking, d.skip_bad_records])
+         d.interleave_probs, d.eval_on_each_dataset, d.enable_thinking, d.skip_bad_records, d.fill_placeholders])
     for names in (d.dataset, d.eval_dataset):
         for attr in resolve(names, d.dataset_dir) if names else []:
             add([attr.name, attr.formatting, attr.ranking, attr.columns, attr.tags, attr.num_samples, attr.hub,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .formats import Example
+from .registry import DataError
 from .templates import tokenize_pieces
 
 IGNORE = -100
@@ -24,10 +25,21 @@ def split_budget(prompt_len: int, answer_len: int, budget: int) -> tuple[int, in
     return budget - answer, answer
 
 
+def render(example: Example, tokenizer, template, default_system: str | None = None,
+           messages: list[dict] | None = None) -> list[str]:
+    """The template's text pieces of a record (or of `messages` with the record's system and tools); a part the
+    template cannot render is an error naming the dataset and the record."""
+    try:
+        return template.pieces(tokenizer, example.messages if messages is None else messages,
+                               example.system or default_system, example.tools)
+    except DataError as err:
+        raise DataError(f"dataset `{example.dataset}`, {example.where}: {err}") from None
+
+
 def encode_supervised(example: Example, tokenizer, template, cutoff_len: int, train_on_prompt: bool = False,
                       mask_history: bool = False, default_system: str | None = None) -> dict | None:
     """Returns {"input_ids", "labels"} or None when truncation leaves nothing to learn."""
-    pieces = template.pieces(tokenizer, example.messages, example.system or default_system, example.tools)
+    pieces = render(example, tokenizer, template, default_system)
     return assemble_supervised(tokenize_pieces(tokenizer, pieces), cutoff_len, train_on_prompt, mask_history)
 
 
@@ -35,7 +47,7 @@ def encode_supervised_batch(examples: list[Example], tokenizer, template, cutoff
                             train_on_prompt: bool = False, mask_history: bool = False,
                             default_system: str | None = None) -> list[dict | None]:
     """encode_supervised for many examples, with one batched tokenizer call (parallel in the Rust tokenizer)."""
-    pieces = [template.pieces(tokenizer, e.messages, e.system or default_system, e.tools) for e in examples]
+    pieces = [render(e, tokenizer, template, default_system) for e in examples]
     flat = [piece for group in pieces for piece in group]
     ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     rows, start = [], 0
@@ -104,8 +116,7 @@ def encode_prompt_answer(example: Example, answer: str, tokenizer, template,
                          default_system: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the conversation so far (with the assistant header) and of one answer to it."""
     messages = example.messages + [{"role": "assistant", "content": answer}]
-    ids = tokenize_pieces(tokenizer, template.pieces(tokenizer, messages, example.system or default_system,
-                                                     example.tools))
+    ids = tokenize_pieces(tokenizer, render(example, tokenizer, template, default_system, messages))
     return [token for piece in ids[:-1] for token in piece], ids[-1]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..train.stages import data_kind
 from . import load_examples, load_splits
-from .encode import IGNORE, encode_kto, encode_pair, encode_pretrain, encode_supervised, tokenize_pieces
+from .encode import IGNORE, encode_kto, encode_pair, encode_pretrain, encode_supervised, render, tokenize_pieces
 from .templates import get_template
 
 NO_LIMIT = 10 ** 9
@@ -60,7 +60,7 @@ def preview(cfg, examples_to_show: int = 3, plot: str | None = "token_lengths.pn
     else:
         report = {}
         for name in [n.strip() for n in (d.dataset or "").split(",") if n.strip()]:
-            report[name] = len(load_examples(name, d, stage, cfg.train.seed))
+            report[name] = len(load_examples(name, d, stage, cfg.train.seed, warn=False))  # load_splits warns
         train, evaluation = load_splits(cfg)
     print("records per dataset: " + ", ".join(f"{k} {v}" for k, v in report.items()))
     print(f"split: {len(train)} train, {len(evaluation)} evaluation")
@@ -81,7 +81,7 @@ def preview(cfg, examples_to_show: int = 3, plot: str | None = "token_lengths.pn
         if kind == "kto":
             return encode_kto([example], tokenizer, template, cutoff, d.default_system)[:1]
         if kind == "prompt":  # completions are generated in training: no token of the record is a target
-            pieces = template.pieces(tokenizer, example.messages, example.system or d.default_system, example.tools)
+            pieces = render(example, tokenizer, template, d.default_system)
             ids = [token for piece in tokenize_pieces(tokenizer, pieces) for token in piece][-cutoff:]
             return [{"input_ids": ids, "labels": [IGNORE] * len(ids)}]
         row = encode_supervised(example, tokenizer, template, cutoff, d.train_on_prompt, d.mask_history,

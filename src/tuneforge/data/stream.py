@@ -20,6 +20,7 @@ from typing import Iterator
 
 from . import mix_streams
 from .formats import Example, iter_examples
+from .placeholders import filled
 from .registry import DataError, iter_records, resolve
 
 
@@ -88,7 +89,8 @@ class RowStream:
         """One dataset's examples, in file order."""
         d = self.cfg.data
         skip = d.skip_bad_records
-        examples = iter_examples(attr, iter_records(attr, skip, streaming=True), self.cfg.finetune.stage, skip)
+        examples = filled(iter_examples(attr, iter_records(attr, skip, streaming=True), self.cfg.finetune.stage, skip),
+                          d.fill_placeholders)
         return itertools.islice(examples, d.max_samples) if d.max_samples else examples
 
     def hold_out(self, count: int) -> list[Example]:

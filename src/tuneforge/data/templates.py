@@ -6,6 +6,7 @@ the boundary between what the model reads (prompt, label -100) and what it learn
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 
 from .formats import ASSISTANT, FUNCTION, OBSERVATION, USER
@@ -61,7 +62,7 @@ class Template:
                     content = content[len(EMPTY_THOUGHT):]
             fmt = self.function if role == FUNCTION and self.function else self.assistant
             pieces.append(_fill(fmt, content, specials))
-        return pieces
+        return require_rendered(pieces, messages, system, tools, self.name, tokenizer)
 
     def stop_texts(self, tokenizer) -> list[str]:
         return [tokenizer.eos_token] + list(self.stop_words) if tokenizer.eos_token else list(self.stop_words)
@@ -169,11 +170,17 @@ class TokenizerTemplate:
                 chat.append({"role": hf_roles[m["role"]], "content": m["content"]})
         offset = len(chat) - len(messages)
         extra = {"tools": parse_tools(tools)} if tools else {}
+        from jinja2 import TemplateError
+
         pieces, done = [], ""
         for i in range(len(messages)):
-            rendered = tokenizer.apply_chat_template(chat[: offset + i + 1], tokenize=False,
-                                                     add_generation_prompt=messages[i]["role"] in (USER, OBSERVATION),
-                                                     enable_thinking=self.enable_thinking, **extra)
+            try:
+                rendered = tokenizer.apply_chat_template(chat[: offset + i + 1], tokenize=False,
+                                                         add_generation_prompt=messages[i]["role"] in (USER, OBSERVATION),
+                                                         enable_thinking=self.enable_thinking, **extra)
+            except TemplateError as err:  # the template's own raise_exception, e.g. "system role not supported"
+                raise DataError(f"the tokenizer's chat_template cannot render this conversation ({err}); set "
+                                f"`template: {template_for(tokenizer)}`, which can") from None
             if not rendered.startswith(done):
                 raise DataError("the tokenizer's chat_template renders a conversation differently from its own "
                                 "prefix, so prompt and answer cannot be told apart; set `template` explicitly")
@@ -184,10 +191,46 @@ class TokenizerTemplate:
                 done = done[: len(done) - (len(piece) - len(stripped))]
                 piece = stripped
             pieces.append(piece)
-        return pieces
+        return require_rendered(pieces, messages, system, tools, "", tokenizer)
 
     def stop_texts(self, tokenizer) -> list[str]:
         return [tokenizer.eos_token] if tokenizer.eos_token else []
+
+
+def require_rendered(pieces: list[str], messages: list[dict], system: str | None, tools: str, template: str,
+                     tokenizer) -> list[str]:
+    """`pieces`, after checking that every part of the conversation survived the template: the system text, each
+    tool's name, each tool call's name, each tool result. A template that drops one (as some models' own chat
+    templates drop tools, or render a tool call as an empty answer that would then be trained on) is an error."""
+    prompts, text = "".join(pieces[0::2]), "".join(pieces)
+    lost = []
+    if system and system.strip() not in text:
+        lost.append("the system prompt")
+    names = [t.get("function", t).get("name", "") for t in parse_tools(tools)] if tools else []
+    if any(name not in prompts for name in names):
+        lost.append("the tool definitions")
+    for message, piece in zip(messages, pieces):
+        content = message["content"].strip()
+        if message["role"] == FUNCTION and any(c["name"] not in piece for c in parse_calls(content)):
+            lost.append("a tool call")
+        elif message["role"] == OBSERVATION and content not in piece and json.dumps(content)[1:-1] not in piece:
+            lost.append("a tool result")
+    if lost:
+        which = f"template `{template}`" if template else "the tokenizer's own chat_template (`template` unset)"
+        raise DataError(f"{which} drops {', '.join(dict.fromkeys(lost))} of this record; set "
+                        f"`template: {template_for(tokenizer)}`, which renders them")
+    return pieces
+
+
+def template_for(tokenizer) -> str:
+    """A named template in this tokenizer's own format (its turn markers are tokens of its vocabulary); every named
+    template writes system prompts, tool definitions, calls and results."""
+    vocab = tokenizer.get_vocab()
+    for marker, name in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("[INST]", "mistral"),
+                         ("<start_of_turn>", "gemma"), ("<|im_sep|>", "phi4"), ("<|observation|>", "glm4")):
+        if marker in vocab:
+            return name
+    return "default"
 
 
 def get_template(name: str | None, tokenizer, enable_thinking: bool = True):

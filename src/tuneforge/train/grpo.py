@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 
 from ..data import DataError, load_splits
-from ..data.encode import tokenize_pieces
+from ..data.encode import render, tokenize_pieces
 from ..data.templates import get_template, stop_token_ids
 from . import rewards as reward_functions
 from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
@@ -185,8 +185,7 @@ def encode_prompts(cfg, tokenizer) -> tuple[list[dict], list[dict]]:
     template = get_template(d.template, tokenizer, d.enable_thinking)
 
     def encode(e) -> dict:
-        pieces = tokenize_pieces(tokenizer, template.pieces(tokenizer, e.messages, e.system or d.default_system,
-                                                            e.tools))
+        pieces = tokenize_pieces(tokenizer, render(e, tokenizer, template, d.default_system))
         ids = [token for piece in pieces for token in piece]
         return {"ids": ids[-d.cutoff_len:], "text": e.messages[-1]["content"], "extra": e.extra}
     train, evaluation = load_splits(cfg)
