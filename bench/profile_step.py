@@ -38,7 +38,8 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tuneforge.config import build_config, parse_overrides, validate
+    from tuneforge.cmdline import parse_overrides
+    from tuneforge.config import build_config, validate
     from tuneforge.data import prepare_lm_data
     from tuneforge.models.adapters import setup_trainable
     from tuneforge.models.load import load_base_model, load_tokenizer

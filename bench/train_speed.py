@@ -95,7 +95,8 @@ def batch_plan_stats(cfg, rows, warmup: int) -> tuple[float, float]:
 def child(name: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     import torch
 
-    from tuneforge.config import build_config, parse_overrides, validate
+    from tuneforge.cmdline import parse_overrides
+    from tuneforge.config import build_config, validate
     from tuneforge.data import prepare_lm_data
     from tuneforge.machine import cpu_description
     from tuneforge.models.load import load_tokenizer
@@ -130,7 +131,8 @@ def child(name: str, steps: int, warmup: int, overrides: list[str]) -> dict:
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 2),
         "mfu": round(tokens_per_second * flops_per_token / (peak * 1e9), 3),
         "matmul_peak_gflops": round(peak, 1), "precision": precision, "params": n_params,
-        "final_loss": measured[-1]["loss"], "eval_loss": results.get("eval_loss"), "steps": steps, "warmup_steps": warmup,
+        "final_loss": measured[-1]["loss"], "eval_loss": results.get("eval_loss"), "steps": steps,
+        "warmup_steps": warmup,
         "seq_len": cfg.data.cutoff_len, "batch": f"{cfg.train.per_device_train_batch_size}x"
                                                  f"{cfg.train.gradient_accumulation_steps}",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_description(),

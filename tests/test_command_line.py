@@ -5,7 +5,8 @@ import pytest
 from conftest import read_log
 
 from tuneforge.cli import main
-from tuneforge.config import ConfigError, load_config, parse_overrides, split_command_line, suggest
+from tuneforge.cmdline import parse_overrides, split_command_line, suggest
+from tuneforge.config import ConfigError, load_config
 
 
 def test_every_form_in_any_order(tmp_path):

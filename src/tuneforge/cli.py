@@ -9,7 +9,8 @@ import sys
 import warnings
 
 from . import __version__
-from .config import ConfigError, all_keys, load_config, notices, split_command_line
+from .cmdline import split_command_line
+from .config import ConfigError, all_keys, load_config, notices
 
 
 COMMANDS = {

@@ -6,7 +6,6 @@ Key names and defaults follow LLaMA-Factory (see docs/config.md), so its configs
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -260,11 +259,9 @@ def notices(cfg: Config) -> list[str]:
             out.append(f"note: `{key}` has no effect yet: {why}")
     d, stage = cfg.data, _stage(cfg)
     if cfg.train.fp16 and not _cuda_available():
-        from .machine import cpu_description, multiplies_fp16_natively
+        from .machine import fp16_notice
 
-        out.append(f"note: `fp16` on this CPU ({cpu_description()}) " + (
-            "runs in fp16: it has fp16 matrix units" if multiplies_fp16_natively() else "trains in bf16 autocast, the "
-            "same 16-bit mixed precision: it has no fp16 matrix units, and fp16 matmul would run ~100x slower"))
+        out.append(fp16_notice())
     if (d.preprocessing_num_workers or 1) > 1 and stage and not stage.language_modelling:
         from .train.stages import names
 
@@ -340,79 +337,11 @@ def _read_file(path: str) -> dict:
     return data
 
 
-def _bool_key(key: str) -> bool:
-    group = KEY_GROUP.get(key)
-    return group is not None and any(f.name == key and f.type.startswith("bool")
-                                     for f in dataclasses.fields(GROUPS[group]))
-
-
-def _value_follows(item: str, following: str | None) -> bool:
-    """`--key VALUE`: the next argument is the key's value; after a boolean key only true/false (or yes/no/1/0) is,
-    so `--do_train config.yaml` is a flag and a file."""
-    return item.startswith("--") and "=" not in item and following is not None and not following.startswith("--") \
-        and (not _bool_key(item[2:]) or following.lower() in ("true", "false", "yes", "no", "1", "0"))
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """Config keys given on the command line, in LLaMA-Factory's forms as well as ours: `key=value`,
-    `--key=value`, `--key value`, and bare `--flag` for boolean keys (`--fp16`, `--do_train`; a following
-    true/false is read as its value). Values are read as YAML scalars, so 3e-4, True, null work. Later ones win."""
-    out, i = {}, 0
-    while i < len(items):
-        item = items[i]
-        i += 1
-        if item.startswith("--") and "=" not in item:
-            key = item[2:]
-            following = items[i] if i < len(items) else None
-            takes_next = _value_follows(item, following)
-            if not takes_next and not _bool_key(key) and key in KEY_GROUP:
-                raise ConfigError(f"command line: `--{key}` needs a value: --{key} VALUE or {key}=VALUE")
-            value = following if takes_next else "true"
-            i += takes_next
-        elif "=" in item:
-            key, value = item.split("=", 1)
-        else:
-            raise ConfigError(f"command-line argument {item!r} is not of the form key=value (or --key value)")
-        out[key.strip().lstrip("-")] = yaml.safe_load(value) if value != "" else None
-    return out
-
-
-def split_command_line(args: list[str]) -> tuple[str | None, list[str]]:
-    """(the config file, the key tokens): the file is the one argument that is neither a key nor a key's value,
-    wherever it stands."""
-    path, rest, i = None, [], 0
-    while i < len(args):
-        item = args[i]
-        takes_next = _value_follows(item, args[i + 1] if i + 1 < len(args) else None)
-        if not item.startswith("--") and "=" not in item:
-            if path is not None:
-                raise ConfigError(f"command line: two config files ({path} and {item}); give one, and the other "
-                                  "keys as --key value or key=value")
-            path = item
-        else:
-            rest += args[i:i + 1 + takes_next]
-            i += takes_next
-        i += 1
-    return path, rest
-
-
-def _is_close(key: str, candidate: str) -> bool:
-    """A typo of `candidate`: nearly the same string, or every word of `key` nearly one of its words (so
-    gradient_accumulation finds gradient_accumulation_steps, but use_galore does not find use_rslora)."""
-    if difflib.SequenceMatcher(None, key, candidate).ratio() >= 0.85:
-        return True
-    words = candidate.split("_")
-    return all(max(difflib.SequenceMatcher(None, w, c).ratio() for c in words) >= 0.75 for w in key.split("_"))
-
-
-def suggest(key: str) -> str:
-    close = [c for c in difflib.get_close_matches(key, list(KEY_GROUP), n=5, cutoff=0.6) if _is_close(key, c)]
-    return f"; did you mean {close[0]}?" if close else "; run `tuneforge train --help` for the list of keys"
-
-
 def build_config(values: dict, source: str = "command line", cli_values: dict | None = None) -> Config:
     """The config from a file's `values` (named `source` in messages) with `cli_values` from the command line
     applied over them. Every unknown key and mistyped value is reported at once, each named by where it came from."""
+    from .cmdline import suggest
+
     cfg, problems = Config(source=source, cli_keys=frozenset(cli_values or ())), []
     for where, items in ((source, values), ("command line", cli_values or {})):
         for key, value in items.items():
@@ -425,15 +354,16 @@ def build_config(values: dict, source: str = "command line", cli_values: dict | 
                 setattr(getattr(cfg, group), key, _coerce(value, annotation, key, where))
             except ConfigError as err:
                 problems.append(str(err))
-    if len(problems) == 1:
-        raise ConfigError(problems[0])
     if problems:
-        raise ConfigError(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n" +
+                          "\n".join(f"  - {p}" for p in problems))
     return cfg
 
 
 def load_config(path: str | None, overrides: list[str] | None = None, validate_for: str | None = "train") -> Config:
     """The file's keys first, then the command line's over them (LLaMA-Factory's rule; later ones win)."""
+    from .cmdline import parse_overrides
+
     cfg = build_config(_read_file(path) if path else {}, source=path or "command line",
                        cli_values=parse_overrides(overrides or []))
     if validate_for:
@@ -449,8 +379,7 @@ def _stage(cfg: Config):
 
 
 def _raise_problems(cfg: Config, problems: list[str]) -> None:
-    """One problem: its own line (tests and people read `<source>: <problem>`); several: all of them at once.
-    A problem whose key was set on the command line says so."""
+    """One problem: its own line (`<source>: <problem>`); several: all at once. Keys set on the command line say so."""
     def where(problem: str) -> str:
         key = problem.split("`")[1].split(":")[0] if problem.count("`") >= 2 else ""
         return " (set on the command line)" if key in cfg.cli_keys and cfg.source != "command line" else ""
@@ -492,14 +421,9 @@ def _model_problems(cfg: Config) -> list[str]:
             out.append(f"`{key}: {value}` is not supported yet: {why}")
     if m.flash_attn not in ("auto", "sdpa", "eager", "fa2", "disabled"):
         out.append(f"`flash_attn` must be auto, sdpa, eager, fa2 or disabled; got {m.flash_attn!r}")
-    if m.quantization_bit not in (None, 4, 8):
-        out.append(f"`quantization_bit` must be 4 or 8 (bitsandbytes); got {m.quantization_bit}")
-    if m.quantization_bit and m.quantization_method != "bnb":
-        out.append(f"`quantization_method: {m.quantization_method}` is not built; use bnb (bitsandbytes, CPU and GPU)")
-    if m.quantization_type not in ("nf4", "fp4"):
-        out.append(f"`quantization_type` must be nf4 or fp4; got {m.quantization_type!r}")
-    if m.quantization_bit and m.train_from_scratch:
-        out.append("`quantization_bit` quantises pretrained weights; remove it or `train_from_scratch`")
+    from .models.load import quantization_problems
+
+    out += quantization_problems(m)
     if m.infer_dtype not in ("auto", "float32", "bfloat16", "float16"):
         out.append(f"`infer_dtype` must be auto, float32, bfloat16 or float16; got {m.infer_dtype!r}")
     return out

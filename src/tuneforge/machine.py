@@ -48,6 +48,14 @@ def multiplies_fp16_natively(flags: set[str] | None = None) -> bool:
     return bool({"amx_fp16", "avx512_fp16"} & (_cpuinfo()[1] if flags is None else flags))
 
 
+def fp16_notice() -> str:
+    """What `fp16: true` does on this CPU (train/loop.py's autocast_dtype decides by the same flags)."""
+    if multiplies_fp16_natively():
+        return f"note: `fp16` on this CPU ({cpu_description()}) runs in fp16: it has fp16 matrix units"
+    return (f"note: `fp16` on this CPU ({cpu_description()}) trains in bf16 autocast, the same 16-bit mixed precision: "
+            "it has no fp16 matrix units, and fp16 matmul would run ~100x slower")
+
+
 def environment() -> str:
     """`tuneforge env`: what a bug report needs to say about the machine and the libraries."""
     from importlib.metadata import PackageNotFoundError, version
@@ -61,12 +69,14 @@ def environment() -> str:
         except PackageNotFoundError:
             lines.append(f"{package:<13} not installed")
     _, flags = _cpuinfo()
-    units = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("amx_fp16", "AMX-FP16"), ("avx512_bf16",
-             "AVX512-BF16"), ("avx512_fp16", "AVX512-FP16"), ("avx512f", "AVX512F"), ("avx2", "AVX2")) if flag in flags]
+    units = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("amx_fp16", "AMX-FP16"),
+                                     ("avx512_bf16", "AVX512-BF16"), ("avx512_fp16", "AVX512-FP16"),
+                                     ("avx512f", "AVX512F"), ("avx2", "AVX2")) if flag in flags]
+    fp16 = "fp16 (native fp16 units)" if multiplies_fp16_natively(flags) else "runs as bf16 (no fp16 units)"
     lines += [f"python        {platform.python_version()}", f"cpu           {cpu_description()}",
-              f"cpu units     {', '.join(units) or 'unknown'}",
-              f"fp16 on cpu   {'fp16 (native fp16 units)' if multiplies_fp16_natively(flags) else 'runs as bf16 (no fp16 units)'}",
+              f"cpu units     {', '.join(units) or 'unknown'}", f"fp16 on cpu   {fp16}",
               f"threads       {torch.get_num_threads()} (torch), {os.cpu_count()} CPUs"]
-    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
     lines.append(f"cuda          {', '.join(f'{i}: {n}' for i, n in enumerate(cuda)) or 'none'}")
     return "\n".join(lines)

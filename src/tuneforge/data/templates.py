@@ -175,9 +175,9 @@ class TokenizerTemplate:
         pieces, done = [], ""
         for i in range(len(messages)):
             try:
-                rendered = tokenizer.apply_chat_template(chat[: offset + i + 1], tokenize=False,
-                                                         add_generation_prompt=messages[i]["role"] in (USER, OBSERVATION),
-                                                         enable_thinking=self.enable_thinking, **extra)
+                rendered = tokenizer.apply_chat_template(
+                    chat[: offset + i + 1], tokenize=False, enable_thinking=self.enable_thinking,
+                    add_generation_prompt=messages[i]["role"] in (USER, OBSERVATION), **extra)
             except TemplateError as err:  # the template's own raise_exception, e.g. "system role not supported"
                 raise DataError(f"the tokenizer's chat_template cannot render this conversation ({err}); set "
                                 f"`template: {template_for(tokenizer)}`, which can") from None

@@ -184,6 +184,20 @@ def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtyp
         raise _offline_hint(model_args.model_name_or_path, err) from None
 
 
+def quantization_problems(m) -> list[str]:
+    """What is wrong with the quantisation keys (config.validate adds these to the generic problems)."""
+    out = []
+    if m.quantization_bit not in (None, 4, 8):
+        out.append(f"`quantization_bit` must be 4 or 8 (bitsandbytes); got {m.quantization_bit}")
+    if m.quantization_bit and m.quantization_method != "bnb":
+        out.append(f"`quantization_method: {m.quantization_method}` is not built; use bnb (bitsandbytes, CPU and GPU)")
+    if m.quantization_type not in ("nf4", "fp4"):
+        out.append(f"`quantization_type` must be nf4 or fp4; got {m.quantization_type!r}")
+    if m.quantization_bit and m.train_from_scratch:
+        out.append("`quantization_bit` quantises pretrained weights; remove it or `train_from_scratch`")
+    return out
+
+
 def quantization_config(model_args, compute_dtype: torch.dtype):
     """bitsandbytes settings for `quantization_bit` 4 (nf4/fp4, optionally double-quantised) or 8 (LLM.int8).
     The output head and anything not an nn.Linear stay in full precision (transformers skips them)."""

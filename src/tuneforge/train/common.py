@@ -166,7 +166,8 @@ def reference_model(cfg, needed: bool = True):
         return None
     else:
         args = cfg.model  # full / freeze: a frozen copy of the starting model
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_base_model(args, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32,
-                            compute_dtype=compute_dtype(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+                            compute_dtype=compute_dtype(cfg, device))
     model = attach_adapters(model, args, f, is_trainable=False)
     return model.eval().requires_grad_(False)
