@@ -21,8 +21,8 @@ def _falls(out) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("bits, kind", [(4, "nf4"), (4, "fp4"), (8, None)])
-def test_qlora_learns_and_saves_a_full_precision_adapter(tiny_model, alpaca_file, tmp_path, bits, kind):
+@pytest.mark.parametrize("bits, kind, bf16", [(4, "nf4", True), (4, "fp4", False), (8, None, True)])
+def test_qlora_learns_and_saves_a_full_precision_adapter(tiny_model, alpaca_file, tmp_path, bits, kind, bf16):
     import bitsandbytes as bnb
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -36,7 +36,7 @@ def test_qlora_learns_and_saves_a_full_precision_adapter(tiny_model, alpaca_file
     assert isinstance(layer, bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt)
     assert type(base.lm_head) is torch.nn.Linear and base.lm_head.weight.dtype == torch.float32  # head not quantised
     out = tmp_path / "out"
-    run_training(train_config(tiny_model, alpaca_file, out, learning_rate=2e-2, max_steps=20, bf16=True,
+    run_training(train_config(tiny_model, alpaca_file, out, learning_rate=2e-2, max_steps=20, bf16=bf16,
                               lr_scheduler_type="constant", **quant))
     losses = _falls(out)
     # as in test_precision: ~1 nat lower in 20 steps, 4-step means against the batches' noise
