@@ -128,3 +128,10 @@ def test_qlora_trains_grpo(tiny_model, tmp_path):
     out = tmp_path / "out"
     run_training(_grpo(tiny_model, data, reward, out, max_steps=2, quantization_bit=4, beta=0.1))
     assert len(_falls(out)) == 2 and (out / "adapter_model.safetensors").is_file()
+
+
+def test_classifier_predict_refuses_quantization(capsys):
+    from tuneforge.cli import main
+
+    assert main(["predict", "model_name_or_path=m", "--quantization_bit", "4", "--text", "a film"]) == 2
+    assert "classifiers load in full precision" in capsys.readouterr().err

@@ -87,6 +87,9 @@ def classify(model, processor, id2label: dict[int, str], images: bool, inputs: l
 
 
 def run_predict(cfg, texts: list[str], file: str | None, out_path: str | None) -> list[dict]:
+    if cfg.model.quantization_bit:
+        raise ModelError("`quantization_bit` is for causal language models (QLoRA); classifiers load in full "
+                         "precision: remove it")
     model, processor, id2label, images = load_trained_classifier(cfg)
     labels: list[str | None] = [None] * len(texts)
     if file:
