@@ -62,7 +62,7 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if packed:
-        check_packing_support(model)
+        check_packing_support(full_precision_twin(model) if cfg.model.quantization_bit else model)
     model = setup_trainable(model, cfg.model, f)
     if t.torch_compile:
         compile_layers(model)
@@ -133,6 +133,23 @@ def compile_layers(model) -> None:
                          "set torch_compile: false")
     for layer in layers:
         layer.compile(dynamic=True)
+
+
+def full_precision_twin(model):
+    """A one-layer random model of the same architecture and attention code, unquantised. The packing check asks
+    whether the attention code keeps packed examples apart; a quantised model would answer with rounding that
+    depends on the whole batch (8-bit's outlier columns), which the check would take for examples mixing."""
+    from copy import deepcopy
+
+    from transformers import AutoModelForCausalLM
+
+    config = deepcopy(model.config)
+    config.num_hidden_layers = 1
+    if getattr(config, "layer_types", None):  # per-layer attention kinds (sliding, full, ...): keep the first's
+        config.layer_types = config.layer_types[:1]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return AutoModelForCausalLM.from_config(config, attn_implementation=model.config._attn_implementation)
 
 
 @torch.no_grad()
