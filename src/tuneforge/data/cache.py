@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .registry import resolve
 
-VERSION = 2  # bump when the encoded format changes
+VERSION = 3  # bump when the encoded format changes (3: records are checked for parts a template drops)
 
 
 def fingerprint(cfg, tokenizer, template) -> str:

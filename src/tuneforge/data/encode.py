@@ -142,7 +142,8 @@ def encode_kto(examples: list[Example], tokenizer, template, cutoff_len: int,
     from which the batch estimates the KL term."""
     split = []
     for example in examples:
-        history = Example(messages=example.messages[:-1], system=example.system)
+        history = Example(messages=example.messages[:-1], system=example.system, tools=example.tools,
+                          where=example.where, dataset=example.dataset)
         split.append(encode_prompt_answer(history, example.messages[-1]["content"], tokenizer, template,
                                           default_system))
     rows = []
