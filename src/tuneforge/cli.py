@@ -6,6 +6,7 @@ import argparse
 import itertools
 import logging
 import sys
+import textwrap
 import warnings
 
 from . import __version__
@@ -50,8 +51,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, argparse.Act
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     own: dict[str, dict[str, argparse.Action]] = {}
     for name, text in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text + "\n\n" + PRECEDENCE, epilog=_keys_help(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=text, description=text + "\n\n" + textwrap.fill(PRECEDENCE, 100),
+                           usage="%(prog)s [CONFIG] [--KEY VALUE | KEY=VALUE | --FLAG ...] [options below]",
+                           epilog=_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
         flags = []
         if name == "chat":
             flags.append(p.add_argument("--query", help="answer this one message and exit (for scripts)"))
