@@ -2,6 +2,7 @@
 results or system prompt stops with the record named; `{{name}}` placeholders are filled or warned about."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def test_a_dropped_or_refused_system_prompt_is_an_error(tiny_model, tmp_path, te
     (tmp_path / "dataset_info.json").write_text(json.dumps({"s": {"file_name": "s.jsonl",
                                                                   "columns": {"system": "system"}}}))
     values = train_config(model, "s", tmp_path / "out", dataset_dir=str(tmp_path), template=None, max_steps=1)
-    with pytest.raises(DataError, match=r"dataset `s`, .*s.jsonl line 1: .*" + lost.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(DataError, match=r"dataset `s`, .*s.jsonl line 1: .*" + re.escape(lost)):
         run_training(values)
 
 

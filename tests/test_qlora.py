@@ -1,5 +1,6 @@
 """QLoRA: LoRA adapters trained in full precision on a base whose linear layers bitsandbytes quantised to 4 or 8
-bits (on the CPU here), for every causal-LM stage; the adapter loads in plain PEFT; chat loads it on a quantised base."""
+bits (on the CPU here), for every causal-LM stage; the adapter loads in plain PEFT; chat loads it on a quantised
+base."""
 
 import json
 import math
