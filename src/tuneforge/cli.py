@@ -7,6 +7,7 @@ import sys
 import warnings
 
 from .config import ConfigError, all_keys, load_config, notices
+from .train.faults import TrainingStopped
 
 COMMANDS = {
     "train": "fine-tune a model: tuneforge train CONFIG.yaml [key=value ...]",
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError) as err:
         print(f"tuneforge: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:  # preempted, non-finite values, a failed save: each has its exit code
+        print(f"tuneforge: stopped: {err}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 
