@@ -14,6 +14,7 @@ import shutil
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -262,21 +263,25 @@ def _stop_for_signal(name: str, cfg, state, save) -> None:
     raise Preempted(f"stopped by {name} after step {state.global_step}; saved {folder}; {again}")
 
 
-def _non_finite(bad: str, state, source, t, accelerator) -> None:
+def _non_finite(bad: "NonFiniteStep", state, source, t, accelerator) -> None:
     """A step whose loss or gradient norm is NaN or inf: skip its update (skip_nonfinite_steps) or stop, naming
     the step, its examples and the checkpoint to go back to."""
     step = state.global_step + 1
     if t.skip_nonfinite_steps:
         state.skipped_steps += 1
-        accelerator.print(f"[tuneforge] step {step}: {bad}; its update was skipped (skip_nonfinite_steps; "
+        accelerator.print(f"[tuneforge] step {step}: {bad.text}; its update was skipped (skip_nonfinite_steps; "
                           f"{state.skipped_steps} skipped so far)")
         return
-    micro = getattr(source, "step_rows", None) or []
-    where = "; ".join(f"micro-batch {i + 1}: {describe_rows(rows)}" for i, rows in enumerate(micro))
+    rows = getattr(source, "step_rows", None) or []
+    if bad.micro is not None and bad.micro < len(rows):
+        rows = {bad.micro: rows[bad.micro]}
+    else:
+        rows = dict(enumerate(rows))
+    where = "; ".join(f"micro-batch {i + 1}: {describe_rows(r)}" for i, r in rows.items())
     kind = "stream positions [epoch, batch, row]" if isinstance(source, StreamSteps) else "training-set rows"
     found = ckpt.checkpoints_in(t.output_dir)
     last = f"the last good checkpoint is {found[-1]} (kept as it is)" if found else "no checkpoint was saved yet"
-    raise NonFinite(f"step {step}: {bad} ({kind}: {where or 'not known for this data'}); {last}. Lower "
+    raise NonFinite(f"step {step}: {bad.text} ({kind} of {where or 'not known for this data'}); {last}. Lower "
                     "learning_rate, check those examples, or set skip_nonfinite_steps: true; running the same command "
                     "again resumes from the last checkpoint")
 
@@ -348,20 +353,26 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
     return total, units, sums, bad
 
 
-def _what_is_non_finite(losses, norm, precision, accelerator) -> str:
-    """"" when the micro-batch losses and the gradient norm are finite on every process, else what is not. Costs
-    one wait for the device per step. Under fp16 an inf gradient is the gradient scaler's business (it skips the
-    step and lowers the scale), so only losses count there."""
+class NonFiniteStep(NamedTuple):
+    text: str  # what was not finite, with its value
+    micro: int | None  # the micro-batch whose loss it was (None: the gradient norm)
+
+
+def _what_is_non_finite(losses, norm, precision, accelerator) -> NonFiniteStep | None:
+    """None when the micro-batch losses and the gradient norm are finite on every process. Costs one wait for the
+    device per step. Under fp16 an inf gradient is the gradient scaler's business (it skips the step and lowers
+    the scale), so only losses count there."""
     flags = torch.cat([~torch.isfinite(losses), ~torch.isfinite(norm.float().reshape(1))]).float()
     if precision.scaler.is_enabled():
         flags[-1] = 0
     if accelerator.num_processes > 1:
         flags = accelerator.reduce(flags, "sum")
     flags = flags.tolist()
-    bad = [i + 1 for i, flag in enumerate(flags[:-1]) if flag]
+    bad = [i for i, flag in enumerate(flags[:-1]) if flag]
     if bad:
-        return f"the loss is {losses[bad[0] - 1].item()} in micro-batch {bad[0]} of {len(losses)}"
-    return f"the gradient norm is {norm.item()} (losses finite)" if flags[-1] else ""
+        return NonFiniteStep(f"the loss is {losses[bad[0]].item()} in micro-batch {bad[0] + 1} of {len(losses)}",
+                             bad[0])
+    return NonFiniteStep(f"the gradient norm is {norm.item()} (losses finite)", None) if flags[-1] else None
 
 
 def _inner(module):
