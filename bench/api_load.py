@@ -151,7 +151,8 @@ def load(url: str, clients: int, seconds: float, seed: int) -> dict:
 
 def measure(process: subprocess.Popen, url: str, clients: int, seconds: float, seed: int = 0) -> dict:
     """Warm the server up, take its baseline RSS, load it, let it settle, and report the figures and checks."""
-    load(url, min(clients, 4), 1.0, seed + 1)  # first batches allocate what every later one reuses
+    # a warm-up at the same concurrency: the first full batches allocate what every later one reuses
+    load(url, clients, 2.0, seed + 1)
     time.sleep(1.0)
     baseline = rss_mib(process.pid)
     started = time.monotonic()

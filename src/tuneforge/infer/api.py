@@ -2,8 +2,9 @@
 
 Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, with and without `stream` (server-sent
 events ending in `data: [DONE]`). Environment keys as LLaMA-Factory: API_HOST, API_PORT, API_KEY (bearer key on every
-route), API_MODEL_NAME; ours: API_MAX_BODY_BYTES (largest request body, see MAX_BODY). Generation goes through one Batcher (infer/batcher.py), so concurrent clients share batches;
-a client that goes away cancels its request, which frees its row in the batch.
+route), API_MODEL_NAME; ours: API_MAX_BODY_BYTES (the largest request body, see MAX_BODY). Generation goes through one
+Batcher (infer/batcher.py), so concurrent clients share batches; a client that goes away cancels its request, which
+frees its row in the batch.
 """
 
 from __future__ import annotations

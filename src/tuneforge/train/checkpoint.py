@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import ConfigError
-
 from .. import __version__
+from ..config import ConfigError
 from .faults import SaveFailed
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

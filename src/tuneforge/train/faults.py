@@ -41,8 +41,9 @@ class StopSignals:
     checkpoint there); a second one ends the process at once. Outside the main thread (signals can only be handled
     there) it does nothing."""
 
-    def __init__(self, report):
-        self.report, self.received, self._previous = report, None, {}
+    def __init__(self):
+        self.received: str | None = None  # the first signal's name
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

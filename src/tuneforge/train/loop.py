@@ -170,8 +170,11 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
     eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and eval_rows else 0
     interval = _Interval(accelerator.device)
 
+    saved = [None]  # the step of this run's latest checkpoint
+
     def save():
         _save(cfg, inner, tokenizer, optimizer, scheduler, state, accelerator, identity)
+        saved[0] = state.global_step
 
     def step(micro: list[dict]) -> tuple[bool, bool]:
         """One optimizer step with its logging, evaluation and checkpoint; returns (last step, stop early)."""
@@ -214,7 +217,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
         return False
 
     module.train()
-    with StopSignals(accelerator.print) as signals:
+    with StopSignals() as signals:
         try:
             # a checkpoint saved at the end of an epoch resumes into the next one
             if state.global_step < total_steps and not end_of_epoch():
@@ -223,7 +226,9 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
                     if last or stop or end_of_epoch():
                         break
                     if _signalled(signals, accelerator):
-                        _stop_for_signal(signals.received or "a signal", cfg, state, save)
+                        if saved[0] != state.global_step:
+                            save()
+                        _stop_for_signal(signals.received or "a signal", cfg, state)
         finally:
             log.close()
     restore_best(cfg, inner, state, accelerator)
@@ -254,10 +259,8 @@ def _signalled(signals: StopSignals, accelerator) -> bool:
     return accelerator.reduce(flag, "sum").item() > 0
 
 
-def _stop_for_signal(name: str, cfg, state, save) -> None:
+def _stop_for_signal(name: str, cfg, state) -> None:
     folder = Path(cfg.train.output_dir) / f"checkpoint-{state.global_step}"
-    if not (folder / ckpt.MARKER).is_file():
-        save()
     again = "run the same command again to resume" if not cfg.train.overwrite_output_dir else \
         "run the same command without overwrite_output_dir: true to resume (with it, training starts over)"
     raise Preempted(f"stopped by {name} after step {state.global_step}; saved {folder}; {again}")
