@@ -165,7 +165,9 @@ def measure(process: subprocess.Popen, url: str, clients: int, seconds: float, s
         {"model": "tiny", "prompt": "The quick brown", "max_tokens": 4}).encode(), HEADERS)
     answered = answer.status == 200 and bool(json.loads(answer.read())["choices"])
     connection.close()
-    return {"clients": clients, "seconds": round(elapsed, 1), "completed": stats["completed"],
+    from tuneforge.machine import cpu_description
+
+    return {"cpu": cpu_description(), "clients": clients, "seconds": round(elapsed, 1), "completed": stats["completed"],
             "disconnected": stats["disconnected"], "malformed": stats["bad"][:5], "n_malformed": len(stats["bad"]),
             "client_errors": stats["errors"][:5], "n_client_errors": len(stats["errors"]),
             "rss_baseline_mib": round(baseline, 1), "rss_peak_mib": round(peak, 1), "rss_after_mib": round(after, 1),
