@@ -68,8 +68,11 @@ class StopSignals:
 def _as_bytes(value) -> bytes:
     if hasattr(value, "numpy"):  # a tensor (image pixels)
         return value.detach().cpu().numpy().tobytes()
-    if isinstance(value, list) and all(type(v) is int for v in value):
-        return array("q", value).tobytes()
+    if isinstance(value, list):
+        try:
+            return array("q", value).tobytes()  # token ids, labels, masks
+        except (TypeError, OverflowError):
+            pass
     return json.dumps(value, default=str, sort_keys=True).encode()
 
 
