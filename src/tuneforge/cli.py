@@ -12,6 +12,7 @@ import warnings
 from . import __version__
 from .cmdline import split_command_line
 from .config import ConfigError, all_keys, load_config, notices
+from .train.faults import TrainingStopped
 
 
 COMMANDS = {
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError) as err:
         print(f"tuneforge: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:  # preempted, non-finite values, a failed save: each has its exit code
+        print(f"tuneforge: stopped: {err}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 

@@ -158,6 +158,8 @@ class TrainArgs:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    # ours: a step whose loss or gradient norm is NaN/inf skips its update (counted, logged) instead of stopping
+    skip_nonfinite_steps: bool = False
     num_train_epochs: float = 3.0
     max_steps: int = -1
     lr_scheduler_type: str = "linear"

@@ -2,8 +2,9 @@
 
 Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, with and without `stream` (server-sent
 events ending in `data: [DONE]`). Environment keys as LLaMA-Factory: API_HOST, API_PORT, API_KEY (bearer key on every
-route), API_MODEL_NAME. Generation goes through one Batcher (infer/batcher.py), so concurrent clients share batches;
-a client that goes away cancels its request, which frees its row in the batch.
+route), API_MODEL_NAME; ours: API_MAX_BODY_BYTES (the largest request body, see MAX_BODY). Generation goes through one
+Batcher (infer/batcher.py), so concurrent clients share batches; a client that goes away cancels its request, which
+frees its row in the batch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.formats import ASSISTANT, FUNCTION, OBSERVATION, USER
@@ -27,6 +29,9 @@ from ..data.tools import parse_answer_calls
 from .batcher import Batcher, GenRequest
 
 MAX_N = 8
+# Largest request body read, in bytes (API_MAX_BODY_BYTES): a long chat with tools is tens of kilobytes; anything
+# near this is abuse, refused with 413 before it is read (or as soon as a chunked body passes it).
+MAX_BODY = 4 * 2**20
 # OpenAI parameters this server does not implement: accepted at OpenAI's own defaults (clients often send those),
 # refused otherwise, never silently ignored. `user` only names the end user and changes no answer.
 OPENAI_DEFAULTS = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": None,
@@ -343,15 +348,50 @@ async def text_completion(server: Server, body: CompletionRequest, http_request)
     return stream()
 
 
-def create_app(server: Server):
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with 413, by its Content-Length before any of
+    it is read, or as soon as a body without one passes the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = HTTPException(413, f"the request body is larger than {self.limit} bytes (API_MAX_BODY_BYTES)")
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            error = ApiError(413 if length.isdigit() else 400, too_large.detail if length.isdigit() else
+                             "Content-Length must be a number")
+            return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise too_large  # FastAPI passes HTTPExceptions raised while reading the body through
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(server: Server, max_body: int = MAX_BODY):
     async def authenticate(request: Request):
         server.check_key(request.headers.get("authorization"))
 
     app = FastAPI(title="tuneforge", docs_url=None, redoc_url=None, dependencies=[Depends(authenticate)])
+    app.add_middleware(BodyLimit, limit=max_body)
 
     @app.exception_handler(ApiError)
     async def api_error(_, err: ApiError):
         return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, err: HTTPException):  # unknown routes, wrong methods, unreadable bodies: OpenAI's shape
+        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, err: RequestValidationError):
@@ -396,4 +436,5 @@ def serve(cfg) -> None:
     print(f"[tuneforge] serving `{server.model_name}` at http://{host}:{port}/v1 "
           f"({'bearer key required' if server.api_key else 'no API_KEY set: open to anyone who can reach it'})",
           flush=True)
-    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+    max_body = int(os.environ.get("API_MAX_BODY_BYTES", MAX_BODY))
+    uvicorn.run(create_app(server, max_body), host=host, port=port, log_level="warning")

@@ -1,8 +1,15 @@
-"""Checkpoints: model (adapter or full), optimizer, scheduler, RNG and data position, for exact resume."""
+"""Checkpoints: model (adapter or full), optimizer, scheduler, RNG and data position, for exact resume.
+
+Crash-consistent: a checkpoint is written into `checkpoint-N.partial`, flushed to disk, given its marker file
+(MARKER: step, tuneforge version, the settings that change training, a signature of the data) and only then renamed
+to `checkpoint-N`. A folder without the marker is incomplete (a save that was killed) and is never resumed from
+nor counted by save_total_limit.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -13,8 +20,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import __version__
+from ..config import ConfigError
+from .faults import SaveFailed
+
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-FINISHED_MARKERS = ("train_results.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json")
+MARKER = "tuneforge_checkpoint.json"  # written last: a checkpoint without it is incomplete
+PARTIAL = ".partial"  # suffix of a checkpoint being written
+FINISHED = "train_results.json"  # written after the final model: the run is done
+MODEL_FILES = ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 @dataclass
@@ -30,21 +44,38 @@ class TrainerState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     stream_position: list[int] | None = None  # streaming: [epoch, batch, row] of the next training row
-    stream_data: str | None = None  # streaming: signature of the streamed files
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient (skip_nonfinite_steps)
     extra: dict = field(default_factory=dict)
 
 
+def _step(path: Path) -> int:
+    return int(CHECKPOINT.match(path.name.removesuffix(PARTIAL)).group(1))
+
+
 def checkpoints_in(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints in output_dir, oldest first."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)
-             and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
+    found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=_step)
 
 
-def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: str | None) -> str | None:
-    """Decide what to do with an existing output_dir; returns the checkpoint to resume from, if any.
+def incomplete_in(output_dir: str | Path) -> list[Path]:
+    """Checkpoint folders whose save did not finish (killed mid-write, or written before markers existed)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT.match(p.name.removesuffix(PARTIAL))
+             and not (p / MARKER).is_file()]
+    return sorted(found, key=_step)
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: str | None,
+                     report=print) -> str | None:
+    """Decide what to do with an existing output_dir; returns the checkpoint to resume from, if any: the one named
+    by resume_from_checkpoint, else the latest complete one in output_dir (so a stopped run resumes when the same
+    command runs again), unless overwrite_output_dir starts over.
 
     Never deletes anything a user made: with `overwrite_output_dir`, only tuneforge's own checkpoint folders go.
     """
@@ -53,13 +84,23 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: s
         if not (Path(resume_from_checkpoint) / "trainer_state.json").is_file():
             raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a tuneforge checkpoint "
                                     "(no trainer_state.json)")
+        if not (Path(resume_from_checkpoint) / MARKER).is_file():
+            raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint} is incomplete (no {MARKER}: "
+                                    "its save was interrupted); choose a complete checkpoint")
         return resume_from_checkpoint
-    checkpoints = checkpoints_in(folder)
     if overwrite:
         return None
+    if (folder / FINISHED).exists():
+        raise FileExistsError(f"output_dir {folder} already holds a trained model ({FINISHED}); choose another "
+                              "output_dir, or set overwrite_output_dir: true to replace it")
+    incomplete = incomplete_in(folder)
+    if incomplete:
+        report(f"[tuneforge] ignoring incomplete checkpoint folders (their save was interrupted): "
+               f"{', '.join(p.name for p in incomplete)}")
+    checkpoints = checkpoints_in(folder)
     if checkpoints:
         return str(checkpoints[-1])
-    finished = [m for m in FINISHED_MARKERS if (folder / m).exists()]
+    finished = [m for m in MODEL_FILES if (folder / m).exists()]
     if finished:
         raise FileExistsError(f"output_dir {folder} already holds a trained model ({finished[0]}); choose another "
                               "output_dir, or set overwrite_output_dir: true to replace it")
@@ -67,7 +108,7 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: s
 
 
 def clear_old_checkpoints(output_dir: str) -> None:
-    for path in checkpoints_in(output_dir):
+    for path in checkpoints_in(output_dir) + incomplete_in(output_dir):
         shutil.rmtree(path)
 
 
@@ -103,14 +144,80 @@ def load_extra_weights(module, folder: str | Path) -> None:
 
 
 def save_checkpoint(folder: Path, module, tokenizer, optimizer, scheduler, state: TrainerState,
-                    model_only: bool = False) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(module, tokenizer, folder)
+                    model_only: bool = False, identity: dict | None = None) -> None:
+    """Write the checkpoint into `folder.partial`, flush it, add the marker (`identity`: what resume checks), and
+    rename it to `folder`. A failure leaves the other checkpoints as they were and raises SaveFailed."""
+    temp = folder.with_name(folder.name + PARTIAL)
+    needed = _expected_size(folder.parent, module, optimizer)
+    free = shutil.disk_usage(folder.parent).free
+    if free < needed:
+        raise _save_failed(folder, folder.parent, "not enough free space", needed, free)
+    parts = [("model and tokenizer", lambda: save_model(module, tokenizer, temp))]
     if not model_only:
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-        torch.save(rng_state(), folder / "rng_state.pt")
-    (folder / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+        parts += [("optimizer.pt", lambda: torch.save(optimizer.state_dict(), temp / "optimizer.pt")),
+                  ("scheduler.pt", lambda: torch.save(scheduler.state_dict(), temp / "scheduler.pt")),
+                  ("rng_state.pt", lambda: torch.save(rng_state(), temp / "rng_state.pt"))]
+    parts += [("trainer_state.json", lambda: _write_json(temp / "trainer_state.json", asdict(state))),
+              ("flush to disk", lambda: _fsync_tree(temp)),
+              (MARKER, lambda: _write_json(temp / MARKER, {"step": state.global_step, "tuneforge_version":
+                                                           __version__, **(identity or {})}, sync=True))]
+    shutil.rmtree(temp, ignore_errors=True)  # left by a save that was killed
+    try:
+        temp.mkdir(parents=True)
+        for what, write in parts:
+            write()
+        if folder.exists():  # an incomplete folder of the same name, from before markers
+            shutil.rmtree(folder)
+        os.replace(temp, folder)
+        _fsync_dir(folder.parent)
+    except Exception as err:  # noqa: BLE001 - any failure to write (OSError, torch's and safetensors' own errors)
+        shutil.rmtree(temp, ignore_errors=True)
+        raise _save_failed(folder, temp / what, f"{type(err).__name__}: {err}", needed,
+                           shutil.disk_usage(folder.parent).free) from err
+
+
+def _save_failed(folder: Path, where: Path, why: str, needed: int, free: int) -> SaveFailed:
+    previous = checkpoints_in(folder.parent)
+    kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    return SaveFailed(f"could not save {folder}: writing {where} failed ({why.strip()}); a checkpoint needs about "
+                      f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB is free there. {kept}: free some space "
+                      "(or choose another output_dir) and run the same command again to resume")
+
+
+def _expected_size(output_dir: Path, module, optimizer) -> int:
+    """The size of the last complete checkpoint, or (none yet) of the weights and optimizer state to write."""
+    previous = checkpoints_in(output_dir)
+    if previous:
+        return sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file())
+    params = [p for p in module.model.parameters() if p.requires_grad or not hasattr(module.model, "peft_config")]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                 if torch.is_tensor(t))
+    return weights + states
+
+
+def _write_json(path: Path, value, sync: bool = False) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(json.dumps(value, indent=2))
+        if sync:
+            out.flush()
+            os.fsync(out.fileno())
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_trainable_weights(model, folder: Path) -> None:
@@ -133,6 +240,48 @@ def load_trainable_weights(model, folder: Path) -> None:
     if unexpected or set(missing) - tied:
         raise ValueError(f"{folder} does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
                          f"unexpected {unexpected[:3]}")
+
+
+def check_identity(folder: str | Path, identity: dict) -> None:
+    """Refuse a checkpoint written by another tuneforge version, or with settings that change training."""
+    marker = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+    how = "resume with the same settings, or set overwrite_output_dir: true to start over"
+    if marker.get("tuneforge_version") != __version__:
+        raise ConfigError(f"{folder} was written by tuneforge {marker.get('tuneforge_version')}; this is tuneforge "
+                          f"{__version__}, which may not continue it exactly; resume with that version, or set "
+                          "overwrite_output_dir: true to start over")
+    before, now = marker.get("config", {}), identity.get("config", {})
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"{folder} was trained with other settings ({'; '.join(changed[:4])}); {how}")
+    if marker.get("data") != identity.get("data"):
+        was, count = marker.get("num_train_examples"), identity.get("num_train_examples")
+        now_has = "other files" if not count or not was else \
+            f"{count} examples" if count != was else "other examples (the same number)"
+        raise ConfigError(f"{folder} was trained on {was or 'streamed'} examples but the data now has {now_has}; "
+                          "resume with the same data, or set overwrite_output_dir: true")
+
+
+# Keys that do not change what training computes (where results go, how often it logs, saves and evaluates, how
+# long it runs, inference and export): a checkpoint resumes under other values of these. Any other key that
+# differs from the checkpoint's is refused on resume.
+RESUME_NEUTRAL = frozenset((
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "save_steps", "save_strategy",
+    "save_total_limit", "save_only_model", "eval_strategy", "eval_steps", "per_device_eval_batch_size", "do_eval",
+    "do_predict", "predict_with_generate", "predict_metric", "load_best_model_at_end", "metric_for_best_model",
+    "early_stopping_steps", "plot_loss", "report_to", "run_name", "ddp_timeout", "dataloader_num_workers",
+    "max_steps", "num_train_epochs", "skip_nonfinite_steps", "overwrite_cache", "preprocessing_num_workers",
+    "tokenized_path", "cache_dir", "hf_hub_token", "eval_dataset", "eval_on_each_dataset"))
+
+
+def config_identity(cfg) -> dict:
+    """The settings a checkpoint records and resume compares (everything but RESUME_NEUTRAL, inference, export)."""
+    values = {}
+    for group in ("model", "data", "finetune", "train"):
+        values.update({k: v for k, v in vars(getattr(cfg, group)).items()
+                       if k not in RESUME_NEUTRAL and not k.startswith("export_")})
+    return json.loads(json.dumps(values, default=str))
 
 
 def load_checkpoint(folder: str | Path, module, optimizer, scheduler) -> TrainerState:

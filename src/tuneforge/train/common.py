@@ -40,8 +40,8 @@ def start(cfg):
 def guard_output_dir(cfg, accelerator) -> str | None:
     """The checkpoint to resume from, if any; refuses to overwrite a finished output_dir (see checkpoint.py)."""
     t = cfg.train
-    resume = ckpt.check_output_dir(t.output_dir, t.overwrite_output_dir, t.resume_from_checkpoint) if t.do_train \
-        else None
+    resume = ckpt.check_output_dir(t.output_dir, t.overwrite_output_dir, t.resume_from_checkpoint,
+                                   accelerator.print) if t.do_train else None
     accelerator.wait_for_everyone()  # every process has decided before the main one clears old checkpoints
     return resume
 

@@ -19,6 +19,7 @@ from ..data import DataError, load_splits
 from ..data.encode import render, tokenize_pieces
 from ..data.templates import get_template, stop_token_ids
 from . import rewards as reward_functions
+from .faults import rows_signature
 from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
 from .logging import write_results
 from .loop import Precision
@@ -93,8 +94,6 @@ class RolloutSteps:
     """The loop's source of steps for grpo: every step, `per_step` prompts per process (shuffled per epoch with the
     seed, as in-memory rows are), `num_generations` completions each, with rewards and advantages."""
 
-    signature = None
-
     def __init__(self, cfg, module: GRPOLoss, tokenizer, prompts: list[dict], rewards, reference, accelerator):
         t, f = cfg.train, cfg.finetune
         self.cfg, self.module, self.tokenizer, self.prompts, self.rewards = cfg, module, tokenizer, prompts, rewards
@@ -102,7 +101,7 @@ class RolloutSteps:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps // f.num_generations
         self.steps_per_epoch = math.ceil(len(prompts) / (self.per_step * self.world))
-        self.num_examples = len(prompts)
+        self.num_examples, self.signature, self.step_rows = len(prompts), rows_signature(prompts), []
         self.template = get_template(cfg.data.template, tokenizer, cfg.data.enable_thinking)
         self.stop_ids = stop_token_ids(self.template, tokenizer)
         self.precision = Precision(t, accelerator.device)
@@ -117,6 +116,7 @@ class RolloutSteps:
             batches = epoch_batches(len(self.prompts), self.per_step, t.seed, state.epoch,
                                     not self.cfg.finetune.disable_shuffling, self.rank, self.world)
             for indices in batches[state.step_in_epoch:]:
+                self.step_rows = [indices]  # the step's prompts (their completions fill its micro-batches)
                 yield self.rollout([self.prompts[i] for i in indices])
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ import shutil
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -22,7 +23,8 @@ from ..data.collate import PadCollator
 from ..models.load import ModelError
 from . import checkpoint as ckpt
 from .logging import RunLog
-from .steps import LossModule, StepSource
+from .faults import NonFinite, Preempted, StopSignals, describe_rows
+from .steps import LossModule, StepSource, StreamSteps
 
 
 def learning_rate_of(name: str, t, f, n_layers: int | None) -> float:
@@ -172,23 +174,33 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
     scheduler = build_scheduler(optimizer, t, total_steps)
     inner = module
     module = accelerator.prepare(module)  # DDP wraps the loss module when there are several processes
-    state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=source.num_examples,
-                              stream_data=source.signature)
+    state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=source.num_examples)
+    identity = {"config": ckpt.config_identity(cfg), "data": source.signature,
+                "num_train_examples": source.num_examples}
     if resume_from:
-        state = _resume(resume_from, inner, optimizer, scheduler, state, accelerator)
+        state = _resume(resume_from, inner, optimizer, scheduler, state, identity, accelerator)
     collator = collator or PadCollator(tokenizer.pad_token_id)
     log = RunLog(t.output_dir, total_steps, state.global_step, enabled=accelerator.is_main_process)
     eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and eval_rows else 0
     interval = _Interval(accelerator.device)
+
+    saved = [None]  # the step of this run's latest checkpoint
+
+    def save():
+        _save(cfg, inner, tokenizer, optimizer, scheduler, state, accelerator, identity)
+        saved[0] = state.global_step
 
     def step(micro: list[dict]) -> tuple[bool, bool]:
         """One optimizer step with its logging, evaluation and checkpoint; returns (last step, stop early)."""
         interval.real_tokens += sum(b.pop("num_tokens") for b in micro) * world
         units = sum(inner.units(b) for b in micro).to(accelerator.device)  # counted on the CPU: no sync
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
-        loss_sum, units, metrics = _optimizer_step(module, micro, units, optimizer, scheduler, accelerator,
-                                                   precision, t.max_grad_norm)
-        interval.add(loss_sum, units, metrics)
+        loss_sum, units, metrics, bad = _optimizer_step(module, micro, units, optimizer, scheduler, accelerator,
+                                                        precision, t.max_grad_norm)
+        if bad:
+            _non_finite(bad, state, source, t, accelerator)
+        else:
+            interval.add(loss_sum, units, metrics)
         state.global_step += 1
         state.step_in_epoch += 1
         log.advance()
@@ -198,12 +210,13 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
             loss, count, means, speed = interval.flush()
             state.loss_sum += loss * count
             state.trained_units += count
+            skipped = {"skipped_steps": state.skipped_steps} if state.skipped_steps else {}
             log.train_step(state.global_step, epoch, loss, scheduler.get_last_lr()[0], speed,
-                           {**means, **source.log_metrics()})
+                           {**means, **source.log_metrics(), **skipped})
         if eval_every and (state.global_step % eval_every == 0 or last):
             stop = _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log, epoch)
         if _should_save(t, state, per_epoch, last):
-            _save(cfg, inner, tokenizer, optimizer, scheduler, state, accelerator)
+            save()
         return last, stop
 
     def end_of_epoch() -> bool:
@@ -218,33 +231,76 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
         return False
 
     module.train()
-    # a checkpoint saved at the end of an epoch resumes into the next one
-    if state.global_step < total_steps and not end_of_epoch():
-        for micro in source.steps(state):
-            last, stop = step(micro)
-            if last or stop or end_of_epoch():
-                break
-    log.close()
+    with StopSignals() as signals:
+        try:
+            # a checkpoint saved at the end of an epoch resumes into the next one
+            if state.global_step < total_steps and not end_of_epoch():
+                for micro in source.steps(state):
+                    last, stop = step(micro)
+                    if last or stop or end_of_epoch():
+                        break
+                    if _signalled(signals, accelerator):
+                        if saved[0] != state.global_step:
+                            save()
+                        _stop_for_signal(signals.received or "a signal", cfg, state)
+        finally:
+            log.close()
     restore_best(cfg, inner, state, accelerator)
     runtime = time.time() - log.started
     epoch = state.epoch + state.step_in_epoch / per_epoch if per_epoch else state.epoch
-    return {"epoch": round(epoch, 2),
-            "train_loss": state.loss_sum / max(state.trained_units, 1), "train_runtime": round(runtime, 2),
-            "train_steps_per_second": round((state.global_step - log.start_step) / runtime, 3),
-            f"train_{inner.unit}s": state.trained_units, "global_step": state.global_step}
+    results = {"epoch": round(epoch, 2),
+               "train_loss": state.loss_sum / max(state.trained_units, 1), "train_runtime": round(runtime, 2),
+               "train_steps_per_second": round((state.global_step - log.start_step) / runtime, 3),
+               f"train_{inner.unit}s": state.trained_units, "global_step": state.global_step}
+    return {**results, "skipped_steps": state.skipped_steps} if state.skipped_steps else results
 
 
-def _resume(folder: str, inner, optimizer, scheduler, fresh, accelerator):
+def _resume(folder: str, inner, optimizer, scheduler, fresh, identity: dict, accelerator):
     """The state of checkpoint `folder`, loaded into the module, optimizer and scheduler, after checking that it
-    was trained on the same data."""
+    was written by this tuneforge version with the same settings and data."""
+    ckpt.check_identity(folder, identity)
     state = ckpt.load_checkpoint(folder, inner, optimizer, scheduler)
-    if state.num_train_examples != fresh.num_train_examples or state.stream_data != fresh.stream_data:
-        now = "other files" if fresh.stream_data or state.stream_data else f"{fresh.num_train_examples} examples"
-        raise ConfigError(f"{folder} was trained on {state.num_train_examples or 'streamed'} examples but the data now "
-                          f"has {now}; resume with the same data, or set overwrite_output_dir: true")
     state.total_steps = fresh.total_steps
     accelerator.print(f"[tuneforge] resuming from {folder} at step {state.global_step}")
     return state
+
+
+def _signalled(signals: StopSignals, accelerator) -> bool:
+    """Whether any process received a stop signal (all processes must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return signals.received is not None
+    flag = torch.tensor(float(signals.received is not None), device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() > 0
+
+
+def _stop_for_signal(name: str, cfg, state) -> None:
+    folder = Path(cfg.train.output_dir) / f"checkpoint-{state.global_step}"
+    again = "run the same command again to resume" if not cfg.train.overwrite_output_dir else \
+        "run the same command without overwrite_output_dir: true to resume (with it, training starts over)"
+    raise Preempted(f"stopped by {name} after step {state.global_step}; saved {folder}; {again}")
+
+
+def _non_finite(bad: "NonFiniteStep", state, source, t, accelerator) -> None:
+    """A step whose loss or gradient norm is NaN or inf: skip its update (skip_nonfinite_steps) or stop, naming
+    the step, its examples and the checkpoint to go back to."""
+    step = state.global_step + 1
+    if t.skip_nonfinite_steps:
+        state.skipped_steps += 1
+        accelerator.print(f"[tuneforge] step {step}: {bad.text}; its update was skipped (skip_nonfinite_steps; "
+                          f"{state.skipped_steps} skipped so far)")
+        return
+    rows = getattr(source, "step_rows", None) or []
+    if bad.micro is not None and bad.micro < len(rows):
+        rows = {bad.micro: rows[bad.micro]}
+    else:
+        rows = dict(enumerate(rows))
+    where = "; ".join(f"micro-batch {i + 1}: {describe_rows(r)}" for i, r in rows.items())
+    kind = "stream positions [epoch, batch, row]" if isinstance(source, StreamSteps) else "training-set rows"
+    found = ckpt.checkpoints_in(t.output_dir)
+    last = f"the last good checkpoint is {found[-1]} (kept as it is)" if found else "no checkpoint was saved yet"
+    raise NonFinite(f"step {step}: {bad.text} ({kind} of {where or 'not known for this data'}); {last}. Lower "
+                    "learning_rate, check those examples, or set skip_nonfinite_steps: true; running the same command "
+                    "again resumes from the last checkpoint")
 
 
 class _Interval:
@@ -278,12 +334,13 @@ class _Interval:
 
 def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, accelerator, precision,
                     max_grad_norm: float):
-    """One optimizer step over micro-batches; loss = sum of losses / units of all micro-batches and processes."""
+    """One optimizer step over micro-batches; loss = sum of losses / units of all micro-batches and processes.
+    Returns (loss sum, units, metric sums, what was non-finite or ""); a non-finite step updates nothing."""
     if accelerator.num_processes > 1:
         units = accelerator.reduce(units, "sum")
     # DDP averages gradients over processes, so scale by their number to get sum / all units.
     scale = accelerator.num_processes / units.clamp(min=1)
-    total = torch.zeros((), device=accelerator.device)
+    losses = []
     sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1
@@ -291,20 +348,48 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
             with precision.autocast(_inner(module).model):
                 loss_sum, metrics = module(**batch)
             precision.scaler.scale(loss_sum * scale).backward()
-        total += loss_sum.detach().float()
+        losses.append(loss_sum.detach().float())
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0) + value.detach().float()
     precision.scaler.unscale_(optimizer)
+    params = [p for p in module.parameters() if p.requires_grad]
     if max_grad_norm and max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_grad_norm)
-    precision.scaler.step(optimizer)
-    precision.scaler.update()
-    scheduler.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    total = torch.stack(losses).sum()
+    bad = _what_is_non_finite(torch.stack(losses), norm, precision, accelerator)
+    if not bad:
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+    scheduler.step()  # a skipped step still counts: data and schedule move on as in any other run
     optimizer.zero_grad(set_to_none=True)
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, "sum")
         sums = {k: accelerator.reduce(v, "sum") for k, v in sums.items()}
-    return total, units, sums
+    return total, units, sums, bad
+
+
+class NonFiniteStep(NamedTuple):
+    text: str  # what was not finite, with its value
+    micro: int | None  # the micro-batch whose loss it was (None: the gradient norm)
+
+
+def _what_is_non_finite(losses, norm, precision, accelerator) -> NonFiniteStep | None:
+    """None when the micro-batch losses and the gradient norm are finite on every process. Costs one wait for the
+    device per step. Under fp16 an inf gradient is the gradient scaler's business (it skips the step and lowers
+    the scale), so only losses count there."""
+    flags = torch.cat([~torch.isfinite(losses), ~torch.isfinite(norm.float().reshape(1))]).float()
+    if precision.scaler.is_enabled():
+        flags[-1] = 0
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, "sum")
+    flags = flags.tolist()
+    bad = [i for i, flag in enumerate(flags[:-1]) if flag]
+    if bad:
+        return NonFiniteStep(f"the loss is {losses[bad[0]].item()} in micro-batch {bad[0] + 1} of {len(losses)}",
+                             bad[0])
+    return NonFiniteStep(f"the gradient norm is {norm.item()} (losses finite)", None) if flags[-1] else None
 
 
 def _inner(module):
@@ -373,10 +458,11 @@ def _should_save(t, state, steps_in_epoch: int, last: bool) -> bool:
     return t.save_strategy == "epoch" and state.step_in_epoch == steps_in_epoch
 
 
-def _save(cfg, inner, tokenizer, optimizer, scheduler, state, accelerator) -> None:
+def _save(cfg, inner, tokenizer, optimizer, scheduler, state, accelerator, identity: dict) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         folder = Path(cfg.train.output_dir) / f"checkpoint-{state.global_step}"
-        ckpt.save_checkpoint(folder, inner, tokenizer, optimizer, scheduler, state, cfg.train.save_only_model)
+        ckpt.save_checkpoint(folder, inner, tokenizer, optimizer, scheduler, state, cfg.train.save_only_model,
+                             identity)
         ckpt.rotate_checkpoints(cfg.train.output_dir, cfg.train.save_total_limit)
     accelerator.wait_for_everyone()

@@ -13,6 +13,8 @@ from typing import Iterator, Protocol
 import torch
 from torch.utils.data import DataLoader
 
+from .faults import rows_signature
+
 
 class LossModule(Protocol):
     unit: str  # what `units` counts: "token", "pair", "example", "completion token"
@@ -31,7 +33,10 @@ class LossModule(Protocol):
 class StepSource(Protocol):
     steps_per_epoch: int  # optimizer steps in one pass over the data; 0 when unknown (a stream)
     num_examples: int  # checked on resume: a checkpoint continues only on the same data (0: not counted)
-    signature: str | None  # likewise, for data that is not counted (the streamed files)
+    signature: str | None  # likewise: a hash of the rows, or of the streamed files' names and sizes
+    # for each micro-batch of the step last handed out, where its examples are in the data (row indices, stream
+    # positions), so that an error can name them
+    step_rows: list[list]
 
     def steps(self, state) -> Iterator[list[dict]]:
         """Each optimizer step's collated micro-batches (each with `num_tokens`), from the position `state` holds
@@ -52,7 +57,7 @@ class RowSteps:
         self.rows, self.t, self.collator, self.shuffle, self.rank, self.world = rows, t, collator, shuffle, rank, world
         micro = math.ceil(len(rows) / (t.per_device_train_batch_size * world))
         self.steps_per_epoch = math.ceil(micro / t.gradient_accumulation_steps)
-        self.num_examples, self.signature = len(rows), None
+        self.num_examples, self.signature, self.step_rows = len(rows), rows_signature(rows), []
 
     def log_metrics(self) -> dict[str, float]:
         return {}
@@ -70,6 +75,7 @@ class RowSteps:
             loader = iter(DataLoader(self.rows, batch_sampler=flat, collate_fn=self.collator,
                                      num_workers=t.dataloader_num_workers, generator=torch.Generator()))
             for group in groups[state.step_in_epoch:]:
+                self.step_rows = group
                 yield [next(loader) for _ in group]
 
 
@@ -94,7 +100,7 @@ class StreamSteps:
 
     def __init__(self, stream, t, collator, rank: int = 0, world: int = 1):
         self.stream, self.t, self.collator, self.rank, self.world = stream, t, collator, rank, world
-        self.signature = stream.signature()
+        self.signature, self.step_rows = stream.signature(), []
 
     def log_metrics(self) -> dict[str, float]:
         return {}
@@ -103,10 +109,12 @@ class StreamSteps:
         rows = self.stream.rows(state.stream_position or (0, 0, 0))
         size, rank = self.t.per_device_train_batch_size, self.rank
         while True:
-            micro = []
+            micro, self.step_rows = [], []
             for _ in range(self.t.gradient_accumulation_steps):
                 taken = [next(rows) for _ in range(size * self.world)]
-                micro.append(self.collator([row for row, _ in taken[rank * size: (rank + 1) * size]]))
+                mine = taken[rank * size: (rank + 1) * size]
+                micro.append(self.collator([row for row, _ in mine]))
+                self.step_rows.append([list(position) for _, position in mine])
             state.stream_position = taken[-1][1]
             if state.stream_position[0] != state.epoch:  # a new pass over the data began
                 state.epoch, state.step_in_epoch = state.stream_position[0], 0

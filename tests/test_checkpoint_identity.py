@@ -1,0 +1,56 @@
+"""What a checkpoint may resume: complete ones only (marker written last), from this tuneforge version, with the same
+settings that change training and the same data; the refusals name the reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import alpaca_rows, read_log, run_training, train_config, write_jsonl
+
+from tuneforge.config import ConfigError
+from tuneforge.train.checkpoint import MARKER
+
+
+@pytest.fixture
+def stopped(tiny_model, tmp_path):
+    """An output_dir as a run stopped right after step 4 leaves it: checkpoint-2 and checkpoint-4, no final model."""
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(16))
+    values = train_config(tiny_model, str(data), tmp_path / "out", max_steps=6, save_steps=2)
+    run_training(values)
+    out = tmp_path / "out"
+    for name in ("checkpoint-6", "adapter_model.safetensors", "adapter_config.json", "train_results.json"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return values, out, data
+
+
+def test_changed_settings_version_or_data_are_refused_with_the_reason(stopped):
+    values, out, data = stopped
+    with pytest.raises(ConfigError, match=r"other settings \(learning_rate: 0\.001 -> 0\.002\)"):
+        run_training(dict(values, learning_rate=2e-3))
+    write_jsonl(data, alpaca_rows(16)[::-1])  # the same number of examples, in another order
+    with pytest.raises(ConfigError, match="data now has other examples"):
+        run_training(values)
+    write_jsonl(data, alpaca_rows(16))
+    marker = out / "checkpoint-4" / MARKER
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "tuneforge_version": "0.0.1"}))
+    with pytest.raises(ConfigError, match="written by tuneforge 0.0.1"):
+        run_training(values)
+
+
+def test_incomplete_checkpoints_are_ignored_and_not_rotated(stopped, capsys):
+    values, out, _ = stopped
+    (out / "checkpoint-4" / MARKER).unlink()  # as if killed before its marker was written
+    (out / "checkpoint-8.partial").mkdir()  # as if killed mid-write
+    with pytest.raises(FileNotFoundError, match="is incomplete"):
+        run_training(dict(values, resume_from_checkpoint=str(out / "checkpoint-4")))
+    # neutral keys may change: here how often it saves and keeps checkpoints, and how long it runs
+    results = run_training(dict(values, max_steps=7, save_steps=3, save_total_limit=1))
+    printed = capsys.readouterr().out
+    assert "ignoring incomplete checkpoint folders (their save was interrupted): checkpoint-4, " \
+           "checkpoint-8.partial" in printed and "resuming from" in printed and "checkpoint-2 at step 2" in printed
+    assert results["global_step"] == 7 and [r["current_steps"] for r in read_log(out)] == list(range(1, 8))
+    # save_total_limit kept one complete checkpoint (checkpoint-6; -3 was rotated away) and left the incomplete ones
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6", "checkpoint-8.partial"]
