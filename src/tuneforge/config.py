@@ -387,8 +387,13 @@ def _raise_problems(cfg: Config, problems: list[str]) -> None:
 
 
 def validate(cfg: Config, command: str = "train") -> None:
-    """Every problem of the config, explained in plain words, raised together as one ConfigError. The generic
-    rules live here; each stage's recipe checks its own options (`check(cfg)` in train/<recipe>.py)."""
+    """Every problem of the config, explained in plain words, raised together as one ConfigError."""
+    _raise_problems(cfg, problems(cfg, command))
+
+
+def problems(cfg: Config, command: str = "train") -> list[str]:
+    """Every problem of the config for `command`. The generic rules live here; each stage's recipe checks its own
+    options (`check(cfg)` in train/<recipe>.py)."""
     problems = _model_problems(cfg) + _literal_problems(cfg)  # Literal keys: every command
     if command == "export":  # the commands beside train check their own options, as recipes do
         from .export import check
@@ -401,7 +406,7 @@ def validate(cfg: Config, command: str = "train") -> None:
         stage = _stage(cfg)
         if stage is not None and stage.built:
             problems += stage.recipe_module().check(cfg)
-    _raise_problems(cfg, problems)
+    return problems
 
 
 def _model_problems(cfg: Config) -> list[str]:
