@@ -85,7 +85,7 @@ def test_llamafactory_yaml_is_accepted(tmp_path):
     from tuneforge.config import notices
 
     assert notices(cfg) == []  # its preprocessing_num_workers applies; nothing it sets is ignored
-    assert notices(load_config(str(path), ["run_name=x"]))[0].startswith("note: `run_name` has no effect yet")
+    assert notices(load_config(str(path), ["run_name=x"]))[0].startswith("note: `run_name` has no effect here")
     assert notices(load_config(str(path), ["buffer_size=1"]))[0].startswith(
         "note: `buffer_size` has no effect without streaming")
     assert [n.split(":")[1] for n in notices(load_config(str(path), [
@@ -123,7 +123,7 @@ def test_overrides_and_types(tmp_path):
     ("eval_strategy=steps", "needs evaluation data"),
     ("do_eval=true", "`do_eval` needs evaluation data"),
     ("early_stopping_steps=3 val_size=0.1", "`early_stopping_steps` needs evaluations during training"),
-    ("report_to=wandb", "`report_to: wandb` is not supported yet"),
+    ("report_to=comet_ml", "`report_to: comet_ml` is not supported; use tensorboard, wandb, mlflow"),
     ("stage=cls torch_compile=true", "`torch_compile` is not supported for stage cls yet"),
     ("stage=dpo compute_accuracy=true", "`compute_accuracy` is token accuracy for stages pt and sft"),
 ])

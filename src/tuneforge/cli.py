@@ -25,6 +25,8 @@ COMMANDS = {
               "tuneforge export CONFIG.yaml [key=value ...]",
     "api": "serve the model (+ adapter) over an OpenAI-compatible HTTP API (API_HOST, API_PORT, API_KEY, "
            "API_MODEL_NAME): tuneforge api [CONFIG.yaml] [key=value ...]",
+    "webui": "the browser UI: train, watch, chat and export without a YAML: tuneforge webui [--host 127.0.0.1] "
+             "[--port 7860] [--output_root saves]",
     "eval": "score a model (+ adapter) on a multiple-choice benchmark: tuneforge eval CONFIG.yaml [key=value ...] "
             "[--compare key=value ...]",
 }
@@ -71,6 +73,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, argparse.Act
             flags.append(p.add_argument("--file", help="a .txt (one input per line), CSV/TSV/JSON/JSONL/Parquet with "
                                         "a text or image column (and optionally labels, to report accuracy)"))
             flags.append(p.add_argument("--out", help="write JSON lines here instead of printing them"))
+        if name == "webui":
+            flags.append(p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this "
+                                        "machine only; 0.0.0.0 opens the UI, and training on this machine, to the "
+                                        "network)"))
+            flags.append(p.add_argument("--port", type=int, default=7860))
+            flags.append(p.add_argument("--output_root", default="saves", help="the folder whose runs the UI lists"))
         if name == "eval":
             flags.append(p.add_argument("--compare", nargs="+", metavar="KEY=VALUE", help="also score the config "
                                         "with these keys changed (e.g. adapter_name_or_path=saves/quickstart) and "
@@ -171,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             from .infer.api import serve
 
             serve(_load(path, overrides, "chat"))
+        elif ns.command == "webui":
+            from .webui import serve as serve_webui
+
+            if config:  # the UI's forms make the configs; a key here would be silently unused
+                raise ConfigError(f"webui takes no config file or keys (got {' '.join(config)}); set them in its forms")
+            serve_webui(ns.host, ns.port, ns.output_root)
         elif ns.command == "eval":
             from .evaluate import run_comparison, run_eval
 

@@ -180,6 +180,8 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     optim: str = "adamw_torch"  # adamw_torch | adamw_torch_fused | sgd (no momentum)
+    # also send the logged scalars to: tensorboard (event files in <output_dir>/runs), wandb, mlflow; a comma list,
+    # `all` (every one installed) or none; trainer_log.jsonl is always written. `run_name` names wandb/mlflow runs.
     report_to: str = "none"
     resume_from_checkpoint: str | None = None
     ddp_timeout: int = 1800
@@ -247,13 +249,13 @@ NOT_YET = {
 }
 # Keys LLaMA-Factory configs often set that have no effect in tuneforge yet: accepted with a printed notice, so
 # those configs run and nothing is skipped silently.
-NO_EFFECT_YET = {
-    "run_name": "it names runs for report_to, which is not built",
-}
+NO_EFFECT_YET: dict[str, str] = {}
 
 
 def notices(cfg: Config) -> list[str]:
     """One line per key that is set but has no effect yet."""
+    from .train.trackers import requested as requested_trackers
+
     out = []
     for key, why in NO_EFFECT_YET.items():
         group = getattr(cfg, KEY_GROUP[key])
@@ -269,6 +271,8 @@ def notices(cfg: Config) -> list[str]:
 
         out.append(f"note: `preprocessing_num_workers` applies to stages {names(lambda s: s.language_modelling)}; "
                    f"stage {stage.name} preprocesses in one process")
+    if cfg.train.run_name and not {"wandb", "mlflow"} & set(requested_trackers(cfg.train.report_to)):
+        out.append("note: `run_name` has no effect here: it names wandb and mlflow runs (report_to)")
     if d.buffer_size != DataArgs.buffer_size and not d.streaming:
         out.append("note: `buffer_size` has no effect without streaming: in-memory data is shuffled whole")
     if d.streaming:
@@ -394,8 +398,13 @@ def _raise_problems(cfg: Config, problems: list[str]) -> None:
 
 
 def validate(cfg: Config, command: str = "train") -> None:
-    """Every problem of the config, explained in plain words, raised together as one ConfigError. The generic
-    rules live here; each stage's recipe checks its own options (`check(cfg)` in train/<recipe>.py)."""
+    """Every problem of the config, explained in plain words, raised together as one ConfigError."""
+    _raise_problems(cfg, problems(cfg, command))
+
+
+def problems(cfg: Config, command: str = "train") -> list[str]:
+    """Every problem of the config for `command`. The generic rules live here; each stage's recipe checks its own
+    options (`check(cfg)` in train/<recipe>.py)."""
     problems = _model_problems(cfg) + _literal_problems(cfg)  # Literal keys: every command
     if command == "export":  # the commands beside train check their own options, as recipes do
         from .export import check
@@ -408,7 +417,7 @@ def validate(cfg: Config, command: str = "train") -> None:
         stage = _stage(cfg)
         if stage is not None and stage.built:
             problems += stage.recipe_module().check(cfg)
-    _raise_problems(cfg, problems)
+    return problems
 
 
 def _model_problems(cfg: Config) -> list[str]:
@@ -555,14 +564,14 @@ def _interleave_problems(d: DataArgs) -> list[str]:
 
 
 def _schedule_problems(t: TrainArgs) -> list[str]:
+    from .train.trackers import problems as tracker_problems
+
     out = []
     if t.lr_scheduler_type not in SCHEDULERS:
         out.append(f"`lr_scheduler_type` must be one of {', '.join(SCHEDULERS)}; got {t.lr_scheduler_type!r}")
     if t.optim not in ("adamw_torch", "adamw_torch_fused", "sgd"):
         out.append(f"`optim: {t.optim}` is not supported yet; use adamw_torch, adamw_torch_fused or sgd")
-    if t.report_to not in ("none", None, ""):
-        out.append(f"`report_to: {t.report_to}` is not supported yet; metrics go to trainer_log.jsonl "
-                   "(set report_to: none)")
+    out += tracker_problems(t.report_to)
     if t.eval_strategy not in ("no", "steps", "epoch"):
         out.append(f"`eval_strategy` must be no, steps or epoch; got {t.eval_strategy!r}")
     if t.save_strategy not in ("no", "steps", "epoch"):
@@ -594,9 +603,14 @@ def all_keys() -> dict[str, list[tuple[str, str, object]]]:
             for g, cls in GROUPS.items()}
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the effective config back as flat YAML (used for reproducibility in output_dir)."""
+def flat_config(cfg: Config) -> dict:
+    """Every key and its effective value, as one flat mapping (the YAML form)."""
     flat = {}
     for group in GROUPS:
         flat.update(dataclasses.asdict(getattr(cfg, group)))
-    Path(path).write_text(yaml.safe_dump(flat, sort_keys=False), encoding="utf-8")
+    return flat
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the effective config back as flat YAML (used for reproducibility in output_dir)."""
+    Path(path).write_text(yaml.safe_dump(flat_config(cfg), sort_keys=False), encoding="utf-8")

@@ -15,9 +15,10 @@ def _clock(seconds: float) -> str:
 
 
 class RunLog:
-    def __init__(self, output_dir: str, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, output_dir: str, total_steps: int, start_step: int, enabled: bool, trackers=()):
         self.path = Path(output_dir) / "trainer_log.jsonl"
         self.total_steps, self.start_step, self.enabled = total_steps, start_step, enabled
+        self.trackers = list(trackers)  # report_to: they get the same scalars as the log file
         self.started = time.time()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not enabled)
@@ -44,19 +45,30 @@ class RunLog:
                   "epoch": round(epoch, 2), **{k: round(v, 4) for k, v in (metrics or {}).items()},
                   **self._timing(step), "tokens_per_second": round(tokens_per_second, 1)}
         self.write(record)
+        self._track(record, "train", step)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
 
     def eval_step(self, step: int, epoch: float, metrics: dict) -> None:
-        self.write({"current_steps": step, "total_steps": self.total_steps, "epoch": round(epoch, 2),
-                    **{k: round(v, 4) for k, v in metrics.items()}, **self._timing(step)})
+        record = {"current_steps": step, "total_steps": self.total_steps, "epoch": round(epoch, 2),
+                  **{k: round(v, 4) for k, v in metrics.items()}, **self._timing(step)}
+        self.write(record)
+        self._track(record, "eval", step)
         if self.enabled:
             self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def advance(self) -> None:
         self.bar.update(1)
 
+    def _track(self, record: dict, prefix: str, step: int) -> None:
+        from .trackers import scalars
+
+        for tracker in self.trackers:
+            tracker.log(scalars(record, prefix), step)
+
     def close(self) -> None:
         self.bar.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def write_results(output_dir: str, name: str, metrics: dict) -> None:

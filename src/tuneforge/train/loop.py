@@ -18,13 +18,14 @@ from typing import NamedTuple
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, flat_config
 from ..data.collate import PadCollator
 from ..models.load import ModelError
 from . import checkpoint as ckpt
 from .logging import RunLog
 from .faults import NonFinite, Preempted, StopSignals, describe_rows
 from .steps import LossModule, StepSource, StreamSteps
+from .trackers import open_trackers
 
 
 def learning_rate_of(name: str, t, f, n_layers: int | None) -> float:
@@ -180,7 +181,10 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
     if resume_from:
         state = _resume(resume_from, inner, optimizer, scheduler, state, identity, accelerator)
     collator = collator or PadCollator(tokenizer.pad_token_id)
-    log = RunLog(t.output_dir, total_steps, state.global_step, enabled=accelerator.is_main_process)
+    trackers = open_trackers(t.report_to, t.output_dir, t.run_name, flat_config(cfg)) \
+        if accelerator.is_main_process else []
+    log = RunLog(t.output_dir, total_steps, state.global_step, enabled=accelerator.is_main_process,
+                 trackers=trackers)
     eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and eval_rows else 0
     interval = _Interval(accelerator.device)
 
