@@ -123,3 +123,22 @@ def test_chat_streams_an_answer_and_export_reports_its_result(tiny_model, workdi
                                               "export_dir": "merged"}).json()
     assert result["ok"], result["error"]
     assert "model.safetensors" in result["files"] and result["size_mb"] > 0
+
+
+def test_stop_saves_a_checkpoint_and_resume_finishes_the_run(tiny_model, workdir):
+    from tuneforge.webui import create_app
+
+    client = TestClient(create_app(workdir / "saves"))
+    form = {"model_name_or_path": tiny_model, "template": "chatml", "dataset": "tiny", "cutoff_len": "64",
+            "max_steps": "200", "logging_steps": "1", "save_steps": "1000", "output_dir": "saves/long"}
+    assert client.post("/api/runs", json=form).status_code == 200
+    wait_for(lambda: len(client.get("/api/runs/long").json()["records"]) >= 3)
+    assert client.post("/api/runs/long/stop").status_code == 200
+    stopped = wait_for(lambda: (d := client.get("/api/runs/long").json())["status"] != "running" and d)
+    assert stopped["status"] == "stopped" and stopped["returncode"] == 75, stopped["console"]  # 75: preempted, saved
+    step = stopped["step"]
+    assert (workdir / "saves" / "long" / f"checkpoint-{step}").is_dir() and step < 200
+    assert client.post("/api/runs/long/resume").status_code == 200
+    done = wait_for(lambda: (d := client.get("/api/runs/long").json())["status"] != "running" and d, seconds=300)
+    assert done["status"] == "finished", done["console"]
+    assert [r["current_steps"] for r in done["records"] if "loss" in r] == list(range(1, 201))

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..train.checkpoint import FINISHED_MARKERS, checkpoints_in
+from ..train.checkpoint import FINISHED, checkpoints_in
 
 LOG_TAIL = 40  # console lines the page shows
 
@@ -40,7 +40,7 @@ class Run:
         if self.process is not None and self.process.poll() is None:
             return "running"
         code = self.returncode()
-        if any((self.output_dir / m).exists() for m in FINISHED_MARKERS) and code in (None, 0):
+        if (self.output_dir / FINISHED).exists() and code in (None, 0):
             return "finished"
         if code not in (None, 0):
             return "stopped" if checkpoints_in(self.output_dir) else "failed"
