@@ -115,7 +115,7 @@ def test_overrides_and_types(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("quantization_bit=4", "`quantization_bit: 4` is not supported yet"),
-    ("stage=ppo", "stage `ppo` is not built yet"),
+    ("stage=ppo", "stage ppo needs `reward_model`"),
     ("train_on_prompt=true mask_history=true", "contradict each other"),
     ("bf16=true fp16=true", "pick one mixed-precision mode"),
     ("lr_scheduler_type=polynomial", "`lr_scheduler_type` must be one of"),

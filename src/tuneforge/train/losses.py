@@ -258,3 +258,58 @@ def loss_units(loss_type: str, mask: torch.Tensor) -> torch.Tensor:
     if loss_type == "bnpo":
         return torch.tensor(1)
     return torch.tensor(mask.shape[0])
+
+
+# ---- PPO (TRL's PPOTrainer formulas, which LLaMA-Factory's PPO runs): per-token tensors [rows, completion width] ----
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(values - mean) / std over the masked entries (unbiased variance, as TRL); shift_mean=False adds the mean
+    back, so only the spread changes."""
+    mean = masked_mean(values, mask)
+    count = mask.sum()
+    variance = masked_mean((values - mean) ** 2, mask) * count / (count - 1).clamp(min=1)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def kl_penalised_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                         kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token rewards: -kl_coef x (logp - ref_logp) at every completion token, plus the score at the last one;
+    the per-token KL logp - ref_logp). Completions start at column 0 and are padded on the right."""
+    kl = (logps - ref_logps) * mask
+    rewards = -kl_coef * kl
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
+    rewards[torch.arange(mask.shape[0], device=mask.device), last] += scores
+    return rewards, kl
+
+
+def generalised_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                           lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GAE advantages, returns = advantages + values). After a completion's last token the value is 0."""
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        running = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * running
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token 0.5 x max((v - R)^2, (clip(v, v_old +- clip) - R)^2), whether the clipped term was larger)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * torch.max(unclipped_loss, clipped_loss), clipped_loss > unclipped_loss
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, n_steps: int, horizon: int = 10000) -> float:
+    """TRL's AdaptiveKLController (Ziegler et al. 2019): move the KL coefficient towards `target` KL, by at most
+    20% of n_steps / horizon per update."""
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    return coef * (1 + error * n_steps / horizon)
