@@ -141,6 +141,19 @@ def test_a_toy_reward_from_an_http_endpoint_rises(tiny_model, tmp_path, score_se
         assert key in log[-1], key
 
 
+def test_an_unreachable_scoring_server_is_one_clear_error():
+    from tuneforge.models.load import ModelError
+    from tuneforge.train.ppo import ApiReward
+
+    class Tokenizer:
+        def decode(self, ids):
+            return "text"
+
+    with pytest.raises(ModelError, match=r"reward_model http://127.0.0.1:9/score: no scores .*\{\"scores\""):
+        ApiReward("http://127.0.0.1:9/score", Tokenizer())(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2),
+                                                          ["p"], ["c"])
+
+
 def test_lora_reward_model_adds_no_second_model(tiny_model, tmp_path):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
