@@ -232,7 +232,8 @@ def test_ppo_options_are_checked_together(tmp_path):
         assert part in message
     for values, expected in (({}, "stage ppo needs `reward_model`"),
                              ({"reward_model": "localhost:8000", "reward_model_type": "api"}, r"an http\(s\) URL"),
-                             ({"reward_model": "x", "reward_model_type": "value"}, "`reward_model_type` must be one of")):
+                             ({"reward_model": "x", "reward_model_type": "value"},
+                              "`reward_model_type` must be one of")):
         cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "ppo",
                             **values}, source="p.yaml")
         with pytest.raises(ConfigError, match=expected):

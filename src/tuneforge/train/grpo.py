@@ -10,7 +10,6 @@ source of steps (RolloutSteps), so logging, checkpoints and exact resume are the
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import replace
 
 import torch
@@ -24,7 +23,7 @@ from .logging import write_results
 from .loop import Precision
 from .losses import (clipped_policy_loss, completion_log_probs, decoder_and_head, group_advantages, kl_to_reference,
                      loss_units, token_weights)
-from .rollout import generate
+from .rollout import RolloutStats, generate
 from .stages import refuse_packing
 from .steps import epoch_batches
 
@@ -106,10 +105,7 @@ class RolloutSteps:
         self.template = get_template(cfg.data.template, tokenizer, cfg.data.enable_thinking)
         self.stop_ids = stop_token_ids(self.template, tokenizer)
         self.precision = Precision(t, accelerator.device)
-        self._reset()
-
-    def _reset(self):
-        self.sums, self.count, self.gen_seconds, self.gen_tokens, self.since = {}, 0, 0.0, 0, time.perf_counter()
+        self.stats = RolloutStats()
 
     def steps(self, state):
         t = self.cfg.train
@@ -159,22 +155,11 @@ class RolloutSteps:
         stats = {"reward": scores.mean().item(), "reward_std": scores.view(-1, group).std(1).mean().item(),
                  "completion_length": out.completion_mask.sum(1).float().mean().item(),
                  "truncated_ratio": out.truncated.float().mean().item(), **means}
-        for key, value in stats.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
-        self.gen_seconds += out.seconds
-        self.gen_tokens += out.generated_tokens
+        self.stats.add(stats, out)
 
     def log_metrics(self) -> dict[str, float]:
         """Means over the rollouts since the last call, with generation speed and its share of the time."""
-        if not self.count:
-            return {}
-        wall = time.perf_counter() - self.since
-        metrics = {k: v / self.count for k, v in self.sums.items()}
-        metrics.update(generation_tokens_per_second=self.gen_tokens / max(self.gen_seconds, 1e-9),
-                       generation_time_share=self.gen_seconds / max(wall, 1e-9))
-        self._reset()
-        return metrics
+        return self.stats.flush()
 
 
 def encode_prompts(cfg, tokenizer) -> tuple[list[dict], list[dict]]:

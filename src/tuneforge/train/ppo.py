@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -32,7 +31,7 @@ from .loop import Precision
 from .losses import (adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, decoder_and_head,
                      generalised_advantages, kl_penalised_rewards, masked_whiten)
 from .rm import VALUE_HEAD, load_reward_model, new_value_head
-from .rollout import generate
+from .rollout import RolloutStats, generate
 from .stages import refuse_packing
 from .steps import epoch_batches
 
@@ -255,11 +254,7 @@ class PPOSteps:
         self.stop_ids = stop_token_ids(template, tokenizer)
         self.precision = Precision(t, accelerator.device)
         self.kl_coef, self.moments = INIT_KL_COEF, [0.0, 1.0, 1e-24]  # score mean, variance, count (TRL's start)
-        self._reset()
-        self.last: dict[str, float] = {}
-
-    def _reset(self):
-        self.sums, self.count, self.gen_seconds, self.gen_tokens, self.since = {}, 0, 0.0, 0, time.perf_counter()
+        self.stats, self.last = RolloutStats(), {}
 
     def steps(self, state):
         if state.step_in_epoch % self.updates:
@@ -310,12 +305,13 @@ class PPOSteps:
         advantages, returns = generalised_advantages(rewards, values, mask, GAMMA, LAM)
         advantages = masked_whiten(advantages, mask)
         mean_kl = kl.sum(1).mean().item()
-        self._record({"reward": raw_scores.mean().item(), "kl": mean_kl, "kl_coef": self.kl_coef,
-                      "response_length": mask.sum(1).mean().item()}, out)
+        self.stats.add({"reward": raw_scores.mean().item(), "kl": mean_kl, "kl_coef": self.kl_coef,
+                        "response_length": mask.sum(1).mean().item()}, out)
         # TRL updates the controller after the epochs over this rollout; it is used for the next rollout's rewards
         self.kl_coef = adaptive_kl_coef(self.kl_coef, mean_kl, f.ppo_target, self.per_rollout * self.world,
                                         KL_HORIZON)
-        return {"input_ids": out.input_ids, "attention_mask": out.attention_mask, "completion_mask": out.completion_mask,
+        return {"input_ids": out.input_ids, "attention_mask": out.attention_mask,
+                "completion_mask": out.completion_mask,
                 "old_logps": logps, "old_values": values, "advantages": advantages, "returns": returns}
 
     def reference_log_probs(self, ids, mask, width: int) -> torch.Tensor:
@@ -336,23 +332,10 @@ class PPOSteps:
         std = math.sqrt(variance * total / (total - 1)) if total > 1 else 1.0
         return (scores - mean) / (std + torch.finfo(scores.dtype).eps)
 
-    def _record(self, stats: dict, out) -> None:
-        for key, value in stats.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
-        self.gen_seconds += out.seconds
-        self.gen_tokens += out.generated_tokens
-
     def log_metrics(self) -> dict[str, float]:
         """Means over the rollouts since the last call (the last one's when it is still being trained on), with
         generation speed and its share of the wall time."""
-        if not self.count:
-            return self.last
-        wall = time.perf_counter() - self.since
-        self.last = {k: v / self.count for k, v in self.sums.items()}
-        self.last.update(generation_tokens_per_second=self.gen_tokens / max(self.gen_seconds, 1e-9),
-                         generation_time_share=self.gen_seconds / max(wall, 1e-9))
-        self._reset()
+        self.last = self.stats.flush() or self.last
         return self.last
 
 
