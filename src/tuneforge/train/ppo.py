@@ -117,7 +117,7 @@ def policy_forward(model, split, value_head, input_ids, attention_mask, width: i
 
 
 class PPOLoss(torch.nn.Module):
-    unit = "completion token"  # losses are token means over the optimizer step's completion tokens
+    unit = "completion_token"  # losses are token means over the optimizer step's completion tokens
 
     def __init__(self, model):
         super().__init__()
