@@ -2,6 +2,9 @@
 reward model that adds no second model, exact resume, and its config rules."""
 
 import json
+import shutil
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -202,6 +205,21 @@ def test_resume_mid_run_gives_the_same_weights(tiny_model, tmp_path):
         assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6, name
     assert [r["current_steps"] for r in read_log(interrupted)] == [1, 2, 3, 4]
     assert not (interrupted / "reward").exists()  # only the trained adapter is saved
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
+def test_two_processes_train(tiny_model, tmp_path):
+    """torchrun with 2 processes (gloo on CPU): each samples its own prompts, the KL and the score statistics are
+    gathered from both (a collective that hangs or fails shows here), and the run ends with one model."""
+    values = _ppo(tiny_model, _prompts(tmp_path), _reward_adapter(tiny_model, tmp_path / "rm"), tmp_path / "ddp",
+                  per_device_train_batch_size=2, max_steps=4, ppo_score_norm=True)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "tuneforge.cli", "train",
+                          *[f"{k}={v}" for k, v in values.items()]], capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    log = read_log(tmp_path / "ddp")
+    assert [r["current_steps"] for r in log] == [1, 2, 3, 4] and log[-1]["kl"] != 0
+    assert (tmp_path / "ddp" / "ppo_value_head.safetensors").is_file()
 
 
 def test_llamafactory_ppo_yaml_is_accepted(tmp_path, tiny_model):

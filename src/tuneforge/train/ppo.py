@@ -243,7 +243,7 @@ class PPOSteps:
     def __init__(self, cfg, module: PPOLoss, reference, reward, tokenizer, prompts: list[dict], accelerator):
         t, f = cfg.train, cfg.finetune
         self.cfg, self.module, self.reference, self.reward, self.tokenizer = cfg, module, reference, reward, tokenizer
-        self.prompts, self.device = prompts, accelerator.device
+        self.prompts, self.device, self.accelerator = prompts, accelerator.device, accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
         self.per_rollout = self.per_step * f.ppo_buffer_size
@@ -297,14 +297,14 @@ class PPOSteps:
         logps, values, ref_logps, scores = (torch.cat(x) for x in zip(*parts))
         mask = out.completion_mask.float()
         raw_scores = scores
-        if f.ppo_score_norm:
-            scores = self._normalise(scores)
+        if f.ppo_score_norm:  # the running statistics take every process's scores, as TRL's do
+            scores = self._normalise(scores, self._gather(scores))
         rewards, kl = kl_penalised_rewards(scores, logps, ref_logps, mask, self.kl_coef)
         if f.ppo_whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = generalised_advantages(rewards, values, mask, GAMMA, LAM)
         advantages = masked_whiten(advantages, mask)
-        mean_kl = kl.sum(1).mean().item()
+        mean_kl = self._gather(kl.sum(1)).mean().item()  # one KL coefficient for every process
         self.stats.add({"reward": raw_scores.mean().item(), "kl": mean_kl, "kl_coef": self.kl_coef,
                         "response_length": mask.sum(1).mean().item()}, out)
         # TRL updates the controller after the epochs over this rollout; it is used for the next rollout's rewards
@@ -320,11 +320,16 @@ class PPOSteps:
         with self.module.model.disable_adapter():
             return policy_forward(self.module.model, self.module.split, None, ids, mask, width)[0]
 
-    def _normalise(self, scores: torch.Tensor) -> torch.Tensor:
-        """ppo_score_norm: (score - running mean) / running std, TRL's use_score_scaling + use_score_norm."""
+    def _gather(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` of every process, concatenated (each process's are the same shape)."""
+        return self.accelerator.gather(values.to(self.device)).cpu() if self.world > 1 else values
+
+    def _normalise(self, scores: torch.Tensor, all_scores: torch.Tensor) -> torch.Tensor:
+        """ppo_score_norm: (score - running mean) / running std over every process's scores so far, TRL's
+        use_score_scaling + use_score_norm."""
         mean, variance, count = self.moments
-        batch_var, batch_mean = torch.var_mean(scores, unbiased=False)
-        n, delta = scores.numel(), batch_mean.item() - mean
+        batch_var, batch_mean = torch.var_mean(all_scores, unbiased=False)
+        n, delta = all_scores.numel(), batch_mean.item() - mean
         total = count + n
         variance = (variance * count + delta ** 2 * count * n / total + batch_var.item() * n) / total
         mean += delta * n / total
