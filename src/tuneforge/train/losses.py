@@ -188,21 +188,29 @@ def pairwise_reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Ten
 def completion_log_probs(model, split, input_ids, attention_mask, completion_width: int, with_entropy: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probability of each completion token, its entropy or None) for rows laid out as
-    [left-padded prompt | completion]; the last `completion_width` columns are the completion.
+    [left-padded prompt | completion]; the last `completion_width` columns are the completion."""
+    return completion_outputs(model, split, input_ids, attention_mask, completion_width, with_entropy)[:2]
+
+
+def completion_outputs(model, split, input_ids, attention_mask, completion_width: int, with_entropy: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """completion_log_probs, plus the last hidden states that predict each completion token (for a value head).
 
     Positions come from the attention mask, as in generation, so left padding does not shift them."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     start = input_ids.shape[1] - completion_width - 1  # the position whose logits predict the first completion token
-    if split is None:
-        logits = model(**inputs).logits[:, start:-1].float()
+    if split is None:  # output heads that do more than project: the model's own logits
+        outputs = model(**inputs, output_hidden_states=True)
+        hidden, logits = outputs.hidden_states[-1][:, start:-1], outputs.logits[:, start:-1].float()
     else:
         decoder, head = split
-        logits = head(decoder(**inputs).last_hidden_state[:, start:-1]).float()
+        hidden = decoder(**inputs).last_hidden_state[:, start:-1]
+        logits = head(hidden).float()
     log_probs = logits.log_softmax(-1)
     token_logps = log_probs.gather(-1, input_ids[:, -completion_width:, None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
-    return token_logps, entropy
+    return token_logps, entropy, hidden
 
 
 def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon: float,

@@ -28,8 +28,8 @@ from .common import guard_output_dir, prepare_model, reference_model, start, tra
 from .grpo import encode_prompts
 from .logging import write_results
 from .loop import Precision
-from .losses import (adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, decoder_and_head,
-                     generalised_advantages, kl_penalised_rewards, masked_whiten)
+from .losses import (adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, completion_log_probs,
+                     completion_outputs, decoder_and_head, generalised_advantages, kl_penalised_rewards, masked_whiten)
 from .rm import VALUE_HEAD, load_reward_model, new_value_head
 from .rollout import RolloutStats, generate
 from .stages import refuse_packing
@@ -97,23 +97,10 @@ def _reward_model_problems(f) -> list[str]:
 # ---- the policy with its value head ----
 
 def policy_forward(model, split, value_head, input_ids, attention_mask, width: int, with_entropy: bool = False):
-    """(log-probability of each of the last `width` tokens, their entropies or None, the value of the state
-    before each of them or None without a value head), for rows laid out as [left-padded prompt | completion]."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    start = input_ids.shape[1] - width - 1  # the position whose outputs predict the first completion token
-    if split is None:  # output heads that do more than project: the model's own logits
-        outputs = model(**inputs, output_hidden_states=True)
-        hidden, logits = outputs.hidden_states[-1][:, start:-1], outputs.logits[:, start:-1].float()
-    else:
-        hidden = split[0](**inputs).last_hidden_state[:, start:-1]
-        logits = split[1](hidden).float()
-    log_probs = logits.log_softmax(-1)
-    token_logps = log_probs.gather(-1, input_ids[:, -width:, None]).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
-    if value_head is None:
-        return token_logps, entropy, None
-    return token_logps, entropy, value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
+    """(log-probability of each of the last `width` tokens, their entropies or None, the value of the state before
+    each of them), for rows laid out as [left-padded prompt | completion]."""
+    logps, entropy, hidden = completion_outputs(model, split, input_ids, attention_mask, width, with_entropy)
+    return logps, entropy, value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
 
 
 class PPOLoss(torch.nn.Module):
@@ -316,9 +303,9 @@ class PPOSteps:
 
     def reference_log_probs(self, ids, mask, width: int) -> torch.Tensor:
         if self.reference is not None:
-            return policy_forward(self.reference, decoder_and_head(self.reference), None, ids, mask, width)[0]
+            return completion_log_probs(self.reference, decoder_and_head(self.reference), ids, mask, width)[0]
         with self.module.model.disable_adapter():
-            return policy_forward(self.module.model, self.module.split, None, ids, mask, width)[0]
+            return completion_log_probs(self.module.model, self.module.split, ids, mask, width)[0]
 
     def _gather(self, values: torch.Tensor) -> torch.Tensor:
         """`values` of every process, concatenated (each process's are the same shape)."""
