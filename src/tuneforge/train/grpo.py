@@ -24,13 +24,13 @@ from .loop import Precision
 from .losses import (clipped_policy_loss, completion_log_probs, decoder_and_head, group_advantages, kl_to_reference,
                      loss_units, token_weights)
 from .rollout import RolloutStats, generate
-from .stages import refuse_packing
+from .stages import rollout_problems
 from .steps import epoch_batches
 
 
 def check(cfg) -> list[str]:
     f, t, g = cfg.finetune, cfg.train, cfg.generate
-    out = reward_functions.check(f) + refuse_packing(cfg)
+    out = reward_functions.check(f) + rollout_problems(cfg)
     per_process = t.per_device_train_batch_size * t.gradient_accumulation_steps
     if f.num_generations < 2:
         out.append(f"`num_generations` must be at least 2 (a group needs others to compare with); got "
@@ -38,8 +38,6 @@ def check(cfg) -> list[str]:
     elif per_process % f.num_generations:
         out.append(f"per_device_train_batch_size x gradient_accumulation_steps ({per_process}) must be a multiple of "
                    f"num_generations ({f.num_generations}): each step holds whole groups of completions")
-    if not g.do_sample or g.num_beams != 1:
-        out.append("stage grpo samples its completions: set `do_sample: true` and `num_beams: 1`")
     if g.max_new_tokens != type(g)().max_new_tokens:
         out.append("stage grpo generates up to `max_completion_length` tokens; remove `max_new_tokens`")
     if f.beta < 0:
@@ -50,11 +48,6 @@ def check(cfg) -> list[str]:
                    "default num_iterations: 1), where the probability ratio is always 1; remove them")
     if f.max_completion_length < 1:
         out.append(f"`max_completion_length` must be at least 1; got {f.max_completion_length}")
-    if t.eval_strategy != "no":
-        out.append("evaluation during training is not built for stage grpo yet: set `eval_strategy: no` (the log "
-                   "reports every step's mean reward; `do_eval` scores the evaluation prompts before and after)")
-    if f.precompute_ref_log_probs:
-        out.append("`precompute_ref_log_probs` is for dpo; grpo scores new completions every step, so remove it")
     return out
 
 

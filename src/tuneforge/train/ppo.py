@@ -32,7 +32,7 @@ from .losses import (adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, 
                      completion_outputs, decoder_and_head, generalised_advantages, kl_penalised_rewards, masked_whiten)
 from .rm import VALUE_HEAD, load_reward_model, new_value_head
 from .rollout import RolloutStats, generate
-from .stages import refuse_packing
+from .stages import rollout_problems
 from .steps import epoch_batches
 
 # TRL PPOConfig defaults, which LLaMA-Factory's PPO keeps (it exposes none of them as keys)
@@ -46,8 +46,8 @@ API_TIMEOUT_S = 120
 
 
 def check(cfg) -> list[str]:
-    f, t, g = cfg.finetune, cfg.train, cfg.generate
-    out = refuse_packing(cfg) + _reward_model_problems(f)
+    f, t = cfg.finetune, cfg.train
+    out = rollout_problems(cfg) + _reward_model_problems(f)
     updates = f.ppo_epochs * f.ppo_buffer_size
     if f.ppo_epochs < 1 or f.ppo_buffer_size < 1:
         out.append(f"`ppo_epochs` and `ppo_buffer_size` must be at least 1; got {f.ppo_epochs} and "
@@ -57,15 +57,8 @@ def check(cfg) -> list[str]:
                    "checkpoint is taken between rollouts, so that resume continues exactly")
     if f.ppo_target <= 0:
         out.append(f"`ppo_target` (the KL the adaptive controller aims at) must be above 0; got {f.ppo_target}")
-    if not g.do_sample or g.num_beams != 1:
-        out.append("stage ppo samples its completions: set `do_sample: true` and `num_beams: 1`")
     if not t.do_train:
         out.append("stage ppo only trains: set `do_train: true` (do_eval scores held-out prompts before and after)")
-    if t.eval_strategy != "no":
-        out.append("evaluation during training is not built for stage ppo: set `eval_strategy: no` (the log reports "
-                   "every step's reward; `do_eval` scores the evaluation prompts before and after)")
-    if f.precompute_ref_log_probs:
-        out.append("`precompute_ref_log_probs` is for dpo; ppo scores new completions every step, so remove it")
     return out
 
 
