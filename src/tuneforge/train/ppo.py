@@ -259,16 +259,15 @@ class PPOSteps:
     def rollout(self, prompts: list[dict]) -> dict:
         """The buffer: completions with old log-probs, values, rewards, advantages and returns, on the CPU."""
         model, f, size = self.module.model, self.cfg.finetune, self.cfg.train.per_device_train_batch_size
-        autocast = self.precision.autocast(model)
         out = generate(model, [p["ids"] for p in prompts], self.cfg.generate, self.cfg.generate.max_new_tokens,
-                       self.stop_ids, self.tokenizer, autocast)
+                       self.stop_ids, self.tokenizer, self.precision.autocast(model))
         width, parts = out.completion_mask.shape[1], []
         was_training = self.module.training
         self.module.eval()  # no dropout in the old log-probs and values the losses compare with
         for first in range(0, len(prompts), size):
             rows = slice(first, first + size)
             ids, mask = out.input_ids[rows].to(self.device), out.attention_mask[rows].to(self.device)
-            with autocast:
+            with self.precision.autocast(model):  # a context is entered once: a new one each time
                 logps, _, values = policy_forward(model, self.module.split, self.module.value_head, ids, mask, width)
                 ref_logps = self.reference_log_probs(ids, mask, width)
                 scores = self.reward(ids, mask, [p["text"] for p in prompts[rows]], out.completions[rows])
