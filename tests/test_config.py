@@ -114,8 +114,8 @@ def test_overrides_and_types(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("quantization_bit=4 finetuning_type=full", "`quantization_bit` \\(QLoRA\\) trains LoRA adapters"),
-    ("stage=ppo", "stage `ppo` is not built yet"),
+    ("quantization_bit=4 finetuning_type=full", "`quantization_bit` \(QLoRA\) trains LoRA adapters"),
+    ("stage=ppo", "stage ppo needs `reward_model`"),
     ("train_on_prompt=true mask_history=true", "contradict each other"),
     ("bf16=true fp16=true", "pick one mixed-precision mode"),
     ("lr_scheduler_type=polynomial", "`lr_scheduler_type` must be one of"),

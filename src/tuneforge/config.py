@@ -111,14 +111,15 @@ class FinetuneArgs:
     precompute_ref_log_probs: bool = False  # dpo: run the reference once over the data before training
     ref_model: str | None = None
     ref_model_adapters: str | None = None
+    # ppo (LLaMA-Factory's keys): the reward model is a `stage: rm` output_dir (or, for api, a URL); see docs/rl.md
     reward_model: str | None = None
-    reward_model_adapters: str | None = None
-    reward_model_type: str = "lora"
-    ppo_buffer_size: int = 1
-    ppo_epochs: int = 4
-    ppo_score_norm: bool = False
-    ppo_target: float = 6.0
-    ppo_whiten_rewards: bool = False
+    reward_model_adapters: str | None = None  # full: the reward model's adapters (default: none, or reward_model)
+    reward_model_type: Literal["lora", "full", "api"] = "lora"  # lora: the reward adapter on the policy's base
+    ppo_buffer_size: int = 1  # rollout batches (batch size x accumulation prompts each) per rollout
+    ppo_epochs: int = 4  # optimisation passes over each rollout
+    ppo_score_norm: bool = False  # normalise scores by their running mean and std
+    ppo_target: float = 6.0  # the KL (summed over a completion) the adaptive KL controller aims at
+    ppo_whiten_rewards: bool = False  # whiten the per-token rewards of each rollout (keeping their mean)
     # grpo (TRL's key names): each prompt gets `num_generations` sampled completions, scored by `reward_funcs`;
     # a completion's advantage is its reward minus its group's mean (scaled by `scale_rewards`)
     num_generations: int = 8  # group size; a step's completions (batch size x accumulation) hold whole groups

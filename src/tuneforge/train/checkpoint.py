@@ -130,7 +130,10 @@ def set_rng_state(state: dict) -> None:
 def save_model(module, tokenizer, folder: Path) -> None:  # tokenizer None: weights only
     """A loss module's model: an adapter (PEFT format) for LoRA, else the full model as safetensors; plus the
     tokenizer and the extra modules the stage trains besides the model (e.g. a reward model's value head)."""
-    module.model.save_pretrained(folder, safe_serialization=True)
+    model = module.model
+    # a PPO policy also holds the reward adapter (reward_model_type lora): only the trained one is the model
+    selected = {"selected_adapters": [model.active_adapter]} if len(getattr(model, "peft_config", {})) > 1 else {}
+    model.save_pretrained(folder, safe_serialization=True, **selected)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     for file, part in module.extra.items():

@@ -10,7 +10,6 @@ source of steps (RolloutSteps), so logging, checkpoints and exact resume are the
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import replace
 
 import torch
@@ -25,14 +24,14 @@ from .logging import write_results
 from .loop import Precision
 from .losses import (clipped_policy_loss, completion_log_probs, decoder_and_head, group_advantages, kl_to_reference,
                      loss_units, token_weights)
-from .rollout import generate
-from .stages import refuse_packing
+from .rollout import RolloutStats, generate
+from .stages import rollout_problems
 from .steps import epoch_batches
 
 
 def check(cfg) -> list[str]:
     f, t, g = cfg.finetune, cfg.train, cfg.generate
-    out = reward_functions.check(f) + refuse_packing(cfg)
+    out = reward_functions.check(f) + rollout_problems(cfg)
     per_process = t.per_device_train_batch_size * t.gradient_accumulation_steps
     if f.num_generations < 2:
         out.append(f"`num_generations` must be at least 2 (a group needs others to compare with); got "
@@ -40,8 +39,6 @@ def check(cfg) -> list[str]:
     elif per_process % f.num_generations:
         out.append(f"per_device_train_batch_size x gradient_accumulation_steps ({per_process}) must be a multiple of "
                    f"num_generations ({f.num_generations}): each step holds whole groups of completions")
-    if not g.do_sample or g.num_beams != 1:
-        out.append("stage grpo samples its completions: set `do_sample: true` and `num_beams: 1`")
     if g.max_new_tokens != type(g)().max_new_tokens:
         out.append("stage grpo generates up to `max_completion_length` tokens; remove `max_new_tokens`")
     if f.beta < 0:
@@ -52,11 +49,6 @@ def check(cfg) -> list[str]:
                    "default num_iterations: 1), where the probability ratio is always 1; remove them")
     if f.max_completion_length < 1:
         out.append(f"`max_completion_length` must be at least 1; got {f.max_completion_length}")
-    if t.eval_strategy != "no":
-        out.append("evaluation during training is not built for stage grpo yet: set `eval_strategy: no` (the log "
-                   "reports every step's mean reward; `do_eval` scores the evaluation prompts before and after)")
-    if f.precompute_ref_log_probs:
-        out.append("`precompute_ref_log_probs` is for dpo; grpo scores new completions every step, so remove it")
     return out
 
 
@@ -105,10 +97,7 @@ class RolloutSteps:
         self.template = get_template(cfg.data.template, tokenizer, cfg.data.enable_thinking)
         self.stop_ids = stop_token_ids(self.template, tokenizer)
         self.precision = Precision(t, accelerator.device)
-        self._reset()
-
-    def _reset(self):
-        self.sums, self.count, self.gen_seconds, self.gen_tokens, self.since = {}, 0, 0.0, 0, time.perf_counter()
+        self.stats = RolloutStats()
 
     def steps(self, state):
         t = self.cfg.train
@@ -159,22 +148,11 @@ class RolloutSteps:
         stats = {"reward": scores.mean().item(), "reward_std": scores.view(-1, group).std(1).mean().item(),
                  "completion_length": out.completion_mask.sum(1).float().mean().item(),
                  "truncated_ratio": out.truncated.float().mean().item(), **means}
-        for key, value in stats.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
-        self.gen_seconds += out.seconds
-        self.gen_tokens += out.generated_tokens
+        self.stats.add(stats, out)
 
     def log_metrics(self) -> dict[str, float]:
         """Means over the rollouts since the last call, with generation speed and its share of the time."""
-        if not self.count:
-            return {}
-        wall = time.perf_counter() - self.since
-        metrics = {k: v / self.count for k, v in self.sums.items()}
-        metrics.update(generation_tokens_per_second=self.gen_tokens / max(self.gen_seconds, 1e-9),
-                       generation_time_share=self.gen_seconds / max(wall, 1e-9))
-        self._reset()
-        return metrics
+        return self.stats.flush()
 
 
 def encode_prompts(cfg, tokenizer) -> tuple[list[dict], list[dict]]:

@@ -188,21 +188,29 @@ def pairwise_reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Ten
 def completion_log_probs(model, split, input_ids, attention_mask, completion_width: int, with_entropy: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probability of each completion token, its entropy or None) for rows laid out as
-    [left-padded prompt | completion]; the last `completion_width` columns are the completion.
+    [left-padded prompt | completion]; the last `completion_width` columns are the completion."""
+    return completion_outputs(model, split, input_ids, attention_mask, completion_width, with_entropy)[:2]
+
+
+def completion_outputs(model, split, input_ids, attention_mask, completion_width: int, with_entropy: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """completion_log_probs, plus the last hidden states that predict each completion token (for a value head).
 
     Positions come from the attention mask, as in generation, so left padding does not shift them."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     start = input_ids.shape[1] - completion_width - 1  # the position whose logits predict the first completion token
-    if split is None:
-        logits = model(**inputs).logits[:, start:-1].float()
+    if split is None:  # output heads that do more than project: the model's own logits
+        outputs = model(**inputs, output_hidden_states=True)
+        hidden, logits = outputs.hidden_states[-1][:, start:-1], outputs.logits[:, start:-1].float()
     else:
         decoder, head = split
-        logits = head(decoder(**inputs).last_hidden_state[:, start:-1]).float()
+        hidden = decoder(**inputs).last_hidden_state[:, start:-1]
+        logits = head(hidden).float()
     log_probs = logits.log_softmax(-1)
     token_logps = log_probs.gather(-1, input_ids[:, -completion_width:, None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
-    return token_logps, entropy
+    return token_logps, entropy, hidden
 
 
 def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon: float,
@@ -258,3 +266,58 @@ def loss_units(loss_type: str, mask: torch.Tensor) -> torch.Tensor:
     if loss_type == "bnpo":
         return torch.tensor(1)
     return torch.tensor(mask.shape[0])
+
+
+# ---- PPO (TRL's PPOTrainer formulas, which LLaMA-Factory's PPO runs): per-token tensors [rows, completion width] ----
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(values - mean) / std over the masked entries (unbiased variance, as TRL); shift_mean=False adds the mean
+    back, so only the spread changes."""
+    mean = masked_mean(values, mask)
+    count = mask.sum()
+    variance = masked_mean((values - mean) ** 2, mask) * count / (count - 1).clamp(min=1)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def kl_penalised_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                         kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token rewards: -kl_coef x (logp - ref_logp) at every completion token, plus the score at the last one;
+    the per-token KL logp - ref_logp). Completions start at column 0 and are padded on the right."""
+    kl = (logps - ref_logps) * mask
+    rewards = -kl_coef * kl
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
+    rewards[torch.arange(mask.shape[0], device=mask.device), last] += scores
+    return rewards, kl
+
+
+def generalised_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                           lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GAE advantages, returns = advantages + values). After a completion's last token the value is 0."""
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        running = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * running
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token 0.5 x max((v - R)^2, (clip(v, v_old +- clip) - R)^2), whether the clipped term was larger)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * torch.max(unclipped_loss, clipped_loss), clipped_loss > unclipped_loss
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, n_steps: int, horizon: int = 10000) -> float:
+    """TRL's AdaptiveKLController (Ziegler et al. 2019): move the KL coefficient towards `target` KL, by at most
+    20% of n_steps / horizon per update."""
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    return coef * (1 + error * n_steps / horizon)

@@ -19,6 +19,14 @@ from .stages import refuse_packing
 VALUE_HEAD = "value_head.safetensors"
 
 
+def new_value_head(hidden_size: int) -> torch.nn.Linear:
+    """A scalar head on the last hidden state, starting near 0 (also the PPO policy's value head)."""
+    head = torch.nn.Linear(hidden_size, 1)
+    torch.nn.init.normal_(head.weight, std=1 / (hidden_size + 1))
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
 class RewardLoss(torch.nn.Module):
     unit = "pair"
 
@@ -30,9 +38,7 @@ class RewardLoss(torch.nn.Module):
         head = base.get_output_embeddings()
         if head is not None and head.weight is not base.get_input_embeddings().weight:
             head.requires_grad_(False)  # unused by a reward model; DDP must not wait for its gradient
-        self.value_head = torch.nn.Linear(base.config.hidden_size, 1)
-        torch.nn.init.normal_(self.value_head.weight, std=1 / (base.config.hidden_size + 1))
-        torch.nn.init.zeros_(self.value_head.bias)
+        self.value_head = new_value_head(base.config.hidden_size)
         self.extra = {VALUE_HEAD: self.value_head}
 
     @staticmethod

@@ -60,3 +60,33 @@ def generate(model, prompts: list[list[int]], gen, max_new_tokens: int, stop_ids
                               skip_special_tokens=True) for row, kept in zip(completion, keep)]
     return Rollout(input_ids=torch.cat([ids, completion], 1), attention_mask=torch.cat([mask, keep], 1),
                    completion_mask=keep, truncated=truncated, completions=texts, seconds=seconds)
+
+
+class RolloutStats:
+    """Figures of the rollouts since the last log line, averaged, with generation speed and its share of the
+    wall time: what an RL step source's `log_metrics` reports."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums, self.count, self.gen_seconds, self.gen_tokens = {}, 0, 0.0, 0
+        self.since = time.perf_counter()
+
+    def add(self, stats: dict[str, float], out: Rollout) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+        self.gen_seconds += out.seconds
+        self.gen_tokens += out.generated_tokens
+
+    def flush(self) -> dict[str, float]:
+        """The means since the last flush (empty when no rollout happened since)."""
+        if not self.count:
+            return {}
+        wall = time.perf_counter() - self.since
+        metrics = {k: v / self.count for k, v in self.sums.items()}
+        metrics.update(generation_tokens_per_second=self.gen_tokens / max(self.gen_seconds, 1e-9),
+                       generation_time_share=self.gen_seconds / max(wall, 1e-9))
+        self.reset()
+        return metrics

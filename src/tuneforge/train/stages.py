@@ -43,7 +43,9 @@ STAGES = {s.name: s for s in (
     Stage("dpo", "dpo", "preference", "direct preference optimisation (sigmoid, hinge, ipo, orpo, simpo)"),
     Stage("kto", "kto", "kto", "KTO on answers flagged desirable or undesirable"),
     Stage("cls", "cls", "labelled", "a text or image classifier", predicts="labels"),
-    Stage("ppo", "ppo", "prompt", "PPO against a reward model", built=False),
+    Stage("ppo", "ppo", "prompt", "PPO against a reward model, with a value head and a KL penalty to the reference",
+          own_keys=("reward_model", "reward_model_adapters", "reward_model_type", "ppo_buffer_size", "ppo_epochs",
+                    "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")),
     Stage("grpo", "grpo", "prompt", "GRPO: group-relative policy optimisation with reward functions",
           own_keys=("num_generations", "beta", "epsilon", "epsilon_high", "loss_type", "scale_rewards",
                     "max_completion_length", "mask_truncated_completions", "reward_funcs", "reward_weights",
@@ -70,3 +72,17 @@ def refuse_packing(cfg) -> list[str]:
     if cfg.data.packing or cfg.data.neat_packing:
         return [f"packing is not built for stage {cfg.finetune.stage}; remove `packing` / `neat_packing`"]
     return []
+
+
+def rollout_problems(cfg) -> list[str]:
+    """The rules of the stages that generate what they train on (grpo, ppo)."""
+    stage, g, t = cfg.finetune.stage, cfg.generate, cfg.train
+    out = refuse_packing(cfg)
+    if not g.do_sample or g.num_beams != 1:
+        out.append(f"stage {stage} samples its completions: set `do_sample: true` and `num_beams: 1`")
+    if t.eval_strategy != "no":
+        out.append(f"evaluation during training is not built for stage {stage} yet: set `eval_strategy: no` (the log "
+                   "reports every step's mean reward; `do_eval` scores the evaluation prompts before and after)")
+    if cfg.finetune.precompute_ref_log_probs:
+        out.append(f"`precompute_ref_log_probs` is for dpo; {stage} scores new completions every step, so remove it")
+    return out
