@@ -204,6 +204,9 @@ def _train_problems(cfg: Config) -> list[str]:
                    f"{', '.join(s.name for s in STAGES.values() if s.built)}")
     if f.finetuning_type not in ("full", "freeze", "lora"):
         out.append(f"`finetuning_type` must be full, freeze or lora; got {f.finetuning_type!r}")
+    if not (t.do_train or t.do_eval or t.do_predict):
+        out.append("nothing to do: set `do_train: true` (false by default, as in LLaMA-Factory), `do_eval` or "
+                   "`do_predict`")
     if t.do_train and not d.dataset:
         out.append("`dataset` is required for training (a name from dataset_info.json or a file path)")
     if not t.output_dir:
