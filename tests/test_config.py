@@ -120,7 +120,7 @@ def test_overrides_and_types(tmp_path):
     ("train_on_prompt=true mask_history=true", "contradict each other"),
     ("bf16=true fp16=true", "pick one mixed-precision mode"),
     ("lr_scheduler_type=polynomial", "`lr_scheduler_type` must be one of"),
-    ("finetuning_type=half", "`finetuning_type` must be full, freeze or lora"),
+    ("finetuning_type=half", "`finetuning_type` must be full, freeze, lora or oft"),
     ("eval_strategy=steps", "needs evaluation data"),
     ("do_eval=true", "`do_eval` needs evaluation data"),
     ("early_stopping_steps=3 val_size=0.1", "`early_stopping_steps` needs evaluations during training"),

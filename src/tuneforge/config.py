@@ -37,6 +37,9 @@ def notices(cfg: Config) -> list[str]:
 
         out.append(f"note: `preprocessing_num_workers` applies to stages {names(lambda s: s.language_modelling)}; "
                    f"stage {stage.name} preprocesses in one process")
+    if cfg.finetune.pissa_init and not cfg.finetune.pissa_convert:
+        out.append("note: a PiSSA adapter applies to the residual base PiSSA leaves, not to the original model: "
+                   "set `pissa_convert: true` for one that does (output_dir/pissa_converted)")
     if d.buffer_size != DataArgs.buffer_size and not d.streaming:
         out.append("note: `buffer_size` has no effect without streaming: in-memory data is shuffled whole")
     if d.streaming:
@@ -194,6 +197,8 @@ def _model_problems(cfg: Config) -> list[str]:
 
 
 def _train_problems(cfg: Config) -> list[str]:
+    from .models.adapters import ADAPTER_TYPES, check as check_adapters
+    from .train.optimizers import check as check_optimizer
     from .train.stages import STAGES, names
 
     m, d, f, t, stage, out = cfg.model, cfg.data, cfg.finetune, cfg.train, _stage(cfg), []
@@ -202,8 +207,8 @@ def _train_problems(cfg: Config) -> list[str]:
     elif not stage.built:
         out.append(f"stage `{f.stage}` is not built yet; the stages available now are "
                    f"{', '.join(s.name for s in STAGES.values() if s.built)}")
-    if f.finetuning_type not in ("full", "freeze", "lora"):
-        out.append(f"`finetuning_type` must be full, freeze or lora; got {f.finetuning_type!r}")
+    if f.finetuning_type not in ("full", "freeze", "lora", "oft"):
+        out.append(f"`finetuning_type` must be full, freeze, lora or oft; got {f.finetuning_type!r}")
     if not (t.do_train or t.do_eval or t.do_predict):
         out.append("nothing to do: set `do_train: true` (false by default, as in LLaMA-Factory), `do_eval` or "
                    "`do_predict`")
@@ -236,8 +241,6 @@ def _train_problems(cfg: Config) -> list[str]:
         out.append(f"`val_size` must be a fraction in [0, 1) or a count of examples; got {d.val_size}")
     if t.bf16 and t.fp16:
         out.append("`bf16` and `fp16` are both true; pick one mixed-precision mode")
-    if f.pure_bf16 and f.finetuning_type != "lora":
-        out.append("`pure_bf16` keeps the frozen base in bf16 and needs `finetuning_type: lora`")
     out += _schedule_problems(t)
     has_eval_data = bool(d.val_size or d.eval_dataset)
     if t.load_best_model_at_end and t.eval_strategy == "no":
@@ -257,6 +260,8 @@ def _train_problems(cfg: Config) -> list[str]:
     if known and t.predict_metric and stage.data != "lm":
         out.append(f"`predict_metric` scores the answers that stage sft generates with do_predict; stage {f.stage} "
                    "generates none, so remove it")
+    if known and f.use_dft_loss and not stage.language_modelling:
+        out.append(f"`use_dft_loss` weights token losses of stages {lm_stages}; stage {f.stage} has none")
     if known and f.compute_accuracy and not stage.language_modelling:
         out.append(f"`compute_accuracy` is token accuracy for stages {lm_stages}; stage {f.stage} reports its own "
                    "accuracy metrics, so remove it")
@@ -265,13 +270,13 @@ def _train_problems(cfg: Config) -> list[str]:
     for item in (f.layer_lr or "").split(","):
         if item.strip() and ("=" not in item or not _is_number(item.split("=", 1)[1])):
             out.append(f"`layer_lr` entries look like `pattern=rate` (e.g. classifier=5e-4); got {item.strip()!r}")
-    if f.finetuning_type != "lora" and f.create_new_adapter:
-        out.append("`create_new_adapter` only applies to `finetuning_type: lora`")
-    if m.adapter_name_or_path and f.finetuning_type != "lora":
-        out.append("`adapter_name_or_path` needs `finetuning_type: lora`")
+    if f.finetuning_type not in ADAPTER_TYPES and f.create_new_adapter:
+        out.append("`create_new_adapter` only applies to `finetuning_type: lora` or `oft`")
+    if m.adapter_name_or_path and f.finetuning_type not in ADAPTER_TYPES:
+        out.append("`adapter_name_or_path` needs `finetuning_type: lora` or `oft`")
     if t.fp16 and not _cuda_available():
         out.append("`fp16: true` needs a CUDA GPU; on CPU use `bf16: true`")
-    return out + _foreign_key_problems(cfg)
+    return out + _foreign_key_problems(cfg) + check_adapters(cfg) + check_optimizer(cfg)
 
 
 def _literal_problems(cfg: Config) -> list[str]:
@@ -322,8 +327,6 @@ def _schedule_problems(t: TrainArgs) -> list[str]:
     out = []
     if t.lr_scheduler_type not in SCHEDULERS:
         out.append(f"`lr_scheduler_type` must be one of {', '.join(SCHEDULERS)}; got {t.lr_scheduler_type!r}")
-    if t.optim not in ("adamw_torch", "adamw_torch_fused", "sgd"):
-        out.append(f"`optim: {t.optim}` is not supported yet; use adamw_torch, adamw_torch_fused or sgd")
     if t.report_to not in ("none", None, ""):
         out.append(f"`report_to: {t.report_to}` is not supported yet; metrics go to trainer_log.jsonl "
                    "(set report_to: none)")

@@ -23,6 +23,7 @@ class ModelArgs:
     add_special_tokens: str | None = None
     flash_attn: str = "auto"  # auto | sdpa | eager | fa2
     disable_gradient_checkpointing: bool = False
+    use_reentrant_gc: bool = True  # LLaMA-Factory's checkpointing flavour; see NO_EFFECT_YET
     upcast_layernorm: bool = False
     train_from_scratch: bool = False
     infer_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -404,4 +405,6 @@ NOT_YET = {
 # those configs run and nothing is skipped silently.
 NO_EFFECT_YET = {
     "run_name": "it names runs for report_to, which is not built",
+    "use_reentrant_gc": "gradient checkpointing here is always non-reentrant (the same gradients, and it works with "
+                        "frozen embeddings)",
 }
