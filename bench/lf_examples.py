@@ -84,6 +84,15 @@ def run_one(path: Path, root: Path, work: Path, max_steps: int, timeout: int) ->
             "returncode": code, "seconds": round(time.time() - started, 1), "reasons": errors}
 
 
+def _cost(path: Path, root: Path) -> tuple[int, int]:
+    """Run order: training (pt, sft), then merge_lora and inference (they read its output), then the stages that
+    score pairs or hold a reference (rm, dpo, kto), the slowest."""
+    folder = path.relative_to(root / "examples").parts[0]
+    stage = (yaml.safe_load(path.read_text()) or {}).get("stage", "sft")
+    phase = 2 if stage in ("rm", "dpo", "kto", "ppo") else 1 if folder in COMMAND else 0
+    return phase, FOLDERS.index(folder)
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["| config | command | outcome | reasons (all of them, from one run) |", "|---|---|---|---|"]
     for r in results:
@@ -100,14 +109,18 @@ def main() -> int:
     parser.add_argument("--max-steps", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per config")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("lf_examples.jsonl"))
+    parser.add_argument("--resume", action="store_true", help="keep the results already in --out; run the rest")
     args = parser.parse_args()
     root = args.llamafactory.resolve()
     work = Path(tempfile.mkdtemp(prefix="tuneforge-lf-examples-"))
     shutil.copytree(root / "data", work / "data")
     paths = [p for folder in FOLDERS for p in sorted((root / "examples" / folder).rglob("*.yaml"))
              if not args.only or any(part in str(p) for part in args.only)]
-    results = []
-    with args.out.open("w", encoding="utf-8") as out:
+    paths.sort(key=lambda p: _cost(p, root))
+    results = [json.loads(line) for line in args.out.read_text().splitlines()] if args.resume else []
+    done = {r["config"] for r in results}
+    paths = [p for p in paths if str(p.relative_to(root / "examples")) not in done]
+    with args.out.open("a" if args.resume else "w", encoding="utf-8") as out:
         for path in paths:
             result = run_one(path, root, work, args.max_steps, args.timeout)
             print(f"{result['outcome']:22} {result['config']}", flush=True)

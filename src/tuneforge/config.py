@@ -365,5 +365,6 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the effective config back as flat YAML (used for reproducibility in output_dir)."""
     flat = {}
     for group in GROUPS:
-        flat.update(dataclasses.asdict(getattr(cfg, group)))
+        if group != "llamafactory_only":  # always at their defaults (any other value is refused): no information
+            flat.update(dataclasses.asdict(getattr(cfg, group)))
     Path(path).write_text(yaml.safe_dump(flat, sort_keys=False), encoding="utf-8")
