@@ -118,3 +118,4 @@ def test_dft_weights_each_token_by_its_detached_probability():
     probs = torch.exp(-torch.tensor([0.1, 1.0, 3.0]))
     assert torch.allclose(total, (losses * probs).sum())
     assert torch.allclose(losses.grad, probs)  # the weight scales the gradient and is not differentiated
+

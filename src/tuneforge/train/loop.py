@@ -48,8 +48,8 @@ def learning_rate_of(name: str, t, f, n_layers: int | None) -> float:
 
 
 def build_optimizer(model, t, f, report=None):
-    """The optimizer (optimizers.py) over the trainable parameters, grouped by learning rate and by weight decay (none for biases and
-    norms). `report` receives one line per group with its effective rate."""
+    """The optimizer (optimizers.py) over the trainable parameters, grouped by learning rate and by weight decay
+    (none for biases and norms). `report` receives one line per group with its effective rate."""
     n_layers = _num_layers(model)
     groups: dict[tuple[float, bool], list] = {}
     names: dict[tuple[float, bool], list[str]] = {}
