@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneforge.config import ConfigError, build_config, validate
+from tuneforge.config import ConfigError, build_config, notices, validate
 from tuneforge.options import GROUPS, KEY_GROUP, LLAMAFACTORY_ONLY, NO_EFFECT_YET, NOT_YET
 
 SOURCE = Path(__file__).parents[1] / "src" / "tuneforge"
@@ -60,15 +60,21 @@ def test_defaults_are_llamafactory_defaults():
 
 
 def test_every_problem_is_reported_in_one_run():
-    values = _minimal(infer_backend="vllm", use_unsloth=True, report_to="wandb", fsdp="full_shard", deepspeed="z.json",
+    values = _minimal(infer_backend="vllm", use_unsloth=True, report_to="wandb", use_kt=True, enable_liger_kernel=True,
                       image_max_pixels=1000, finetuning_type="lorax", optim="lion")
     with pytest.raises(ConfigError) as err:
         validate(build_config(values, source="lf.yaml"))
     message = str(err.value)
     assert message.startswith("lf.yaml: 8 problems:")
-    for key in ("infer_backend", "use_unsloth", "report_to", "fsdp", "deepspeed", "image_max_pixels",
+    for key in ("infer_backend", "use_unsloth", "report_to", "use_kt", "enable_liger_kernel", "image_max_pixels",
                 "finetuning_type", "optim"):
         assert f"`{key}" in message, key
+
+
+def test_sharding_configs_run_unsharded_with_a_notice():
+    cfg = build_config(_minimal(deepspeed="examples/deepspeed/ds_z3_config.json", fsdp="full_shard auto_wrap"))
+    validate(cfg)
+    assert [line.split("`")[1] for line in notices(cfg)] == ["deepspeed", "fsdp"]
 
 
 def test_groups_hold_distinct_keys():

@@ -210,7 +210,9 @@ class TrainArgs:
     report_to: str = "none"
     resume_from_checkpoint: str | None = None
     ddp_timeout: int = 1800
-    deepspeed: str | None = None
+    deepspeed: str | None = None  # see NO_EFFECT_YET
+    fsdp: str | None = None  # Hugging Face's FSDP options; see NO_EFFECT_YET
+    fsdp_transformer_layer_cls_to_wrap: str | None = None
     dataloader_num_workers: int = 0
     run_name: str | None = None
 
@@ -255,7 +257,6 @@ _SWANLAB = "SwanLab logging is not built; metrics go to trainer_log.jsonl (plot_
 _VOCAB = "changing the vocabulary (new tokens) is not built yet; train with the tokenizer's own tokens"
 _GPU = "needs a CUDA GPU (Triton kernels), which this build does not target; remove it"
 _GPTQ = "GPTQ export is not built; for a quantised model use `export_gguf: q8_0` or `q4_0` (llama.cpp / Ollama)"
-_FSDP = "FSDP through the config is not built; tuneforge runs DDP under `torchrun` / `accelerate launch`"
 _NOT_BUILT = "is not built yet; remove it"
 LLAMAFACTORY_ONLY = [
     ("media_dir", "str | None", None, _MULTIMODAL),
@@ -364,8 +365,6 @@ LLAMAFACTORY_ONLY = [
     ("fp8", "bool", False, "FP8 training needs an FP8 GPU (Hopper or newer); use bf16: true"),
     ("fp8_backend", "str", "auto", "FP8 training needs an FP8 GPU (Hopper or newer); use bf16: true"),
     ("fp8_enable_fsdp_float8_all_gather", "bool", False, "FP8 training needs an FP8 GPU (Hopper or newer)"),
-    ("fsdp", "str | None", None, _FSDP),
-    ("fsdp_transformer_layer_cls_to_wrap", "str | None", None, _FSDP),
 ]
 LlamaFactoryOnlyArgs = dataclasses.make_dataclass(
     "LlamaFactoryOnlyArgs", [(key, kind, field(default=default)) for key, kind, default, _ in LLAMAFACTORY_ONLY])
@@ -395,16 +394,21 @@ NOT_YET = {
     "resize_vocab": "resizing the vocabulary is not built yet",
     "add_special_tokens": "adding special tokens is not built yet",
     "upcast_layernorm": "upcast_layernorm is not built yet",
-    "deepspeed": "DeepSpeed configs are not wired in yet; use `accelerate launch` or torchrun for DDP",
     "export_quantization_bit": "GPTQ export is not built; for a quantised model use `export_gguf: q8_0` or "
                                "`export_gguf: q4_0` (llama.cpp / Ollama)",
     "use_fast_tokenizer": "tuneforge uses the fast (tokenizers) tokenizers only",
     **{key: why for key, _, _, why in LLAMAFACTORY_ONLY},
 }
+_SHARDING = ("it shards weights, gradients and optimizer state across GPUs, which gives the same updates as "
+             "training unsharded: tuneforge trains in one process, or under `torchrun` with DDP (a full copy per "
+             "process)")
 # Keys LLaMA-Factory configs often set that have no effect in tuneforge yet: accepted with a printed notice, so
 # those configs run and nothing is skipped silently.
 NO_EFFECT_YET = {
     "run_name": "it names runs for report_to, which is not built",
+    "deepspeed": _SHARDING,
+    "fsdp": _SHARDING,
+    "fsdp_transformer_layer_cls_to_wrap": _SHARDING,
     "use_reentrant_gc": "gradient checkpointing here is always non-reentrant (the same gradients, and it works with "
                         "frozen embeddings)",
 }
