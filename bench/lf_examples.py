@@ -63,7 +63,7 @@ def run_one(path: Path, root: Path, work: Path, max_steps: int, timeout: int) ->
     edited = work / "configs" / name
     edited.parent.mkdir(parents=True, exist_ok=True)
     edited.write_text(yaml.safe_dump(config, sort_keys=False))
-    extra = ["--query", "Who are you?", "max_new_tokens=32"] if command == "chat" else []
+    extra = ["max_new_tokens=32", "--query", "Who are you?"] if command == "chat" else []
     started = time.time()
     try:
         done = subprocess.run([TUNEFORGE, command, str(edited), *extra], cwd=work, capture_output=True, text=True,
