@@ -99,7 +99,7 @@ class FinetuneArgs:
     module_dropout: float = 0.0  # OFT's multiplicative dropout
     use_llama_pro: bool = False  # freeze: train the evenly spaced blocks that scripts/llama_pro.py-style expansion
     # added (every (layers / freeze_trainable_layers)-th block) instead of the last ones
-    use_dft_loss: bool = False  # sft: each target token's loss weighted by its own (detached) probability
+    use_dft_loss: bool = False  # pt / sft: each target token's loss weighted by its own (detached) probability
     # Optimizer extras (galore-torch, apollo-torch, adam-mini, badam packages; Muon from torch). GaLore / APOLLO
     # project the gradients of the 2-D weights of `*_target` modules (all: every linear layer) to `*_rank`.
     use_galore: bool = False
