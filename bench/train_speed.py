@@ -39,7 +39,7 @@ WORKLOADS = {
     "smollm2-qlora8": dict(SMOL_LORA, **FAST, pure_bf16=True, quantization_bit=8),
     "tiny-lora": dict(model_name_or_path="tiny", finetuning_type="lora", lora_rank=8, lora_target="all", **FAST),
 }
-FIXED = dict(stage="sft", template="chatml", cutoff_len=256, per_device_train_batch_size=4,
+FIXED = dict(stage="sft", do_train=True, template="chatml", cutoff_len=256, per_device_train_batch_size=4,
              gradient_accumulation_steps=2, learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1,
              save_steps=100000, seed=0)
 

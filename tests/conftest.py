@@ -91,8 +91,8 @@ def alpaca_file(tmp_path) -> str:
 
 def train_config(model: str, data: str, out: Path, **overrides) -> dict:
     values = dict(model_name_or_path=model, dataset=data, template="chatml", output_dir=str(out), stage="sft",
-                  finetuning_type="lora", cutoff_len=64, per_device_train_batch_size=4, learning_rate=1e-3,
-                  max_steps=8, logging_steps=1, save_steps=1000, seed=1, report_to="none")
+                  do_train=True, finetuning_type="lora", cutoff_len=64, per_device_train_batch_size=4,
+                  learning_rate=1e-3, max_steps=8, logging_steps=1, save_steps=1000, seed=1, report_to="none")
     values.update(overrides)
     return values
 

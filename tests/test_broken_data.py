@@ -31,7 +31,7 @@ def test_broken_input_gets_its_one_line_error(tiny_model, tmp_path, capsys, offl
     dataset = str(BROKEN / dataset) if (BROKEN / dataset).exists() else dataset
     out = tmp_path / "out"
     values = {"model_name_or_path": tiny_model, "dataset": dataset, "dataset_dir": str(BROKEN), "template": "chatml",
-              "output_dir": str(out), "cutoff_len": 64, "max_steps": 1, **overrides}
+              "output_dir": str(out), "do_train": True, "cutoff_len": 64, "max_steps": 1, **overrides}
     config = tmp_path / "train.yaml"
     config.write_text(json.dumps(values))  # JSON is YAML
     assert main(["train", str(config)]) == 2

@@ -25,7 +25,7 @@ def test_train_with_overrides_then_chat(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(8))
     config = tmp_path / "c.yaml"
     config.write_text(f"model_name_or_path: {tiny_model}\ndataset: {data}\ntemplate: chatml\noutput_dir: {tmp_path/'o'}\n"
-                      "max_steps: 2\nlogging_steps: 1\ncutoff_len: 64\n")
+                      "do_train: true\nmax_steps: 2\nlogging_steps: 1\ncutoff_len: 64\n")
     done = _run("train", str(config), "learning_rate=3e-4", "per_device_train_batch_size=2")
     assert done.returncode == 0, done.stderr
     # our progress bar, without transformers' bars for loading and saving weights around it
@@ -104,7 +104,8 @@ def test_data_command_on_every_format(tiny_model, tmp_path, capsys, kind):
     (tmp_path / "dataset_info.json").write_text(json.dumps({kind: entry}))
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps({"model_name_or_path": tiny_model, "dataset": kind, "dataset_dir": str(tmp_path),
-                                  "stage": stage, "template": "chatml", "output_dir": str(tmp_path / "out")}))
+                                  "stage": stage, "template": "chatml", "output_dir": str(tmp_path / "out"),
+                                  "do_train": True}))
     assert main(["data", str(config), "--plot", str(tmp_path / "h.png")]) == 0
     printed = capsys.readouterr().out
     assert f"split: {len(rows)} train, 0 evaluation" in printed

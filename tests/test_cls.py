@@ -46,7 +46,7 @@ def reviews(tmp_path):
 
 def _cls(model, data, out, **overrides):
     values = dict(model_name_or_path=model, stage="cls", dataset=data, val_size=0.25, output_dir=str(out),
-                  learning_rate=5e-3, num_train_epochs=6, per_device_train_batch_size=8, logging_steps=5,
+                  do_train=True, learning_rate=5e-3, num_train_epochs=6, per_device_train_batch_size=8, logging_steps=5,
                   lr_scheduler_type="constant", do_eval=True, seed=0)
     values.update(overrides)
     return values

@@ -103,7 +103,8 @@ def test_unknown_key_suggests_the_closest(tmp_path):
 
 def test_overrides_and_types(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\nlearning_rate: 1e-4\n")  # YAML reads 1e-4 as str
+    path.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\ndo_train: true\n"
+                    "learning_rate: 1e-4\n")  # YAML reads 1e-4 as str
     cfg = load_config(str(path), ["learning_rate=3e-4", "num_train_epochs=2", "bf16=true", "lora_target=q_proj,v_proj"])
     assert cfg.train.learning_rate == pytest.approx(3e-4) and cfg.train.num_train_epochs == 2.0
     assert cfg.train.bf16 is True and cfg.finetune.lora_target == "q_proj,v_proj"
@@ -119,7 +120,7 @@ def test_overrides_and_types(tmp_path):
     ("train_on_prompt=true mask_history=true", "contradict each other"),
     ("bf16=true fp16=true", "pick one mixed-precision mode"),
     ("lr_scheduler_type=polynomial", "`lr_scheduler_type` must be one of"),
-    ("finetuning_type=half", "`finetuning_type` must be full, freeze or lora"),
+    ("finetuning_type=half", "`finetuning_type` must be full, freeze, lora or oft"),
     ("eval_strategy=steps", "needs evaluation data"),
     ("do_eval=true", "`do_eval` needs evaluation data"),
     ("early_stopping_steps=3 val_size=0.1", "`early_stopping_steps` needs evaluations during training"),
@@ -129,7 +130,7 @@ def test_overrides_and_types(tmp_path):
 ])
 def test_conflicts_are_explained(tmp_path, override, message):
     path = tmp_path / "c.yaml"
-    path.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\n")
+    path.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\ndo_train: true\n")
     with pytest.raises(ConfigError, match=message):
         load_config(str(path), override.split())
 
@@ -144,7 +145,7 @@ def test_required_keys(tmp_path):
 def test_data_options_a_stage_would_ignore():
     from tuneforge.config import ConfigError, build_config, notices, validate
 
-    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "cls",
+    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "do_train": True, "stage": "cls",
                         "skip_bad_records": True})
     with pytest.raises(ConfigError, match="`skip_bad_records` is built for the chat and text stages"):
         validate(cfg, "train")

@@ -158,7 +158,7 @@ def test_tokenised_data_is_cached(tiny_model, tmp_path, monkeypatch):
         from transformers import AutoTokenizer
 
         cfg = build_config({"model_name_or_path": tiny_model, "dataset": str(path), "template": "chatml",
-                            "output_dir": str(tmp_path / "o"), **extra})
+                            "output_dir": str(tmp_path / "o"), "do_train": True, **extra})
         calls.clear()
         return data_module.prepare_lm_data(cfg, AutoTokenizer.from_pretrained(tiny_model))
 
@@ -224,7 +224,7 @@ def test_mix_strategies(tmp_path):
     for bad, message in [({"interleave_probs": "0.5"}, "one non-negative number per dataset"),
                          ({"mix_strategy": "zip"}, "mix_strategy` must be concat"),
                          ({"interleave_probs": "0.5,0.5", "mix_strategy": "concat"}, "not concat")]:
-        cfg = build_config({"model_name_or_path": "m", "dataset": names, "output_dir": "o",
+        cfg = build_config({"model_name_or_path": "m", "dataset": names, "output_dir": "o", "do_train": True,
                             "mix_strategy": "interleave_over", **bad})
         with pytest.raises(ConfigError, match=message):
             validate(cfg, "train")
@@ -240,7 +240,8 @@ def test_eval_on_each_dataset_reports_each_set(tiny_model, tmp_path):
     results = run_training(dict(
         model_name_or_path=tiny_model, dataset=str(tmp_path / "train.jsonl"), template="chatml",
         eval_dataset=f"{tmp_path / 'easy.jsonl'},{tmp_path / 'hard.jsonl'}", eval_on_each_dataset=True,
-        output_dir=str(out), max_steps=2, eval_strategy="steps", eval_steps=1, do_eval=True, report_to="none"))
+        output_dir=str(out), do_train=True, max_steps=2, eval_strategy="steps", eval_steps=1, do_eval=True,
+        report_to="none"))
     assert {"eval_easy_loss", "eval_hard_loss", "eval_easy_perplexity"} <= set(results)
     assert results["eval_easy_loss"] != results["eval_hard_loss"] and "eval_loss" not in results
     assert any("eval_hard_loss" in entry for entry in read_log(out))
@@ -263,7 +264,7 @@ def test_batched_and_parallel_encoding_equal_one_by_one(tiny_model, tmp_path):
     assert encode_supervised_batch(examples, tokenizer, template, 40) == single
     texts = [Example(text=f"document {i} " * (i % 5 + 1)) for i in range(23)]
     for workers in (None, 3):
-        cfg = build_config({"model_name_or_path": tiny_model, "dataset": str(path), "cutoff_len": 40,
+        cfg = build_config({"model_name_or_path": tiny_model, "dataset": str(path), "cutoff_len": 40, "do_train": True,
                             "preprocessing_batch_size": 5, "preprocessing_num_workers": workers, "output_dir": "o"})
         rows, kept = _encode(examples, "sft", tokenizer, template, cfg.data)
         assert rows == [r for r in single if r is not None] and len(kept) == len(rows)
@@ -288,7 +289,7 @@ def test_preference_data_is_cached(tiny_model, tmp_path, monkeypatch):
     def prepare(**extra):
         calls.clear()
         cfg = build_config({"model_name_or_path": tiny_model, "dataset": str(path), "stage": "dpo",
-                            "template": "chatml", "output_dir": "o", **extra})
+                            "template": "chatml", "output_dir": "o", "do_train": True, **extra})
         return data_module.prepare_preference_data(cfg, tokenizer)
 
     first = prepare()

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 def test_ddp_two_processes_match_one(tiny_model, tmp_path, streaming):
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(32))
     common = [f"model_name_or_path={tiny_model}", f"dataset={data}", "template=chatml", "cutoff_len=64", "max_steps=4",
-              "logging_steps=1", "learning_rate=1e-3", "finetuning_type=full", f"streaming={streaming}"]
+              "logging_steps=1", "learning_rate=1e-3", "finetuning_type=full", "do_train=true",
+              f"streaming={streaming}"]
     torchrun = str(Path(sys.executable).parent / "torchrun")
     ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "tuneforge.cli", "train", *common,
                           f"output_dir={tmp_path / 'ddp'}", "per_device_train_batch_size=2",

@@ -292,7 +292,7 @@ def test_sft_predict_reports_exact_match_and_the_user_metric(tiny_model, alpaca_
                                  "    return 100 * sum(bool(p) for p in preds) / len(preds)\n")
     results = run_training(dict(model_name_or_path=tiny_model, dataset=alpaca_file, template="chatml",
                                 output_dir=str(tmp_path / "out"), cutoff_len=64, per_device_train_batch_size=4,
-                                max_steps=1, val_size=4, do_predict=True, predict_with_generate=True,
+                                do_train=True, max_steps=1, val_size=4, do_predict=True, predict_with_generate=True,
                                 max_new_tokens=4, do_sample=False, predict_metric="metric.py:answered",
                                 report_to="none"))
     assert {"predict_bleu-4", "predict_rouge-l", "predict_exact_match", "predict_answered"} <= set(results)
@@ -301,7 +301,7 @@ def test_sft_predict_reports_exact_match_and_the_user_metric(tiny_model, alpaca_
 
 
 def test_predict_metric_needs_do_predict(tiny_model, alpaca_file, tmp_path):
-    cfg = build_config(dict(model_name_or_path=tiny_model, dataset=alpaca_file, output_dir=str(tmp_path),
+    cfg = build_config(dict(model_name_or_path=tiny_model, dataset=alpaca_file, output_dir=str(tmp_path), do_train=True,
                             predict_metric="metric.py:f"), source="test")
     with pytest.raises(ConfigError, match="needs `do_predict: true`"):
         validate(cfg, "train")

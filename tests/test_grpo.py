@@ -48,7 +48,7 @@ def test_prompt_data_in_every_format_keeps_its_extra_columns(tmp_path):
 
 
 def test_grpo_options_are_checked_together():
-    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "grpo",
+    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "do_train": True, "stage": "grpo",
                         "num_generations": 3, "loss_type": "ppo", "do_sample": False}, source="g.yaml")
     with pytest.raises(ConfigError) as caught:
         validate(cfg, "train")
@@ -57,7 +57,8 @@ def test_grpo_options_are_checked_together():
     for part in ("`loss_type` must be one of grpo, dr_grpo, dapo, bnpo; got 'ppo'", "needs `reward_funcs`",
                  "(8) must be a multiple of num_generations (3)", "set `do_sample: true`"):
         assert part in message
-    sft = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "beta": 0.1}, source="s.yaml")
+    sft = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "do_train": True, "beta": 0.1},
+                       source="s.yaml")
     with pytest.raises(ConfigError, match="`beta` applies to stage grpo only"):
         validate(sft, "train")
 
@@ -102,7 +103,7 @@ def test_resume_mid_run_gives_the_same_weights(tiny_model, tmp_path):
 
 
 def test_clip_range_that_cannot_bind_is_refused():
-    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "grpo",
+    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "do_train": True, "stage": "grpo",
                         "reward_funcs": "length", "epsilon_high": 0.28}, source="g.yaml")
     with pytest.raises(ConfigError, match="g.yaml: `epsilon` / `epsilon_high` would have no effect"):
         validate(cfg, "train")

@@ -15,7 +15,7 @@ def test_every_built_stage_has_a_recipe_with_run_and_check():
 
 
 def test_several_problems_are_reported_together():
-    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "dpo",
+    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "do_train": True, "stage": "dpo",
                         "pref_loss": "nope", "packing": True, "cutoff_len": 1}, source="c.yaml")
     with pytest.raises(ConfigError) as caught:
         validate(cfg, "train")
@@ -27,7 +27,7 @@ def test_several_problems_are_reported_together():
 
 
 def test_one_problem_is_one_line():
-    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "pt",
+    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "do_train": True, "stage": "pt",
                         "neat_packing": True}, source="c.yaml")
     with pytest.raises(ConfigError) as caught:
         validate(cfg, "train")

@@ -150,7 +150,7 @@ def test_files_are_read_lazily(tiny_model, tmp_path):
 ])
 def test_streaming_refuses_what_it_cannot_do(values, message):
     cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "streaming": True,
-                        "max_steps": 5, **values})
+                        "do_train": True, "max_steps": 5, **values})
     with pytest.raises(ConfigError, match=message):
         validate(cfg, "train")
 
@@ -169,7 +169,7 @@ def test_data_command_describes_the_head_of_the_stream(tiny_model, tmp_path, cap
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps({"model_name_or_path": tiny_model, "dataset": str(data), "template": "chatml",
                                   "output_dir": str(tmp_path / "out"), "streaming": True, "max_steps": 10,
-                                  "buffer_size": 16, "val_size": 4}))
+                                  "do_train": True, "buffer_size": 16, "val_size": 4}))
     assert main(["data", str(config), "--plot", str(tmp_path / "h.png")]) == 0
     printed = capsys.readouterr().out
     assert "records per dataset: " + str(data) + " 40" in printed  # counted in one pass

@@ -233,10 +233,21 @@ def template_for(tokenizer) -> str:
     return "default"
 
 
+# LLaMA-Factory 0.9.5's templates that carry a multimodal plugin (and have no text-only twin here)
+MULTIMODAL_TEMPLATES = set("""dots_ocr ernie_vl gemma3n glm4_5v glm4v glm_ocr granite3_vision intern_s1 intern_vl
+    keye_vl kimi_vl lfm2_vl llama4 llava llava_next llava_next_mistral llava_next_qwen llava_next_video llava_next_video_mistral
+    llava_next_video_yi llava_next_yi mimo_vl minicpm_o minicpm_v minicpm_v_4_6 ministral3 mistral_small mllama
+    paligemma paligemma_chat pixtral qwen2_audio qwen2_omni qwen2_vl qwen3_5 qwen3_5_nothink qwen3_6 qwen3_omni
+    qwen3_omni_nothink qwen3_vl qwen3_vl_nothink video_llava yi_vl youtu_vl""".split())
+
+
 def get_template(name: str | None, tokenizer, enable_thinking: bool = True):
     """A named template, or (no name) the tokenizer's own chat_template."""
     if not name:
         return TokenizerTemplate(tokenizer, enable_thinking)
+    if name not in TEMPLATES and name in MULTIMODAL_TEMPLATES:
+        raise DataError(f"template `{name}` is LLaMA-Factory's for a vision/audio model: multimodal training is not "
+                        "built yet; use a text model and its template")
     if name not in TEMPLATES:
         import difflib
 

@@ -1,4 +1,4 @@
-"""What trains: `full` (everything), `freeze` (chosen layers/modules), `lora` (PEFT adapters)."""
+"""What trains: `full` (everything), `freeze` (chosen layers/modules), `lora` and `oft` (PEFT adapters)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,21 @@ def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+def trainable_layer_ids(n_layers: int, args) -> range:
+    """The layers freeze (and LLaMA Pro's LoRA) trains: the last N (first -N), or with `use_llama_pro` every
+    (n_layers / N)-th, the blocks an expansion such as LLaMA-Factory's scripts/llama_pro.py inserts."""
+    n = args.freeze_trainable_layers
+    if args.use_llama_pro:
+        if n <= 0 or n_layers % n:
+            raise ModelError(f"use_llama_pro trains every (layers / freeze_trainable_layers)-th block: "
+                             f"freeze_trainable_layers must divide the model's {n_layers} layers; got {n}. Expand "
+                             "the model first (LLaMA-Factory's scripts/llama_pro.py --num_expand N) and set "
+                             "freeze_trainable_layers: N")
+        stride = n_layers // n
+        return range(stride - 1, n_layers + stride - 1, stride)
+    return range(n_layers - n, n_layers) if n > 0 else range(-n)
+
+
 def apply_freeze(model, args) -> None:
     n_layers = getattr(model.config, "num_hidden_layers", None)
     if not n_layers:
@@ -33,7 +48,7 @@ def apply_freeze(model, args) -> None:
     n = args.freeze_trainable_layers
     if n == 0 or abs(n) > n_layers:
         raise ModelError(f"freeze_trainable_layers must be between -{n_layers} and {n_layers} (not 0); got {n}")
-    layer_ids = range(n_layers - n, n_layers) if n > 0 else range(-n)
+    layer_ids = trainable_layer_ids(n_layers, args)
     modules = _split(args.freeze_trainable_modules)
     extra = _split(args.freeze_extra_modules)
     layer_pattern = re.compile(r"\.(\d+)\.")
@@ -53,19 +68,42 @@ def apply_freeze(model, args) -> None:
                          f"{sorted({n.split('.')[-2] for n, _ in model.named_parameters()})[:12]}")
 
 
-def lora_config(model, args):
-    from peft import LoraConfig, TaskType
-
-    targets = all_linear_names(model) if args.lora_target.strip() == "all" else _split(args.lora_target)
+def _targets(model, value: str, key: str, args) -> list[str]:
+    """`lora_target` / `oft_target` as PEFT target_modules; with `use_llama_pro`, only those modules inside the
+    layers LLaMA Pro trains (full module names)."""
+    targets = all_linear_names(model) if value.strip() == "all" else _split(value)
     known = {name.split(".")[-1] for name, _ in model.named_modules()}
     unknown = [t for t in targets if t not in known]
     if unknown:
-        raise ModelError(f"lora_target {unknown} not found in the model; its linear layers are "
+        raise ModelError(f"{key} {unknown} not found in the model; its linear layers are "
                          f"{', '.join(all_linear_names(model))} (or use `all`)")
+    if not args.use_llama_pro:
+        return targets
+    layer_ids = trainable_layer_ids(model.config.num_hidden_layers, args)
+    pattern = re.compile(r"\.(\d+)\.")
+    return [name for name, _ in model.named_modules() if name.split(".")[-1] in targets
+            and (found := pattern.search(name)) is not None and int(found.group(1)) in layer_ids]
+
+
+def lora_config(model, args):
+    from peft import LoraConfig, TaskType
+
+    # PiSSA: the adapter starts as the principal singular part of each weight (removed from the base), computed by
+    # PEFT with `pissa_iter` fast-SVD iterations, or exactly with -1
+    init = True if not args.pissa_init else "pissa" if args.pissa_iter == -1 else f"pissa_niter_{args.pissa_iter}"
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
-                      lora_dropout=args.lora_dropout, target_modules=targets,
+                      lora_dropout=args.lora_dropout, target_modules=_targets(model, args.lora_target, "lora_target",
+                                                                              args),
                       modules_to_save=_split(args.additional_target) or None, use_rslora=args.use_rslora,
-                      use_dora=args.use_dora)
+                      use_dora=args.use_dora, init_lora_weights=init)
+
+
+def oft_config(model, args):
+    from peft import OFTConfig, TaskType
+
+    return OFTConfig(task_type=TaskType.CAUSAL_LM, r=args.oft_rank, oft_block_size=args.oft_block_size,
+                     target_modules=_targets(model, args.oft_target, "oft_target", args),
+                     module_dropout=args.module_dropout, modules_to_save=_split(args.additional_target) or None)
 
 
 def attach_adapters(model, model_args, finetune_args, is_trainable: bool):
@@ -82,6 +120,8 @@ def attach_adapters(model, model_args, finetune_args, is_trainable: bool):
             return PeftModel.from_pretrained(model, adapters[-1], is_trainable=is_trainable)
     if is_trainable and finetune_args.finetuning_type == "lora":
         model = get_peft_model(model, lora_config(model, finetune_args))
+    elif is_trainable and finetune_args.finetuning_type == "oft":
+        model = get_peft_model(model, oft_config(model, finetune_args))
     return model
 
 
@@ -106,3 +146,56 @@ def count_parameters(model) -> tuple[int, int]:
 def describe_trainable(model) -> str:
     trainable, total = count_parameters(model)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+ADAPTER_TYPES = ("lora", "oft")  # finetuning types that train a PEFT adapter on a frozen base
+
+
+def check(cfg) -> list[str]:
+    """Problems with the adapter extras (PiSSA, OFT, LoRA+ embeddings, LLaMA Pro)."""
+    f, out = cfg.finetune, []
+    if f.pissa_init and f.finetuning_type != "lora":
+        out.append("`pissa_init` initialises LoRA adapters: it needs `finetuning_type: lora`")
+    if f.pissa_convert and not f.pissa_init:
+        out.append("`pissa_convert` converts a PiSSA adapter: it needs `pissa_init: true`")
+    if f.pissa_iter < -1 or f.pissa_iter == 0:
+        out.append(f"`pissa_iter` is the number of fast-SVD iterations (>= 1), or -1 for the exact SVD; got "
+                   f"{f.pissa_iter}")
+    if f.finetuning_type == "oft" and (f.oft_rank > 0) == (f.oft_block_size > 0):
+        out.append("OFT needs exactly one of `oft_rank` and `oft_block_size` above 0 (LLaMA-Factory's default: "
+                   "oft_block_size 32 with oft_rank 0)")
+    if f.finetuning_type == "oft" and (f.use_dora or f.use_rslora or f.loraplus_lr_ratio):
+        out.append("`use_dora`, `use_rslora` and `loraplus_lr_ratio` are LoRA options; remove them for "
+                   "finetuning_type oft")
+    if f.use_llama_pro and f.finetuning_type not in ("freeze", "lora", "oft"):
+        out.append("`use_llama_pro` chooses which blocks train: it needs finetuning_type freeze, lora or oft")
+    if f.stage == "cls" and (f.finetuning_type == "oft" or f.pissa_init or f.use_llama_pro):
+        out.append("stage cls builds its own LoRA classifier; oft, pissa_init and use_llama_pro are built for the "
+                   "language-model stages")
+    if f.loraplus_lr_embedding != type(f)().loraplus_lr_embedding and not f.loraplus_lr_ratio:
+        out.append("`loraplus_lr_embedding` is part of LoRA+: it needs `loraplus_lr_ratio`")
+    return out
+
+
+def save_pissa_init(model, output_dir) -> None:
+    """pissa_convert, before training: the initial PiSSA adapter (output_dir/pissa_init), which the conversion
+    subtracts. It is saved as a plain LoRA (init_lora_weights True) so that PEFT loads it without another SVD."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    model.save_pretrained(f"{output_dir}/pissa_init", safe_serialization=True)
+    config.init_lora_weights = init
+
+
+def save_pissa_converted(model, output_dir) -> None:
+    """pissa_convert, after training: output_dir/pissa_converted, a plain LoRA adapter (of twice the rank) that
+    applies to the original base model, unlike the PiSSA adapter, which applies to the residual base. PEFT's
+    conversion changes the adapter in memory, so the trained one is saved first and loaded back."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    model.save_pretrained(f"{output_dir}/pissa_backup", safe_serialization=True)
+    config.init_lora_weights = init
+    model.save_pretrained(f"{output_dir}/pissa_converted", safe_serialization=True,
+                          path_initial_model_for_weight_conversion=f"{output_dir}/pissa_init")
+    model.load_adapter(f"{output_dir}/pissa_backup", "default", is_trainable=True)
+    model.set_adapter("default")
+    config.init_lora_weights = init

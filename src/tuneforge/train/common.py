@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from ..config import save_config
-from ..models.adapters import attach_adapters, describe_trainable, setup_trainable
+from ..models.adapters import (ADAPTER_TYPES, attach_adapters, describe_trainable, save_pissa_converted,
+                               save_pissa_init, setup_trainable)
 from ..models.load import ModelError, keep_quantized_layers_differentiable, load_base_model, load_tokenizer
 from . import checkpoint as ckpt
 from .logging import plot_loss, write_results
@@ -90,6 +91,8 @@ def finish_training(cfg, module, tokenizer, results: dict, accelerator) -> None:
     """The trained model (and the stage's extra weights) into output_dir, with results and the loss plot."""
     if accelerator.is_main_process:
         ckpt.save_model(module, tokenizer, Path(cfg.train.output_dir))
+        if cfg.finetune.pissa_convert:
+            save_pissa_converted(module.model, cfg.train.output_dir)
         write_results(cfg.train.output_dir, "train", results)
         if cfg.finetune.plot_loss:
             plot_loss(cfg.train.output_dir)
@@ -103,6 +106,8 @@ def train_and_evaluate(cfg, module, tokenizer, train_data, eval_rows: list[dict]
     open_output_dir(cfg, accelerator)
     results = {}
     if cfg.train.do_train:
+        if cfg.finetune.pissa_convert and accelerator.is_main_process and not resume:
+            save_pissa_init(module.model, cfg.train.output_dir)
         source = rows_source(train_data, cfg.train, collator, not cfg.finetune.disable_shuffling, accelerator)
         results.update(train(cfg, module, tokenizer, source, eval_rows, accelerator, resume, collator))
         finish_training(cfg, module, tokenizer, results, accelerator)
@@ -179,7 +184,7 @@ def reference_model(cfg, needed: bool = True):
         from dataclasses import replace
 
         args = replace(cfg.model, model_name_or_path=f.ref_model, adapter_name_or_path=f.ref_model_adapters)
-    elif f.finetuning_type == "lora":
+    elif f.finetuning_type in ADAPTER_TYPES:  # the policy with its adapter switched off
         return None
     else:
         args = cfg.model  # full / freeze: a frozen copy of the starting model

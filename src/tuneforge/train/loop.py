@@ -24,6 +24,7 @@ from ..models.load import ModelError
 from . import checkpoint as ckpt
 from .logging import RunLog
 from .faults import NonFinite, Preempted, StopSignals, describe_rows
+from .optimizers import make_optimizer
 from .steps import LossModule, StepSource, StreamSteps
 from .trackers import open_trackers
 
@@ -44,12 +45,14 @@ def learning_rate_of(name: str, t, f, n_layers: int | None) -> float:
             rate *= f.layerwise_lr_decay ** n_layers
     if f.loraplus_lr_ratio and "lora_B" in name:  # LoRA+: the B matrices learn faster
         rate *= f.loraplus_lr_ratio
+    if f.loraplus_lr_ratio and "lora_embedding" in name:  # LoRA+ gives embedding adapters their own rate
+        rate = f.loraplus_lr_embedding
     return rate
 
 
 def build_optimizer(model, t, f, report=None):
-    """AdamW over the trainable parameters, grouped by learning rate and by weight decay (none for biases and
-    norms). `report` receives one line per group with its effective rate."""
+    """The optimizer (optimizers.py) over the trainable parameters, grouped by learning rate and by weight decay
+    (none for biases and norms). `report` receives one line per group with its effective rate."""
     n_layers = _num_layers(model)
     groups: dict[tuple[float, bool], list] = {}
     names: dict[tuple[float, bool], list[str]] = {}
@@ -67,10 +70,7 @@ def build_optimizer(model, t, f, report=None):
                    f"e.g. {members[0]}")
     param_groups = [{"params": params, "lr": rate, "weight_decay": t.weight_decay if decays else 0.0}
                     for (rate, decays), params in groups.items()]
-    if t.optim == "sgd":  # plain SGD: the update is the gradient times the rate, nothing divides it
-        return torch.optim.SGD(param_groups, lr=t.learning_rate)
-    return torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                             eps=t.adam_epsilon, fused=True if t.optim == "adamw_torch_fused" else None)
+    return make_optimizer(model, param_groups, t, f)
 
 
 def _num_layers(module) -> int | None:

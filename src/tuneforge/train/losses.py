@@ -86,11 +86,12 @@ class CausalLMLoss(torch.nn.Module):
     unit = "token"
     extra: dict = {}  # nothing trains besides the model (see steps.LossModule)
 
-    def __init__(self, model, chunk_size: int = 1024, compute_accuracy: bool = False):
+    def __init__(self, model, chunk_size: int = 1024, compute_accuracy: bool = False, dft: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.compute_accuracy = compute_accuracy  # token accuracy, in evaluation only
+        self.dft = dft  # use_dft_loss, in training only
         self.split = decoder_and_head(model)
 
     @staticmethod
@@ -102,21 +103,35 @@ class CausalLMLoss(torch.nn.Module):
         shift_labels = labels[:, 1:]
         targets = shift_labels != IGNORE
         accuracy = self.compute_accuracy and not self.training
+        dft = self.dft and self.training
         if self.split is None:  # output heads with extras: take the model's own logits
             logits = self.model(**inputs).logits
-            loss, _ = token_cross_entropy(logits, labels)
+            if dft:
+                loss = dft_weighted(F.cross_entropy(logits[:, :-1][targets].float(), shift_labels[targets],
+                                                    reduction="none"))
+            else:
+                loss, _ = token_cross_entropy(logits, labels)
             metrics = {"accuracy": ((logits[:, :-1].argmax(-1) == shift_labels) & targets).sum()} if accuracy else {}
             return loss, metrics
         decoder, head = self.split
         hidden = decoder(**inputs).last_hidden_state[:, :-1][targets]
         wanted = shift_labels[targets]
-        loss = chunked_cross_entropy(hidden, head, wanted, self.chunk_size)
+        if dft:
+            loss = dft_weighted(chunked_token_losses(hidden, head, wanted, self.chunk_size))
+        else:
+            loss = chunked_cross_entropy(hidden, head, wanted, self.chunk_size)
         if not accuracy:
             return loss, {}
         with torch.no_grad():
             correct = sum((head(hidden[s: s + self.chunk_size]).argmax(-1) == wanted[s: s + self.chunk_size]).sum()
                           for s in range(0, hidden.shape[0], self.chunk_size))
         return loss, {"accuracy": correct}
+
+
+def dft_weighted(token_losses: torch.Tensor) -> torch.Tensor:
+    """DFT (dynamic fine-tuning): the sum of token losses, each weighted by the token's own probability exp(-loss),
+    detached so that the weight scales the gradient without being trained (as LLaMA-Factory's use_dft_loss)."""
+    return (token_losses * torch.exp(-token_losses).detach()).sum()
 
 
 def decoder_and_head(model):

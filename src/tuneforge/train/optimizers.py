@@ -1,0 +1,173 @@
+"""The optimizer `optim` and the optimizer extras name, from maintained packages: AdamW / SGD from torch, 8-bit and
+paged AdamW from bitsandbytes (CPU too), GaLore (galore-torch), APOLLO (apollo-torch), Adam-mini (adam-mini), BAdam
+(badam), Muon (torch.optim.Muon, with AdamW for what Muon cannot take). loop.build_optimizer groups the parameters by
+learning rate and weight decay; this module turns those groups into the optimizer."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.adapters import all_linear_names
+
+OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
+          "paged_adamw_32bit")
+_BNB = {"adamw_8bit": "AdamW8bit", "adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+        "paged_adamw_32bit": "PagedAdamW32bit"}
+_EXTRAS = ("use_galore", "use_apollo", "use_adam_mini", "use_badam", "use_muon")
+
+
+def check(cfg) -> list[str]:
+    """Problems with `optim` and the optimizer extras."""
+    t, f, out = cfg.train, cfg.finetune, []
+    if t.optim not in OPTIMS:
+        out.append(f"`optim: {t.optim}` is not supported; use one of {', '.join(OPTIMS)}")
+    chosen = [key for key in _EXTRAS if getattr(f, key)]
+    if len(chosen) > 1:
+        out.append(f"{' and '.join(f'`{k}`' for k in chosen)} each choose the optimizer; set only one")
+    if chosen and (t.optim not in ("adamw_torch", "adamw_torch_fused") and
+                   not (t.optim in _BNB and f.use_galore)):
+        out.append(f"`{chosen[0]}` brings its own optimizer; leave `optim` at adamw_torch (GaLore also takes "
+                   "adamw_8bit)")
+    if chosen and (f.layer_lr or f.layerwise_lr_decay or f.loraplus_lr_ratio) and chosen[0] != "use_galore":
+        out.append(f"`{chosen[0]}` uses one learning rate for all parameters; remove layer_lr, layerwise_lr_decay "
+                   "and loraplus_lr_ratio")
+    if f.use_galore and t.optim in _BNB and not torch.cuda.is_available():
+        out.append("GaLore's 8-bit AdamW (galore-torch) runs on CUDA only; on this machine set `optim: adamw_torch`")
+    for key, value in (("galore_layerwise", f.galore_layerwise), ("apollo_layerwise", f.apollo_layerwise)):
+        if value:
+            out.append(f"`{key}: true` (an optimizer step inside backward, per layer) is not built; set it to false: "
+                       "the same updates, with the optimizer state of all layers held at once")
+    if (f.use_galore or f.use_apollo) and f.finetuning_type != "full":
+        out.append("GaLore and APOLLO project the gradients of full weight matrices: they need "
+                   "`finetuning_type: full`")
+    if (f.use_badam or f.use_adam_mini) and f.finetuning_type not in ("full",):
+        out.append("BAdam and Adam-mini optimise whole models: they need `finetuning_type: full`")
+    if f.use_badam and f.badam_mode == "layer" and f.badam_switch_mode not in ("ascending", "descending", "random",
+                                                                                 "fixed"):
+        out.append(f"`badam_switch_mode` must be ascending, descending, random or fixed; got {f.badam_switch_mode!r}")
+    return out
+
+
+def make_optimizer(model, param_groups: list[dict], t, f) -> torch.optim.Optimizer:
+    """The optimizer over `param_groups` (each with its lr and weight_decay). `model` may be a recipe's loss module
+    that holds the model as `.model`."""
+    model = model if hasattr(model, "config") else model.model
+    betas, eps = (t.adam_beta1, t.adam_beta2), t.adam_epsilon
+    if f.use_galore or f.use_apollo:
+        return _projected(model, param_groups, t, f)
+    if f.use_adam_mini:
+        from adam_mini import Adam_mini
+
+        c = model.config
+        return Adam_mini(named_parameters=[(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                         lr=t.learning_rate, betas=betas, eps=eps, weight_decay=t.weight_decay, model_sharding=False,
+                         dim=c.hidden_size, n_heads=c.num_attention_heads,
+                         n_kv_heads=getattr(c, "num_key_value_heads", None), verbose=False)
+    if f.use_badam:
+        return _badam(model, param_groups, t, f)
+    if f.use_muon:
+        return _muon(model, param_groups, t)
+    if t.optim == "sgd":  # plain SGD: the update is the gradient times the rate, nothing divides it
+        return torch.optim.SGD(param_groups, lr=t.learning_rate)
+    if t.optim in _BNB:
+        import bitsandbytes as bnb
+
+        # on a CPU bitsandbytes keeps the paged variants' state in ordinary memory (it warns once)
+        return getattr(bnb.optim, _BNB[t.optim])(param_groups, lr=t.learning_rate, betas=betas, eps=eps)
+    return torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=betas, eps=eps,
+                             fused=True if t.optim == "adamw_torch_fused" else None)
+
+
+def _projected(model, param_groups: list[dict], t, f):
+    """GaLore / APOLLO: the 2-D weights of the target linear layers get low-rank projected gradient states (the
+    group keys those packages read); everything else is plain AdamW."""
+    target = f.galore_target if f.use_galore else f.apollo_target
+    names = all_linear_names(model) if target.strip() == "all" else [n.strip() for n in target.split(",")]
+    projected = {id(p) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+                 and name.split(".")[-1] in names for p in (module.weight,) if p.requires_grad}
+    if f.use_galore:
+        extra = dict(rank=f.galore_rank, update_proj_gap=f.galore_update_interval, scale=f.galore_scale,
+                     proj_type=f.galore_proj_type)
+    else:
+        extra = dict(rank=f.apollo_rank, proj=f.apollo_proj, update_proj_gap=f.apollo_update_interval,
+                     scale=f.apollo_scale, proj_type=f.apollo_proj_type, scale_type=f.apollo_scale_type)
+    groups = []
+    for group in param_groups:
+        inside = [p for p in group["params"] if id(p) in projected]
+        outside = [p for p in group["params"] if id(p) not in projected]
+        groups += [{**group, "params": inside, **extra}] if inside else []
+        groups += [{**group, "params": outside}] if outside else []
+    betas, eps = (t.adam_beta1, t.adam_beta2), t.adam_epsilon
+    if f.use_apollo:
+        from apollo_torch import APOLLOAdamW
+
+        return APOLLOAdamW(groups, lr=t.learning_rate, betas=betas, eps=eps, scale_front=f.apollo_scale_front)
+    import galore_torch
+
+    if t.optim in _BNB:
+        return galore_torch.GaLoreAdamW8bit(groups, lr=t.learning_rate, betas=betas, eps=eps)
+    return galore_torch.GaLoreAdamW(groups, lr=t.learning_rate, betas=betas, eps=eps, no_deprecation_warning=True)
+
+
+def _badam(model, param_groups: list[dict], t, f):
+    """BAdam: block coordinate descent, one block of layers trained at a time with Adam (package `badam`)."""
+    named = list(model.named_parameters())
+    betas, eps = (t.adam_beta1, t.adam_beta2), t.adam_epsilon
+    if f.badam_mode == "ratio":
+        from badam import BlockOptimizerRatio
+
+        return BlockOptimizerRatio(param_groups=param_groups, named_parameters_list=named,
+                                   update_ratio=f.badam_update_ratio, mask_mode=f.badam_mask_mode,
+                                   verbose=f.badam_verbose, include_embedding=False, lr=t.learning_rate,
+                                   betas=betas, eps=eps)
+    from badam import BlockOptimizer
+
+    return BlockOptimizer(base_optimizer=torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=betas, eps=eps),
+                          named_parameters_list=named, block_prefix_list=None,
+                          switch_block_every=f.badam_switch_interval, start_block=f.badam_start_block,
+                          switch_mode=f.badam_switch_mode, verbose=f.badam_verbose)
+
+
+class _Paired(torch.optim.Optimizer):
+    """Two optimizers stepped together, with one list of param_groups (the same dicts, so a learning-rate
+    scheduler reaches both) and one state_dict for checkpoints."""
+
+    def __init__(self, first: torch.optim.Optimizer, second: torch.optim.Optimizer):
+        self.parts = (first, second)
+        self.param_groups = first.param_groups + second.param_groups
+        self.defaults = first.defaults
+        self.state = {}
+
+    def step(self, closure=None):
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict):
+        for part, saved in zip(self.parts, state_dict["parts"]):
+            part.load_state_dict(saved)
+
+
+def _muon(model, param_groups: list[dict], t):
+    """Muon (torch.optim.Muon) for the hidden 2-D weight matrices; AdamW for embeddings, the output head, norms
+    and biases, which Muon's orthogonalised update does not suit (LLaMA-Factory splits them the same way)."""
+    hidden = {id(p) for name, p in model.named_parameters()
+              if p.ndim == 2 and "embed" not in name and "lm_head" not in name}
+    muon_groups, adam_groups = [], []
+    for group in param_groups:
+        inside = [p for p in group["params"] if id(p) in hidden]
+        outside = [p for p in group["params"] if id(p) not in hidden]
+        muon_groups += [{**group, "params": inside}] if inside else []
+        adam_groups += [{**group, "params": outside}] if outside else []
+    # Muon scales its orthogonalised update to AdamW's RMS, so one learning rate suits both halves
+    muon = torch.optim.Muon(muon_groups, lr=t.learning_rate, adjust_lr_fn="match_rms_adamw")
+    if not adam_groups:
+        return muon
+    return _Paired(muon, torch.optim.AdamW(adam_groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                           eps=t.adam_epsilon))
