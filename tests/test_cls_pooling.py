@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import run_training
-from test_cls import WORDS, _cls, reviews, tiny_bert  # noqa: F401 (fixtures)
+from test_cls import _cls, reviews, tiny_bert  # noqa: F401 (fixtures)
 
 from tuneforge.data.classify import encode_text
 from tuneforge.models.load import ModelError
