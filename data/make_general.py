@@ -4,7 +4,8 @@ anchor the LoRA adapter to what the base model already says (self-distillation),
 overwrite everything else: the adapter is trained to leave general answers as they were, rather than to give
 answers of our own in our own style, which would change the model more than the identity needs.
 
-    PYTHONPATH=src python data/make_general.py   # about a minute on 2 CPU cores; deterministic (greedy)
+    PYTHONPATH=src python data/make_general.py   # a few minutes on 2 CPU cores; greedy, though another CPU
+                                                 # may word a few answers differently (float rounding)
 
 No prompt asks who the model is: those are the identity data's job. data/demo_check.json's questions are not here.
 """
