@@ -1,40 +1,56 @@
-"""`make demo`: ask the bundled SmolLM2 who it is, teach it a new identity with LoRA, and ask again.
+"""`make demo`: check the bundled SmolLM2 on 12 identity and 12 general questions, teach it a new identity with LoRA
+(identity data mixed with the base model's own answers to general instructions), and check again.
 
-Runs the same commands a user would type (tuneforge chat / train), and fails loudly if training did not take.
+Runs the same commands a user would type (tuneforge train, with the check config examples/quickstart_check.yaml),
+and fails loudly if the new name did not take or general questions get the identity answer.
 """
 
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-NAME = "Forgewright"  # the identity in data/identity.json
 CONFIG = "examples/quickstart.yaml"
+CHECK = "examples/quickstart_check.yaml"  # data/demo_check.json scored by examples/demo_check.py
 OUTPUT = "saves/quickstart"
+SHOWN = ("Who are you and what do you do?", "Name three primary colors.", "What is 7 times 8?")
 TUNEFORGE = str(Path(sys.executable).with_name("tuneforge"))
 
 
-def ask(*extra: str) -> str:
-    command = [TUNEFORGE, "chat", CONFIG, *extra, "--query", "Who are you?"]
-    result = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
-    return result.stdout.strip()
+def check(label: str, folder: str, *extra: str) -> dict:
+    """Answer the check questions, print three of them and the scores; returns the scores."""
+    subprocess.run([TUNEFORGE, "train", CHECK, f"output_dir={folder}", *extra], check=True,
+                   stdout=subprocess.DEVNULL)
+    answers = [json.loads(line) for line in (Path(folder) / "generated_predictions.jsonl").open(encoding="utf-8")]
+    print(f"== {label}")
+    for row in answers:
+        if any(question in row["prompt"] for question in SHOWN):
+            question = next(q for q in SHOWN if q in row["prompt"])
+            print(f"{question}\n  {' '.join(row['predict'].split())[:160]}")
+    scores = json.loads((Path(folder) / "predict_results.json").read_text(encoding="utf-8"))
+    print(f"identity questions answered with the new name: {scores['predict_identity']:.0f}%; general questions "
+          f"answered right: {scores['predict_general']:.0f}%, answered with the new name: "
+          f"{scores['predict_general_named']:.0f}%\n", flush=True)
+    return scores
 
 
 def main() -> int:
     started = time.time()
-    print("== Before training: Who are you?", flush=True)
-    before = ask()
-    print(before, "\n", flush=True)
-    print(f"== Training: tuneforge train {CONFIG} (LoRA on data/identity.json)", flush=True)
+    before = check("Before training", "saves/quickstart-check-before")
+    print(f"== Training: tuneforge train {CONFIG} (LoRA on data/identity.json + data/general.json)", flush=True)
     subprocess.run([TUNEFORGE, "train", CONFIG, "overwrite_output_dir=true"], check=True)
-    print("\n== After training: Who are you?", flush=True)
-    after = ask(f"adapter_name_or_path={OUTPUT}")
-    print(after, "\n", flush=True)
+    print()
+    after = check("After training", "saves/quickstart-check-after", f"adapter_name_or_path={OUTPUT}")
     print(f"demo finished in {time.time() - started:.0f} s; adapter, logs and training_loss.png in {OUTPUT}/")
-    if NAME in before or NAME not in after:
-        print(f"demo FAILED: expected the answer to change to name {NAME}", file=sys.stderr)
+    # A 135M model's greedy answers to general questions are fragile: any adapter flips a few either way (measured
+    # figures in docs/evaluation.md). What the identity-only recipe did, answering them with the new name, fails.
+    if after["predict_identity"] < 100 or after["predict_general_named"] > 0:
+        print("demo FAILED: expected every identity question, and no general question, to get the new name",
+              file=sys.stderr)
         return 1
-    print(f"The model now introduces itself as {NAME}.")
+    print(f"The model now introduces itself as Forgewright; general questions right: "
+          f"{before['predict_general']:.0f}% before, {after['predict_general']:.0f}% after.")
     return 0
 
 

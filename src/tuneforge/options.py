@@ -46,6 +46,9 @@ class DataArgs:
     eval_dataset: str | None = None
     dataset_dir: str = "data"
     cutoff_len: int = 2048
+    # stage cls, texts longer than cutoff_len: head keeps the first tokens; head_tail keeps the first quarter of the
+    # budget and the last three quarters (Sun et al. 2019: a review's verdict is often at its end)
+    cls_truncation: Literal["head", "head_tail"] = "head"
     train_on_prompt: bool = False
     mask_history: bool = False
     streaming: bool = False
@@ -87,6 +90,9 @@ class FinetuneArgs:
     lora_target: str = "all"
     additional_target: str | None = None
     loraplus_lr_ratio: float | None = None
+    # stage cls: what the head reads; auto = the sentence-transformers pooling config of the model when it has one
+    # (mean for all-MiniLM-L6-v2), else cls for encoders and last for decoders (models/pooling.py)
+    cls_pooling: Literal["auto", "cls", "mean", "last"] = "auto"
     layer_lr: str | None = None  # per-module learning rates: "classifier=5e-4,encoder=1e-5" (last match wins)
     layerwise_lr_decay: float | None = None  # each lower layer's rate x this factor (embeddings lowest)
     use_rslora: bool = False

@@ -121,7 +121,26 @@ def label_maps(examples: list[Labelled], dataset: str) -> tuple[dict[str, int], 
     return label2id, {i: label for label, i in label2id.items()}
 
 
-def encode_labelled(examples: list[Labelled], tokenizer, label2id: dict[str, int], cutoff_len: int) -> list[dict]:
+def encode_text(tokenizer, text: str, cutoff_len: int, truncation: str = "head", pair: str | None = None) -> dict:
+    """input_ids (and token_type_ids) of at most cutoff_len tokens. head_tail keeps the special tokens, the first
+    quarter of the remaining budget and its last three quarters (128 + 382 of 510 in Sun et al. 2019, "How to
+    Fine-Tune BERT for Text Classification", their best split for long reviews)."""
+    if truncation == "head" or pair is not None:
+        encoded = tokenizer(text, pair, truncation=True, max_length=cutoff_len)
+        return {k: v for k, v in encoded.items() if k in ("input_ids", "token_type_ids")}
+    encoded = tokenizer(text, return_special_tokens_mask=True, verbose=False)  # verbose: no too-long warning
+    special = encoded["special_tokens_mask"]
+    size = len(special)
+    lead = next((i for i, s in enumerate(special) if not s), size)  # [CLS] ...
+    trail = next((i for i, s in enumerate(reversed(special)) if not s), 0)  # ... [SEP]
+    budget = cutoff_len - lead - trail
+    keep = range(size) if size <= cutoff_len else \
+        [*range(lead + budget // 4), *range(size - trail - (budget - budget // 4), size)]
+    return {k: [encoded[k][i] for i in keep] for k in ("input_ids", "token_type_ids") if k in encoded}
+
+
+def encode_labelled(examples: list[Labelled], tokenizer, label2id: dict[str, int], cutoff_len: int,
+                    truncation: str = "head") -> list[dict]:
     rows = []
     for e in examples:
         if e.label not in label2id:
@@ -130,9 +149,8 @@ def encode_labelled(examples: list[Labelled], tokenizer, label2id: dict[str, int
         if e.image:  # images are loaded and processed batch by batch (ImageCollator)
             rows.append({"image": e.text, "label": label2id[e.label]})
             continue
-        encoded = tokenizer(e.text, e.text_pair, truncation=True, max_length=cutoff_len)
-        row = {"input_ids": encoded["input_ids"], "label": label2id[e.label]}
-        if "token_type_ids" in encoded:
-            row["token_type_ids"] = encoded["token_type_ids"]
-        rows.append(row)
+        if e.text_pair is not None and truncation != "head":
+            raise DataError(f"{e.where}: cls_truncation {truncation} is for single texts and this record has a "
+                            "text pair; set cls_truncation: head")
+        rows.append({**encode_text(tokenizer, e.text, cutoff_len, truncation, e.text_pair), "label": label2id[e.label]})
     return rows

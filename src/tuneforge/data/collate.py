@@ -130,8 +130,9 @@ class ClassCollator:
         for i, row in enumerate(rows):
             input_ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
             mask[i, : len(row["input_ids"])] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask,
-                 "labels": torch.tensor([row["label"] for row in rows], dtype=torch.long)}
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if "label" in rows[0]:  # prediction rows have none
+            batch["labels"] = torch.tensor([row["label"] for row in rows], dtype=torch.long)
         if "token_type_ids" in rows[0]:
             types = torch.zeros_like(input_ids)
             for i, row in enumerate(rows):

@@ -134,7 +134,7 @@ def export_causal_lm(cfg, folder: Path):
 
 
 def export_classifier(cfg, folder: Path) -> None:
-    model, processor, _, _ = load_trained_classifier(cfg)
+    model, processor, *_ = load_trained_classifier(cfg)  # label_map.json, copied below, keeps the pooling
     _save(_merged(model.to(_device(cfg))).cpu(), processor, folder, cfg)
     shutil.copy(source_folder(cfg) / LABELS_FILE, folder / LABELS_FILE)
 

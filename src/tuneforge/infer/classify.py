@@ -7,16 +7,18 @@ from pathlib import Path
 
 import torch
 
-from ..data.classify import IMAGE_NAMES, IMAGE_TYPES, LABEL_NAMES, TEXT_NAMES, _pick
+from ..data.classify import IMAGE_NAMES, IMAGE_TYPES, LABEL_NAMES, TEXT_NAMES, _pick, encode_text
+from ..data.collate import ClassCollator
 from ..data.registry import DataError, DatasetAttr, read_records
 from ..models.load import ModelError, resolve_model_path
+from ..models.pooling import native_pooling, pooled_logits
 
 LABELS_FILE = "label_map.json"
 
 
 def load_trained_classifier(cfg):
-    """(model, tokenizer or image processor, id2label, images?) from a cls output_dir: a full model in
-    model_name_or_path, or a base model plus the adapter in adapter_name_or_path."""
+    """(model, tokenizer or image processor, id2label, images?, label_map.json) from a cls output_dir: a full model
+    in model_name_or_path, or a base model plus the adapter in adapter_name_or_path."""
     from transformers import (AutoImageProcessor, AutoModelForImageClassification,
                               AutoModelForSequenceClassification, AutoTokenizer)
 
@@ -25,7 +27,8 @@ def load_trained_classifier(cfg):
     if not (folder / LABELS_FILE).is_file():
         raise ModelError(f"{folder} has no {LABELS_FILE}: point model_name_or_path (full/freeze) or "
                          "adapter_name_or_path (lora) at the output_dir of a `stage: cls` run")
-    label2id = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))["label2id"]
+    saved = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
+    label2id = saved["label2id"]
     id2label = {i: label for label, i in label2id.items()}
     images = (folder / "preprocessor_config.json").is_file()
     auto = AutoModelForImageClassification if images else AutoModelForSequenceClassification
@@ -37,7 +40,7 @@ def load_trained_classifier(cfg):
 
         model = PeftModel.from_pretrained(model, adapter)
     processor = AutoImageProcessor.from_pretrained(folder) if images else AutoTokenizer.from_pretrained(folder)
-    return model.eval(), processor, id2label, images
+    return model.eval(), processor, id2label, images, saved
 
 
 def read_inputs(path: str) -> tuple[list[str], list[str | None]]:
@@ -61,8 +64,12 @@ def read_inputs(path: str) -> tuple[list[str], list[str | None]]:
 
 
 @torch.no_grad()
-def classify(model, processor, id2label: dict[int, str], images: bool, inputs: list[str], batch_size: int = 32
-             ) -> list[dict]:
+def classify(model, processor, id2label: dict[int, str], images: bool, inputs: list[str], batch_size: int = 32,
+             saved: dict | None = None) -> list[dict]:
+    """Label `inputs`; texts are cut and pooled as in training (`saved`: label_map.json; a classifier trained
+    before pooling was saved there used the model's own)."""
+    saved = saved or {}
+    pooling = saved.get("pooling") or native_pooling(model)
     out = []
     for first in range(0, len(inputs), batch_size):
         chunk = inputs[first: first + batch_size]
@@ -77,9 +84,14 @@ def classify(model, processor, id2label: dict[int, str], images: bool, inputs: l
                 except (OSError, UnidentifiedImageError) as err:
                     raise DataError(f"cannot open image {path} ({type(err).__name__}: {err})") from None
             batch = processor(images=pictures, return_tensors="pt")
+            logits = model(**batch).logits
         else:
-            batch = processor(chunk, truncation=True, padding=True, return_tensors="pt")
-        probabilities = model(**batch).logits.float().softmax(-1)
+            cutoff = saved.get("cutoff_len") or processor.model_max_length
+            rows = [encode_text(processor, text, cutoff, saved.get("truncation", "head")) for text in chunk]
+            batch = ClassCollator(processor.pad_token_id)(rows)
+            batch.pop("num_tokens")
+            logits = pooled_logits(model, batch, pooling)
+        probabilities = logits.float().softmax(-1)
         for text, p in zip(chunk, probabilities):
             out.append({"input": text, "predict": id2label[int(p.argmax())],
                         "probabilities": {id2label[i]: round(float(v), 4) for i, v in enumerate(p)}})
@@ -90,7 +102,7 @@ def run_predict(cfg, texts: list[str], file: str | None, out_path: str | None) -
     if cfg.model.quantization_bit:
         raise ModelError("`quantization_bit` is for causal language models (QLoRA); classifiers load in full "
                          "precision: remove it")
-    model, processor, id2label, images = load_trained_classifier(cfg)
+    model, processor, id2label, images, saved = load_trained_classifier(cfg)
     labels: list[str | None] = [None] * len(texts)
     if file:
         texts, labels = read_inputs(file)
@@ -98,7 +110,7 @@ def run_predict(cfg, texts: list[str], file: str | None, out_path: str | None) -
     unknown = sorted({label for label in labels if label is not None and label not in known})
     if unknown:
         raise DataError(f"{file}: labels {unknown} are not among the classifier's labels {sorted(known)}")
-    results = classify(model, processor, id2label, images, texts, cfg.train.per_device_eval_batch_size)
+    results = classify(model, processor, id2label, images, texts, cfg.train.per_device_eval_batch_size, saved)
     for result, label in zip(results, labels):
         if label is not None:
             result["label"] = label

@@ -21,6 +21,7 @@ from ..data.collate import ClassCollator, ImageCollator
 from ..data.registry import DataError
 from ..models.adapters import all_linear_names, describe_trainable
 from ..models.load import ModelError, load_tokenizer, resolve_model_path
+from ..models.pooling import pooled_logits, resolve_pooling
 from .common import guard_output_dir, make_accelerator, train_and_evaluate
 from .logging import write_results
 from .stages import refuse_packing
@@ -33,16 +34,21 @@ class ClassifierLoss(torch.nn.Module):
     unit = "example"
     extra: dict = {}  # nothing trains besides the model (see steps.LossModule)
 
-    def __init__(self, model):
+    def __init__(self, model, pooling: str | None = None):  # pooling None: an image model's own head
         super().__init__()
         self.model = model
+        self.pooling = pooling
+
+    def logits(self, inputs: dict) -> torch.Tensor:
+        logits = pooled_logits(self.model, inputs, self.pooling) if self.pooling else self.model(**inputs).logits
+        return logits.float()
 
     @staticmethod
     def units(batch: dict) -> torch.Tensor:
         return torch.tensor(batch["labels"].shape[0])
 
     def forward(self, labels, **inputs):  # input_ids / attention_mask / token_type_ids, or pixel_values
-        logits = self.model(**inputs).logits.float()
+        logits = self.logits(inputs)
         loss = F.cross_entropy(logits, labels, reduction="sum")
         return loss, {"accuracy": (logits.argmax(-1) == labels).float().sum()}
 
@@ -134,7 +140,7 @@ def predict_rows(module, rows: list[dict], collator, batch_size: int, device) ->
         batch = collator(rows[first: first + batch_size])
         batch.pop("num_tokens")
         batch.pop("labels")
-        logits = module.model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+        logits = module.logits({k: v.to(device) for k, v in batch.items()})
         out.append(logits.softmax(-1).cpu())
     module.train()
     return torch.cat(out)
@@ -207,14 +213,23 @@ def run(cfg) -> dict:
     images = train_examples[0].image
     # images go through the model's image processor; it is saved in place of a tokenizer
     tokenizer = load_image_processor(cfg) if images else load_tokenizer(cfg.model)
-    train_rows = encode_labelled(train_examples, tokenizer, label2id, d.cutoff_len)
-    eval_rows = encode_labelled(eval_examples, tokenizer, label2id, d.cutoff_len)
+    train_rows = encode_labelled(train_examples, tokenizer, label2id, d.cutoff_len, d.cls_truncation)
+    eval_rows = encode_labelled(eval_examples, tokenizer, label2id, d.cutoff_len, d.cls_truncation)
     resume = guard_output_dir(cfg, accelerator)
-    model = setup_strategy(load_classifier(cfg, label2id, id2label, images), cfg)
+    model = load_classifier(cfg, label2id, id2label, images)
+    pooling = None
+    if images and (cfg.finetune.cls_pooling != "auto" or d.cls_truncation != "head"):
+        raise DataError(f"dataset `{d.dataset}` holds images: cls_pooling and cls_truncation are for text "
+                        "classifiers; remove them")
+    if not images:
+        pooling, why = resolve_pooling(cfg.finetune.cls_pooling, resolve_model_path(cfg.model.model_name_or_path),
+                                       model)
+        accelerator.print(f"[tuneforge] {pooling} pooling (from {why})")
+    model = setup_strategy(model, cfg)
     accelerator.print(f"[tuneforge] {describe_trainable(model)}")
     accelerator.print(f"[tuneforge] {len(train_rows)} training and {len(eval_rows)} evaluation examples, "
                       f"labels {list(label2id)}")
-    module = ClassifierLoss(model).to(accelerator.device)
+    module = ClassifierLoss(model, pooling).to(accelerator.device)
     collator = ImageCollator(tokenizer) if images else ClassCollator(tokenizer.pad_token_id)
     sample = eval_examples[:5]
     before = predict_rows(module, eval_rows[:5], collator, 5, accelerator.device) if sample else None
@@ -222,7 +237,10 @@ def run(cfg) -> dict:
     results = train_and_evaluate(cfg, module, tokenizer, train_rows, eval_rows, accelerator, resume, collator,
                                  evaluate_at_end=False)
     if accelerator.is_main_process and t.do_train:
-        (Path(t.output_dir) / LABELS_FILE).write_text(json.dumps({"label2id": label2id}, indent=2), encoding="utf-8")
+        # predict and export encode and pool texts the way the head was trained (infer/classify.py)
+        saved = {"label2id": label2id} if images else \
+            {"label2id": label2id, "pooling": pooling, "truncation": d.cls_truncation, "cutoff_len": d.cutoff_len}
+        (Path(t.output_dir) / LABELS_FILE).write_text(json.dumps(saved, indent=2), encoding="utf-8")
     if eval_rows and accelerator.is_main_process and (t.do_eval or t.do_predict):
         probabilities = predict_rows(module, eval_rows, collator, t.per_device_eval_batch_size, accelerator.device)
         gold = [r["label"] for r in eval_rows]
