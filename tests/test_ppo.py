@@ -263,7 +263,7 @@ def test_llamafactory_ppo_yaml_is_accepted(tmp_path, tiny_model):
 
 
 def test_ppo_options_are_checked_together(tmp_path):
-    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "ppo",
+    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "ppo", "do_train": True,
                         "finetuning_type": "full", "reward_model": str(tmp_path), "ppo_epochs": 3,
                         "save_steps": 10, "do_sample": False}, source="p.yaml")
     with pytest.raises(ConfigError) as caught:
@@ -279,9 +279,10 @@ def test_ppo_options_are_checked_together(tmp_path):
                              ({"reward_model": "x", "reward_model_type": "value"},
                               "`reward_model_type` must be one of")):
         cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "ppo",
-                            **values}, source="p.yaml")
+                            "do_train": True, **values}, source="p.yaml")
         with pytest.raises(ConfigError, match=expected):
             validate(cfg, "train")
-    sft = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "ppo_epochs": 2}, source="s")
+    sft = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "ppo_epochs": 2,
+                        "do_train": True}, source="s")
     with pytest.raises(ConfigError, match="`ppo_epochs` applies to stage ppo only"):
         validate(sft, "train")

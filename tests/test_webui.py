@@ -32,7 +32,9 @@ def test_form_values_at_their_defaults_stay_out_of_the_yaml():
 
     checked = forms.check({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "sft",
                            "learning_rate": "5e-05", "bf16": False, "lora_rank": "16"}, forms.TRAIN_KEYS, "train")
-    assert checked.values == {"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "lora_rank": 16}
+    # do_train is always written: the config's default is false (LLaMA-Factory's), the form's is true
+    assert checked.values == {"model_name_or_path": "m", "do_train": True, "dataset": "d", "output_dir": "o",
+                              "lora_rank": 16}
 
 
 def test_bad_input_gets_the_cli_message_next_to_its_field(tmp_path):

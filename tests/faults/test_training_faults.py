@@ -99,8 +99,9 @@ def test_dpo_two_signals_exit_at_once_and_resume_exactly(tiny_model, tmp_path):
 
 
 def test_cls_killed_during_evaluation_resumes_exactly(tiny_bert, reviews, tmp_path):  # noqa: F811 - fixtures
-    values = dict(model_name_or_path=tiny_bert, stage="cls", dataset=reviews, val_size=0.5, output_dir=str(tmp_path /
-                  "out"), learning_rate=5e-3, max_steps=8, per_device_train_batch_size=8, logging_steps=1,
+    values = dict(model_name_or_path=tiny_bert, stage="cls", do_train=True, dataset=reviews, val_size=0.5,
+                  output_dir=str(tmp_path / "out"), learning_rate=5e-3, max_steps=8, per_device_train_batch_size=8,
+                  logging_steps=1,
                   eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=1, save_steps=2,
                   finetuning_type="full", seed=0, report_to="none")
     run = Run(values, "kill")

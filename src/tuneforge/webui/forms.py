@@ -17,18 +17,19 @@ import yaml
 from ..config import GROUPS, KEY_GROUP, SCHEDULERS, Config, ConfigError, build_config, problems
 
 # The train form, in the order it is shown; any other key goes in its "more keys" box as YAML lines.
-TRAIN_KEYS = ("model_name_or_path", "stage", "finetuning_type", "template", "dataset_dir", "dataset", "cutoff_len",
+TRAIN_KEYS = ("model_name_or_path", "do_train", "stage", "finetuning_type", "template", "dataset_dir", "dataset", "cutoff_len",
               "packing", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
               "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "lora_rank", "lora_alpha",
               "lora_target", "bf16", "pure_bf16", "logging_steps", "save_steps", "output_dir", "plot_loss")
 CHAT_KEYS = ("model_name_or_path", "adapter_name_or_path", "template")
 GENERATE_KEYS = ("do_sample", "temperature", "top_p", "max_new_tokens")
 EXPORT_KEYS = ("model_name_or_path", "adapter_name_or_path", "template", "export_dir", "export_size", "export_gguf")
-REQUIRED = {"train": ("model_name_or_path", "dataset", "output_dir"), "chat": ("model_name_or_path",),
+REQUIRED = {"train": ("model_name_or_path", "do_train", "dataset", "output_dir"), "chat": ("model_name_or_path",),
             "export": ("model_name_or_path", "export_dir")}
-EXTRA = "extra"
+EXTRA = "extra"  # the form field holding more `key: value` lines
 BLANK = {"template": "(the tokenizer's own)", "export_gguf": "(none: the Hugging Face folder only)",
-         "packing": "(the stage decides)"}  # what an empty choice means  # the form field holding more `key: value` lines
+         "packing": "(the stage decides)"}  # what an empty choice means
+FORM_DEFAULTS = {"do_train": True}  # the train form trains unless told not to (the config's default is false)
 
 
 def _field(key: str) -> dataclasses.Field:
@@ -62,7 +63,7 @@ def describe(keys: tuple[str, ...]) -> list[dict]:
         options = choices(key)
         if annotation == "bool | None":  # unset means "the stage decides" (packing): a checkbox cannot say that
             kind, options = "select", ["", "true", "false"]
-        default = _default(key)
+        default = FORM_DEFAULTS.get(key, _default(key))
         out.append({"key": key, "kind": "select" if options else kind, "choices": options,
                     "default": "" if default is None else default, "blank": BLANK.get(key, "(default)")})
     return out
@@ -97,7 +98,7 @@ def _form_values(form: dict, keys: tuple[str, ...], errors: dict) -> dict:
     """The form's fields as config values: blanks and defaults left out, `extra` YAML lines added."""
     values = {}
     for key in keys:
-        raw = form.get(key)
+        raw = form.get(key, FORM_DEFAULTS.get(key))
         if raw is None or raw == "":
             continue
         try:  # one key at a time, so a bad value is blamed on its own field
