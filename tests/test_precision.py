@@ -7,25 +7,14 @@ import pytest
 import torch
 from conftest import read_log, run_training, train_config
 
-from tuneforge.config import ConfigError, build_config, notices, validate
+from tuneforge.config import build_config, notices
 from tuneforge.machine import multiplies_fp16_natively
 from tuneforge.train.loop import Precision, autocast_dtype
 
 
-def _pure_bf16_full_is_accepted() -> bool:
-    try:
-        validate(build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "pure_bf16": True,
-                               "finetuning_type": "full"}), "train")
-        return True
-    except ConfigError:
-        return False
-
-
 @pytest.mark.parametrize("kind, precision", [
     ("lora", {}), ("lora", {"bf16": True}), ("lora", {"fp16": True}), ("lora", {"pure_bf16": True}),
-    ("full", {}), ("full", {"fp16": True}),
-    pytest.param("full", {"pure_bf16": True}, marks=pytest.mark.skipif(
-        not _pure_bf16_full_is_accepted(), reason="pure_bf16 with full fine-tuning is refused by the config gate")),
+    ("full", {}), ("full", {"fp16": True}), ("full", {"pure_bf16": True}),
 ])
 def test_each_precision_learns(tiny_model, alpaca_file, tmp_path, kind, precision):
     out = tmp_path / "out"

@@ -60,6 +60,17 @@ class ChatSession:
         return pieces()
 
 
+def _run_command(command: str, config_yaml: str, *flags: str) -> dict:
+    """`tuneforge COMMAND` on a form's YAML, as a subprocess; `{tmp}` in a flag is a scratch folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{command}.yaml"
+        path.write_text(config_yaml, encoding="utf-8")
+        done = subprocess.run([sys.executable, "-m", "tuneforge.cli", command, str(path),
+                               *(f.format(tmp=tmp) for f in flags)], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
+    return {"ok": done.returncode == 0, "output": done.stdout, "error": done.stderr.strip()[-2000:]}
+
+
 def _checked_or_400(form: dict, keys: tuple[str, ...], command: str) -> forms.Checked:
     checked = forms.check(form, keys, command)
     if not checked.ok:
@@ -116,13 +127,7 @@ def create_app(output_root: Path) -> FastAPI:
     def preview(values: dict = Body(...)):
         """The `tuneforge data` view of the form's dataset: counts, lengths and examples with trained tokens."""
         checked = _checked_or_400(values, forms.TRAIN_KEYS, "train")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "preview.yaml"
-            path.write_text(checked.yaml, encoding="utf-8")
-            done = subprocess.run([sys.executable, "-m", "tuneforge.cli", "data", str(path), "--show", "3",
-                                   "--plot", str(Path(tmp) / "lengths.png")], capture_output=True, text=True,
-                                  stdin=subprocess.DEVNULL)
-        return {"ok": done.returncode == 0, "output": done.stdout, "error": done.stderr.strip()[-2000:]}
+        return _run_command("data", checked.yaml, "--show", "3", "--plot", "{tmp}/lengths.png")
 
     @app.post("/api/runs")
     def start(values: dict = Body(...)):
@@ -186,15 +191,10 @@ def create_app(output_root: Path) -> FastAPI:
     def export(values: dict = Body(...)):
         """Runs `tuneforge export` and reports where the result is and how big."""
         checked = _checked_or_400(values, forms.EXPORT_KEYS, "export")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "export.yaml"
-            path.write_text(checked.yaml, encoding="utf-8")
-            done = subprocess.run([sys.executable, "-m", "tuneforge.cli", "export", str(path)], capture_output=True,
-                                  text=True, stdin=subprocess.DEVNULL)
+        done = _run_command("export", checked.yaml)
         folder = Path(checked.values["export_dir"])
-        files = [p for p in folder.rglob("*") if p.is_file()] if done.returncode == 0 else []
-        return {"ok": done.returncode == 0, "output": done.stdout, "error": done.stderr.strip()[-2000:],
-                "path": str(folder.resolve()), "files": sorted(str(p.relative_to(folder)) for p in files),
+        files = [p for p in folder.rglob("*") if p.is_file()] if done["ok"] else []
+        return {**done, "path": str(folder.resolve()), "files": sorted(str(p.relative_to(folder)) for p in files),
                 "size_mb": round(sum(p.stat().st_size for p in files) / 2**20, 1)}
 
     @app.exception_handler(HTTPException)
