@@ -81,7 +81,7 @@ def test_sft_killed_mid_eval_mid_step_and_mid_checkpoint_resumes_exactly(tiny_mo
     assert logged_steps(out, "eval_loss") == [4, 8, 12, 15]
 
 
-def test_dpo_two_signals_exit_at_once_and_resume_exactly(tiny_model, tmp_path):
+def test_dpo_two_signals_then_kill_9_resume_exactly(tiny_model, tmp_path):
     rng = random.Random(SEED + 1)
     write_jsonl(tmp_path / "train.jsonl", preference_rows(0, 24))
     (tmp_path / "dataset_info.json").write_text(json.dumps({"pairs": {"file_name": "train.jsonl", "ranking": True}}))
@@ -94,6 +94,11 @@ def test_dpo_two_signals_exit_at_once_and_resume_exactly(tiny_model, tmp_path):
     run.send(signal.SIGTERM)
     assert run.wait() in (128 + signal.SIGINT, 128 + signal.SIGTERM), run.output
     assert "second signal" in run.output and "stopped by" not in run.output  # it ended without saving
+    # then kill -9 mid-step, a few milliseconds after a later step's log line
+    run = Run(values, "kill-step")
+    run.wait_for(after_step(rng.choice([4, 5, 6])))
+    time.sleep(rng.uniform(0, 0.02))
+    run.kill()
     finish(values, "final")
     assert_same_as_straight(values, tmp_path, "out")
 
