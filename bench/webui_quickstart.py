@@ -22,8 +22,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp/webui-quickstart")
     parser.add_argument("--port", type=int, default=7871)
-    out = Path(parser.parse_args().out)
-    port = parser.parse_args().port
+    args = parser.parse_args()
+    out, port = Path(args.out), args.port
     server = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "webui", "--port", str(port), "--output_root",
                                str(out / "saves")])
     url = f"http://127.0.0.1:{port}"

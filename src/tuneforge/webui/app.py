@@ -19,7 +19,7 @@ from fastapi import Body, FastAPI, HTTPException
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..config import ConfigError, build_config
+from ..config import build_config
 from . import forms
 from .runs import Runs
 
@@ -172,7 +172,7 @@ def create_app(output_root: Path) -> FastAPI:
         checked = _checked_or_400(values, forms.CHAT_KEYS, "chat")
         try:
             return {"template": chat.load(checked.values)}
-        except (ConfigError, FileNotFoundError, OSError, ValueError) as err:
+        except (OSError, ValueError) as err:  # missing files; ConfigError, ModelError and DataError are ValueErrors
             raise HTTPException(400, {"errors": {}, "general": [str(err)]}) from None
 
     @app.post("/api/chat")
