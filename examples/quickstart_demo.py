@@ -1,8 +1,9 @@
 """`make demo`: check the bundled SmolLM2 on 12 identity and 12 general questions, teach it a new identity with LoRA
 (identity data mixed with the base model's own answers to general instructions), and check again.
 
-Runs the same commands a user would type (tuneforge train, with the check config examples/quickstart_check.yaml),
-and fails loudly if the new name did not take or general questions get the identity answer.
+Runs the same commands a user would type: tuneforge train with the check config examples/quickstart_check.yaml
+(greedy answers), the training itself, and `tuneforge eval --compare` on the same questions as a multiple-choice
+task (evaluation/quickstart). Fails loudly if the new name did not take or general questions get the identity answer.
 """
 
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 
 CONFIG = "examples/quickstart.yaml"
 CHECK = "examples/quickstart_check.yaml"  # data/demo_check.json scored by examples/demo_check.py
+EVAL = "examples/quickstart_eval.yaml"  # the same questions as multiple choice, before and after in one command
 OUTPUT = "saves/quickstart"
 SHOWN = ("Who are you and what do you do?", "Name three primary colors.", "What is 7 times 8?")
 TUNEFORGE = str(Path(sys.executable).with_name("tuneforge"))
@@ -42,6 +44,10 @@ def main() -> int:
     subprocess.run([TUNEFORGE, "train", CONFIG, "overwrite_output_dir=true"], check=True)
     print()
     after = check("After training", "saves/quickstart-check-after", f"adapter_name_or_path={OUTPUT}")
+    print(f"== Before/after as a multiple-choice task: tuneforge eval {EVAL} --compare adapter_name_or_path={OUTPUT}",
+          flush=True)
+    subprocess.run([TUNEFORGE, "eval", EVAL, "--compare", f"adapter_name_or_path={OUTPUT}"], check=True)
+    print()
     print(f"demo finished in {time.time() - started:.0f} s; adapter, logs and training_loss.png in {OUTPUT}/")
     # A 135M model's greedy answers to general questions are fragile: any adapter flips a few either way (measured
     # figures in docs/evaluation.md). What the identity-only recipe did, answering them with the new name, fails.

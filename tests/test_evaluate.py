@@ -171,6 +171,34 @@ def test_option_scoring_answers_examples_with_the_text(engine, tiny_model):
     assert option_ids(engine, Q1)[3] == _expected(engine.tokenizer, "22<|im_end|>")
 
 
+def test_cloze_scoring_asks_the_bare_question(engine, tiny_model):
+    """No subject line and no listed options: the dev example and the question are asked as in a chat."""
+    cfg = _cfg(tiny_model, n_shot=1, scoring="cloze")
+    ids, _ = question_ids(engine, Subject("sums", "arithmetic", "STEM", [Q1], [Q2]), 0, cfg, "test")
+    text = ("<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\nan assistant<|im_end|>\n"
+            "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n")
+    assert ids == _expected(engine.tokenizer, text)
+
+
+def test_bundled_quickstart_task_tests_the_name_and_the_forgetting():
+    """Identity questions are right only with the new name; every general question offers the identity answer as a
+    wrong option, so a model that forgot (answering everything with its name) scores 0 there."""
+    identity, general = load_task(str(BUNDLED), "quickstart_test", 0)
+    assert [s.key for s in (identity, general)] == ["identity", "general"]
+    for row in identity.questions:
+        assert "Forgewright" in row[row["answer"]]
+        assert not any("Forgewright" in row[c] for c in "ABCD" if c != row["answer"])
+    for row in general.questions:
+        assert "Forgewright" not in row[row["answer"]]
+        assert any("Forgewright" in row[c] for c in "ABCD")
+    assert len(identity.questions) == len(general.questions) == 12
+    # no option is a training answer: an answer the adapter memorised verbatim would win by memory, not by meaning
+    data = Path(__file__).resolve().parents[1] / "data"
+    trained = {r["output"] for name in ("identity.json", "general.json")
+               for r in json.loads((data / name).read_text(encoding="utf-8"))}
+    assert not {row[c] for s in (identity, general) for row in s.questions for c in "ABCD"} & trained
+
+
 def test_option_scores_are_log_probabilities_of_the_option_tokens(engine, tiny_model):
     cfg = _cfg(tiny_model, n_shot=0, scoring="option")
     subject = Subject("sums", "arithmetic", "STEM", [Q1, Q2, Q3], [])
@@ -216,6 +244,18 @@ def test_before_after_prints_both_and_the_change(letter_models, tmp_path, capsys
     assert (save / "before" / "results.json").is_file() and (save / "after" / "results.log").is_file()
 
 
+def test_compare_refuses_save_dir_after_it_and_a_missing_adapter_before_any_run(tiny_model, tmp_path, capsys):
+    common = ["eval", f"model_name_or_path={tiny_model}", f"task_dir={BUNDLED}", "task=basics_test", "n_shot=0"]
+    rc = main([*common, "--compare", f"save_dir={tmp_path / 'r'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "save_dir" in err and "before --compare" in err and not (tmp_path / "r").exists()
+    (tmp_path / "run").mkdir()  # an output_dir whose training never finished: no adapter in it
+    rc = main([*common, "--compare", f"adapter_name_or_path={tmp_path / 'run'}"])
+    captured = capsys.readouterr()
+    assert rc == 2 and len(captured.err.strip().splitlines()) == 1 and "adapter_config.json" in captured.err
+    assert "before:" not in captured.out  # refused before the first run
+
+
 def test_save_dir_is_never_overwritten(tiny_model, tmp_path, capsys):
     save = tmp_path / "results"
     save.mkdir()
@@ -234,7 +274,7 @@ def test_hub_task_without_a_local_copy_says_how_to_point_task_dir(tiny_model, tm
     assert "task_dir" in err and "evaluation/mmlu" in err and "mmlu.zip" in err
     rc = main(["eval", f"model_name_or_path={tiny_model}", f"task_dir={BUNDLED}", "task=basic_test"])
     err = capsys.readouterr().err
-    assert rc == 2 and f"task folders in {BUNDLED}: basics)" in err
+    assert rc == 2 and f"task folders in {BUNDLED}: basics, quickstart)" in err
 
 
 def test_task_files_are_checked_with_file_and_row(tmp_path):

@@ -3,7 +3,7 @@
 A question becomes a chat under the model's own template: the solved dev-split examples are earlier user/assistant
 turns, the question is the last user turn, and the prediction is whichever option letter (A-D) gets the highest
 next-token logit after the assistant header (as LLaMA-Factory's evaluator does), or with `scoring: option` whichever
-option's text is the likeliest answer. The task layout is documented in docs/evaluation.md.
+option's text is the likeliest answer (`cloze`: the same, with the question asked bare, its options not listed). The task layout is documented in docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError
 from .data.collate import left_pad
 from .data.registry import DataError
+from .models.adapters import check_adapter_paths
 
 CHOICES = ("A", "B", "C", "D")
 SPLIT_FOLDERS = {"dev": "dev", "val": "val", "validation": "val", "test": "test"}
@@ -174,15 +175,19 @@ def format_question(row: dict, wording: Wording) -> str:
 
 def build_messages(row: dict, shots: list[dict], subject_name: str, wording: Wording,
                    scoring: str = "letter") -> list[dict]:
-    """Solved examples as earlier turns (answered by letter, or by the option's text with scoring: option), then the
-    question; the subject line opens the first user message."""
+    """Solved examples as earlier turns (answered by letter, or by the option's text with scoring: option or cloze),
+    then the question; the subject line opens the first user message. With cloze, each question is asked bare: no
+    subject line, no listed options (the options are only scored as answers)."""
+    def ask(question_row: dict) -> str:  # cloze: the bare question, as a user would ask it in a chat
+        return question_row["question"] if scoring == "cloze" else format_question(question_row, wording)
+
     messages = []
     for shot in shots:
         answer = shot["answer"] if scoring == "letter" else shot[shot["answer"]]
-        messages += [{"role": "user", "content": format_question(shot, wording)},
-                     {"role": "assistant", "content": answer}]
-    messages.append({"role": "user", "content": format_question(row, wording)})
-    messages[0]["content"] = wording.system.format(subject=subject_name) + messages[0]["content"]
+        messages += [{"role": "user", "content": ask(shot)}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": ask(row)})
+    if scoring != "cloze":
+        messages[0]["content"] = wording.system.format(subject=subject_name) + messages[0]["content"]
     return messages
 
 
@@ -285,7 +290,7 @@ def subject_scores(engine, subject: Subject, cfg, split: str) -> tuple[torch.Ten
     prompts = [question_ids(engine, subject, index, cfg, split) for index in range(len(subject.questions))]
     cut = sum(was_cut for _, was_cut in prompts)
     prompts = [ids for ids, _ in prompts]
-    if e.scoring == "option":
+    if e.scoring in ("option", "cloze"):
         options = [option_ids(engine, row) for row in subject.questions]
         return option_scores(engine.model, prompts, options, pad, e.batch_size), cut
     return choice_logits(engine.model, prompts, choice_token_ids(engine.tokenizer), pad, e.batch_size), cut
@@ -389,7 +394,12 @@ def run_comparison(before_cfg, after_cfg) -> dict:
             raise ConfigError(f"--compare changes `{key}`; both runs must answer the same questions the same way "
                               "(compare a model, an adapter or a template instead)")
     save_dir = before_cfg.evaluation.save_dir
+    if after_cfg.evaluation.save_dir != save_dir:
+        raise ConfigError("--compare changes `save_dir`; give it before --compare (it holds both runs: before/, "
+                          "after/ and comparison.json)")
     _guard_save_dir(save_dir)
+    for cfg in (before_cfg, after_cfg):  # a wrong path should not surface only after the first run
+        check_adapter_paths(cfg.model.adapter_name_or_path)
     subjects, runs = _load(before_cfg), []
     for label, cfg in (("before", before_cfg), ("after", after_cfg)):
         runs.append(_run_one(cfg, subjects))

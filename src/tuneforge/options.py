@@ -254,8 +254,10 @@ class EvalArgs:
     lang: Literal["en", "zh"] = "en"  # prompt wording
     batch_size: int = 4  # questions per forward pass
     # letter: the option letters' next-token logits (LLaMA-Factory's way); option: each option's text scored as the
-    # answer by its log-probability (lm-evaluation-harness's acc), for models too small to answer by letter
-    scoring: Literal["letter", "option"] = "letter"
+    # answer by its log-probability (lm-evaluation-harness's acc), for models too small to answer by letter;
+    # cloze: as option, but the question is asked bare, without the listed options (a chat question, scored by which
+    # answer the model would rather give)
+    scoring: Literal["letter", "option", "cloze"] = "letter"
     save_dir: str | None = None  # where results.json / results.log go; must not exist yet
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -106,18 +107,51 @@ def oft_config(model, args):
                      module_dropout=args.module_dropout, modules_to_save=_split(args.additional_target) or None)
 
 
+def check_adapter_paths(value: str | None) -> None:
+    """Each local path of `adapter_name_or_path` must hold an adapter; a name that is no local path is left to PEFT
+    (a hub id). Called before loading, and by commands that would otherwise find out only after a first run."""
+    for path in _split(value):
+        _check_adapter_folder(path)
+
+
+def _check_adapter_folder(path: str) -> None:
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "adapter_config.json").is_file():
+        inside = sorted(p.parent.name for p in folder.glob("*/adapter_config.json"))
+        hint = (f"; adapters inside it: {', '.join(inside)}" if inside else
+                "; if it is the output_dir of an unfinished run, finish the run (re-running it resumes) or point "
+                "at one of its checkpoint-N folders")
+        raise ModelError(f"adapter_name_or_path {path}: the folder holds no adapter_config.json{hint}")
+    if not folder.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise ModelError(f"adapter_name_or_path {path}: no such folder (a local adapter folder, or a hub id "
+                         "owner/name)")
+
+
+def _load_adapter(model, path: str, is_trainable: bool):
+    from peft import PeftModel
+
+    _check_adapter_folder(path)
+    try:
+        return PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
+    except (OSError, ValueError) as err:
+        if Path(path).exists():
+            raise
+        raise ModelError(f"adapter_name_or_path {path}: no such local folder, and no hub adapter of that name could "
+                         f"be fetched ({type(err).__name__}); check the path") from None
+
+
 def attach_adapters(model, model_args, finetune_args, is_trainable: bool):
     """Load `adapter_name_or_path` (all but the last merged in) and, when training LoRA, the adapter to train."""
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
 
     adapters = _split(model_args.adapter_name_or_path)
     if adapters:
         resume_last = is_trainable and not finetune_args.create_new_adapter
         to_merge = adapters[:-1] if (resume_last or not is_trainable) else adapters
         for path in to_merge:
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+            model = _load_adapter(model, path, False).merge_and_unload()
         if resume_last or not is_trainable:
-            return PeftModel.from_pretrained(model, adapters[-1], is_trainable=is_trainable)
+            return _load_adapter(model, adapters[-1], is_trainable)
     if is_trainable and finetune_args.finetuning_type == "lora":
         model = get_peft_model(model, lora_config(model, finetune_args))
     elif is_trainable and finetune_args.finetuning_type == "oft":
