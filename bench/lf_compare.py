@@ -40,7 +40,8 @@ FAST = {k: v for k, v in WORKLOADS["smollm2-lora"].items() if k not in SMOL_LORA
 
 
 def workload_yaml(model: str, data_dir: Path, output_dir: Path) -> dict:
-    """The keys of LLaMA-Factory's own example LoRA SFT YAML, with the workload's values; nothing else is set."""
+    """The workload in LLaMA-Factory's YAML keys (those of its example LoRA SFT file, minus the speed settings);
+    every row gets exactly these, and LLaMA-Factory's defaults decide the rest."""
     return dict(model_name_or_path=model, stage="sft", do_train=True, finetuning_type="lora", lora_rank=8,
                 lora_target="all", dataset="alpaca_bench", dataset_dir=str(data_dir), template="chatml",
                 cutoff_len=256, output_dir=str(output_dir), logging_steps=10, overwrite_output_dir=True,
@@ -48,10 +49,11 @@ def workload_yaml(model: str, data_dir: Path, output_dir: Path) -> dict:
                 learning_rate=1.0e-4, num_train_epochs=1.0, lr_scheduler_type="constant")
 
 
-def write_data(folder: Path, max_records: int | None) -> None:
+def write_data(folder: Path, max_records: int | None) -> int:
     records = json.loads(DATA.read_text(encoding="utf-8"))[:max_records]
     (folder / "alpaca_bench.json").write_text(json.dumps(records), encoding="utf-8")
     (folder / "dataset_info.json").write_text(json.dumps({"alpaca_bench": {"file_name": "alpaca_bench.json"}}))
+    return len(records)
 
 
 def input_tokens(keys: dict) -> int:
@@ -115,7 +117,7 @@ def main() -> int:
     from tuneforge.models.load import resolve_model_path
 
     work = Path(tempfile.mkdtemp(prefix="tuneforge-lfc-"))
-    write_data(work, args.max_records)
+    records = write_data(work, args.max_records)
     model = resolve_model_path("smollm2-135m-instruct")  # the bundled alias as a local folder both can read
     tokens = input_tokens(workload_yaml(model, work, work / "tokens"))
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
@@ -143,13 +145,13 @@ def main() -> int:
         measured = run_row(name, command, row_env, output_dir, work / f"{name}.log")
         result = {"row": name, "label": label, **measured, "input_tokens": tokens,
                   "tokens_per_second": round(tokens / measured["train_runtime_s"], 1), "overrides": overrides,
-                  "records": args.max_records or 256, "torch_threads": torch.get_num_threads(),
+                  "records": records, "torch_threads": torch.get_num_threads(),
                   "cpu": cpu_description(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         print(json.dumps(result), flush=True)
         with open(args.out, "a", encoding="utf-8") as out:
             out.write(json.dumps(result) + "\n")
         done.append(result)
-    print(f"\n{cpu_description()}, {done[0]['torch_threads']} threads, {args.max_records or 256} records, "
+    print(f"\n{cpu_description()}, {done[0]['torch_threads']} threads, {records} records, "
           f"{tokens} input tokens per epoch\n\n{markdown(done)}")
     return 0
 
