@@ -36,9 +36,11 @@ test-numerics: $(STAMP)
 	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest tests
 	ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
 
-# Benchmarks: training speed (a few minutes per row on 2 CPU cores; bench/results.jsonl), then preprocessing speed.
+# Benchmarks: training speed (a few minutes per row on 2 CPU cores; bench/results.jsonl), LLaMA-Factory side by side
+# (one epoch per row; its row runs when LF_VENV names a LLaMA-Factory install, bench/README.md), preprocessing speed.
 bench: $(STAMP)
 	$(BIN)/python bench/train_speed.py
+	$(BIN)/python bench/lf_compare.py --lf-bf16
 	$(BIN)/python bench/preprocess_speed.py
 	$(BIN)/python bench/preprocess_speed.py --streaming
 

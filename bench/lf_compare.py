@@ -1,0 +1,160 @@
+"""LLaMA-Factory and tuneforge side by side: one script runs them one after the other on the same workload.
+
+    .venv/bin/python bench/lf_compare.py --lf-python /work/lfvenv/bin/python --lf-bf16   # every row
+    .venv/bin/python bench/lf_compare.py --max-records 32                                # a quick check of the harness
+
+Workload (issue 17): bench/data/alpaca_bench.json (256 records), SmolLM2-135M-Instruct, LoRA r8 on all linear
+layers, template chatml, cutoff 256, batch 4 x accumulation 2, one epoch, lr 1e-4 constant. Rows:
+  lf                  LLaMA-Factory with its defaults (fp32, gradient checkpointing on), from its own venv;
+  lf-bf16             (with --lf-bf16) LLaMA-Factory with `bf16: true` and `use_cpu: true`: without use_cpu the
+                      HF TrainingArguments under it refuse bf16 on CPU ("Your setup doesn't support bf16/gpu");
+  tuneforge-defaults  tuneforge on the very same YAML and dataset_info.json, nothing added;
+  tuneforge-fast      the same plus bench/train_speed.py's `smollm2-lora` settings (bf16, pure_bf16, packing, ...).
+Each row is its own process (tree). Measured:
+  train time      `train_runtime` as each framework writes it to all_results.json (its step loop: model loading,
+                  tokenisation and the final save are not in it; the process's whole wall time is recorded too);
+  input tokens/s  the non-padding tokens of the dataset as tuneforge tokenises it (unpacked, after cutoff, one
+                  epoch) / train time: one token count for every row, so the ratios compare like with like
+                  (LLaMA-Factory's chatml also trains on a newline after each answer's <|im_end|>: it tokenises
+                  the 256 records to 38,984 tokens against tuneforge's 38,735, 0.6% more, not counted);
+  peak RSS        ru_maxrss of the row's process and all its descendants (os.wait4's rusage for that child).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from train_speed import DATA, SMOL_LORA, WORKLOADS  # noqa: E402  (the fast row's settings live there)
+
+FAST = {k: v for k, v in WORKLOADS["smollm2-lora"].items() if k not in SMOL_LORA}
+
+
+def workload_yaml(model: str, data_dir: Path, output_dir: Path) -> dict:
+    """The workload in LLaMA-Factory's YAML keys (those of its example LoRA SFT file, minus the speed settings);
+    every row gets exactly these, and LLaMA-Factory's defaults decide the rest."""
+    return dict(model_name_or_path=model, stage="sft", do_train=True, finetuning_type="lora", lora_rank=8,
+                lora_target="all", dataset="alpaca_bench", dataset_dir=str(data_dir), template="chatml",
+                cutoff_len=256, output_dir=str(output_dir), logging_steps=10, overwrite_output_dir=True,
+                report_to="none", per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                learning_rate=1.0e-4, num_train_epochs=1.0, lr_scheduler_type="constant")
+
+
+def write_data(folder: Path, max_records: int | None) -> int:
+    records = json.loads(DATA.read_text(encoding="utf-8"))[:max_records]
+    (folder / "alpaca_bench.json").write_text(json.dumps(records), encoding="utf-8")
+    (folder / "dataset_info.json").write_text(json.dumps({"alpaca_bench": {"file_name": "alpaca_bench.json"}}))
+    return len(records)
+
+
+def input_tokens(keys: dict) -> int:
+    """Non-padding tokens of one epoch, as tuneforge tokenises the data (no packing: packing adds none)."""
+    from tuneforge.config import build_config
+    from tuneforge.data import prepare_lm_data
+    from tuneforge.models.load import load_tokenizer
+
+    cfg = build_config(keys, source="lf_compare")
+    return sum(len(row["input_ids"]) for row in prepare_lm_data(cfg, load_tokenizer(cfg.model)).train)
+
+
+def run_row(name: str, command: list[str], env: dict, output_dir: Path, log: Path) -> dict:
+    """Runs one row to completion; its train_runtime, wall time and the peak RSS of its process tree."""
+    print(f"[lf_compare] {name}: {' '.join(command)}  (log: {log})", flush=True)
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        # os.wait4's rusage covers this child and every descendant it reaped: the row's own peak, not a running max
+        pid = os.posix_spawn(command[0], command, env, file_actions=[(os.POSIX_SPAWN_DUP2, out.fileno(), 1),
+                                                                     (os.POSIX_SPAWN_DUP2, out.fileno(), 2)])
+        _, status, usage = os.wait4(pid, 0)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
+        raise SystemExit(f"[lf_compare] {name} failed (exit {code}); the end of {log}:\n{tail}")
+    results = json.loads((output_dir / "all_results.json").read_text(encoding="utf-8"))
+    return {"train_runtime_s": results["train_runtime"], "process_wall_s": round(wall, 1),
+            "train_loss": results.get("train_loss"), "peak_rss_gb": round(usage.ru_maxrss / 1024 ** 2, 2)}
+
+
+def _cli_value(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)  # `true`, as a YAML user writes it
+
+
+def markdown(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["row"] == "lf"), None)
+    lines = ["| run | train time | input tokens/s | peak RSS | vs LLaMA-Factory (speed, memory) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        ratio = (f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x, "
+                 f"{r['peak_rss_gb'] / base['peak_rss_gb']:.2f}x" if base else "n/a (no LLaMA-Factory row)")
+        lines.append(f"| {r['label']} | {r['train_runtime_s']:.0f} s | {r['tokens_per_second']:.0f} | "
+                     f"{r['peak_rss_gb']:.2f} GB | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    lf_venv = os.environ.get("LF_VENV")
+    parser.add_argument("--lf-python", default=str(Path(lf_venv) / "bin" / "python") if lf_venv else None,
+                        help="python of the LLaMA-Factory venv (default: $LF_VENV/bin/python); row skipped without")
+    parser.add_argument("--lf-bf16", action="store_true", help="also run LLaMA-Factory with bf16 + use_cpu")
+    parser.add_argument("--max-records", type=int, help="only the first N records (a quick check, not a result)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "lf_compare.jsonl"), help="append JSON lines here")
+    args = parser.parse_args()
+
+    import torch
+
+    from tuneforge.machine import cpu_description
+    from tuneforge.models.load import resolve_model_path
+
+    work = Path(tempfile.mkdtemp(prefix="tuneforge-lfc-"))
+    records = write_data(work, args.max_records)
+    model = resolve_model_path("smollm2-135m-instruct")  # the bundled alias as a local folder both can read
+    tokens = input_tokens(workload_yaml(model, work, work / "tokens"))
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    rows = []
+    lf_cli = Path(args.lf_python).parent / "llamafactory-cli" if args.lf_python else None
+    if lf_cli and lf_cli.is_file():
+        rows.append(("lf", "LLaMA-Factory 0.9.5, its defaults", lf_cli, {}))
+        if args.lf_bf16:
+            rows.append(("lf-bf16", "LLaMA-Factory 0.9.5, bf16 + use_cpu", lf_cli, {"bf16": True, "use_cpu": True}))
+    else:
+        print(f"[lf_compare] LLaMA-Factory row skipped: no llamafactory-cli next to --lf-python / $LF_VENV "
+              f"({args.lf_python or 'not set'}); bench/README.md says how to install it", flush=True)
+    tuneforge_cli = Path(sys.executable).parent / "tuneforge"
+    rows.append(("tuneforge-defaults", "tuneforge, defaults", tuneforge_cli, {}))
+    fast_label = "tuneforge, " + ", ".join(f"{k}={_cli_value(v)}" for k, v in FAST.items())
+    rows.append(("tuneforge-fast", fast_label, tuneforge_cli, FAST))
+    done = []
+    for name, label, cli, overrides in rows:
+        output_dir = work / name
+        config = work / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(workload_yaml(model, work, output_dir), sort_keys=False))
+        # LLaMA-Factory runs on its own venv only: our PYTHONPATH (a tuneforge source tree) stays out of it
+        row_env = {k: v for k, v in env.items() if k != "PYTHONPATH"} if name.startswith("lf") else env
+        command = [str(cli), "train", str(config), *(f"{k}={_cli_value(v)}" for k, v in overrides.items())]
+        measured = run_row(name, command, row_env, output_dir, work / f"{name}.log")
+        result = {"row": name, "label": label, **measured, "input_tokens": tokens,
+                  "tokens_per_second": round(tokens / measured["train_runtime_s"], 1), "overrides": overrides,
+                  "records": records, "torch_threads": torch.get_num_threads(),
+                  "cpu": cpu_description(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        print(json.dumps(result), flush=True)
+        with open(args.out, "a", encoding="utf-8") as out:
+            out.write(json.dumps(result) + "\n")
+        done.append(result)
+    print(f"\n{cpu_description()}, {done[0]['torch_threads']} threads, {records} records, "
+          f"{tokens} input tokens per epoch\n\n{markdown(done)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
