@@ -308,7 +308,9 @@ RESUME_NEUTRAL = frozenset((
     "do_predict", "predict_with_generate", "predict_metric", "load_best_model_at_end", "metric_for_best_model",
     "early_stopping_steps", "plot_loss", "report_to", "run_name", "ddp_timeout", "dataloader_num_workers",
     "max_steps", "num_train_epochs", "skip_nonfinite_steps", "overwrite_cache", "preprocessing_num_workers",
-    "tokenized_path", "cache_dir", "hf_hub_token", "eval_dataset", "eval_on_each_dataset"))
+    "tokenized_path", "cache_dir", "hf_hub_token", "eval_dataset", "eval_on_each_dataset",
+    # sharding changes where the state lives, not the updates (the global batch is checked on its own)
+    "fsdp", "fsdp_config", "fsdp_transformer_layer_cls_to_wrap", "deepspeed"))
 
 
 def config_identity(cfg) -> dict:

@@ -1,5 +1,6 @@
 """Sharded training: FSDP2 from the Hugging Face keys (`fsdp`, `fsdp_config`, `fsdp_transformer_layer_cls_to_wrap`)
-and DeepSpeed from `deepspeed` (a ds_config.json path or a dict), as LLaMA-Factory passes them through.
+as LLaMA-Factory passes them through. `deepspeed` (a ds_config.json path or a mapping) is read and checked, then
+refused with FSDP as the alternative (see `problems`).
 
 FSDP shards weights, gradients and optimizer state across processes; the updates are those of unsharded training
 on the same global batch. Who shards: on GPUs, accelerate (its FullyShardedDataParallelPlugin, in
@@ -152,40 +153,51 @@ def deepspeed_config(t) -> dict | None:
 def problems(cfg) -> list[str]:
     """What the gate reports about sharding: bad values, and what cannot run sharded."""
     t, out = cfg.train, []
-    try:
-        fsdp, ds = fsdp_settings(t), deepspeed_config(t)
-    except ConfigError as err:
-        return [str(err)]
-    if fsdp and ds is not None:
+    fsdp, ds = _read(fsdp_settings, t, out), _read(deepspeed_config, t, out)
+    if fsdp and t.deepspeed:
         out.append("`fsdp` and `deepspeed` both shard the model; set one of them")
-    if ds is not None and not torch.cuda.is_available():
+    if t.deepspeed and not torch.cuda.is_available():
         out.append(f"`deepspeed` needs CUDA GPUs and this machine has none; {CPU_ALTERNATIVE}")
+    elif ds is not None:
+        # accelerate's DeepSpeed engine does the backward pass, accumulation, clipping and optimizer step itself,
+        # which tuneforge's loop (loss normalisation over the whole step, non-finite checks) does
+        out.append("`deepspeed` is not built yet (its engine would take over the optimizer step tuneforge's loop "
+                   "does); shard with FSDP instead: `fsdp: full_shard auto_wrap` shards like ZeRO-3, "
+                   "`fsdp: shard_grad_op auto_wrap` like ZeRO-2")
     if fsdp:
         if fsdp.offload and not torch.cuda.is_available():
             out.append("`fsdp: ... offload` moves sharded weights to CPU memory between uses; on a CPU run they "
                        "are there already: remove offload")
-        for key, on, why in (
-                ("stage", cfg.finetune.stage in ("ppo", "grpo"), "rollouts generate on each process separately"),
+        for what, on, why in (
+                (f"stage: {cfg.finetune.stage}", cfg.finetune.stage in ("ppo", "grpo"),
+                 "rollouts generate on each process separately"),
                 ("do_predict", t.do_predict, "prediction generates on the main process alone"),
                 ("load_best_model_at_end", t.load_best_model_at_end, "the best model is kept and reloaded "
                  "unsharded"),
                 ("quantization_bit", cfg.model.quantization_bit, "bitsandbytes' quantised layers are not sharded")):
             if on:
-                out.append(f"`{key}` with `fsdp` is not built ({why}); train with DDP (remove `fsdp`) for it")
+                out.append(f"`{what}` with `fsdp` is not built ({why}); train with DDP (remove `fsdp`) for it")
     return out
+
+
+def _read(read, t, out: list[str]):
+    try:
+        return read(t)
+    except ConfigError as err:
+        out.append(str(err))
+        return None
 
 
 def accelerator_kwargs(t) -> dict:
     """What accelerate's Accelerator needs for sharding on GPUs (on CPUs, `shard` below does it)."""
-    fsdp = fsdp_settings(t)
-    if t.deepspeed:  # problems() allows it only with CUDA
-        import importlib.util
+    import os
 
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError("`deepspeed` needs the deepspeed package: pip install deepspeed")
-        raise ConfigError("`deepspeed` is not built yet: tuneforge's own loop steps the optimizer itself, which "
-                          "DeepSpeed's engine must do; use `fsdp: full_shard auto_wrap` (ZeRO-3's sharding) or "
-                          "`fsdp: shard_grad_op auto_wrap` (ZeRO-2's)")
+    fsdp = fsdp_settings(t)
+    for variable, key in (("ACCELERATE_USE_FSDP", "fsdp"), ("ACCELERATE_USE_DEEPSPEED", "deepspeed")):
+        if os.environ.get(variable, "").lower() == "true" and not getattr(t, key):
+            raise ConfigError(f"the accelerate config asks for {key} ({variable}); tuneforge reads sharding from "
+                              f"its own YAML: use a plain multi-GPU accelerate config and set `{key}` in the YAML "
+                              "(docs/distributed.md)")
     if not fsdp or not torch.cuda.is_available():
         return {}
     from accelerate.utils import FullyShardedDataParallelPlugin
