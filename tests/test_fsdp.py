@@ -70,8 +70,8 @@ def test_fsdp_lora_matches_one_process_and_evaluates(tiny_model, tmp_path):
     # 5 evaluation rows: 3 on the first process (2 batches), 2 on the second (1 batch), which must still join
     # every forward the sharded model makes; 32 training rows
     data = str(write_jsonl(tmp_path / "d.jsonl", alpaca_rows(37)))
-    common = _common(tiny_model, data, finetuning_type="lora", val_size=5, eval_strategy="steps", eval_steps=2,
-                     per_device_eval_batch_size=2, do_eval="true")
+    common = _common(tiny_model, data, finetuning_type="lora", val_size=5, per_device_eval_batch_size=2,
+                     do_eval="true")
     _train([*common, *FSDP, f"output_dir={tmp_path / 'fsdp'}"], processes=2)
     _train([*common, *ONE, f"output_dir={tmp_path / 'one'}"])
     a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("fsdp", "one"))
