@@ -72,7 +72,11 @@ def test_fsdp_lora_matches_one_process_and_evaluates(tiny_model, tmp_path):
     data = str(write_jsonl(tmp_path / "d.jsonl", alpaca_rows(37)))
     common = _common(tiny_model, data, finetuning_type="lora", val_size=5, per_device_eval_batch_size=2,
                      do_eval="true")
-    _train([*common, *FSDP, f"output_dir={tmp_path / 'fsdp'}"], processes=2)
+    settings = tmp_path / "fsdp.json"  # transformers 5's form, with FSDP's activation checkpointing
+    settings.write_text(json.dumps({"fsdp_version": 2, "activation_checkpointing": True,
+                                    "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}))
+    _train([*common, "fsdp=true", f"fsdp_config={settings}", *FSDP[1:], f"output_dir={tmp_path / 'fsdp'}"],
+           processes=2)
     _train([*common, *ONE, f"output_dir={tmp_path / 'one'}"])
     a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("fsdp", "one"))
     lora_b = {k: v for k, v in b.items() if "lora_B" in k}  # lora_A does not move from its random start by much
@@ -99,8 +103,8 @@ def test_sharding_keys_fail_in_one_line(tmp_path):
     assert "not FSDP1" in _problems(tmp_path, fsdp="full_shard", fsdp_config={"fsdp_version": 1})
     assert "unknown key" in _problems(tmp_path, fsdp="full_shard", fsdp_config={"shard_everything": True})
     assert "set `fsdp: full_shard auto_wrap` too" in _problems(tmp_path, fsdp_transformer_layer_cls_to_wrap="X")
-    assert "gradient_checkpointing: true" in _problems(tmp_path, fsdp="full_shard",
-                                                       fsdp_config={"activation_checkpointing": True})
+    assert "size-based wrapping is not built" in _problems(tmp_path, fsdp="true",
+                                                          fsdp_config={"auto_wrap_policy": "SIZE_BASED_WRAP"})
     missing = tmp_path / "nowhere.json"
     assert f"`fsdp_config: {missing}`: no such file" in _problems(tmp_path, fsdp="full_shard", fsdp_config=missing)
     broken = tmp_path / "broken.json"
@@ -109,9 +113,18 @@ def test_sharding_keys_fail_in_one_line(tmp_path):
     assert "no such file" in _problems(tmp_path, deepspeed=str(missing))
     assert "`do_predict` with `fsdp` is not built" in _problems(tmp_path, fsdp="full_shard", do_predict=True)
     good = tmp_path / "fsdp.json"
-    good.write_text(json.dumps({"fsdp_transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "use_orig_params": True}))
-    validate(build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "do_train": True,
-                           "fsdp": "shard_grad_op", "fsdp_config": str(good)}))
+    good.write_text(json.dumps({"fsdp_transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "use_orig_params": True,
+                                "fsdp_version": 2, "min_num_params": 0, "xla": False, "activation_checkpointing": True}))
+    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "do_train": True,
+                        "fsdp": True, "fsdp_config": str(good)})  # transformers 5's form
+    validate(cfg)
+    from tuneforge.train.sharding import fsdp_settings
+
+    s = fsdp_settings(cfg.train)
+    assert (s.wrap_classes, s.auto_wrap, s.reshard_after_forward, s.activation_checkpointing) == \
+        (["LlamaDecoderLayer"], True, True, True)
+    assert s.notes[0].startswith("note: fsdp_config `use_orig_params` is an FSDP1 setting")
+    assert fsdp_settings(build_config({"fsdp": "shard_grad_op offload"}).train).reshard_after_forward is False
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without CUDA")

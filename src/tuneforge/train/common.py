@@ -56,7 +56,9 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
     if not t.do_train or reference:
         return attach_adapters(model, cfg.model, f, is_trainable=False).eval()
     keep_quantized_layers_differentiable(model)
-    if t.gradient_checkpointing and not cfg.model.disable_gradient_checkpointing:
+    fsdp = sharding.fsdp_settings(t)  # fsdp_config's activation_checkpointing recomputes the same layers
+    if (t.gradient_checkpointing or fsdp and fsdp.activation_checkpointing) and \
+            not cfg.model.disable_gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.23's name
         if enable:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -13,6 +13,7 @@ state dicts gathered on the main process (normal model files), so they resume at
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,16 +32,18 @@ CPU_ALTERNATIVE = ("shard with FSDP instead (it runs on CPUs): `fsdp: full_shard
 @dataclass
 class FsdpSettings:
     reshard_after_forward: bool = True  # full_shard (ZeRO-3-like); shard_grad_op keeps gathered weights (ZeRO-2)
-    auto_wrap: bool = False  # one FSDP unit per decoder layer (else one unit: the whole model)
+    auto_wrap: bool = True  # one FSDP unit per decoder layer (transformers' default); False: one unit, the model
     wrap_classes: list[str] | None = None  # the layer classes auto_wrap shards; None: the model's _no_split_modules
     offload: bool = False  # keep sharded weights in CPU memory between uses (GPUs only)
+    activation_checkpointing: bool = False  # recompute each layer in the backward (as gradient_checkpointing)
     notes: list[str] = field(default_factory=list)
 
 
 def fsdp_settings(t) -> FsdpSettings | None:
-    """The FSDP settings the train options ask for, or None; a ConfigError names the key and value at fault."""
-    words = (t.fsdp or "").replace(",", " ").split()
-    if not words:
+    """The FSDP settings the train options ask for, or None; a ConfigError names the key and value at fault.
+    Read as transformers 5 reads them: `fsdp: true` with `fsdp_config`, or the older words (full_shard ...)."""
+    words = (t.fsdp or "").replace(",", " ").lower().split()
+    if words in ([], ["false"]):
         for key in ("fsdp_config", "fsdp_transformer_layer_cls_to_wrap"):
             if getattr(t, key):
                 raise ConfigError(f"`{key}` configures FSDP, which is off: set `fsdp: full_shard auto_wrap` too")
@@ -49,23 +52,18 @@ def fsdp_settings(t) -> FsdpSettings | None:
     for word in words:
         if word in SHARDING:
             s.reshard_after_forward = SHARDING[word]
-        elif word == "auto_wrap":
-            s.auto_wrap = True
         elif word == "offload":
             s.offload = True
         elif word in ("no_shard", "hybrid_shard", "hybrid_shard_zero2"):
             raise ConfigError(f"`fsdp: {t.fsdp}`: {word} is not built (no_shard is plain DDP: remove `fsdp`; "
                               "hybrid sharding needs a 2-D device mesh); use full_shard or shard_grad_op")
-        else:
-            raise ConfigError(f"`fsdp: {t.fsdp}`: unknown option {word!r}; use full_shard or shard_grad_op, "
+        elif word not in ("true", "auto_wrap"):  # auto_wrap: wrapping layers is the default
+            raise ConfigError(f"`fsdp: {t.fsdp}`: unknown option {word!r}; use true, or full_shard / shard_grad_op "
                               "optionally with auto_wrap and offload (e.g. `fsdp: full_shard auto_wrap`)")
-    config = _fsdp_config(t.fsdp_config)
-    for key, value in config.items():
+    for key, value in _fsdp_config(t.fsdp_config).items():
         _apply_fsdp_key(s, key, value)
     if t.fsdp_transformer_layer_cls_to_wrap:
         s.wrap_classes = _names(t.fsdp_transformer_layer_cls_to_wrap)
-    if s.wrap_classes and not s.auto_wrap:
-        s.auto_wrap = True  # as transformers does: naming the layer classes asks for them to be wrapped
     return s
 
 
@@ -88,28 +86,35 @@ def _apply_fsdp_key(s: FsdpSettings, key: str, value) -> None:
                               "or remove it")
     elif key == "transformer_layer_cls_to_wrap":
         s.wrap_classes = _names(value)
+    elif key == "auto_wrap_policy":
+        if str(value).upper() not in ("TRANSFORMER_BASED_WRAP", "NO_WRAP"):
+            raise ConfigError(f"{where}: use TRANSFORMER_BASED_WRAP (one unit per decoder layer) or NO_WRAP (the "
+                              "whole model as one unit); size-based wrapping is not built")
+        s.auto_wrap = str(value).upper() == "TRANSFORMER_BASED_WRAP"
+    elif key == "min_num_params":  # transformers sets 0 itself; it only matters for size-based wrapping
+        if int(value):
+            raise ConfigError(f"{where}: size-based wrapping is not built; remove it (layers are wrapped by class)")
     elif key == "reshard_after_forward":
         s.reshard_after_forward = _bool(value, where)
-    elif key == "offload_params":
+    elif key in ("cpu_offload", "offload_params"):  # transformers' name, accelerate's name
         s.offload = _bool(value, where)
+    elif key == "activation_checkpointing":
+        s.activation_checkpointing = _bool(value, where)
     elif key == "state_dict_type":
         if str(value).upper() != "FULL_STATE_DICT":
             raise ConfigError(f"{where}: tuneforge saves full state dicts only (normal model files, gathered on the "
                               "main process, which resume at any world size); set FULL_STATE_DICT or remove it")
-    elif key == "activation_checkpointing":
-        if _bool(value, where):
-            raise ConfigError(f"{where}: set `gradient_checkpointing: true` instead (it recomputes each decoder "
-                              "layer in the backward pass, with or without FSDP)")
-    elif key == "cpu_ram_efficient_loading":
-        if _bool(value, where):
-            raise ConfigError(f"{where}: not built (every process loads the model, then FSDP shards it); remove it")
+    elif key == "cpu_ram_efficient_loading" or key.startswith("xla"):
+        if _bool(value, where) if not isinstance(value, dict) else value:
+            raise ConfigError(f"{where}: not built (every process loads the model, then FSDP shards it; XLA / TPU "
+                              "is not targeted); remove it")
     elif key in FSDP1_ONLY:
         s.notes.append(f"note: fsdp_config `{key}` is an FSDP1 setting; FSDP2, which tuneforge runs, has none "
                        "(it always shards the original parameters)")
     else:
         raise ConfigError(f"{where}: unknown key; tuneforge reads fsdp_version, transformer_layer_cls_to_wrap, "
-                          "reshard_after_forward, offload_params, state_dict_type, activation_checkpointing, "
-                          "cpu_ram_efficient_loading")
+                          "auto_wrap_policy, reshard_after_forward, cpu_offload (offload_params), "
+                          "activation_checkpointing, state_dict_type, cpu_ram_efficient_loading")
 
 
 def _names(value) -> list[str]:
@@ -190,22 +195,20 @@ def _read(read, t, out: list[str]):
 
 def accelerator_kwargs(t) -> dict:
     """What accelerate's Accelerator needs for sharding on GPUs (on CPUs, `shard` below does it)."""
-    import os
-
     fsdp = fsdp_settings(t)
     for variable, key in (("ACCELERATE_USE_FSDP", "fsdp"), ("ACCELERATE_USE_DEEPSPEED", "deepspeed")):
         if os.environ.get(variable, "").lower() == "true" and not getattr(t, key):
             raise ConfigError(f"the accelerate config asks for {key} ({variable}); tuneforge reads sharding from "
                               f"its own YAML: use a plain multi-GPU accelerate config and set `{key}` in the YAML "
                               "(docs/distributed.md)")
-    if not fsdp or not torch.cuda.is_available():
-        return {}
+    if not fsdp or not torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return {}  # one process: nothing to shard (accelerate would still want the model in FSDP form)
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     return {"fsdp_plugin": FullyShardedDataParallelPlugin(
         fsdp_version=2, reshard_after_forward=fsdp.reshard_after_forward, cpu_offload=fsdp.offload,
         auto_wrap_policy="transformer_based_wrap" if fsdp.auto_wrap else "no_wrap",
-        transformer_cls_names_to_wrap=fsdp.wrap_classes, state_dict_type="FULL_STATE_DICT")}
+        transformer_cls_names_to_wrap=fsdp.wrap_classes, state_dict_type="FULL_STATE_DICT")}  # (checkpointing: ours)
 
 
 def is_sharded(module) -> bool:
