@@ -138,20 +138,20 @@ def test_deepspeed_without_cuda_names_fsdp(tmp_path):
 
 
 def test_a_checkpoint_resumes_only_with_its_global_batch(tmp_path):
-    from tuneforge.train.checkpoint import MARKER, check_identity, global_batch
-    from tuneforge.config import build_config as config_of
-
-    t = config_of({"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}).train
-    config = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-3}
     from tuneforge import __version__
+    from tuneforge.train.checkpoint import MARKER, check_identity, global_batch
 
+    config = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-3}
+    saved = global_batch(build_config(config).train, 2)
     (tmp_path / MARKER).write_text(json.dumps({"tuneforge_version": __version__, "config": config, "data": "x",
-                                               **global_batch(t, 2)}))
+                                               **saved}))
     same = {"config": {**config, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}, "data": "x",
             "global_batch": 8, "world_size": 1}
     check_identity(tmp_path, same)  # 8 x 1 x 1 process = 2 x 2 x 2 processes
     with pytest.raises(ConfigError, match=r"global batch of 8 \(.* x 2 processes\); this run's is 4 \(with 1 process\)"):
         check_identity(tmp_path, {**same, "global_batch": 4})
+    with pytest.raises(ConfigError, match=r"other settings \(learning_rate"):  # the rest is still compared
+        check_identity(tmp_path, {**same, "config": {**same["config"], "learning_rate": 2e-3}})
 
 
 def test_an_accelerate_config_cannot_shard_behind_the_yaml(monkeypatch):

@@ -233,6 +233,7 @@ def shard(module, fsdp: FsdpSettings, accelerator, make_optimizer):
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if plugin is not None:  # GPUs: accelerate shards when it prepares the model (with its optimizer)
         plugin.transformer_cls_names_to_wrap = classes
+        accelerator.print(f"[tuneforge] fsdp: accelerate shards across {accelerator.num_processes} processes")
         return accelerator.prepare(module, make_optimizer(module))
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
