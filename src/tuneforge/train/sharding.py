@@ -176,10 +176,12 @@ def problems(cfg) -> list[str]:
         for what, on, why in (
                 (f"stage: {cfg.finetune.stage}", cfg.finetune.stage in ("ppo", "grpo"),
                  "rollouts generate on each process separately"),
+                ("stage: cls", cfg.finetune.stage == "cls", "a classifier is evaluated on the main process alone"),
                 ("do_predict", t.do_predict, "prediction generates on the main process alone"),
                 ("load_best_model_at_end", t.load_best_model_at_end, "the best model is kept and reloaded "
                  "unsharded"),
-                ("quantization_bit", cfg.model.quantization_bit, "bitsandbytes' quantised layers are not sharded")):
+                ("quantization_bit", cfg.model.quantization_bit, "bitsandbytes' quantised layers are not sharded"),
+                ("torch_compile", t.torch_compile, "compiled layers would have to trace FSDP's gathers")):
             if on:
                 out.append(f"`{what}` with `fsdp` is not built ({why}); train with DDP (remove `fsdp`) for it")
     return out
