@@ -35,7 +35,8 @@ def _common(tiny_model, data, **extra) -> list[str]:
 
 
 # AdamW over gloo's reduce-scatter, whose summation order differs from one process's: measured 6e-6 of the
-# update here (the DDP test measures the same size); 2e-3 is the accumulation test's rule. Rows going to the wrong
+# update for full fine-tuning, 5e-7 for LoRA's B matrices (the DDP test measures the same size); 2e-3 is the
+# accumulation test's rule. Rows going to the wrong
 # process, or a loss normalised per process instead of over the step, move the update by percents.
 GAP = 2e-3
 
@@ -82,7 +83,8 @@ def test_fsdp_lora_matches_one_process_and_evaluates(tiny_model, tmp_path):
     lora_b = {k: v for k, v in b.items() if "lora_B" in k}  # lora_A does not move from its random start by much
     assert relative_update_gap({k: 0 * v for k, v in lora_b.items()}, {k: a[k] for k in lora_b}, lora_b) < GAP
     fsdp_eval, one_eval = (json.loads((tmp_path / run / "eval_results.json").read_text()) for run in ("fsdp", "one"))
-    assert fsdp_eval["eval_loss"] == pytest.approx(one_eval["eval_loss"], rel=1e-5)  # float sums, other order
+    # float32 sums in another order differ by ~1e-7; one padded batch counted (or one dropped) moves it by percents
+    assert fsdp_eval["eval_loss"] == pytest.approx(one_eval["eval_loss"], rel=1e-5)
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
