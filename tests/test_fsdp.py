@@ -83,9 +83,9 @@ def test_fsdp_lora_matches_one_process_and_evaluates(tiny_model, tmp_path):
     lora_b = {k: v for k, v in b.items() if "lora_B" in k}  # lora_A does not move from its random start by much
     assert relative_update_gap({k: 0 * v for k, v in lora_b.items()}, {k: a[k] for k in lora_b}, lora_b) < GAP
     fsdp_eval, one_eval = (json.loads((tmp_path / run / "eval_results.json").read_text()) for run in ("fsdp", "one"))
-    # float32 sums in another order differ by ~1e-7; counting the padding batch (or dropping a real one) moves the
-    # mean by that row's distance from it, orders of magnitude more
-    assert fsdp_eval["eval_loss"] == pytest.approx(one_eval["eval_loss"], rel=1e-5)
+    # measured equal to all 16 digits; counting the second process's padding batch measured 4e-6 off (this barely
+    # trained model gives every row a per-token loss near log(vocab)), so 1e-6
+    assert fsdp_eval["eval_loss"] == pytest.approx(one_eval["eval_loss"], rel=1e-6)
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
