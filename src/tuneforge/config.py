@@ -92,6 +92,8 @@ def _coerce(value, annotation: str, key: str, source: str):
         if isinstance(value, (list, tuple)):  # `dataset: [a, b]` is the same as `dataset: a,b`
             return ",".join(str(v) for v in value)
         if isinstance(value, dict):
+            if "dict" in base:  # a mapping written inline in the YAML (deepspeed, fsdp_config)
+                return value
             raise ValueError
         return str(value)
     except (TypeError, ValueError):
@@ -295,7 +297,9 @@ def _train_problems(cfg: Config) -> list[str]:
                    f"`finetuning_type: lora`; you set {f.finetuning_type}")
     if m.adapter_name_or_path and f.finetuning_type not in ADAPTER_TYPES:
         out.append("`adapter_name_or_path` needs `finetuning_type: lora` or `oft`")
-    return out + _foreign_key_problems(cfg) + check_adapters(cfg) + check_optimizer(cfg)
+    from .train.sharding import problems as sharding_problems
+
+    return out + _foreign_key_problems(cfg) + check_adapters(cfg) + check_optimizer(cfg) + sharding_problems(cfg)
 
 
 def _literal_problems(cfg: Config) -> list[str]:

@@ -224,8 +224,13 @@ class TrainArgs:
     report_to: str = "none"
     resume_from_checkpoint: str | None = None
     ddp_timeout: int = 1800
-    deepspeed: str | None = None  # see NO_EFFECT_YET
-    fsdp: str | None = None  # Hugging Face's FSDP options; see NO_EFFECT_YET
+    # sharding across processes (train/sharding.py, docs/distributed.md). deepspeed: a ds_config.json path or a
+    # mapping (CUDA only). fsdp: Hugging Face's words, "full_shard auto_wrap", "shard_grad_op", "... offload";
+    # fsdp_config: a JSON path or a mapping of HF's fsdp_config keys (fsdp_version, transformer_layer_cls_to_wrap,
+    # reshard_after_forward, ...); fsdp_transformer_layer_cls_to_wrap: the older key for the layer classes
+    deepspeed: str | dict | None = None
+    fsdp: str | None = None
+    fsdp_config: str | dict | None = None
     fsdp_transformer_layer_cls_to_wrap: str | None = None
     dataloader_num_workers: int = 0
     run_name: str | None = None
@@ -415,15 +420,9 @@ NOT_YET = {
     "use_fast_tokenizer": "tuneforge uses the fast (tokenizers) tokenizers only",
     **{key: why for key, _, _, why in LLAMAFACTORY_ONLY},
 }
-_SHARDING = ("it shards weights, gradients and optimizer state across GPUs, which gives the same updates as "
-             "training unsharded: tuneforge trains in one process, or under `torchrun` with DDP (a full copy per "
-             "process)")
 # Keys LLaMA-Factory configs often set that have no effect in tuneforge yet: accepted with a printed notice, so
 # those configs run and nothing is skipped silently.
 NO_EFFECT_YET = {
-    "deepspeed": _SHARDING,
-    "fsdp": _SHARDING,
-    "fsdp_transformer_layer_cls_to_wrap": _SHARDING,
     "use_reentrant_gc": "gradient checkpointing here is always non-reentrant (the same gradients, and it works with "
                         "frozen embeddings)",
 }

@@ -127,17 +127,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_model(module, tokenizer, folder: Path) -> None:  # tokenizer None: weights only
+def save_model(module, tokenizer, folder: Path, weights: dict | None = None) -> None:  # tokenizer None: weights only
     """A loss module's model: an adapter (PEFT format) for LoRA, else the full model as safetensors; plus the
-    tokenizer and the extra modules the stage trains besides the model (e.g. a reward model's value head)."""
+    tokenizer and the extra modules the stage trains besides the model (e.g. a reward model's value head).
+    `weights`: the module's full state dict when the module itself holds only shards (FSDP; sharding.full_state)."""
+    from .sharding import part_of
+
     model = module.model
     # a PPO policy also holds the reward adapter (reward_model_type lora): only the trained one is the model
     selected = {"selected_adapters": [model.active_adapter]} if len(getattr(model, "peft_config", {})) > 1 else {}
-    model.save_pretrained(folder, safe_serialization=True, **selected)
+    gathered = {} if weights is None else {"state_dict": part_of(weights, module, model)}
+    model.save_pretrained(folder, safe_serialization=True, **selected, **gathered)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     for file, part in module.extra.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in part.state_dict().items()}, str(Path(folder) / file))
+        tensors = part.state_dict() if weights is None else part_of(weights, module, part)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(Path(folder) / file))
 
 
 def load_extra_weights(module, folder: str | Path) -> None:
@@ -147,17 +152,20 @@ def load_extra_weights(module, folder: str | Path) -> None:
 
 
 def save_checkpoint(folder: Path, module, tokenizer, optimizer, scheduler, state: TrainerState,
-                    model_only: bool = False, identity: dict | None = None) -> None:
+                    model_only: bool = False, identity: dict | None = None, weights: dict | None = None,
+                    optimizer_state: dict | None = None) -> None:
     """Write the checkpoint into `folder.partial`, flush it, add the marker (`identity`: what resume checks), and
-    rename it to `folder`. A failure leaves the other checkpoints as they were and raises SaveFailed."""
+    rename it to `folder`. A failure leaves the other checkpoints as they were and raises SaveFailed.
+    `weights` / `optimizer_state`: full state dicts gathered from a sharded module (see save_model)."""
     temp = folder.with_name(folder.name + PARTIAL)
     needed = _expected_size(folder.parent, module, optimizer)
     free = shutil.disk_usage(folder.parent).free
     if free < needed:
         raise _save_failed(folder, folder.parent, "not enough free space", needed, free)
-    parts = [("model and tokenizer", lambda: save_model(module, tokenizer, temp))]
+    parts = [("model and tokenizer", lambda: save_model(module, tokenizer, temp, weights))]
     if not model_only:
-        parts += [("optimizer.pt", lambda: torch.save(optimizer.state_dict(), temp / "optimizer.pt")),
+        parts += [("optimizer.pt", lambda: torch.save(optimizer_state or optimizer.state_dict(),
+                                                      temp / "optimizer.pt")),
                   ("scheduler.pt", lambda: torch.save(scheduler.state_dict(), temp / "scheduler.pt")),
                   ("rng_state.pt", lambda: torch.save(rng_state(), temp / "rng_state.pt"))]
     parts += [("trainer_state.json", lambda: _write_json(temp / "trainer_state.json", asdict(state))),
@@ -254,6 +262,9 @@ def check_identity(folder: str | Path, identity: dict) -> None:
                           f"{__version__}, which may not continue it exactly; resume with that version, or set "
                           "overwrite_output_dir: true to start over")
     before, now = marker.get("config", {}), identity.get("config", {})
+    if "global_batch" in marker:  # the same global batch may be split otherwise (another number of processes)
+        _check_global_batch(folder, marker, identity)
+        before, now = ({k: v for k, v in c.items() if k not in SPLIT} for c in (before, now))
     changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
                if before.get(k) != now.get(k)]
     if changed:
@@ -266,6 +277,28 @@ def check_identity(folder: str | Path, identity: dict) -> None:
                           "resume with the same data, or set overwrite_output_dir: true")
 
 
+SPLIT = ("per_device_train_batch_size", "gradient_accumulation_steps")  # with the process count: the global batch
+
+
+def global_batch(t, world: int) -> dict:
+    """What a checkpoint records of how its global batch was split."""
+    return {"global_batch": t.per_device_train_batch_size * t.gradient_accumulation_steps * world,
+            "world_size": world}
+
+
+def _check_global_batch(folder, marker: dict, identity: dict) -> None:
+    """A step is the same global batch of rows at any world size, so a checkpoint resumes with another number of
+    processes if per_device_train_batch_size x gradient_accumulation_steps x processes stays the same."""
+    was, now = marker["global_batch"], identity.get("global_batch")
+    if was != now:
+        processes = lambda n: f"{n} process{'es' if n != 1 else ''}"  # noqa: E731
+        raise ConfigError(
+            f"{folder} was trained with a global batch of {was} (per_device_train_batch_size x "
+            f"gradient_accumulation_steps x {processes(marker['world_size'])}); this run's is {now} (with "
+            f"{processes(identity.get('world_size'))}): choose per_device_train_batch_size and "
+            f"gradient_accumulation_steps whose product x processes is {was}, or set overwrite_output_dir: true")
+
+
 # Keys that do not change what training computes (where results go, how often it logs, saves and evaluates, how
 # long it runs, inference and export): a checkpoint resumes under other values of these. Any other key that
 # differs from the checkpoint's is refused on resume.
@@ -275,7 +308,9 @@ RESUME_NEUTRAL = frozenset((
     "do_predict", "predict_with_generate", "predict_metric", "load_best_model_at_end", "metric_for_best_model",
     "early_stopping_steps", "plot_loss", "report_to", "run_name", "ddp_timeout", "dataloader_num_workers",
     "max_steps", "num_train_epochs", "skip_nonfinite_steps", "overwrite_cache", "preprocessing_num_workers",
-    "tokenized_path", "cache_dir", "hf_hub_token", "eval_dataset", "eval_on_each_dataset"))
+    "tokenized_path", "cache_dir", "hf_hub_token", "eval_dataset", "eval_on_each_dataset",
+    # sharding changes where the state lives, not the updates (the global batch is checked on its own)
+    "fsdp", "fsdp_config", "fsdp_transformer_layer_cls_to_wrap", "deepspeed"))
 
 
 def config_identity(cfg) -> dict:
@@ -287,13 +322,19 @@ def config_identity(cfg) -> dict:
     return json.loads(json.dumps(values, default=str))
 
 
-def load_checkpoint(folder: str | Path, module, optimizer, scheduler) -> TrainerState:
-    folder = Path(folder)
-    load_trainable_weights(module.model, folder)
+def load_weights(folder: str | Path, module) -> None:
+    """A checkpoint's weights, into a loss module built the same way (before any sharding)."""
+    load_trainable_weights(module.model, Path(folder))
     load_extra_weights(module, folder)
+
+
+def load_training_state(folder: str | Path, load_optimizer, scheduler) -> TrainerState:
+    """The rest of a checkpoint: `load_optimizer(state dict)` (optimizer.load_state_dict unless the model is
+    sharded), the scheduler, the random generators; returns the trainer state."""
+    folder = Path(folder)
     if not (folder / "optimizer.pt").is_file():
         raise FileNotFoundError(f"{folder} was saved with save_only_model: it has no optimizer state to resume from")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+    load_optimizer(torch.load(folder / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(folder / "rng_state.pt", weights_only=False))
     return TrainerState(**json.loads((folder / "trainer_state.json").read_text(encoding="utf-8")))

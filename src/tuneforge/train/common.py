@@ -13,6 +13,7 @@ from ..models.adapters import (ADAPTER_TYPES, attach_adapters, describe_trainabl
                                save_pissa_init, setup_trainable)
 from ..models.load import ModelError, keep_quantized_layers_differentiable, load_base_model, load_tokenizer
 from . import checkpoint as ckpt
+from . import sharding
 from .logging import plot_loss, write_results
 from .loop import Precision, autocast_dtype, evaluate, train
 from .steps import rows_source
@@ -26,7 +27,7 @@ def make_accelerator(t):
 
     # accelerate only treats a torchrun launch without GPUs as distributed (gloo) when told to use the CPU
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision="no", cpu=cpu_ddp,
+    return Accelerator(mixed_precision="no", cpu=cpu_ddp, **sharding.accelerator_kwargs(t),
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout))])
 
 
@@ -55,7 +56,9 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
     if not t.do_train or reference:
         return attach_adapters(model, cfg.model, f, is_trainable=False).eval()
     keep_quantized_layers_differentiable(model)
-    if t.gradient_checkpointing and not cfg.model.disable_gradient_checkpointing:
+    fsdp = sharding.fsdp_settings(t)  # fsdp_config's activation_checkpointing recomputes the same layers
+    if (t.gradient_checkpointing or fsdp and fsdp.activation_checkpointing) and \
+            not cfg.model.disable_gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.23's name
         if enable:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -89,8 +92,9 @@ def open_output_dir(cfg, accelerator) -> None:
 
 def finish_training(cfg, module, tokenizer, results: dict, accelerator) -> None:
     """The trained model (and the stage's extra weights) into output_dir, with results and the loss plot."""
+    weights = sharding.full_state(module, None, with_optimizer=False)[0] if sharding.is_sharded(module) else None
     if accelerator.is_main_process:
-        ckpt.save_model(module, tokenizer, Path(cfg.train.output_dir))
+        ckpt.save_model(module, tokenizer, Path(cfg.train.output_dir), weights)
         if cfg.finetune.pissa_convert:
             save_pissa_converted(module.model, cfg.train.output_dir)
         write_results(cfg.train.output_dir, "train", results)

@@ -22,6 +22,7 @@ from ..config import ConfigError, flat_config
 from ..data.collate import PadCollator
 from ..models.load import ModelError
 from . import checkpoint as ckpt
+from . import sharding
 from .logging import RunLog
 from .faults import NonFinite, Preempted, StopSignals, describe_rows
 from .optimizers import make_optimizer
@@ -141,13 +142,19 @@ def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, p
     loss_sum = torch.zeros((), device=accelerator.device)
     units = torch.zeros((), device=accelerator.device)
     sums: dict[str, torch.Tensor] = {}
-    for start in range(0, len(mine), batch_size):
-        batch = collator(mine[start: start + batch_size])
+    starts: list = list(range(0, len(mine), batch_size))
+    if sharding.is_sharded(module):  # each forward gathers weights from every process: all run as many
+        starts += [None] * (math.ceil(len(rows[::world]) / batch_size) - len(starts))  # (None: discarded)
+    for start in starts:
+        batch = collator(mine[start: start + batch_size] if start is not None else rows[:1])
         batch.pop("num_tokens")
-        units += module.units(batch).to(accelerator.device)
+        batch_units = module.units(batch).to(accelerator.device)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with precision.autocast(module.model) if precision else nullcontext():
             loss, metrics = module(**batch)
+        if start is None:
+            continue
+        units += batch_units
         loss_sum += loss.detach().float()
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0) + value.detach().float()
@@ -171,15 +178,28 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
     world = accelerator.num_processes
     per_epoch = source.steps_per_epoch
     total_steps = max(t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch), 1)
-    optimizer = build_optimizer(module, t, f, report=accelerator.print)
-    scheduler = build_scheduler(optimizer, t, total_steps)
-    inner = module
-    module = accelerator.prepare(module)  # DDP wraps the loss module when there are several processes
-    state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=source.num_examples)
     identity = {"config": ckpt.config_identity(cfg), "data": source.signature,
-                "num_train_examples": source.num_examples}
+                "num_train_examples": source.num_examples, **ckpt.global_batch(t, world)}
+    inner = module
+    if resume_from:  # the weights go in before sharding splits them
+        ckpt.check_identity(resume_from, identity)
+        ckpt.load_weights(resume_from, inner)
+    fsdp = sharding.fsdp_settings(t)
+    if fsdp and world > 1:
+        for note in fsdp.notes:
+            accelerator.print(f"[tuneforge] {note}")
+        module, optimizer = sharding.shard(module, fsdp, accelerator,
+                                           lambda m: build_optimizer(m, t, f, report=accelerator.print))
+    else:
+        if fsdp:
+            accelerator.print("[tuneforge] fsdp: one process holds the whole model, so training runs unsharded "
+                              "(the same updates; checkpoints move between this and torchrun with FSDP)")
+        optimizer = build_optimizer(module, t, f, report=accelerator.print)
+        module = accelerator.prepare(module)  # DDP wraps the loss module when there are several processes
+    scheduler = build_scheduler(optimizer, t, total_steps)
+    state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=source.num_examples)
     if resume_from:
-        state = _resume(resume_from, inner, optimizer, scheduler, state, identity, accelerator)
+        state = _resume(resume_from, inner, optimizer, scheduler, state, accelerator)
     collator = collator or PadCollator(tokenizer.pad_token_id)
     trackers = open_trackers(t.report_to, t.output_dir, t.run_name, flat_config(cfg)) \
         if accelerator.is_main_process else []
@@ -259,11 +279,12 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
     return {**results, "skipped_steps": state.skipped_steps} if state.skipped_steps else results
 
 
-def _resume(folder: str, inner, optimizer, scheduler, fresh, identity: dict, accelerator):
-    """The state of checkpoint `folder`, loaded into the module, optimizer and scheduler, after checking that it
-    was written by this tuneforge version with the same settings and data."""
-    ckpt.check_identity(folder, identity)
-    state = ckpt.load_checkpoint(folder, inner, optimizer, scheduler)
+def _resume(folder: str, inner, optimizer, scheduler, fresh, accelerator):
+    """The training state of checkpoint `folder` (its weights are loaded already), loaded into the optimizer and
+    scheduler."""
+    load = (lambda state: sharding.load_optimizer_state(inner, optimizer, state)) if sharding.is_sharded(inner) \
+        else optimizer.load_state_dict
+    state = ckpt.load_training_state(folder, load, scheduler)
     state.total_steps = fresh.total_steps
     accelerator.print(f"[tuneforge] resuming from {folder} at step {state.global_step}")
     return state
@@ -346,8 +367,10 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
     scale = accelerator.num_processes / units.clamp(min=1)
     losses = []
     sums: dict[str, torch.Tensor] = {}
+    sharded = sharding.is_sharded(module)
     for i, batch in enumerate(micro):
-        sync = i == len(micro) - 1
+        # FSDP reduce-scatters every micro-batch's gradients: a sharded model keeps no full gradient to accumulate in
+        sync = i == len(micro) - 1 or sharded
         with nullcontext() if sync else accelerator.no_sync(module):
             with precision.autocast(_inner(module).model):
                 loss_sum, metrics = module(**batch)
@@ -361,6 +384,8 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if sharded:
+        norm = norm.full_tensor()  # a DTensor of the shards' partial norms
     total = torch.stack(losses).sum()
     bad = _what_is_non_finite(torch.stack(losses), norm, precision, accelerator)
     if not bad:
@@ -464,9 +489,11 @@ def _should_save(t, state, steps_in_epoch: int, last: bool) -> bool:
 
 def _save(cfg, inner, tokenizer, optimizer, scheduler, state, accelerator, identity: dict) -> None:
     accelerator.wait_for_everyone()
+    gathered = sharding.full_state(inner, optimizer, not cfg.train.save_only_model) \
+        if sharding.is_sharded(inner) else (None, None)
     if accelerator.is_main_process:
         folder = Path(cfg.train.output_dir) / f"checkpoint-{state.global_step}"
         ckpt.save_checkpoint(folder, inner, tokenizer, optimizer, scheduler, state, cfg.train.save_only_model,
-                             identity)
+                             identity, *gathered)
         ckpt.rotate_checkpoints(cfg.train.output_dir, cfg.train.save_total_limit)
     accelerator.wait_for_everyone()
