@@ -12,8 +12,6 @@ reset before each phase (/proc/self/clear_refs), so each phase's own peak shows,
 from __future__ import annotations
 
 import argparse
-import ctypes
-import os
 import sys
 import tempfile
 import time
@@ -54,6 +52,9 @@ class Phases:
 
 
 def main() -> int:
+    from tuneforge.machine import map_large_allocations
+
+    map_large_allocations()  # as the tuneforge command does
     phases = Phases()
     import torch
     import transformers  # noqa: F401  (its import is part of every run's baseline)
@@ -113,8 +114,6 @@ def main() -> int:
                 saved.report()
             loss.backward()
             del loss
-            if os.environ.get("TRIM"):
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
             phases.done(f"step {step + 1}.{micro + 1} backward")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

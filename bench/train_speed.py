@@ -93,6 +93,9 @@ def batch_plan_stats(cfg, rows, warmup: int) -> tuple[float, float]:
 
 
 def child(name: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+    from tuneforge.machine import map_large_allocations
+
+    map_large_allocations()  # as the tuneforge command does
     import torch
 
     from tuneforge.cmdline import parse_overrides

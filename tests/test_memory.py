@@ -3,6 +3,9 @@ bytes for backward; the bf16 copy of a converted model folder holds exactly the 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -106,3 +109,30 @@ def test_bf16_copy_of_a_converted_folder_holds_the_weights_a_bf16_load_gives(tin
         assert state[name].dtype == torch.bfloat16 and torch.equal(state[name], direct[name]), name  # bit for bit
     fp32 = load_base_model(ModelArgs(model_name_or_path=str(converted)), dtype=torch.float32)
     assert not fp32.name_or_path.endswith("-bf16")  # fp32 loads keep reading the fp32 folder
+
+
+ALLOCATOR_PROBE = """
+import sys, torch
+from tuneforge.machine import map_large_allocations
+if sys.argv[1] == "on":
+    map_large_allocations()
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+first = torch.ones(20 << 18)  # 20 MB freed: glibc's own policy now serves blocks up to 20 MB from the heap
+del first
+hole = torch.ones(6 << 18)  # 6 MB
+keep = torch.ones(1 << 10)  # a small block after it, so freeing the 6 MB leaves a hole rather than a heap top
+before = rss()
+del hole
+print(before - rss())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file() or sys.platform != "linux", reason="glibc, /proc")
+def test_large_tensors_go_back_to_the_system_when_freed():
+    import subprocess
+
+    freed = {mode: int(subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, mode], capture_output=True,
+                                      text=True, check=True).stdout.split()[-1]) for mode in ("off", "on")}
+    # glibc's default keeps the freed 6 MB resident; with the 4 MB threshold they go back to the system at once
+    assert freed["off"] < 3 and freed["on"] >= 5, freed
