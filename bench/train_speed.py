@@ -33,6 +33,9 @@ WORKLOADS = {
     "smollm2-lora": dict(SMOL_LORA, **FAST, pure_bf16=True),
     "smollm2-lora-compile": dict(SMOL_LORA, **FAST, pure_bf16=True, torch_compile=True),
     "smollm2-lora-lowmem": dict(SMOL_LORA, **FAST, pure_bf16=True, gradient_checkpointing=True),
+    # only eager attention's core recomputed (gradient_checkpointing_scope): same gradients, most of the memory saved
+    "smollm2-lora-attn-ckpt": dict(SMOL_LORA, **FAST, pure_bf16=True, gradient_checkpointing=True,
+                                   gradient_checkpointing_scope="attention"),
     "smollm2-full": dict(model_name_or_path="smollm2-135m-instruct", finetuning_type="full", **FAST),
     # QLoRA: the same LoRA on a base quantised by bitsandbytes (docs/benchmarks.md#qlora compares eval loss too)
     "smollm2-qlora4": dict(SMOL_LORA, **FAST, pure_bf16=True, quantization_bit=4),

@@ -47,7 +47,8 @@ def _gradients_and_saved_bytes(cfg, dtype=torch.float32):
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), Precision(cfg.train, torch.device("cpu")).autocast(model):
+    precision = Precision(cfg.train, torch.device("cpu"))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), precision.autocast(model):
         loss, _ = module(input_ids=input_ids, labels=input_ids, position_ids=position_ids)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -136,3 +137,13 @@ def test_large_tensors_go_back_to_the_system_when_freed():
                                       text=True, check=True).stdout.split()[-1]) for mode in ("off", "on")}
     # glibc's default keeps the freed 6 MB resident; with the 4 MB threshold they go back to the system at once
     assert freed["off"] < 3 and freed["on"] >= 5, freed
+
+
+def test_notices_for_checkpointing_choices(tiny_model, tmp_path):
+    from tuneforge.config import notices
+
+    unused = notices(_config(tiny_model, tmp_path, gradient_checkpointing_scope="attention"))
+    assert any("no effect without `gradient_checkpointing: true`" in line for line in unused)
+    whole = notices(_config(tiny_model, tmp_path, gradient_checkpointing=True))
+    assert any("gradient_checkpointing_scope: attention" in line for line in whole)
+    assert not any("gradient_checkpointing" in line for line in notices(_config(tiny_model, tmp_path)))

@@ -47,6 +47,14 @@ def notices(cfg: Config) -> list[str]:
     if cfg.finetune.pissa_init and not cfg.finetune.pissa_convert:
         out.append("note: a PiSSA adapter applies to the residual base PiSSA leaves, not to the original model: "
                    "set `pissa_convert: true` for one that does (output_dir/pissa_converted)")
+    t = cfg.train
+    selective = t.gradient_checkpointing_scope != "layers" or t.gradient_checkpointing_every != 1
+    if not t.gradient_checkpointing and selective:
+        out.append("note: `gradient_checkpointing_scope` and `gradient_checkpointing_every` have no effect without "
+                   "`gradient_checkpointing: true`")
+    elif t.gradient_checkpointing and t.gradient_checkpointing_scope == "layers" and cfg.model.flash_attn == "eager":
+        out.append("note: with eager attention, `gradient_checkpointing_scope: attention` recomputes only attention: "
+                   "faster steps for more memory (SmolLM2-135M, cutoff 256: ~25% less time, 1.8 instead of 1.1 GB)")
     if d.buffer_size != DataArgs.buffer_size and not d.streaming:
         out.append("note: `buffer_size` has no effect without streaming: in-memory data is shuffled whole")
     if d.streaming:
