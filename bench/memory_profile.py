@@ -60,9 +60,7 @@ def main() -> int:
     import transformers  # noqa: F401  (its import is part of every run's baseline)
     import peft  # noqa: F401
 
-    from train_speed import DATA, FIXED, WORKLOADS, tiny_model
-    from tuneforge.cmdline import parse_overrides
-    from tuneforge.config import build_config, validate
+    from train_speed import WORKLOADS, row_config
     from tuneforge.data import prepare_lm_data
     from tuneforge.data.collate import PadCollator
     from tuneforge.models.adapters import setup_trainable
@@ -73,18 +71,14 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=list(WORKLOADS), default="smollm2-lora")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps")
     parser.add_argument("--set", nargs="*", default=[])
     args = parser.parse_args()
     print(f"memory of {args.only} {' '.join(args.set)}, {torch.get_num_threads()} threads:")
     phases.done("import torch, transformers, peft")
 
     work = Path(tempfile.mkdtemp(prefix="tuneforge-memory-"))
-    values = {**FIXED, **WORKLOADS[args.only], "dataset": str(DATA), "output_dir": str(work / "out"),
-              "max_steps": 100, **parse_overrides(args.set)}
-    if values["model_name_or_path"] == "tiny":
-        values["model_name_or_path"] = tiny_model(work / "tiny")
-    cfg = build_config(values, source="memory")
-    validate(cfg, "train")
+    cfg = row_config(args.only, args.set, work, 100, "memory")
     tokenizer = load_tokenizer(cfg.model)
     rows = prepare_lm_data(cfg, tokenizer).train
     phases.done("tokenizer + data")
@@ -100,7 +94,7 @@ def main() -> int:
     phases.done("adapters + optimizer")
 
     size = cfg.train.per_device_train_batch_size
-    for step in range(2):
+    for step in range(args.steps):
         for micro in range(cfg.train.gradient_accumulation_steps):
             start = (step * cfg.train.gradient_accumulation_steps + micro) * size
             batch = collator(rows[start: start + size])
