@@ -219,7 +219,8 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     # ours: what gradient_checkpointing recomputes in backward. layers: whole decoder layers (LLaMA-Factory's; least
     # memory, 30-40% slower). attention: only eager attention's core (flash_attn: eager), whose probabilities are
-    # the largest thing a short-sequence layer keeps; same gradients, ~6% slower (docs/benchmarks.md, Memory)
+    # the largest thing a short-sequence layer keeps; same gradients, ~18% slower with the head's recompute (see
+    # losses.head_chunk_size; docs/benchmarks.md, Memory)
     gradient_checkpointing_scope: Literal["layers", "attention"] = "layers"
     gradient_checkpointing_every: int = 1  # ours: with scope layers, checkpoint every k-th layer only (1: all)
     torch_compile: bool = False
