@@ -30,6 +30,8 @@ def _status(field: str) -> float:
 
 
 class Phases:
+    """Prints each phase's RSS, its change, the peak within the phase and its wall and CPU seconds."""
+
     def __init__(self):
         self.last = _status("VmRSS")
         self.started, self.cpu = time.perf_counter(), time.process_time()
