@@ -91,7 +91,8 @@ def main() -> int:
             batch = collator(rows[(i * accum + j) * size: (i * accum + j + 1) * size])
             batch.pop("num_tokens")
             micro.append(batch)
-        _optimizer_step(module, micro, optimizer, scheduler, Single, precision, cfg.train.max_grad_norm)
+        units = sum(module.units(b) for b in micro)
+        _optimizer_step(module, micro, units, optimizer, scheduler, Single, precision, cfg.train.max_grad_norm)
 
     step(0)  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])

@@ -33,6 +33,9 @@ WORKLOADS = {
     "smollm2-lora": dict(SMOL_LORA, **FAST, pure_bf16=True),
     "smollm2-lora-compile": dict(SMOL_LORA, **FAST, pure_bf16=True, torch_compile=True),
     "smollm2-lora-lowmem": dict(SMOL_LORA, **FAST, pure_bf16=True, gradient_checkpointing=True),
+    # only eager attention's core recomputed (gradient_checkpointing_scope): same gradients, most of the memory saved
+    "smollm2-lora-attn-ckpt": dict(SMOL_LORA, **FAST, pure_bf16=True, gradient_checkpointing=True,
+                                   gradient_checkpointing_scope="attention"),
     "smollm2-full": dict(model_name_or_path="smollm2-135m-instruct", finetuning_type="full", **FAST),
     # QLoRA: the same LoRA on a base quantised by bitsandbytes (docs/benchmarks.md#qlora compares eval loss too)
     "smollm2-qlora4": dict(SMOL_LORA, **FAST, pure_bf16=True, quantization_bit=4),
@@ -77,6 +80,20 @@ def tiny_model(folder: Path) -> str:
     return str(folder)
 
 
+def row_config(name: str, overrides: list[str], work: Path, max_steps: int, source: str):
+    """The validated config of workload `name` with key=value overrides, writing under `work`."""
+    from tuneforge.cmdline import parse_overrides
+    from tuneforge.config import build_config, validate
+
+    values = {**FIXED, **WORKLOADS[name], "dataset": str(DATA), "output_dir": str(work / "out"),
+              "max_steps": max_steps, **parse_overrides(overrides)}
+    if values["model_name_or_path"] == "tiny":
+        values["model_name_or_path"] = tiny_model(work / "tiny")
+    cfg = build_config(values, source=source)
+    validate(cfg, "train")
+    return cfg
+
+
 def batch_plan_stats(cfg, rows, warmup: int) -> tuple[float, float]:
     """(padding fraction, real tokens per optimizer step) over the measured steps, replaying the loop's plan."""
     from tuneforge.train.steps import epoch_batches
@@ -93,22 +110,18 @@ def batch_plan_stats(cfg, rows, warmup: int) -> tuple[float, float]:
 
 
 def child(name: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+    from tuneforge.machine import map_large_allocations
+
+    map_large_allocations()  # as the tuneforge command does
     import torch
 
-    from tuneforge.cmdline import parse_overrides
-    from tuneforge.config import build_config, validate
     from tuneforge.data import prepare_lm_data
     from tuneforge.machine import cpu_description
     from tuneforge.models.load import load_tokenizer
     from tuneforge.train.sft import run
 
     work = Path(tempfile.mkdtemp(prefix="tuneforge-bench-"))
-    values = {**FIXED, **WORKLOADS[name], "dataset": str(DATA), "output_dir": str(work / "out"),
-              "max_steps": warmup + steps, **parse_overrides(overrides)}
-    if values["model_name_or_path"] == "tiny":
-        values["model_name_or_path"] = tiny_model(work / "tiny")
-    cfg = build_config(values, source="bench")
-    validate(cfg, "train")
+    cfg = row_config(name, overrides, work, warmup + steps, "bench")
     rows = prepare_lm_data(cfg, load_tokenizer(cfg.model)).train
     precision = "bfloat16" if cfg.train.bf16 or cfg.finetune.pure_bf16 else "float32"
     peak = gemm_peak_gflops(precision)

@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _quiet_library_bars()
+    from .machine import map_large_allocations
+
+    map_large_allocations()  # a lower peak memory for training, at no measured cost (see its docstring)
     try:
         path, overrides = split_command_line(config)
         if ns.command == "train":

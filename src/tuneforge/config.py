@@ -47,6 +47,14 @@ def notices(cfg: Config) -> list[str]:
     if cfg.finetune.pissa_init and not cfg.finetune.pissa_convert:
         out.append("note: a PiSSA adapter applies to the residual base PiSSA leaves, not to the original model: "
                    "set `pissa_convert: true` for one that does (output_dir/pissa_converted)")
+    t = cfg.train
+    selective = t.gradient_checkpointing_scope != "layers" or t.gradient_checkpointing_every != 1
+    if not t.gradient_checkpointing and selective:
+        out.append("note: `gradient_checkpointing_scope` and `gradient_checkpointing_every` have no effect without "
+                   "`gradient_checkpointing: true`")
+    elif t.gradient_checkpointing and t.gradient_checkpointing_scope == "layers" and cfg.model.flash_attn == "eager":
+        out.append("note: with eager attention, `gradient_checkpointing_scope: attention` recomputes only attention: "
+                   "faster steps for more memory (SmolLM2-135M, cutoff 256: ~15% less time, 2.0 instead of 1.2 GB)")
     if d.buffer_size != DataArgs.buffer_size and not d.streaming:
         out.append("note: `buffer_size` has no effect without streaming: in-memory data is shuffled whole")
     if d.streaming:
@@ -238,6 +246,10 @@ def _train_problems(cfg: Config) -> list[str]:
         out.append("`output_dir` is required: where the trained model, logs and checkpoints go")
     if d.train_on_prompt and d.mask_history:
         out.append("`train_on_prompt` and `mask_history` contradict each other; set only one")
+    if t.gradient_checkpointing_every < 1 or (t.gradient_checkpointing_every > 1
+                                              and t.gradient_checkpointing_scope != "layers"):
+        out.append("`gradient_checkpointing_every` must be 1 or more, and above 1 only with "
+                   f"gradient_checkpointing_scope: layers; got {t.gradient_checkpointing_every}")
     if d.cutoff_len < 2:
         out.append(f"`cutoff_len` must be at least 2; got {d.cutoff_len}")
     if d.mix_strategy not in ("concat", "interleave_under", "interleave_over", "interleave_once"):

@@ -217,6 +217,12 @@ class TrainArgs:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    # ours: what gradient_checkpointing recomputes in backward. layers: whole decoder layers (LLaMA-Factory's; least
+    # memory, 30-40% slower). attention: only eager attention's core (flash_attn: eager), whose probabilities are
+    # the largest thing a short-sequence layer keeps; same gradients, ~18% slower with the head's recompute (see
+    # losses.head_chunk_size; docs/benchmarks.md, Memory)
+    gradient_checkpointing_scope: Literal["layers", "attention"] = "layers"
+    gradient_checkpointing_every: int = 1  # ours: with scope layers, checkpoint every k-th layer only (1: all)
     torch_compile: bool = False
     optim: str = "adamw_torch"  # adamw_torch | adamw_torch_fused | sgd (no momentum)
     # also send the logged scalars to: tensorboard (event files in <output_dir>/runs), wandb, mlflow; a comma list,

@@ -123,6 +123,31 @@ def _converted_gguf(gguf_path: Path, eos_token: str | None, folder_name: str | N
     return target
 
 
+def _bf16_copy(folder: Path) -> Path:
+    """For a folder tuneforge converted (a bundled alias or a GGUF file, saved in fp32): a bf16 copy of it, made once
+    by a bf16 load of the fp32 folder, so it holds exactly the weights such a load gives. Loading the fp32 file
+    maps all of it (0.54 GB for SmolLM2-135M) next to the bf16 weights being built; the copy maps half. Other
+    folders are returned as they are."""
+    if folder.parent != cache_root() / "models" or folder.name.endswith("-bf16"):
+        return folder
+    target = folder.with_name(folder.name + "-bf16")
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(staging)
+    del model
+    try:
+        staging.rename(target)
+    except OSError:  # another process made the same copy first
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
 def _without_gguf_bar(load):
     """Run `load` without the progress bar transformers' GGUF reader draws per tensor: a tqdm of its own that no
     switch turns off, around a conversion we already announce. Warnings raised meanwhile are passed on."""
@@ -167,6 +192,8 @@ def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtyp
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(model_args.model_name_or_path)
+    if dtype == torch.bfloat16 and not model_args.quantization_bit and not model_args.train_from_scratch:
+        path = str(_bf16_copy(Path(path)))
     common = dict(trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
                   revision=model_args.model_revision, token=model_args.hf_hub_token)
     if compute_dtype is not None and model_args.quantization_bit:

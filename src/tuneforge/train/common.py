@@ -12,6 +12,7 @@ from ..config import save_config
 from ..models.adapters import (ADAPTER_TYPES, attach_adapters, describe_trainable, save_pissa_converted,
                                save_pissa_init, setup_trainable)
 from ..models.load import ModelError, keep_quantized_layers_differentiable, load_base_model, load_tokenizer
+from ..models.recompute import apply_gradient_checkpointing
 from . import checkpoint as ckpt
 from . import sharding
 from .logging import plot_loss, write_results
@@ -57,14 +58,7 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
         return attach_adapters(model, cfg.model, f, is_trainable=False).eval()
     keep_quantized_layers_differentiable(model)
     fsdp = sharding.fsdp_settings(t)  # fsdp_config's activation_checkpointing recomputes the same layers
-    if (t.gradient_checkpointing or fsdp and fsdp.activation_checkpointing) and \
-            not cfg.model.disable_gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.23's name
-        if enable:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    apply_gradient_checkpointing(model, t, cfg.model, requested=bool(fsdp and fsdp.activation_checkpointing))
     if packed:
         check_packing_support(full_precision_twin(model) if cfg.model.quantization_bit else model)
     model = setup_trainable(model, cfg.model, f)

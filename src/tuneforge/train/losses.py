@@ -38,6 +38,14 @@ def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: to
                       for start in range(0, hidden.shape[0], chunk_size)])
 
 
+def head_chunk_size(t) -> int:
+    """Rows of output-head logits computed at once. With gradient_checkpointing they are recomputed in backward, 256
+    rows at a time: at the start of backward they and their gradients are the largest tensors alive (about 0.4 GB
+    in fp32 for the 700 target tokens of a 4 x 256 SmolLM2 micro-batch, a 49k vocabulary), and recomputing them
+    costs one more head matmul per chunk. Without it, up to 1024 rows are kept from forward to backward."""
+    return 256 if t.gradient_checkpointing else 1024
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
                           chunk_size: int = 1024) -> torch.Tensor:
     """Sum of cross-entropy of `head(hidden)` against labels, computed in chunks (see chunked_token_losses)."""

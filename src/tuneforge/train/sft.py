@@ -13,7 +13,7 @@ from ..data.collate import PadCollator
 from ..infer.engine import Engine
 from .common import guard_output_dir, prepare_model, start, train_and_evaluate
 from .logging import write_results
-from .losses import CausalLMLoss
+from .losses import CausalLMLoss, head_chunk_size
 from ..user_code import load_user_function
 from .metrics import generation_scores
 
@@ -50,7 +50,7 @@ def run(cfg) -> dict:
         packed = f" (packed into {len(data.train)} rows)" if len(data.train) != data.num_train_examples else ""
         trained = f"{data.num_train_examples} training examples{packed}"
     accelerator.print(f"[tuneforge] {trained}, {_count(data.eval)} evaluation examples")
-    module = CausalLMLoss(model, compute_accuracy=f.compute_accuracy, dft=f.use_dft_loss)
+    module = CausalLMLoss(model, head_chunk_size(t), compute_accuracy=f.compute_accuracy, dft=f.use_dft_loss)
     results = train_and_evaluate(cfg, module, tokenizer, data.train, data.eval, accelerator, resume,
                                  PadCollator(tokenizer.pad_token_id))
     if t.do_predict and accelerator.is_main_process:
