@@ -1,6 +1,6 @@
 """LLaMA-Factory and tuneforge side by side: one script runs them one after the other on the same workload.
 
-    .venv/bin/python bench/lf_compare.py --lf-python /work/lfvenv/bin/python --lf-bf16   # every row
+    .venv/bin/python bench/lf_compare.py --lf-python /work/lfvenv/bin/python --lf-bf16 --lowmem   # every row
     .venv/bin/python bench/lf_compare.py --max-records 32                                # a quick check of the harness
 
 Workload (issue 17): bench/data/alpaca_bench.json (256 records), SmolLM2-135M-Instruct, LoRA r8 on all linear
@@ -9,7 +9,8 @@ layers, template chatml, cutoff 256, batch 4 x accumulation 2, one epoch, lr 1e-
   lf-bf16             (with --lf-bf16) LLaMA-Factory with `bf16: true` and `use_cpu: true`: without use_cpu the
                       HF TrainingArguments under it refuse bf16 on CPU ("Your setup doesn't support bf16/gpu");
   tuneforge-defaults  tuneforge on the very same YAML and dataset_info.json, nothing added;
-  tuneforge-fast      the same plus bench/train_speed.py's `smollm2-lora` settings (bf16, pure_bf16, packing, ...).
+  tuneforge-fast      the same plus bench/train_speed.py's `smollm2-lora` settings (bf16, pure_bf16, packing, ...);
+  tuneforge-fast-lowmem  (with --lowmem) the same plus gradient_checkpointing, which LLaMA-Factory has on by default.
 Each row is its own process (tree). Measured:
   train time      `train_runtime` as each framework writes it to all_results.json (its step loop: model loading,
                   tokenisation and the final save are not in it; the process's whole wall time is recorded too);
@@ -107,6 +108,8 @@ def main() -> int:
     parser.add_argument("--lf-python", default=str(Path(lf_venv) / "bin" / "python") if lf_venv else None,
                         help="python of the LLaMA-Factory venv (default: $LF_VENV/bin/python); row skipped without")
     parser.add_argument("--lf-bf16", action="store_true", help="also run LLaMA-Factory with bf16 + use_cpu")
+    parser.add_argument("--lowmem", action="store_true",
+                        help="also run tuneforge's fast settings with gradient_checkpointing (LLaMA-Factory's default)")
     parser.add_argument("--max-records", type=int, help="only the first N records (a quick check, not a result)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "lf_compare.jsonl"), help="append JSON lines here")
     args = parser.parse_args()
@@ -134,6 +137,9 @@ def main() -> int:
     rows.append(("tuneforge-defaults", "tuneforge, defaults", tuneforge_cli, {}))
     fast_label = "tuneforge, " + ", ".join(f"{k}={_cli_value(v)}" for k, v in FAST.items())
     rows.append(("tuneforge-fast", fast_label, tuneforge_cli, FAST))
+    if args.lowmem:
+        rows.append(("tuneforge-fast-lowmem", "tuneforge, the same + gradient_checkpointing=true", tuneforge_cli,
+                     {**FAST, "gradient_checkpointing": True}))
     done = []
     for name, label, cli, overrides in rows:
         output_dir = work / name

@@ -1,6 +1,6 @@
 import pytest
 
-from tuneforge.config import ConfigError, load_config
+from tuneforge.config import ConfigError, build_config, load_config
 
 LLAMAFACTORY_YAML = """\
 ### model
@@ -153,3 +153,24 @@ def test_data_options_a_stage_would_ignore():
     assert notices(cfg) == ["note: `preprocessing_num_workers` applies to stages pt and sft; stage dpo preprocesses "
                             "in one process"]
     assert notices(build_config({"model_name_or_path": "m", "preprocessing_num_workers": 4})) == []
+
+
+def test_speed_hint_names_the_fast_settings_a_cpu_run_leaves_off(monkeypatch):
+    import tuneforge.config as config_module
+    import tuneforge.machine as machine
+
+    monkeypatch.setattr(config_module, "_cuda_available", lambda: False)
+    monkeypatch.setattr(machine, "multiplies_bf16_natively", lambda: True)
+    lora = {"model_name_or_path": "m", "stage": "sft", "do_train": True, "finetuning_type": "lora"}
+    hint = config_module.speed_hint(build_config(lora))
+    assert "`bf16: true`" in hint and "`packing: true`" in hint and "pure_bf16" not in hint  # no autocast yet
+    hint = config_module.speed_hint(build_config({**lora, "bf16": True}))
+    assert "`bf16: true`" not in hint and "`pure_bf16: true`" in hint and "`packing: true`" in hint
+    assert config_module.speed_hint(build_config({**lora, "bf16": True, "pure_bf16": True, "packing": True})) is None
+    assert "packing" not in (config_module.speed_hint(build_config({**lora, "stage": "pt", "bf16": True})) or "")
+    monkeypatch.setattr(machine, "multiplies_bf16_natively", lambda: False)  # bf16 would be emulated: no gain
+    assert "bf16: true" not in config_module.speed_hint(build_config(lora))
+    assert config_module.speed_hint(build_config({**lora, "stage": "dpo"})) is None  # not a language-modelling stage
+    assert config_module.speed_hint(build_config({**lora, "do_train": False})) is None
+    monkeypatch.setattr(config_module, "_cuda_available", lambda: True)
+    assert config_module.speed_hint(build_config(lora)) is None  # the hints are about CPUs

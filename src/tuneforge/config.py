@@ -69,6 +69,27 @@ def notices(cfg: Config) -> list[str]:
     return out
 
 
+def speed_hint(cfg: Config) -> str | None:
+    """On a CPU, the fast-path settings a language-modelling run leaves off. They stay opt-in because each changes
+    results a little (bf16 rounding, which examples share a row); the line says what each would gain."""
+    t, f, d, stage = cfg.train, cfg.finetune, cfg.data, _stage(cfg)
+    if not t.do_train or stage is None or not stage.language_modelling or _cuda_available():
+        return None
+    from .machine import multiplies_bf16_natively
+
+    gains = []
+    if not (t.bf16 or t.fp16) and multiplies_bf16_natively():
+        gains.append("`bf16: true` (this CPU multiplies bf16 natively: about 2x faster steps)")
+    if f.finetuning_type in ("lora", "oft") and (t.bf16 or t.fp16) and not f.pure_bf16 and not cfg.model.quantization_bit:
+        gains.append("`pure_bf16: true` (the frozen base held in bf16: about 0.6 GB less for a 135M model)")
+    if not (d.packing or d.neat_packing or (d.packing is None and stage.name == "pt")):
+        gains.append("`packing: true` (several examples per row: no compute spent on padding)")
+    if not gains:
+        return None
+    return "note: faster on this CPU, opt-in as they change results slightly: " + "; ".join(gains) + \
+        " (docs/benchmarks.md)"
+
+
 def _coerce(value, annotation: str, key: str, source: str):
     """Turn a YAML or command-line value into the declared type, or explain what was expected."""
     optional = "None" in annotation
