@@ -11,7 +11,7 @@ import warnings
 
 from . import __version__
 from .cmdline import split_command_line
-from .config import ConfigError, all_keys, load_config, notices, speed_hint
+from .config import ConfigError, all_keys, load_config, notices
 from .train.faults import TrainingStopped
 
 
@@ -160,10 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "train":
             from .train import run_stage
 
-            cfg = _load(path, overrides, "train")
-            if hint := speed_hint(cfg):
-                print(f"tuneforge: {hint}", file=sys.stderr)
-            run_stage(cfg)
+            run_stage(_load(path, overrides, "train"))
         elif ns.command == "data":
             from .data.preview import preview
 

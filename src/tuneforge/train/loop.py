@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..config import ConfigError, flat_config
+from ..config import ConfigError, flat_config, speed_hint
 from ..data.collate import PadCollator
 from ..models.load import ModelError
 from . import checkpoint as ckpt
@@ -175,6 +175,8 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
     """Train `module` on the steps `source` hands out, and return the run's results."""
     t, f = cfg.train, cfg.finetune
     precision = Precision(t, accelerator.device)
+    if hint := speed_hint(cfg):  # here, once the data is read: a config or data error stays the only line
+        accelerator.print(f"[tuneforge] {hint}")
     world = accelerator.num_processes
     per_epoch = source.steps_per_epoch
     total_steps = max(t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch), 1)
