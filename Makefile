@@ -40,7 +40,7 @@ test-numerics: $(STAMP)
 # (one epoch per row; its row runs when LF_VENV names a LLaMA-Factory install, bench/README.md), preprocessing speed.
 bench: $(STAMP)
 	$(BIN)/python bench/train_speed.py
-	$(BIN)/python bench/lf_compare.py --lf-bf16 --lowmem
+	$(BIN)/python bench/lf_compare.py --lf-bf16 --lowmem --compile
 	$(BIN)/python bench/preprocess_speed.py
 	$(BIN)/python bench/preprocess_speed.py --streaming
 

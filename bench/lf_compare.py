@@ -10,7 +10,11 @@ layers, template chatml, cutoff 256, batch 4 x accumulation 2, one epoch, lr 1e-
                       HF TrainingArguments under it refuse bf16 on CPU ("Your setup doesn't support bf16/gpu");
   tuneforge-defaults  tuneforge on the very same YAML and dataset_info.json, nothing added;
   tuneforge-fast      the same plus bench/train_speed.py's `smollm2-lora` settings (bf16, pure_bf16, packing, ...);
-  tuneforge-fast-lowmem  (with --lowmem) the same plus gradient_checkpointing, which LLaMA-Factory has on by default.
+  tuneforge-fast-lowmem  (with --lowmem) the same plus gradient_checkpointing, which LLaMA-Factory has on by default;
+  tuneforge-compile   (with --compile) the fast settings plus torch_compile and gradient_checkpointing_scope
+                      attention (the same gradients as tuneforge-fast); its train time includes compiling, which
+                      torch caches under /tmp/torchinductor_$USER: a second run on the same machine compiles faster;
+  tuneforge-compile-lowmem  (with --compile) the fast settings plus torch_compile and gradient_checkpointing.
 Each row is its own process (tree). Measured:
   train time      `train_runtime` as each framework writes it to all_results.json (its step loop: model loading,
                   tokenisation and the final save are not in it; the process's whole wall time is recorded too);
@@ -110,6 +114,8 @@ def main() -> int:
     parser.add_argument("--lf-bf16", action="store_true", help="also run LLaMA-Factory with bf16 + use_cpu")
     parser.add_argument("--lowmem", action="store_true",
                         help="also run tuneforge's fast settings with gradient_checkpointing (LLaMA-Factory's default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run tuneforge's fast settings with torch_compile, attention or whole layers recomputed")
     parser.add_argument("--max-records", type=int, help="only the first N records (a quick check, not a result)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "lf_compare.jsonl"), help="append JSON lines here")
     args = parser.parse_args()
@@ -140,6 +146,12 @@ def main() -> int:
     if args.lowmem:
         rows.append(("tuneforge-fast-lowmem", "tuneforge, the same + gradient_checkpointing=true", tuneforge_cli,
                      {**FAST, "gradient_checkpointing": True}))
+    if args.compile:
+        compiled = {**FAST, "torch_compile": True, "gradient_checkpointing": True}
+        rows.append(("tuneforge-compile", "tuneforge, the fast settings + torch_compile, attention recomputed",
+                     tuneforge_cli, {**compiled, "gradient_checkpointing_scope": "attention"}))
+        rows.append(("tuneforge-compile-lowmem", "tuneforge, the fast settings + torch_compile, layers recomputed",
+                     tuneforge_cli, compiled))
     done = []
     for name, label, cli, overrides in rows:
         output_dir = work / name

@@ -108,7 +108,8 @@ def main() -> int:
                         f"(saved for backward {saved.total() / 1024 ** 3:.2f} GB)")
             if step == 0 and micro == 0:
                 saved.report()
-            loss.backward()
+            with precision.lora_casts_off(model):  # as in the training step: recomputed layers run as in forward
+                loss.backward()
             del loss
             phases.done(f"step {step + 1}.{micro + 1} backward")
         optimizer.step()

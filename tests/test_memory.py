@@ -51,7 +51,8 @@ def _gradients_and_saved_bytes(cfg):
     precision = Precision(cfg.train, torch.device("cpu"))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), precision.autocast(model):
         loss, _ = module(input_ids=input_ids, labels=input_ids, position_ids=position_ids)
-    loss.backward()
+    with precision.lora_casts_off(model):  # as the training step does: recomputed layers run as in forward
+        loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     return grads, sum(saved.values())
 
@@ -68,6 +69,22 @@ def test_attention_scope_gives_the_same_gradients_and_keeps_less(tiny_model, tmp
     # the tiny model's attention probabilities (2 x 4 heads x 48 x 48 per layer) are a known share of what a layer
     # keeps; the scope must drop at least the fp32 copy of them in every one of the 4 layers
     assert plain_bytes - attention_bytes >= 4 * 2 * 4 * 48 * 48 * 4
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_selective_scope_gives_the_same_gradients(tiny_model, tmp_path, bf16):
+    plain, plain_bytes = _gradients_and_saved_bytes(_config(tiny_model, tmp_path, bf16=bf16))
+    every = {"gradient_checkpointing_every": 2} if bf16 else {}  # allowed with this scope, as with `layers`
+    selective, selective_bytes = _gradients_and_saved_bytes(
+        _config(tiny_model, tmp_path, bf16=bf16, gradient_checkpointing=True, gradient_checkpointing_scope="selective",
+                **every))
+    for name in plain:
+        # the kept projection outputs are the forward's own; the rest reruns the same kernels on the same inputs
+        assert torch.equal(plain[name], selective[name]), name
+    # what the projections output is kept by torch's checkpoint storage, not through saved-tensor hooks: the hooks
+    # see only the checkpointed layers' inputs, so a run that fell back to keeping everything would fail this (with
+    # every 2, the layers left alone keep all they would: half the layers' share)
+    assert selective_bytes < plain_bytes * (3 / 4 if every else 1 / 2)
 
 
 def test_every_other_layer_keeps_less_than_no_checkpointing(tiny_model, tmp_path):

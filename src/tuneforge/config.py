@@ -268,9 +268,9 @@ def _train_problems(cfg: Config) -> list[str]:
     if d.train_on_prompt and d.mask_history:
         out.append("`train_on_prompt` and `mask_history` contradict each other; set only one")
     if t.gradient_checkpointing_every < 1 or (t.gradient_checkpointing_every > 1
-                                              and t.gradient_checkpointing_scope != "layers"):
+                                              and t.gradient_checkpointing_scope == "attention"):
         out.append("`gradient_checkpointing_every` must be 1 or more, and above 1 only with "
-                   f"gradient_checkpointing_scope: layers; got {t.gradient_checkpointing_every}")
+                   f"gradient_checkpointing_scope layers or selective; got {t.gradient_checkpointing_every}")
     if d.cutoff_len < 2:
         out.append(f"`cutoff_len` must be at least 2; got {d.cutoff_len}")
     if d.mix_strategy not in ("concat", "interleave_under", "interleave_over", "interleave_once"):

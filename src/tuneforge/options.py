@@ -218,11 +218,12 @@ class TrainArgs:
     fp16: bool = False
     gradient_checkpointing: bool = False
     # ours: what gradient_checkpointing recomputes in backward. layers: whole decoder layers (LLaMA-Factory's; least
-    # memory, 30-40% slower). attention: only eager attention's core (flash_attn: eager), whose probabilities are
-    # the largest thing a short-sequence layer keeps; same gradients, ~18% slower with the head's recompute (see
-    # losses.head_chunk_size; docs/benchmarks.md, Memory)
-    gradient_checkpointing_scope: Literal["layers", "attention"] = "layers"
-    gradient_checkpointing_every: int = 1  # ours: with scope layers, checkpoint every k-th layer only (1: all)
+    # memory, 30-40% slower). selective: everything in a layer but its projections' outputs (norms, activations,
+    # attention's core; no projection is run twice). attention: only eager attention's core (flash_attn: eager),
+    # whose probabilities are the largest thing a short-sequence layer keeps. All give the same gradients; see
+    # models/recompute.py, losses.head_chunk_size and docs/benchmarks.md (Memory) for what each costs
+    gradient_checkpointing_scope: Literal["layers", "selective", "attention"] = "layers"
+    gradient_checkpointing_every: int = 1  # ours: with scope layers or selective, checkpoint every k-th layer (1: all)
     torch_compile: bool = False
     optim: str = "adamw_torch"  # adamw_torch | adamw_torch_fused | sgd (no momentum)
     # also send the logged scalars to: tensorboard (event files in <output_dir>/runs), wandb, mlflow; a comma list,

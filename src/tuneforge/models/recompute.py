@@ -1,4 +1,5 @@
-"""Activation checkpointing, whole decoder layers or only eager attention's core (gradient_checkpointing_scope).
+"""Activation checkpointing (gradient_checkpointing_scope): whole decoder layers, every layer but its projections'
+outputs, or only eager attention's core.
 
 Eager attention keeps, per layer, the softmax probabilities twice for backward: in fp32 (softmax's output) and in
 the model's dtype (the input of probabilities @ values). On SmolLM2-135M with 4 x 256-token rows that is 0.4 GB of
@@ -6,18 +7,35 @@ the 1.2 GB a micro-batch saves. Scope `attention` keeps only query, key and valu
 backward: the same operations on the same inputs, so the gradients are the same, at the price of one more
 query @ key product per layer. The model's own eager function runs (it may add soft-capping, sinks...); it is
 reached through transformers' attention registry, which is how transformers lets a library add an attention kind.
+
+Scope `selective` checkpoints whole layers through torch's selective activation checkpointing: the outputs of the
+layer's large matrix products (its projections, the LoRA down-projections A) are kept, everything else is
+recomputed in backward: norms and their fp32 upcasts, rotary embeddings, SiLU and the gating product, attention's
+scores and probabilities, and the rank-r LoRA up-projections B (inner dimension r: cheaper to redo than to keep a
+full-width output). It keeps about half of what a layer otherwise keeps and recomputes no projection.
 """
 
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .load import ModelError
 
 RECOMPUTED_EAGER = "tuneforge_recomputed_eager"
+_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+# a product whose inner dimension is at most this is recomputed rather than kept (LoRA's B: rank r, so 2*r FLOPs per
+# output element, against the 2 bytes of memory per element that keeping it costs until backward)
+_CHEAP_INNER_DIM = 64
+
+
+def _keep_large_products(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op in _MATMULS and args[-1].shape[0] > _CHEAP_INNER_DIM:  # mm(a, b) / addmm(bias, a, b): b is (inner, out)
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _model_eager_attention(module):
@@ -54,11 +72,14 @@ def apply_gradient_checkpointing(model, t, model_args, requested: bool = False) 
         _register()
         model.set_attn_implementation(RECOMPUTED_EAGER)
         return
+    kwargs = {"use_reentrant": False}
+    if t.gradient_checkpointing_scope == "selective":
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_large_products)
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.23's name
     if enable:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=t.gradient_checkpointing_every)
+        enable(activation_checkpointing_kwargs=kwargs, every_n_layers=t.gradient_checkpointing_every)
     elif t.gradient_checkpointing_every != 1:
         raise ModelError("gradient_checkpointing_every needs transformers >= 5.23; remove it or upgrade transformers")
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False

@@ -110,17 +110,24 @@ class Precision:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
 
     def autocast(self, model=None):
-        """Autocast; for a PEFT model also stop LoRA layers casting their input to the adapters' fp32, a copy per
-        layer that autocast would undo anyway."""
+        """Autocast; with a model, also lora_casts_off(model)."""
         if self.dtype is None:
             return nullcontext()
         stack = ExitStack()
         stack.enter_context(torch.autocast(self.device_type, dtype=self.dtype))
-        if model is not None and hasattr(model, "peft_config"):
-            from peft.helpers import disable_input_dtype_casting
-
-            stack.enter_context(disable_input_dtype_casting(model))
+        if model is not None:
+            stack.enter_context(self.lora_casts_off(model))
         return stack
+
+    def lora_casts_off(self, model):
+        """Under autocast, stop a PEFT model's LoRA layers casting their input to the adapters' fp32: a copy per
+        layer that autocast undoes anyway. A training step holds this over backward too, where checkpointed layers
+        run their forward again: selective checkpointing needs the recompute to issue the same operations."""
+        if self.dtype is None or not hasattr(model, "peft_config"):
+            return nullcontext()
+        from peft.helpers import disable_input_dtype_casting
+
+        return disable_input_dtype_casting(model)
 
 
 @torch.no_grad()
@@ -374,9 +381,10 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
         # FSDP reduce-scatters every micro-batch's gradients: a sharded model keeps no full gradient to accumulate in
         sync = i == len(micro) - 1 or sharded
         with nullcontext() if sync else accelerator.no_sync(module):
-            with precision.autocast(_inner(module).model):
-                loss_sum, metrics = module(**batch)
-            precision.scaler.scale(loss_sum * scale).backward()
+            with precision.lora_casts_off(_inner(module).model):
+                with precision.autocast():
+                    loss_sum, metrics = module(**batch)
+                precision.scaler.scale(loss_sum * scale).backward()
         losses.append(loss_sum.detach().float())
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0) + value.detach().float()
