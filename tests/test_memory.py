@@ -21,8 +21,8 @@ from tuneforge.train.losses import CausalLMLoss
 
 def _config(tiny_model, tmp_path, **overrides):
     values = dict(model_name_or_path=tiny_model, stage="sft", do_train=True, dataset="unused",
-                  output_dir=str(tmp_path / "out"), finetuning_type="lora", lora_target="all",
-                  flash_attn="eager", **overrides)
+                  output_dir=str(tmp_path / "out"), finetuning_type="lora", lora_target="all", flash_attn="eager")
+    values.update(overrides)
     return build_config(values, source="test")
 
 
@@ -71,20 +71,21 @@ def test_attention_scope_gives_the_same_gradients_and_keeps_less(tiny_model, tmp
     assert plain_bytes - attention_bytes >= 4 * 2 * 4 * 48 * 48 * 4
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_selective_scope_gives_the_same_gradients(tiny_model, tmp_path, bf16):
-    plain, plain_bytes = _gradients_and_saved_bytes(_config(tiny_model, tmp_path, bf16=bf16))
-    every = {"gradient_checkpointing_every": 2} if bf16 else {}  # allowed with this scope, as with `layers`
+@pytest.mark.parametrize("bf16,finetuning_type,every", [(False, "lora", 1), (True, "lora", 2), (True, "full", 1)])
+def test_selective_scope_gives_the_same_gradients(tiny_model, tmp_path, bf16, finetuning_type, every):
+    plain, plain_bytes = _gradients_and_saved_bytes(_config(tiny_model, tmp_path, bf16=bf16,
+                                                            finetuning_type=finetuning_type))
     selective, selective_bytes = _gradients_and_saved_bytes(
-        _config(tiny_model, tmp_path, bf16=bf16, gradient_checkpointing=True, gradient_checkpointing_scope="selective",
-                **every))
+        _config(tiny_model, tmp_path, bf16=bf16, finetuning_type=finetuning_type, gradient_checkpointing=True,
+                gradient_checkpointing_scope="selective", gradient_checkpointing_every=every))
+    assert plain.keys() == selective.keys()
     for name in plain:
         # the kept projection outputs are the forward's own; the rest reruns the same kernels on the same inputs
         assert torch.equal(plain[name], selective[name]), name
     # what the projections output is kept by torch's checkpoint storage, not through saved-tensor hooks: the hooks
     # see only the checkpointed layers' inputs, so a run that fell back to keeping everything would fail this (with
     # every 2, the layers left alone keep all they would: half the layers' share)
-    assert selective_bytes < plain_bytes * (3 / 4 if every else 1 / 2)
+    assert selective_bytes < plain_bytes * (3 / 4 if every == 2 else 1 / 2)
 
 
 def test_every_other_layer_keeps_less_than_no_checkpointing(tiny_model, tmp_path):
