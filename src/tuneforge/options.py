@@ -221,7 +221,7 @@ class TrainArgs:
     # memory, 30-40% slower). selective: everything in a layer but its projections' outputs (norms, activations,
     # attention's core; no projection is run twice). attention: only eager attention's core (flash_attn: eager),
     # whose probabilities are the largest thing a short-sequence layer keeps. All give the same gradients; see
-    # models/recompute.py, losses.head_chunk_size and docs/benchmarks.md (Memory) for what each costs
+    # models/recompute.py, losses.head_chunk_size and docs/benchmarks.md (Memory; Compile and selective) for costs
     gradient_checkpointing_scope: Literal["layers", "selective", "attention"] = "layers"
     gradient_checkpointing_every: int = 1  # ours: with scope layers or selective, checkpoint every k-th layer (1: all)
     torch_compile: bool = False
