@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tuneforge.config import ConfigError, build_config, validate
 from tuneforge.models.adapters import setup_trainable
@@ -26,12 +27,35 @@ def _config(tiny_model, tmp_path, **overrides):
     return build_config(values, source="test")
 
 
+class _CountProjections(TorchDispatchMode):
+    """Counts matrix products with a reduction of at least the tiny model's width (its projections and their
+    gradients; not LoRA's rank-8 B)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and args[-1].shape[0] >= 64:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _gradients_and_saved_bytes(cfg):
     """LoRA gradients of one packed-style micro-batch, and the bytes of activations autograd kept for backward."""
+    grads, saved, _ = _run(cfg)
+    return grads, saved
+
+
+def _run(cfg):
+    """_gradients_and_saved_bytes, and how many projection-sized matrix products backward ran."""
     torch.manual_seed(0)
     model = load_base_model(cfg.model)
     apply_gradient_checkpointing(model, cfg.train, cfg.model)
     model = setup_trainable(model, cfg.model, cfg.finetune)
+    # checkpointing makes the embeddings' output require grad, and with it layer 0's input gradient: every run does,
+    # so that each backward runs the same gradient products
+    model.enable_input_require_grads()
     for name, param in model.named_parameters():
         if "lora_B" in name:  # B starts at zero, which would leave A's gradient zero: make both matter
             torch.nn.init.normal_(param, std=0.02)
@@ -51,10 +75,10 @@ def _gradients_and_saved_bytes(cfg):
     precision = Precision(cfg.train, torch.device("cpu"))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), precision.autocast(model):
         loss, _ = module(input_ids=input_ids, labels=input_ids, position_ids=position_ids)
-    with precision.lora_casts_off(model):  # as the training step does: recomputed layers run as in forward
+    with precision.lora_casts_off(model), _CountProjections() as products:  # lora_casts_off: as the training step
         loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    return grads, sum(saved.values())
+    return grads, sum(saved.values()), products.count
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -72,19 +96,24 @@ def test_attention_scope_gives_the_same_gradients_and_keeps_less(tiny_model, tmp
 
 
 @pytest.mark.parametrize("bf16,finetuning_type,every", [(False, "lora", 1), (True, "lora", 2), (True, "full", 1)])
-def test_selective_scope_gives_the_same_gradients(tiny_model, tmp_path, bf16, finetuning_type, every):
-    plain, plain_bytes = _gradients_and_saved_bytes(_config(tiny_model, tmp_path, bf16=bf16,
-                                                            finetuning_type=finetuning_type))
-    selective, selective_bytes = _gradients_and_saved_bytes(
-        _config(tiny_model, tmp_path, bf16=bf16, finetuning_type=finetuning_type, gradient_checkpointing=True,
-                gradient_checkpointing_scope="selective", gradient_checkpointing_every=every))
+def test_selective_scope_gives_the_same_gradients_without_rerunning_projections(tiny_model, tmp_path, bf16,
+                                                                                finetuning_type, every):
+    def run(**overrides):
+        return _run(_config(tiny_model, tmp_path, bf16=bf16, finetuning_type=finetuning_type, **overrides))
+
+    plain, plain_bytes, plain_products = run()
+    selective, selective_bytes, selective_products = run(
+        gradient_checkpointing=True, gradient_checkpointing_scope="selective", gradient_checkpointing_every=every)
+    _, _, layers_products = run(gradient_checkpointing=True, gradient_checkpointing_every=every)
     assert plain.keys() == selective.keys()
     for name in plain:
         # the kept projection outputs are the forward's own; the rest reruns the same kernels on the same inputs
         assert torch.equal(plain[name], selective[name]), name
-    # what the projections output is kept by torch's checkpoint storage, not through saved-tensor hooks: the hooks
-    # see only the checkpointed layers' inputs, so a run that fell back to keeping everything would fail this (with
-    # every 2, the layers left alone keep all they would: half the layers' share)
+    # backward runs only the projections' gradient products: none of the forward's is run again (whole-layer
+    # checkpointing runs them again, which shows the count sees recomputation)
+    assert selective_products == plain_products < layers_products
+    # the projections' outputs are kept by torch's checkpoint storage, not through saved-tensor hooks, which see only
+    # the checkpointed layers' inputs (with every 2, the layers left alone keep all they would)
     assert selective_bytes < plain_bytes * (3 / 4 if every == 2 else 1 / 2)
 
 

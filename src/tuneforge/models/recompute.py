@@ -27,14 +27,16 @@ from .load import ModelError
 
 RECOMPUTED_EAGER = "tuneforge_recomputed_eager"
 _MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-# a product whose inner dimension is at most this is recomputed rather than kept (LoRA's B: rank r, so 2*r FLOPs per
-# output element, against the 2 bytes of memory per element that keeping it costs until backward)
-_CHEAP_INNER_DIM = 64
+# a product whose output is this many times wider than its inner dimension is recomputed rather than kept: LoRA's B
+# (rank r to the layer's width) costs 2*r FLOPs per output element, little against keeping a full-width output
+_CHEAP_WIDENING = 8
 
 
 def _keep_large_products(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in _MATMULS and args[-1].shape[0] > _CHEAP_INNER_DIM:  # mm(a, b) / addmm(bias, a, b): b is (inner, out)
-        return CheckpointPolicy.MUST_SAVE
+    if op in _MATMULS:
+        inner, out = args[-1].shape  # mm(a, b) / addmm(bias, a, b): b is (inner, out)
+        if inner * _CHEAP_WIDENING > out:
+            return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
