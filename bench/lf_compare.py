@@ -12,8 +12,9 @@ layers, template chatml, cutoff 256, batch 4 x accumulation 2, one epoch, lr 1e-
   tuneforge-fast      the same plus bench/train_speed.py's `smollm2-lora` settings (bf16, pure_bf16, packing, ...);
   tuneforge-fast-lowmem  (with --lowmem) the same plus gradient_checkpointing, which LLaMA-Factory has on by default;
   tuneforge-compile   (with --compile) the fast settings plus torch_compile and gradient_checkpointing_scope
-                      attention (the same gradients as tuneforge-fast); its train time includes compiling, which
-                      torch caches under /tmp/torchinductor_$USER: a second run on the same machine compiles faster;
+                      selective (projection outputs kept, the rest recomputed: the same gradients as without
+                      checkpointing); its train time includes compiling, which torch caches under
+                      /tmp/torchinductor_$USER: a second run on the same machine compiles faster;
   tuneforge-compile-lowmem  (with --compile) the fast settings plus torch_compile and gradient_checkpointing.
 Each row is its own process (tree). Measured:
   train time      `train_runtime` as each framework writes it to all_results.json (its step loop: model loading,
@@ -148,8 +149,8 @@ def main() -> int:
                      {**FAST, "gradient_checkpointing": True}))
     if args.compile:
         compiled = {**FAST, "torch_compile": True, "gradient_checkpointing": True}
-        rows.append(("tuneforge-compile", "tuneforge, the fast settings + torch_compile, attention recomputed",
-                     tuneforge_cli, {**compiled, "gradient_checkpointing_scope": "attention"}))
+        rows.append(("tuneforge-compile", "tuneforge, the fast settings + torch_compile, selective recompute",
+                     tuneforge_cli, {**compiled, "gradient_checkpointing_scope": "selective"}))
         rows.append(("tuneforge-compile-lowmem", "tuneforge, the fast settings + torch_compile, layers recomputed",
                      tuneforge_cli, compiled))
     done = []

@@ -108,7 +108,7 @@ def main() -> int:
     for kind, micros in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<38} {micros / 1e6:8.2f} s  {100 * micros / total:5.1f}%")
     print("\ntop operators:")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=int(__import__("os").environ.get("ROWS", 15))))
     return 0
 
 

@@ -116,7 +116,7 @@ def child(name: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     import torch
 
     from tuneforge.data import prepare_lm_data
-    from tuneforge.machine import cpu_description
+    from tuneforge.machine import allocator_in_use, cpu_description
     from tuneforge.models.load import load_tokenizer
     from tuneforge.train.sft import run
 
@@ -150,6 +150,7 @@ def child(name: str, steps: int, warmup: int, overrides: list[str]) -> dict:
                                                  f"{cfg.train.gradient_accumulation_steps}",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_description(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "allocator": allocator_in_use(),
     }
     if torch.cuda.is_available():
         result["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1024 ** 3, 2)
@@ -175,13 +176,16 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.jsonl"), help="append JSON lines here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from tuneforge.machine import training_allocator
+
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.steps, args.warmup, args.set)), flush=True)
         return 0
     for name in args.only or list(WORKLOADS):
         command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--set", *args.set]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        environment = training_allocator(os.environ)[0] or os.environ  # the allocator `tuneforge train` would run on
+        done = subprocess.run(command, capture_output=True, text=True, env={**environment, "TQDM_DISABLE": "1"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
             print(done.stderr[-3000:], file=sys.stderr)

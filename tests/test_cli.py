@@ -5,6 +5,8 @@ import sys
 import pytest
 from conftest import read_log, write_jsonl, alpaca_rows
 
+from tuneforge.machine import tcmalloc_library
+
 TUNEFORGE = [sys.executable, "-m", "tuneforge.cli"]
 
 
@@ -30,6 +32,9 @@ def test_train_with_overrides_then_chat(tiny_model, tmp_path):
     assert done.returncode == 0, done.stderr
     # our progress bar, without transformers' bars for loading and saving weights around it
     assert "train: 100%" in done.stderr and "Loading weights" not in done.stderr + done.stdout
+    # the command trains on tcmalloc when the system has it (the Makefile installs it): the line is printed by the
+    # process that runs again with it preloaded, once it finds the library mapped into itself
+    assert ("memory allocator: tcmalloc" in done.stdout) == (tcmalloc_library() is not None), done.stdout
     assert [r["lr"] for r in read_log(tmp_path / "o")][0] == 1.5e-4  # linear decay from 3e-4 over 2 steps
     saved = (tmp_path / "o" / "tuneforge_config.yaml").read_text()
     assert "learning_rate: 0.0003" in saved and "per_device_train_batch_size: 2" in saved

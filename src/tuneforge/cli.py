@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import sys
 import textwrap
 import warnings
@@ -213,5 +214,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> int:
+    """The `tuneforge` command. Training first starts again under tcmalloc when the system has it
+    (machine.training_allocator says why); main() alone, as tests call it, keeps the process's allocator."""
+    from .machine import training_allocator
+
+    if sys.argv[1:2] == ["train"]:
+        try:
+            environment = training_allocator(os.environ)
+        except ValueError as err:
+            print(f"tuneforge: error: {err}", file=sys.stderr)
+            return 2
+        if environment is not None:
+            os.execve(sys.executable, sys.orig_argv, environment)
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

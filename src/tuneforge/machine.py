@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import os
 import platform
+import sys
 from pathlib import Path
+from typing import Mapping
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
@@ -96,7 +99,7 @@ def map_large_allocations() -> None:
     holes they leave between longer-lived activations stay resident: peak RSS 0.1 GB higher with checkpointing on
     SmolLM2-135M (docs/benchmarks.md). A lower threshold (64 KB, 1 MB) saves more but costs up to 70% more CPU time
     in page faults. Kept as the user set it when MALLOC_MMAP_THRESHOLD_ is in the environment; no-op off glibc."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or _preloaded_allocator(os.environ):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -104,3 +107,65 @@ def map_large_allocations() -> None:
         return
     m_mmap_threshold = -3  # from glibc's malloc.h
     libc.mallopt(m_mmap_threshold, 4 << 20)
+
+
+ALLOCATOR_KEY = "TUNEFORGE_ALLOCATOR"  # tcmalloc (the default: used when installed) or system
+
+
+def tcmalloc_library() -> str | None:
+    """tcmalloc's shared library when this Linux system has it (Debian/Ubuntu: libtcmalloc-minimal4), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+
+
+def allocator_in_use() -> str:
+    """tcmalloc when this process runs on it, else system (from the libraries mapped into it, so a preload that
+    failed to load does not count)."""
+    try:
+        maps = Path("/proc/self/maps").read_text(errors="replace")
+    except OSError:
+        return "system"
+    return "tcmalloc" if "tcmalloc" in maps else "system"
+
+
+def _preloaded_allocator(environ: Mapping[str, str]) -> bool:
+    return "malloc" in environ.get("LD_PRELOAD", "")  # tcmalloc, jemalloc, mimalloc: the user's or ours
+
+
+def _allocator_choice(environ: Mapping[str, str]) -> str:
+    choice = environ.get(ALLOCATOR_KEY, "tcmalloc")
+    if choice not in ("tcmalloc", "system"):
+        raise ValueError(f"{ALLOCATOR_KEY}={choice!r} is not an allocator tuneforge knows: use tcmalloc (the "
+                         "default when it is installed) or system")
+    return choice
+
+
+def training_allocator(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment to run `tuneforge train` again in, under tcmalloc; None to go on as we are (the user chose
+    the system's allocator or preloaded one, it already runs on tcmalloc, or tcmalloc is not installed).
+
+    glibc keeps the holes that freed activations leave between longer-lived ones (attention scores, the head's
+    logits, compiled code's buffers); tcmalloc reuses them by size class. Measured on SmolLM2-135M LoRA
+    (docs/benchmarks.md): peak RSS 0.4 GB lower without checkpointing, 0.1 GB with it, the same speed or better,
+    the same losses. An allocator can only be chosen before the process starts, hence the same command again
+    (same pid, same arguments) with it preloaded."""
+    if _allocator_choice(environ) == "system" or _preloaded_allocator(environ):
+        return None
+    library = tcmalloc_library()
+    if library is None:
+        return None
+    # tcmalloc reports every allocation over 1 GB on stderr (a 1B model's embedding is one); nothing to act on
+    return {**environ, "LD_PRELOAD": ":".join(filter(None, (library, environ.get("LD_PRELOAD")))),
+            "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": environ.get("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD",
+                                                                 str(1 << 40))}
+
+
+def allocator_notice(environ: Mapping[str, str]) -> str | None:
+    """The line a training run prints about its memory allocator: tcmalloc in use, or how to get it."""
+    if allocator_in_use() == "tcmalloc":
+        return f"memory allocator: tcmalloc (lower peak memory; {ALLOCATOR_KEY}=system for the system's)"
+    if environ.get(ALLOCATOR_KEY) == "system" or _preloaded_allocator(environ) or not sys.platform.startswith("linux"):
+        return None
+    return ("tip: with tcmalloc installed (Debian/Ubuntu: apt install libtcmalloc-minimal4) training peaks about "
+            "0.4 GB lower on SmolLM2-135M at the same speed (docs/benchmarks.md)")

@@ -9,6 +9,7 @@ of them, so the result does not depend on how the batch is split or padded.
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import time
@@ -20,6 +21,7 @@ import torch
 
 from ..config import ConfigError, flat_config, speed_hint
 from ..data.collate import PadCollator
+from ..machine import allocator_notice
 from ..models.load import ModelError
 from . import checkpoint as ckpt
 from . import sharding
@@ -182,8 +184,10 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
     """Train `module` on the steps `source` hands out, and return the run's results."""
     t, f = cfg.train, cfg.finetune
     precision = Precision(t, accelerator.device)
-    if hint := speed_hint(cfg):  # here, once the data is read: a config or data error stays the only line
-        accelerator.print(f"[tuneforge] {hint}")
+    # here, once the data is read: a config or data error stays the only line
+    for line in (speed_hint(cfg), allocator_notice(os.environ)):
+        if line:
+            accelerator.print(f"[tuneforge] {line}")
     world = accelerator.num_processes
     per_epoch = source.steps_per_epoch
     total_steps = max(t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch), 1)
