@@ -166,3 +166,19 @@ def test_epochs_warmup_and_epoch_checkpoints(tiny_model, alpaca_file, tmp_path):
     # the schedule is Python float arithmetic, the same everywhere: pytest.approx's default (1e-6 relative) suffices
     assert [r["lr"] for r in log] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3, 1e-3])
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]  # the end of training saves to out itself
+
+
+def test_last_step_spreads_its_rows_over_the_micro_batches():
+    # 13 rows, batch 4 x accumulation 2: the epoch's last step has 5 rows, split [2, 3] rather than [4, 1] (a
+    # compiled model would compile again for a micro-batch of one row); every row still comes once per epoch
+    from tuneforge.options import TrainArgs
+    from tuneforge.train.checkpoint import TrainerState
+    from tuneforge.train.steps import RowSteps
+
+    rows = [{"id": i} for i in range(13)]
+    t = TrainArgs(per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    source = RowSteps(rows, t, collator=lambda batch: [row["id"] for row in batch], shuffle=True)
+    steps = source.steps(TrainerState())
+    epoch = [next(steps) for _ in range(source.steps_per_epoch)]
+    assert [[len(micro) for micro in step] for step in epoch] == [[4, 4], [2, 3]]  # was [[4, 4], [4, 1]]
+    assert sorted(i for step in epoch for micro in step for i in micro) == list(range(13))
