@@ -52,6 +52,7 @@ def main() -> int:
     parser.add_argument("--only", choices=list(WORKLOADS), default="smollm2-lora")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--set", nargs="*", default=[])
+    parser.add_argument("--rows", type=int, default=15, help="operators listed")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tuneforge-profile-"))
     values = {**FIXED, **WORKLOADS[args.only], "dataset": str(DATA), "output_dir": str(work / "out"),
@@ -108,7 +109,7 @@ def main() -> int:
     for kind, micros in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<38} {micros / 1e6:8.2f} s  {100 * micros / total:5.1f}%")
     print("\ntop operators:")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=int(__import__("os").environ.get("ROWS", 15))))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     return 0
 
 

@@ -165,7 +165,8 @@ def allocator_notice(environ: Mapping[str, str]) -> str | None:
     """The line a training run prints about its memory allocator: tcmalloc in use, or how to get it."""
     if allocator_in_use() == "tcmalloc":
         return f"memory allocator: tcmalloc (lower peak memory; {ALLOCATOR_KEY}=system for the system's)"
-    if environ.get(ALLOCATOR_KEY) == "system" or _preloaded_allocator(environ) or not sys.platform.startswith("linux"):
+    if environ.get(ALLOCATOR_KEY) == "system" or _preloaded_allocator(environ) or not sys.platform.startswith("linux") \
+            or tcmalloc_library() is not None:  # installed, and this process was not started by the command
         return None
-    return ("tip: with tcmalloc installed (Debian/Ubuntu: apt install libtcmalloc-minimal4) training peaks about "
+    return ("tip: with tcmalloc installed (Debian/Ubuntu: apt install libtcmalloc-minimal4) training peaks up to "
             "0.4 GB lower on SmolLM2-135M at the same speed (docs/benchmarks.md)")
