@@ -184,7 +184,7 @@ def main() -> int:
     for name in args.only or list(WORKLOADS):
         command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--set", *args.set]
-        environment = training_allocator(os.environ)[0] or os.environ  # the allocator `tuneforge train` would run on
+        environment = training_allocator(os.environ) or os.environ  # the allocator `tuneforge train` would run on
         done = subprocess.run(command, capture_output=True, text=True, env={**environment, "TQDM_DISABLE": "1"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
