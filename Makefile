@@ -23,7 +23,7 @@ demo: $(STAMP) allocator
 test: $(STAMP) allocator browser
 	$(BIN)/python -m pytest tests
 
-# `tuneforge train` runs on tcmalloc when the system has it: about 0.4 GB lower peak memory at the same speed
+# `tuneforge train` runs on tcmalloc when the system has it: 0.4-1.5 GB lower peak memory at the same speed
 # (docs/benchmarks.md). Installed with apt when missing and we may; without it training uses the system's allocator.
 allocator:
 	@{ ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal; } || { [ "$$(id -u)" = 0 ] && \
