@@ -117,6 +117,17 @@ def test_selective_scope_gives_the_same_gradients_without_rerunning_projections(
     assert selective_bytes < plain_bytes * (3 / 4 if every == 2 else 1 / 2)
 
 
+def test_selective_policy_names_itself_to_the_compile_cache(monkeypatch):
+    # torch_compile reuses its compiled graphs across runs only when the checkpoint policy carries a cache_hash;
+    # the hash must follow the policy, or a changed policy would load graphs compiled for the old one
+    from tuneforge.models import recompute
+
+    first = recompute._selective_context().cache_hash
+    assert first == recompute._selective_context().cache_hash and len(first) == 64
+    monkeypatch.setattr(recompute, "_CHEAP_WIDENING", 4)
+    assert recompute._selective_context().cache_hash != first
+
+
 def test_every_other_layer_keeps_less_than_no_checkpointing(tiny_model, tmp_path):
     plain, plain_bytes = _gradients_and_saved_bytes(_config(tiny_model, tmp_path))
     half, half_bytes = _gradients_and_saved_bytes(

@@ -17,6 +17,8 @@ full-width output). It keeps about half of what a layer otherwise keeps and reco
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import sys
 from functools import partial
 
@@ -38,6 +40,16 @@ def _keep_large_products(ctx, op, *args, **kwargs) -> CheckpointPolicy:
         if inner * _CHEAP_WIDENING > out:
             return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    """The context_fn of selective checkpointing. Its `cache_hash` (torch's documented attribute, from the policy's
+    own source) lets torch_compile reuse the compiled forward and backward graphs across processes: without it,
+    AOTAutograd bypasses its cache and traces the joint graph again in every run."""
+    context_fn = partial(create_selective_checkpoint_contexts, _keep_large_products)
+    policy = inspect.getsource(_keep_large_products) + repr((_MATMULS, _CHEAP_WIDENING))
+    context_fn.cache_hash = hashlib.sha256(policy.encode()).hexdigest()
+    return context_fn
 
 
 def _model_eager_attention(module):
@@ -76,7 +88,7 @@ def apply_gradient_checkpointing(model, t, model_args, requested: bool = False) 
         return
     kwargs = {"use_reentrant": False}
     if t.gradient_checkpointing_scope == "selective":
-        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_large_products)
+        kwargs["context_fn"] = _selective_context()
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.23's name
     if enable:
         enable(activation_checkpointing_kwargs=kwargs, every_n_layers=t.gradient_checkpointing_every)
