@@ -117,6 +117,16 @@ def _load(path, overrides, validate_for):
     return cfg
 
 
+def _leave_process_group() -> None:
+    """Close torch.distributed's process group before the interpreter exits. Left to exit-time destructors, gloo's
+    threads can be torn down mid-use: a torchrun rank aborted once ("terminate called without an active exception")
+    after its training had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _quiet_library_bars() -> None:
     """transformers draws a bar for every load and save of weights (a fraction of a second each) around ours; our
     own bar and messages say what takes time. Hub downloads keep their bars: those can take minutes."""
@@ -162,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             from .train import run_stage
 
             run_stage(_load(path, overrides, "train"))
+            _leave_process_group()
         elif ns.command == "data":
             from .data.preview import preview
 
