@@ -21,6 +21,7 @@ def test_training_allocator_preloads_tcmalloc_unless_the_user_chose(monkeypatch)
     env = machine.training_allocator({"LD_PRELOAD": "/opt/libfoo.so"})  # the user's own preload is kept
     assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4:/opt/libfoo.so"
     assert machine.training_allocator({"TUNEFORGE_ALLOCATOR": "system"}) is None
+    assert machine.training_allocator({"WORLD_SIZE": "2"}) is None  # torchrun ranks stay on glibc (see there)
     assert machine.training_allocator({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None  # the user's allocator
     with pytest.raises(ValueError, match="TUNEFORGE_ALLOCATOR='jemalloc'.*tcmalloc.*system"):
         machine.training_allocator({"TUNEFORGE_ALLOCATOR": "jemalloc"})

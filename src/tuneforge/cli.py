@@ -119,8 +119,8 @@ def _load(path, overrides, validate_for):
 
 def _leave_process_group() -> None:
     """Close torch.distributed's process group before the interpreter exits, as torch asks, rather than leaving
-    gloo's threads to exit-time destructors. (torchrun ranks still abort at exit now and then: "terminate called
-    without an active exception", seen in 3 of about 15 test runs on 2026-11-23; not yet understood.)"""
+    gloo's threads to exit-time destructors. (torchrun ranks on tcmalloc aborted at exit now and then, with and
+    without this: "terminate called without an active exception"; so ranks stay on the system's allocator.)"""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
