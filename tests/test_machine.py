@@ -38,6 +38,7 @@ def test_allocator_notice_says_what_runs_or_how_to_get_tcmalloc(monkeypatch):
     assert machine.allocator_notice({}) is None  # installed: main() called in a process of the caller's
     monkeypatch.setattr(machine, "tcmalloc_library", lambda: None)
     assert "apt install libtcmalloc-minimal4" in machine.allocator_notice({})
+    assert machine.allocator_notice({"WORLD_SIZE": "2"}) is None  # torchrun ranks would not use it
     assert machine.allocator_notice({"TUNEFORGE_ALLOCATOR": "system"}) is None
     assert machine.allocator_notice({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None
     monkeypatch.setattr(machine, "allocator_in_use", lambda: "tcmalloc")

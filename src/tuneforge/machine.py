@@ -170,7 +170,7 @@ def allocator_notice(environ: Mapping[str, str]) -> str | None:
     if allocator_in_use() == "tcmalloc":
         return f"memory allocator: tcmalloc (lower peak memory; {ALLOCATOR_KEY}=system for the system's)"
     if environ.get(ALLOCATOR_KEY) == "system" or _preloaded_allocator(environ) or not sys.platform.startswith("linux") \
-            or tcmalloc_library() is not None:  # installed, and this process was not started by the command
+            or int(environ.get("WORLD_SIZE", "1")) > 1 or tcmalloc_library() is not None:  # ranks, or installed
         return None
     return ("tip: with tcmalloc installed (Debian/Ubuntu: apt install libtcmalloc-minimal4) training peaks 0.4-1.5 GB "
             "lower on SmolLM2-135M at the same speed (docs/benchmarks.md)")
