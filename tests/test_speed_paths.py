@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from tuneforge.data.collate import PadCollator, pack_rows
 from tuneforge.data.encode import IGNORE
-from tuneforge.train.losses import CausalLMLoss, chunked_cross_entropy, token_cross_entropy
+from tuneforge.train import losses as losses_module
+from tuneforge.train.losses import CausalLMLoss, chunked_cross_entropy, chunked_token_losses, token_cross_entropy
 
 
 def test_chunked_cross_entropy_equals_plain_in_value_and_gradient():
@@ -23,6 +24,58 @@ def test_chunked_cross_entropy_equals_plain_in_value_and_gradient():
     assert chunked.item() / 37 == pytest.approx(plain.item() / 37, abs=1e-5)  # per-token, as training reports it
     for a, b in zip(plain_grads, chunked_grads):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def _saved_bytes(fn):
+    """(result of fn(), bytes of the tensors autograd keeps for backward while running it)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        out = fn()
+    return out, sum(saved)
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_frozen_head_loss_matches_autograd_and_keeps_no_logits(dtype, autocast, monkeypatch):
+    monkeypatch.setattr(losses_module, "_FROZEN_HEAD_ROWS", 8)  # 37 rows: 5 chunks
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 400, bias=False).to(dtype).requires_grad_(False)  # frozen, as under LoRA
+    start = torch.randn(37, 32, dtype=dtype)
+    labels = torch.randint(0, 400, (37,))
+    upstream = torch.rand(37)  # per-row factors, as DFT weighting or preference losses give them
+    results = {}
+    for name in ("fused", "plain"):
+        hidden = start.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if name == "fused":
+                losses, kept = _saved_bytes(lambda: chunked_token_losses(hidden, head, labels))
+            else:
+                losses, kept = _saved_bytes(lambda: F.cross_entropy(head(hidden).float(), labels, reduction="none"))
+        (losses * upstream).sum().backward()
+        results[name] = losses.detach(), hidden.grad.float(), kept
+    (fused, fused_grad, fused_kept), (plain, plain_grad, plain_kept) = results["fused"], results["plain"]
+    # Losses come from the same logits: fp32 rounding of a log-sum-exp over 400 values (~1e-6). Gradients: in fp32
+    # the same products; in bf16 the per-row factor is applied after rounding (softmax - one-hot) to bf16 instead of
+    # before, so they differ by about one bf16 step of the largest entry (~0.13 here: 2**-10); a dropped or
+    # doubled chunk would be off by the whole gradient.
+    assert torch.allclose(fused, plain, atol=1e-5)
+    atol = 1e-6 if dtype == torch.float32 and not autocast else 2e-3
+    assert torch.allclose(fused_grad, plain_grad, atol=atol)
+    assert fused_grad.abs().max() > 0.05
+    # what backward keeps: only the gradient rows (37 x 32), never the 37 x 400 logits or log-probabilities
+    assert fused_kept <= 37 * 32 * 4 < 37 * 400 * 4 <= plain_kept
+
+
+def test_trainable_or_gradient_free_heads_take_the_module_path():
+    head = torch.nn.Linear(8, 20, bias=False)  # trainable (full fine-tuning): its weight needs a gradient
+    hidden = torch.randn(5, 8, requires_grad=True)
+    labels = torch.randint(0, 20, (5,))
+    chunked_token_losses(hidden, head, labels).sum().backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # reference log-probabilities: no gradient, so nothing to precompute
+        head.requires_grad_(False)
+        plain = F.cross_entropy(head(hidden), labels, reduction="none")
+        assert torch.equal(chunked_token_losses(hidden, head, labels), plain)
 
 
 @pytest.fixture(scope="module")

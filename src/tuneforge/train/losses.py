@@ -24,13 +24,63 @@ def _head_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head: torch.n
     return F.cross_entropy(head(hidden).float(), labels, reduction="none")
 
 
+# rows per chunk on the frozen-head path: nothing of a chunk outlives it there, so smaller chunks only lower the peak
+# (SmolLM2's LoRA step: 2.30 GB at 1024 rows, 2.07 GB at 256, same speed within noise; docs/benchmarks.md)
+_FROZEN_HEAD_ROWS = 256
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of a frozen linear head, whose gradient with respect to the hidden states is computed
+    in forward, chunk by chunk, while each chunk's logits exist anyway: (softmax - one-hot) @ weight. Backward only
+    scales those rows by the incoming gradient (a row's loss depends on its own hidden state only). So neither
+    logits nor log-probabilities are kept for backward, and nothing is recomputed: the head's second matmul moves
+    from backward to forward. Same operations in the same dtypes as autograd's path through head and
+    cross_entropy, except that the incoming per-row factor is applied after the matmul instead of before."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size):
+        losses, grads = [], []
+        for start in range(0, hidden.shape[0], chunk_size):
+            logits = F.linear(hidden[start: start + chunk_size], weight, bias)
+            probs = logits.float()
+            rows = torch.arange(probs.shape[0], device=probs.device)
+            wanted = labels[start: start + chunk_size]
+            norm = torch.logsumexp(probs, dim=-1)
+            losses.append(norm - probs[rows, wanted])
+            probs.sub_(norm[:, None]).exp_()
+            probs[rows, wanted] -= 1  # d loss / d logits = softmax - one-hot
+            grads.append(torch.matmul(probs.to(logits.dtype), weight))
+            del logits, probs
+        ctx.save_for_backward(torch.cat(grads))
+        ctx.hidden_dtype = hidden.dtype
+        return torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad_hidden,) = ctx.saved_tensors
+        return (grad_hidden.float() * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None, None
+
+
+def _frozen_linear_head(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
+    """Whether `head` takes the fused path: a plain, frozen, unsharded torch Linear, and a gradient is wanted."""
+    if type(head) is not torch.nn.Linear or not (torch.is_grad_enabled() and hidden.requires_grad):
+        return False
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    # sharded (FSDP's DTensor) or quantized weights are reached only through the module's own forward and hooks
+    return not any(p.requires_grad or type(p) is not torch.nn.Parameter for p in params)
+
+
 def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
                          chunk_size: int = 1024) -> torch.Tensor:
     """Per-row cross-entropy of `head(hidden)` against labels, `chunk_size` rows at a time.
 
-    When there is more than one chunk, each chunk's logits are recomputed in the backward pass instead of kept,
-    so at most one chunk of full-vocabulary fp32 logits exists at any moment.
+    A frozen linear head (LoRA, freeze) takes _FrozenHeadCrossEntropy, 256 rows at a time: no logits kept, none
+    recomputed. Otherwise (a trainable head: full fine-tuning), when there is more than one chunk, each chunk's
+    logits are recomputed in the backward pass instead of kept, so at most one chunk of full-vocabulary fp32 logits
+    exists at any moment.
     """
+    if _frozen_linear_head(head, hidden):
+        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, labels, _FROZEN_HEAD_ROWS)
     if hidden.shape[0] <= chunk_size:
         return _head_token_losses(hidden, labels, head)
     return torch.cat([checkpoint(_head_token_losses, hidden[start: start + chunk_size],
@@ -39,8 +89,8 @@ def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: to
 
 
 def head_chunk_size(t) -> int:
-    """Rows of output-head logits computed at once. With gradient_checkpointing they are recomputed in backward, 256
-    rows at a time: at the start of backward they and their gradients are the largest tensors alive (about 0.4 GB
+    """Rows of output-head logits computed at once when the head trains (a frozen one takes the fused path). With
+    gradient_checkpointing they are recomputed in backward, 256 rows at a time: at the start of backward they and their gradients are the largest tensors alive (about 0.4 GB
     in fp32 for the 700 target tokens of a 4 x 256 SmolLM2 micro-batch, a 49k vocabulary), and recomputing them
     costs one more head matmul per chunk. Without it, up to 1024 rows are kept from forward to backward."""
     return 256 if t.gradient_checkpointing else 1024
