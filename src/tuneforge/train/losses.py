@@ -24,9 +24,10 @@ def _head_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head: torch.n
     return F.cross_entropy(head(hidden).float(), labels, reduction="none")
 
 
-# rows per chunk on the frozen-head path: nothing of a chunk outlives it there, so smaller chunks only lower the peak
-# (SmolLM2's LoRA step: 2.30 GB at 1024 rows, 2.07 GB at 256, same speed within noise; docs/benchmarks.md)
-_FROZEN_HEAD_ROWS = 256
+# rows per chunk on the frozen-head path: nothing of a chunk outlives it, and it runs when the forward's activations
+# are all alive, so smaller chunks lower the peak (SmolLM2 LoRA, 49k vocabulary: 2.30 GB at 1024 rows, 2.07 at 256;
+# compiled with selective checkpointing 1.30 GB at 256, 1.24 at 128) at the same speed (docs/benchmarks.md)
+_FROZEN_HEAD_ROWS = 128
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -42,15 +43,16 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         losses, grads = [], []
         for start in range(0, hidden.shape[0], chunk_size):
             logits = F.linear(hidden[start: start + chunk_size], weight, bias)
-            probs = logits.float()
+            probs, dtype = logits.float(), logits.dtype
+            del logits
             rows = torch.arange(probs.shape[0], device=probs.device)
             wanted = labels[start: start + chunk_size]
             norm = torch.logsumexp(probs, dim=-1)
             losses.append(norm - probs[rows, wanted])
             probs.sub_(norm[:, None]).exp_()
             probs[rows, wanted] -= 1  # d loss / d logits = softmax - one-hot
-            grads.append(torch.matmul(probs.to(logits.dtype), weight))
-            del logits, probs
+            grads.append(torch.matmul(probs.to(dtype), weight))
+            del probs
         ctx.save_for_backward(torch.cat(grads))
         ctx.hidden_dtype = hidden.dtype
         return torch.cat(losses)
@@ -74,7 +76,7 @@ def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: to
                          chunk_size: int = 1024) -> torch.Tensor:
     """Per-row cross-entropy of `head(hidden)` against labels, `chunk_size` rows at a time.
 
-    A frozen linear head (LoRA, freeze) takes _FrozenHeadCrossEntropy, 256 rows at a time: no logits kept, none
+    A frozen linear head (LoRA, freeze) takes _FrozenHeadCrossEntropy, 128 rows at a time: no logits kept, none
     recomputed. Otherwise (a trainable head: full fine-tuning), when there is more than one chunk, each chunk's
     logits are recomputed in the backward pass instead of kept, so at most one chunk of full-vocabulary fp32 logits
     exists at any moment.
