@@ -66,14 +66,16 @@ def test_frozen_head_loss_matches_autograd_and_keeps_no_logits(dtype, autocast, 
     assert fused_kept <= 37 * 32 * 4 < 37 * 400 * 4 <= plain_kept
 
 
-def test_trainable_or_gradient_free_heads_take_the_module_path():
+def test_trainable_gradient_free_or_empty_heads_take_the_module_path():
     head = torch.nn.Linear(8, 20, bias=False)  # trainable (full fine-tuning): its weight needs a gradient
     hidden = torch.randn(5, 8, requires_grad=True)
     labels = torch.randint(0, 20, (5,))
     chunked_token_losses(hidden, head, labels).sum().backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    head.requires_grad_(False)
+    empty = torch.zeros(0, 8, requires_grad=True)  # a micro-batch whose targets were all masked
+    assert chunked_token_losses(empty, head, labels[:0]).shape == (0,)
     with torch.no_grad():  # reference log-probabilities: no gradient, so nothing to precompute
-        head.requires_grad_(False)
         plain = F.cross_entropy(head(hidden), labels, reduction="none")
         assert torch.equal(chunked_token_losses(hidden, head, labels), plain)
 

@@ -64,8 +64,9 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
 
 
 def _frozen_linear_head(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
-    """Whether `head` takes the fused path: a plain, frozen, unsharded torch Linear, and a gradient is wanted."""
-    if type(head) is not torch.nn.Linear or not (torch.is_grad_enabled() and hidden.requires_grad):
+    """Whether `head` takes the fused path: a plain, frozen, unsharded torch Linear, rows to score, and a gradient
+    is wanted."""
+    if type(head) is not torch.nn.Linear or not (torch.is_grad_enabled() and hidden.requires_grad and len(hidden)):
         return False
     params = [p for p in (head.weight, head.bias) if p is not None]
     # sharded (FSDP's DTensor) or quantized weights are reached only through the module's own forward and hooks
@@ -74,7 +75,8 @@ def _frozen_linear_head(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
 
 def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
                          chunk_size: int = 1024) -> torch.Tensor:
-    """Per-row cross-entropy of `head(hidden)` against labels, `chunk_size` rows at a time.
+    """Per-row cross-entropy of `head(hidden)` against labels (one target per row, none ignored), `chunk_size` rows
+    at a time.
 
     A frozen linear head (LoRA, freeze) takes _FrozenHeadCrossEntropy, 128 rows at a time: no logits kept, none
     recomputed. Otherwise (a trainable head: full fine-tuning), when there is more than one chunk, each chunk's
@@ -92,9 +94,10 @@ def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: to
 
 def head_chunk_size(t) -> int:
     """Rows of output-head logits computed at once when the head trains (a frozen one takes the fused path). With
-    gradient_checkpointing they are recomputed in backward, 256 rows at a time: at the start of backward they and their gradients are the largest tensors alive (about 0.4 GB
-    in fp32 for the 700 target tokens of a 4 x 256 SmolLM2 micro-batch, a 49k vocabulary), and recomputing them
-    costs one more head matmul per chunk. Without it, up to 1024 rows are kept from forward to backward."""
+    gradient_checkpointing they are recomputed in backward, 256 rows at a time: at the start of backward they and
+    their gradients are the largest tensors alive (about 0.4 GB in fp32 for the 700 target tokens of a 4 x 256
+    SmolLM2 micro-batch, a 49k vocabulary), and recomputing them costs one more head matmul per chunk. Without it,
+    up to 1024 rows are kept from forward to backward."""
     return 256 if t.gradient_checkpointing else 1024
 
 
