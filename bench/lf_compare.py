@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--lowmem", action="store_true",
                         help="also run tuneforge's fast settings with gradient_checkpointing (LLaMA-Factory's default)")
     parser.add_argument("--compile", action="store_true",
-                        help="also run tuneforge's fast settings with torch_compile, attention or whole layers recomputed")
+                        help="also run tuneforge's fast settings with torch_compile, selective or whole layers recomputed")
     parser.add_argument("--max-records", type=int, help="only the first N records (a quick check, not a result)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "lf_compare.jsonl"), help="append JSON lines here")
     args = parser.parse_args()
