@@ -40,8 +40,11 @@ def test_qlora_learns_and_saves_a_full_precision_adapter(tiny_model, alpaca_file
     run_training(train_config(tiny_model, alpaca_file, out, learning_rate=2e-2, max_steps=20, bf16=bf16,
                               lr_scheduler_type="constant", **quant))
     losses = _falls(out)
-    # as in test_precision: ~1 nat lower in 20 steps, 4-step means against the batches' noise
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
+    # The tiny model's loss falls from ~6.0 to its ~5.5 floor within a few steps, then stays there: the last 4 steps'
+    # mean must be 0.3 nats under the first step's loss (taken before any update; ~0.5 lower when the adapters
+    # learn, 0 when they get no gradient). Not under the first 4 steps' mean: a bf16 rounding difference can move
+    # one early step by 0.2 nats (6.0168, 5.7996, 5.5815, 5.742 against ..., 5.9508 at lr 2e-2).
+    assert sum(losses[-4:]) / 4 < losses[0] - 0.3, losses
     saved = load_file(out / "adapter_model.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())  # adapters in full precision
     plain = AutoModelForCausalLM.from_pretrained(tiny_model)  # no quantisation: plain PEFT loads the adapter
