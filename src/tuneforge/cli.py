@@ -118,9 +118,12 @@ def _load(path, overrides, validate_for):
 
 
 def _leave_process_group() -> None:
-    """Close torch.distributed's process group before the interpreter exits, as torch asks, rather than leaving
-    gloo's threads to exit-time destructors. (torchrun ranks on tcmalloc aborted at exit now and then, with and
-    without this: "terminate called without an active exception"; so ranks stay on the system's allocator.)"""
+    """Close torch.distributed's process groups before the interpreter exits, as torch asks.
+
+    Not enough yet: torchrun ranks still abort at exit now and then, on either allocator ("terminate called
+    without an active exception", after a finished run). gloo's worker threads outlive this call: DTensor's caches
+    (sharding propagation, redistribute planner) keep FSDP's device meshes, and with them the process groups,
+    alive into interpreter shutdown, the crash path torch's own destroy_process_group comment describes."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -153,8 +153,9 @@ def training_allocator(environ: Mapping[str, str]) -> dict[str, str] | None:
     if _allocator_choice(environ) == "system" or _preloaded_allocator(environ):
         return None
     if int(environ.get("WORLD_SIZE", "1")) > 1:
-        # torchrun ranks stay on the system's allocator until an intermittent abort at their exit, seen only in
-        # runs on tcmalloc, is understood (cli._leave_process_group)
+        # torchrun ranks stay on the system's allocator for now: an intermittent abort at their exit was first
+        # seen on tcmalloc, and has since been seen on glibc too, so it is not the allocator's; ranks move to
+        # tcmalloc once that abort is fixed (cli._leave_process_group says where it stands)
         return None
     library = tcmalloc_library()
     if library is None:
