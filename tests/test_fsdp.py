@@ -93,6 +93,31 @@ def test_fsdp_lora_matches_one_process_and_evaluates(tiny_model, tmp_path):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "fsdp")  # plain PEFT
 
 
+RANK_SCRIPT = """import os, sys
+from tuneforge.cli import main
+code = main(sys.argv[1:])
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("gloo threads left:", sorted(name for name in names if "gloo" in name))
+sys.exit(code)
+"""
+
+
+@needs_torchrun
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the rank's threads from /proc")
+def test_finished_ranks_join_their_gloo_threads(tiny_model, tmp_path):
+    # a gloo worker still running while the interpreter shuts down may drop the last reference to a collective's
+    # tensors there and abort the rank ("terminate called without an active exception"); before the fix both of
+    # gloo's workers and its transport loop were still alive here (cli._leave_process_group says why)
+    data = str(write_jsonl(tmp_path / "d.jsonl", alpaca_rows(16)))
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    args = _common(tiny_model, data, finetuning_type="lora", fsdp="full_shard auto_wrap")
+    done = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", str(script), "train", *args, *FSDP[1:],
+                           f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("gloo threads left: []") == 2, done.stdout[-1000:]
+
+
 def _problems(tmp_path, **keys) -> str:
     values = {"model_name_or_path": "m", "dataset": "d", "output_dir": str(tmp_path / "o"), "do_train": True, **keys}
     with pytest.raises(ConfigError) as err:

@@ -21,7 +21,7 @@ def test_training_allocator_preloads_tcmalloc_unless_the_user_chose(monkeypatch)
     env = machine.training_allocator({"LD_PRELOAD": "/opt/libfoo.so"})  # the user's own preload is kept
     assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4:/opt/libfoo.so"
     assert machine.training_allocator({"TUNEFORGE_ALLOCATOR": "system"}) is None
-    assert machine.training_allocator({"WORLD_SIZE": "2"}) is None  # torchrun ranks stay on glibc (see there)
+    assert machine.training_allocator({"WORLD_SIZE": "2"})["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"  # ranks too
     assert machine.training_allocator({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None  # the user's allocator
     with pytest.raises(ValueError, match="TUNEFORGE_ALLOCATOR='jemalloc'.*tcmalloc.*system"):
         machine.training_allocator({"TUNEFORGE_ALLOCATOR": "jemalloc"})
@@ -38,7 +38,6 @@ def test_allocator_notice_says_what_runs_or_how_to_get_tcmalloc(monkeypatch):
     assert machine.allocator_notice({}) is None  # installed: main() called in a process of the caller's
     monkeypatch.setattr(machine, "tcmalloc_library", lambda: None)
     assert "apt install libtcmalloc-minimal4" in machine.allocator_notice({})
-    assert machine.allocator_notice({"WORLD_SIZE": "2"}) is None  # torchrun ranks would not use it
     assert machine.allocator_notice({"TUNEFORGE_ALLOCATOR": "system"}) is None
     assert machine.allocator_notice({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None
     monkeypatch.setattr(machine, "allocator_in_use", lambda: "tcmalloc")

@@ -118,16 +118,31 @@ def _load(path, overrides, validate_for):
 
 
 def _leave_process_group() -> None:
-    """Close torch.distributed's process groups before the interpreter exits, as torch asks.
+    """Close torch.distributed's process groups, and join gloo's worker threads, before the interpreter exits.
 
-    Not enough yet: torchrun ranks still abort at exit now and then, on either allocator ("terminate called
-    without an active exception", after a finished run). gloo's worker threads outlive this call: DTensor's caches
-    (sharding propagation, redistribute planner) keep FSDP's device meshes, and with them the process groups,
-    alive into interpreter shutdown, the crash path torch's own destroy_process_group comment describes."""
+    A gloo worker that drops the last reference to a collective's tensors during interpreter shutdown needs the
+    GIL, the interpreter ends that thread, and the unwinding aborts the rank ("terminate called without an active
+    exception", after a finished run). destroy_process_group joins those workers only when nothing else holds the
+    process group: DTensor's caches (sharding propagation, redistribution plans, mesh topology) keep FSDP's device
+    meshes, and each mesh its process groups, so they are emptied first (and train.common.make_accelerator keeps
+    torch.distributed.nn from holding the default group). docs/distributed.md has the measurements."""
+    import gc
+    import sys
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if "torch.distributed.tensor" in sys.modules:
+        from torch.distributed.tensor import _collective_utils, _redistribute
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+        _clear_sharding_prop_cache()
+        _redistribute.clear_redistribute_planner_cache()
+        _redistribute._gen_transform_infos.cache_clear()
+        _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
+        gc.collect()  # FSDP's module state holds its meshes in reference cycles
+    dist.destroy_process_group()
 
 
 def _quiet_library_bars() -> None:

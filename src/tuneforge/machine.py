@@ -152,11 +152,6 @@ def training_allocator(environ: Mapping[str, str]) -> dict[str, str] | None:
     (same pid, same arguments) with it preloaded."""
     if _allocator_choice(environ) == "system" or _preloaded_allocator(environ):
         return None
-    if int(environ.get("WORLD_SIZE", "1")) > 1:
-        # torchrun ranks stay on the system's allocator for now: an intermittent abort at their exit was first
-        # seen on tcmalloc, and has since been seen on glibc too, so it is not the allocator's; ranks move to
-        # tcmalloc once that abort is fixed (cli._leave_process_group says where it stands)
-        return None
     library = tcmalloc_library()
     if library is None:
         return None
@@ -171,7 +166,7 @@ def allocator_notice(environ: Mapping[str, str]) -> str | None:
     if allocator_in_use() == "tcmalloc":
         return f"memory allocator: tcmalloc (lower peak memory; {ALLOCATOR_KEY}=system for the system's)"
     if environ.get(ALLOCATOR_KEY) == "system" or _preloaded_allocator(environ) or not sys.platform.startswith("linux") \
-            or int(environ.get("WORLD_SIZE", "1")) > 1 or tcmalloc_library() is not None:  # ranks, or installed
+            or tcmalloc_library() is not None:  # installed: main() was called in a process of the caller's
         return None
     return ("tip: with tcmalloc installed (Debian/Ubuntu: apt install libtcmalloc-minimal4) training peaks 0.4-1.5 GB "
             "lower on SmolLM2-135M at the same speed (docs/benchmarks.md)")

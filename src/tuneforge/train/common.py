@@ -26,8 +26,14 @@ def make_accelerator(t):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        # its functions default to `group=group.WORLD`, evaluated at import: imported once the process group has
+        # started (FSDP's imports do), they would hold that group past destroy_process_group, and a rank could
+        # abort at exit (cli._leave_process_group)
+        import torch.distributed.nn  # noqa: F401
     # accelerate only treats a torchrun launch without GPUs as distributed (gloo) when told to use the CPU
-    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    cpu_ddp = processes > 1 and not torch.cuda.is_available()
     return Accelerator(mixed_precision="no", cpu=cpu_ddp, **sharding.accelerator_kwargs(t),
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout))])
 
