@@ -1,9 +1,10 @@
 """Where a training step's time goes: torch.profiler over a few optimizer steps of the benchmark workload.
 
-    .venv/bin/python bench/profile_step.py [--only smollm2-lora] [--set key=value ...]
+    .venv/bin/python bench/profile_step.py [--only smollm2-lora] [--set key=value ...] [--shapes]
 
 Prints the operators that take the most self CPU time (and CUDA time on a GPU), grouped by kind (matmul,
-attention, elementwise, optimizer, ...), so the next speed lever is a reading, not a guess.
+attention, elementwise, optimizer, ...), and with --shapes the matrix products by input shapes, so the next speed
+lever is a reading, not a guess. The model is set up as a training run sets it up (train.common.prepare_model).
 """
 
 from __future__ import annotations
@@ -41,11 +42,10 @@ def main() -> int:
     from tuneforge.cmdline import parse_overrides
     from tuneforge.config import build_config, validate
     from tuneforge.data import prepare_lm_data
-    from tuneforge.models.adapters import setup_trainable
-    from tuneforge.models.load import load_base_model, load_tokenizer
+    from tuneforge.models.load import load_tokenizer
     from tuneforge.train.loop import Precision, _optimizer_step, build_optimizer, build_scheduler
-    from tuneforge.train.losses import CausalLMLoss
-    from tuneforge.train.common import compile_layers
+    from tuneforge.train.losses import CausalLMLoss, head_chunk_size
+    from tuneforge.train.common import prepare_model
     from tuneforge.data.collate import PadCollator
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +53,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--set", nargs="*", default=[])
     parser.add_argument("--rows", type=int, default=15, help="operators listed")
+    parser.add_argument("--shapes", action="store_true", help="also list matrix products by input shapes")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tuneforge-profile-"))
     values = {**FIXED, **WORKLOADS[args.only], "dataset": str(DATA), "output_dir": str(work / "out"),
@@ -63,27 +64,25 @@ def main() -> int:
     validate(cfg, "train")
     tokenizer = load_tokenizer(cfg.model)
     rows = prepare_lm_data(cfg, tokenizer).train
-    model = load_base_model(cfg.model, dtype=torch.bfloat16 if cfg.finetune.pure_bf16 else torch.float32)
-    model = setup_trainable(model, cfg.model, cfg.finetune)
-    if cfg.train.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.train.torch_compile:
-        compile_layers(model)
-    module = CausalLMLoss(model).train()
-    optimizer = build_optimizer(model, cfg.train, cfg.finetune)
-    scheduler = build_scheduler(optimizer, cfg.train, 100)
-    collator = PadCollator(tokenizer.pad_token_id)
-    precision = Precision(cfg.train, torch.device("cpu"))
 
-    class Single:  # the step function's view of a one-process accelerator
+    class Single:  # a one-process accelerator, as far as model set-up and the step function look
         num_processes = 1
         device = torch.device("cpu")
+        print = staticmethod(print)
 
         @staticmethod
         def no_sync(_):
             from contextlib import nullcontext
 
             return nullcontext()
+
+    # the training run's own set-up: checkpointing scope, adapters, compiled layers
+    model = prepare_model(cfg, Single, packed=cfg.data.packing)
+    module = CausalLMLoss(model, head_chunk_size(cfg.train)).train()
+    optimizer = build_optimizer(model, cfg.train, cfg.finetune)
+    scheduler = build_scheduler(optimizer, cfg.train, 100)
+    collator = PadCollator(tokenizer.pad_token_id)
+    precision = Precision(cfg.train, torch.device("cpu"))
 
     def step(i: int):
         size, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
@@ -97,7 +96,7 @@ def main() -> int:
 
     step(0)  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=args.shapes) as prof:
         for i in range(1, args.steps + 1):
             step(i)
     events = prof.key_averages()
@@ -110,6 +109,13 @@ def main() -> int:
         print(f"  {kind:<38} {micros / 1e6:8.2f} s  {100 * micros / total:5.1f}%")
     print("\ntop operators:")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if args.shapes:
+        products = [e for e in prof.key_averages(group_by_input_shape=True) if kind_of(e.key) == "matmul"]
+        print("\nmatrix products by input shapes:")
+        print(f"  {'operator':<10} {'input shapes':<58} {'calls':>6} {'self s':>8} {'share':>6}")
+        for e in sorted(products, key=lambda e: -e.self_cpu_time_total)[:args.rows]:
+            print(f"  {e.key.replace('aten::', ''):<10} {str(e.input_shapes)[:58]:<58} {e.count:>6} "
+                  f"{e.self_cpu_time_total / 1e6:>8.2f} {100 * e.self_cpu_time_total / total:>5.1f}%")
     return 0
 
 
