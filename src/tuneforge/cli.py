@@ -117,30 +117,40 @@ def _load(path, overrides, validate_for):
     return cfg
 
 
+# DTensor's caches that keep device meshes (and so process groups) alive, as torch 2.13 names them: (module,
+# attribute path of the function that empties one). Other torch versions may lack some: those are skipped
+_DTENSOR_CACHES = (("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
+                   ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+                   ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),
+                   ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear"))
+
+
 def _leave_process_group() -> None:
     """Close torch.distributed's process groups, and join gloo's worker threads, before the interpreter exits.
 
     A gloo worker that drops the last reference to a collective's tensors during interpreter shutdown needs the
     GIL, the interpreter ends that thread, and the unwinding aborts the rank ("terminate called without an active
     exception", after a finished run). destroy_process_group joins those workers only when nothing else holds the
-    process group: DTensor's caches (sharding propagation, redistribution plans, mesh topology) keep FSDP's device
-    meshes, and each mesh its process groups, so they are emptied first (and train.common.make_accelerator keeps
-    torch.distributed.nn from holding the default group). docs/distributed.md has the measurements."""
+    process group: DTensor's caches keep FSDP's device meshes, and each mesh its process groups, so they are
+    emptied first (and train.common.make_accelerator keeps torch.distributed.nn from holding the default group).
+    docs/distributed.md has the measurements; tests/test_fsdp.py checks that no gloo thread is left."""
     import gc
-    import sys
+    import importlib
 
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if "torch.distributed.tensor" in sys.modules:
-        from torch.distributed.tensor import _collective_utils, _redistribute
-        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
-
-        _clear_sharding_prop_cache()
-        _redistribute.clear_redistribute_planner_cache()
-        _redistribute._gen_transform_infos.cache_clear()
-        _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
+    if "torch.distributed.tensor" in sys.modules:  # only what was used holds anything
+        for module, path in _DTENSOR_CACHES:
+            try:
+                target = importlib.import_module(module)
+            except ImportError:
+                continue
+            for name in path.split("."):
+                target = getattr(target, name, None)
+            if callable(target):
+                target()
         gc.collect()  # FSDP's module state holds its meshes in reference cycles
     dist.destroy_process_group()
 
