@@ -18,7 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import DATA, FIXED, WORKLOADS  # noqa: E402
+from train_speed import DATA, FIXED, WORKLOADS, tiny_model  # noqa: E402
 
 
 def main() -> int:
@@ -42,6 +42,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tuneforge-adapter-cost-"))
     values = {**FIXED, **WORKLOADS[args.only], "dataset": str(DATA), "output_dir": str(work / "out"),
               "max_steps": 100, **parse_overrides(args.set)}
+    if values["model_name_or_path"] == "tiny":
+        values["model_name_or_path"] = tiny_model(work / "tiny")
     cfg = build_config(values, source="adapter_cost")
     validate(cfg, "train")
     tokenizer = load_tokenizer(cfg.model)
