@@ -18,14 +18,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import DATA, FIXED, WORKLOADS, tiny_model  # noqa: E402
+from train_speed import WORKLOADS, row_config  # noqa: E402
 
 
 def main() -> int:
     import torch
 
-    from tuneforge.cmdline import parse_overrides
-    from tuneforge.config import build_config, validate
     from tuneforge.data import prepare_lm_data
     from tuneforge.data.collate import PadCollator
     from tuneforge.models.load import load_tokenizer
@@ -40,12 +38,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tuneforge-adapter-cost-"))
-    values = {**FIXED, **WORKLOADS[args.only], "dataset": str(DATA), "output_dir": str(work / "out"),
-              "max_steps": 100, **parse_overrides(args.set)}
-    if values["model_name_or_path"] == "tiny":
-        values["model_name_or_path"] = tiny_model(work / "tiny")
-    cfg = build_config(values, source="adapter_cost")
-    validate(cfg, "train")
+    cfg = row_config(args.only, args.set, work, 100, "adapter_cost")
     tokenizer = load_tokenizer(cfg.model)
     rows = prepare_lm_data(cfg, tokenizer).train
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import DATA, FIXED, WORKLOADS, tiny_model  # noqa: E402
+from train_speed import WORKLOADS, row_config  # noqa: E402
 
 KINDS = {
     "matmul": ("mm", "addmm", "bmm", "matmul", "linear"),
@@ -39,8 +39,6 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tuneforge.cmdline import parse_overrides
-    from tuneforge.config import build_config, validate
     from tuneforge.data import prepare_lm_data
     from tuneforge.models.load import load_tokenizer
     from tuneforge.train.loop import Precision, _optimizer_step, build_optimizer, build_scheduler
@@ -56,12 +54,7 @@ def main() -> int:
     parser.add_argument("--shapes", action="store_true", help="also list matrix products by input shapes")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tuneforge-profile-"))
-    values = {**FIXED, **WORKLOADS[args.only], "dataset": str(DATA), "output_dir": str(work / "out"),
-              "max_steps": 100, **parse_overrides(args.set)}
-    if values["model_name_or_path"] == "tiny":
-        values["model_name_or_path"] = tiny_model(work / "tiny")
-    cfg = build_config(values, source="profile")
-    validate(cfg, "train")
+    cfg = row_config(args.only, args.set, work, 100, "profile")
     tokenizer = load_tokenizer(cfg.model)
     rows = prepare_lm_data(cfg, tokenizer).train
 
