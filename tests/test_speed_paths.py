@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from tuneforge.data.collate import PadCollator, pack_rows
 from tuneforge.data.encode import IGNORE
 from tuneforge.train import losses as losses_module
-from tuneforge.train.losses import CausalLMLoss, chunked_cross_entropy, chunked_token_losses, token_cross_entropy
+from tuneforge.train.losses import (CausalLMLoss, chunked_cross_entropy, chunked_token_losses, head_log_probs,
+                                   token_cross_entropy)
 
 
 def test_chunked_cross_entropy_equals_plain_in_value_and_gradient():
@@ -78,6 +79,36 @@ def test_trainable_gradient_free_or_empty_heads_take_the_module_path():
     with torch.no_grad():  # reference log-probabilities: no gradient, so nothing to precompute
         plain = F.cross_entropy(head(hidden), labels, reduction="none")
         assert torch.equal(chunked_token_losses(hidden, head, labels), plain)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_rl_log_probs_and_entropy_match_log_softmax(frozen, monkeypatch):
+    """GRPO and PPO take each completion token's log-probability and entropy from head_log_probs: the fused path for
+    a frozen head (LoRA), chunks recomputed in backward for a trainable one (full fine-tuning)."""
+    monkeypatch.setattr(losses_module, "_FROZEN_HEAD_ROWS", 8)  # 37 rows: 5 chunks either way
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 400, bias=False).requires_grad_(not frozen)
+    start, targets, upstream = torch.randn(37, 32), torch.randint(0, 400, (37,)), torch.randn(37)
+    hidden = start.clone().requires_grad_()
+    log_probs = head(hidden).log_softmax(-1)
+    plain = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+    plain_entropy = -(log_probs.exp() * log_probs).sum(-1)
+    params = [hidden] if frozen else [hidden, head.weight]
+    plain_grads = torch.autograd.grad((plain * upstream).sum(), params)
+    hidden = start.clone().requires_grad_()
+    params = [hidden] if frozen else [hidden, head.weight]
+    (logps, entropy), kept = _saved_bytes(lambda: head_log_probs(hidden, head, targets, True, chunk_size=8))
+    grads = torch.autograd.grad((logps * upstream).sum(), params)
+    # the same fp32 log-sum-exp over 400 logits, grouped differently: rounding ~1e-6; gradients are the same
+    # products (|grad| ~ 1, so 1e-5 is far below a dropped chunk or a missing one-hot)
+    assert torch.allclose(logps, plain, atol=1e-5) and torch.allclose(entropy, plain_entropy, atol=1e-5)
+    assert not entropy.requires_grad
+    for a, b in zip(grads, plain_grads):
+        assert torch.allclose(a, b, atol=1e-5) and b.abs().max() > 0.1
+    if frozen:  # only the gradient rows are kept, never 37 x 400 logits
+        assert kept <= 37 * 32 * 4
+    with torch.no_grad():  # rollouts and the reference: chunks in turn, the same values
+        assert torch.allclose(head_log_probs(start, head, targets, chunk_size=8)[0], plain, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

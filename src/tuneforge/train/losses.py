@@ -36,11 +36,12 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     scales those rows by the incoming gradient (a row's loss depends on its own hidden state only). So neither
     logits nor log-probabilities are kept for backward, and nothing is recomputed: the head's second matmul moves
     from backward to forward. Same operations in the same dtypes as autograd's path through head and
-    cross_entropy, except that the incoming per-row factor is applied after the matmul instead of before."""
+    cross_entropy, except that the incoming per-row factor is applied after the matmul instead of before.
+    The second output is each row's entropy when `with_entropy` (RL stages log it; no gradient), else empty."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size):
-        losses, grads = [], []
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, with_entropy):
+        losses, entropies, grads = [], [], []
         for start in range(0, hidden.shape[0], chunk_size):
             logits = F.linear(hidden[start: start + chunk_size], weight, bias)
             probs, dtype = logits.float(), logits.dtype
@@ -49,18 +50,23 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             wanted = labels[start: start + chunk_size]
             norm = torch.logsumexp(probs, dim=-1)
             losses.append(norm - probs[rows, wanted])
-            probs.sub_(norm[:, None]).exp_()
+            probs.sub_(norm[:, None])  # log-probabilities, in place: the SFT peak sits here
+            if with_entropy:
+                entropies.append(-(probs.exp() * probs).sum(-1))
+            probs.exp_()
             probs[rows, wanted] -= 1  # d loss / d logits = softmax - one-hot
             grads.append(torch.matmul(probs.to(dtype), weight))
             del probs
         ctx.save_for_backward(torch.cat(grads))
         ctx.hidden_dtype = hidden.dtype
-        return torch.cat(losses)
+        entropy = torch.cat(entropies) if with_entropy else hidden.new_zeros(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(losses), entropy
 
     @staticmethod
-    def backward(ctx, grad_losses):
+    def backward(ctx, grad_losses, _grad_entropy):
         (grad_hidden,) = ctx.saved_tensors
-        return (grad_hidden.float() * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None, None
+        return (grad_hidden.float() * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None, None, None
 
 
 def _frozen_linear_head(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
@@ -84,12 +90,46 @@ def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: to
     exists at any moment.
     """
     if _frozen_linear_head(head, hidden):
-        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, labels, _FROZEN_HEAD_ROWS)
+        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, labels, _FROZEN_HEAD_ROWS, False)[0]
     if hidden.shape[0] <= chunk_size:
         return _head_token_losses(hidden, labels, head)
     return torch.cat([checkpoint(_head_token_losses, hidden[start: start + chunk_size],
                                  labels[start: start + chunk_size], head, use_reentrant=False)
                       for start in range(0, hidden.shape[0], chunk_size)])
+
+
+def _chunk_log_probs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, with_entropy: bool):
+    """head_log_probs of one chunk through the module, with _FrozenHeadCrossEntropy's arithmetic (so a rollout's
+    gradient-free log-probabilities equal training's to the bit)."""
+    logits = head(hidden).float()
+    norm = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - norm
+    if not with_entropy:
+        return logps, None
+    with torch.no_grad():
+        log_probs = logits - norm[:, None]
+        return logps, -(log_probs.exp() * log_probs).sum(-1)
+
+
+def head_log_probs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, with_entropy: bool = False,
+                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probability of each row's target under head(hidden), each row's entropy (no gradient) or None).
+
+    As chunked_token_losses: a frozen linear head takes _FrozenHeadCrossEntropy; a trainable one, when there is
+    more than one chunk, recomputes each chunk's logits in backward; without gradients the chunks run in turn. So
+    at most one chunk of full-vocabulary logits exists at any moment."""
+    if _frozen_linear_head(head, hidden):
+        losses, entropy = _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, _FROZEN_HEAD_ROWS,
+                                                        with_entropy)
+        return -losses, entropy if with_entropy else None
+    recompute = torch.is_grad_enabled() and hidden.shape[0] > chunk_size
+    pieces = [checkpoint(_chunk_log_probs, hidden[start: start + chunk_size], targets[start: start + chunk_size],
+                         head, with_entropy, use_reentrant=False) if recompute else
+              _chunk_log_probs(hidden[start: start + chunk_size], targets[start: start + chunk_size], head,
+                               with_entropy)
+              for start in range(0, hidden.shape[0], chunk_size)]
+    logps = torch.cat([p[0] for p in pieces])
+    return logps, torch.cat([p[1] for p in pieces]) if with_entropy else None
 
 
 def head_chunk_size(t) -> int:
@@ -278,13 +318,16 @@ def completion_outputs(model, split, input_ids, attention_mask, completion_width
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     start = input_ids.shape[1] - completion_width - 1  # the position whose logits predict the first completion token
-    if split is None:  # output heads that do more than project: the model's own logits
-        outputs = model(**inputs, output_hidden_states=True)
-        hidden, logits = outputs.hidden_states[-1][:, start:-1], outputs.logits[:, start:-1].float()
-    else:
+    if split is not None:  # the head at completion positions only, through head_log_probs
         decoder, head = split
         hidden = decoder(**inputs).last_hidden_state[:, start:-1]
-        logits = head(hidden).float()
+        rows, width = hidden.shape[:2]
+        logps, entropy = head_log_probs(hidden.reshape(rows * width, -1), head,
+                                        input_ids[:, -completion_width:].reshape(-1), with_entropy)
+        return logps.view(rows, width), None if entropy is None else entropy.view(rows, width), hidden
+    # output heads that do more than project: the model's own logits
+    outputs = model(**inputs, output_hidden_states=True)
+    hidden, logits = outputs.hidden_states[-1][:, start:-1], outputs.logits[:, start:-1].float()
     log_probs = logits.log_softmax(-1)
     token_logps = log_probs.gather(-1, input_ids[:, -completion_width:, None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
