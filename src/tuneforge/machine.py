@@ -109,6 +109,21 @@ def map_large_allocations() -> None:
     libc.mallopt(m_mmap_threshold, 4 << 20)
 
 
+def release_free_memory() -> None:
+    """Hand the memory allocator's free blocks back to the system: tcmalloc's page heap, or glibc's heap top.
+
+    Called where a run switches between phases that allocate differently. GRPO samples (a KV cache grown token by
+    token), then trains on the samples (a forward's activations): without this call tcmalloc kept what sampling had
+    used and freed, training could not reuse all of it, and a SmolLM2 GRPO run peaked 0.8 GB higher from its second
+    step on (docs/benchmarks.md). The cost is the next phase touching its memory anew, once per phase."""
+    process = ctypes.CDLL(None)  # the symbols of this process, the preloaded tcmalloc's first
+    release = getattr(process, "MallocExtension_ReleaseFreeMemory", None)
+    if release is not None:
+        release()
+    elif hasattr(process, "malloc_trim"):  # glibc; other C libraries have no such call
+        process.malloc_trim(0)
+
+
 ALLOCATOR_KEY = "TUNEFORGE_ALLOCATOR"  # tcmalloc (the default: used when installed) or system
 
 

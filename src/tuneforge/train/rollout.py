@@ -10,6 +10,7 @@ import torch
 
 from ..data.collate import left_pad
 from ..infer.engine import generation_kwargs
+from ..machine import release_free_memory
 
 
 @dataclass
@@ -51,6 +52,7 @@ def generate(model, prompts: list[list[int]], gen, max_new_tokens: int, stop_ids
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).cpu()
     seconds = time.perf_counter() - started
     model.train(was_training)
+    release_free_memory()  # training's activations cannot reuse all of what the KV cache left free
     completion = out[:, ids.shape[1]:]
     if completion.shape[1] == 0:  # nothing generated: keep one padding column so shapes stay valid
         completion = torch.full((len(prompts), 1), tokenizer.pad_token_id, dtype=torch.long)
