@@ -95,6 +95,10 @@ def test_a_run_started_from_the_ui_trains_and_reports(tiny_model, workdir):
     assert yaml.safe_load(detail["yaml"])["max_steps"] == 6
     assert not list((workdir / "saves" / "run1").glob("*.webui")), "the UI's own files stay out of output_dir"
     assert [r["name"] for r in client.get("/api/runs").json()] == ["run1"]
+    clash = client.post("/api/runs", json={**form, "output_dir": "elsewhere/run1"})  # would hide saves/run1
+    assert clash.status_code == 409 and "already has a run named run1" in clash.json()["general"][0]
+    assert not (workdir / "elsewhere").exists()
+    assert client.get("/api/runs").json()[0]["output_dir"] == str((workdir / "saves" / "run1").resolve())
     again = client.post("/api/runs/run1/resume")
     assert again.status_code == 200  # a finished run: train refuses to overwrite it, the UI shows why
     detail = wait_for(lambda: (d := client.get("/api/runs/run1").json())["status"] != "running" and d)

@@ -113,6 +113,11 @@ class Runs:
         with self.lock:
             name = output_dir.name
             current = self.live.get(name)
+            listed = current or (Run(self.root / name) if (self.root / name / "trainer_log.jsonl").is_file() else None)
+            # runs are listed and addressed by folder name: another folder of that name would hide this one
+            if listed is not None and listed.output_dir.resolve() != output_dir.resolve():
+                raise RuntimeError(f"the run list already has a run named {name} (in {listed.output_dir}): give "
+                                   "this one an output_dir whose folder name is not taken")
             if current is not None and current.status() == "running":
                 raise RuntimeError(f"run {name} is already running")
             run = Run(output_dir)
