@@ -114,6 +114,17 @@ def test_overrides_and_types(tmp_path):
         load_config(str(path), ["learning_rate"])
 
 
+def test_a_bare_no_is_the_choice_no(tmp_path):
+    """YAML (and LLaMA-Factory's OmegaConf) read a bare `no` as false; for a key whose choices include "no" it
+    means that choice, in a file and on the command line."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\ndo_train: true\neval_strategy: no\n")
+    cfg = load_config(str(path), ["save_strategy=no"])
+    assert (cfg.train.eval_strategy, cfg.train.save_strategy) == ("no", "no")
+    with pytest.raises(ConfigError, match="`save_strategy` must be one of no, steps, epoch; got 'True'"):
+        load_config(str(path), ["save_strategy=yes"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("quantization_bit=4 finetuning_type=full", "`quantization_bit` \\(QLoRA\\) trains LoRA adapters"),
     ("stage=ppo", "stage ppo needs `reward_model`"),

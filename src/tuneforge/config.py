@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -118,6 +119,8 @@ def _coerce(value, annotation: str, key: str, source: str):
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if value is False and base.startswith("Literal") and re.search(r"['\"]no['\"]", base):
+            return "no"  # YAML reads a bare no as false: `eval_strategy: no` means the choice "no"
         if isinstance(value, (list, tuple)):  # `dataset: [a, b]` is the same as `dataset: a,b`
             return ",".join(str(v) for v in value)
         if isinstance(value, dict):
@@ -386,10 +389,6 @@ def _schedule_problems(t: TrainArgs) -> list[str]:
     if t.lr_scheduler_type not in SCHEDULERS:
         out.append(f"`lr_scheduler_type` must be one of {', '.join(SCHEDULERS)}; got {t.lr_scheduler_type!r}")
     out += tracker_problems(t.report_to)
-    if t.eval_strategy not in ("no", "steps", "epoch"):
-        out.append(f"`eval_strategy` must be no, steps or epoch; got {t.eval_strategy!r}")
-    if t.save_strategy not in ("no", "steps", "epoch"):
-        out.append(f"`save_strategy` must be no, steps or epoch; got {t.save_strategy!r}")
     if t.per_device_train_batch_size < 1 or t.gradient_accumulation_steps < 1:
         out.append("`per_device_train_batch_size` and `gradient_accumulation_steps` must be at least 1")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:

@@ -206,10 +206,10 @@ class TrainArgs:
     warmup_steps: int = 0
     logging_steps: int = 10
     save_steps: int = 500
-    save_strategy: str = "steps"
+    save_strategy: Literal["no", "steps", "epoch"] = "steps"
     save_total_limit: int | None = None
     save_only_model: bool = False
-    eval_strategy: str = "no"
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
     eval_steps: int | None = None
     load_best_model_at_end: bool = False
     metric_for_best_model: str | None = None
