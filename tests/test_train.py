@@ -124,6 +124,9 @@ def test_output_dir_is_protected(tiny_model, alpaca_file, tmp_path):
     run_training(train_config(tiny_model, alpaca_file, out, max_steps=1))
     with pytest.raises(FileExistsError, match="already holds a trained model"):
         run_training(train_config(tiny_model, alpaca_file, out, max_steps=1))
+    (out / "train_results.json").unlink()  # as a run killed while writing its model leaves it, with no checkpoint
+    with pytest.raises(FileExistsError, match="stopped before they were complete .* overwrite_output_dir: true"):
+        run_training(train_config(tiny_model, alpaca_file, out, max_steps=1))
     run_training(train_config(tiny_model, alpaca_file, out, max_steps=2, overwrite_output_dir=True))
     assert json.loads((out / "train_results.json").read_text())["global_step"] == 2
 

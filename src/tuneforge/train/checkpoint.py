@@ -28,6 +28,7 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MARKER = "tuneforge_checkpoint.json"  # written last: a checkpoint without it is incomplete
 PARTIAL = ".partial"  # suffix of a checkpoint being written
 FINISHED = "train_results.json"  # written after the final model: the run is done
+RUN_CONFIG = "tuneforge_config.yaml"  # written into output_dir when training starts
 MODEL_FILES = ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
@@ -101,6 +102,10 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: s
     if checkpoints:
         return str(checkpoints[-1])
     finished = [m for m in MODEL_FILES if (folder / m).exists()]
+    if finished and (folder / RUN_CONFIG).is_file():  # ours, without FINISHED: stopped while saving its model
+        raise FileExistsError(f"output_dir {folder} holds the model files of a run that stopped before they were "
+                              f"complete (no {FINISHED}) and no checkpoint to resume from: set "
+                              "overwrite_output_dir: true to train again")
     if finished:
         raise FileExistsError(f"output_dir {folder} already holds a trained model ({finished[0]}); choose another "
                               "output_dir, or set overwrite_output_dir: true to replace it")

@@ -87,7 +87,7 @@ def open_output_dir(cfg, accelerator) -> None:
         if t.do_train:
             if t.overwrite_output_dir and not t.resume_from_checkpoint:
                 ckpt.clear_old_checkpoints(t.output_dir)
-            save_config(cfg, Path(t.output_dir) / "tuneforge_config.yaml")
+            save_config(cfg, Path(t.output_dir) / ckpt.RUN_CONFIG)
 
 
 def finish_training(cfg, module, tokenizer, results: dict, accelerator) -> None:
