@@ -28,6 +28,7 @@ def _head_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head: torch.n
 # are all alive, so smaller chunks lower the peak (SmolLM2 LoRA, 49k vocabulary: 2.30 GB at 1024 rows, 2.07 at 256;
 # compiled with selective checkpointing 1.30 GB at 256, 1.24 at 128) at the same speed (docs/benchmarks.md)
 _FROZEN_HEAD_ROWS = 128
+_HEAD_ROW_MULTIPLE = 16  # the last chunk is padded to this: 8 shapes in all, at most 15 rows computed for nothing
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -43,19 +44,23 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, chunk_size, with_entropy):
         losses, entropies, grads = [], [], []
         for start in range(0, hidden.shape[0], chunk_size):
-            logits = F.linear(hidden[start: start + chunk_size], weight, bias)
+            rows_in, wanted = hidden[start: start + chunk_size], labels[start: start + chunk_size]
+            n = len(rows_in)
+            if n % _HEAD_ROW_MULTIPLE:  # a last chunk of any length would give oneDNN a new matmul shape to keep
+                extra = _HEAD_ROW_MULTIPLE - n % _HEAD_ROW_MULTIPLE
+                rows_in, wanted = F.pad(rows_in, (0, 0, 0, extra)), F.pad(wanted, (0, extra))
+            logits = F.linear(rows_in, weight, bias)
             probs, dtype = logits.float(), logits.dtype
             del logits
             rows = torch.arange(probs.shape[0], device=probs.device)
-            wanted = labels[start: start + chunk_size]
             norm = torch.logsumexp(probs, dim=-1)
-            losses.append(norm - probs[rows, wanted])
+            losses.append((norm - probs[rows, wanted])[:n])
             probs.sub_(norm[:, None])  # log-probabilities, in place: the SFT peak sits here
             if with_entropy:
-                entropies.append(-(probs.exp() * probs).sum(-1))
+                entropies.append(-(probs[:n].exp() * probs[:n]).sum(-1))
             probs.exp_()
             probs[rows, wanted] -= 1  # d loss / d logits = softmax - one-hot
-            grads.append(torch.matmul(probs.to(dtype), weight))
+            grads.append(torch.matmul(probs.to(dtype), weight)[:n])
             del probs
         ctx.save_for_backward(torch.cat(grads))
         ctx.hidden_dtype = hidden.dtype
