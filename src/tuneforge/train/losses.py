@@ -104,8 +104,8 @@ def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: to
 
 
 def _chunk_log_probs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, with_entropy: bool):
-    """head_log_probs of one chunk through the module, with _FrozenHeadCrossEntropy's arithmetic (so a rollout's
-    gradient-free log-probabilities equal training's to the bit)."""
+    """head_log_probs of one chunk through the module, with _FrozenHeadCrossEntropy's arithmetic: a rollout's
+    gradient-free log-probabilities and training's differ only by the rounding of other matmul shapes."""
     logits = head(hidden).float()
     norm = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, targets[:, None]).squeeze(-1) - norm
