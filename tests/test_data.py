@@ -142,6 +142,7 @@ def test_packed_rows_cover_every_token_once(tokenizer):
         assert all(row["labels"][i] == IGNORE for i in starts)
     batch = PadCollator(0)(packed[:2])
     assert "attention_mask" not in batch and batch["num_tokens"] == 19  # rows of 9 and 10 tokens
+    assert batch["input_ids"].shape == (2, 16)  # padded to a multiple of 8: one kernel shape per 8 widths
 
 
 def test_tokenised_data_is_cached(tiny_model, tmp_path, monkeypatch):

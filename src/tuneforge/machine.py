@@ -110,7 +110,7 @@ def map_large_allocations() -> None:
 
 
 def release_free_memory() -> None:
-    """Hand the memory allocator's free blocks back to the system: tcmalloc's page heap, or glibc's heap top.
+    """Hand the memory allocator's free blocks back to the system: tcmalloc's page heap, or glibc's free pages.
 
     Called where a run switches between phases that allocate differently. GRPO samples (a KV cache grown token by
     token), then trains on the samples (a forward's activations): without this call tcmalloc kept what sampling had

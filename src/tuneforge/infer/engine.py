@@ -13,6 +13,7 @@ from ..data.encode import encode_prompt
 from ..data.templates import get_template, stop_token_ids
 from ..models.adapters import attach_adapters
 from ..models.load import inference_dtype, load_base_model, load_tokenizer
+from ..train.checkpoint import RUN_CONFIG
 
 
 def generation_kwargs(gen, stop_ids: list[int], pad_id: int) -> dict:
@@ -30,7 +31,7 @@ def template_from_adapter(cfg) -> None:
     """With no `template` given, reuse the one the adapter was trained with (saved in its tuneforge_config.yaml)."""
     if cfg.data.template or not cfg.model.adapter_name_or_path:
         return
-    saved = Path(cfg.model.adapter_name_or_path.split(",")[-1].strip()) / "tuneforge_config.yaml"
+    saved = Path(cfg.model.adapter_name_or_path.split(",")[-1].strip()) / RUN_CONFIG
     if saved.is_file():
         cfg.data.template = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("template")
 

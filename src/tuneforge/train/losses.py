@@ -128,11 +128,11 @@ def head_log_probs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.T
                                                         with_entropy)
         return -losses, entropy if with_entropy else None
     recompute = torch.is_grad_enabled() and hidden.shape[0] > chunk_size
-    pieces = [checkpoint(_chunk_log_probs, hidden[start: start + chunk_size], targets[start: start + chunk_size],
-                         head, with_entropy, use_reentrant=False) if recompute else
-              _chunk_log_probs(hidden[start: start + chunk_size], targets[start: start + chunk_size], head,
-                               with_entropy)
-              for start in range(0, hidden.shape[0], chunk_size)]
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        chunk = (hidden[start: start + chunk_size], targets[start: start + chunk_size], head, with_entropy)
+        pieces.append(checkpoint(_chunk_log_probs, *chunk, use_reentrant=False) if recompute
+                      else _chunk_log_probs(*chunk))
     logps = torch.cat([p[0] for p in pieces])
     return logps, torch.cat([p[1] for p in pieces]) if with_entropy else None
 
