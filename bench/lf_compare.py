@@ -15,7 +15,12 @@ layers, template chatml, cutoff 256, batch 4 x accumulation 2, one epoch, lr 1e-
                       selective (projection outputs kept, the rest recomputed: the same gradients as without
                       checkpointing); its train time includes compiling, which torch caches under
                       /tmp/torchinductor_$USER: a second run on the same machine compiles faster;
-  tuneforge-compile-lowmem  (with --compile) the fast settings plus torch_compile and gradient_checkpointing.
+  tuneforge-compile-lowmem  (with --compile) the fast settings plus torch_compile and gradient_checkpointing;
+  lf-bf16-grouped, tuneforge-padded, tuneforge-grouped  (with --grouped) length-grouped batches as the alternative
+                      to packing: LLaMA-Factory's bf16 row with `train_sampling_strategy: group_by_length` (HF's
+                      key since transformers 5; 4's `group_by_length: true` is refused by the transformers 5.6
+                      under LLaMA-Factory 0.9.5), tuneforge's fast settings with `packing: false`, and the same
+                      with `train_sampling_strategy: group_by_length`.
 Each row is its own process (tree). Measured:
   train time      `train_runtime` as each framework writes it to all_results.json (its step loop: model loading,
                   tokenisation and the final save are not in it; the process's whole wall time is recorded too);
@@ -43,6 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from train_speed import DATA, SMOL_LORA, WORKLOADS  # noqa: E402  (the fast row's settings live there)
 
 FAST = {k: v for k, v in WORKLOADS["smollm2-lora"].items() if k not in SMOL_LORA}
+GROUPED = {"train_sampling_strategy": "group_by_length"}
 
 
 def workload_yaml(model: str, data_dir: Path, output_dir: Path) -> dict:
@@ -117,6 +123,9 @@ def main() -> int:
                         help="also run tuneforge's fast settings with gradient_checkpointing (LLaMA-Factory's default)")
     parser.add_argument("--compile", action="store_true",
                         help="also run tuneforge's fast settings with torch_compile, selective or whole layers recomputed")
+    parser.add_argument("--grouped", action="store_true",
+                        help="also run padded batches with and without group_by_length (both frameworks)")
+    parser.add_argument("--only", help="run only these rows (comma list of row names, e.g. lf,tuneforge-fast)")
     parser.add_argument("--max-records", type=int, help="only the first N records (a quick check, not a result)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "lf_compare.jsonl"), help="append JSON lines here")
     args = parser.parse_args()
@@ -135,8 +144,12 @@ def main() -> int:
     lf_cli = Path(args.lf_python).parent / "llamafactory-cli" if args.lf_python else None
     if lf_cli and lf_cli.is_file():
         rows.append(("lf", "LLaMA-Factory 0.9.5, its defaults", lf_cli, {}))
+        lf_bf16 = {"bf16": True, "use_cpu": True}
         if args.lf_bf16:
-            rows.append(("lf-bf16", "LLaMA-Factory 0.9.5, bf16 + use_cpu", lf_cli, {"bf16": True, "use_cpu": True}))
+            rows.append(("lf-bf16", "LLaMA-Factory 0.9.5, bf16 + use_cpu", lf_cli, lf_bf16))
+        if args.grouped:
+            rows.append(("lf-bf16-grouped", "LLaMA-Factory 0.9.5, bf16 + use_cpu, grouped by length", lf_cli,
+                         {**lf_bf16, **GROUPED}))
     else:
         print(f"[lf_compare] LLaMA-Factory row skipped: no llamafactory-cli next to --lf-python / $LF_VENV "
               f"({args.lf_python or 'not set'}); bench/README.md says how to install it", flush=True)
@@ -153,6 +166,13 @@ def main() -> int:
                      tuneforge_cli, {**compiled, "gradient_checkpointing_scope": "selective"}))
         rows.append(("tuneforge-compile-lowmem", "tuneforge, the fast settings + torch_compile, layers recomputed",
                      tuneforge_cli, compiled))
+    if args.grouped:
+        padded = {**FAST, "packing": False}
+        rows.append(("tuneforge-padded", "tuneforge, the fast settings with packing=false", tuneforge_cli, padded))
+        rows.append(("tuneforge-grouped", "tuneforge, the fast settings with packing=false, grouped by length",
+                     tuneforge_cli, {**padded, **GROUPED}))
+    if args.only:
+        rows = [row for row in rows if row[0] in args.only.split(",")]
     done = []
     for name, label, cli, overrides in rows:
         output_dir = work / name

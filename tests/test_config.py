@@ -138,12 +138,27 @@ def test_a_bare_no_is_the_choice_no(tmp_path):
     ("report_to=comet_ml", "`report_to: comet_ml` is not supported; use tensorboard, wandb, mlflow"),
     ("stage=cls torch_compile=true", "`torch_compile` is not supported for stage cls yet"),
     ("stage=dpo compute_accuracy=true", "`compute_accuracy` is token accuracy for stages pt and sft"),
+    ("group_by_length=true packing=true", "packed rows all share \\(about cutoff_len\\): set `packing: false`"),
+    ("group_by_length=true stage=pt", "packed rows all share"),  # pt packs unless told not to
+    ("group_by_length=true streaming=true", "a stream never holds whole"),
+    ("group_by_length=true stage=grpo", "stage grpo trains on completions it generates"),
+    ("train_sampling_strategy=group_by_length packing=true", "`train_sampling_strategy: group_by_length` sorts"),
+    ("group_by_length=true train_sampling_strategy=sequential", "contradict each other"),
+    ("train_sampling_strategy=batch_rebalance", "`train_sampling_strategy` must be one of random, sequential"),
 ])
 def test_conflicts_are_explained(tmp_path, override, message):
     path = tmp_path / "c.yaml"
     path.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\ndo_train: true\n")
     with pytest.raises(ConfigError, match=message):
         load_config(str(path), override.split())
+
+
+def test_sequential_sampling_is_disable_shuffling():
+    from tuneforge.config import shuffles_rows
+
+    assert shuffles_rows(build_config({"model_name_or_path": "m"}))
+    assert not shuffles_rows(build_config({"model_name_or_path": "m", "train_sampling_strategy": "sequential"}))
+    assert not shuffles_rows(build_config({"model_name_or_path": "m", "disable_shuffling": True}))
 
 
 def test_required_keys(tmp_path):

@@ -171,6 +171,43 @@ def test_epochs_warmup_and_epoch_checkpoints(tiny_model, alpaca_file, tmp_path):
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]  # the end of training saves to out itself
 
 
+def test_group_by_length_batches_rows_of_about_the_same_length():
+    from tuneforge.options import TrainArgs
+    from tuneforge.train.checkpoint import TrainerState
+    from tuneforge.train.steps import RowSteps, epoch_batches
+
+    lengths = torch.randint(1, 200, (403,), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = [{"id": i, "input_ids": [0] * n, "labels": [0] * n} for i, n in enumerate(lengths)]
+
+    def epoch(group: bool, epoch: int = 0, rank: int = 0, world: int = 1) -> list[list[int]]:
+        t = TrainArgs(per_device_train_batch_size=4, gradient_accumulation_steps=2, group_by_length=group)
+        source = RowSteps(rows, t, collator=lambda batch: [row["id"] for row in batch], shuffle=True, rank=rank,
+                          world=world)
+        steps = source.steps(TrainerState(epoch=epoch))
+        return [micro for _ in range(source.steps_per_epoch) for micro in next(steps)]
+
+    def padding(batches) -> int:
+        return sum(len(batch) * max(lengths[i] for i in batch) - sum(lengths[i] for i in batch) for batch in batches)
+
+    grouped = epoch(True)
+    assert sorted(i for batch in grouped for i in batch) == list(range(len(rows)))  # every row once
+    assert max(lengths) in [lengths[i] for i in grouped[0]]  # the longest row comes first
+    # sorted within groups of 100 rows (403 // 16 = 25 batches of 4): neighbours differ by about 2 in length, where
+    # 4 random rows of 1..199 pad by about 120 positions each; a tenth is far above the first, far below the second
+    assert padding(grouped) < padding(epoch(False)) / 10
+    assert grouped == epoch(True) and grouped != epoch(True, epoch=1)  # the same every run, shuffled every epoch
+    shares = [epoch(True, rank=rank, world=2) for rank in (0, 1)]  # each process gets a half of the global batches
+    assert len(shares[0]) == len(shares[1]) and {i for share in shares for b in share for i in b} == set(range(403))
+    assert padding(shares[0] + shares[1]) < padding(epoch(False)) / 10
+    # unshuffled, 8 rows in batches of 2: four groups of one batch (at least four groups), each sorted longest first,
+    # and the group holding the longest row moved to the front
+    assert epoch_batches(8, 2, 0, 0, False, lengths=[1, 2, 3, 4, 5, 6, 7, 8]) == [[7, 6], [1, 0], [3, 2], [5, 4]]
+    from tuneforge.config import ConfigError  # an image classifier's rows have no length to group by
+
+    with pytest.raises(ConfigError, match="these rows hold no tokens"):
+        RowSteps([{"image": "a.png", "label": 0}] * 8, TrainArgs(group_by_length=True), None, shuffle=True)
+
+
 def test_last_step_spreads_its_rows_over_the_micro_batches():
     # 13 rows, batch 4 x accumulation 2: the epoch's last step has 5 rows, split [2, 3] rather than [4, 1] (a
     # compiled model would compile again for a micro-batch of one row); every row still comes once per epoch

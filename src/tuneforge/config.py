@@ -83,12 +83,24 @@ def speed_hint(cfg: Config) -> str | None:
         gains.append("`bf16: true` (this CPU multiplies bf16 natively: about 2x faster steps)")
     if f.finetuning_type in ("lora", "oft") and (t.bf16 or t.fp16) and not f.pure_bf16 and not cfg.model.quantization_bit:
         gains.append("`pure_bf16: true` (the frozen base held in bf16: about 0.6 GB less for a 135M model)")
-    if not (d.packing or d.neat_packing or (d.packing is None and stage.name == "pt")):
+    if not _packs(cfg):
         gains.append("`packing: true` (several examples per row: no compute spent on padding)")
     if not gains:
         return None
     return "note: faster on this CPU, opt-in as they change results slightly: " + "; ".join(gains) + \
         " (docs/benchmarks.md)"
+
+
+def shuffles_rows(cfg: Config) -> bool:
+    """Whether training rows are shuffled every epoch: not with LLaMA-Factory's `disable_shuffling` or HF's
+    `train_sampling_strategy: sequential`."""
+    return not (cfg.finetune.disable_shuffling or cfg.train.train_sampling_strategy == "sequential")
+
+
+def _packs(cfg: Config) -> bool:
+    """Whether training rows are packed: asked for, or stage pt's default (raw text cut into cutoff_len blocks)."""
+    d, stage = cfg.data, _stage(cfg)
+    return bool(d.packing or d.neat_packing or (d.packing is None and stage is not None and stage.data == "pt"))
 
 
 def _coerce(value, annotation: str, key: str, source: str):
@@ -289,6 +301,13 @@ def _train_problems(cfg: Config) -> list[str]:
             not (t.metric_for_best_model or "").startswith("eval_"):
         out.append("with `eval_on_each_dataset` every set reports its own metrics (eval_<dataset>_loss, ...); set "
                    "`metric_for_best_model` to one of them, e.g. eval_<dataset>_loss")
+    if t.length_grouped and (_packs(cfg) or d.streaming):
+        key = t.length_grouping_key
+        out.append(f"{key} sorts the dataset's rows by length, which " +
+                   (f"a stream never holds whole: remove {key} or `streaming`" if d.streaming else
+                    f"packed rows all share (about cutoff_len): set `packing: false` or remove {key}"))
+    if t.group_by_length and t.train_sampling_strategy == "sequential":
+        out.append("`group_by_length: true` and `train_sampling_strategy: sequential` contradict each other; set one")
     if known and d.streaming:
         from .data.stream import check_options
 

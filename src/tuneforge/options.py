@@ -240,7 +240,22 @@ class TrainArgs:
     fsdp_config: str | dict | None = None
     fsdp_transformer_layer_cls_to_wrap: str | None = None
     dataloader_num_workers: int = 0
+    # HF's (transformers 5), the order of training rows. random: shuffled every epoch. sequential: in data order, as
+    # LLaMA-Factory's disable_shuffling. group_by_length: micro-batches of rows of about the same length (shuffled,
+    # then sorted by length within groups of up to 50 global batches; the group holding the longest row first):
+    # less padding without packing, for stages that cannot pack; changes which rows share a micro-batch
+    train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = "random"
+    group_by_length: bool = False  # transformers 4's spelling of train_sampling_strategy: group_by_length
     run_name: str | None = None
+
+    @property
+    def length_grouped(self) -> bool:
+        return self.group_by_length or self.train_sampling_strategy == "group_by_length"
+
+    @property
+    def length_grouping_key(self) -> str:
+        """How the YAML asked for length grouping, for messages."""
+        return "`group_by_length`" if self.group_by_length else "`train_sampling_strategy: group_by_length`"
 
 
 @dataclass

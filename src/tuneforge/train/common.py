@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import save_config
+from ..config import save_config, shuffles_rows
 from ..models.adapters import (ADAPTER_TYPES, attach_adapters, describe_trainable, save_pissa_converted,
                                save_pissa_init, setup_trainable)
 from ..models.load import ModelError, keep_quantized_layers_differentiable, load_base_model, load_tokenizer
@@ -112,7 +112,7 @@ def train_and_evaluate(cfg, module, tokenizer, train_data, eval_rows: list[dict]
     if cfg.train.do_train:
         if cfg.finetune.pissa_convert and accelerator.is_main_process and not resume:
             save_pissa_init(module.model, cfg.train.output_dir)
-        source = rows_source(train_data, cfg.train, collator, not cfg.finetune.disable_shuffling, accelerator)
+        source = rows_source(train_data, cfg.train, collator, shuffles_rows(cfg), accelerator)
         results.update(train(cfg, module, tokenizer, source, eval_rows, accelerator, resume, collator))
         finish_training(cfg, module, tokenizer, results, accelerator)
     if cfg.train.do_eval and evaluate_at_end:

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from ..config import shuffles_rows
 from ..data import DataError, load_splits
 from ..data.encode import render, tokenize_pieces
 from ..data.templates import get_template, stop_token_ids
@@ -103,7 +104,7 @@ class RolloutSteps:
         t = self.cfg.train
         while True:
             batches = epoch_batches(len(self.prompts), self.per_step, t.seed, state.epoch,
-                                    not self.cfg.finetune.disable_shuffling, self.rank, self.world)
+                                    shuffles_rows(self.cfg), self.rank, self.world)
             for indices in batches[state.step_in_epoch:]:
                 self.step_rows = [indices]  # the step's prompts (their completions fill its micro-batches)
                 yield self.rollout([self.prompts[i] for i in indices])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, shuffles_rows
 from ..data import DataError
 from ..data.templates import get_template, stop_token_ids
 from ..models.load import ModelError
@@ -245,7 +245,7 @@ class PPOSteps:
         t, size = self.cfg.train, self.cfg.train.per_device_train_batch_size
         while True:
             batches = epoch_batches(len(self.prompts), self.per_rollout, t.seed, state.epoch,
-                                    not self.cfg.finetune.disable_shuffling, self.rank, self.world)
+                                    shuffles_rows(self.cfg), self.rank, self.world)
             for indices in batches[: self.rollouts_per_epoch][state.step_in_epoch // self.updates:]:
                 buffer = self.rollout([self.prompts[i] for i in indices])
                 state.extra.update(kl_coef=self.kl_coef, score_moments=self.moments)  # saved with the checkpoint

@@ -86,4 +86,7 @@ def rollout_problems(cfg) -> list[str]:
                    "reports every step's mean reward; `do_eval` scores the evaluation prompts before and after)")
     if cfg.finetune.precompute_ref_log_probs:
         out.append(f"`precompute_ref_log_probs` is for dpo; {stage} scores new completions every step, so remove it")
+    if t.length_grouped:
+        out.append(f"{t.length_grouping_key} groups rows of data by length; stage {stage} trains on completions it "
+                   "generates, so remove it")
     return out

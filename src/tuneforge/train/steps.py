@@ -58,6 +58,12 @@ class RowSteps:
         micro = math.ceil(len(rows) / (t.per_device_train_batch_size * world))
         self.steps_per_epoch = math.ceil(micro / t.gradient_accumulation_steps)
         self.num_examples, self.signature, self.step_rows = len(rows), rows_signature(rows), []
+        self.lengths = [row_length(row) for row in rows] if t.length_grouped else None
+        if self.lengths is not None and not any(self.lengths):
+            from ..config import ConfigError
+
+            raise ConfigError(f"{t.length_grouping_key} groups rows by their number of tokens, and these rows hold "
+                              "no tokens (images): remove it")
 
     def log_metrics(self) -> dict[str, float]:
         return {}
@@ -66,7 +72,7 @@ class RowSteps:
         t = self.t
         while True:
             batches = epoch_batches(len(self.rows), t.per_device_train_batch_size, t.seed, state.epoch, self.shuffle,
-                                    self.rank, self.world)
+                                    self.rank, self.world, self.lengths)
             groups = [_even(batches[i: i + t.gradient_accumulation_steps])
                       for i in range(0, len(batches), t.gradient_accumulation_steps)]
             flat = [index for group in groups[state.step_in_epoch:] for index in group]
@@ -88,16 +94,34 @@ def _even(group: list[list[int]]) -> list[list[int]]:
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, rank: int = 0,
-                  world: int = 1) -> list[list[int]]:
-    """This process's micro-batches (lists of example indices) for one epoch; the same on every run."""
+                  world: int = 1, lengths: list[int] | None = None) -> list[list[int]]:
+    """This process's micro-batches (lists of example indices) for one epoch; the same on every run. With
+    `lengths` (group_by_length), rows of about the same length share micro-batches."""
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     else:
         order = list(range(n))
     span = batch_size * world
+    if lengths is not None:
+        order = _grouped_by_length(order, lengths, span)
     if world > 1 and n % span:  # every process needs the same number of non-empty micro-batches
         order += order[: span - n % span]
     return [order[start + rank * batch_size: start + (rank + 1) * batch_size] for start in range(0, len(order), span)]
+
+
+def row_length(row: dict) -> int:
+    """The width a row pads a micro-batch to: its longest token list (a pair's longer sequence)."""
+    return max((len(value) for value in row.values() if isinstance(value, list)), default=0)
+
+
+def _grouped_by_length(order: list[int], lengths: list[int], span: int) -> list[int]:
+    """`order` cut into groups of up to 50 global batches (fewer for small data, so that at least four groups are
+    left: Hugging Face's LengthGroupedSampler's rule), each sorted longest first; the group holding the longest row
+    goes first, so a run that does not fit in memory stops at its first step."""
+    size = span * max(1, min(len(order) // (span * 4), 50))
+    groups = [sorted(order[i: i + size], key=lengths.__getitem__, reverse=True) for i in range(0, len(order), size)]
+    groups.insert(0, groups.pop(max(range(len(groups)), key=lambda g: lengths[groups[g][0]])))
+    return [index for group in groups for index in group]
 
 
 class StreamSteps:
