@@ -225,7 +225,10 @@ class TrainArgs:
     gradient_checkpointing_scope: Literal["layers", "selective", "attention"] = "layers"
     gradient_checkpointing_every: int = 1  # ours: with scope layers or selective, checkpoint every k-th layer (1: all)
     torch_compile: bool = False
-    optim: str = "adamw_torch"  # adamw_torch | adamw_torch_fused | sgd (no momentum)
+    # adamw_torch_fused (HF's default with torch >= 2.8, so LLaMA-Factory's too: one fused kernel per step, 7x faster
+    # than adamw_torch's per-tensor loop on a CPU; the same update to rounding) | adamw_torch | sgd (no momentum) |
+    # the 8-bit and paged AdamW of bitsandbytes (train/optimizers.py)
+    optim: str = "adamw_torch_fused"
     # also send the logged scalars to: tensorboard (event files in <output_dir>/runs), wandb, mlflow; a comma list,
     # `all` (every one installed) or none; trainer_log.jsonl is always written. `run_name` names wandb/mlflow runs.
     report_to: str = "none"

@@ -26,8 +26,8 @@ def check(cfg) -> list[str]:
         out.append(f"{' and '.join(f'`{k}`' for k in chosen)} each choose the optimizer; set only one")
     if chosen and (t.optim not in ("adamw_torch", "adamw_torch_fused") and
                    not (t.optim in _BNB and f.use_galore)):
-        out.append(f"`{chosen[0]}` brings its own optimizer; leave `optim` at adamw_torch (GaLore also takes "
-                   "adamw_8bit)")
+        out.append(f"`{chosen[0]}` brings its own optimizer; leave `optim` at adamw_torch_fused or adamw_torch "
+                   "(GaLore also takes adamw_8bit)")
     if chosen and (f.layer_lr or f.layerwise_lr_decay or f.loraplus_lr_ratio) and chosen[0] != "use_galore":
         out.append(f"`{chosen[0]}` uses one learning rate for all parameters; remove layer_lr, layerwise_lr_decay "
                    "and loraplus_lr_ratio")
@@ -74,8 +74,12 @@ def make_optimizer(model, param_groups: list[dict], t, f) -> torch.optim.Optimiz
 
         # on a CPU bitsandbytes keeps the paged variants' state in ordinary memory (it warns once)
         return getattr(bnb.optim, _BNB[t.optim])(param_groups, lr=t.learning_rate, betas=betas, eps=eps)
-    return torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=betas, eps=eps,
-                             fused=True if t.optim == "adamw_torch_fused" else None)
+    return torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=betas, eps=eps, fused=_fused(t))
+
+
+def _fused(t) -> bool | None:
+    """torch AdamW's `fused` for `optim` (None: torch's own choice, a per-tensor loop on CPUs)."""
+    return True if t.optim == "adamw_torch_fused" else None
 
 
 def _projected(model, param_groups: list[dict], t, f):
@@ -170,4 +174,4 @@ def _muon(model, param_groups: list[dict], t):
     if not adam_groups:
         return muon
     return _Paired(muon, torch.optim.AdamW(adam_groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                           eps=t.adam_epsilon))
+                                           eps=t.adam_epsilon, fused=_fused(t)))
