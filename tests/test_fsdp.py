@@ -97,7 +97,8 @@ RANK_SCRIPT = """import os, sys
 from tuneforge.cli import main
 code = main(sys.argv[1:])
 names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-print("gloo threads left:", sorted(name for name in names if "gloo" in name))
+left = sorted(name for name in names if "gloo" in name)
+os.write(1, f"gloo threads left: {left}\\n".encode())  # one write: the two ranks share the pipe, print() could interleave
 sys.exit(code)
 """
 
