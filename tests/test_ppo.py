@@ -129,13 +129,15 @@ def _ppo(model, data, reward_model, out, **overrides):
 def test_a_toy_reward_from_an_http_endpoint_rises(tiny_model, tmp_path, score_server):
     out = tmp_path / "out"
     results = run_training(_ppo(tiny_model, _prompts(tmp_path), score_server, out, reward_model_type="api",
-                                finetuning_type="full", per_device_train_batch_size=8, learning_rate=1e-2,
+                                finetuning_type="full", per_device_train_batch_size=8, learning_rate=5e-3,
                                 lr_scheduler_type="constant", max_steps=80, ppo_epochs=4,
                                 eval_dataset=_prompts(tmp_path), do_eval=True))
     log = read_log(out)
     rewards = [r["reward"] for r in log[::4]]  # one rollout every ppo_epochs steps
     # a random model writes about one `e` in 12 tokens; the policy learns to write more. Sampling makes single
-    # rollouts noisy, so compare means of four with a wide margin (measured with two seeds: about 0.7-0.9 -> 4.3-4.8)
+    # rollouts noisy, so compare means of four with a wide margin. Measured with seeds 1 and 42, fused and unfused
+    # AdamW, default and avx2 kernels, 1 or 2 threads: 0.59-0.81 -> 2.94-3.56. At learning rate 1e-2 the run was
+    # chaotic: rounding alone (fused AdamW) turned 0.75 -> 4.1 into 0.75 -> 2.2 after the 9th rollout
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 1.5, rewards
     assert {"eval_reward", "eval_before_reward"} <= set(results)
