@@ -139,7 +139,7 @@ def test_a_bare_no_is_the_choice_no(tmp_path):
     ("stage=cls torch_compile=true", "`torch_compile` is not supported for stage cls yet"),
     ("stage=dpo compute_accuracy=true", "`compute_accuracy` is token accuracy for stages pt and sft"),
     ("group_by_length=true packing=true", "packed rows all share \\(about cutoff_len\\): set `packing: false`"),
-    ("group_by_length=true stage=pt", "packed rows all share"),  # pt packs unless told not to
+    ("group_by_length=true stage=pt packing=false", "stage pt's blocks of cutoff_len tokens all share: remove"),
     ("group_by_length=true streaming=true", "a stream never holds whole"),
     ("group_by_length=true stage=grpo", "stage grpo trains on completions it generates"),
     ("train_sampling_strategy=group_by_length packing=true", "`train_sampling_strategy: group_by_length` sorts"),

@@ -98,9 +98,9 @@ def shuffles_rows(cfg: Config) -> bool:
 
 
 def _packs(cfg: Config) -> bool:
-    """Whether training rows are packed: asked for, or stage pt's default (raw text cut into cutoff_len blocks)."""
+    """Whether training rows are packed: asked for, or stage pt (raw text always cut into cutoff_len blocks)."""
     d, stage = cfg.data, _stage(cfg)
-    return bool(d.packing or d.neat_packing or (d.packing is None and stage is not None and stage.data == "pt"))
+    return bool(d.packing or d.neat_packing or (stage is not None and stage.data == "pt"))
 
 
 def _coerce(value, annotation: str, key: str, source: str):
@@ -302,9 +302,10 @@ def _train_problems(cfg: Config) -> list[str]:
         out.append("with `eval_on_each_dataset` every set reports its own metrics (eval_<dataset>_loss, ...); set "
                    "`metric_for_best_model` to one of them, e.g. eval_<dataset>_loss")
     if t.length_grouped and (_packs(cfg) or d.streaming):
-        key = t.length_grouping_key
+        key, pt = t.length_grouping_key, stage is not None and stage.data == "pt"
         out.append(f"{key} sorts the dataset's rows by length, which " +
                    (f"a stream never holds whole: remove {key} or `streaming`" if d.streaming else
+                    f"stage pt's blocks of cutoff_len tokens all share: remove {key}" if pt else
                     f"packed rows all share (about cutoff_len): set `packing: false` or remove {key}"))
     if t.group_by_length and t.train_sampling_strategy == "sequential":
         out.append("`group_by_length: true` and `train_sampling_strategy: sequential` contradict each other; set one")
