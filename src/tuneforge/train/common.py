@@ -164,7 +164,10 @@ def full_precision_twin(model):
 @torch.no_grad()
 def check_packing_support(model) -> None:
     """Packed rows rely on the model turning restarting position_ids into block-diagonal attention. Check it on
-    this model: the second of two packed sequences must give the same logits as when run alone."""
+    this model: the second of two packed sequences must give the same logits as when run alone, up to rounding.
+    Rounding is told from mixing by what mixing does: the same two sequences run as one (the second attending to
+    the first) move the logits by ~20 on SmolLM2, while bf16 products on a CPU without bf16 units, which round a
+    different row count differently, move them by 0.56 (0 in fp32 and on CPUs with bf16 units)."""
     vocab = model.config.vocab_size
     first, second = torch.arange(3, 9) % vocab, torch.arange(20, 25) % vocab
     device = next(model.parameters()).device
@@ -173,7 +176,10 @@ def check_packing_support(model) -> None:
     # use_cache=False as in training: with a cache, transformers does not look for packed sequences
     together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0, 6:].float()
     alone = model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
-    if not torch.allclose(together, alone, atol=1e-2 * max(1.0, alone.abs().max().item() / 100)):
+    if torch.allclose(together, alone, atol=1e-2 * max(1.0, alone.abs().max().item() / 100)):
+        return
+    mixed = model(input_ids=packed, use_cache=False).logits[0, 6:].float()
+    if (together - alone).abs().max() > 0.1 * (mixed - alone).abs().max():
         raise ModelError(f"{type(model).__name__} lets packed examples attend to each other, so `packing` / "
                          "`neat_packing` would mix examples; set both to false for this model")
 
