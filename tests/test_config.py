@@ -196,6 +196,7 @@ def test_speed_hint_names_the_fast_settings_a_cpu_run_leaves_off(monkeypatch):
     assert "packing" not in (config_module.speed_hint(build_config({**lora, "stage": "pt", "bf16": True})) or "")
     monkeypatch.setattr(machine, "multiplies_bf16_natively", lambda: False)  # bf16 would be emulated: no gain
     assert "bf16: true" not in config_module.speed_hint(build_config(lora))
+    assert "pure_bf16" not in config_module.speed_hint(build_config({**lora, "bf16": True}))  # it would slow it
     assert config_module.speed_hint(build_config({**lora, "stage": "dpo"})) is None  # not a language-modelling stage
     assert config_module.speed_hint(build_config({**lora, "do_train": False})) is None
     monkeypatch.setattr(config_module, "_cuda_available", lambda: True)

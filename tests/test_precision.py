@@ -41,3 +41,24 @@ def test_fp16_follows_the_cpu_fp16_units(monkeypatch):
     assert "trains in bf16 autocast" in note and "AMD EPYC" in note
     monkeypatch.setattr("tuneforge.machine._cpuinfo", lambda: ("Intel Xeon 6", {"amx_bf16", "amx_fp16"}))
     assert Precision(fp16, torch.device("cpu")).dtype == torch.float16
+
+
+def test_bf16_on_a_cpu_without_bf16_units_says_what_it_costs(monkeypatch):
+    from tuneforge.config import bf16_cost
+
+    monkeypatch.setattr("tuneforge.config._cuda_available", lambda: False)
+    fast = build_config({"model_name_or_path": "m", "bf16": True, "pure_bf16": True})
+    monkeypatch.setattr("tuneforge.machine._cpuinfo", lambda: ("Intel Xeon Gold 6248", {"avx2", "avx512f"}))
+    note = bf16_cost(fast)
+    assert "Intel Xeon Gold 6248" in note and "about 2x slower" in note
+    assert "`bf16: false`, `pure_bf16: false`" in note and "twice the memory" in note
+    monkeypatch.setattr("tuneforge.machine._cpuinfo", lambda: ("Intel Core i5", {"avx2"}))
+    note = bf16_cost(build_config({"model_name_or_path": "m", "fp16": True}))
+    assert "about 35x slower" in note and "`fp16: false`" in note and "memory" not in note
+    assert bf16_cost(build_config({"model_name_or_path": "m"})) is None  # fp32: nothing to say
+    for flags in ({"avx512f", "avx512_bf16"}, {"amx_bf16"}, set()):  # bf16 units, or flags unknown (not Linux)
+        monkeypatch.setattr("tuneforge.machine._cpuinfo", lambda: ("cpu", flags))
+        assert bf16_cost(fast) is None
+    monkeypatch.setattr("tuneforge.machine._cpuinfo", lambda: ("Intel Core i5", {"avx2"}))
+    monkeypatch.setattr("tuneforge.config._cuda_available", lambda: True)
+    assert bf16_cost(fast) is None  # GPUs have their own bf16 units

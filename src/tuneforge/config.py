@@ -78,10 +78,11 @@ def speed_hint(cfg: Config) -> str | None:
         return None
     from .machine import multiplies_bf16_natively
 
-    gains = []
-    if not (t.bf16 or t.fp16) and multiplies_bf16_natively():
+    gains, native = [], multiplies_bf16_natively()  # without bf16 units bf16 is slower: bf16_cost says so
+    if not (t.bf16 or t.fp16) and native:
         gains.append("`bf16: true` (this CPU multiplies bf16 natively: about 2x faster steps)")
-    if f.finetuning_type in ("lora", "oft") and (t.bf16 or t.fp16) and not f.pure_bf16 and not cfg.model.quantization_bit:
+    frozen_base = f.finetuning_type in ("lora", "oft") and not cfg.model.quantization_bit
+    if frozen_base and (t.bf16 or t.fp16) and not f.pure_bf16 and native:
         gains.append("`pure_bf16: true` (the frozen base held in bf16: about 0.6 GB less for a 135M model)")
     if not _packs(cfg):
         gains.append("`packing: true` (several examples per row: no compute spent on padding)")
@@ -89,6 +90,17 @@ def speed_hint(cfg: Config) -> str | None:
         return None
     return "note: faster on this CPU, opt-in as they change results slightly: " + "; ".join(gains) + \
         " (docs/benchmarks.md)"
+
+
+def bf16_cost(cfg: Config) -> str | None:
+    """On a CPU without bf16 matrix units, what the 16-bit keys a training run sets cost (machine.bf16_notice)."""
+    if _cuda_available():
+        return None
+    from .machine import bf16_notice
+
+    t = cfg.train
+    return bf16_notice([key for key, on in (("bf16", t.bf16), ("fp16", t.fp16), ("pure_bf16", cfg.finetune.pure_bf16))
+                        if on])
 
 
 def shuffles_rows(cfg: Config) -> bool:

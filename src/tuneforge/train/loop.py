@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..config import ConfigError, flat_config, speed_hint
+from ..config import ConfigError, bf16_cost, flat_config, speed_hint
 from ..data.collate import PadCollator
 from ..machine import allocator_notice
 from ..models.load import ModelError
@@ -185,7 +185,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
     t, f = cfg.train, cfg.finetune
     precision = Precision(t, accelerator.device)
     # here, once the data is read: a config or data error stays the only line
-    for line in (speed_hint(cfg), allocator_notice(os.environ)):
+    for line in (speed_hint(cfg), bf16_cost(cfg), allocator_notice(os.environ)):
         if line:
             accelerator.print(f"[tuneforge] {line}")
     world = accelerator.num_processes
