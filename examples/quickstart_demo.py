@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from tuneforge.machine import cpu_description, multiplies_bf16_natively
+
 CONFIG = "examples/quickstart.yaml"
 CHECK = "examples/quickstart_check.yaml"  # data/demo_check.json scored by examples/demo_check.py
 EVAL = "examples/quickstart_eval.yaml"  # the same questions as multiple choice, before and after in one command
@@ -40,8 +42,12 @@ def check(label: str, folder: str, *extra: str) -> dict:
 def main() -> int:
     started = time.time()
     before = check("Before training", "saves/quickstart-check-before")
-    print(f"== Training: tuneforge train {CONFIG} (LoRA on data/identity.json + data/general.json)", flush=True)
-    subprocess.run([TUNEFORGE, "train", CONFIG, "overwrite_output_dir=true"], check=True)
+    # the quick start's bf16 settings are the fast path only where the CPU has bf16 units; elsewhere bf16 products
+    # run 2-35x slower than fp32 (docs/benchmarks.md), so the demo trains in fp32 there
+    precision = [] if multiplies_bf16_natively() else ["bf16=false", "pure_bf16=false"]
+    print(f"== Training: tuneforge train {' '.join([CONFIG, *precision])} (LoRA on data/identity.json + "
+          "data/general.json)" + (f"; fp32: {cpu_description()} has no bf16 units" if precision else ""), flush=True)
+    subprocess.run([TUNEFORGE, "train", CONFIG, "overwrite_output_dir=true", *precision], check=True)
     print()
     after = check("After training", "saves/quickstart-check-after", f"adapter_name_or_path={OUTPUT}")
     print(f"== Before/after as a multiple-choice task: tuneforge eval {EVAL} --compare adapter_name_or_path={OUTPUT}",
