@@ -125,6 +125,9 @@ def main() -> int:
                         help="also run tuneforge's fast settings with torch_compile, selective or whole layers recomputed")
     parser.add_argument("--grouped", action="store_true",
                         help="also run padded batches with and without group_by_length (both frameworks)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="also run tuneforge's fast settings in fp32, eager and compiled with selective "
+                             "recompute (CPUs without bf16 units; docs/benchmarks.md)")
     parser.add_argument("--only", help="run only these rows (comma list of row names, e.g. lf,tuneforge-fast)")
     parser.add_argument("--max-records", type=int, help="only the first N records (a quick check, not a result)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "lf_compare.jsonl"), help="append JSON lines here")
@@ -166,6 +169,13 @@ def main() -> int:
                      tuneforge_cli, {**compiled, "gradient_checkpointing_scope": "selective"}))
         rows.append(("tuneforge-compile-lowmem", "tuneforge, the fast settings + torch_compile, layers recomputed",
                      tuneforge_cli, compiled))
+    if args.fp32:
+        fp32 = {k: v for k, v in FAST.items() if k not in ("bf16", "pure_bf16")}
+        rows.append(("tuneforge-fp32-fast", "tuneforge, " + ", ".join(f"{k}={_cli_value(v)}" for k, v in fp32.items()),
+                     tuneforge_cli, fp32))
+        rows.append(("tuneforge-fp32-compile", "tuneforge, the same + torch_compile, selective recompute",
+                     tuneforge_cli, {**fp32, "torch_compile": True, "gradient_checkpointing": True,
+                                     "gradient_checkpointing_scope": "selective"}))
     if args.grouped:
         padded = {**FAST, "packing": False}
         rows.append(("tuneforge-padded", "tuneforge, the fast settings with packing=false", tuneforge_cli, padded))
@@ -185,12 +195,15 @@ def main() -> int:
         result = {"row": name, "label": label, **measured, "input_tokens": tokens,
                   "tokens_per_second": round(tokens / measured["train_runtime_s"], 1), "overrides": overrides,
                   "records": records, "torch_threads": torch.get_num_threads(),
-                  "cpu": cpu_description(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  "cpu": cpu_description(), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+                  "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         print(json.dumps(result), flush=True)
         with open(args.out, "a", encoding="utf-8") as out:
             out.write(json.dumps(result) + "\n")
         done.append(result)
-    print(f"\n{cpu_description()}, {done[0]['torch_threads']} threads, {records} records, "
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    machine = cpu_description() + (f" (oneDNN capped at {cap})" if cap else "")
+    print(f"\n{machine}, {done[0]['torch_threads']} threads, {records} records, "
           f"{tokens} input tokens per epoch\n\n{markdown(done)}")
     return 0
 

@@ -1,6 +1,9 @@
 """The fast paths must not change results: chunked cross-entropy, packing, bf16."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -235,10 +238,6 @@ def test_packing_check_tells_rounding_from_mixing(smollm2_bf16):
 def test_packing_check_passes_on_a_cpu_without_bf16_units(tmp_path):
     """The real case: oneDNN capped at AVX512 without its bf16 instructions, as on CPUs that lack them (a no-op on
     CPUs without AVX512, where the check then runs as usual)."""
-    import os
-    import subprocess
-    import sys
-
     code = ("import torch\nfrom tuneforge.models.load import load_base_model\nfrom tuneforge.options import ModelArgs\n"
             "from tuneforge.train.common import check_packing_support\n"
             "args = ModelArgs(model_name_or_path='smollm2-135m-instruct', flash_attn='eager')\n"
