@@ -69,14 +69,15 @@ def fp16_notice() -> str:
 def bf16_notice(keys: list[str]) -> str | None:
     """On a CPU without bf16 matrix units, what setting the 16-bit `keys` (bf16, fp16, pure_bf16) costs; None where
     bf16 is native or the CPU's flags are unknown. Measured with oneDNN capped at each class of CPU
-    (docs/benchmarks.md): torch converts every bf16 product, and without AVX512 it does so outside oneDNN."""
+    (docs/benchmarks.md; a SmolLM2 LoRA step 2.0x and 36x slower): torch converts every bf16 product, and without
+    AVX512 it does so outside oneDNN."""
     flags = _cpuinfo()[1]
     if not keys or not flags or {"amx_bf16", "avx512_bf16"} & flags:
         return None
     cost = "about 2x" if "avx512f" in flags else "about 35x"
     memory = " (the frozen base then takes twice the memory)" if "pure_bf16" in keys else ""
     return (f"note: this CPU ({cpu_description()}) has no bf16 units, so {', '.join(f'`{k}`' for k in keys)} make "
-            f"its matrix products {cost} slower than fp32's; set {', '.join(f'`{k}: false`' for k in keys)} for "
+            f"a training step {cost} slower than in fp32; set {', '.join(f'`{k}: false`' for k in keys)} for "
             f"speed{memory}")
 
 
