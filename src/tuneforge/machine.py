@@ -45,10 +45,10 @@ def cpu_description() -> str:
     return f"{name} ({matrix_units(flags)})" if flags else name
 
 
-def multiplies_bf16_natively() -> bool:
+def multiplies_bf16_natively(flags: set[str] | None = None) -> bool:
     """Whether this CPU has bf16 matrix units (AMX or AVX512-BF16): bf16 autocast then runs about twice as fast as
     fp32 (394 against 187 GFLOP/s on the AMD EPYC, two threads)."""
-    return bool({"amx_bf16", "avx512_bf16"} & _cpuinfo()[1])
+    return bool({"amx_bf16", "avx512_bf16"} & (_cpuinfo()[1] if flags is None else flags))
 
 
 def multiplies_fp16_natively(flags: set[str] | None = None) -> bool:
@@ -72,10 +72,10 @@ def bf16_notice(keys: list[str]) -> str | None:
     (docs/benchmarks.md; a SmolLM2 LoRA step 2.0x and 36x slower): torch converts every bf16 product, and without
     AVX512 it does so outside oneDNN."""
     flags = _cpuinfo()[1]
-    if not keys or not flags or {"amx_bf16", "avx512_bf16"} & flags:
+    if not keys or not flags or multiplies_bf16_natively(flags):
         return None
     cost = "about 2x" if "avx512f" in flags else "about 35x"
-    memory = " (the frozen base then takes twice the memory)" if "pure_bf16" in keys else ""
+    memory = " (the weights `pure_bf16` held in bf16 then take twice the memory)" if "pure_bf16" in keys else ""
     return (f"note: this CPU ({cpu_description()}) has no bf16 units, so {', '.join(f'`{k}`' for k in keys)} make "
             f"a training step {cost} slower than in fp32; set {', '.join(f'`{k}: false`' for k in keys)} for "
             f"speed{memory}")
