@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from tuneforge import machine
-from tuneforge.machine import matrix_units
+from tuneforge.machine import matrix_units, parse_cpuinfo
 
 
 def test_matrix_units_name_the_bf16_path():
@@ -14,6 +14,16 @@ def test_matrix_units_name_the_bf16_path():
     assert matrix_units({"avx2", "avx512f", "avx512_bf16"}) == "AVX512-BF16, no AMX"
     assert matrix_units({"avx2", "avx512f"}) == "AVX512, no bf16 units"
     assert matrix_units({"avx2", "fma"}) == "AVX2"
+
+
+def test_the_cpu_name_carries_family_and_model():
+    # a virtual machine's masked name: only family and model tell a Zen 5 (26) from a Zen 4 (25)
+    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+            "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+            "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: other\nflags\t\t: fpu\n")
+    assert parse_cpuinfo(text) == ("AMD EPYC, family 26 model 2", {"fpu", "avx2", "avx512f", "avx512_bf16"})
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16\nCPU implementer\t: 0x41\n"
+    assert parse_cpuinfo(arm)[1] == set()  # no x86 flags: the caller says nothing about matrix units
 
 
 def test_training_allocator_preloads_tcmalloc_unless_the_user_chose(monkeypatch):
