@@ -201,3 +201,20 @@ def test_speed_hint_names_the_fast_settings_a_cpu_run_leaves_off(monkeypatch):
     assert config_module.speed_hint(build_config({**lora, "do_train": False})) is None
     monkeypatch.setattr(config_module, "_cuda_available", lambda: True)
     assert config_module.speed_hint(build_config(lora)) is None  # the hints are about CPUs
+
+
+def test_decoding_commands_say_what_bf16_would_gain_on_a_cpu_with_bf16_units(monkeypatch):
+    import torch
+
+    import tuneforge.machine as machine
+    from tuneforge.models.load import decode_dtype_hint
+
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: ("AMD EPYC", {"avx512f", "avx512_bf16"}))
+    assert "`infer_dtype: bfloat16` decodes faster" in decode_dtype_hint(build_config({"model_name_or_path": "m"}).model)
+    chosen = build_config({"model_name_or_path": "m", "infer_dtype": "float32"}).model
+    assert decode_dtype_hint(chosen) is None  # the user chose
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: ("Intel Core i5", {"avx2"}))
+    assert decode_dtype_hint(build_config({"model_name_or_path": "m"}).model) is None  # bf16 would be emulated
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: ("AMD EPYC", {"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert decode_dtype_hint(build_config({"model_name_or_path": "m"}).model) is None  # auto is bf16 on a GPU

@@ -428,6 +428,7 @@ def create_app(server: Server, max_body: int = MAX_BODY):
 def serve(cfg) -> None:
     import uvicorn
 
+    from ..models.load import decode_dtype_hint
     from .engine import Engine
 
     engine = Engine(cfg)
@@ -436,5 +437,7 @@ def serve(cfg) -> None:
     print(f"[tuneforge] serving `{server.model_name}` at http://{host}:{port}/v1 "
           f"({'bearer key required' if server.api_key else 'no API_KEY set: open to anyone who can reach it'})",
           flush=True)
+    if hint := decode_dtype_hint(cfg.model):
+        print(f"[tuneforge] {hint}", flush=True)
     max_body = int(os.environ.get("API_MAX_BODY_BYTES", MAX_BODY))
     uvicorn.run(create_app(server, max_body), host=host, port=port, log_level="warning")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..models.load import decode_dtype_hint
 from .engine import Engine
 
 HELP = "Type a message. /clear starts a new conversation, /exit quits."
@@ -16,6 +17,8 @@ def one_shot(cfg, query: str, system: str | None = None) -> str:
 def repl(cfg, system: str | None = None) -> None:
     engine = Engine(cfg)
     history: list[dict] = []
+    if hint := decode_dtype_hint(cfg.model):
+        print(f"[tuneforge] {hint}")
     print(HELP)
     while True:
         try:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..machine import multiplies_bf16_natively
+
 
 class ModelError(ValueError):
     """A model that cannot be found or loaded, with what to do about it."""
@@ -250,7 +252,18 @@ def keep_quantized_layers_differentiable(model) -> None:
 
 
 def inference_dtype(model_args) -> torch.dtype:
+    """`infer_dtype`; `auto` is bf16 on a GPU that has it and float32 on a CPU, as LLaMA-Factory's `auto` is."""
     choice = model_args.infer_dtype
     if choice == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, choice)
+
+
+def decode_dtype_hint(model_args) -> str | None:
+    """For the commands that decode (chat, api): on a CPU with bf16 matrix units, what `infer_dtype: auto`'s
+    float32 leaves on the table. Opt-in, because bf16 rounds differently and answers can change."""
+    if model_args.infer_dtype != "auto" or torch.cuda.is_available() or not multiplies_bf16_natively():
+        return None
+    return ("note: `infer_dtype: bfloat16` decodes faster on this CPU, which multiplies bf16 natively (1.5x for one "
+            "request, 2x for eight at once on a Zen 5 EPYC; docs/deploy.md); answers can differ slightly from "
+            "float32's")
