@@ -9,8 +9,8 @@ precision (bf16 base weights, fp32 adapters, bf16 autocast), timed three ways:
 - `peft`: PEFT's LoRA Linear (r 8, alpha 16, no dropout), as `tuneforge train` runs it (its input cast to the
   adapters' fp32 switched off under autocast);
 - `function`: the same LoRA linear as one autograd function: the up-projection added into the base output by one
-  addmm, the input gradient's low-rank term added by one addmm, B's gradient as (xa.T @ g).T (three times faster at
-  these shapes than g.T @ xa), nothing saved but the input and the rank-r activations.
+  addmm, the input gradient's low-rank term added by one addmm, B's gradient as (xa.T @ g).T (faster than g.T @ xa
+  at these shapes: 3x on a Zen 4 EPYC, 1.3-1.5x on a Zen 5), nothing saved but the input and the rank-r activations.
 Rounds alternate the variants; each figure is the fastest of its repetitions (milliseconds), so background noise
 does not land on one variant. Results: docs/benchmarks.md ("What the levers left could give").
 """
