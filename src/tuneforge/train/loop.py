@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -127,9 +127,21 @@ class Precision:
         run their forward again: selective checkpointing needs the recompute to issue the same operations."""
         if self.dtype is None or not hasattr(model, "peft_config"):
             return nullcontext()
-        from peft.helpers import disable_input_dtype_casting
+        return _casts_off(model)
 
-        return disable_input_dtype_casting(model)
+
+@contextmanager
+def _casts_off(model):
+    """peft.helpers.disable_input_dtype_casting, for the layers that have the switch: PEFT 0.21's trainable-token
+    layers (new tokens, models/vocab.py) lack it, and that helper fails on them."""
+    layers = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", False)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = True
 
 
 @torch.no_grad()
