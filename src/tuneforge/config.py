@@ -56,6 +56,9 @@ def notices(cfg: Config) -> list[str]:
     elif t.gradient_checkpointing and t.gradient_checkpointing_scope == "layers" and cfg.model.flash_attn == "eager":
         out.append("note: with eager attention, `gradient_checkpointing_scope: attention` recomputes only attention: "
                    "faster steps for more memory (SmolLM2-135M, cutoff 256: ~15% less time, 2.0 instead of 1.2 GB)")
+    from .models import vocab
+
+    out += vocab.notices(cfg)
     if d.buffer_size != DataArgs.buffer_size and not d.streaming:
         out.append("note: `buffer_size` has no effect without streaming: in-memory data is shuffled whole")
     if d.streaming:
@@ -264,9 +267,10 @@ def _model_problems(cfg: Config) -> list[str]:
             out.append(f"`{key}: {value}` is not supported yet: {why}")
     if m.flash_attn not in ("auto", "sdpa", "eager", "fa2", "disabled"):
         out.append(f"`flash_attn` must be auto, sdpa, eager, fa2 or disabled; got {m.flash_attn!r}")
+    from .models import vocab
     from .models.load import quantization_problems
 
-    out += quantization_problems(m)
+    out += quantization_problems(m) + vocab.check(cfg)
     if m.infer_dtype not in ("auto", "float32", "bfloat16", "float16"):
         out.append(f"`infer_dtype` must be auto, float32, bfloat16 or float16; got {m.infer_dtype!r}")
     return out

@@ -19,8 +19,15 @@ class ModelArgs:
     hf_hub_token: str | None = None
     trust_remote_code: bool = False
     use_fast_tokenizer: bool = True
-    resize_vocab: bool = False
-    add_special_tokens: str | None = None
+    # New tokens (models/vocab.py). Comma lists; each new token gets an embedding row, initialised as
+    # init_special_tokens says, and with LoRA the new rows train (trainable_token_indices) while the rest stays frozen
+    add_tokens: str | None = None  # ordinary tokens, e.g. words the tokenizer splits badly
+    add_special_tokens: str | None = None  # special tokens, e.g. <think>,</think>: never split, skippable in output
+    new_special_tokens_config: str | None = None  # YAML {token: description}: its tokens replace add_special_tokens
+    # noise_init: the mean of the old rows plus N(0, 1/dim) noise (LLaMA-Factory's default); desc_init: the mean of
+    # the rows of the description's tokens (needs new_special_tokens_config); desc_init_w_noise: that plus the noise
+    init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise"] = "noise_init"
+    resize_vocab: bool = False  # grow the embeddings to the tokenizer's length even without new tokens listed
     flash_attn: str = "auto"  # auto | sdpa | eager | fa2
     disable_gradient_checkpointing: bool = False
     use_reentrant_gc: bool = True  # LLaMA-Factory's checkpointing flavour; see NO_EFFECT_YET
@@ -300,7 +307,6 @@ _KT = "KTransformers (MoE CPU/GPU offload with its own CUDA kernels) is not buil
 _RAY = "Ray is not built; run several processes with `torchrun` or `accelerate launch`"
 _PROFILER = "the torch profiler is not wired into training; bench/profile_step.py profiles one training step"
 _SWANLAB = "SwanLab logging is not built; metrics go to trainer_log.jsonl (plot_loss: true draws them)"
-_VOCAB = "changing the vocabulary (new tokens) is not built yet; train with the tokenizer's own tokens"
 _GPU = "needs a CUDA GPU (Triton kernels), which this build does not target; remove it"
 _GPTQ = "GPTQ export is not built; for a quantised model use `export_gguf: q8_0` or `q4_0` (llama.cpp / Ollama)"
 _NOT_BUILT = "is not built yet; remove it"
@@ -351,9 +357,6 @@ LLAMAFACTORY_ONLY = [
     ("max_length", "int", 1024, "generation length is `max_new_tokens`; use it instead"),
     ("adapter_folder", "str | None", None, "adapter_folder " + _NOT_BUILT + "; use adapter_name_or_path"),
     ("split_special_tokens", "bool", False, "tokenizing special tokens as text " + _NOT_BUILT),
-    ("add_tokens", "str | None", None, _VOCAB),
-    ("new_special_tokens_config", "str | None", None, _VOCAB),
-    ("init_special_tokens", "str", "noise_init", _VOCAB),
     ("low_cpu_mem_usage", "bool", True, "transformers always loads weights with low memory use here"),
     ("rope_scaling", "str | None", None, "RoPE scaling " + _NOT_BUILT),
     ("shift_attn", "bool", False, "LongLoRA's shift short attention " + _NOT_BUILT),
@@ -437,8 +440,6 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # Keys accepted so LLaMA-Factory configs load, whose feature is not built yet: any non-default value is refused
 # (never silently ignored). Each entry says what the user can do instead.
 NOT_YET = {
-    "resize_vocab": "resizing the vocabulary is not built yet",
-    "add_special_tokens": "adding special tokens is not built yet",
     "upcast_layernorm": "upcast_layernorm is not built yet",
     "export_quantization_bit": "GPTQ export is not built; for a quantised model use `export_gguf: q8_0` or "
                                "`export_gguf: q4_0` (llama.cpp / Ollama)",

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .load import ModelError
+from . import vocab
+from .load import ModelError, load_tokenizer
 
 
 def _output_head_names(model) -> set[str]:
@@ -86,25 +87,27 @@ def _targets(model, value: str, key: str, args) -> list[str]:
             and (found := pattern.search(name)) is not None and int(found.group(1)) in layer_ids]
 
 
-def lora_config(model, args):
+def lora_config(model, args, embeddings: dict | None = None):
+    """`embeddings`: what trains of the embeddings when the vocabulary grew (vocab.adapter_settings)."""
     from peft import LoraConfig, TaskType
 
     # PiSSA: the adapter starts as the principal singular part of each weight (removed from the base), computed by
     # PEFT with `pissa_iter` fast-SVD iterations, or exactly with -1
     init = True if not args.pissa_init else "pissa" if args.pissa_iter == -1 else f"pissa_niter_{args.pissa_iter}"
+    saved = {"modules_to_save": _split(args.additional_target) or None, **(embeddings or {})}
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
                       lora_dropout=args.lora_dropout, target_modules=_targets(model, args.lora_target, "lora_target",
                                                                               args),
-                      modules_to_save=_split(args.additional_target) or None, use_rslora=args.use_rslora,
-                      use_dora=args.use_dora, init_lora_weights=init)
+                      use_rslora=args.use_rslora, use_dora=args.use_dora, init_lora_weights=init, **saved)
 
 
-def oft_config(model, args):
+def oft_config(model, args, embeddings: dict | None = None):
     from peft import OFTConfig, TaskType
 
+    saved = {"modules_to_save": _split(args.additional_target) or None, **(embeddings or {})}
     return OFTConfig(task_type=TaskType.CAUSAL_LM, r=args.oft_rank, oft_block_size=args.oft_block_size,
                      target_modules=_targets(model, args.oft_target, "oft_target", args),
-                     module_dropout=args.module_dropout, modules_to_save=_split(args.additional_target) or None)
+                     module_dropout=args.module_dropout, **saved)
 
 
 def check_adapter_paths(value: str | None) -> None:
@@ -152,10 +155,11 @@ def attach_adapters(model, model_args, finetune_args, is_trainable: bool):
             model = _load_adapter(model, path, False).merge_and_unload()
         if resume_last or not is_trainable:
             return _load_adapter(model, adapters[-1], is_trainable)
-    if is_trainable and finetune_args.finetuning_type == "lora":
-        model = get_peft_model(model, lora_config(model, finetune_args))
-    elif is_trainable and finetune_args.finetuning_type == "oft":
-        model = get_peft_model(model, oft_config(model, finetune_args))
+    if is_trainable and finetune_args.finetuning_type in ADAPTER_TYPES:
+        embeddings = vocab.adapter_settings(model, load_tokenizer(model_args), model_args, finetune_args) \
+            if vocab.changes_vocabulary(model_args) else {}
+        make = lora_config if finetune_args.finetuning_type == "lora" else oft_config
+        model = get_peft_model(model, make(model, finetune_args, embeddings))
     return model
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..machine import multiplies_bf16_natively
+from . import vocab
 
 
 class ModelError(ValueError):
@@ -181,6 +182,7 @@ def load_tokenizer(model_args):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    vocab.extend_tokenizer(tokenizer, model_args)
     return tokenizer
 
 
@@ -205,12 +207,16 @@ def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtyp
     try:
         if model_args.train_from_scratch:
             config = AutoConfig.from_pretrained(path, **common)
-            return AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                    attn_implementation=_attn_implementation(model_args.flash_attn))
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common,
-                                                    attn_implementation=_attn_implementation(model_args.flash_attn))
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     attn_implementation=_attn_implementation(model_args.flash_attn))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common,
+                                                         attn_implementation=_attn_implementation(model_args.flash_attn))
     except OSError as err:
         raise _offline_hint(model_args.model_name_or_path, err) from None
+    if vocab.needs_tokenizer(model_args):
+        vocab.grow_embeddings(model, load_tokenizer(model_args), model_args)
+    return model
 
 
 def quantization_problems(m) -> list[str]:

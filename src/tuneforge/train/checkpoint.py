@@ -136,13 +136,14 @@ def save_model(module, tokenizer, folder: Path, weights: dict | None = None) -> 
     """A loss module's model: an adapter (PEFT format) for LoRA, else the full model as safetensors; plus the
     tokenizer and the extra modules the stage trains besides the model (e.g. a reward model's value head).
     `weights`: the module's full state dict when the module itself holds only shards (FSDP; sharding.full_state)."""
+    from ..models.vocab import save_settings
     from .sharding import part_of
 
     model = module.model
     # a PPO policy also holds the reward adapter (reward_model_type lora): only the trained one is the model
     selected = {"selected_adapters": [model.active_adapter]} if len(getattr(model, "peft_config", {})) > 1 else {}
     gathered = {} if weights is None else {"state_dict": part_of(weights, module, model)}
-    model.save_pretrained(folder, safe_serialization=True, **selected, **gathered)
+    model.save_pretrained(folder, safe_serialization=True, **selected, **gathered, **save_settings(model))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     for file, part in module.extra.items():
