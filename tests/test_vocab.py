@@ -203,3 +203,52 @@ def test_resize_vocab_alone_trains_the_whole_embeddings_as_llamafactory_does(tin
     trained = {name for name, p in model.named_parameters() if p.requires_grad and "modules_to_save" in name}
     assert any("embed_tokens" in name for name in trained) and any("lm_head" in name for name in trained)
 
+
+@pytest.mark.parametrize("rows_per_chunk", [8, 128])
+def test_new_token_rows_take_the_fused_head_with_autograds_gradient(tiny_model, tmp_path, monkeypatch,
+                                                                     rows_per_chunk):
+    """The output head with trainable new-token rows keeps the fused cross-entropy (no logits kept for backward):
+    its loss and its gradients, for the hidden states and for the new rows, are autograd's through the module."""
+    from tuneforge.models.adapters import setup_trainable
+    from tuneforge.train import losses
+
+    monkeypatch.setattr(losses, "_FROZEN_HEAD_ROWS", rows_per_chunk)  # 37 rows: several chunks, or one
+    cfg = build_config(train_config(tiny_model, "x.jsonl", tmp_path, add_special_tokens=THINK), source="test")
+    model = setup_trainable(load_base_model(cfg.model), cfg.model, cfg.finetune)
+    head = losses.decoder_and_head(model)[1]
+    delta = head.token_adapter.trainable_tokens_delta["default"]
+    rows = head.token_adapter.base_layer.weight.shape[0]
+    torch.manual_seed(0)
+    start = torch.randn(37, 64)
+    labels = torch.randint(0, rows, (37,))
+    labels[::5] = rows - 1  # some targets are the new tokens themselves
+    upstream = torch.rand(37)
+    results = {}
+    for name in ("fused", "module"):
+        hidden = start.clone().requires_grad_()
+        if name == "fused":
+            assert losses._fused_head(head, hidden) is not None
+            token_losses = chunked_token_losses_kept(hidden, head, labels)
+        else:
+            token_losses = torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="none"), None
+        delta.grad = None
+        (token_losses[0] * upstream).sum().backward()
+        results[name] = token_losses[0].detach(), hidden.grad, delta.grad.clone(), token_losses[1]
+    (fused, fused_hidden, fused_delta, kept), (plain, plain_hidden, plain_delta, _) = results.values()
+    # the same fp32 logits and products, summed in another order: ~1e-6; a missing row or chunk is off by O(1e-1)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused_hidden, plain_hidden, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused_delta, plain_delta, rtol=0, atol=1e-5)
+    assert plain_delta.abs().amin(dim=1).gt(0).all()
+    assert kept <= 37 * 64 * 4 * 2 + 37 * 2 * 4 < 37 * rows * 4  # gradient rows, hidden, new-row columns: no logits
+
+
+def chunked_token_losses_kept(hidden, head, labels):
+    """(chunked_token_losses, bytes autograd keeps for backward)."""
+    from tuneforge.train.losses import chunked_token_losses
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        out = chunked_token_losses(hidden, head, labels)
+    return out, sum(saved)

@@ -39,11 +39,13 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     from backward to forward. Same dtypes as autograd's path through head and cross_entropy, and its arithmetic up
     to rounding: log-softmax in logsumexp's steps (max, subtract, exp, sum, log), taken in place, and the incoming
     per-row factor applied after the matmul instead of before.
-    The second output is each row's entropy when `with_entropy` (RL stages log it; no gradient), else empty."""
+    The second output is each row's entropy when `with_entropy` (RL stages log it; no gradient), else empty.
+    `token_rows`, `delta`: the head's rows that train (new tokens' rows, models/vocab.py) and their values, which
+    `weight` already holds. Their gradient needs only those columns of (softmax - one-hot), kept from forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, with_entropy):
-        losses, entropies, grads = [], [], []
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, with_entropy, token_rows=None, delta=None):
+        losses, entropies, grads, columns = [], [], [], []
         for start in range(0, hidden.shape[0], chunk_size):
             rows_in, wanted = hidden[start: start + chunk_size], labels[start: start + chunk_size]
             n = len(rows_in)
@@ -68,28 +70,54 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
                 entropies.append((log_total - (probs * shifted).sum(-1))[:n])
                 del shifted
             probs[rows, wanted] -= 1  # d loss / d logits = softmax - one-hot
+            if token_rows is not None:
+                columns.append(probs[:n, token_rows])
             grads.append(torch.matmul(probs.to(dtype), weight)[:n])
             del probs
-        ctx.save_for_backward(torch.cat(grads))
+        ctx.save_for_backward(torch.cat(grads), *((torch.cat(columns), hidden) if token_rows is not None else ()))
         ctx.hidden_dtype = hidden.dtype
+        ctx.delta_dtype = None if delta is None else delta.dtype
         entropy = torch.cat(entropies) if with_entropy else hidden.new_zeros(0, dtype=torch.float32)
         ctx.mark_non_differentiable(entropy)
         return torch.cat(losses), entropy
 
     @staticmethod
     def backward(ctx, grad_losses, _grad_entropy):
-        (grad_hidden,) = ctx.saved_tensors
-        return (grad_hidden.float() * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None, None, None
+        grad_hidden, *for_delta = ctx.saved_tensors
+        grad_delta = None
+        if for_delta:  # d loss / d head row j = sum over rows of (softmax - one-hot)[row, j] * hidden[row]
+            columns, hidden = for_delta
+            grad_delta = ((columns * grad_losses[:, None]).T @ hidden.float()).to(ctx.delta_dtype)
+        return (grad_hidden.float() * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None, None, None, \
+            None, grad_delta
 
 
-def _frozen_linear_head(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
-    """Whether `head` takes the fused path: a plain, frozen, unsharded torch Linear, rows to score, and a gradient
-    is wanted."""
-    if type(head) is not torch.nn.Linear or not (torch.is_grad_enabled() and hidden.requires_grad and len(hidden)):
-        return False
+def _fused_head(head: torch.nn.Module, hidden: torch.Tensor) -> tuple | None:
+    """(weight, bias, token_rows, delta) for _FrozenHeadCrossEntropy when `head` can take it, else None: rows to
+    score, a gradient wanted, and a plain, frozen, unsharded torch Linear, or one whose only trainable part is
+    PEFT's trainable token rows (new tokens under LoRA; models/vocab.py)."""
+    if not (torch.is_grad_enabled() and hidden.requires_grad and len(hidden)):
+        return None
+    tokens, token_rows, delta = getattr(head, "token_adapter", None), None, None
+    if tokens is not None:
+        # PEFT's own forward of such a head leaves out any bias: one with a bias keeps to that forward
+        if tokens.merged or len(tokens.active_adapters) != 1 or tokens.base_layer.bias is not None:
+            return None
+        if not tokens.disable_adapters:
+            name = tokens.active_adapters[0]
+            delta = tokens.trainable_tokens_delta[name]
+            token_rows = torch.tensor(tokens.token_indices[name], device=hidden.device)
+        head = tokens.base_layer
+    if type(head) is not torch.nn.Linear:
+        return None
     params = [p for p in (head.weight, head.bias) if p is not None]
     # sharded (FSDP's DTensor) or quantized weights are reached only through the module's own forward and hooks
-    return not any(p.requires_grad or type(p) is not torch.nn.Parameter for p in params)
+    if any(p.requires_grad or type(p) is not torch.nn.Parameter for p in params):
+        return None
+    if delta is None:
+        return head.weight, head.bias, None, None
+    weight = head.weight.detach().index_copy(0, token_rows, delta.detach().to(head.weight.dtype))
+    return (weight, head.bias, token_rows, delta) if delta.requires_grad else (weight, head.bias, None, None)
 
 
 def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
@@ -97,13 +125,17 @@ def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: to
     """Per-row cross-entropy of `head(hidden)` against labels (one target per row, none ignored), `chunk_size` rows
     at a time.
 
-    A frozen linear head (LoRA, freeze) takes _FrozenHeadCrossEntropy, 128 rows at a time: no logits kept, none
+    A frozen linear head (LoRA, freeze; under LoRA also one whose new tokens' rows train) takes
+    _FrozenHeadCrossEntropy, 128 rows at a time: no logits kept, none
     recomputed. Otherwise (a trainable head: full fine-tuning), when there is more than one chunk, each chunk's
     logits are recomputed in the backward pass instead of kept, so at most one chunk of full-vocabulary fp32 logits
     exists at any moment.
     """
-    if _frozen_linear_head(head, hidden):
-        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, labels, _FROZEN_HEAD_ROWS, False)[0]
+    fused = _fused_head(head, hidden)
+    if fused is not None:
+        weight, bias, token_rows, delta = fused
+        return _FrozenHeadCrossEntropy.apply(hidden, weight, bias, labels, _FROZEN_HEAD_ROWS, False, token_rows,
+                                             delta)[0]
     if hidden.shape[0] <= chunk_size:
         return _head_token_losses(hidden, labels, head)
     return torch.cat([checkpoint(_head_token_losses, hidden[start: start + chunk_size],
@@ -133,9 +165,11 @@ def head_log_probs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.T
     As chunked_token_losses: a frozen linear head takes _FrozenHeadCrossEntropy; a trainable one, when there is
     more than one chunk, recomputes each chunk's logits in backward; without gradients the chunks run in turn. So
     at most one chunk of full-vocabulary logits exists at any moment."""
-    if _frozen_linear_head(head, hidden):
-        losses, entropy = _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, _FROZEN_HEAD_ROWS,
-                                                        with_entropy)
+    fused = _fused_head(head, hidden)
+    if fused is not None:
+        weight, bias, token_rows, delta = fused
+        losses, entropy = _FrozenHeadCrossEntropy.apply(hidden, weight, bias, targets, _FROZEN_HEAD_ROWS,
+                                                        with_entropy, token_rows, delta)
         return -losses, entropy if with_entropy else None
     recompute = torch.is_grad_enabled() and hidden.shape[0] > chunk_size
     pieces = []
