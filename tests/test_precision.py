@@ -62,3 +62,36 @@ def test_bf16_on_a_cpu_without_bf16_units_says_what_it_costs(monkeypatch):
     monkeypatch.setattr("tuneforge.machine._cpuinfo", lambda: ("Intel Core i5", {"avx2"}))
     monkeypatch.setattr("tuneforge.config._cuda_available", lambda: True)
     assert bf16_cost(fast) is None  # GPUs have their own bf16 units
+
+
+def test_upcast_layernorm_keeps_the_norms_small_updates_under_pure_bf16(tiny_model, alpaca_file, tmp_path):
+    """In bf16 a norm weight near 1 moves only in steps of 2**-8: learning-rate-sized updates round away. With
+    upcast_layernorm the norms are fp32 and keep them, as in LLaMA-Factory; everything else stays bf16."""
+    from safetensors.torch import load_file
+
+    start = load_file(f"{tiny_model}/model.safetensors")
+    norms = {}
+    for upcast in (False, True):
+        out = tmp_path / str(upcast)
+        run_training(train_config(tiny_model, alpaca_file, out, finetuning_type="full", learning_rate=1e-4,
+                                  max_steps=4, bf16=True, pure_bf16=True, upcast_layernorm=upcast))
+        saved = load_file(out / "model.safetensors")
+        norms[upcast] = {k: v for k, v in saved.items() if "norm" in k}
+        assert {v.dtype for k, v in saved.items() if "norm" not in k} == {torch.bfloat16}
+        assert {v.dtype for v in norms[upcast].values()} == {torch.float32 if upcast else torch.bfloat16}
+    # Adam moves each weight by about the rate per step: 4e-4 in all, a tenth of bf16's spacing at 1
+    assert all(torch.equal(v.float(), start[k]) for k, v in norms[False].items())
+    moved = torch.cat([(v - start[k]).abs().flatten() for k, v in norms[True].items()])
+    assert 1e-5 < moved.median() < 1e-3
+
+
+def test_upcast_settings_say_when_they_do_nothing_or_cannot_work(tiny_model, tmp_path):
+    from tuneforge.config import problems
+
+    def config(**values):
+        return build_config(train_config(tiny_model, "x.jsonl", tmp_path, **values), source="test")
+
+    assert any("weights are fp32 already" in n for n in notices(config(upcast_layernorm=True)))
+    assert not any("upcast" in n for n in notices(config(upcast_layernorm=True, pure_bf16=True, bf16=True)))
+    assert any("needs `bf16: true`" in p for p in problems(config(upcast_layernorm=True, pure_bf16=True)))
+    assert any("head's logits in fp32" in n for n in notices(config(upcast_lmhead_output=True)))

@@ -59,6 +59,9 @@ def notices(cfg: Config) -> list[str]:
     from .models import vocab
 
     out += vocab.notices(cfg)
+    if cfg.model.upcast_layernorm and not (cfg.finetune.pure_bf16 or cfg.model.quantization_bit):
+        out.append("note: `upcast_layernorm` has no effect here: the weights are fp32 already (it keeps the norms "
+                   "in fp32 under `pure_bf16` or `quantization_bit`)")
     if d.buffer_size != DataArgs.buffer_size and not d.streaming:
         out.append("note: `buffer_size` has no effect without streaming: in-memory data is shuffled whole")
     if d.streaming:
@@ -333,6 +336,9 @@ def _train_problems(cfg: Config) -> list[str]:
         out.append(f"`val_size` must be a fraction in [0, 1) or a count of examples; got {d.val_size}")
     if t.bf16 and t.fp16:
         out.append("`bf16` and `fp16` are both true; pick one mixed-precision mode")
+    if m.upcast_layernorm and f.pure_bf16 and not (t.bf16 or t.fp16 or m.quantization_bit):
+        out.append("`upcast_layernorm` with `pure_bf16` needs `bf16: true`: the fp32 norms' outputs reach bf16 "
+                   "weights, which only autocast multiplies")
     out += _schedule_problems(t)
     has_eval_data = bool(d.val_size or d.eval_dataset)
     if t.load_best_model_at_end and t.eval_strategy == "no":

@@ -31,7 +31,10 @@ class ModelArgs:
     flash_attn: str = "auto"  # auto | sdpa | eager | fa2
     disable_gradient_checkpointing: bool = False
     use_reentrant_gc: bool = True  # LLaMA-Factory's checkpointing flavour; see NO_EFFECT_YET
+    # normalisation weights (1-D, named *norm* or *ln*) in fp32 in a 16-bit model (pure_bf16, quantization_bit), as
+    # LLaMA-Factory does: their small updates are not rounded away; the norm's output goes on in fp32 until autocast
     upcast_layernorm: bool = False
+    upcast_lmhead_output: bool = False  # accepted with a notice: see NO_EFFECT_YET
     train_from_scratch: bool = False
     infer_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantization_bit: int | None = None
@@ -365,7 +368,6 @@ LLAMAFACTORY_ONLY = [
     ("use_unsloth_gc", "bool", False, "Unsloth's gradient checkpointing " + _GPU),
     ("enable_liger_kernel", "bool", False, "Liger kernels " + _GPU),
     ("moe_aux_loss_coef", "float | None", None, "the MoE router loss " + _NOT_BUILT),
-    ("upcast_lmhead_output", "bool", False, "upcast_lmhead_output " + _NOT_BUILT),
     ("infer_backend", "str", "huggingface", _ENGINES),
     ("offload_folder", "str", "offload", "offloading weights to disk " + _NOT_BUILT),
     ("use_kv_cache", "bool", True, "generation always uses the KV cache; remove it"),
@@ -440,7 +442,6 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # Keys accepted so LLaMA-Factory configs load, whose feature is not built yet: any non-default value is refused
 # (never silently ignored). Each entry says what the user can do instead.
 NOT_YET = {
-    "upcast_layernorm": "upcast_layernorm is not built yet",
     "export_quantization_bit": "GPTQ export is not built; for a quantised model use `export_gguf: q8_0` or "
                                "`export_gguf: q4_0` (llama.cpp / Ollama)",
     "use_fast_tokenizer": "tuneforge uses the fast (tokenizers) tokenizers only",
@@ -449,6 +450,8 @@ NOT_YET = {
 # Keys LLaMA-Factory configs often set that have no effect in tuneforge yet: accepted with a printed notice, so
 # those configs run and nothing is skipped silently.
 NO_EFFECT_YET = {
+    "upcast_lmhead_output": "the losses always take the output head's logits in fp32, which is what this makes "
+                            "LLaMA-Factory do",
     "use_reentrant_gc": "gradient checkpointing here is always non-reentrant (the same gradients, and it works with "
                         "frozen embeddings)",
 }

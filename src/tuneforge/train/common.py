@@ -63,6 +63,8 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
     if not t.do_train or reference:
         return attach_adapters(model, cfg.model, f, is_trainable=False).eval()
     keep_quantized_layers_differentiable(model)
+    if cfg.model.upcast_layernorm:
+        upcast_layernorms(model)
     fsdp = sharding.fsdp_settings(t)  # fsdp_config's activation_checkpointing recomputes the same layers
     apply_gradient_checkpointing(model, t, cfg.model, requested=bool(fsdp and fsdp.activation_checkpointing))
     if packed:
@@ -72,6 +74,14 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
         compile_layers(model)
     accelerator.print(f"[tuneforge] {describe_trainable(model)}")
     return model
+
+
+def upcast_layernorms(model) -> None:
+    """upcast_layernorm: the normalisation weights in fp32, chosen as LLaMA-Factory chooses them (1-D, with "norm"
+    or "ln" in the name)."""
+    for name, param in model.named_parameters():
+        if param.ndim == 1 and ("norm" in name or "ln" in name):
+            param.data = param.data.float()
 
 
 def compute_dtype(cfg, device: torch.device) -> torch.dtype:
