@@ -209,18 +209,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
     if resume_from:  # the weights go in before sharding splits them
         ckpt.check_identity(resume_from, identity)
         ckpt.load_weights(resume_from, inner)
-    fsdp = sharding.fsdp_settings(t)
-    if fsdp and world > 1:
-        for note in fsdp.notes:
-            accelerator.print(f"[tuneforge] {note}")
-        module, optimizer = sharding.shard(module, fsdp, accelerator,
-                                           lambda m: build_optimizer(m, t, f, report=accelerator.print))
-    else:
-        if fsdp:
-            accelerator.print("[tuneforge] fsdp: one process holds the whole model, so training runs unsharded "
-                              "(the same updates; checkpoints move between this and torchrun with FSDP)")
-        optimizer = build_optimizer(module, t, f, report=accelerator.print)
-        module = accelerator.prepare(module)  # DDP wraps the loss module when there are several processes
+    module, optimizer = _distribute(module, t, f, accelerator)
     scheduler = build_scheduler(optimizer, t, total_steps)
     state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=source.num_examples)
     if resume_from:
@@ -295,12 +284,31 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
         finally:
             log.close()
     restore_best(cfg, inner, state, accelerator)
-    runtime = time.time() - log.started
+    return _results(state, per_epoch, time.time() - log.started, log.start_step, inner.unit)
+
+
+def _distribute(module, t, f, accelerator):
+    """(module, optimizer): sharded by FSDP across processes when `fsdp` asks and there are several, else wrapped
+    by DDP when there are several processes (accelerate), else as it is."""
+    fsdp = sharding.fsdp_settings(t)
+    if fsdp and accelerator.num_processes > 1:
+        for note in fsdp.notes:
+            accelerator.print(f"[tuneforge] {note}")
+        return sharding.shard(module, fsdp, accelerator, lambda m: build_optimizer(m, t, f, report=accelerator.print))
+    if fsdp:
+        accelerator.print("[tuneforge] fsdp: one process holds the whole model, so training runs unsharded "
+                          "(the same updates; checkpoints move between this and torchrun with FSDP)")
+    optimizer = build_optimizer(module, t, f, report=accelerator.print)
+    return accelerator.prepare(module), optimizer
+
+
+def _results(state, per_epoch: int, runtime: float, start_step: int, unit: str) -> dict:
+    """train_results.json's figures (trainer_state's, as transformers' Trainer names them)."""
     epoch = state.epoch + state.step_in_epoch / per_epoch if per_epoch else state.epoch
     results = {"epoch": round(epoch, 2),
                "train_loss": state.loss_sum / max(state.trained_units, 1), "train_runtime": round(runtime, 2),
-               "train_steps_per_second": round((state.global_step - log.start_step) / runtime, 3),
-               f"train_{inner.unit}s": state.trained_units, "global_step": state.global_step}
+               "train_steps_per_second": round((state.global_step - start_step) / runtime, 3),
+               f"train_{unit}s": state.trained_units, "global_step": state.global_step}
     return {**results, "skipped_steps": state.skipped_steps} if state.skipped_steps else results
 
 
