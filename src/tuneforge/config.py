@@ -270,10 +270,10 @@ def _model_problems(cfg: Config) -> list[str]:
             out.append(f"`{key}: {value}` is not supported yet: {why}")
     if m.flash_attn not in ("auto", "sdpa", "eager", "fa2", "disabled"):
         out.append(f"`flash_attn` must be auto, sdpa, eager, fa2 or disabled; got {m.flash_attn!r}")
-    from .models import vocab
+    from .models import rope, vocab
     from .models.load import quantization_problems
 
-    out += quantization_problems(m) + vocab.check(cfg)
+    out += quantization_problems(m) + vocab.check(cfg) + rope.check(cfg)
     if m.infer_dtype not in ("auto", "float32", "bfloat16", "float16"):
         out.append(f"`infer_dtype` must be auto, float32, bfloat16 or float16; got {m.infer_dtype!r}")
     return out

@@ -34,6 +34,9 @@ class ModelArgs:
     # normalisation weights (1-D, named *norm* or *ln*) in fp32 in a 16-bit model (pure_bf16, quantization_bit), as
     # LLaMA-Factory does: their small updates are not rounded away; the norm's output goes on in fp32 until autocast
     upcast_layernorm: bool = False
+    # RoPE scaling for inputs longer than the model's pretrained positions (models/rope.py): training scales by
+    # ceil(cutoff_len / positions) when cutoff_len exceeds them; inference by that, or else by 2
+    rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = None
     upcast_lmhead_output: bool = False  # accepted with a notice: see NO_EFFECT_YET
     train_from_scratch: bool = False
     infer_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -361,7 +364,6 @@ LLAMAFACTORY_ONLY = [
     ("adapter_folder", "str | None", None, "adapter_folder " + _NOT_BUILT + "; use adapter_name_or_path"),
     ("split_special_tokens", "bool", False, "tokenizing special tokens as text " + _NOT_BUILT),
     ("low_cpu_mem_usage", "bool", True, "transformers always loads weights with low memory use here"),
-    ("rope_scaling", "str | None", None, "RoPE scaling " + _NOT_BUILT),
     ("shift_attn", "bool", False, "LongLoRA's shift short attention " + _NOT_BUILT),
     ("mixture_of_depths", "str | None", None, "mixture-of-depths " + _NOT_BUILT),
     ("use_unsloth", "bool", False, "Unsloth " + _GPU),

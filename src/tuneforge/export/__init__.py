@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..infer.engine import template_from_adapter
+from ..infer.engine import settings_from_adapter
 from ..models.load import ModelError
 from ..train.rm import VALUE_HEAD
 from .merge import LABELS_FILE, export_model, prepare_export_dir, source_folder
@@ -31,7 +31,7 @@ def check(cfg) -> list[str]:
 
 def run_export(cfg) -> Path:
     folder = prepare_export_dir(cfg.model.export_dir)
-    template_from_adapter(cfg)
+    settings_from_adapter(cfg)
     if cfg.model.export_gguf and (source_folder(cfg) / LABELS_FILE).is_file():
         raise ModelError("export_gguf is for causal language models; a classifier exports as a Hugging Face folder "
                          "(remove export_gguf)")

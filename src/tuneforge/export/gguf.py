@@ -30,12 +30,22 @@ def _permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _rope_theta(config) -> float:
+def _rope(writer, config) -> None:
+    """RoPE's base and, where llama.cpp has it, its scaling (linear; YaRN with the pretrained length), under the
+    metadata names llama.cpp's convert_hf_to_gguf.py writes."""
+    from gguf import RopeScalingType
+
     rope = getattr(config, "rope_parameters", None) or {}
     kind = rope.get("rope_type", "default")
+    if kind not in ("default", "linear", "yarn"):
+        raise ModelError(f"GGUF export of rope scaling `{kind}` is not built (llama.cpp reads linear and yarn); "
+                         "export without export_gguf, or train with rope_scaling linear or yarn")
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     if kind != "default":
-        raise ModelError(f"GGUF export of rope scaling `{kind}` is not built; models with default RoPE export")
-    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR if kind == "linear" else RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    if kind == "yarn":
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
 
 
 def _hyper_parameters(writer, config, arch: str) -> None:
@@ -47,7 +57,7 @@ def _hyper_parameters(writer, config, arch: str) -> None:
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(_rope_theta(config))
+    _rope(writer, config)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config.vocab_size)
     if arch == "qwen3" or head_dim != config.hidden_size // config.num_attention_heads:

@@ -121,7 +121,7 @@ def _published_dtype(cfg) -> torch.dtype:
 def export_causal_lm(cfg, folder: Path):
     """Base + adapters merged in order (float32), saved in the base's dtype; returns (model, tokenizer, template)."""
     tokenizer, template = _tokenizer_with_template(cfg)
-    model = load_base_model(cfg.model, dtype=torch.float32).to(_device(cfg))
+    model = load_base_model(cfg.model, dtype=torch.float32, cutoff_len=cfg.data.cutoff_len).to(_device(cfg))
     model = _merged(attach_adapters(model, cfg.model, cfg.finetune, is_trainable=False)).eval()
     model = model.to(_published_dtype(cfg))
     stops = stop_token_ids(template, tokenizer)

@@ -27,23 +27,28 @@ def generation_kwargs(gen, stop_ids: list[int], pad_id: int) -> dict:
     return kwargs
 
 
-def template_from_adapter(cfg) -> None:
-    """With no `template` given, reuse the one the adapter was trained with (saved in its tuneforge_config.yaml)."""
-    if cfg.data.template or not cfg.model.adapter_name_or_path:
+def settings_from_adapter(cfg) -> None:
+    """Settings the adapter was trained with (its tuneforge_config.yaml) that inference must share: the `template`
+    when none is given, and `rope_scaling` with the cutoff_len it scaled positions for (models/rope.py)."""
+    if not cfg.model.adapter_name_or_path:
         return
     saved = Path(cfg.model.adapter_name_or_path.split(",")[-1].strip()) / RUN_CONFIG
-    if saved.is_file():
-        cfg.data.template = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("template")
+    values = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}) if saved.is_file() else {}
+    if not cfg.data.template:
+        cfg.data.template = values.get("template")
+    if not cfg.model.rope_scaling and values.get("rope_scaling"):
+        cfg.model.rope_scaling, cfg.data.cutoff_len = values["rope_scaling"], values.get("cutoff_len", 0)
 
 
 class Engine:
     def __init__(self, cfg, model=None, tokenizer=None):
         self.cfg = cfg
-        template_from_adapter(cfg)
+        settings_from_adapter(cfg)
         self.tokenizer = tokenizer or load_tokenizer(cfg.model)
         if model is None:
             dtype = inference_dtype(cfg.model)
-            model = load_base_model(cfg.model, dtype=dtype, compute_dtype=dtype)  # quantised with quantization_bit
+            # quantised with quantization_bit
+            model = load_base_model(cfg.model, dtype=dtype, compute_dtype=dtype, cutoff_len=cfg.data.cutoff_len)
             model = attach_adapters(model, cfg.model, cfg.finetune, is_trainable=False)
         self.model = model.eval()
         self.template = get_template(cfg.data.template, self.tokenizer, cfg.data.enable_thinking)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..machine import multiplies_bf16_natively
-from . import vocab
+from . import rope, vocab
 
 
 class ModelError(ValueError):
@@ -190,28 +190,34 @@ def _attn_implementation(flash_attn: str) -> str | None:
     return {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager", "fa2": "flash_attention_2"}[flash_attn]
 
 
-def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None):
+def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None,
+                    cutoff_len: int = 0, training: bool = False):
     """The causal LM with its weights in `dtype`; with `compute_dtype` and `quantization_bit` set, its linear
-    layers quantised by bitsandbytes and multiplying in `compute_dtype` (QLoRA's base; see quantization_config)."""
+    layers quantised by bitsandbytes and multiplying in `compute_dtype` (QLoRA's base; see quantization_config).
+    `cutoff_len`, `training`: the inputs' length and use, which `rope_scaling` scales positions for (rope.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(model_args.model_name_or_path)
     if dtype == torch.bfloat16 and not model_args.quantization_bit and not model_args.train_from_scratch:
         path = str(_bf16_copy(Path(path)))
-    common = dict(trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
-                  revision=model_args.model_revision, token=model_args.hf_hub_token)
+    hub = dict(trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
+               revision=model_args.model_revision, token=model_args.hf_hub_token)
+    placed = {}
     if compute_dtype is not None and model_args.quantization_bit:
         # quantised weights are placed when they load; a later .to() cannot move them
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        common.update(quantization_config=quantization_config(model_args, compute_dtype), device_map={"": device})
+        placed = dict(quantization_config=quantization_config(model_args, compute_dtype), device_map={"": device})
+    attention = _attn_implementation(model_args.flash_attn)
     try:
+        config = AutoConfig.from_pretrained(path, **hub) \
+            if model_args.train_from_scratch or model_args.rope_scaling else None
+        if model_args.rope_scaling:
+            print(f"[tuneforge] {rope.scale(config, model_args.rope_scaling, cutoff_len, training)}", file=sys.stderr)
         if model_args.train_from_scratch:
-            config = AutoConfig.from_pretrained(path, **common)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                     attn_implementation=_attn_implementation(model_args.flash_attn))
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common,
-                                                         attn_implementation=_attn_implementation(model_args.flash_attn))
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attention,
+                                                         **hub, **placed)
     except OSError as err:
         raise _offline_hint(model_args.model_name_or_path, err) from None
     if vocab.needs_tokenizer(model_args):

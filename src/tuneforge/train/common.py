@@ -59,7 +59,8 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
     """The base model with what trains set up (or, for inference and references, adapters merged in)."""
     t, f = cfg.train, cfg.finetune
     model = load_base_model(cfg.model, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32,
-                            compute_dtype=compute_dtype(cfg, accelerator.device))
+                            compute_dtype=compute_dtype(cfg, accelerator.device), cutoff_len=cfg.data.cutoff_len,
+                            training=True)
     if not t.do_train or reference:
         return attach_adapters(model, cfg.model, f, is_trainable=False).eval()
     keep_quantized_layers_differentiable(model)
@@ -210,6 +211,6 @@ def reference_model(cfg, needed: bool = True):
         args = cfg.model  # full / freeze: a frozen copy of the starting model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_base_model(args, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32,
-                            compute_dtype=compute_dtype(cfg, device))
+                            compute_dtype=compute_dtype(cfg, device), cutoff_len=cfg.data.cutoff_len, training=True)
     model = attach_adapters(model, args, f, is_trainable=False)
     return model.eval().requires_grad_(False)
