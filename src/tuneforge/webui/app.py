@@ -15,7 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from fastapi import Body, FastAPI, HTTPException
+from fastapi import APIRouter, Body, FastAPI, HTTPException
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -79,16 +79,30 @@ def _checked_or_400(form: dict, keys: tuple[str, ...], command: str) -> forms.Ch
 
 
 def create_app(output_root: Path) -> FastAPI:
-    runs, chat = Runs(output_root), ChatSession()
+    runs = Runs(output_root)
     app = FastAPI(title="tuneforge webui", docs_url=None, redoc_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.router.on_shutdown.append(runs.shutdown)
+    for routes in (_form_routes(output_root), _run_routes(runs), _chat_routes(ChatSession())):
+        app.include_router(routes)
 
-    @app.get("/")
+    @app.exception_handler(HTTPException)
+    async def http_error(_, err: HTTPException):
+        detail = err.detail if isinstance(err.detail, dict) else {"errors": {}, "general": [str(err.detail)]}
+        return JSONResponse(detail, status_code=err.status_code)
+
+    return app
+
+
+def _form_routes(output_root: Path) -> APIRouter:
+    """The page, the forms' descriptions and checks, the data preview and export."""
+    router = APIRouter()
+
+    @router.get("/")
     def index():
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/api/meta")
+    @router.get("/api/meta")
     def meta():
         from ..models.load import BUNDLED, BUNDLED_FOLDERS
 
@@ -97,14 +111,14 @@ def create_app(output_root: Path) -> FastAPI:
                 "generate": forms.describe(forms.GENERATE_KEYS), "export": forms.describe(forms.EXPORT_KEYS),
                 "aliases": [*BUNDLED, *BUNDLED_FOLDERS], "recipes": recipes, "output_root": str(output_root)}
 
-    @app.get("/api/recipe/{name}")
+    @router.get("/api/recipe/{name}")
     def recipe(name: str):
         path = EXAMPLES / f"{name}.yaml"
         if "/" in name or not path.is_file():
             raise HTTPException(404, f"no recipe {name} in {EXAMPLES}/")
         return forms.recipe_values(path)
 
-    @app.get("/api/datasets")
+    @router.get("/api/datasets")
     def datasets(dataset_dir: str = "data"):
         import json
 
@@ -116,20 +130,37 @@ def create_app(output_root: Path) -> FastAPI:
         except json.JSONDecodeError as err:
             raise HTTPException(400, f"{info} line {err.lineno}: not valid JSON: {err.msg}") from None
 
-    @app.post("/api/check/{form}")
+    @router.post("/api/check/{form}")
     def check(form: str, values: dict = Body(...)):
         keys, command = {"train": (forms.TRAIN_KEYS, "train"), "chat": (forms.CHAT_KEYS, "chat"),
                          "export": (forms.EXPORT_KEYS, "export")}[form]
         checked = forms.check(values, keys, command)
         return {"yaml": checked.yaml, "errors": checked.errors, "general": checked.general}
 
-    @app.post("/api/preview")
+    @router.post("/api/preview")
     def preview(values: dict = Body(...)):
         """The `tuneforge data` view of the form's dataset: counts, lengths and examples with trained tokens."""
         checked = _checked_or_400(values, forms.TRAIN_KEYS, "train")
         return _run_command("data", checked.yaml, "--show", "3", "--plot", "{tmp}/lengths.png")
 
-    @app.post("/api/runs")
+    @router.post("/api/export")
+    def export(values: dict = Body(...)):
+        """Runs `tuneforge export` and reports where the result is and how big."""
+        checked = _checked_or_400(values, forms.EXPORT_KEYS, "export")
+        done = _run_command("export", checked.yaml)
+        folder = Path(checked.values["export_dir"])
+        files = [p for p in folder.rglob("*") if p.is_file()] if done["ok"] else []
+        return {**done, "path": str(folder.resolve()), "files": sorted(str(p.relative_to(folder)) for p in files),
+                "size_mb": round(sum(p.stat().st_size for p in files) / 2**20, 1)}
+
+    return router
+
+
+def _run_routes(runs: Runs) -> APIRouter:
+    """Training runs: start, list, watch, stop and resume."""
+    router = APIRouter()
+
+    @router.post("/api/runs")
     def start(values: dict = Body(...)):
         checked = _checked_or_400(values, forms.TRAIN_KEYS, "train")
         try:
@@ -138,11 +169,11 @@ def create_app(output_root: Path) -> FastAPI:
             raise HTTPException(409, str(err)) from None
         return run.summary()
 
-    @app.get("/api/runs")
+    @router.get("/api/runs")
     def list_runs():
         return runs.all()
 
-    @app.get("/api/runs/{name}")
+    @router.get("/api/runs/{name}")
     def run_detail(name: str):
         run = runs.find(name)
         if run is None:
@@ -151,14 +182,14 @@ def create_app(output_root: Path) -> FastAPI:
         return {**run.summary(), "records": run.records(), "console": run.console_tail(),
                 "yaml": config.read_text(encoding="utf-8") if config.is_file() else None}
 
-    @app.get("/api/runs/{name}/plot")
+    @router.get("/api/runs/{name}/plot")
     def plot(name: str):
         run = runs.find(name)
         if run is None or not (run.output_dir / "training_loss.png").is_file():
             raise HTTPException(404, f"run {name} has no loss plot")
         return FileResponse(run.output_dir / "training_loss.png")
 
-    @app.post("/api/runs/{name}/{action}")
+    @router.post("/api/runs/{name}/{action}")
     def control(name: str, action: str):
         if action not in ("stop", "resume"):
             raise HTTPException(404, f"no action {action}")
@@ -167,7 +198,14 @@ def create_app(output_root: Path) -> FastAPI:
         except RuntimeError as err:
             raise HTTPException(409, str(err)) from None
 
-    @app.post("/api/chat/load")
+    return router
+
+
+def _chat_routes(chat: ChatSession) -> APIRouter:
+    """The chat tab: load a model, stream answers."""
+    router = APIRouter()
+
+    @router.post("/api/chat/load")
     def chat_load(values: dict = Body(...)):
         checked = _checked_or_400(values, forms.CHAT_KEYS, "chat")
         try:
@@ -175,7 +213,7 @@ def create_app(output_root: Path) -> FastAPI:
         except (OSError, ValueError) as err:  # missing files; ConfigError, ModelError and DataError are ValueErrors
             raise HTTPException(400, {"errors": {}, "general": [str(err)]}) from None
 
-    @app.post("/api/chat")
+    @router.post("/api/chat")
     def chat_answer(body: dict = Body(...)):
         settings = forms.check(body.get("settings") or {}, forms.GENERATE_KEYS, "chat")
         if settings.errors:
@@ -187,22 +225,7 @@ def create_app(output_root: Path) -> FastAPI:
         return StreamingResponse(chat.stream(body.get("messages") or [], body.get("system") or None, values),
                                  media_type="text/plain; charset=utf-8")
 
-    @app.post("/api/export")
-    def export(values: dict = Body(...)):
-        """Runs `tuneforge export` and reports where the result is and how big."""
-        checked = _checked_or_400(values, forms.EXPORT_KEYS, "export")
-        done = _run_command("export", checked.yaml)
-        folder = Path(checked.values["export_dir"])
-        files = [p for p in folder.rglob("*") if p.is_file()] if done["ok"] else []
-        return {**done, "path": str(folder.resolve()), "files": sorted(str(p.relative_to(folder)) for p in files),
-                "size_mb": round(sum(p.stat().st_size for p in files) / 2**20, 1)}
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_, err: HTTPException):
-        detail = err.detail if isinstance(err.detail, dict) else {"errors": {}, "general": [str(err.detail)]}
-        return JSONResponse(detail, status_code=err.status_code)
-
-    return app
+    return router
 
 
 def serve(host: str, port: int, output_root: str) -> None:
