@@ -79,7 +79,7 @@ def notices(cfg: Config) -> list[str]:
 def speed_hint(cfg: Config) -> str | None:
     """On a CPU, the fast-path settings a language-modelling run leaves off. They stay opt-in because each changes
     results a little (bf16 rounding, which examples share a row); the line says what each would gain."""
-    t, f, d, stage = cfg.train, cfg.finetune, cfg.data, _stage(cfg)
+    t, f, stage = cfg.train, cfg.finetune, _stage(cfg)
     if not t.do_train or stage is None or not stage.language_modelling or _cuda_available():
         return None
     from .machine import multiplies_bf16_natively
@@ -299,65 +299,19 @@ def _train_problems(cfg: Config) -> list[str]:
         out.append("`dataset` is required for training (a name from dataset_info.json or a file path)")
     if not t.output_dir:
         out.append("`output_dir` is required: where the trained model, logs and checkpoints go")
-    if d.train_on_prompt and d.mask_history:
-        out.append("`train_on_prompt` and `mask_history` contradict each other; set only one")
     if t.gradient_checkpointing_every < 1 or (t.gradient_checkpointing_every > 1
                                               and t.gradient_checkpointing_scope == "attention"):
         out.append("`gradient_checkpointing_every` must be 1 or more, and above 1 only with "
                    f"gradient_checkpointing_scope layers or selective; got {t.gradient_checkpointing_every}")
-    if d.cutoff_len < 2:
-        out.append(f"`cutoff_len` must be at least 2; got {d.cutoff_len}")
-    if d.mix_strategy not in ("concat", "interleave_under", "interleave_over", "interleave_once"):
-        out.append(f"`mix_strategy` must be concat, interleave_under, interleave_over or interleave_once; got "
-                   f"{d.mix_strategy!r}")
-    out += _interleave_problems(d)
+    out += _data_problems(cfg) + _evaluation_problems(cfg)
     known = stage is not None and stage.built  # the rules below ask the table about the stage
     lm_stages = names(lambda s: s.language_modelling)
-    if known and d.eval_on_each_dataset and not stage.language_modelling:
-        out.append(f"`eval_on_each_dataset` is built for stages {lm_stages}; stage {f.stage} evaluates all sets "
-                   "together")
-    if d.eval_on_each_dataset and (t.load_best_model_at_end or f.early_stopping_steps) and \
-            not (t.metric_for_best_model or "").startswith("eval_"):
-        out.append("with `eval_on_each_dataset` every set reports its own metrics (eval_<dataset>_loss, ...); set "
-                   "`metric_for_best_model` to one of them, e.g. eval_<dataset>_loss")
-    if t.length_grouped and (_packs(cfg) or d.streaming):
-        key, pt = t.length_grouping_key, stage is not None and stage.data == "pt"
-        out.append(f"{key} sorts the dataset's rows by length, which " +
-                   (f"a stream never holds whole: remove {key} or `streaming`" if d.streaming else
-                    f"stage pt's blocks of cutoff_len tokens all share: remove {key}" if pt else
-                    f"packed rows all share (about cutoff_len): set `packing: false` or remove {key}"))
-    if t.group_by_length and t.train_sampling_strategy == "sequential":
-        out.append("`group_by_length: true` and `train_sampling_strategy: sequential` contradict each other; set one")
-    if known and d.streaming:
-        from .data.stream import check_options
-
-        out += check_options(cfg, stage)
-    if not 0 <= d.val_size:
-        out.append(f"`val_size` must be a fraction in [0, 1) or a count of examples; got {d.val_size}")
     if t.bf16 and t.fp16:
         out.append("`bf16` and `fp16` are both true; pick one mixed-precision mode")
     if m.upcast_layernorm and f.pure_bf16 and not (t.bf16 or t.fp16 or m.quantization_bit):
         out.append("`upcast_layernorm` with `pure_bf16` needs `bf16: true`: the fp32 norms' outputs reach bf16 "
                    "weights, which only autocast multiplies")
     out += _schedule_problems(t)
-    has_eval_data = bool(d.val_size or d.eval_dataset)
-    if t.load_best_model_at_end and t.eval_strategy == "no":
-        out.append("`load_best_model_at_end` needs evaluations during training: set `eval_strategy: steps` or "
-                   "`epoch`, and `val_size` or `eval_dataset`")
-    if f.early_stopping_steps and t.eval_strategy == "no":
-        out.append("`early_stopping_steps` needs evaluations during training: set `eval_strategy: steps` (with "
-                   "`eval_steps`) or `epoch`, and `val_size` or `eval_dataset`")
-    for key, wanted in (("eval_strategy", t.eval_strategy != "no"), ("do_eval", t.do_eval),
-                        ("do_predict", t.do_predict)):
-        if wanted and not has_eval_data:
-            out.append(f"`{key}` needs evaluation data: set `val_size` (e.g. 0.1) or `eval_dataset`")
-    if known and t.do_predict and not stage.predicts:
-        built = [s for s in STAGES.values() if s.predicts]
-        out.append("`do_predict` is built for stages " + ", ".join(f"{s.name} ({s.predicts})" for s in built[:-1])
-                   + f" and {built[-1].name} ({built[-1].predicts}), not {f.stage}")
-    if known and t.predict_metric and stage.data != "lm":
-        out.append(f"`predict_metric` scores the answers that stage sft generates with do_predict; stage {f.stage} "
-                   "generates none, so remove it")
     if known and f.use_dft_loss and not stage.language_modelling:
         out.append(f"`use_dft_loss` weights token losses of stages {lm_stages}; stage {f.stage} has none")
     if known and f.compute_accuracy and not stage.language_modelling:
@@ -378,6 +332,70 @@ def _train_problems(cfg: Config) -> list[str]:
     from .train.sharding import problems as sharding_problems
 
     return out + _foreign_key_problems(cfg) + check_adapters(cfg) + check_optimizer(cfg) + sharding_problems(cfg)
+
+
+def _data_problems(cfg: Config) -> list[str]:
+    """The data keys' rules for training: masking, lengths, mixing, grouping, streaming, the validation split."""
+    d, t, stage, out = cfg.data, cfg.train, _stage(cfg), []
+    known = stage is not None and stage.built  # the rules below ask the table about the stage
+    if d.train_on_prompt and d.mask_history:
+        out.append("`train_on_prompt` and `mask_history` contradict each other; set only one")
+    if d.cutoff_len < 2:
+        out.append(f"`cutoff_len` must be at least 2; got {d.cutoff_len}")
+    if d.mix_strategy not in ("concat", "interleave_under", "interleave_over", "interleave_once"):
+        out.append(f"`mix_strategy` must be concat, interleave_under, interleave_over or interleave_once; got "
+                   f"{d.mix_strategy!r}")
+    out += _interleave_problems(d)
+    if t.length_grouped and (_packs(cfg) or d.streaming):
+        key, pt = t.length_grouping_key, stage is not None and stage.data == "pt"
+        out.append(f"{key} sorts the dataset's rows by length, which " +
+                   (f"a stream never holds whole: remove {key} or `streaming`" if d.streaming else
+                    f"stage pt's blocks of cutoff_len tokens all share: remove {key}" if pt else
+                    f"packed rows all share (about cutoff_len): set `packing: false` or remove {key}"))
+    if t.group_by_length and t.train_sampling_strategy == "sequential":
+        out.append("`group_by_length: true` and `train_sampling_strategy: sequential` contradict each other; set one")
+    if known and d.streaming:
+        from .data.stream import check_options
+
+        out += check_options(cfg, stage)
+    if not 0 <= d.val_size:
+        out.append(f"`val_size` must be a fraction in [0, 1) or a count of examples; got {d.val_size}")
+    return out
+
+
+def _evaluation_problems(cfg: Config) -> list[str]:
+    """Evaluation during and after training and prediction: each needs evaluation data and a stage that has it."""
+    from .train.stages import STAGES, names
+
+    d, f, t, stage, out = cfg.data, cfg.finetune, cfg.train, _stage(cfg), []
+    known = stage is not None and stage.built
+    lm_stages = names(lambda s: s.language_modelling)
+    if known and d.eval_on_each_dataset and not stage.language_modelling:
+        out.append(f"`eval_on_each_dataset` is built for stages {lm_stages}; stage {f.stage} evaluates all sets "
+                   "together")
+    if d.eval_on_each_dataset and (t.load_best_model_at_end or f.early_stopping_steps) and \
+            not (t.metric_for_best_model or "").startswith("eval_"):
+        out.append("with `eval_on_each_dataset` every set reports its own metrics (eval_<dataset>_loss, ...); set "
+                   "`metric_for_best_model` to one of them, e.g. eval_<dataset>_loss")
+    has_eval_data = bool(d.val_size or d.eval_dataset)
+    if t.load_best_model_at_end and t.eval_strategy == "no":
+        out.append("`load_best_model_at_end` needs evaluations during training: set `eval_strategy: steps` or "
+                   "`epoch`, and `val_size` or `eval_dataset`")
+    if f.early_stopping_steps and t.eval_strategy == "no":
+        out.append("`early_stopping_steps` needs evaluations during training: set `eval_strategy: steps` (with "
+                   "`eval_steps`) or `epoch`, and `val_size` or `eval_dataset`")
+    for key, wanted in (("eval_strategy", t.eval_strategy != "no"), ("do_eval", t.do_eval),
+                        ("do_predict", t.do_predict)):
+        if wanted and not has_eval_data:
+            out.append(f"`{key}` needs evaluation data: set `val_size` (e.g. 0.1) or `eval_dataset`")
+    if known and t.do_predict and not stage.predicts:
+        built = [s for s in STAGES.values() if s.predicts]
+        out.append("`do_predict` is built for stages " + ", ".join(f"{s.name} ({s.predicts})" for s in built[:-1])
+                   + f" and {built[-1].name} ({built[-1].predicts}), not {f.stage}")
+    if known and t.predict_metric and stage.data != "lm":
+        out.append(f"`predict_metric` scores the answers that stage sft generates with do_predict; stage {f.stage} "
+                   "generates none, so remove it")
+    return out
 
 
 def _literal_problems(cfg: Config) -> list[str]:
