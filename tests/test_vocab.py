@@ -66,6 +66,29 @@ def test_new_rows_start_from_the_old_rows_and_are_the_same_on_every_load(tiny_mo
     assert 1 / 1.5 < spread * math.sqrt(new.shape[1]) < 1.5
 
 
+def test_new_tokens_take_the_spare_rows_of_a_padded_embedding(tmp_path):
+    """Qwen2 pads its tokenizer's 151,665 tokens to 151,936 rows: new tokens take spare rows, which are set as
+    init_special_tokens says, and nothing grows."""
+    from conftest import build_llama, build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path)
+    known = len(tokenizer)
+    build_llama(tmp_path, known + 8)
+    descriptions = tmp_path / "tokens.yaml"
+    descriptions.write_text("<think>: What is two plus two\n", encoding="utf-8")
+    base = load_base_model(model_args(str(tmp_path))).get_input_embeddings().weight
+    args = model_args(str(tmp_path), add_tokens="zorp", new_special_tokens_config=str(descriptions),
+                      init_special_tokens="desc_init")
+    model = load_base_model(args)
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == known + 8 and load_tokenizer(args).convert_tokens_to_ids(["zorp", "<think>"]) == \
+        [known, known + 1]
+    torch.testing.assert_close(weight[known], base[:known].mean(0))  # the mean of the trained rows only
+    think = tokenizer("What is two plus two", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(weight[known + 1], base[think].mean(0))
+    assert torch.equal(weight[known + 2:], base[known + 2:]) and torch.equal(weight[:known], base[:known])
+
+
 def test_lora_trains_only_the_new_rows_and_the_adapter_loads_in_plain_peft(tiny_model, tmp_path):
     from peft import PeftModel
     from safetensors import safe_open

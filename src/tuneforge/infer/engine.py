@@ -47,8 +47,8 @@ class Engine:
         self.tokenizer = tokenizer or load_tokenizer(cfg.model)
         if model is None:
             dtype = inference_dtype(cfg.model)
-            # quantised with quantization_bit
-            model = load_base_model(cfg.model, dtype=dtype, compute_dtype=dtype, cutoff_len=cfg.data.cutoff_len)
+            model = load_base_model(cfg.model, dtype=dtype, compute_dtype=dtype,  # quantised with quantization_bit
+                                    cutoff_len=cfg.data.cutoff_len)
             model = attach_adapters(model, cfg.model, cfg.finetune, is_trainable=False)
         self.model = model.eval()
         self.template = get_template(cfg.data.template, self.tokenizer, cfg.data.enable_thinking)

@@ -170,6 +170,14 @@ def _offline_hint(name: str, err: Exception) -> ModelError:
 
 
 def load_tokenizer(model_args):
+    """The model's tokenizer with the new tokens of `model_args` and of its adapter (models/vocab.py)."""
+    tokenizer = base_tokenizer(model_args)
+    vocab.extend_tokenizer(tokenizer, model_args)
+    return tokenizer
+
+
+def base_tokenizer(model_args):
+    """The model's own tokenizer, padding on the right (eos pads where it has no pad token)."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model_args.model_name_or_path)
@@ -182,7 +190,6 @@ def load_tokenizer(model_args):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    vocab.extend_tokenizer(tokenizer, model_args)
     return tokenizer
 
 
@@ -221,7 +228,7 @@ def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtyp
     except OSError as err:
         raise _offline_hint(model_args.model_name_or_path, err) from None
     if vocab.needs_tokenizer(model_args):
-        vocab.grow_embeddings(model, load_tokenizer(model_args), model_args)
+        vocab.grow_embeddings(model, model_args)
     return model
 
 

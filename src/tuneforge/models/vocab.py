@@ -130,29 +130,38 @@ def _tied(model) -> bool:
     return head is not None and head.weight is model.get_input_embeddings().weight
 
 
-def grow_embeddings(model, tokenizer, model_args) -> int:
-    """One embedding (and output-head) row per token the tokenizer has beyond the model's rows; the count of rows
-    added. Exactly that many, where LLaMA-Factory pads to a multiple of 64: a padding row has no token, never
-    trains, and would still take probability when the model samples."""
-    from .load import ModelError
+def grow_embeddings(model, model_args) -> list[int]:
+    """Rows for the new tokens, initialised as `init_special_tokens` says; returns their ids.
 
-    old = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) <= old:
-        return 0
-    if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
-        raise ModelError(f"{type(model).__name__}'s output head is not a plain linear layer, so its vocabulary "
-                         "cannot grow; remove the new tokens")
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below, as init_special_tokens says
+    The embeddings (and an untied head) grow to the extended tokenizer's length, exactly, where LLaMA-Factory pads
+    to a multiple of 64: a padding row has no token, never trains, and would still take probability when the model
+    samples. Where the model already has rows past its tokenizer (Qwen2 pads its 151,665 tokens to 151,936 rows),
+    new tokens take those rows, which are set here too (LLaMA-Factory leaves them as they were)."""
+    from .load import ModelError, base_tokenizer
+
+    tokenizer = base_tokenizer(model_args)
+    known = len(tokenizer)
+    extend_tokenizer(tokenizer, model_args)
+    rows = model.get_input_embeddings().weight.shape[0]
+    targets = sorted(set(range(known, len(tokenizer))) | set(range(rows, len(tokenizer))))
+    if not targets:
+        return []
+    if len(tokenizer) > rows:
+        if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
+            raise ModelError(f"{type(model).__name__}'s output head is not a plain linear layer, so its vocabulary "
+                             "cannot grow; remove the new tokens")
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the rows are set below
     matrices = [model.get_input_embeddings().weight]
     if not _tied(model):
         matrices.append(model.get_output_embeddings().weight)
+    old = min(known, rows)  # the rows of tokens the model was trained with
     descriptions = new_tokens(model_args).descriptions if model_args.init_special_tokens != "noise_init" else {}
-    tokens = tokenizer.convert_ids_to_tokens(list(range(old, len(tokenizer))))
-    sources = [_description_ids(tokenizer, descriptions.get(token), old) for token in tokens]
+    sources = [_description_ids(tokenizer, descriptions.get(token), old)
+               for token in tokenizer.convert_ids_to_tokens(targets)]
     with torch.no_grad():
         for matrix in matrices:
-            _initialise_rows(matrix, old, sources, noise=model_args.init_special_tokens != "desc_init")
-    return len(tokenizer) - old
+            _initialise_rows(matrix, targets, sources, old, noise=model_args.init_special_tokens != "desc_init")
+    return targets
 
 
 def _description_ids(tokenizer, description: str | None, old: int) -> list[int]:
@@ -162,16 +171,17 @@ def _description_ids(tokenizer, description: str | None, old: int) -> list[int]:
     return ids or list(range(old))
 
 
-def _initialise_rows(matrix: torch.Tensor, old: int, sources: list[list[int]], noise: bool) -> None:
-    """Each new row: the mean of its source rows (in fp32), plus N(0, 1/dim) noise when `noise`, as LLaMA-Factory's
-    noise_init, desc_init and desc_init_w_noise do."""
+def _initialise_rows(matrix: torch.Tensor, targets: list[int], sources: list[list[int]], old: int,
+                     noise: bool) -> None:
+    """Each target row: the mean of its source rows (in fp32), plus N(0, 1/dim) noise when `noise`, as
+    LLaMA-Factory's noise_init, desc_init and desc_init_w_noise do."""
     generator = torch.Generator().manual_seed(INIT_SEED)
     every = matrix[:old].float().mean(0)
-    for k, ids in enumerate(sources):
+    for target, ids in zip(targets, sources):
         row = every if len(ids) == old else matrix[ids].float().mean(0)
         if noise:
             row = row + torch.randn(matrix.shape[1], generator=generator) / math.sqrt(matrix.shape[1])
-        matrix[old + k] = row.to(matrix.dtype)
+        matrix[target] = row.to(matrix.dtype)
 
 
 def adapter_settings(model, tokenizer, model_args, finetune_args) -> dict:
