@@ -119,3 +119,56 @@ def test_dft_weights_each_token_by_its_detached_probability():
     assert torch.allclose(total, (losses * probs).sum())
     assert torch.allclose(losses.grad, probs)  # the weight scales the gradient and is not differentiated
 
+
+
+def test_eaft_weights_each_token_by_its_top20_entropy_and_lowers_the_plain_loss(tiny_model, alpaca_file,
+                                                                                 tmp_path):
+    """LLaMA-Factory's EAFT: a token's loss times (H / 3) ** alpha, detached, H the entropy over the 20 largest
+    logits. The module's training loss equals that formula on the model's own logits, with autograd's gradient
+    through the loss only; and training with it lowers the plain evaluation loss."""
+    from tuneforge.config import build_config
+    from tuneforge.data.collate import PadCollator
+    from tuneforge.models.load import load_base_model, load_tokenizer
+    from tuneforge.train.losses import CausalLMLoss
+
+    cfg = build_config(train_config(tiny_model, alpaca_file, tmp_path), source="test")
+    tokenizer, model = load_tokenizer(cfg.model), load_base_model(cfg.model)
+    batch = PadCollator(tokenizer.pad_token_id)([{"input_ids": list(range(5, 17)), "labels": [-100] * 4 +
+                                                  list(range(9, 17))}])
+    module = CausalLMLoss(model, chunk_size=3, eaft_alpha=0.5).train()  # 7 targets in chunks of 3
+    loss, _ = module(batch["input_ids"], batch["labels"])
+    loss.backward()
+    fused_grad = model.model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+
+    logits = model(input_ids=batch["input_ids"]).logits[0, 3:-1]  # the positions that predict the 8 targets
+    targets = batch["labels"][0, 4:]
+    top = torch.topk(logits.detach(), 20, dim=-1).values
+    p = torch.softmax(top, dim=-1)
+    weight = (-(p * p.log()).sum(-1) / 3.0) ** 0.5
+    expected = (torch.nn.functional.cross_entropy(logits, targets, reduction="none") * weight).sum()
+    expected.backward()
+    # the same float32 logits and sums in another order (the module's chunks): ~1e-6 of a loss of ~20
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert 0 < weight.min() and weight.max() <= 1.0001  # ln 20 / 3 = 0.9986: at most ~1
+    # float32 gradients summed in another order: measured 1.7e-6 apart at most, for entries up to ~0.3; a weight
+    # that took a gradient itself, or a token left unweighted, moves them by percents
+    torch.testing.assert_close(fused_grad, model.model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-5)
+
+    common = dict(val_size=6, do_eval=True, finetuning_type="full", learning_rate=3e-3, lr_scheduler_type="constant")
+    before = run_training(train_config(tiny_model, alpaca_file, tmp_path / "base", do_train=False, **common))
+    after = run_training(train_config(tiny_model, alpaca_file, tmp_path / "eaft", max_steps=20, use_eaft_loss=True,
+                                      **common))
+    assert after["eval_loss"] < before["eval_loss"] - 0.3, (before, after)  # see EXTRAS for the 0.3
+
+
+def test_eaft_settings_are_checked(tiny_model, tmp_path):
+    from tuneforge.config import build_config, problems
+
+    def found(**values) -> list[str]:
+        return problems(build_config(train_config(tiny_model, "x.jsonl", tmp_path, **values), source="test"))
+
+    assert any("weight the same token losses two ways" in p for p in found(use_eaft_loss=True, use_dft_loss=True))
+    assert any("`eaft_alpha` is the exponent" in p for p in found(use_eaft_loss=True, eaft_alpha=-1.0))
+    assert any("`use_eaft_loss` weights token losses of stages" in p for p in found(use_eaft_loss=True, stage="rm"))
+    assert found(use_eaft_loss=True, eaft_alpha=0.5) == []

@@ -122,6 +122,10 @@ class FinetuneArgs:
     use_llama_pro: bool = False  # freeze: train the evenly spaced blocks that scripts/llama_pro.py-style expansion
     # added (every (layers / freeze_trainable_layers)-th block) instead of the last ones
     use_dft_loss: bool = False  # pt / sft: each target token's loss weighted by its own (detached) probability
+    # pt / sft: each target token's loss weighted by (H / 3) ** eaft_alpha, detached, where H is the entropy of the
+    # model's prediction renormalised over its 20 likeliest tokens (3 is about ln 20, their largest entropy)
+    use_eaft_loss: bool = False
+    eaft_alpha: float = 1.0
     # Optimizer extras (galore-torch, apollo-torch, adam-mini, badam packages; Muon from torch). GaLore / APOLLO
     # project the gradients of the 2-D weights of `*_target` modules (all: every linear layer) to `*_rank`.
     use_galore: bool = False
@@ -355,10 +359,8 @@ LLAMAFACTORY_ONLY = [
     ("use_mca", "bool", False, "Megatron-Core training (mcore_adapter) needs NVIDIA GPUs; not built"),
     ("use_hyper_parallel", "bool", False, "HyperParallel " + _NOT_BUILT),
     ("hyper_parallel_args", "str | None", None, "HyperParallel " + _NOT_BUILT),
-    ("use_asft_loss", "bool", False, "the ASFT loss " + _NOT_BUILT + " (use_dft_loss is built)"),
-    ("asft_alpha", "float", 0.1, "the ASFT loss " + _NOT_BUILT + " (use_dft_loss is built)"),
-    ("use_eaft_loss", "bool", False, "the EAFT loss " + _NOT_BUILT + " (use_dft_loss is built)"),
-    ("eaft_alpha", "float", 1.0, "the EAFT loss " + _NOT_BUILT + " (use_dft_loss is built)"),
+    ("use_asft_loss", "bool", False, "the ASFT loss " + _NOT_BUILT + " (use_dft_loss and use_eaft_loss are built)"),
+    ("asft_alpha", "float", 0.1, "the ASFT loss " + _NOT_BUILT + " (use_dft_loss and use_eaft_loss are built)"),
     ("include_effective_tokens_per_second", "bool", False, "trainer_log.jsonl reports tokens/s already; remove it"),
     ("max_length", "int", 1024, "generation length is `max_new_tokens`; use it instead"),
     ("adapter_folder", "str | None", None, "adapter_folder " + _NOT_BUILT + "; use adapter_name_or_path"),

@@ -223,8 +223,8 @@ def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtyp
         if model_args.train_from_scratch:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attention,
-                                                         **hub, **placed)
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                         attn_implementation=attention, **hub, **placed)
     except OSError as err:
         raise _offline_hint(model_args.model_name_or_path, err) from None
     if vocab.needs_tokenizer(model_args):

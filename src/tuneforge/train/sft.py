@@ -50,7 +50,8 @@ def run(cfg) -> dict:
         packed = f" (packed into {len(data.train)} rows)" if len(data.train) != data.num_train_examples else ""
         trained = f"{data.num_train_examples} training examples{packed}"
     accelerator.print(f"[tuneforge] {trained}, {_count(data.eval)} evaluation examples")
-    module = CausalLMLoss(model, head_chunk_size(t), compute_accuracy=f.compute_accuracy, dft=f.use_dft_loss)
+    module = CausalLMLoss(model, head_chunk_size(t), compute_accuracy=f.compute_accuracy, dft=f.use_dft_loss,
+                          eaft_alpha=f.eaft_alpha if f.use_eaft_loss else None)
     results = train_and_evaluate(cfg, module, tokenizer, data.train, data.eval, accelerator, resume,
                                  PadCollator(tokenizer.pad_token_id))
     if t.do_predict and accelerator.is_main_process:
