@@ -275,3 +275,21 @@ def chunked_token_losses_kept(hidden, head, labels):
                                                   lambda t: t):
         out = chunked_token_losses(hidden, head, labels)
     return out, sum(saved)
+
+
+def test_tied_embeddings_train_as_one_copy_or_are_refused(tmp_path):
+    """SmolLM2 ties its head to its embeddings. LoRA's whole-embedding training (additional_target, or resize_vocab
+    without listed tokens) keeps one trained copy for both; OFT, which PEFT cannot keep tied, is refused."""
+    from tuneforge.models.adapters import setup_trainable
+    from tuneforge.models.load import ModelError
+
+    def trained(**values) -> list[str]:
+        cfg = build_config(train_config("smollm2-135m-instruct", "x.jsonl", tmp_path, **values), source="test")
+        model = setup_trainable(load_base_model(cfg.model), cfg.model, cfg.finetune)
+        return [name for name, p in model.named_parameters() if p.requires_grad and "modules_to_save" in name]
+
+    one = ["base_model.model.model.embed_tokens.modules_to_save.default.weight"]
+    assert trained(additional_target="embed_tokens,lm_head") == one
+    assert trained(resize_vocab=True) == one
+    with pytest.raises(ModelError, match="would train the tied embeddings and head as two copies"):
+        trained(resize_vocab=True, finetuning_type="oft", oft_block_size=16)

@@ -95,6 +95,8 @@ def lora_config(model, args, embeddings: dict | None = None):
     # PEFT with `pissa_iter` fast-SVD iterations, or exactly with -1
     init = True if not args.pissa_init else "pissa" if args.pissa_iter == -1 else f"pissa_niter_{args.pissa_iter}"
     saved = {"modules_to_save": _split(args.additional_target) or None, **(embeddings or {})}
+    if vocab.tied_embedding_names(model) & set(saved["modules_to_save"] or []):
+        saved["ensure_weight_tying"] = True  # else PEFT trains the tied embedding and head as two copies
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
                       lora_dropout=args.lora_dropout, target_modules=_targets(model, args.lora_target, "lora_target",
                                                                               args),

@@ -201,7 +201,18 @@ def adapter_settings(model, tokenizer, model_args, finetune_args) -> dict:
         ids = sorted(set(tokenizer.convert_tokens_to_ids(list(listed))))
         # a tied head shares the embedding's trainable rows (PEFT ties them itself); an untied one trains its own
         return {"trainable_token_indices": {name: ids for name in (names[:1] if tied else names)}}
-    return {"modules_to_save": names, **({"ensure_weight_tying": True} if tied else {})}
+    if tied and finetune_args.finetuning_type != "lora":
+        from .load import ModelError
+
+        raise ModelError(f"finetuning_type {finetune_args.finetuning_type} would train the tied embeddings and "
+                         "head as two copies (PEFT keeps them tied for LoRA only); use finetuning_type: lora with "
+                         "the new tokens")
+    return {"modules_to_save": names}  # lora_config keeps tied ones tied
+
+
+def tied_embedding_names(model) -> set[str]:
+    """Leaf names of the embedding and the head when they share one weight, else none."""
+    return set(_embedding_names(model)) if _tied(model) else set()
 
 
 def _embedding_names(model) -> list[str]:

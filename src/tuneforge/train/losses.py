@@ -126,10 +126,9 @@ def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: to
     at a time.
 
     A frozen linear head (LoRA, freeze; under LoRA also one whose new tokens' rows train) takes
-    _FrozenHeadCrossEntropy, 128 rows at a time: no logits kept, none
-    recomputed. Otherwise (a trainable head: full fine-tuning), when there is more than one chunk, each chunk's
-    logits are recomputed in the backward pass instead of kept, so at most one chunk of full-vocabulary fp32 logits
-    exists at any moment.
+    _FrozenHeadCrossEntropy, 128 rows at a time: no logits kept, none recomputed. Otherwise (a trainable head: full
+    fine-tuning), when there is more than one chunk, each chunk's logits are recomputed in the backward pass instead
+    of kept, so at most one chunk of full-vocabulary fp32 logits exists at any moment.
     """
     fused = _fused_head(head, hidden)
     if fused is not None:
