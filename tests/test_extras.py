@@ -168,7 +168,69 @@ def test_eaft_settings_are_checked(tiny_model, tmp_path):
     def found(**values) -> list[str]:
         return problems(build_config(train_config(tiny_model, "x.jsonl", tmp_path, **values), source="test"))
 
-    assert any("weight the same token losses two ways" in p for p in found(use_eaft_loss=True, use_dft_loss=True))
+    assert any("weight the same token losses in different ways" in p
+               for p in found(use_eaft_loss=True, use_dft_loss=True))
     assert any("`eaft_alpha` is the exponent" in p for p in found(use_eaft_loss=True, eaft_alpha=-1.0))
     assert any("`use_eaft_loss` weights token losses of stages" in p for p in found(use_eaft_loss=True, stage="rm"))
     assert found(use_eaft_loss=True, eaft_alpha=0.5) == []
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_asft_is_dft_plus_a_kl_to_the_starting_model(tiny_model, alpaca_file, tmp_path, kind):
+    """LLaMA-Factory's ASFT per target token: p_y * CE (p_y detached) + alpha * KL(q || p), q the starting model's
+    prediction (LoRA: the adapter switched off; full: a frozen copy). Checked against that formula on both models'
+    own logits, in value and gradient, with a policy that has moved away from the reference."""
+    from peft import LoraConfig, get_peft_model
+
+    from tuneforge.config import build_config
+    from tuneforge.data.collate import PadCollator
+    from tuneforge.models.load import load_base_model, load_tokenizer
+    from tuneforge.train import asft
+    from tuneforge.train.losses import CausalLMLoss
+
+    cfg = build_config(train_config(tiny_model, alpaca_file, tmp_path), source="test")
+    tokenizer, reference = load_tokenizer(cfg.model), load_base_model(cfg.model).eval()
+    torch.manual_seed(0)
+    if kind == "lora":  # random A and B: the adapter moves every projection
+        policy, ref_arg = get_peft_model(load_base_model(cfg.model), LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)), None
+    else:
+        policy, ref_arg = load_base_model(cfg.model), reference
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    module = asft.AnchoredLMLoss(CausalLMLoss(policy), alpha=0.3, reference=ref_arg).train()
+    batch = PadCollator(tokenizer.pad_token_id)([{"input_ids": list(range(5, 17)),
+                                                  "labels": [-100] * 4 + list(range(9, 17))}])
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    loss, _ = module(batch["input_ids"], batch["labels"])
+    grads = torch.autograd.grad(loss, trainable)
+
+    targets = batch["labels"][0, 1:] != -100  # the 8 positions that predict a target (the collator pads the row)
+    logits = policy(input_ids=batch["input_ids"]).logits[0, :-1][targets]
+    with torch.no_grad():
+        if kind == "lora":
+            with policy.disable_adapter():
+                ref_logits = policy(input_ids=batch["input_ids"]).logits[0, :-1][targets]
+        else:
+            ref_logits = reference(input_ids=batch["input_ids"]).logits[0, :-1][targets]
+    ce = torch.nn.functional.cross_entropy(logits, batch["labels"][0, 1:][targets], reduction="none")
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref_logits.softmax(-1), reduction="none").sum(-1)
+    expected = (ce * torch.exp(-ce).detach()).sum() + 0.3 * kl.sum()
+    assert kl.sum() > 0.01  # the policy has moved: the KL term is in play
+    # the same float32 logits, summed in another order: ~1e-6 of a loss of ~10
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(expected, trainable)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)  # as in the EAFT test: summation order only
+
+    module.eval()  # evaluation reports the plain loss
+    plain, _ = CausalLMLoss(policy).eval()(batch["input_ids"], batch["labels"])
+    assert module(batch["input_ids"], batch["labels"])[0].item() == pytest.approx(plain.item())
+
+
+def test_asft_trains(tiny_model, alpaca_file, tmp_path):
+    common = dict(val_size=6, do_eval=True, learning_rate=1e-2, lr_scheduler_type="constant")
+    before = run_training(train_config(tiny_model, alpaca_file, tmp_path / "base", do_train=False, **common))
+    after = run_training(train_config(tiny_model, alpaca_file, tmp_path / "asft", max_steps=20, use_asft_loss=True,
+                                      asft_alpha=0.05, **common))
+    assert after["eval_loss"] < before["eval_loss"] - 0.3, (before, after)  # see EXTRAS for the 0.3

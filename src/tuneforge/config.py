@@ -312,11 +312,14 @@ def _train_problems(cfg: Config) -> list[str]:
         out.append("`upcast_layernorm` with `pure_bf16` needs `bf16: true`: the fp32 norms' outputs reach bf16 "
                    "weights, which only autocast multiplies")
     out += _schedule_problems(t)
-    for key, on in (("use_dft_loss", f.use_dft_loss), ("use_eaft_loss", f.use_eaft_loss)):
-        if known and on and not stage.language_modelling:
+    weightings = [key for key, on in (("use_dft_loss", f.use_dft_loss), ("use_eaft_loss", f.use_eaft_loss),
+                                      ("use_asft_loss", f.use_asft_loss)) if on]
+    for key in weightings:
+        if known and not stage.language_modelling:
             out.append(f"`{key}` weights token losses of stages {lm_stages}; stage {f.stage} has none")
-    if f.use_dft_loss and f.use_eaft_loss:
-        out.append("`use_dft_loss` and `use_eaft_loss` weight the same token losses two ways; set one")
+    if len(weightings) > 1:
+        out.append(f"{' and '.join(f'`{k}`' for k in weightings)} weight the same token losses in different ways; "
+                   "set one")
     if f.use_eaft_loss and f.eaft_alpha < 0:
         out.append(f"`eaft_alpha` is the exponent of EAFT's entropy weight, 0 or more; got {f.eaft_alpha}")
     if known and f.compute_accuracy and not stage.language_modelling:

@@ -126,6 +126,10 @@ class FinetuneArgs:
     # model's prediction renormalised over its 20 likeliest tokens (3 is about ln 20, their largest entropy)
     use_eaft_loss: bool = False
     eaft_alpha: float = 1.0
+    # pt / sft: DFT's weighted token loss plus asft_alpha * KL(reference || model) per target token, the reference
+    # being the starting model (train/asft.py)
+    use_asft_loss: bool = False
+    asft_alpha: float = 0.1
     # Optimizer extras (galore-torch, apollo-torch, adam-mini, badam packages; Muon from torch). GaLore / APOLLO
     # project the gradients of the 2-D weights of `*_target` modules (all: every linear layer) to `*_rank`.
     use_galore: bool = False
@@ -359,8 +363,6 @@ LLAMAFACTORY_ONLY = [
     ("use_mca", "bool", False, "Megatron-Core training (mcore_adapter) needs NVIDIA GPUs; not built"),
     ("use_hyper_parallel", "bool", False, "HyperParallel " + _NOT_BUILT),
     ("hyper_parallel_args", "str | None", None, "HyperParallel " + _NOT_BUILT),
-    ("use_asft_loss", "bool", False, "the ASFT loss " + _NOT_BUILT + " (use_dft_loss and use_eaft_loss are built)"),
-    ("asft_alpha", "float", 0.1, "the ASFT loss " + _NOT_BUILT + " (use_dft_loss and use_eaft_loss are built)"),
     ("include_effective_tokens_per_second", "bool", False, "trainer_log.jsonl reports tokens/s already; remove it"),
     ("max_length", "int", 1024, "generation length is `max_new_tokens`; use it instead"),
     ("adapter_folder", "str | None", None, "adapter_folder " + _NOT_BUILT + "; use adapter_name_or_path"),

@@ -11,7 +11,8 @@ from pathlib import Path
 from ..data import prepare_lm_data
 from ..data.collate import PadCollator
 from ..infer.engine import Engine
-from .common import guard_output_dir, prepare_model, start, train_and_evaluate
+from .asft import AnchoredLMLoss
+from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
 from .logging import write_results
 from .losses import CausalLMLoss, head_chunk_size
 from ..user_code import load_user_function
@@ -52,6 +53,8 @@ def run(cfg) -> dict:
     accelerator.print(f"[tuneforge] {trained}, {_count(data.eval)} evaluation examples")
     module = CausalLMLoss(model, head_chunk_size(t), compute_accuracy=f.compute_accuracy, dft=f.use_dft_loss,
                           eaft_alpha=f.eaft_alpha if f.use_eaft_loss else None)
+    if f.use_asft_loss and t.do_train:
+        module = AnchoredLMLoss(module, f.asft_alpha, reference_model(cfg))
     results = train_and_evaluate(cfg, module, tokenizer, data.train, data.eval, accelerator, resume,
                                  PadCollator(tokenizer.pad_token_id))
     if t.do_predict and accelerator.is_main_process:
