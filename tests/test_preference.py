@@ -4,6 +4,7 @@ rules."""
 import json
 
 import pytest
+import torch
 from conftest import LOGGED_LOSS, read_log, run_training, train_config, write_jsonl
 
 from tuneforge.data.registry import DataError
@@ -136,3 +137,33 @@ def test_reward_model_full_finetuning(tiny_model, pref_data, tmp_path):
     log = [r for r in read_log(out) if "loss" in r]
     assert log[-1]["loss"] < log[0]["loss"] and results["eval_accuracy"] >= 0.9
     assert (out / "value_head.safetensors").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_ld_dpo_weighs_the_longer_answers_extra_tokens_by_ld_alpha(tiny_model, pref_data, tmp_path):
+    """LD-DPO: of each pair, the tokens past the shorter answer's count weigh ld_alpha in the policy's log-probability
+    (here chosen answers are 3 and 5 target tokens, their rejected ones 4 and 2). Checked against the per-token
+    log-probabilities of the model's own logits; then a run with it learns the preference."""
+    from tuneforge.config import build_config
+    from tuneforge.models.load import load_base_model
+    from tuneforge.train.losses import decoder_and_head, sequence_log_probs
+
+    model = load_base_model(build_config({"model_name_or_path": tiny_model}, source="test").model)
+    lengths = [3, 5, 4, 2]  # chosen 1, chosen 2, rejected 1, rejected 2
+    input_ids = torch.arange(5, 5 + 4 * 9).reshape(4, 9) % 300
+    labels = torch.full_like(input_ids, -100)
+    for row, n in enumerate(lengths):
+        labels[row, 2: 2 + n] = input_ids[row, 2: 2 + n]
+    with torch.no_grad():
+        sums, counts = sequence_log_probs(model, decoder_and_head(model), input_ids, labels, ld_alpha=0.25)
+        token_logps = model(input_ids=input_ids).logits[:, :-1].float().log_softmax(-1).gather(
+            -1, input_ids[:, 1:, None]).squeeze(-1)
+    shared = [3, 2, 3, 2]  # min(3, 4) and min(5, 2), for both rows of each pair
+    expected = [token_logps[row, 1: 1 + shared[row]].sum() + 0.25 * token_logps[row, 1 + shared[row]: 1 + n].sum()
+                for row, n in enumerate(lengths)]
+    assert counts.tolist() == lengths
+    # the same float32 log-probabilities summed in another order: ~1e-6 of sums of ~20
+    assert sums.tolist() == pytest.approx([e.item() for e in expected], rel=1e-5)
+
+    out = tmp_path / "out"
+    results = run_training(_config(tiny_model, pref_data, out, "dpo", pref_beta=0.5, ld_alpha=0.5))
+    assert results["eval_rewards/accuracies"] >= 0.9

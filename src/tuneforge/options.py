@@ -165,6 +165,9 @@ class FinetuneArgs:
     pref_loss: str = "sigmoid"
     dpo_label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
+    # dpo (LD-DPO): each answer's log-probability counts its first min(chosen, rejected) target tokens whole and the
+    # rest of the longer answer times ld_alpha (0-1), so length alone moves the margin less; the reference's are whole
+    ld_alpha: float | None = None
     kto_chosen_weight: float = 1.0
     kto_rejected_weight: float = 1.0
     precompute_ref_log_probs: bool = False  # dpo: run the reference once over the data before training
@@ -350,7 +353,6 @@ LLAMAFACTORY_ONLY = [
     ("pref_bco_weight", "float", 0.0, "the BCO loss term " + _NOT_BUILT),
     ("ref_model_quantization_bit", "int | None", None, "a quantised reference model " + _NOT_BUILT),
     ("reward_model_quantization_bit", "int | None", None, "a quantised reward model " + _NOT_BUILT),
-    ("ld_alpha", "float | None", None, "LD-DPO's length weighting " + _NOT_BUILT),
     ("use_swanlab", "bool", False, _SWANLAB),
     ("swanlab_project", "str | None", "llamafactory", _SWANLAB),
     ("swanlab_workspace", "str | None", None, _SWANLAB),

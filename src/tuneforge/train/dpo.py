@@ -46,7 +46,8 @@ class PreferenceLoss(torch.nn.Module):
 
     def forward(self, input_ids, labels, attention_mask=None, ref_chosen_logps=None, ref_rejected_logps=None):
         a = self.args
-        logps, average = self._select(*sequence_log_probs(self.model, self.split, input_ids, labels, attention_mask))
+        logps, average = self._select(*sequence_log_probs(self.model, self.split, input_ids, labels, attention_mask,
+                                                          ld_alpha=a.ld_alpha))
         chosen, rejected = logps.chunk(2)
         ref_chosen = ref_rejected = None
         if self.needs_reference:
@@ -85,6 +86,8 @@ def check(cfg) -> list[str]:
         out.append(f"`pref_loss: {f.pref_loss}` is not supported; choose one of {', '.join(PREF_LOSSES)}")
     if f.pref_loss == "ipo" and f.pref_beta <= 0:
         out.append("`pref_loss: ipo` needs `pref_beta` > 0")
+    if f.ld_alpha is not None and not 0 <= f.ld_alpha <= 1:
+        out.append(f"`ld_alpha` weighs the longer answer's extra tokens: it must be in [0, 1]; got {f.ld_alpha}")
     return out
 
 

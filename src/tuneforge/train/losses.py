@@ -195,12 +195,14 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: t
     return chunked_token_losses(hidden, head, labels, chunk_size).sum()
 
 
-def sequence_log_probs(model, split, input_ids, labels, attention_mask=None, chunk_size: int = 1024
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_log_probs(model, split, input_ids, labels, attention_mask=None, chunk_size: int = 1024,
+                       ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probabilities of each row's target tokens, number of target tokens per row).
 
     Like CausalLMLoss, the head runs only at target positions and in chunks recomputed in backward.
-    """
+    `ld_alpha` (LD-DPO; rows are chosen answers, then their rejected ones in the same order): a row's target tokens
+    past the shorter answer's count of its pair weigh ld_alpha. Counted in target tokens, where LLaMA-Factory counts
+    positions from the first target: the same for one answer turn."""
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     shift_labels = labels[:, 1:]
     targets = shift_labels != IGNORE
@@ -212,8 +214,13 @@ def sequence_log_probs(model, split, input_ids, labels, attention_mask=None, chu
         decoder, head = split
         hidden = decoder(**inputs).last_hidden_state[:, :-1][targets]
         token_logps = -chunked_token_losses(hidden, head, shift_labels[targets], chunk_size)
+    counts = targets.sum(1)
+    if ld_alpha is not None:
+        shared = torch.minimum(*counts.chunk(2)).repeat(2)  # each pair's shorter answer, for both of its rows
+        rank = (targets.cumsum(1) - 1)[targets]  # each target token's place among its row's targets
+        token_logps = token_logps * torch.where(rank < shared[row_of], 1.0, ld_alpha)
     sums = torch.zeros(labels.shape[0], device=labels.device, dtype=torch.float32).index_add(0, row_of, token_logps)
-    return sums, targets.sum(1)
+    return sums, counts
 
 
 @torch.no_grad()
