@@ -141,6 +141,8 @@ def test_sharding_keys_fail_in_one_line(tmp_path):
     assert "not valid JSON (line 1" in _problems(tmp_path, deepspeed=str(broken))
     assert "no such file" in _problems(tmp_path, deepspeed=str(missing))
     assert "`do_predict` with `fsdp` is not built" in _problems(tmp_path, fsdp="full_shard", do_predict=True)
+    assert "`upcast_layernorm` with `fsdp` is not built (FSDP shards a layer's parameters as one dtype" in \
+        _problems(tmp_path, fsdp="full_shard", upcast_layernorm=True, pure_bf16=True, bf16=True)
     good = tmp_path / "fsdp.json"
     good.write_text(json.dumps({"fsdp_transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "use_orig_params": True,
                                 "fsdp_version": 2, "min_num_params": 0, "xla": False, "activation_checkpointing": True}))

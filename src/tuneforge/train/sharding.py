@@ -181,7 +181,9 @@ def problems(cfg) -> list[str]:
                 ("load_best_model_at_end", t.load_best_model_at_end, "the best model is kept and reloaded "
                  "unsharded"),
                 ("quantization_bit", cfg.model.quantization_bit, "bitsandbytes' quantised layers are not sharded"),
-                ("torch_compile", t.torch_compile, "compiled layers would have to trace FSDP's gathers")):
+                ("torch_compile", t.torch_compile, "compiled layers would have to trace FSDP's gathers"),
+                ("upcast_layernorm", cfg.model.upcast_layernorm and cfg.finetune.pure_bf16,
+                 "FSDP shards a layer's parameters as one dtype, and the norms would be fp32 in bf16 layers")):
             if on:
                 out.append(f"`{what}` with `fsdp` is not built ({why}); train with DDP (remove `fsdp`) for it")
     return out
