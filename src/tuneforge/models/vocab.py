@@ -1,10 +1,11 @@
 """New tokens: LLaMA-Factory's `add_tokens`, `add_special_tokens`, `new_special_tokens_config`,
 `init_special_tokens` and `resize_vocab`, and the embedding rows they need.
 
-The tokenizer learns the tokens (load.load_tokenizer), the model grows one row per new token (load.load_base_model),
-and with LoRA only the new rows train (adapter_settings). Two choices differ from LLaMA-Factory's, for the reasons
-given where they are made: the embeddings grow by exactly the new tokens, not to a multiple of 64, and LoRA trains
-the new rows rather than whole copies of the embedding and the output head.
+The tokenizer learns the tokens (load.load_tokenizer), the model gets a row per new token (load.load_base_model),
+and with LoRA only the new rows train (adapter_settings). Three choices differ from LLaMA-Factory's, for the reasons
+given where they are made: the embeddings grow by exactly the new tokens, not to a multiple of 64; new tokens that
+land in a model's spare rows get those rows initialised too; and LoRA trains the new rows rather than whole copies
+of the embedding and the output head.
 """
 
 from __future__ import annotations
