@@ -10,6 +10,7 @@ of the embedding and the output head.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,14 +109,20 @@ def saved_tokens(model_args, tokenizer) -> list:
     adapter folder holds the tokenizer its run used (tuneforge's and LLaMA-Factory's both), so chat, api and export
     need not be told its new tokens again."""
     folders = _split(model_args.adapter_name_or_path)
-    folder = Path(folders[-1]) if folders else None
-    if folder is None or not (folder / "tokenizer_config.json").is_file():
+    config = Path(folders[-1]) / "tokenizer_config.json" if folders else None
+    if config is None or not config.is_file():
         return []
+    return [token for i, token in _added_tokens(str(config.parent), config.stat().st_mtime) if i >= len(tokenizer)]
+
+
+@functools.lru_cache(maxsize=4)
+def _added_tokens(folder: str, modified: float) -> tuple:
+    """(id, AddedToken) of a saved tokenizer's added tokens. Cached: a command loads the tokenizer for its data and
+    again for the model's rows, and a tokenizer takes 0.2-0.4 s to load."""
     from transformers import AutoTokenizer
 
     saved = AutoTokenizer.from_pretrained(folder)
-    return [saved.added_tokens_decoder[i] for i in range(len(tokenizer), len(saved))
-            if i in saved.added_tokens_decoder]
+    return tuple(sorted(saved.added_tokens_decoder.items()))
 
 
 def extend_tokenizer(tokenizer, model_args) -> None:
