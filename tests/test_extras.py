@@ -171,6 +171,7 @@ def test_eaft_settings_are_checked(tiny_model, tmp_path):
     assert any("weight the same token losses in different ways" in p
                for p in found(use_eaft_loss=True, use_dft_loss=True))
     assert any("`eaft_alpha` is the exponent" in p for p in found(use_eaft_loss=True, eaft_alpha=-1.0))
+    assert any("`asft_alpha` weighs ASFT's KL term" in p for p in found(use_asft_loss=True, asft_alpha=-0.1))
     assert any("`use_eaft_loss` weights token losses of stages" in p for p in found(use_eaft_loss=True, stage="rm"))
     assert found(use_eaft_loss=True, eaft_alpha=0.5) == []
 

@@ -322,6 +322,8 @@ def _train_problems(cfg: Config) -> list[str]:
                    "set one")
     if f.use_eaft_loss and f.eaft_alpha < 0:
         out.append(f"`eaft_alpha` is the exponent of EAFT's entropy weight, 0 or more; got {f.eaft_alpha}")
+    if f.use_asft_loss and f.asft_alpha < 0:
+        out.append(f"`asft_alpha` weighs ASFT's KL term to the starting model, 0 or more; got {f.asft_alpha}")
     if known and f.compute_accuracy and not stage.language_modelling:
         out.append(f"`compute_accuracy` is token accuracy for stages {lm_stages}; stage {f.stage} reports its own "
                    "accuracy metrics, so remove it")

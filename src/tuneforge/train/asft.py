@@ -9,6 +9,8 @@ count, which for one micro-batch is LLaMA-Factory's mean of each term.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -31,7 +33,9 @@ class AnchoredLMLoss(torch.nn.Module):
         self.plain, self.alpha = plain, alpha  # the model is registered once, as plain's
         self.reference = [reference] if reference is not None else []  # a list: not a submodule, never trained
         self.split = decoder_and_head(self.model)
-        if self.split is None:
+        # (decoder, head) of the reference: the frozen copy's, or the policy's own, run with its adapter switched off
+        self.reference_split = decoder_and_head(reference) if reference is not None else self.split
+        if self.split is None or self.reference_split is None:
             raise ModelError(f"use_asft_loss needs a plain output head; {type(self.model).__name__}'s head changes "
                              "its logits (softcapping or scaling)")
 
@@ -55,20 +59,18 @@ class AnchoredLMLoss(torch.nn.Module):
                   for start in range(0, hidden.shape[0], CHUNK_ROWS)]
         return (torch.cat(losses).sum() if losses else hidden.sum() * 0), {}
 
+    def _as_reference(self):
+        return nullcontext() if self.reference else self.model.disable_adapter()
+
     @torch.no_grad()
     def _reference_hidden(self, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
-        if self.reference:
-            decoder = decoder_and_head(self.reference[0])[0]
-            return decoder(**inputs).last_hidden_state[:, :-1][targets]
-        with self.model.disable_adapter():
-            return self.split[0](**inputs).last_hidden_state[:, :-1][targets]
+        with self._as_reference():
+            return self.reference_split[0](**inputs).last_hidden_state[:, :-1][targets]
 
     @torch.no_grad()
     def _reference_probs(self, reference_hidden: torch.Tensor) -> torch.Tensor:
-        if self.reference:
-            return decoder_and_head(self.reference[0])[1](reference_hidden).float().softmax(-1)
-        with self.model.disable_adapter():
-            return self.split[1](reference_hidden).float().softmax(-1)
+        with self._as_reference():
+            return self.reference_split[1](reference_hidden).float().softmax(-1)
 
     def _rows(self, hidden, reference_hidden, wanted):
         """Each target row's p_y * CE + alpha * KL(q || p); xlogy makes a token q gives no probability count 0."""
