@@ -59,6 +59,9 @@ def notices(cfg: Config) -> list[str]:
     from .models import vocab
 
     out += vocab.notices(cfg)
+    from .train import optimizers
+
+    out += optimizers.notices(cfg)
     if cfg.model.upcast_layernorm and not (cfg.finetune.pure_bf16 or cfg.model.quantization_bit):
         out.append("note: `upcast_layernorm` has no effect here: the weights are fp32 already (it keeps the norms "
                    "in fp32 under `pure_bf16` or `quantization_bit`)")

@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from . import sharding
 from .logging import RunLog
 from .faults import NonFinite, Preempted, StopSignals, describe_rows
-from .optimizers import make_optimizer
+from .optimizers import Layerwise, make_optimizer
 from .steps import LossModule, StepSource, StreamSteps
 from .trackers import open_trackers
 
@@ -299,6 +299,9 @@ def _distribute(module, t, f, accelerator):
         accelerator.print("[tuneforge] fsdp: one process holds the whole model, so training runs unsharded "
                           "(the same updates; checkpoints move between this and torchrun with FSDP)")
     optimizer = build_optimizer(module, t, f, report=accelerator.print)
+    if isinstance(optimizer, Layerwise) and accelerator.num_processes > 1:
+        raise ConfigError("galore_layerwise / apollo_layerwise step each layer inside backward, before DDP has "
+                          "averaged its gradient over the processes: set it to false to train with several")
     return accelerator.prepare(module), optimizer
 
 
@@ -413,11 +416,7 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0) + value.detach().float()
     precision.scaler.unscale_(optimizer)
-    params = [p for p in module.parameters() if p.requires_grad]
-    if max_grad_norm and max_grad_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    norm = _grad_norm(optimizer, [p for p in module.parameters() if p.requires_grad], max_grad_norm)
     if sharded:
         norm = norm.full_tensor()  # a DTensor of the shards' partial norms
     total = torch.stack(losses).sum()
@@ -431,6 +430,24 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
         total = accelerator.reduce(total, "sum")
         sums = {k: accelerator.reduce(v, "sum") for k, v in sums.items()}
     return total, units, sums, bad
+
+
+def _grad_norm(optimizer, params: list, max_grad_norm: float) -> torch.Tensor:
+    """The step's gradient norm, the gradients clipped to max_grad_norm first when it is above 0."""
+    if isinstance(optimizer, Layerwise):  # the updates ran inside backward, and the gradients are gone
+        return optimizer.grad_norm()
+    grads = [p.grad for p in params if p.grad is not None]
+    clip = bool(max_grad_norm and max_grad_norm > 0)
+    if not any(grad.is_sparse for grad in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if clip else torch.nn.utils.get_total_norm(grads)
+    # BAdam's ratio mode keeps sparse gradients, which torch's norm functions do not take
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(
+        grad.coalesce().values() if grad.is_sparse else grad, dtype=torch.float32) for grad in grads]))
+    if clip:
+        factor = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ rule
+        for grad in grads:
+            grad.mul_(factor.to(grad.dtype))
+    return norm
 
 
 class NonFiniteStep(NamedTuple):

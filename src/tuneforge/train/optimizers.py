@@ -1,9 +1,12 @@
 """The optimizer `optim` and the optimizer extras name, from maintained packages: AdamW / SGD from torch, 8-bit and
 paged AdamW from bitsandbytes (CPU too), GaLore (galore-torch), APOLLO (apollo-torch), Adam-mini (adam-mini), BAdam
-(badam), Muon (torch.optim.Muon, with AdamW for what Muon cannot take). loop.build_optimizer groups the parameters by
-learning rate and weight decay; this module turns those groups into the optimizer."""
+(badam), Muon (torch.optim.Muon, with AdamW for what Muon cannot take). GaLore and APOLLO can also step per layer
+inside backward (Layerwise). loop.build_optimizer groups the parameters by learning rate and weight decay; this
+module turns those groups into the optimizer."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -33,10 +36,7 @@ def check(cfg) -> list[str]:
                    "and loraplus_lr_ratio")
     if f.use_galore and t.optim in _BNB and not torch.cuda.is_available():
         out.append("GaLore's 8-bit AdamW (galore-torch) runs on CUDA only; on this machine set `optim: adamw_torch`")
-    for key, value in (("galore_layerwise", f.galore_layerwise), ("apollo_layerwise", f.apollo_layerwise)):
-        if value:
-            out.append(f"`{key}: true` (an optimizer step inside backward, per layer) is not built; set it to false: "
-                       "the same updates, with the optimizer state of all layers held at once")
+    out += _layerwise_problems(cfg)
     if (f.use_galore or f.use_apollo) and f.finetuning_type != "full":
         out.append("GaLore and APOLLO project the gradients of full weight matrices: they need "
                    "`finetuning_type: full`")
@@ -46,6 +46,45 @@ def check(cfg) -> list[str]:
                                                                                  "fixed"):
         out.append(f"`badam_switch_mode` must be ascending, descending, random or fixed; got {f.badam_switch_mode!r}")
     return out
+
+
+def _layerwise(f) -> str | None:
+    """The layerwise key that is on (galore_layerwise / apollo_layerwise), if any."""
+    return "galore_layerwise" if f.galore_layerwise else "apollo_layerwise" if f.apollo_layerwise else None
+
+
+def _layerwise_problems(cfg) -> list[str]:
+    """A layerwise optimizer steps each parameter inside backward, as soon as its gradient is complete, and frees
+    that gradient: whatever needs a step's gradients together, or later, cannot come with it."""
+    t, f = cfg.train, cfg.finetune
+    key = _layerwise(f)
+    if key is None:
+        return []
+    out, needs = [], key.replace("_layerwise", "")
+    if not getattr(f, f"use_{needs}"):
+        out.append(f"`{key}` steps {needs.capitalize()}'s optimizer per layer: set `use_{needs}: true` too")
+    why = "each layer's update runs as soon as backward has its gradient"
+    if t.gradient_accumulation_steps != 1:
+        out.append(f"`{key}` needs `gradient_accumulation_steps: 1` ({why}, so every micro-batch would be a step); "
+                   f"got {t.gradient_accumulation_steps}: raise per_device_train_batch_size instead")
+    if t.skip_nonfinite_steps:
+        out.append(f"`{key}` cannot skip a step whose gradient norm is not finite ({why}, before the norm is "
+                   "known): remove skip_nonfinite_steps")
+    if t.fp16:
+        out.append(f"`{key}` does not work with fp16's loss scaling (the gradients would be unscaled after the "
+                   "updates): use bf16")
+    if t.fsdp:
+        out.append(f"`{key}` is for one process: FSDP shards the gradients the layers would step on; set it to false")
+    return out
+
+
+def notices(cfg) -> list[str]:
+    """What the layerwise optimizer leaves without effect, one line each."""
+    key = _layerwise(cfg.finetune)
+    if key and cfg.train.max_grad_norm and cfg.train.max_grad_norm > 0:
+        return [f"note: `max_grad_norm` has no effect with `{key}`: clipping needs the whole gradient, and each "
+                "layer steps as soon as backward has its own (a gradient norm that is not finite still stops the run)"]
+    return []
 
 
 def make_optimizer(model, param_groups: list[dict], t, f) -> torch.optim.Optimizer:
@@ -105,12 +144,81 @@ def _projected(model, param_groups: list[dict], t, f):
     if f.use_apollo:
         from apollo_torch import APOLLOAdamW
 
-        return APOLLOAdamW(groups, lr=t.learning_rate, betas=betas, eps=eps, scale_front=f.apollo_scale_front)
-    import galore_torch
+        def build(groups):
+            return APOLLOAdamW(groups, lr=t.learning_rate, betas=betas, eps=eps, scale_front=f.apollo_scale_front)
+    else:
+        import galore_torch
 
-    if t.optim in _BNB:
-        return galore_torch.GaLoreAdamW8bit(groups, lr=t.learning_rate, betas=betas, eps=eps)
-    return galore_torch.GaLoreAdamW(groups, lr=t.learning_rate, betas=betas, eps=eps, no_deprecation_warning=True)
+        def build(groups):
+            if t.optim in _BNB:
+                return galore_torch.GaLoreAdamW8bit(groups, lr=t.learning_rate, betas=betas, eps=eps)
+            return galore_torch.GaLoreAdamW(groups, lr=t.learning_rate, betas=betas, eps=eps,
+                                            no_deprecation_warning=True)
+    if not _layerwise(f):
+        return build(groups)
+    parts = {p: build([{**group, "params": [p]}]) for group in groups for p in group["params"]}
+    if f.use_apollo:  # APOLLO seeds a parameter's random projection with its place in the optimizer: keep the places
+        for place, (param, part) in enumerate(parts.items(), start=1):
+            part.state[param]["seed"] = place
+    return Layerwise(parts)
+
+
+class Parts(torch.optim.Optimizer):
+    """Several optimizers stepped as one, with one state_dict for checkpoints. param_groups are the parts' own
+    dicts, read afresh each time: a part's load_state_dict replaces its dicts, and the learning-rate scheduler must
+    reach the ones the part steps with."""
+
+    def __init__(self, parts: list[torch.optim.Optimizer]):
+        self.parts = parts
+        self.defaults = parts[0].defaults
+        self.state = {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for part in self.parts for group in part.param_groups]
+
+    def step(self, closure=None):
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict):
+        for part, saved in zip(self.parts, state_dict["parts"], strict=True):
+            part.load_state_dict(saved)
+
+
+class Layerwise(Parts):
+    """One optimizer per parameter, stepped by a hook as soon as backward has accumulated that parameter's
+    gradient, which is then freed: a full set of gradients is never held (galore_layerwise / apollo_layerwise).
+    step() and zero_grad() find nothing left to do; grad_norm() is the norm of the gradients the hooks used since
+    its last call."""
+
+    def __init__(self, parts: dict[torch.nn.Parameter, torch.optim.Optimizer]):
+        super().__init__(list(parts.values()))
+        self._squares = torch.zeros((), device=next(iter(parts)).device)
+        for param, part in parts.items():
+            param.register_post_accumulate_grad_hook(functools.partial(self._step, part))
+
+    def _step(self, part: torch.optim.Optimizer, param: torch.nn.Parameter) -> None:
+        self._squares += torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
+        part.step()
+        param.grad = None
+
+    def grad_norm(self) -> torch.Tensor:
+        norm, self._squares = self._squares.sqrt(), torch.zeros_like(self._squares)
+        return norm
+
+    def step(self, closure=None):
+        pass
+
+    def zero_grad(self, set_to_none: bool = True):
+        pass
 
 
 def _badam(model, param_groups: list[dict], t, f):
@@ -126,36 +234,35 @@ def _badam(model, param_groups: list[dict], t, f):
                                    betas=betas, eps=eps)
     from badam import BlockOptimizer
 
-    return BlockOptimizer(base_optimizer=torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=betas, eps=eps),
-                          named_parameters_list=named, block_prefix_list=None,
-                          switch_block_every=f.badam_switch_interval, start_block=f.badam_start_block,
-                          switch_mode=f.badam_switch_mode, verbose=f.badam_verbose)
+    return _Blocks([BlockOptimizer(
+        base_optimizer=torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=betas, eps=eps),
+        named_parameters_list=named, block_prefix_list=None, switch_block_every=f.badam_switch_interval,
+        start_block=f.badam_start_block, switch_mode=f.badam_switch_mode, verbose=f.badam_verbose)])
 
 
-class _Paired(torch.optim.Optimizer):
-    """Two optimizers stepped together, with one list of param_groups (the same dicts, so a learning-rate
-    scheduler reaches both) and one state_dict for checkpoints."""
-
-    def __init__(self, first: torch.optim.Optimizer, second: torch.optim.Optimizer):
-        self.parts = (first, second)
-        self.param_groups = first.param_groups + second.param_groups
-        self.defaults = first.defaults
-        self.state = {}
-
-    def step(self, closure=None):
-        for part in self.parts:
-            part.step()
-
-    def zero_grad(self, set_to_none: bool = True):
-        for part in self.parts:
-            part.zero_grad(set_to_none=set_to_none)
+class _Blocks(Parts):
+    """BAdam's BlockOptimizer with a checkpoint that resumes it exactly: its own state_dict is only the Adam state
+    of the block being trained, so a resumed run would start the block schedule over (training the wrong block),
+    pair that state with another block's parameters, and step at the first learning rate until the scheduler's
+    next step. This one adds where the schedule is and the current rate."""
 
     def state_dict(self):
-        return {"parts": [part.state_dict() for part in self.parts]}
+        block = self.parts[0]
+        active = next(i for i, prefixes in enumerate(block.block_prefix_list)
+                      if prefixes + block.active_modules == block.active_param_prefixs)
+        return {"adam": block.base_optimizer.state_dict(), "global_step": block.global_step, "active": active,
+                "next": block.current_block_idx, "order": list(getattr(block, "block_order", [])),
+                "lr": [group["lr"] for group in block.param_groups]}
 
     def load_state_dict(self, state_dict):
-        for part, saved in zip(self.parts, state_dict["parts"]):
-            part.load_state_dict(saved)
+        block = self.parts[0]
+        block.global_step = state_dict["global_step"]
+        block.current_block_idx = state_dict["active"]
+        block.switch_trainable_params(verbose=0)  # the saved block's parameters, trainable, with fp32 copies
+        block.current_block_idx, block.block_order = state_dict["next"], list(state_dict["order"])
+        block.base_optimizer.load_state_dict(state_dict["adam"])
+        for group, lr in zip(block.param_groups, state_dict["lr"], strict=True):  # BAdam copies it to Adam's groups
+            group["lr"] = lr
 
 
 def _muon(model, param_groups: list[dict], t):
@@ -173,5 +280,5 @@ def _muon(model, param_groups: list[dict], t):
     muon = torch.optim.Muon(muon_groups, lr=t.learning_rate, adjust_lr_fn="match_rms_adamw")
     if not adam_groups:
         return muon
-    return _Paired(muon, torch.optim.AdamW(adam_groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                           eps=t.adam_epsilon, fused=_fused(t)))
+    return Parts([muon, torch.optim.AdamW(adam_groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                          eps=t.adam_epsilon, fused=_fused(t))])
