@@ -139,6 +139,19 @@ def test_reward_model_full_finetuning(tiny_model, pref_data, tmp_path):
     assert (out / "value_head.safetensors").is_file() and (out / "model.safetensors").is_file()
 
 
+def test_reward_model_full_finetuning_resumes(tiny_model, pref_data, tmp_path):
+    """A full model's checkpoint holds the value head beside the model's own files; resuming reads each into its
+    place (it once read every *.safetensors as the model's and refused the head's keys)."""
+    out = tmp_path / "rm-full"
+    settings = dict(finetuning_type="full", learning_rate=1e-3, max_steps=4, save_steps=2, eval_steps=4)
+    run_training(_config(tiny_model, pref_data, out, "rm", **settings))
+    for name in ("model.safetensors", "value_head.safetensors", "train_results.json", "all_results.json"):
+        (out / name).unlink()  # as if stopped after the step-2 checkpoint
+    run_training(_config(tiny_model, pref_data, out, "rm", **settings))
+    assert [r["current_steps"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4]
+    assert (out / "value_head.safetensors").is_file()
+
+
 def test_ld_dpo_weighs_the_longer_answers_extra_tokens_by_ld_alpha(tiny_model, pref_data, tmp_path):
     """LD-DPO: of each pair, the tokens past the shorter answer's count weigh ld_alpha in the policy's log-probability
     (here chosen answers are 3 and 5 target tokens, their rejected ones 4 and 2). Checked against the per-token
@@ -167,3 +180,4 @@ def test_ld_dpo_weighs_the_longer_answers_extra_tokens_by_ld_alpha(tiny_model, p
     out = tmp_path / "out"
     results = run_training(_config(tiny_model, pref_data, out, "dpo", pref_beta=0.5, ld_alpha=0.5))
     assert results["eval_rewards/accuracies"] >= 0.9
+

@@ -248,10 +248,10 @@ def load_trainable_weights(model, folder: Path) -> None:
             raise ValueError(f"{adapter} does not match this LoRA setup: unexpected {result.unexpected_keys[:3]}")
         return
     weights = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in sorted(folder.glob("model*.safetensors")):  # not the stage's extra files beside them (save_model)
         weights.update(load_file(file))
     if not weights:
-        raise FileNotFoundError(f"{folder} holds no model weights (*.safetensors)")
+        raise FileNotFoundError(f"{folder} holds no model weights (model*.safetensors)")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {name for name in missing if "lm_head" in name or "embed" in name}
     if unexpected or set(missing) - tied:
