@@ -33,3 +33,23 @@ def test_ddp_two_processes_match_one(tiny_model, tmp_path, streaming):
     assert relative_update_gap(load_file(f"{tiny_model}/model.safetensors"), a, b) < 2e-3
     ddp_loss = [r["loss"] for r in read_log(tmp_path / "ddp")]
     assert ddp_loss == pytest.approx([r["loss"] for r in read_log(tmp_path / "one")], abs=LOGGED_LOSS)
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
+def test_ddp_bco_baseline_counts_every_process(tiny_model, tmp_path):
+    """BCO's baseline under DDP: each micro-batch's mean reward is averaged over the processes (an all-reduce inside
+    the loss), so both keep one baseline; it counts each process's micro-batch once, as TRL's RunningMoments."""
+    from test_preference import preference_rows
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(0, 16))
+    (tmp_path / "dataset_info.json").write_text(f'{{"pairs": {{"file_name": "{data.name}", "ranking": true}}}}')
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    run = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "tuneforge.cli", "train",
+                          f"model_name_or_path={tiny_model}", "dataset=pairs", f"dataset_dir={tmp_path}",
+                          "template=chatml", "cutoff_len=64", "stage=dpo", "pref_bco_weight=0.5",
+                          "finetuning_type=full", "do_train=true", "max_steps=2", "per_device_train_batch_size=2",
+                          "gradient_accumulation_steps=2", f"output_dir={tmp_path / 'out'}"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    baseline = load_file(tmp_path / "out" / "bco_baseline.safetensors")
+    assert baseline["count"].item() == 2 * 2 * 2  # steps x micro-batches per step x processes

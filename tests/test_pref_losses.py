@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tuneforge.train.losses import dpo_family_loss, kto_loss, pairwise_reward_loss
+from tuneforge.train.losses import bco_loss, dpo_family_loss, kto_loss, pairwise_reward_loss
 
 
 def t(*values):
@@ -28,6 +28,21 @@ def test_sigmoid_with_and_without_label_smoothing():
     assert chosen_reward.tolist() == pytest.approx([0.1, 0.05]) and rejected_reward.tolist() == pytest.approx([-0.05, 0.05])
     smoothed, _, _ = dpo_family_loss("sigmoid", PC, PR, RC, RR, beta=0.1, label_smoothing=0.2)
     assert smoothed[0].item() == pytest.approx(-0.8 * logsig(0.15) - 0.2 * logsig(-0.15))
+
+
+def test_bco_classifies_rewards_against_the_running_baseline():
+    """BCO: rewards 0.1 (chosen) and -0.05 (rejected) for the first pair, 0.05 and 0.05 for the second; their
+    batch mean 0.0375 is the baseline's first value, and the mean of the batch means after that."""
+    from tuneforge.train.dpo import RewardBaseline
+
+    baseline = RewardBaseline()
+    delta = baseline.update(t(0.1, 0.05, -0.05, 0.05).mean()).item()
+    assert delta == pytest.approx(0.0375)
+    loss = bco_loss(0.1 * (PC - RC), 0.1 * (PR - RR), torch.tensor(delta, dtype=torch.float64))
+    assert loss.tolist() == pytest.approx([-logsig(0.1 - delta) - logsig(-(-0.05 - delta)),
+                                           -logsig(0.05 - delta) - logsig(-(0.05 - delta))])
+    assert baseline.update(t(0.5).sum()).item() == pytest.approx((0.0375 + 0.5) / 2)
+    assert baseline.update(t(-1.0).sum()).item() == pytest.approx((0.0375 + 0.5 - 1.0) / 3)
 
 
 def test_hinge_and_ipo():

@@ -181,3 +181,40 @@ def test_ld_dpo_weighs_the_longer_answers_extra_tokens_by_ld_alpha(tiny_model, p
     results = run_training(_config(tiny_model, pref_data, out, "dpo", pref_beta=0.5, ld_alpha=0.5))
     assert results["eval_rewards/accuracies"] >= 0.9
 
+
+def test_bco_term_learns_and_keeps_its_baseline_across_resume(tiny_model, pref_data, tmp_path):
+    """pref_bco_weight mixes BCO into DPO: the run learns the preference, the saved baseline is the mean of the
+    steps' mean rewards (one micro-batch a step here), and a run resumed from a checkpoint ends where the
+    uninterrupted one does, baseline included."""
+    from safetensors.torch import load_file
+
+    settings = dict(pref_beta=0.5, pref_bco_weight=1.0, finetuning_type="full", learning_rate=1e-3, max_steps=8,
+                    save_steps=4, eval_steps=8)
+    out = tmp_path / "straight"
+    results = run_training(_config(tiny_model, pref_data, out, "dpo", **settings))
+    assert results["eval_rewards/accuracies"] >= 0.9
+    log = [r for r in read_log(out) if "loss" in r]
+    saved = load_file(out / "bco_baseline.safetensors")
+    assert saved["count"].item() == 8
+    # logged rewards are rounded to 4 decimals: their mean is within 1e-4 of the exact one
+    expected = sum((r["rewards/chosen"] + r["rewards/rejected"]) / 2 for r in log) / len(log)
+    assert saved["mean"].item() == pytest.approx(expected, abs=1e-4)
+
+    resumed = tmp_path / "resumed"
+    run_training(_config(tiny_model, pref_data, resumed, "dpo", **settings))
+    for name in ("model.safetensors", "bco_baseline.safetensors", "train_results.json", "all_results.json"):
+        (resumed / name).unlink()  # as if stopped after the step-4 checkpoint
+    run_training(_config(tiny_model, pref_data, resumed, "dpo", **settings))
+    a, b = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
+    # the same operations in the same order on the same machine: measured 0.0; a baseline restarted at 0 on resume
+    # changes the BCO gradient and moves weights by about the rate, 1e-3
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert load_file(resumed / "bco_baseline.safetensors")["mean"].item() == saved["mean"].item()
+
+
+def test_bco_needs_a_reference(tiny_model, pref_data, tmp_path):
+    from tuneforge.config import ConfigError, build_config, validate
+
+    with pytest.raises(ConfigError, match="pref_bco_weight` classifies rewards measured against the reference"):
+        validate(build_config(_config(tiny_model, pref_data, tmp_path / "o", "dpo", pref_loss="simpo",
+                                      pref_bco_weight=0.5)), "train")

@@ -168,6 +168,9 @@ class FinetuneArgs:
     # dpo (LD-DPO): each answer's log-probability counts its first min(chosen, rejected) target tokens whole and the
     # rest of the longer answer times ld_alpha (0-1), so length alone moves the margin less; the reference's are whole
     ld_alpha: float | None = None
+    # dpo (BCO term): each answer's implicit reward beta * (log pi - log pi_ref) classified against a running mean of
+    # the rewards, chosen above and rejected below; the pair's loss is (loss + w * bco) / (1 + w)
+    pref_bco_weight: float = 0.0
     kto_chosen_weight: float = 1.0
     kto_rejected_weight: float = 1.0
     precompute_ref_log_probs: bool = False  # dpo: run the reference once over the data before training
@@ -350,7 +353,6 @@ LLAMAFACTORY_ONLY = [
     ("data_shared_file_system", "bool", False, "data_shared_file_system " + _NOT_BUILT),
     ("download_mode", "str", "reuse_dataset_if_exists", "tuneforge eval reads local task folders; nothing is "
      "downloaded"),
-    ("pref_bco_weight", "float", 0.0, "the BCO loss term " + _NOT_BUILT),
     ("ref_model_quantization_bit", "int | None", None, "a quantised reference model " + _NOT_BUILT),
     ("reward_model_quantization_bit", "int | None", None, "a quantised reward model " + _NOT_BUILT),
     ("use_swanlab", "bool", False, _SWANLAB),

@@ -1,4 +1,5 @@
-"""Recipe for stage `dpo`: pref_loss sigmoid (DPO), hinge, ipo, orpo or simpo on chosen/rejected pairs.
+"""Recipe for stage `dpo`: pref_loss sigmoid (DPO), hinge, ipo, orpo or simpo on chosen/rejected pairs, optionally
+mixed with BCO (pref_bco_weight).
 
 Both answers of a pair go through the policy in one concatenated forward. The reference is the LoRA base with
 its adapter switched off (no second copy in memory), a frozen copy for full/freeze, or `ref_model`; orpo and
@@ -12,16 +13,40 @@ import torch
 from ..data import prepare_preference_data
 from ..data.collate import PairCollator
 from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
-from .losses import decoder_and_head, dpo_family_loss, reference_log_probs, sequence_log_probs, uses_average
+from .losses import bco_loss, decoder_and_head, dpo_family_loss, reference_log_probs, sequence_log_probs, uses_average
 from .stages import refuse_packing
 
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")  # losses that compare the policy's own answers, with no reference model
 
 
+BCO_BASELINE = "bco_baseline.safetensors"
+
+
+class RewardBaseline(torch.nn.Module):
+    """BCO's delta: the running mean of the training micro-batches' mean implicit reward, each process's micro-batch
+    counted once (as TRL's RunningMoments, which LLaMA-Factory uses, counts them). Buffers, so that checkpoints
+    keep it and a resumed run goes on from the same baseline."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, batch_mean: torch.Tensor) -> torch.Tensor:
+        value, n = batch_mean.detach().double(), 1
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            n = torch.distributed.get_world_size()
+            torch.distributed.all_reduce(value)  # every process keeps the same baseline
+            value = value / n
+        self.count += n
+        self.mean += (value - self.mean) * n / self.count
+        return self.mean
+
+
 class PreferenceLoss(torch.nn.Module):
     unit = "pair"
-    extra: dict = {}  # nothing trains besides the model (see steps.LossModule)
 
     def __init__(self, model, finetune_args, reference=None):
         super().__init__()
@@ -29,6 +54,9 @@ class PreferenceLoss(torch.nn.Module):
         self.split = decoder_and_head(model)
         self.reference = [reference] if reference is not None else []  # a list: not a submodule, never trained
         self.needs_reference = finetune_args.pref_loss not in REFERENCE_FREE
+        self.baseline = RewardBaseline() if finetune_args.pref_bco_weight else None
+        # nothing trains besides the model (see steps.LossModule); the BCO baseline is saved beside it
+        self.extra = {BCO_BASELINE: self.baseline} if self.baseline is not None else {}
 
     @staticmethod
     def units(batch: dict) -> torch.Tensor:
@@ -58,6 +86,9 @@ class PreferenceLoss(torch.nn.Module):
         losses, chosen_reward, rejected_reward = dpo_family_loss(
             a.pref_loss, chosen, rejected, ref_chosen, ref_rejected, a.pref_beta, a.dpo_label_smoothing,
             a.simpo_gamma)
+        if self.baseline is not None:
+            losses = self._with_bco(losses, chosen - ref_chosen, rejected - ref_rejected, chosen_reward,
+                                    rejected_reward)
         if a.pref_ftx and a.pref_loss != "orpo":  # orpo's loss already holds the SFT term
             losses = losses - a.pref_ftx * average.chunk(2)[0]
         metrics = {"rewards/chosen": chosen_reward.sum(), "rewards/rejected": rejected_reward.sum(),
@@ -65,6 +96,16 @@ class PreferenceLoss(torch.nn.Module):
                    "rewards/margins": (chosen_reward - rejected_reward).sum(),
                    "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum()}
         return losses.sum(), metrics
+
+
+    def _with_bco(self, losses, chosen_ratio, rejected_ratio, chosen_reward, rejected_reward) -> torch.Tensor:
+        """The pair losses mixed with BCO's as LLaMA-Factory mixes them: (loss + w * bco) / (1 + w). Training moves
+        the baseline with this micro-batch's rewards first; evaluation reads it as it is."""
+        w, beta = self.args.pref_bco_weight, self.args.pref_beta
+        rewards = torch.cat([chosen_reward, rejected_reward]).mean()
+        baseline = self.baseline.update(rewards) if self.training else self.baseline.mean
+        bco = bco_loss(beta * chosen_ratio, beta * rejected_ratio, baseline.to(losses.dtype))
+        return (losses + w * bco) / (1 + w)
 
 
 @torch.no_grad()
@@ -88,6 +129,14 @@ def check(cfg) -> list[str]:
         out.append("`pref_loss: ipo` needs `pref_beta` > 0")
     if f.ld_alpha is not None and not 0 <= f.ld_alpha <= 1:
         out.append(f"`ld_alpha` weighs the longer answer's extra tokens: it must be in [0, 1]; got {f.ld_alpha}")
+    if f.pref_bco_weight < 0:
+        out.append(f"`pref_bco_weight` is the BCO term's share of the loss: it must be >= 0; got {f.pref_bco_weight}")
+    if f.pref_bco_weight and f.pref_loss in REFERENCE_FREE:
+        out.append(f"`pref_bco_weight` classifies rewards measured against the reference model, and `pref_loss: "
+                   f"{f.pref_loss}` uses none: use sigmoid, hinge or ipo, or remove pref_bco_weight")
+    if f.pref_bco_weight and cfg.train.fsdp:
+        out.append("`pref_bco_weight` with `fsdp` is not built (the baseline is not sharded state); train with DDP "
+                   "(torchrun without fsdp) or in one process")
     return out
 
 

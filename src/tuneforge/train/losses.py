@@ -362,6 +362,12 @@ def dpo_family_loss(kind: str, chosen: torch.Tensor, rejected: torch.Tensor, ref
     return loss, beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
 
 
+def bco_loss(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """BCO's loss per pair (LLaMA-Factory's pref_bco_weight): the implicit rewards beta * (log pi - log pi_ref),
+    with gradient, classified against the baseline delta by a logistic loss: chosen above it, rejected below."""
+    return -F.logsigmoid(chosen_reward - baseline) - F.logsigmoid(-(rejected_reward - baseline))
+
+
 def uses_average(kind: str) -> bool:
     """Whether the loss takes length-normalised (per-token average) log-probabilities."""
     return kind in ("ipo", "orpo", "simpo")

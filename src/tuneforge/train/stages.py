@@ -41,7 +41,7 @@ STAGES = {s.name: s for s in (
     Stage("sft", "sft", "lm", "supervised fine-tuning on conversations", predicts="generated answers"),
     Stage("rm", "rm", "preference", "a reward model (value head) on chosen/rejected pairs", predicts="scores"),
     Stage("dpo", "dpo", "preference", "direct preference optimisation (sigmoid, hinge, ipo, orpo, simpo)",
-          own_keys=("ld_alpha",)),
+          own_keys=("ld_alpha", "pref_bco_weight")),
     Stage("kto", "kto", "kto", "KTO on answers flagged desirable or undesirable"),
     Stage("cls", "cls", "labelled", "a text or image classifier", predicts="labels",
           own_keys=("cls_pooling", "cls_truncation")),
