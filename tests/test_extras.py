@@ -293,3 +293,14 @@ def test_layerwise_refuses_what_needs_the_whole_step(tiny_model, alpaca_file, tm
     text = str(err.value)
     for expected in ("set `use_galore: true` too", "gradient_accumulation_steps: 1", "skip_nonfinite_steps"):
         assert expected in text, text
+
+
+def test_print_param_status_lists_every_parameter(tiny_model, alpaca_file, tmp_path, capsys):
+    """LoRA on a bf16 base: the listing shows the frozen bf16 weights and the trainable fp32 adapters."""
+    run_training(train_config(tiny_model, alpaca_file, tmp_path / "out", max_steps=1, bf16=True, pure_bf16=True,
+                              print_param_status=True))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and "trainable:" in line]
+    assert any("lora_A" in line and "torch.float32" in line and "trainable: True" in line for line in lines)
+    assert any("q_proj.base_layer.weight" in line and "torch.bfloat16" in line and "trainable: False" in line
+               for line in lines)
+    assert len(lines) == len({line.split(":")[0] for line in lines}) > 20  # one line per parameter

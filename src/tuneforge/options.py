@@ -31,6 +31,7 @@ class ModelArgs:
     flash_attn: str = "auto"  # auto | sdpa | eager | fa2
     disable_gradient_checkpointing: bool = False
     use_reentrant_gc: bool = True  # LLaMA-Factory's checkpointing flavour; see NO_EFFECT_YET
+    print_param_status: bool = False  # training also prints each parameter's name, shape, dtype, device, trainable
     # normalisation weights (1-D, named *norm* or *ln*) in fp32 in a 16-bit model (pure_bf16, quantization_bit), as
     # LLaMA-Factory does: their small updates are not rounded away; the norm's output goes on in fp32 until autocast
     upcast_layernorm: bool = False
@@ -386,8 +387,6 @@ LLAMAFACTORY_ONLY = [
      "only (not ModelScope / Modelers)"),
     ("om_hub_token", "str | None", None, "models load from local folders, bundled aliases and the Hugging Face hub "
      "only (not ModelScope / Modelers)"),
-    ("print_param_status", "bool", False, "training prints the trainable parameter count; per-tensor status "
-     + _NOT_BUILT),
     ("quantization_device_map", "str | None", None, "quantization_device_map " + _NOT_BUILT),
     ("export_quantization_dataset", "str | None", None, _GPTQ),
     ("export_quantization_nsamples", "int", 128, _GPTQ),

@@ -183,9 +183,13 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def describe_trainable(model) -> str:
+def describe_trainable(model, per_tensor: bool = False) -> str:
+    """The count of trainable parameters; with per_tensor (print_param_status), first one line per parameter."""
     trainable, total = count_parameters(model)
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    lines = [f"  {name}: shape {tuple(p.shape)}, {p.dtype}, {p.device}, trainable: {p.requires_grad}"
+             for name, p in model.named_parameters()] if per_tensor else []
+    return "\n".join(["parameters:"] * bool(lines) + lines + [
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"])
 
 
 ADAPTER_TYPES = ("lora", "oft")  # finetuning types that train a PEFT adapter on a frozen base

@@ -226,7 +226,7 @@ def run(cfg) -> dict:
                                        model)
         accelerator.print(f"[tuneforge] {pooling} pooling (from {why})")
     model = setup_strategy(model, cfg)
-    accelerator.print(f"[tuneforge] {describe_trainable(model)}")
+    accelerator.print(f"[tuneforge] {describe_trainable(model, cfg.model.print_param_status)}")
     accelerator.print(f"[tuneforge] {len(train_rows)} training and {len(eval_rows)} evaluation examples, "
                       f"labels {list(label2id)}")
     module = ClassifierLoss(model, pooling).to(accelerator.device)

@@ -73,7 +73,7 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
     model = setup_trainable(model, cfg.model, f)
     if t.torch_compile:
         compile_layers(model)
-    accelerator.print(f"[tuneforge] {describe_trainable(model)}")
+    accelerator.print(f"[tuneforge] {describe_trainable(model, cfg.model.print_param_status)}")
     return model
 
 
