@@ -222,3 +222,17 @@ def test_last_step_spreads_its_rows_over_the_micro_batches():
     epoch = [next(steps) for _ in range(source.steps_per_epoch)]
     assert [[len(micro) for micro in step] for step in epoch] == [[4, 4], [2, 3]]  # was [[4, 4], [4, 1]]
     assert sorted(i for step in epoch for micro in step for i in micro) == list(range(13))
+
+
+def test_torch_profiler_writes_a_trace_of_the_active_step(tiny_model, alpaca_file, tmp_path):
+    """enable_torch_profiler with LLaMA-Factory's schedule (wait 1, warm up 1, record 1): one Chrome trace, of the
+    third step, holding the operators that ran in it."""
+    out = tmp_path / "out"
+    run_training(train_config(tiny_model, alpaca_file, out, max_steps=4, enable_torch_profiler=True,
+                              profiler_with_stack=False))
+    traces = list((out / "profiler" / "rank_0").glob("*.pt.trace.json"))
+    assert len(traces) == 1, traces
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    assert "ProfilerStep#2" in names and not {"ProfilerStep#1", "ProfilerStep#3"} & names
+    assert any(name.startswith("aten::mm") or name.startswith("aten::addmm") for name in names)

@@ -285,6 +285,7 @@ def _model_problems(cfg: Config) -> list[str]:
 def _train_problems(cfg: Config) -> list[str]:
     from .models.adapters import ADAPTER_TYPES, check as check_adapters
     from .train.optimizers import check as check_optimizer
+    from .train.profiling import check as check_profiler
     from .train.stages import STAGES, names
 
     m, d, f, t, stage, out = cfg.model, cfg.data, cfg.finetune, cfg.train, _stage(cfg), []
@@ -344,7 +345,8 @@ def _train_problems(cfg: Config) -> list[str]:
         out.append("`adapter_name_or_path` needs `finetuning_type: lora` or `oft`")
     from .train.sharding import problems as sharding_problems
 
-    return out + _foreign_key_problems(cfg) + check_adapters(cfg) + check_optimizer(cfg) + sharding_problems(cfg)
+    return (out + _foreign_key_problems(cfg) + check_adapters(cfg) + check_optimizer(cfg) + sharding_problems(cfg)
+            + check_profiler(t))
 
 
 def _data_problems(cfg: Config) -> list[str]:

@@ -278,6 +278,18 @@ class TrainArgs:
     train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = "random"
     group_by_length: bool = False  # transformers 4's spelling of train_sampling_strategy: group_by_length
     run_name: str | None = None
+    # torch.profiler over training steps (train/profiling.py): each cycle skips `wait` steps, warms up for `warmup`
+    # and records `active`; `repeat` cycles (0: until training ends). Chrome / TensorBoard traces go to
+    # <profiler_output_dir or output_dir/profiler>/rank_<process>/
+    enable_torch_profiler: bool = False
+    profiler_output_dir: str | None = None
+    profiler_wait_steps: int = 1
+    profiler_warmup_steps: int = 1
+    profiler_active_steps: int = 1
+    profiler_repeat: int = 1
+    profiler_record_shapes: bool = True
+    profiler_profile_memory: bool = True
+    profiler_with_stack: bool = True
 
     @property
     def length_grouped(self) -> bool:
@@ -326,7 +338,8 @@ _MULTIMODAL = "multimodal training is not built yet (tuneforge trains text model
 _ENGINES = "inference runs on transformers (infer_backend: huggingface); vLLM and SGLang are not built"
 _KT = "KTransformers (MoE CPU/GPU offload with its own CUDA kernels) is not built; use finetuning_type: lora"
 _RAY = "Ray is not built; run several processes with `torchrun` or `accelerate launch`"
-_PROFILER = "the torch profiler is not wired into training; bench/profile_step.py profiles one training step"
+_PROFILER = ("per-module timing is not built; `enable_torch_profiler: true` records every operator's time and "
+             "memory in a trace, and bench/profile_step.py sums one step's time by module")
 _SWANLAB = "SwanLab logging is not built; metrics go to trainer_log.jsonl (plot_loss: true draws them)"
 _GPU = "needs a CUDA GPU (Triton kernels), which this build does not target; remove it"
 _GPTQ = "GPTQ export is not built; for a quantised model use `export_gguf: q8_0` or `q4_0` (llama.cpp / Ollama)"
@@ -412,15 +425,6 @@ LLAMAFACTORY_ONLY = [
     ("ray_init_kwargs", "str | None", None, _RAY),
     ("master_addr", "str | None", None, _RAY + " (torchrun takes --master_addr)"),
     ("master_port", "str | None", None, _RAY + " (torchrun takes --master_port)"),
-    ("enable_torch_profiler", "bool", False, _PROFILER),
-    ("profiler_output_dir", "str | None", None, _PROFILER),
-    ("profiler_wait_steps", "int", 1, _PROFILER),
-    ("profiler_warmup_steps", "int", 1, _PROFILER),
-    ("profiler_active_steps", "int", 1, _PROFILER),
-    ("profiler_repeat", "int", 1, _PROFILER),
-    ("profiler_record_shapes", "bool", True, _PROFILER),
-    ("profiler_profile_memory", "bool", True, _PROFILER),
-    ("profiler_with_stack", "bool", True, _PROFILER),
     ("profile_modules", "str | None", None, _PROFILER),
     ("fp8", "bool", False, "FP8 training needs an FP8 GPU (Hopper or newer); use bf16: true"),
     ("fp8_backend", "str", "auto", "FP8 training needs an FP8 GPU (Hopper or newer); use bf16: true"),

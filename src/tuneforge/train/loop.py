@@ -28,6 +28,7 @@ from . import sharding
 from .logging import RunLog
 from .faults import NonFinite, Preempted, StopSignals, describe_rows
 from .optimizers import Layerwise, make_optimizer
+from .profiling import step_profiler
 from .steps import LossModule, StepSource, StreamSteps
 from .trackers import open_trackers
 
@@ -269,12 +270,13 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
         return False
 
     module.train()
-    with StopSignals() as signals:
+    with StopSignals() as signals, step_profiler(t, accelerator.process_index) as profiled:
         try:
             # a checkpoint saved at the end of an epoch resumes into the next one
             if state.global_step < total_steps and not end_of_epoch():
                 for micro in source.steps(state):
                     last, stop = step(micro)
+                    profiled()
                     if last or stop or end_of_epoch():
                         break
                     if _signalled(signals, accelerator):
