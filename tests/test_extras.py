@@ -304,3 +304,28 @@ def test_print_param_status_lists_every_parameter(tiny_model, alpaca_file, tmp_p
     assert any("q_proj.base_layer.weight" in line and "torch.bfloat16" in line and "trainable: False" in line
                for line in lines)
     assert len(lines) == len({line.split(":")[0] for line in lines}) > 20  # one line per parameter
+
+
+def test_expand_adds_silent_blocks_that_llama_pro_trains(tiny_model, alpaca_file, tmp_path):
+    """tuneforge expand (LLaMA Pro): the expanded model gives the original's logits exactly (the new blocks' output
+    projections are zero, so they add exact zeros to the residual); use_llama_pro then trains only the new blocks."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.cli import main
+
+    pro = tmp_path / "pro"
+    assert main(["expand", f"model_name_or_path={tiny_model}", "--num_expand", "2", "--out", str(pro)]) == 0
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        before = AutoModelForCausalLM.from_pretrained(tiny_model)(input_ids=ids).logits
+        after = AutoModelForCausalLM.from_pretrained(pro)(input_ids=ids).logits
+    assert torch.equal(before, after)
+    out = tmp_path / "out"
+    run_training(train_config(str(pro), alpaca_file, out, finetuning_type="freeze", use_llama_pro=True,
+                              freeze_trainable_layers=2, max_steps=3))
+    start, trained = load_file(pro / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {int(k.split(".")[2]) for k in start if not torch.equal(start[k], trained[k])}
+    assert changed == {2, 5}  # 4 layers in 2 groups, each followed by its copy
+    assert main(["expand", f"model_name_or_path={tiny_model}", "--num_expand", "3", "--out", str(tmp_path / "x")]) == 2
+    assert main(["expand", f"model_name_or_path={tiny_model}", "--num_expand", "2", "--out", str(pro)]) == 2

@@ -30,6 +30,8 @@ COMMANDS = {
              "[--port 7860] [--output_root saves]",
     "eval": "score a model (+ adapter) on a multiple-choice benchmark: tuneforge eval CONFIG.yaml [key=value ...] "
             "[--compare key=value ...]",
+    "expand": "LLaMA Pro block expansion (LLaMA-Factory's scripts/llama_pro.py): tuneforge expand [CONFIG.yaml] "
+              "model_name_or_path=MODEL --num_expand N --out FOLDER",
 }
 
 
@@ -84,6 +86,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, argparse.Act
             flags.append(p.add_argument("--compare", nargs="+", metavar="KEY=VALUE", help="also score the config "
                                         "with these keys changed (e.g. adapter_name_or_path=saves/quickstart) and "
                                         "print the change"))
+        if name == "expand":
+            flags.append(p.add_argument("--num_expand", type=int, required=True, help="new blocks to insert, one "
+                                        "after each of this many equal groups of layers"))
+            flags.append(p.add_argument("--out", required=True, help="a new folder for the expanded model"))
         own[name] = {option: action for action in flags for option in action.option_strings}
     sub.add_parser("version", help="print tuneforge's version")
     sub.add_parser("env", help="versions of tuneforge and the libraries it runs on, the CPU and its matrix units, "
@@ -236,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_comparison(cfg, _load(path, overrides + ns.compare, "eval"))
             else:
                 run_eval(cfg)
+        elif ns.command == "expand":
+            from .models.expand import expand
+
+            print(expand(_load(path, overrides, "chat").model.model_name_or_path, ns.out, ns.num_expand))
         elif ns.command == "chat":
             from .infer.chat import one_shot, repl
 

@@ -36,8 +36,8 @@ def trainable_layer_ids(n_layers: int, args) -> range:
         if n <= 0 or n_layers % n:
             raise ModelError(f"use_llama_pro trains every (layers / freeze_trainable_layers)-th block: "
                              f"freeze_trainable_layers must divide the model's {n_layers} layers; got {n}. Expand "
-                             "the model first (LLaMA-Factory's scripts/llama_pro.py --num_expand N) and set "
-                             "freeze_trainable_layers: N")
+                             "the model first (tuneforge expand model_name_or_path=... --num_expand N --out "
+                             "FOLDER) and set freeze_trainable_layers: N")
         stride = n_layers // n
         return range(stride - 1, n_layers + stride - 1, stride)
     return range(n_layers - n, n_layers) if n > 0 else range(-n)
