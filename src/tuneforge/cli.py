@@ -174,6 +174,63 @@ def _quiet_library_bars() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def _run(ns, path, overrides: list[str], config: list[str]) -> None:
+    """Command `ns.command` on the config at `path` (or none) with `overrides`; its errors reach main, which words
+    them."""
+    if ns.command == "train":
+        from .train import run_stage
+
+        run_stage(_load(path, overrides, "train"))
+        _leave_process_group()
+    elif ns.command == "data":
+        from .data.preview import preview
+
+        cfg = _load(path, overrides + ([f"fill_placeholders={ns.fill}"] if ns.fill else []), "chat")
+        if not cfg.data.dataset:
+            raise ConfigError("`dataset` is required: the data to check")
+        preview(cfg, ns.show, ns.plot)
+    elif ns.command == "predict":
+        from .infer.classify import run_predict
+
+        if not ns.text and not ns.file:
+            raise ConfigError("predict needs --text TEXT or --file FILE")
+        run_predict(_load(path, overrides, "chat"), ns.text, ns.file, ns.out)
+    elif ns.command == "export":
+        from .export import run_export
+
+        run_export(_load(path, overrides, "export"))
+    elif ns.command == "api":
+        from .infer.api import serve
+
+        serve(_load(path, overrides, "chat"))
+    elif ns.command == "webui":
+        from .webui import serve as serve_webui
+
+        if config:  # the UI's forms make the configs; a key here would be silently unused
+            raise ConfigError(f"webui takes no config file or keys (got {' '.join(config)}); set them in its forms")
+        serve_webui(ns.host, ns.port, ns.output_root)
+    elif ns.command == "eval":
+        from .evaluate import run_comparison, run_eval
+
+        cfg = _load(path, overrides, "eval")
+        if ns.compare:
+            run_comparison(cfg, _load(path, overrides + ns.compare, "eval"))
+        else:
+            run_eval(cfg)
+    elif ns.command == "expand":
+        from .models.expand import expand
+
+        print(expand(_load(path, overrides, "chat").model.model_name_or_path, ns.out, ns.num_expand))
+    elif ns.command == "chat":
+        from .infer.chat import one_shot, repl
+
+        cfg = _load(path, overrides, "chat")
+        if ns.query is not None:
+            print(one_shot(cfg, ns.query, ns.system))
+        else:
+            repl(cfg, ns.system)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data.registry import DataError
     from .models.load import ModelError
@@ -202,58 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     map_large_allocations()  # a lower peak memory for training, at no measured cost (see its docstring)
     try:
         path, overrides = split_command_line(config)
-        if ns.command == "train":
-            from .train import run_stage
-
-            run_stage(_load(path, overrides, "train"))
-            _leave_process_group()
-        elif ns.command == "data":
-            from .data.preview import preview
-
-            cfg = _load(path, overrides + ([f"fill_placeholders={ns.fill}"] if ns.fill else []), "chat")
-            if not cfg.data.dataset:
-                raise ConfigError("`dataset` is required: the data to check")
-            preview(cfg, ns.show, ns.plot)
-        elif ns.command == "predict":
-            from .infer.classify import run_predict
-
-            if not ns.text and not ns.file:
-                raise ConfigError("predict needs --text TEXT or --file FILE")
-            run_predict(_load(path, overrides, "chat"), ns.text, ns.file, ns.out)
-        elif ns.command == "export":
-            from .export import run_export
-
-            run_export(_load(path, overrides, "export"))
-        elif ns.command == "api":
-            from .infer.api import serve
-
-            serve(_load(path, overrides, "chat"))
-        elif ns.command == "webui":
-            from .webui import serve as serve_webui
-
-            if config:  # the UI's forms make the configs; a key here would be silently unused
-                raise ConfigError(f"webui takes no config file or keys (got {' '.join(config)}); set them in its forms")
-            serve_webui(ns.host, ns.port, ns.output_root)
-        elif ns.command == "eval":
-            from .evaluate import run_comparison, run_eval
-
-            cfg = _load(path, overrides, "eval")
-            if ns.compare:
-                run_comparison(cfg, _load(path, overrides + ns.compare, "eval"))
-            else:
-                run_eval(cfg)
-        elif ns.command == "expand":
-            from .models.expand import expand
-
-            print(expand(_load(path, overrides, "chat").model.model_name_or_path, ns.out, ns.num_expand))
-        elif ns.command == "chat":
-            from .infer.chat import one_shot, repl
-
-            cfg = _load(path, overrides, "chat")
-            if ns.query is not None:
-                print(one_shot(cfg, ns.query, ns.system))
-            else:
-                repl(cfg, ns.system)
+        _run(ns, path, overrides, config)
     except (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError) as err:
         print(f"tuneforge: error: {err}", file=sys.stderr)
         return 2

@@ -195,7 +195,7 @@ def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, p
 def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: list[dict], accelerator,
           resume_from: str | None, collator=None) -> dict:
     """Train `module` on the steps `source` hands out, and return the run's results."""
-    t, f = cfg.train, cfg.finetune
+    t = cfg.train
     precision = Precision(t, accelerator.device)
     # here, once the data is read: a config or data error stays the only line
     for line in (speed_hint(cfg), bf16_cost(cfg), allocator_notice(os.environ)):
@@ -207,14 +207,8 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
     identity = {"config": ckpt.config_identity(cfg), "data": source.signature,
                 "num_train_examples": source.num_examples, **ckpt.global_batch(t, world)}
     inner = module
-    if resume_from:  # the weights go in before sharding splits them
-        ckpt.check_identity(resume_from, identity)
-        ckpt.load_weights(resume_from, inner)
-    module, optimizer = _distribute(module, t, f, accelerator)
-    scheduler = build_scheduler(optimizer, t, total_steps)
-    state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=source.num_examples)
-    if resume_from:
-        state = _resume(resume_from, inner, optimizer, scheduler, state, accelerator)
+    module, optimizer, scheduler, state = _start(cfg, module, source, accelerator, resume_from, identity,
+                                                 total_steps)
     collator = collator or PadCollator(tokenizer.pad_token_id)
     trackers = open_trackers(t.report_to, t.output_dir, t.run_name, flat_config(cfg)) \
         if accelerator.is_main_process else []
@@ -287,6 +281,21 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
             log.close()
     restore_best(cfg, inner, state, accelerator)
     return _results(state, per_epoch, time.time() - log.started, log.start_step, inner.unit)
+
+
+def _start(cfg, module, source, accelerator, resume_from: str | None, identity: dict, total_steps: int):
+    """(the module as training runs it, optimizer, scheduler, trainer state): fresh, or as checkpoint
+    `resume_from` left them."""
+    if resume_from:  # the weights go in before sharding splits them
+        ckpt.check_identity(resume_from, identity)
+        ckpt.load_weights(resume_from, module)
+    inner = module
+    module, optimizer = _distribute(module, cfg.train, cfg.finetune, accelerator)
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=source.num_examples)
+    if resume_from:
+        state = _resume(resume_from, inner, optimizer, scheduler, state, accelerator)
+    return module, optimizer, scheduler, state
 
 
 def _distribute(module, t, f, accelerator):
