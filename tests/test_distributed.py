@@ -23,6 +23,8 @@ def test_ddp_two_processes_match_one(tiny_model, tmp_path, streaming):
                           "gradient_accumulation_steps=2"], capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert ddp.stdout.count("trainable params") == 1  # only the main process reports
+    # one process tokenised and cached the rows, the other read its cache (streamed rows are not cached)
+    assert ddp.stdout.count("tokenised data loaded from the cache") == (0 if streaming else 1)
     single = subprocess.run([sys.executable, "-m", "tuneforge.cli", "train", *common, f"output_dir={tmp_path / 'one'}",
                              "per_device_train_batch_size=8"], capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]

@@ -80,6 +80,10 @@ class DataArgs:
     default_system: str | None = None
     enable_thinking: bool = True
     tokenized_path: str | None = None
+    # several processes (torchrun): one tokenises and caches, the others then read its cache; false: the first
+    # process of each machine (LOCAL_RANK 0), true: only the first of all (RANK 0), when every machine sees the same
+    # cache folder (TUNEFORGE_CACHE or tokenized_path on a shared file system)
+    data_shared_file_system: bool = False
     skip_bad_records: bool = False  # drop malformed records (counted, first reasons printed) instead of failing
     # ours: fill `{{name}}` placeholders in the data's text, e.g. "name=Forgewright,author=Anvil Labs"; placeholders
     # left unfilled are trained as written, with a warning
@@ -364,7 +368,6 @@ LLAMAFACTORY_ONLY = [
     ("tool_format", "str | None", None, "the template (or the tokenizer's chat template) renders tools; a separate "
      "tool_format is not built"),
     ("preserve_thinking", "bool", False, "keeping earlier turns' thinking " + _NOT_BUILT),
-    ("data_shared_file_system", "bool", False, "data_shared_file_system " + _NOT_BUILT),
     ("download_mode", "str", "reuse_dataset_if_exists", "tuneforge eval reads local task folders; nothing is "
      "downloaded"),
     ("ref_model_quantization_bit", "int | None", None, "a quantised reference model " + _NOT_BUILT),

@@ -8,7 +8,9 @@ import hashlib
 import json
 import os
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .registry import resolve
 
@@ -40,16 +42,39 @@ def fingerprint(cfg, tokenizer, template) -> str:
 
 def cached(cfg, tokenizer, template, build):
     """The tokenised data for these settings: from the cache when present (and not overwrite_cache), else
-    `build()`, saved for the next run."""
+    `build()`, saved for the next run. Of several processes, one builds and the others wait for its cache."""
     key = fingerprint(cfg, tokenizer, template)
     path = cache_file(cfg, key)
-    value = None if cfg.data.overwrite_cache else load(path, key)
-    if value is not None:
-        print(f"[tuneforge] tokenised data loaded from the cache ({path})")
+    with _one_process_first(cfg.data.data_shared_file_system) as first:
+        value = None if cfg.data.overwrite_cache and first else load(path, key)
+        if value is not None:
+            print(f"[tuneforge] tokenised data loaded from the cache ({path})")
+            return value
+        if not first:
+            print(f"[tuneforge] the first process's tokenised data is not in {path} here (is the cache folder "
+                  "shared, as data_shared_file_system says?); tokenising in this process too")
+        value = build()
+        save(path, key, value)
         return value
-    value = build()
-    save(path, key, value)
-    return value
+
+
+@contextmanager
+def _one_process_first(shared: bool) -> Iterator[bool]:
+    """Whether this process goes first: alone, or the first of all processes (shared) or of this machine; the
+    others wait at a barrier until it is done (each process reaches the barrier once, before or after)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield True
+        return
+    first = dist.get_rank() == 0 if shared else int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if not first:
+        dist.barrier()
+    try:
+        yield first
+    finally:
+        if first:
+            dist.barrier()
 
 
 def cache_file(cfg, key: str) -> Path:
