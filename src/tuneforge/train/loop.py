@@ -197,10 +197,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
     """Train `module` on the steps `source` hands out, and return the run's results."""
     t = cfg.train
     precision = Precision(t, accelerator.device)
-    # here, once the data is read: a config or data error stays the only line
-    for line in (speed_hint(cfg), bf16_cost(cfg), allocator_notice(os.environ)):
-        if line:
-            accelerator.print(f"[tuneforge] {line}")
+    _announce(cfg, accelerator)
     world = accelerator.num_processes
     per_epoch = source.steps_per_epoch
     total_steps = max(t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch), 1)
@@ -210,10 +207,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
     module, optimizer, scheduler, state = _start(cfg, module, source, accelerator, resume_from, identity,
                                                  total_steps)
     collator = collator or PadCollator(tokenizer.pad_token_id)
-    trackers = open_trackers(t.report_to, t.output_dir, t.run_name, flat_config(cfg)) \
-        if accelerator.is_main_process else []
-    log = RunLog(t.output_dir, total_steps, state.global_step, enabled=accelerator.is_main_process,
-                 trackers=trackers)
+    log = _run_log(cfg, total_steps, state, accelerator)
     eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and eval_rows else 0
     interval = _Interval(accelerator.device)
 
@@ -240,12 +234,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
         epoch = state.epoch + state.step_in_epoch / per_epoch if per_epoch else state.epoch
         last, stop = state.global_step >= total_steps, False
         if state.global_step % t.logging_steps == 0 or last:
-            loss, count, means, speed = interval.flush()
-            state.loss_sum += loss * count
-            state.trained_units += count
-            skipped = {"skipped_steps": state.skipped_steps} if state.skipped_steps else {}
-            log.train_step(state.global_step, epoch, loss, scheduler.get_last_lr()[0], speed,
-                           {**means, **source.log_metrics(), **skipped})
+            _log_interval(interval, state, log, epoch, scheduler.get_last_lr()[0], source)
         if eval_every and (state.global_step % eval_every == 0 or last):
             stop = _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log, epoch)
         if _should_save(t, state, per_epoch, last):
@@ -281,6 +270,32 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
             log.close()
     restore_best(cfg, inner, state, accelerator)
     return _results(state, per_epoch, time.time() - log.started, log.start_step, inner.unit)
+
+
+def _announce(cfg, accelerator) -> None:
+    """What the settings cost or leave on the table; here, once the data is read, so that a config or data error
+    stays the only line."""
+    for line in (speed_hint(cfg), bf16_cost(cfg), allocator_notice(os.environ)):
+        if line:
+            accelerator.print(f"[tuneforge] {line}")
+
+
+def _run_log(cfg, total_steps: int, state, accelerator) -> RunLog:
+    """trainer_log.jsonl and the report_to trackers, written by the main process only."""
+    t = cfg.train
+    trackers = open_trackers(t.report_to, t.output_dir, t.run_name, flat_config(cfg)) \
+        if accelerator.is_main_process else []
+    return RunLog(t.output_dir, total_steps, state.global_step, enabled=accelerator.is_main_process,
+                  trackers=trackers)
+
+
+def _log_interval(interval: "_Interval", state, log: RunLog, epoch: float, lr: float, source) -> None:
+    """The means since the last log line into the log, and into the run's totals."""
+    loss, count, means, speed = interval.flush()
+    state.loss_sum += loss * count
+    state.trained_units += count
+    skipped = {"skipped_steps": state.skipped_steps} if state.skipped_steps else {}
+    log.train_step(state.global_step, epoch, loss, lr, speed, {**means, **source.log_metrics(), **skipped})
 
 
 def _start(cfg, module, source, accelerator, resume_from: str | None, identity: dict, total_steps: int):
