@@ -22,8 +22,24 @@ def test_the_cpu_name_carries_family_and_model():
             "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
             "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: other\nflags\t\t: fpu\n")
     assert parse_cpuinfo(text) == ("AMD EPYC, family 26 model 2", {"fpu", "avx2", "avx512f", "avx512_bf16"})
-    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16\nCPU implementer\t: 0x41\n"
-    assert parse_cpuinfo(arm)[1] == set()  # no x86 flags: the caller says nothing about matrix units
+    # an Arm server (AWS Graviton3): no model name; the implementer and part name the core, and its Features are
+    # kept apart from x86 flags, so that no x86 decision (bf16 autocast, the cost notices) is taken on them
+    arm = ("processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd fphp asimdhp sve i8mm bf16\n"
+           "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x1\nCPU part\t: 0xd40\n\n")
+    name, flags = parse_cpuinfo(arm)
+    assert name.endswith(", Neoverse V1") and {"arm:bf16", "arm:sve"} <= flags
+    assert matrix_units(flags) == "BF16 (BFMMLA)"
+    assert matrix_units({"arm:fp", "arm:asimd"}) == "NEON, no bf16"
+    assert not machine.multiplies_bf16_natively(flags)  # unmeasured on Arm: fp32 stays the default there
+    unknown = arm.replace("0xd40", "0xd99")
+    assert "implementer 0x41 part 0xd99" in parse_cpuinfo(unknown)[0]
+
+
+def test_no_x86_cost_notice_on_arm(monkeypatch):
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: ("aarch64, Neoverse N1", {"arm:fp", "arm:asimd"}))
+    assert machine.bf16_notice(["bf16"]) is None
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: ("x86", {"avx2", "fma"}))
+    assert "about 35x" in machine.bf16_notice(["bf16"])
 
 
 def test_training_allocator_preloads_tcmalloc_unless_the_user_chose(monkeypatch):

@@ -27,10 +27,19 @@ def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
     for line in text.split("\n\n")[0].splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
+    if "Features" in fields and "flags" not in fields:  # Arm: no model name; the implementer and part name the core
+        implementer, part = fields.get("CPU implementer", "?"), fields.get("CPU part", "?")
+        core = _ARM_CORES.get((implementer, part), f"implementer {implementer} part {part}")
+        return f"{platform.machine() or 'Arm'}, {core}", {f"arm:{flag}" for flag in fields["Features"].split()}
     name = fields.get("model name") or platform.machine()
     if fields.get("cpu family") and fields.get("model"):
         name += f", family {fields['cpu family']} model {fields['model']}"
     return name, set(fields.get("flags", "").split())
+
+
+# (CPU implementer, CPU part) of /proc/cpuinfo for common server cores (Arm Ltd's Neoverse line)
+_ARM_CORES = {("0x41", "0xd0c"): "Neoverse N1", ("0x41", "0xd40"): "Neoverse V1", ("0x41", "0xd49"): "Neoverse N2",
+              ("0x41", "0xd4f"): "Neoverse V2"}
 
 
 def matrix_units(flags: set[str]) -> str:
@@ -42,6 +51,8 @@ def matrix_units(flags: set[str]) -> str:
         return "AVX512-BF16, no AMX"
     if "avx512f" in flags:
         return "AVX512, no bf16 units"
+    if "arm:asimd" in flags:  # Arm's flags are kept apart (arm: prefix): the bf16 decisions below are x86's, measured
+        return ("SME, " if "arm:sme" in flags else "") + ("BF16 (BFMMLA)" if "arm:bf16" in flags else "NEON, no bf16")
     return "AVX2" if "avx2" in flags else "no AVX2"
 
 
@@ -79,8 +90,8 @@ def bf16_notice(keys: list[str]) -> str | None:
     (docs/benchmarks.md; a SmolLM2 LoRA step 2.0x and 36x slower): torch converts every bf16 product, and without
     AVX512 it does so outside oneDNN."""
     flags = _cpuinfo()[1]
-    if not keys or not flags or multiplies_bf16_natively(flags):
-        return None
+    if not keys or not flags or "arm:asimd" in flags or multiplies_bf16_natively(flags):
+        return None  # nothing measured on Arm: say nothing rather than x86's figures
     cost = "about 2x" if "avx512f" in flags else "about 35x"
     memory = " (the weights `pure_bf16` held in bf16 then take twice the memory)" if "pure_bf16" in keys else ""
     return (f"note: this CPU ({cpu_description()}) has no bf16 units, so {', '.join(f'`{k}`' for k in keys)} make "
@@ -103,7 +114,9 @@ def environment() -> str:
     _, flags = _cpuinfo()
     units = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("amx_fp16", "AMX-FP16"),
                                      ("avx512_bf16", "AVX512-BF16"), ("avx512_fp16", "AVX512-FP16"),
-                                     ("avx512f", "AVX512F"), ("avx2", "AVX2")) if flag in flags]
+                                     ("avx512f", "AVX512F"), ("avx2", "AVX2"), ("arm:sme", "SME"),
+                                     ("arm:bf16", "BF16"), ("arm:i8mm", "I8MM"), ("arm:sve2", "SVE2"),
+                                     ("arm:sve", "SVE"), ("arm:asimd", "NEON")) if flag in flags]
     fp16 = "fp16 (native fp16 units)" if multiplies_fp16_natively(flags) else "runs as bf16 (no fp16 units)"
     lines += [f"python        {platform.python_version()}", f"cpu           {cpu_description()}",
               f"cpu units     {', '.join(units) or 'unknown'}", f"fp16 on cpu   {fp16}",
