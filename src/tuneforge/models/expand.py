@@ -27,7 +27,10 @@ def expand(model_name_or_path: str, out: str, num_expand: int) -> str:
         raise FileExistsError(f"{target} is not empty; give a new folder for the expanded model")
     path = resolve_model_path(model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    layers = model.get_decoder().layers
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ModelError(f"{model_name_or_path}: block expansion needs a decoder with a list of layers (LLaMA, "
+                         f"Mistral, Qwen2/3, SmolLM); this is a {type(model).__name__}")
     n = len(layers)
     if num_expand <= 0 or n % num_expand:
         raise ModelError(f"--num_expand must divide the model's {n} layers (one new block after each of "
