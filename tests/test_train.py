@@ -236,3 +236,12 @@ def test_torch_profiler_writes_a_trace_of_the_active_step(tiny_model, alpaca_fil
     names = {e.get("name", "") for e in events}
     assert "ProfilerStep#2" in names and not {"ProfilerStep#1", "ProfilerStep#3"} & names
     assert any(name.startswith("aten::mm") or name.startswith("aten::addmm") for name in names)
+
+
+def test_torch_profiler_refuses_a_schedule_that_records_nothing(tiny_model, alpaca_file, tmp_path):
+    from tuneforge.config import ConfigError, build_config, validate
+
+    cfg = build_config(train_config(tiny_model, alpaca_file, tmp_path / "o", enable_torch_profiler=True,
+                                    profiler_active_steps=0))
+    with pytest.raises(ConfigError, match="`profiler_active_steps` counts steps: it must be >= 1; got 0"):
+        validate(cfg, "train")

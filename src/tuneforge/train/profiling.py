@@ -32,10 +32,11 @@ def step_profiler(t, rank: int) -> Iterator[Callable[[], None]]:
 
 
 def check(t) -> list[str]:
-    """Problems with the profiler keys."""
-    out = [f"`{key}` counts steps: it must be >= {least}; got {value}"
-           for key, value, least in (("profiler_wait_steps", t.profiler_wait_steps, 0),
-                                     ("profiler_warmup_steps", t.profiler_warmup_steps, 0),
-                                     ("profiler_active_steps", t.profiler_active_steps, 1),
-                                     ("profiler_repeat", t.profiler_repeat, 0)) if value < least]
-    return out if t.enable_torch_profiler else []
+    """Problems with the profiler keys (read only when the profiler is on)."""
+    if not t.enable_torch_profiler:
+        return []
+    return [f"`{key}` counts steps: it must be >= {least}; got {value}"
+            for key, value, least in (("profiler_wait_steps", t.profiler_wait_steps, 0),
+                                      ("profiler_warmup_steps", t.profiler_warmup_steps, 0),
+                                      ("profiler_active_steps", t.profiler_active_steps, 1),
+                                      ("profiler_repeat", t.profiler_repeat, 0)) if value < least]
