@@ -328,6 +328,14 @@ def _train_problems(cfg: Config) -> list[str]:
         out.append(f"`eaft_alpha` is the exponent of EAFT's entropy weight, 0 or more; got {f.eaft_alpha}")
     if f.use_asft_loss and f.asft_alpha < 0:
         out.append(f"`asft_alpha` weighs ASFT's KL term to the starting model, 0 or more; got {f.asft_alpha}")
+    if f.moe_aux_loss_coef and known and not stage.language_modelling:
+        out.append(f"`moe_aux_loss_coef` adds the router balancing loss to the token loss of stages {lm_stages}; "
+                   f"stage {f.stage} does not add it: remove it")
+    if f.moe_aux_loss_coef and f.use_asft_loss:
+        out.append("`moe_aux_loss_coef` with `use_asft_loss` is not built yet (ASFT's loss does not add the router "
+                   "balancing loss); set one")
+    if f.moe_aux_loss_coef is not None and f.moe_aux_loss_coef < 0:
+        out.append(f"`moe_aux_loss_coef` weighs the router balancing loss, 0 or more; got {f.moe_aux_loss_coef}")
     if known and f.compute_accuracy and not stage.language_modelling:
         out.append(f"`compute_accuracy` is token accuracy for stages {lm_stages}; stage {f.stage} reports its own "
                    "accuracy metrics, so remove it")

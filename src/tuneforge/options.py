@@ -135,6 +135,9 @@ class FinetuneArgs:
     # being the starting model (train/asft.py)
     use_asft_loss: bool = False
     asft_alpha: float = 0.1
+    # pt / sft on a mixture-of-experts model: add moe_aux_loss_coef x the router load-balancing loss (Switch
+    # Transformer's, as transformers computes it for the model) to the training loss; None or 0: off (train/moe.py)
+    moe_aux_loss_coef: float | None = None
     # Optimizer extras (galore-torch, apollo-torch, adam-mini, badam packages; Muon from torch). GaLore / APOLLO
     # project the gradients of the 2-D weights of `*_target` modules (all: every linear layer) to `*_rank`.
     use_galore: bool = False
@@ -394,7 +397,6 @@ LLAMAFACTORY_ONLY = [
     ("use_unsloth", "bool", False, "Unsloth " + _GPU),
     ("use_unsloth_gc", "bool", False, "Unsloth's gradient checkpointing " + _GPU),
     ("enable_liger_kernel", "bool", False, "Liger kernels " + _GPU),
-    ("moe_aux_loss_coef", "float | None", None, "the MoE router loss " + _NOT_BUILT),
     ("infer_backend", "str", "huggingface", _ENGINES),
     ("offload_folder", "str", "offload", "offloading weights to disk " + _NOT_BUILT),
     ("use_kv_cache", "bool", True, "generation always uses the KV cache; remove it"),

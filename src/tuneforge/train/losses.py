@@ -245,13 +245,14 @@ class CausalLMLoss(torch.nn.Module):
     extra: dict = {}  # nothing trains besides the model (see steps.LossModule)
 
     def __init__(self, model, chunk_size: int = 1024, compute_accuracy: bool = False, dft: bool = False,
-                 eaft_alpha: float | None = None):
+                 eaft_alpha: float | None = None, router_balance=None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.compute_accuracy = compute_accuracy  # token accuracy, in evaluation only
         self.dft = dft  # use_dft_loss, in training only
         self.eaft_alpha = eaft_alpha  # use_eaft_loss's exponent, in training only
+        self.router_balance = router_balance  # moe.RouterBalance (moe_aux_loss_coef), in training only
         self.split = decoder_and_head(model)
 
     @staticmethod
@@ -260,33 +261,52 @@ class CausalLMLoss(torch.nn.Module):
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        balance = self.router_balance is not None and self.training
+        if balance:
+            inputs["output_router_logits"] = True
+        if self.split is None:  # output heads with extras: take the model's own logits
+            out = self.model(**inputs)
+            loss, metrics = self._from_logits(out.logits, labels)
+        else:
+            out = self.split[0](**inputs)
+            loss, metrics = self._from_hidden(out.last_hidden_state, labels)
+        if balance:
+            # the balancing loss is a mean over the micro-batch, and the loop divides this sum by the step's target
+            # tokens: weighted by its share of them, it adds coef x that mean, as transformers adds it to a mean loss
+            aux = self.router_balance(out.router_logits, attention_mask)
+            units = (labels[:, 1:] != IGNORE).sum()
+            loss = loss + self.router_balance.coef * aux * units
+            metrics = {**metrics, "aux_loss": aux.detach() * units}
+        return loss, metrics
+
+    def _from_logits(self, logits, labels):
         shift_labels = labels[:, 1:]
         targets = shift_labels != IGNORE
-        accuracy = self.compute_accuracy and not self.training
-        dft = self.dft and self.training
-        eaft = self.eaft_alpha is not None and self.training
-        if self.split is None:  # output heads with extras: take the model's own logits
-            logits = self.model(**inputs).logits
-            if dft or eaft:
-                wanted_logits = logits[:, :-1][targets].float()
-                token_losses = F.cross_entropy(wanted_logits, shift_labels[targets], reduction="none")
-                loss = dft_weighted(token_losses) if dft else \
-                    (token_losses * eaft_weights(wanted_logits.detach(), self.eaft_alpha)).sum()
-            else:
-                loss, _ = token_cross_entropy(logits, labels)
-            metrics = {"accuracy": ((logits[:, :-1].argmax(-1) == shift_labels) & targets).sum()} if accuracy else {}
-            return loss, metrics
-        decoder, head = self.split
-        hidden = decoder(**inputs).last_hidden_state[:, :-1][targets]
+        if self.training and (self.dft or self.eaft_alpha is not None):
+            wanted_logits = logits[:, :-1][targets].float()
+            token_losses = F.cross_entropy(wanted_logits, shift_labels[targets], reduction="none")
+            loss = dft_weighted(token_losses) if self.dft else \
+                (token_losses * eaft_weights(wanted_logits.detach(), self.eaft_alpha)).sum()
+        else:
+            loss, _ = token_cross_entropy(logits, labels)
+        if not (self.compute_accuracy and not self.training):
+            return loss, {}
+        return loss, {"accuracy": ((logits[:, :-1].argmax(-1) == shift_labels) & targets).sum()}
+
+    def _from_hidden(self, last_hidden, labels):
+        head = self.split[1]
+        shift_labels = labels[:, 1:]
+        targets = shift_labels != IGNORE
+        hidden = last_hidden[:, :-1][targets]
         wanted = shift_labels[targets]
-        if dft:
+        if self.training and self.dft:
             loss = dft_weighted(chunked_token_losses(hidden, head, wanted, self.chunk_size))
-        elif eaft:
+        elif self.training and self.eaft_alpha is not None:
             loss = (chunked_token_losses(hidden, head, wanted, self.chunk_size) *
                     head_eaft_weights(hidden, head, self.eaft_alpha, _FROZEN_HEAD_ROWS)).sum()
         else:
             loss = chunked_cross_entropy(hidden, head, wanted, self.chunk_size)
-        if not accuracy:
+        if not (self.compute_accuracy and not self.training):
             return loss, {}
         with torch.no_grad():
             correct = sum((head(hidden[s: s + self.chunk_size]).argmax(-1) == wanted[s: s + self.chunk_size]).sum()

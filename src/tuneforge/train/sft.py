@@ -15,6 +15,7 @@ from .asft import AnchoredLMLoss
 from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
 from .logging import write_results
 from .losses import CausalLMLoss, head_chunk_size
+from .moe import RouterBalance
 from ..user_code import load_user_function
 from .metrics import generation_scores
 
@@ -52,7 +53,8 @@ def run(cfg) -> dict:
         trained = f"{data.num_train_examples} training examples{packed}"
     accelerator.print(f"[tuneforge] {trained}, {_count(data.eval)} evaluation examples")
     module = CausalLMLoss(model, head_chunk_size(t), compute_accuracy=f.compute_accuracy, dft=f.use_dft_loss,
-                          eaft_alpha=f.eaft_alpha if f.use_eaft_loss else None)
+                          eaft_alpha=f.eaft_alpha if f.use_eaft_loss else None,
+                          router_balance=RouterBalance(model, f.moe_aux_loss_coef) if f.moe_aux_loss_coef else None)
     if f.use_asft_loss and t.do_train:
         module = AnchoredLMLoss(module, f.asft_alpha, reference_model(cfg))
     results = train_and_evaluate(cfg, module, tokenizer, data.train, data.eval, accelerator, resume,
