@@ -16,7 +16,8 @@ from ..models.recompute import apply_gradient_checkpointing
 from . import checkpoint as ckpt
 from . import sharding
 from .logging import plot_loss, write_results
-from .loop import Precision, autocast_dtype, evaluate, train
+from .evaluation import evaluate
+from .loop import Precision, autocast_dtype, train
 from .steps import rows_source
 
 

@@ -1,5 +1,6 @@
 """The shared training loop: deterministic batches, gradient accumulation with token-level loss normalisation,
-clipping, schedules, logging, evaluation, early stopping, checkpoints and exact resume.
+clipping, schedules, logging, checkpoints and exact resume; evaluation and early stopping (evaluation.py) run
+between steps.
 
 One optimizer step = up to `gradient_accumulation_steps` micro-batches of one epoch. Its loss is the sum of losses
 over every micro-batch (and every process) divided by the number of units (target tokens, pairs, examples) in all
@@ -11,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -25,11 +25,12 @@ from ..machine import allocator_notice
 from ..models.load import ModelError
 from . import checkpoint as ckpt
 from . import sharding
+from .evaluation import evaluate_and_check, restore_best
 from .logging import RunLog
 from .faults import NonFinite, Preempted, StopSignals, describe_rows
 from .optimizers import Layerwise, make_optimizer
 from .profiling import step_profiler
-from .steps import LossModule, StepSource, StreamSteps
+from .steps import LossModule, StepSource, StreamSteps, unwrapped
 from .trackers import open_trackers
 
 
@@ -145,53 +146,6 @@ def _casts_off(model):
             layer.cast_input_dtype_enabled = True
 
 
-@torch.no_grad()
-def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, precision: Precision | None = None
-             ) -> dict:
-    """Unit-weighted eval loss and metrics of a loss module over `rows` (plus perplexity for token losses).
-
-    Runs the unwrapped module: evaluation needs no gradient sync, and processes may hold different numbers of
-    batches, so no DDP collective may run per batch.
-
-    `rows` may be a dict of named sets (eval_on_each_dataset): each reports its own eval_<name>_... metrics."""
-    if isinstance(rows, dict):
-        return {key.replace("eval_", f"eval_{name}_", 1): value for name, part in rows.items()
-                for key, value in evaluate(module, part, collator, batch_size, accelerator, precision).items()}
-    module = _inner(module)
-    module.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = rows[rank::world]
-    loss_sum = torch.zeros((), device=accelerator.device)
-    units = torch.zeros((), device=accelerator.device)
-    sums: dict[str, torch.Tensor] = {}
-    starts: list = list(range(0, len(mine), batch_size))
-    if sharding.is_sharded(module):  # each forward gathers weights from every process: all run as many
-        starts += [None] * (math.ceil(len(rows[::world]) / batch_size) - len(starts))  # (None: discarded)
-    for start in starts:
-        batch = collator(mine[start: start + batch_size] if start is not None else rows[:1])
-        batch.pop("num_tokens")
-        batch_units = module.units(batch).to(accelerator.device)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with precision.autocast(module.model) if precision else nullcontext():
-            loss, metrics = module(**batch)
-        if start is None:
-            continue
-        units += batch_units
-        loss_sum += loss.detach().float()
-        for key, value in metrics.items():
-            sums[key] = sums.get(key, 0) + value.detach().float()
-    totals = torch.stack([loss_sum, units, *sums.values()])
-    totals = accelerator.reduce(totals, "sum") if world > 1 else totals
-    module.train()
-    count = totals[1].clamp(min=1)
-    loss = (totals[0] / count).item()
-    result = {"eval_loss": loss}
-    if module.unit == "token":
-        result["eval_perplexity"] = math.exp(min(loss, 50))
-    result.update({f"eval_{key}": (value / count).item() for key, value in zip(sums, totals[2:])})
-    return result
-
-
 def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: list[dict], accelerator,
           resume_from: str | None, collator=None) -> dict:
     """Train `module` on the steps `source` hands out, and return the run's results."""
@@ -236,7 +190,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
         if state.global_step % t.logging_steps == 0 or last:
             _log_interval(interval, state, log, epoch, scheduler.get_last_lr()[0], source)
         if eval_every and (state.global_step % eval_every == 0 or last):
-            stop = _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log, epoch)
+            stop = evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log, epoch)
         if _should_save(t, state, per_epoch, last):
             save()
         return last, stop
@@ -248,7 +202,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
         state.epoch += 1
         state.step_in_epoch = 0
         if t.eval_strategy == "epoch" and eval_rows:
-            return _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log,
+            return evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log,
                                        state.epoch)
         return False
 
@@ -434,7 +388,7 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
         # FSDP reduce-scatters every micro-batch's gradients: a sharded model keeps no full gradient to accumulate in
         sync = i == len(micro) - 1 or sharded
         with nullcontext() if sync else accelerator.no_sync(module):
-            with precision.lora_casts_off(_inner(module).model):
+            with precision.lora_casts_off(unwrapped(module).model):
                 with precision.autocast():
                     loss_sum, metrics = module(**batch)
                 precision.scaler.scale(loss_sum * scale).backward()
@@ -496,64 +450,6 @@ def _what_is_non_finite(losses, norm, precision, accelerator) -> NonFiniteStep |
         return NonFiniteStep(f"the loss is {losses[bad[0]].item()} in micro-batch {bad[0] + 1} of {len(losses)}",
                              bad[0])
     return NonFiniteStep(f"the gradient norm is {norm.item()} (losses finite)", None) if flags[-1] else None
-
-
-def _inner(module):
-    """The loss module inside a (possibly DDP-wrapped) one."""
-    return getattr(module, "module", module)
-
-
-BEST = "best_model"
-
-
-def best_metric_name(t) -> tuple[str, bool]:
-    """(metric that decides the best model and early stopping, whether higher is better)."""
-    name = t.metric_for_best_model or "eval_loss"
-    name = name if name.startswith("eval_") else f"eval_{name}"
-    return name, not name.endswith(("loss", "perplexity"))
-
-
-def _evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log, epoch) -> bool:
-    """Evaluate, log, keep the best model (load_best_model_at_end), and say whether early stopping should end
-    training."""
-    t = cfg.train
-    metrics = evaluate(module, eval_rows, collator, t.per_device_eval_batch_size, accelerator, precision)
-    log.eval_step(state.global_step, epoch, metrics)
-    name, higher = best_metric_name(t)
-    if name not in metrics and not (t.load_best_model_at_end or cfg.finetune.early_stopping_steps):
-        return False  # nothing depends on the best metric (e.g. eval_on_each_dataset without a named one)
-    if name not in metrics:
-        raise ConfigError(f"metric_for_best_model `{t.metric_for_best_model}`: evaluation reports "
-                          f"{', '.join(metrics)}; pick one of those")
-    value = metrics[name]
-    if state.best_metric is None or (value > state.best_metric if higher else value < state.best_metric):
-        state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
-        if t.load_best_model_at_end and accelerator.is_main_process:
-            ckpt.save_model(_inner(module), None, Path(t.output_dir) / BEST)
-    else:
-        state.evals_without_improvement += 1
-    patience = cfg.finetune.early_stopping_steps
-    if patience and state.evals_without_improvement >= patience:
-        accelerator.print(f"[tuneforge] early stopping: {name} has not improved for {patience} evaluations")
-        return True
-    return False
-
-
-def restore_best(cfg, inner, state, accelerator) -> None:
-    """With load_best_model_at_end: put the best evaluated weights back and drop their temporary copy."""
-    folder = Path(cfg.train.output_dir) / BEST
-    if not cfg.train.load_best_model_at_end:
-        return
-    accelerator.wait_for_everyone()  # the main process may still be writing the last best model
-    if not folder.is_dir():
-        return
-    ckpt.load_trainable_weights(inner.model, folder)
-    ckpt.load_extra_weights(inner, folder)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.print(f"[tuneforge] loaded the best model (step {state.best_step}, "
-                          f"{best_metric_name(cfg.train)[0]} = {state.best_metric:.4f})")
-        shutil.rmtree(folder)
 
 
 def _should_save(t, state, steps_in_epoch: int, last: bool) -> bool:

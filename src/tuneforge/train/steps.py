@@ -30,6 +30,11 @@ class LossModule(Protocol):
         """(loss summed over the batch's units, metric sums); the loop divides both by the step's units."""
 
 
+def unwrapped(module) -> LossModule:
+    """The loss module inside a DDP wrapper (or the module itself)."""
+    return getattr(module, "module", module)
+
+
 class StepSource(Protocol):
     steps_per_epoch: int  # optimizer steps in one pass over the data; 0 when unknown (a stream)
     num_examples: int  # checked on resume: a checkpoint continues only on the same data (0: not counted)

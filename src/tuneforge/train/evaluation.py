@@ -1,0 +1,115 @@
+"""Evaluation during and after training: unit-weighted losses and metrics over the evaluation rows, the best
+model (load_best_model_at_end) and early stopping."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from . import checkpoint as ckpt
+from . import sharding
+from .steps import unwrapped
+
+
+@torch.no_grad()
+def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, precision=None) -> dict:
+    """Unit-weighted eval loss and metrics of a loss module over `rows` (plus perplexity for token losses).
+
+    Runs the unwrapped module: evaluation needs no gradient sync, and processes may hold different numbers of
+    batches, so no DDP collective may run per batch.
+
+    `rows` may be a dict of named sets (eval_on_each_dataset): each reports its own eval_<name>_... metrics."""
+    if isinstance(rows, dict):
+        return {key.replace("eval_", f"eval_{name}_", 1): value for name, part in rows.items()
+                for key, value in evaluate(module, part, collator, batch_size, accelerator, precision).items()}
+    module = unwrapped(module)
+    module.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = rows[rank::world]
+    loss_sum = torch.zeros((), device=accelerator.device)
+    units = torch.zeros((), device=accelerator.device)
+    sums: dict[str, torch.Tensor] = {}
+    starts: list = list(range(0, len(mine), batch_size))
+    if sharding.is_sharded(module):  # each forward gathers weights from every process: all run as many
+        starts += [None] * (math.ceil(len(rows[::world]) / batch_size) - len(starts))  # (None: discarded)
+    for start in starts:
+        batch = collator(mine[start: start + batch_size] if start is not None else rows[:1])
+        batch.pop("num_tokens")
+        batch_units = module.units(batch).to(accelerator.device)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with precision.autocast(module.model) if precision else nullcontext():
+            loss, metrics = module(**batch)
+        if start is None:
+            continue
+        units += batch_units
+        loss_sum += loss.detach().float()
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0) + value.detach().float()
+    totals = torch.stack([loss_sum, units, *sums.values()])
+    totals = accelerator.reduce(totals, "sum") if world > 1 else totals
+    module.train()
+    count = totals[1].clamp(min=1)
+    loss = (totals[0] / count).item()
+    result = {"eval_loss": loss}
+    if module.unit == "token":
+        result["eval_perplexity"] = math.exp(min(loss, 50))
+    result.update({f"eval_{key}": (value / count).item() for key, value in zip(sums, totals[2:])})
+    return result
+
+
+BEST = "best_model"
+
+
+def best_metric_name(t) -> tuple[str, bool]:
+    """(metric that decides the best model and early stopping, whether higher is better)."""
+    name = t.metric_for_best_model or "eval_loss"
+    name = name if name.startswith("eval_") else f"eval_{name}"
+    return name, not name.endswith(("loss", "perplexity"))
+
+
+def evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log, epoch) -> bool:
+    """Evaluate, log, keep the best model (load_best_model_at_end), and say whether early stopping should end
+    training."""
+    t = cfg.train
+    metrics = evaluate(module, eval_rows, collator, t.per_device_eval_batch_size, accelerator, precision)
+    log.eval_step(state.global_step, epoch, metrics)
+    name, higher = best_metric_name(t)
+    if name not in metrics and not (t.load_best_model_at_end or cfg.finetune.early_stopping_steps):
+        return False  # nothing depends on the best metric (e.g. eval_on_each_dataset without a named one)
+    if name not in metrics:
+        raise ConfigError(f"metric_for_best_model `{t.metric_for_best_model}`: evaluation reports "
+                          f"{', '.join(metrics)}; pick one of those")
+    value = metrics[name]
+    if state.best_metric is None or (value > state.best_metric if higher else value < state.best_metric):
+        state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
+        if t.load_best_model_at_end and accelerator.is_main_process:
+            ckpt.save_model(unwrapped(module), None, Path(t.output_dir) / BEST)
+    else:
+        state.evals_without_improvement += 1
+    patience = cfg.finetune.early_stopping_steps
+    if patience and state.evals_without_improvement >= patience:
+        accelerator.print(f"[tuneforge] early stopping: {name} has not improved for {patience} evaluations")
+        return True
+    return False
+
+
+def restore_best(cfg, inner, state, accelerator) -> None:
+    """With load_best_model_at_end: put the best evaluated weights back and drop their temporary copy."""
+    folder = Path(cfg.train.output_dir) / BEST
+    if not cfg.train.load_best_model_at_end:
+        return
+    accelerator.wait_for_everyone()  # the main process may still be writing the last best model
+    if not folder.is_dir():
+        return
+    ckpt.load_trainable_weights(inner.model, folder)
+    ckpt.load_extra_weights(inner, folder)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.print(f"[tuneforge] loaded the best model (step {state.best_step}, "
+                          f"{best_metric_name(cfg.train)[0]} = {state.best_metric:.4f})")
+        shutil.rmtree(folder)
