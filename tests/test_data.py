@@ -145,7 +145,8 @@ def test_packed_rows_cover_every_token_once(tokenizer):
     assert batch["input_ids"].shape == (2, 16)  # padded to a multiple of 8: one kernel shape per 8 widths
 
 
-def test_tokenised_data_is_cached(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("template", ["chatml", None], ids=["named-template", "tokenizer-template"])
+def test_tokenised_data_is_cached(tiny_model, tmp_path, monkeypatch, template):
     from tuneforge import data as data_module
     from tuneforge.config import build_config
 
@@ -158,7 +159,7 @@ def test_tokenised_data_is_cached(tiny_model, tmp_path, monkeypatch):
     def prepare(**extra):
         from transformers import AutoTokenizer
 
-        cfg = build_config({"model_name_or_path": tiny_model, "dataset": str(path), "template": "chatml",
+        cfg = build_config({"model_name_or_path": tiny_model, "dataset": str(path), "template": template,
                             "output_dir": str(tmp_path / "o"), "do_train": True, **extra})
         calls.clear()
         return data_module.prepare_lm_data(cfg, AutoTokenizer.from_pretrained(tiny_model))

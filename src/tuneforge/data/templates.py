@@ -158,6 +158,11 @@ class TokenizerTemplate:
             raise DataError("the tokenizer has no chat_template; set `template` (e.g. default, chatml, llama3, qwen)")
         self.enable_thinking = enable_thinking
 
+    def __repr__(self) -> str:
+        # part of the tokenised-data cache key (cache.fingerprint, which holds the chat_template itself): the same
+        # in every process, where the default repr's object address is not
+        return f"TokenizerTemplate(enable_thinking={self.enable_thinking})"
+
     def pieces(self, tokenizer, messages: list[dict], system: str | None, tools: str = "") -> list[str]:
         hf_roles = {USER: "user", ASSISTANT: "assistant", OBSERVATION: "tool", FUNCTION: "assistant"}
         chat = [{"role": "system", "content": system}] if system else []
