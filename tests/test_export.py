@@ -54,7 +54,8 @@ def base_and_adapter(request, tmp_path_factory) -> tuple[str, str]:
 
 
 def export_cfg(base: str, adapter: str | None, out: Path, **extra):
-    values = dict(model_name_or_path=base, template="chatml", export_dir=str(out), **extra)
+    values = dict(model_name_or_path=base, template="chatml", export_dir=str(out))
+    values.update(extra)
     if adapter:
         values["adapter_name_or_path"] = adapter
     cfg = build_config(values, source="test")
@@ -215,3 +216,11 @@ def test_modelfile_per_template(tmp_path):
     assert "[INST] {{ if and (eq $i 0) $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]" in mistral
     assert modelfile("m.gguf", get_template("qwen3", tokenizer), tokenizer, None) is None  # thinking: no faithful form
     assert modelfile("m.gguf", get_template(None, tokenizer), tokenizer, None) is None  # a Jinja template
+
+
+def test_preserve_thinking_export_says_the_template_differs(base_and_adapter, tmp_path, capsys):
+    """The merged folder keeps the model's own chat_template for a thinking template; with preserve_thinking the
+    export says that template drops what training kept."""
+    base, adapter = base_and_adapter
+    run_export(export_cfg(base, adapter, tmp_path / "kept", template="qwen3", preserve_thinking=True))
+    assert "drops earlier answers' thoughts; preserve_thinking applies to" in capsys.readouterr().out

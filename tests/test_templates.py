@@ -149,6 +149,27 @@ def test_qwen3_thoughts(tiny_model):
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
+def test_qwen3_preserve_thinking(tiny_model):
+    """preserve_thinking keeps an earlier answer's thought, in its canonical layout, and trains on it; it is refused
+    where no template drops thoughts."""
+    from tuneforge.config import build_config
+    from tuneforge.data.registry import DataError
+    from tuneforge.data.templates import data_template
+
+    bos, eos, expected, _ = CASES["qwen3"]
+    tokenizer = family_tokenizer(tiny_model, bos, eos, expected)
+    example = conversation()
+    example.messages[1]["content"] = "<think>Greet back.</think>" + A1
+    keep = get_template("qwen3", tokenizer, preserve_thinking=True)
+    spans = [tokenizer.decode(span) for span in learned_spans(encode_supervised(example, tokenizer, keep, 4096))]
+    assert spans == ["<think>\nGreet back.\n</think>\n\n" + A1 + "<|im_end|>", "<think>\n\n</think>\n\n4.<|im_end|>"]
+    prompt = tokenizer.decode(encode_prompt(example.messages[:3], tokenizer, keep, SYSTEM))
+    assert "<think>\nGreet back.\n</think>" in prompt  # chat history keeps it too
+    for template, why in ((None, "set `template: qwen3`"), ("chatml", "template `chatml` drops none")):
+        with pytest.raises(DataError, match=re.escape(why)):
+            data_template(build_config({"template": template, "preserve_thinking": True}).data, tokenizer)
+
+
 def test_qwen_tools_calls_and_results(tiny_model):
     tokenizer = family_tokenizer(tiny_model, "", "<|im_end|>", CHATML)
     tools = '[{"name": "add", "description": "Add numbers", "parameters": {"type": "object"}}]'

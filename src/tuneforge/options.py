@@ -79,6 +79,9 @@ class DataArgs:
     neat_packing: bool = False
     default_system: str | None = None
     enable_thinking: bool = True
+    # templates that drop the <think> blocks of answers before the last user turn, as Qwen3's does (qwen3): keep
+    # them, in training data and in chat history
+    preserve_thinking: bool = False
     tokenized_path: str | None = None
     # several processes (torchrun): one tokenises and caches, the others then read its cache; false: the first
     # process of each machine (LOCAL_RANK 0), true: only the first of all (RANK 0), when every machine sees the same
@@ -370,7 +373,6 @@ LLAMAFACTORY_ONLY = [
     ("ignore_pad_token_for_loss", "bool", True, "tuneforge never trains on padding; remove it"),
     ("tool_format", "str | None", None, "the template (or the tokenizer's chat template) renders tools; a separate "
      "tool_format is not built"),
-    ("preserve_thinking", "bool", False, "keeping earlier turns' thinking " + _NOT_BUILT),
     ("download_mode", "str", "reuse_dataset_if_exists", "tuneforge eval reads local task folders; nothing is "
      "downloaded"),
     ("ref_model_quantization_bit", "int | None", None, "a quantised reference model " + _NOT_BUILT),

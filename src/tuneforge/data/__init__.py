@@ -15,7 +15,7 @@ from .encode import chunk_documents, encode_kto, encode_pair, encode_supervised_
 from .formats import Example, to_examples
 from .placeholders import filled
 from .registry import DataError, read_records, resolve
-from .templates import get_template
+from .templates import data_template
 
 __all__ = ["DataError", "Example", "LMData", "load_examples", "prepare_lm_data"]
 
@@ -147,7 +147,7 @@ def load_splits(cfg, load=None) -> tuple[list, list]:
 def prepare_preference_data(cfg, tokenizer) -> tuple[list[dict], list[dict], list[Example]]:
     """(train rows, eval rows, eval examples) for rm / dpo (pairs) and kto (examples with mismatched answers),
     cached like prepare_lm_data."""
-    template = get_template(cfg.data.template, tokenizer, cfg.data.enable_thinking)
+    template = data_template(cfg.data, tokenizer)
     return cache.cached(cfg, tokenizer, template, lambda: _encode_preferences(cfg, tokenizer, template))
 
 
@@ -172,7 +172,7 @@ def prepare_lm_data(cfg, tokenizer, need_train: bool = True) -> LMData:
     Tokenised data is cached (see cache.py): an unchanged dataset is not tokenised again.
     """
     d, stage = cfg.data, cfg.finetune.stage
-    template = get_template(d.template, tokenizer, d.enable_thinking) if data_kind(stage) != "pt" else None
+    template = data_template(d, tokenizer) if data_kind(stage) != "pt" else None
     if d.streaming:
         return _stream(cfg, tokenizer, template, need_train)
     data = cache.cached(cfg, tokenizer, template, lambda: _tokenise(cfg, tokenizer, template, need_train))

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..train.stages import data_kind
 from . import load_examples, load_splits
 from .encode import IGNORE, encode_kto, encode_pair, encode_pretrain, encode_supervised, render, tokenize_pieces
-from .templates import get_template
+from .templates import data_template
 
 NO_LIMIT = 10 ** 9
 
@@ -54,7 +54,7 @@ def preview(cfg, examples_to_show: int = 3, plot: str | None = "token_lengths.pn
     from ..models.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    template = get_template(d.template, tokenizer, d.enable_thinking) if kind != "pt" else None
+    template = data_template(d, tokenizer) if kind != "pt" else None
     if d.streaming:
         report, train, evaluation = _stream_sample(cfg)
     else:

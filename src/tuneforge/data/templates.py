@@ -30,6 +30,7 @@ class Template:
     tool_format: str = "json"  # how tool definitions and calls are written (see tools.py)
     thinking: bool = False  # Qwen3-style <think> blocks: stripped from earlier answers, empty one added when absent
     enable_thinking: bool = True  # with `thinking`: whether an answer without thoughts still learns the empty block
+    preserve_thinking: bool = False  # with `thinking`: keep the thoughts of answers before the last user turn
 
     def pieces(self, tokenizer, messages: list[dict], system: str | None, tools: str = "") -> list[str]:
         """Text pieces alternating prompt, response, ...; a conversation ending on a user turn ends on a prompt."""
@@ -56,7 +57,7 @@ class Template:
             if role == FUNCTION:
                 content = format_calls(self.tool_format, content)
             if self.thinking:
-                content = _with_thought(content, keep=i > last_user)
+                content = _with_thought(content, keep=self.preserve_thinking or i > last_user)
                 if i > last_user and not self.enable_thinking and content.startswith(EMPTY_THOUGHT):
                     pieces[-1] += EMPTY_THOUGHT  # thinking off: the empty block is given, not learned
                     content = content[len(EMPTY_THOUGHT):]
@@ -246,7 +247,19 @@ MULTIMODAL_TEMPLATES = set("""dots_ocr ernie_vl gemma3n glm4_5v glm4v glm_ocr gr
     qwen3_omni_nothink qwen3_vl qwen3_vl_nothink video_llava yi_vl youtu_vl""".split())
 
 
-def get_template(name: str | None, tokenizer, enable_thinking: bool = True):
+def data_template(d, tokenizer):
+    """The template the data options `d` choose (for inference, after the adapter's saved template filled in an
+    unset `template`)."""
+    template = get_template(d.template, tokenizer, d.enable_thinking, d.preserve_thinking)
+    if d.preserve_thinking and not getattr(template, "thinking", False):
+        raise DataError("`preserve_thinking` keeps the earlier thoughts that templates with thinking blocks (qwen3) "
+                        "drop; " + (f"template `{d.template}` drops none: remove it" if d.template else
+                                    "the tokenizer's own chat_template (`template` unset) decides that itself: set "
+                                    "`template: qwen3`"))
+    return template
+
+
+def get_template(name: str | None, tokenizer, enable_thinking: bool = True, preserve_thinking: bool = False):
     """A named template, or (no name) the tokenizer's own chat_template."""
     if not name:
         return TokenizerTemplate(tokenizer, enable_thinking)
@@ -259,7 +272,7 @@ def get_template(name: str | None, tokenizer, enable_thinking: bool = True):
         close = difflib.get_close_matches(name, list(TEMPLATES), n=1)
         hint = f"did you mean {close[0]}?" if close else f"available: {', '.join(TEMPLATES)}"
         raise DataError(f"unknown template `{name}`; {hint} (or leave `template` unset to use the tokenizer's own)")
-    return replace(TEMPLATES[name], enable_thinking=enable_thinking)
+    return replace(TEMPLATES[name], enable_thinking=enable_thinking, preserve_thinking=preserve_thinking)
 
 
 def tokenize_pieces(tokenizer, pieces: list[str]) -> list[list[int]]:

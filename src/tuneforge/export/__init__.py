@@ -37,6 +37,9 @@ def run_export(cfg) -> Path:
                          "(remove export_gguf)")
     start = time.perf_counter()
     kind, tokenizer, template = export_model(cfg, folder)
+    if cfg.data.preserve_thinking:  # thinking templates are not translated (merge.py): the model's own is kept
+        print("[tuneforge] note: the exported chat_template is the model's own, which drops earlier answers' "
+              "thoughts; preserve_thinking applies to tuneforge chat, api and training only")
     if not cfg.model.export_gguf:
         print(f"[tuneforge] exported the merged {kind.replace('_', ' ')} to {folder} "
               f"({time.perf_counter() - start:.1f} s)")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..data.templates import Template, get_template, stop_token_ids
+from ..data.templates import Template, data_template, stop_token_ids
 from ..infer.classify import LABELS_FILE, load_trained_classifier
 from ..models.adapters import attach_adapters
 from ..models.load import load_base_model, load_tokenizer, resolve_model_path
@@ -78,7 +78,7 @@ def jinja_template(template: Template, tokenizer) -> str:
 
 def _tokenizer_with_template(cfg):
     tokenizer = load_tokenizer(cfg.model)
-    template = get_template(cfg.data.template, tokenizer, cfg.data.enable_thinking)
+    template = data_template(cfg.data, tokenizer)
     if isinstance(template, Template) and not template.thinking:
         tokenizer.chat_template = jinja_template(template, tokenizer)
     return tokenizer, template

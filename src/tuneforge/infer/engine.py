@@ -10,7 +10,7 @@ import yaml
 
 from ..data.collate import left_pad
 from ..data.encode import encode_prompt
-from ..data.templates import get_template, stop_token_ids
+from ..data.templates import data_template, stop_token_ids
 from ..models.adapters import attach_adapters
 from ..models.load import inference_dtype, load_base_model, load_tokenizer
 from ..train.checkpoint import RUN_CONFIG
@@ -51,7 +51,7 @@ class Engine:
                                     cutoff_len=cfg.data.cutoff_len)
             model = attach_adapters(model, cfg.model, cfg.finetune, is_trainable=False)
         self.model = model.eval()
-        self.template = get_template(cfg.data.template, self.tokenizer, cfg.data.enable_thinking)
+        self.template = data_template(cfg.data, self.tokenizer)
         self.stop_ids = stop_token_ids(self.template, self.tokenizer)
 
     def prompt_ids(self, messages: list[dict], system: str | None = None) -> list[int]:

@@ -17,7 +17,7 @@ import torch
 from ..config import shuffles_rows
 from ..data import DataError, load_splits
 from ..data.encode import render, tokenize_pieces
-from ..data.templates import get_template, stop_token_ids
+from ..data.templates import data_template, stop_token_ids
 from . import rewards as reward_functions
 from .faults import rows_signature
 from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
@@ -95,7 +95,7 @@ class RolloutSteps:
         self.per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps // f.num_generations
         self.steps_per_epoch = math.ceil(len(prompts) / (self.per_step * self.world))
         self.num_examples, self.signature, self.step_rows = len(prompts), rows_signature(prompts), []
-        self.template = get_template(cfg.data.template, tokenizer, cfg.data.enable_thinking)
+        self.template = data_template(cfg.data, tokenizer)
         self.stop_ids = stop_token_ids(self.template, tokenizer)
         self.precision = Precision(t, accelerator.device)
         self.stats = RolloutStats()
@@ -161,7 +161,7 @@ def encode_prompts(cfg, tokenizer) -> tuple[list[dict], list[dict]]:
     the last cutoff_len tokens), the text of its last user turn (what reward functions get as the prompt) and its
     extra columns."""
     d = cfg.data
-    template = get_template(d.template, tokenizer, d.enable_thinking)
+    template = data_template(d, tokenizer)
 
     def encode(e) -> dict:
         pieces = tokenize_pieces(tokenizer, render(e, tokenizer, template, d.default_system))

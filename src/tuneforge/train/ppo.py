@@ -22,7 +22,7 @@ import torch
 
 from ..config import ConfigError, shuffles_rows
 from ..data import DataError
-from ..data.templates import get_template, stop_token_ids
+from ..data.templates import data_template, stop_token_ids
 from ..models.load import ModelError
 from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
 from .grpo import encode_prompts
@@ -230,7 +230,7 @@ class PPOSteps:
         self.updates = f.ppo_epochs * f.ppo_buffer_size  # optimizer steps per rollout
         self.rollouts_per_epoch = len(prompts) // (self.per_rollout * self.world)
         self.steps_per_epoch, self.num_examples = self.rollouts_per_epoch * self.updates, len(prompts)
-        template = get_template(cfg.data.template, tokenizer, cfg.data.enable_thinking)
+        template = data_template(cfg.data, tokenizer)
         self.stop_ids = stop_token_ids(template, tokenizer)
         self.precision = Precision(t, accelerator.device)
         self.kl_coef, self.moments = INIT_KL_COEF, [0.0, 1.0, 1e-24]  # score mean, variance, count (TRL's start)
