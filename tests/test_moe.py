@@ -77,3 +77,49 @@ def test_refused_where_it_cannot_apply(tiny_moe, tiny_model, alpaca_file, tmp_pa
         run_training(train_config(tiny_moe, alpaca_file, tmp_path / "asft", moe_aux_loss_coef=0.01, use_asft_loss=True))
     with pytest.raises(ConfigError, match="0 or more; got -1"):
         run_training(train_config(tiny_moe, alpaca_file, tmp_path / "negative", moe_aux_loss_coef=-1))
+
+
+def test_lora_all_adapts_the_fused_experts(tiny_moe, alpaca_file, tmp_path):
+    """transformers 5 keeps each layer's experts as 3-D parameters, not nn.Linear: `lora_target: all` still adapts
+    them (PEFT target_parameters), the adapter loads in plain PEFT and merges to the same logits."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.export import run_export
+    from tuneforge.config import build_config, validate
+
+    run_training(train_config(tiny_moe, alpaca_file, tmp_path / "run", max_steps=4))
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert sorted(saved["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
+    assert sorted(saved["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_moe)(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_moe), tmp_path / "run")
+        expert_b = [p for n, p in adapted.named_parameters() if "experts" in n and "lora_B" in n]
+        assert expert_b and all(p.abs().sum() > 0 for p in expert_b)  # B starts at zero: the experts' adapters trained
+        logits = adapted(input_ids=ids).logits
+        cfg = build_config({"model_name_or_path": tiny_moe, "adapter_name_or_path": str(tmp_path / "run"),
+                            "template": "chatml", "export_dir": str(tmp_path / "merged")})
+        validate(cfg, "export")
+        merged = AutoModelForCausalLM.from_pretrained(run_export(cfg))(input_ids=ids).logits
+    assert (logits - base).abs().max() > 1e-3
+    # float32: the merged weight sums W + BA before the matmul, the adapter after it; 1e-5 is ~100x that rounding
+    torch.testing.assert_close(merged, logits, rtol=0, atol=1e-5)
+
+
+def test_expert_targets_by_name_and_what_peft_cannot_do(tiny_moe, alpaca_file, tmp_path):
+    import json
+
+    from tuneforge.models.load import ModelError
+
+    run_training(train_config(tiny_moe, alpaca_file, tmp_path / "named", max_steps=1, lora_target="q_proj,gate_up_proj"))
+    saved = json.loads((tmp_path / "named" / "adapter_config.json").read_text())
+    assert saved["target_parameters"] == ["experts.gate_up_proj"] and saved["target_modules"] == ["q_proj"]
+    with pytest.raises(ModelError, match="PEFT cannot adapt those with lora_dropout: turn it off"):
+        run_training(train_config(tiny_moe, alpaca_file, tmp_path / "dropout", lora_dropout=0.1))
+    with pytest.raises(ModelError, match="which PEFT's OFT cannot adapt"):
+        run_training(train_config(tiny_moe, alpaca_file, tmp_path / "oft", finetuning_type="oft", oft_rank=4,
+                                  oft_block_size=0))

@@ -24,6 +24,16 @@ def all_linear_names(model) -> list[str]:
     return sorted(names)
 
 
+def expert_weight_names(model) -> list[str]:
+    """Names (`experts.gate_up_proj`) of mixture-of-experts weights that transformers 5 fuses into one 3-D parameter
+    per layer instead of one nn.Linear per expert: `lora_target: all` reaches them through PEFT's
+    target_parameters, as it reached each expert's linear layers under transformers 4. Routers stay out, as they
+    are no nn.Linear either (`additional_target: gate` trains a router whole)."""
+    return sorted({f"{name.split('.')[-1]}.{param_name}" for name, module in model.named_modules()
+                   if name.split(".")[-1] == "experts" or type(module).__name__.endswith("Experts")
+                   for param_name, param in module.named_parameters(recurse=False) if param.ndim == 3})
+
+
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
@@ -70,21 +80,33 @@ def apply_freeze(model, args) -> None:
                          f"{sorted({n.split('.')[-2] for n, _ in model.named_parameters()})[:12]}")
 
 
-def _targets(model, value: str, key: str, args) -> list[str]:
-    """`lora_target` / `oft_target` as PEFT target_modules; with `use_llama_pro`, only those modules inside the
-    layers LLaMA Pro trains (full module names)."""
-    targets = all_linear_names(model) if value.strip() == "all" else _split(value)
+def _targets(model, value: str, key: str, args) -> tuple[list[str], list[str]]:
+    """`lora_target` / `oft_target` as PEFT (target_modules, target_parameters): linear layers by leaf name, and
+    fused expert weights (expert_weight_names) by their leaf name or `experts.<name>`. With `use_llama_pro`, only
+    those inside the layers LLaMA Pro trains (full names)."""
+    experts = expert_weight_names(model)
+    if value.strip() == "all":
+        modules, params = all_linear_names(model), experts
+    else:
+        named = _split(value)
+        params = [e for e in experts if e in named or e.split(".")[-1] in named]
+        modules = [t for t in named if not any(t in (e, e.split(".")[-1]) for e in experts)]
     known = {name.split(".")[-1] for name, _ in model.named_modules()}
-    unknown = [t for t in targets if t not in known]
+    unknown = [t for t in modules if t not in known]
     if unknown:
         raise ModelError(f"{key} {unknown} not found in the model; its linear layers are "
-                         f"{', '.join(all_linear_names(model))} (or use `all`)")
+                         f"{', '.join(all_linear_names(model) + experts)} (or use `all`)")
     if not args.use_llama_pro:
-        return targets
+        return modules, params
     layer_ids = trainable_layer_ids(model.config.num_hidden_layers, args)
     pattern = re.compile(r"\.(\d+)\.")
-    return [name for name, _ in model.named_modules() if name.split(".")[-1] in targets
-            and (found := pattern.search(name)) is not None and int(found.group(1)) in layer_ids]
+
+    def in_trained_layer(name: str) -> bool:
+        return (found := pattern.search(name)) is not None and int(found.group(1)) in layer_ids
+
+    return ([name for name, _ in model.named_modules() if name.split(".")[-1] in modules and in_trained_layer(name)],
+            [name for name, _ in model.named_parameters() if any(name.endswith("." + e) for e in params)
+             and in_trained_layer(name)])
 
 
 def lora_config(model, args, embeddings: dict | None = None):
@@ -97,9 +119,16 @@ def lora_config(model, args, embeddings: dict | None = None):
     saved = {"modules_to_save": _split(args.additional_target) or None, **(embeddings or {})}
     if vocab.tied_embedding_names(model) & set(saved["modules_to_save"] or []):
         saved["ensure_weight_tying"] = True  # else PEFT trains the tied embedding and head as two copies
+    modules, params = _targets(model, args.lora_target, "lora_target", args)
+    unsupported = [key for key, on in (("lora_dropout", args.lora_dropout), ("use_dora", args.use_dora),
+                                       ("pissa_init", args.pissa_init)) if on]
+    if params and unsupported:
+        raise ModelError(f"lora_target reaches this mixture-of-experts model's fused expert weights "
+                         f"({', '.join(sorted(set(p.split('.')[-1] for p in params)))}), and PEFT cannot adapt those "
+                         f"with {' / '.join(unsupported)}: turn {'it' if len(unsupported) == 1 else 'them'} off, or "
+                         f"name only linear layers in lora_target ({', '.join(all_linear_names(model))})")
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
-                      lora_dropout=args.lora_dropout, target_modules=_targets(model, args.lora_target, "lora_target",
-                                                                              args),
+                      lora_dropout=args.lora_dropout, target_modules=modules, target_parameters=params or None,
                       use_rslora=args.use_rslora, use_dora=args.use_dora, init_lora_weights=init, **saved)
 
 
@@ -107,9 +136,13 @@ def oft_config(model, args, embeddings: dict | None = None):
     from peft import OFTConfig, TaskType
 
     saved = {"modules_to_save": _split(args.additional_target) or None, **(embeddings or {})}
+    modules, params = _targets(model, args.oft_target, "oft_target", args)
+    if params:
+        raise ModelError(f"oft_target reaches this mixture-of-experts model's fused expert weights, which PEFT's OFT "
+                         f"cannot adapt (only LoRA can): name only linear layers in oft_target "
+                         f"({', '.join(all_linear_names(model))}), or use finetuning_type: lora")
     return OFTConfig(task_type=TaskType.CAUSAL_LM, r=args.oft_rank, oft_block_size=args.oft_block_size,
-                     target_modules=_targets(model, args.oft_target, "oft_target", args),
-                     module_dropout=args.module_dropout, **saved)
+                     target_modules=modules, module_dropout=args.module_dropout, **saved)
 
 
 def check_adapter_paths(value: str | None) -> None:
