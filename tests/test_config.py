@@ -131,7 +131,7 @@ def test_a_bare_no_is_the_choice_no(tmp_path):
     ("train_on_prompt=true mask_history=true", "contradict each other"),
     ("bf16=true fp16=true", "pick one mixed-precision mode"),
     ("lr_scheduler_type=polynomial", "`lr_scheduler_type` must be one of"),
-    ("finetuning_type=half", "`finetuning_type` must be full, freeze, lora or oft"),
+    ("finetuning_type=half", "`finetuning_type` must be one of full, freeze, lora, oft; got 'half'"),
     ("eval_strategy=steps", "needs evaluation data"),
     ("do_eval=true", "`do_eval` needs evaluation data"),
     ("early_stopping_steps=3 val_size=0.1", "`early_stopping_steps` needs evaluations during training"),
@@ -151,6 +151,22 @@ def test_conflicts_are_explained(tmp_path, override, message):
     path.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\ndo_train: true\n")
     with pytest.raises(ConfigError, match=message):
         load_config(str(path), override.split())
+
+
+@pytest.mark.parametrize("command", ["train", "chat", "export", "eval"])
+@pytest.mark.parametrize("key, value, choices", [
+    ("finetuning_type", "half", "full, freeze, lora, oft"),
+    ("flash_attn", "fa3", "auto, sdpa, eager, fa2, disabled"),
+    ("infer_dtype", "int8", "auto, float32, bfloat16, float16"),
+])
+def test_a_fixed_choice_key_is_refused_once_naming_its_choices(key, value, choices, command):
+    """Literal keys are checked by the gate for every command, with one message (no hand-written twin)."""
+    from tuneforge.config import problems
+
+    cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "do_train": True,
+                        "export_dir": "e", "task": "basics_test", key: value})
+    named = [p for p in problems(cfg, command) if f"`{key}`" in p]
+    assert named == [f"`{key}` must be one of {choices}; got {value!r}"]
 
 
 def test_sequential_sampling_is_disable_shuffling():

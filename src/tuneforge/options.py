@@ -12,13 +12,13 @@ from typing import Literal
 
 @dataclass
 class ModelArgs:
-    model_name_or_path: str | None = None
+    model_name_or_path: str | None = None  # required: a local folder, a hub id, a .gguf file or a bundled alias
     adapter_name_or_path: str | None = None  # comma list; all but the last are merged
-    cache_dir: str | None = None
-    model_revision: str = "main"
-    hf_hub_token: str | None = None
-    trust_remote_code: bool = False
-    use_fast_tokenizer: bool = True
+    cache_dir: str | None = None  # where hub downloads of the model and tokenizer are kept (transformers' cache)
+    model_revision: str = "main"  # the hub branch, tag or commit of model_name_or_path
+    hf_hub_token: str | None = None  # a Hugging Face token, for gated or private hub models
+    trust_remote_code: bool = False  # run the model's own modelling / tokenizer code (from the hub or its folder)
+    use_fast_tokenizer: bool = True  # accepted only true: the fast (tokenizers) tokenizer is always used (NOT_YET)
     # New tokens (models/vocab.py). Comma lists; each new token gets an embedding row, initialised as
     # init_special_tokens says, and with LoRA the new rows train (trainable_token_indices) while the rest stays frozen
     add_tokens: str | None = None  # ordinary tokens, e.g. words the tokenizer splits badly
@@ -28,7 +28,11 @@ class ModelArgs:
     # the rows of the description's tokens (needs new_special_tokens_config); desc_init_w_noise: that plus the noise
     init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise"] = "noise_init"
     resize_vocab: bool = False  # grow the embeddings to the tokenizer's length even without new tokens listed
-    flash_attn: str = "auto"  # auto | sdpa | eager | fa2
+    # attention implementation: auto (transformers' choice), sdpa, eager, fa2 (transformers' flash_attention_2);
+    # disabled is LLaMA-Factory's name for eager
+    flash_attn: Literal["auto", "sdpa", "eager", "fa2", "disabled"] = "auto"
+    # never checkpoint activations, even with gradient_checkpointing or fsdp_config's activation_checkpointing
+    # (LLaMA-Factory checkpoints unless this is set; tuneforge only with `gradient_checkpointing: true`)
     disable_gradient_checkpointing: bool = False
     use_reentrant_gc: bool = True  # LLaMA-Factory's checkpointing flavour; see NO_EFFECT_YET
     print_param_status: bool = False  # training also prints each parameter's name, shape, dtype, device, trainable
@@ -39,50 +43,65 @@ class ModelArgs:
     # ceil(cutoff_len / positions) when cutoff_len exceeds them; inference by that, or else by 2
     rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = None
     upcast_lmhead_output: bool = False  # accepted with a notice: see NO_EFFECT_YET
-    train_from_scratch: bool = False
-    infer_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    train_from_scratch: bool = False  # random weights from the model's config instead of its pretrained ones
+    # the weights' dtype where a model is loaded for decoding or scoring (chat, api, eval); auto: bf16 on a GPU that
+    # has it, else float32 (a CPU with bf16 units gets a note that bfloat16 decodes faster)
+    infer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # 4 or 8: the base is loaded quantised by bitsandbytes (QLoRA: training needs finetuning_type lora; inference
+    # loads it so too; export refuses it)
     quantization_bit: int | None = None
-    quantization_method: str = "bnb"
-    quantization_type: str = "nf4"
-    double_quantization: bool = True
-    export_dir: str | None = None
+    quantization_method: str = "bnb"  # only bnb (bitsandbytes) is built; others are refused with quantization_bit
+    quantization_type: str = "nf4"  # nf4 | fp4: the 4-bit data type (models/load.py refuses other values)
+    double_quantization: bool = True  # 4-bit: quantise the quantisation constants too (bitsandbytes' double quant)
+    export_dir: str | None = None  # export (required): the new or empty folder the merged model is written to
     export_size: float = 5  # GB per safetensors shard (a float, so small models can be sharded too)
     export_device: str = "cpu"  # cpu | auto (a GPU when there is one)
-    export_quantization_bit: int | None = None
-    export_legacy_format: bool = False
-    export_gguf: str | None = None  # ours: also write a GGUF file (f16 | bf16 | q8_0 | q4_0) and an Ollama Modelfile
+    export_quantization_bit: int | None = None  # GPTQ export: accepted only unset (NOT_YET); see export_gguf
+    export_legacy_format: bool = False  # export: PyTorch .bin shards instead of safetensors, for older loaders
+    # ours: also write a GGUF file of this type and an Ollama Modelfile (export/gguf.py); export checks the value
+    export_gguf: Literal["f16", "bf16", "q8_0", "q4_0"] | None = None
 
 
 @dataclass
 class DataArgs:
+    # the chat format: a template of data/templates.py (default, chatml, llama3, qwen3, ...); unset: the tokenizer's
+    # own chat_template (inference and export first take the template the adapter was trained with)
     template: str | None = None
-    dataset: str | None = None
-    eval_dataset: str | None = None
-    dataset_dir: str = "data"
+    dataset: str | None = None  # the training data: a comma list of dataset_info.json names or file paths
+    eval_dataset: str | None = None  # evaluation data, named as `dataset` is (val_size adds a share of dataset)
+    dataset_dir: str = "data"  # the folder of dataset_info.json; its entries' files are relative to it
+    # tokens per example at most (pt: per block; packing: per packed row); sft: a longer conversation keeps its
+    # last turn's share first, then earlier turns from the start
     cutoff_len: int = 2048
     # stage cls, texts longer than cutoff_len: head keeps the first tokens; head_tail keeps the first quarter of the
     # budget and the last three quarters (Sun et al. 2019: a review's verdict is often at its end)
     cls_truncation: Literal["head", "head_tail"] = "head"
-    train_on_prompt: bool = False
-    mask_history: bool = False
-    streaming: bool = False
-    buffer_size: int = 16384
+    train_on_prompt: bool = False  # sft: train on the prompt tokens too, not only on the answers
+    mask_history: bool = False  # sft: train on the last answer only; earlier answers are context
+    streaming: bool = False  # pt / sft (with max_steps): read the files record by record as training goes
+    buffer_size: int = 16384  # streaming: examples in the shuffle buffer (1 keeps the files' order)
+    # several datasets: concat (one after another) | interleave_under (in turn, until one runs out) |
+    # interleave_over (until each was seen whole, restarting used-up ones) | interleave_once (each example once)
     mix_strategy: str = "concat"
-    interleave_probs: str | None = None
-    overwrite_cache: bool = False
-    preprocessing_batch_size: int = 1000
-    preprocessing_num_workers: int | None = None
-    max_samples: int | None = None
-    val_size: float = 0.0
-    eval_on_each_dataset: bool = False
+    interleave_probs: str | None = None  # interleave_*: one weight per dataset (comma list) to draw by, not in turn
+    overwrite_cache: bool = False  # tokenise again instead of reading the tokenised-data cache (data/cache.py)
+    preprocessing_batch_size: int = 1000  # examples encoded at once (streaming: pt cuts, sft packs each such batch)
+    preprocessing_num_workers: int | None = None  # pt / sft: processes that tokenise in parallel (None or 1: this one)
+    max_samples: int | None = None  # at most this many examples of each dataset (its first ones)
+    val_size: float = 0.0  # evaluation data held out of dataset: a fraction (< 1) or a count (streaming: a count)
+    eval_on_each_dataset: bool = False  # pt / sft: each evaluation dataset evaluated alone (eval_<name>_loss, ...)
+    # sft: several examples per row of up to cutoff_len tokens, none attending to another (data/collate.py); None:
+    # the stage decides (pt always cuts its text into cutoff_len blocks, sft does not pack)
     packing: bool | None = None
-    neat_packing: bool = False
-    default_system: str | None = None
+    neat_packing: bool = False  # LLaMA-Factory's packing without cross-example attention: here the same as packing
+    default_system: str | None = None  # the system prompt of conversations without one (training, chat, api, Modelfile)
+    # templates with <think> blocks (qwen3, or a tokenizer chat_template that reads enable_thinking): false gives the
+    # empty block in the prompt (not learned; generation starts after it), for answers without thinking
     enable_thinking: bool = True
     # templates that drop the <think> blocks of answers before the last user turn, as Qwen3's does (qwen3): keep
     # them, in training data and in chat history
     preserve_thinking: bool = False
-    tokenized_path: str | None = None
+    tokenized_path: str | None = None  # the tokenised data is saved to / loaded from <this>/tokenized.pkl
     # several processes (torchrun): one tokenises and caches, the others then read its cache; false: the first
     # process of each machine (LOCAL_RANK 0), true: only the first of all (RANK 0), when every machine sees the same
     # cache folder (TUNEFORGE_CACHE or tokenized_path on a shared file system)
@@ -95,36 +114,38 @@ class DataArgs:
 
 @dataclass
 class FinetuneArgs:
-    stage: str = "sft"
-    finetuning_type: str = "lora"  # full | freeze | lora | oft
-    plot_loss: bool = False
-    compute_accuracy: bool = False
+    stage: str = "sft"  # pt | sft | rm | dpo | kto | cls | ppo | grpo (the table in train/stages.py)
+    finetuning_type: Literal["full", "freeze", "lora", "oft"] = "lora"  # what trains (models/adapters.py)
+    plot_loss: bool = False  # after training, draw training_loss.png (and training_eval_loss.png) in output_dir
+    compute_accuracy: bool = False  # pt / sft: evaluations also report token accuracy (eval_accuracy)
+    # stop training after this many evaluations in a row without a better metric_for_best_model (evaluations, not
+    # steps, despite LLaMA-Factory's name)
     early_stopping_steps: int | None = None
-    disable_shuffling: bool = False
-    pure_bf16: bool = False
-    freeze_trainable_layers: int = 2
-    freeze_trainable_modules: str = "all"
-    freeze_extra_modules: str | None = None
-    lora_rank: int = 8
-    lora_alpha: int | None = None
-    lora_dropout: float = 0.0
-    lora_target: str = "all"
-    additional_target: str | None = None
-    loraplus_lr_ratio: float | None = None
+    disable_shuffling: bool = False  # training rows in data order, not reshuffled every epoch
+    pure_bf16: bool = False  # load the model in bf16, not fp32 (full / freeze train bf16 weights; LoRA stays fp32)
+    freeze_trainable_layers: int = 2  # freeze: train the last N layers (negative: the first -N); cls: the top N + head
+    freeze_trainable_modules: str = "all"  # freeze: the modules in those layers that train (e.g. mlp,self_attn)
+    freeze_extra_modules: str | None = None  # freeze: modules outside the layers that train too (e.g. embed_tokens)
+    lora_rank: int = 8  # LoRA's rank r
+    lora_alpha: int | None = None  # LoRA's alpha (updates scaled by alpha / r); None: 2 x lora_rank
+    lora_dropout: float = 0.0  # dropout on the input of the LoRA branch
+    lora_target: str = "all"  # module names (comma list, e.g. q_proj,v_proj) or all: every linear but the output head
+    additional_target: str | None = None  # modules trained whole and saved with the adapter (PEFT's modules_to_save)
+    loraplus_lr_ratio: float | None = None  # LoRA+: the B matrices learn at learning_rate x this
     # stage cls: what the head reads; auto = the sentence-transformers pooling config of the model when it has one
     # (mean for all-MiniLM-L6-v2), else cls for encoders and last for decoders (models/pooling.py)
     cls_pooling: Literal["auto", "cls", "mean", "last"] = "auto"
     layer_lr: str | None = None  # per-module learning rates: "classifier=5e-4,encoder=1e-5" (last match wins)
     layerwise_lr_decay: float | None = None  # each lower layer's rate x this factor (embeddings lowest)
-    use_rslora: bool = False
-    use_dora: bool = False
+    use_rslora: bool = False  # rank-stabilised LoRA: updates scaled by alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False  # DoRA: each weight split into a magnitude vector and a direction that LoRA adapts
     pissa_init: bool = False  # LoRA starts from the principal singular vectors of each target (PEFT's PiSSA)
     pissa_iter: int = 16  # fast SVD iterations for pissa_init; -1: the exact SVD
     pissa_convert: bool = False  # save the trained PiSSA adapter as a plain LoRA adapter on the original base
     loraplus_lr_embedding: float = 1e-6  # LoRA+: the learning rate of LoRA embedding matrices
     # OFT (finetuning_type: oft): orthogonal fine-tuning through PEFT's OFTConfig; give oft_rank or oft_block_size
-    oft_rank: int = 0
-    oft_block_size: int = 32
+    oft_rank: int = 0  # orthogonal blocks per weight (PEFT's r); 0: oft_block_size decides
+    oft_block_size: int = 32  # the size of each orthogonal block; 0: oft_rank decides
     oft_target: str = "all"  # like lora_target
     module_dropout: float = 0.0  # OFT's multiplicative dropout
     use_llama_pro: bool = False  # freeze: train the evenly spaced blocks that scripts/llama_pro.py-style expansion
@@ -143,50 +164,53 @@ class FinetuneArgs:
     moe_aux_loss_coef: float | None = None
     # Optimizer extras (galore-torch, apollo-torch, adam-mini, badam packages; Muon from torch). GaLore / APOLLO
     # project the gradients of the 2-D weights of `*_target` modules (all: every linear layer) to `*_rank`.
-    use_galore: bool = False
+    use_galore: bool = False  # GaLore's AdamW (finetuning_type full); with a bitsandbytes optim its 8-bit one (CUDA)
     galore_target: str = "all"
     galore_rank: int = 16
-    galore_update_interval: int = 200
-    galore_scale: float = 2.0
-    galore_proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
-    galore_layerwise: bool = False
-    use_apollo: bool = False
+    galore_update_interval: int = 200  # steps between new projections (update_proj_gap)
+    galore_scale: float = 2.0  # the projected-back update is multiplied by this
+    galore_proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"  # which side is projected
+    galore_layerwise: bool = False  # step each weight inside backward as soon as its gradient is complete, and free it
+    use_apollo: bool = False  # APOLLO's AdamW (finetuning_type full)
     apollo_target: str = "all"
     apollo_rank: int = 16
-    apollo_update_interval: int = 200
-    apollo_scale: float = 32.0
-    apollo_proj: Literal["svd", "random"] = "random"
-    apollo_proj_type: Literal["std", "right", "left"] = "std"
-    apollo_scale_type: Literal["channel", "tensor"] = "channel"
-    apollo_layerwise: bool = False
-    apollo_scale_front: bool = False
-    use_badam: bool = False
-    badam_mode: Literal["layer", "ratio"] = "layer"
-    badam_start_block: int | None = None
-    badam_switch_mode: str | None = "ascending"  # ascending | descending | random | fixed
-    badam_switch_interval: int | None = 50
-    badam_update_ratio: float = 0.05
-    badam_mask_mode: Literal["adjacent", "scatter"] = "adjacent"
-    badam_verbose: int = 0
-    use_adam_mini: bool = False
-    use_muon: bool = False
+    apollo_update_interval: int = 200  # steps between new projections (update_proj_gap)
+    apollo_scale: float = 32.0  # the update is multiplied by its square root
+    apollo_proj: Literal["svd", "random"] = "random"  # the projection: random, or from the gradient's SVD
+    apollo_proj_type: Literal["std", "right", "left"] = "std"  # which side is projected
+    apollo_scale_type: Literal["channel", "tensor"] = "channel"  # one scaling factor per channel or per tensor
+    apollo_layerwise: bool = False  # as galore_layerwise, for APOLLO
+    apollo_scale_front: bool = False  # apply the scale before the norm-growth limiter rather than after it
+    use_badam: bool = False  # BAdam (finetuning_type full): block coordinate descent, a part trained at a time
+    badam_mode: Literal["layer", "ratio"] = "layer"  # layer: one layer block at a time; ratio: a share of each weight
+    badam_start_block: int | None = None  # layer: the block to begin with; None: the first in badam_switch_mode's order
+    badam_switch_mode: Literal["ascending", "descending", "random", "fixed"] | None = "ascending"  # layer: block order
+    badam_switch_interval: int | None = 50  # layer: steps before the next block
+    badam_update_ratio: float = 0.05  # ratio: the share of each weight's entries updated
+    badam_mask_mode: Literal["adjacent", "scatter"] = "adjacent"  # ratio: those entries adjacent or scattered
+    badam_verbose: int = 0  # BAdam's own printing (0: none)
+    use_adam_mini: bool = False  # Adam-mini (finetuning_type full): one second-moment value per parameter block
+    use_muon: bool = False  # Muon for the hidden 2-D weight matrices, AdamW for embeddings, output head, norms, biases
+    # with adapter_name_or_path: merge all the adapters and train a new one (default: train the last one further)
     create_new_adapter: bool = False
-    pref_beta: float = 0.1
-    pref_ftx: float = 0.0
-    pref_loss: str = "sigmoid"
-    dpo_label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
+    pref_beta: float = 0.1  # dpo / kto: beta, the scale of the rewards in the loss (orpo: its odds-ratio term's weight)
+    pref_ftx: float = 0.0  # dpo: add pref_ftx x the chosen answer's per-token NLL (orpo's loss has that term already)
+    pref_loss: str = "sigmoid"  # dpo: sigmoid (DPO) | hinge | ipo | orpo | simpo (train/dpo.py refuses others)
+    dpo_label_smoothing: float = 0.0  # pref_loss sigmoid: the assumed share of mislabelled pairs (cDPO)
+    simpo_gamma: float = 0.5  # pref_loss simpo: the target reward margin
     # dpo (LD-DPO): each answer's log-probability counts its first min(chosen, rejected) target tokens whole and the
     # rest of the longer answer times ld_alpha (0-1), so length alone moves the margin less; the reference's are whole
     ld_alpha: float | None = None
     # dpo (BCO term): each answer's implicit reward beta * (log pi - log pi_ref) classified against a running mean of
     # the rewards, chosen above and rejected below; the pair's loss is (loss + w * bco) / (1 + w)
     pref_bco_weight: float = 0.0
-    kto_chosen_weight: float = 1.0
-    kto_rejected_weight: float = 1.0
+    kto_chosen_weight: float = 1.0  # kto: weight of the desirable answers' losses
+    kto_rejected_weight: float = 1.0  # kto: weight of the undesirable answers' losses
     precompute_ref_log_probs: bool = False  # dpo: run the reference once over the data before training
+    # the reference of dpo, kto, ppo, grpo and use_asft_loss, when it is another model; unset: the starting model
+    # (with lora / oft the base with the adapter switched off, else a frozen copy)
     ref_model: str | None = None
-    ref_model_adapters: str | None = None
+    ref_model_adapters: str | None = None  # adapters loaded onto ref_model (a comma list, as adapter_name_or_path)
     # ppo (LLaMA-Factory's keys): the reward model is a `stage: rm` output_dir (or, for api, a URL); see docs/rl.md
     reward_model: str | None = None
     reward_model_adapters: str | None = None  # full: the reward model's adapters (default: none, or reward_model)
@@ -218,43 +242,50 @@ class FinetuneArgs:
 
 @dataclass
 class TrainArgs:
-    output_dir: str | None = None
-    overwrite_output_dir: bool = False
+    output_dir: str | None = None  # train (required): where the model, checkpoints, logs and results go
+    overwrite_output_dir: bool = False  # start over, not resume: only tuneforge's checkpoint-N folders are removed
     do_train: bool = False  # LLaMA-Factory's default: a config that trains says `do_train: true`
+    # evaluate on the evaluation data (val_size / eval_dataset) after training, or without training (ppo and grpo
+    # score their evaluation prompts before and after training)
     do_eval: bool = False
-    do_predict: bool = False
-    predict_with_generate: bool = False
+    do_predict: bool = False  # predict on the evaluation data: sft generated answers, rm scores, cls labels
+    predict_with_generate: bool = False  # sft's do_predict needs it true: its predictions are generated text
     predict_metric: str | None = None  # sft do_predict: a user metric "path.py:function", called as
     # function(predictions, references) with two lists of strings; returns a number or a dict of name -> number
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = 8  # rows per micro-batch in each process
+    per_device_eval_batch_size: int = 8  # rows per batch when evaluating, predicting and precomputing references
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 5e-5  # the peak rate, after warmup (layer_lr, layerwise_lr_decay, LoRA+ vary it)
+    weight_decay: float = 0.0  # the optimizer's weight decay (decoupled in AdamW); biases and norm weights get none
+    adam_beta1: float = 0.9  # AdamW's first-moment decay (also the AdamW-based optimizer extras')
+    adam_beta2: float = 0.999  # AdamW's second-moment decay
+    adam_epsilon: float = 1e-8  # AdamW's epsilon, added to the update's denominator
+    max_grad_norm: float = 1.0  # clip each step's gradient norm to this; 0 or less: no clipping
     # ours: a step whose loss or gradient norm is NaN/inf skips its update (counted, logged) instead of stopping
     skip_nonfinite_steps: bool = False
-    num_train_epochs: float = 3.0
-    max_steps: int = -1
+    num_train_epochs: float = 3.0  # passes over the training data (fractions too); max_steps > 0 overrides it
+    max_steps: int = -1  # optimizer steps to train; -1: num_train_epochs decides
+    # linear | cosine | constant | constant_with_warmup (SCHEDULERS). Not a Literal: training refuses the other
+    # Hugging Face names LLaMA-Factory accepts, but chat, export and eval must still load such a config
     lr_scheduler_type: str = "linear"
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_strategy: Literal["no", "steps", "epoch"] = "steps"
-    save_total_limit: int | None = None
-    save_only_model: bool = False
-    eval_strategy: Literal["no", "steps", "epoch"] = "no"
-    eval_steps: int | None = None
-    load_best_model_at_end: bool = False
+    warmup_ratio: float = 0.0  # the share of all steps over which the rate rises from 0 (unless warmup_steps)
+    warmup_steps: int = 0  # steps over which the rate rises from 0; 0: warmup_ratio decides
+    logging_steps: int = 10  # a log line (trainer_log.jsonl, report_to) every N steps; eval_steps' default
+    save_steps: int = 500  # save_strategy steps: a checkpoint-N folder every N steps
+    save_strategy: Literal["no", "steps", "epoch"] = "steps"  # when checkpoints are saved; the final model always is
+    save_total_limit: int | None = None  # keep only the newest N checkpoints (None: all)
+    save_only_model: bool = False  # checkpoints without optimizer, scheduler and RNG state: smaller, not resumable
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"  # evaluate during training every eval_steps or each epoch
+    eval_steps: int | None = None  # eval_strategy steps: evaluate every N steps (None: every logging_steps)
+    load_best_model_at_end: bool = False  # keep the best evaluated weights (metric_for_best_model) and end with them
+    # what decides the best model and early stopping: an evaluation metric, the eval_ prefix optional (None:
+    # eval_loss); higher is better unless its name ends in loss or perplexity
     metric_for_best_model: str | None = None
-    seed: int = 42
-    bf16: bool = False
+    seed: int = 42  # for shuffling, the val_size split, resampling of datasets and initialisation (set_seed)
+    bf16: bool = False  # autocast forward passes to bf16 (weights keep their dtype: fp32 unless pure_bf16)
+    # 16-bit autocast with loss scaling: fp16 on a GPU or a CPU with fp16 units, elsewhere bf16 (a note says so)
     fp16: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward instead of keeping them: less memory
     # ours: what gradient_checkpointing recomputes in backward. layers: whole decoder layers (LLaMA-Factory's; least
     # memory, 30-40% slower). selective: everything in a layer but its projections' outputs (norms, activations,
     # attention's core; no projection is run twice). attention: only eager attention's core (flash_attn: eager),
@@ -262,7 +293,7 @@ class TrainArgs:
     # models/recompute.py, losses.head_chunk_size and docs/benchmarks.md (Memory; Compile and selective) for costs
     gradient_checkpointing_scope: Literal["layers", "selective", "attention"] = "layers"
     gradient_checkpointing_every: int = 1  # ours: with scope layers or selective, checkpoint every k-th layer (1: all)
-    torch_compile: bool = False
+    torch_compile: bool = False  # torch.compile each decoder layer (train/common.py compile_layers)
     # adamw_torch_fused (HF's default with torch >= 2.8, so LLaMA-Factory's too: one fused kernel per step, 7x faster
     # than adamw_torch's per-tensor loop on a CPU; the same update to rounding) | adamw_torch | sgd (no momentum) |
     # the 8-bit and paged AdamW of bitsandbytes (train/optimizers.py)
@@ -270,8 +301,10 @@ class TrainArgs:
     # also send the logged scalars to: tensorboard (event files in <output_dir>/runs), wandb, mlflow; a comma list,
     # `all` (every one installed) or none; trainer_log.jsonl is always written. `run_name` names wandb/mlflow runs.
     report_to: str = "none"
+    # a checkpoint-N folder to resume from; unset: the latest complete checkpoint in output_dir, unless
+    # overwrite_output_dir
     resume_from_checkpoint: str | None = None
-    ddp_timeout: int = 1800
+    ddp_timeout: int = 1800  # seconds a process waits for the others in a collective (torch.distributed's timeout)
     # sharding across processes (train/sharding.py, docs/distributed.md). deepspeed: a ds_config.json path or a
     # mapping (CUDA only). fsdp: Hugging Face's words, "full_shard auto_wrap", "shard_grad_op", "... offload";
     # fsdp_config: a JSON path or a mapping of HF's fsdp_config keys (fsdp_version, transformer_layer_cls_to_wrap,
@@ -280,14 +313,14 @@ class TrainArgs:
     fsdp: str | None = None
     fsdp_config: str | dict | None = None
     fsdp_transformer_layer_cls_to_wrap: str | None = None
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int = 0  # processes that collate training batches (0: the training process)
     # HF's (transformers 5), the order of training rows. random: shuffled every epoch. sequential: in data order, as
     # LLaMA-Factory's disable_shuffling. group_by_length: micro-batches of rows of about the same length (shuffled,
     # then sorted by length within groups of up to 50 global batches; the group holding the longest row first):
     # less padding without packing, for stages that cannot pack; changes which rows share a micro-batch
     train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = "random"
     group_by_length: bool = False  # transformers 4's spelling of train_sampling_strategy: group_by_length
-    run_name: str | None = None
+    run_name: str | None = None  # the name of the wandb / mlflow run (report_to); no effect otherwise
     # torch.profiler over training steps (train/profiling.py): each cycle skips `wait` steps, warms up for `warmup`
     # and records `active`; `repeat` cycles (0: until training ends). Chrome / TensorBoard traces go to
     # <profiler_output_dir or output_dir/profiler>/rank_<process>/
@@ -297,9 +330,9 @@ class TrainArgs:
     profiler_warmup_steps: int = 1
     profiler_active_steps: int = 1
     profiler_repeat: int = 1
-    profiler_record_shapes: bool = True
-    profiler_profile_memory: bool = True
-    profiler_with_stack: bool = True
+    profiler_record_shapes: bool = True  # record the operators' input shapes
+    profiler_profile_memory: bool = True  # record tensor memory allocations
+    profiler_with_stack: bool = True  # record the source (Python) stack of each operator
 
     @property
     def length_grouped(self) -> bool:
@@ -313,15 +346,18 @@ class TrainArgs:
 
 @dataclass
 class GenerateArgs:
-    do_sample: bool = True
-    temperature: float = 0.95
-    top_p: float = 0.7
-    top_k: int = 50
-    num_beams: int = 1
-    max_new_tokens: int = 1024
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0
-    skip_special_tokens: bool = True
+    """Decoding. `tuneforge chat`, sft's do_predict and the ppo / grpo rollouts pass these to Hugging Face generate;
+    `tuneforge api` takes do_sample, temperature, top_p and max_new_tokens as defaults for its requests."""
+
+    do_sample: bool = True  # sample (temperature, top_p, top_k), not greedy or beam search; ppo and grpo need it
+    temperature: float = 0.95  # with do_sample: the logits are divided by it (lower: surer choices)
+    top_p: float = 0.7  # with do_sample: sample from the likeliest tokens that hold this share of probability
+    top_k: int = 50  # with do_sample: sample from the k likeliest tokens only
+    num_beams: int = 1  # beam search width (1: none); ppo and grpo need 1
+    max_new_tokens: int = 1024  # new tokens per answer at most (grpo's rollouts: max_completion_length)
+    repetition_penalty: float = 1.0  # above 1: tokens already in the text become less likely (1: off)
+    length_penalty: float = 1.0  # beam search: beam scores are divided by length ** length_penalty
+    skip_special_tokens: bool = True  # chat and sft do_predict: special tokens are dropped from decoded answers
 
 
 @dataclass
