@@ -240,3 +240,31 @@ def test_batched_greedy_equals_one_at_a_time_and_cancel_frees_row(tmp_path):
     cancelled = _collect(batcher, [prompts[0], prompts[1]], max_tokens=20, cancel_after=3)
     time.sleep(0.5)  # any token decoded for the cancelled row after this would have been appended
     assert len(cancelled[0]) == 3 and len(cancelled[1]) == 3
+
+
+def test_decoding_settings_match_transformers():
+    """repetition_penalty, temperature, top_k and top_p filter the logits as Hugging Face generate's processors do,
+    so the API server decodes as `tuneforge chat` does with the same config."""
+    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    from tuneforge.infer.batcher import penalised, sampling_probs
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    seen = torch.tensor([0, 3, 7, 11, 20, 33])
+    request = GenRequest(prompt=[], max_tokens=1, temperature=1.5, top_p=0.9, seed=None, emit=print, top_k=8,
+                         repetition_penalty=1.3)
+    ours = sampling_probs(penalised(logits, seen, 1.3), request)
+    scores = RepetitionPenaltyLogitsProcessor(1.3)(seen[None], logits[None].clone())
+    for warper in (TemperatureLogitsWarper(1.5), TopKLogitsWarper(8), TopPLogitsWarper(0.9)):
+        scores = warper(seen[None], scores)
+    theirs = torch.softmax(scores[0], dim=-1)
+    assert 1 < int((ours > 0).sum()) < 8  # both filters cut something here
+    # float32 softmax over the same surviving logits; 1e-6 is rounding
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_api_refuses_beam_search(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "tuneforge.cli", "api", "model_name_or_path=smollm2-135m-instruct",
+                           "num_beams=4"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "beam search is for `tuneforge chat`" in done.stderr

@@ -347,7 +347,8 @@ class TrainArgs:
 @dataclass
 class GenerateArgs:
     """Decoding. `tuneforge chat`, sft's do_predict and the ppo / grpo rollouts pass these to Hugging Face generate;
-    `tuneforge api` takes do_sample, temperature, top_p and max_new_tokens as defaults for its requests."""
+    `tuneforge api` decodes with them too (its requests' temperature, top_p and max_tokens override theirs), and
+    refuses num_beams > 1 (its batches decode one token per request per step)."""
 
     do_sample: bool = True  # sample (temperature, top_p, top_k), not greedy or beam search; ppo and grpo need it
     temperature: float = 0.95  # with do_sample: the logits are divided by it (lower: surer choices)

@@ -187,7 +187,8 @@ class Server:
         temperature = body.temperature if body.temperature is not None else (gen.temperature if gen.do_sample else 0)
         return [GenRequest(prompt=prompt, max_tokens=max_tokens or min(gen.max_new_tokens, room),
                            temperature=temperature, top_p=body.top_p if body.top_p is not None else gen.top_p,
-                           seed=None if body.seed is None else body.seed + i, emit=emit_for(i))
+                           seed=None if body.seed is None else body.seed + i, emit=emit_for(i), top_k=gen.top_k,
+                           repetition_penalty=gen.repetition_penalty)
                 for i in range(body.n)]
 
     def _stops(self, body: Sampling) -> list[str]:
@@ -428,9 +429,14 @@ def create_app(server: Server, max_body: int = MAX_BODY):
 def serve(cfg) -> None:
     import uvicorn
 
+    from ..config import ConfigError
     from ..models.load import decode_dtype_hint
     from .engine import Engine
 
+    if cfg.generate.num_beams > 1:
+        raise ConfigError(f"`num_beams: {cfg.generate.num_beams}`: the API server decodes each request greedily or "
+                          "by sampling, one token per step for the whole batch; beam search is for `tuneforge chat` "
+                          "and do_predict: remove it")
     engine = Engine(cfg)
     server = Server(engine, os.environ.get("API_MODEL_NAME", "gpt-3.5-turbo"), os.environ.get("API_KEY") or None)
     host, port = os.environ.get("API_HOST", "0.0.0.0"), int(os.environ.get("API_PORT", "8000"))

@@ -26,19 +26,42 @@ class GenRequest:
     seed: int | None
     emit: Callable[[int | None, str | None], None]  # (token, None) per token; (None, finish reason) once at the end
     cancelled: threading.Event = field(default_factory=threading.Event)
+    top_k: int = 0  # when sampling: only the k likeliest tokens (0: all)
+    repetition_penalty: float = 1.0  # tokens of the prompt and answer so far: logits / this (x this below 0)
 
 
-def pick_token(logits: torch.Tensor, request: GenRequest, generator: torch.Generator) -> int:
-    """The next token: argmax at temperature 0, else a sample from the top-p nucleus at that temperature."""
+def pick_token(logits: torch.Tensor, request: GenRequest, generator: torch.Generator,
+               seen: torch.Tensor | None = None) -> int:
+    """The next token, as Hugging Face generate picks it: the `seen` tokens' logits penalised, then argmax at
+    temperature 0, else a sample from sampling_probs."""
+    if request.repetition_penalty != 1.0 and seen is not None and len(seen):
+        logits = penalised(logits, seen, request.repetition_penalty)
     if request.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / request.temperature, dim=-1)
+    return int(torch.multinomial(sampling_probs(logits, request), 1, generator=generator))
+
+
+def penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """repetition_penalty on the tokens already in the text: a positive logit divided by it, a negative one
+    multiplied, so either becomes less likely (CTRL's rule, as transformers applies it)."""
+    logits = logits.clone()
+    scores = logits[seen]
+    logits[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, request: GenRequest) -> torch.Tensor:
+    """The distribution a token is sampled from: softmax at the request's temperature over the top_k likeliest
+    tokens, cut to the top-p nucleus (the most likely token always stays)."""
+    logits = logits / request.temperature
+    if 0 < request.top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(request.top_k).values[-1], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if request.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= request.top_p  # the most likely token always stays
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        sorted_probs[sorted_probs.cumsum(-1) - sorted_probs >= request.top_p] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs / sorted_probs.sum())
+    return probs
 
 
 class Batcher:
@@ -79,6 +102,9 @@ class Batcher:
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), use_cache=True)
         cache, rows, counts = out.past_key_values, list(range(len(batch))), [0] * len(batch)
+        # the distinct tokens of each request's prompt and answer so far, for repetition_penalty
+        seen = [torch.tensor(sorted(set(r.prompt)), dtype=torch.long) if r.repetition_penalty != 1.0 else None
+                for r in batch]
         next_position = positions[:, -1] + 1
         while True:
             last = out.logits[:, -1].float().cpu()
@@ -87,8 +113,10 @@ class Batcher:
                 request = batch[row]
                 if request.cancelled.is_set():
                     continue
-                token = pick_token(last[i], request, generators[row])
+                token = pick_token(last[i], request, generators[row], seen[row])
                 counts[row] += 1
+                if seen[row] is not None and not (seen[row] == token).any():
+                    seen[row] = torch.cat([seen[row], torch.tensor([token])])
                 if token in self.stop_ids:
                     request.emit(None, "stop")
                     continue
