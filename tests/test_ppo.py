@@ -190,6 +190,27 @@ def test_full_ppo_with_a_separate_reward_model(tiny_model, tmp_path):
     assert [r["current_steps"] for r in read_log(out)] == [1, 2] and read_log(out)[-1]["kl"] != 0
 
 
+def test_quantised_separate_reward_model(tiny_model, tmp_path):
+    """reward_model_quantization_bit: the reward_model_type full model is loaded 4-bit (LLaMA-Factory's key) and
+    scores the rollouts; with the lora type there is no separate model to quantise, which is refused."""
+    import bitsandbytes as bnb
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
+    from tuneforge.train.ppo import setup
+
+    values = _ppo(tiny_model, _prompts(tmp_path), _reward_adapter(tiny_model, tmp_path / "rm"), tmp_path / "out",
+                  finetuning_type="full", reward_model_type="full", reward_model_quantization_bit=4)
+    cfg = build_config(values, source="test")
+    validate(cfg, "train")
+    _, _, reward = setup(cfg, Accelerator(cpu=True), AutoTokenizer.from_pretrained(tiny_model))
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in reward.module.modules()) == 4 * 7
+    run_training(dict(values, max_steps=1, ppo_epochs=1))
+    assert read_log(tmp_path / "out")[-1]["current_steps"] == 1
+    with pytest.raises(ConfigError, match="quantises a reward_model_type full model; with lora there is none"):
+        validate(build_config(dict(values, finetuning_type="lora", reward_model_type="lora")))
+
+
 def test_rollout_log_probs_are_the_policys_in_training_precision(tiny_model, tmp_path):
     """With bf16 autocast, the rollout's old log-probs and values must come from the same computation as training's
     forward: then the first update of a rollout starts at probability ratio 1 and value change 0."""

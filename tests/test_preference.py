@@ -218,3 +218,25 @@ def test_bco_needs_a_reference(tiny_model, pref_data, tmp_path):
     with pytest.raises(ConfigError, match="pref_bco_weight` classifies rewards measured against the reference"):
         validate(build_config(_config(tiny_model, pref_data, tmp_path / "o", "dpo", pref_loss="simpo",
                                       pref_bco_weight=0.5)), "train")
+
+
+def test_quantised_reference_model(tiny_model, pref_data, tmp_path):
+    """ref_model_quantization_bit loads `ref_model` 4-bit (LLaMA-Factory's key); without it the reference is in full
+    precision even when the policy is QLoRA's. DPO trains against it."""
+    import bitsandbytes as bnb
+
+    from tuneforge.config import ConfigError, build_config, validate
+    from tuneforge.train.common import reference_model
+
+    def linear4bit(model) -> int:
+        return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+    quantised = _config(tiny_model, pref_data, tmp_path / "q", "dpo", ref_model=tiny_model,
+                        ref_model_quantization_bit=4, max_steps=2, do_eval=False, eval_strategy="no")
+    assert linear4bit(reference_model(build_config(quantised))) == 4 * 7  # every projection of the 4 layers
+    qlora = dict(quantised, ref_model_quantization_bit=None, quantization_bit=4)
+    assert linear4bit(reference_model(build_config(qlora))) == 0
+    run_training(quantised)
+    assert len(read_log(tmp_path / "q")) == 2
+    with pytest.raises(ConfigError, match="quantises `ref_model`, which is unset"):
+        validate(build_config(dict(quantised, ref_model=None)))

@@ -211,10 +211,15 @@ class FinetuneArgs:
     # (with lora / oft the base with the adapter switched off, else a frozen copy)
     ref_model: str | None = None
     ref_model_adapters: str | None = None  # adapters loaded onto ref_model (a comma list, as adapter_name_or_path)
+    # 4 or 8: ref_model is loaded quantised by bitsandbytes (unset: in full precision, even under QLoRA's
+    # quantization_bit, as in LLaMA-Factory)
+    ref_model_quantization_bit: int | None = None
     # ppo (LLaMA-Factory's keys): the reward model is a `stage: rm` output_dir (or, for api, a URL); see docs/rl.md
     reward_model: str | None = None
     reward_model_adapters: str | None = None  # full: the reward model's adapters (default: none, or reward_model)
     reward_model_type: Literal["lora", "full", "api"] = "lora"  # lora: the reward adapter on the policy's base
+    # 4 or 8: a reward_model_type full model is loaded quantised by bitsandbytes (unset: in full precision)
+    reward_model_quantization_bit: int | None = None
     ppo_buffer_size: int = 1  # rollout batches (batch size x accumulation prompts each) per rollout
     ppo_epochs: int = 4  # optimisation passes over each rollout
     ppo_score_norm: bool = False  # normalise scores by their running mean and std
@@ -412,8 +417,6 @@ LLAMAFACTORY_ONLY = [
      "tool_format is not built"),
     ("download_mode", "str", "reuse_dataset_if_exists", "tuneforge eval reads local task folders; nothing is "
      "downloaded"),
-    ("ref_model_quantization_bit", "int | None", None, "a quantised reference model " + _NOT_BUILT),
-    ("reward_model_quantization_bit", "int | None", None, "a quantised reward model " + _NOT_BUILT),
     ("use_swanlab", "bool", False, _SWANLAB),
     ("swanlab_project", "str | None", "llamafactory", _SWANLAB),
     ("swanlab_workspace", "str | None", None, _SWANLAB),

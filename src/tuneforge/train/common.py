@@ -205,7 +205,8 @@ def reference_model(cfg, needed: bool = True):
     if f.ref_model:
         from dataclasses import replace
 
-        args = replace(cfg.model, model_name_or_path=f.ref_model, adapter_name_or_path=f.ref_model_adapters)
+        args = replace(cfg.model, model_name_or_path=f.ref_model, adapter_name_or_path=f.ref_model_adapters,
+                       quantization_bit=f.ref_model_quantization_bit)
     elif f.finetuning_type in ADAPTER_TYPES:  # the policy with its adapter switched off
         return None
     else:

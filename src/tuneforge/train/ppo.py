@@ -67,10 +67,12 @@ def _reward_model_problems(f) -> list[str]:
     if not path:
         return ["stage ppo needs `reward_model`: the output_dir of a `stage: rm` run (or, with reward_model_type: "
                 "api, the URL of a scoring server)"]
+    out = [] if kind == "full" or not f.reward_model_quantization_bit else [
+        f"`reward_model_quantization_bit` quantises a reward_model_type full model; with {kind} there is none (the "
+        "lora reward adapter sits on the policy's own base, quantised by quantization_bit): remove it"]
     if kind == "api":
         ok = path.startswith(("http://", "https://"))
-        return [] if ok else [f"reward_model_type api needs `reward_model` to be an http(s) URL; got {path!r}"]
-    out = []
+        return out + ([] if ok else [f"reward_model_type api needs `reward_model` to be an http(s) URL; got {path!r}"])
     if kind == "lora":
         if f.finetuning_type != "lora":
             out.append("reward_model_type lora puts the reward adapter on the policy's own base, which needs "
@@ -161,7 +163,8 @@ class ModelReward:
     """reward_model_type full: a separate reward model (full, or its own base + the reward adapter)."""
 
     def __init__(self, cfg, accelerator):
-        f, m = cfg.finetune, cfg.model
+        f = cfg.finetune
+        m = replace(cfg.model, quantization_bit=f.reward_model_quantization_bit)
         if f.reward_model_adapters:
             model_args = replace(m, model_name_or_path=f.reward_model, adapter_name_or_path=f.reward_model_adapters)
         elif (Path(f.reward_model) / "adapter_config.json").is_file():  # a LoRA rm output: on the policy's base
