@@ -245,3 +245,22 @@ def test_torch_profiler_refuses_a_schedule_that_records_nothing(tiny_model, alpa
                                     profiler_active_steps=0))
     with pytest.raises(ConfigError, match="`profiler_active_steps` counts steps: it must be >= 1; got 0"):
         validate(cfg, "train")
+
+
+def test_effective_tokens_per_second(tiny_model, alpaca_file, tmp_path):
+    """include_effective_tokens_per_second: train_results.json reports the run's trained non-padding tokens per
+    second of train_runtime, as LLaMA-Factory does; one epoch trains every row's tokens once."""
+    from transformers import AutoTokenizer
+
+    from tuneforge.config import build_config
+    from tuneforge.data import prepare_lm_data
+
+    values = train_config(tiny_model, alpaca_file, tmp_path, max_steps=-1, num_train_epochs=1,
+                          include_effective_tokens_per_second=True)
+    results = run_training(values)
+    rows = prepare_lm_data(build_config(values), AutoTokenizer.from_pretrained(tiny_model)).train
+    tokens = sum(len(row["input_ids"]) for row in rows)
+    # train_runtime is rounded to 0.01 s in the results (this run takes well under a second), the rate to 0.01
+    rate, runtime = results["effective_tokens_per_sec"], results["train_runtime"]
+    assert abs(rate * runtime - tokens) <= rate * 0.005 + 0.01 * runtime
+    assert "effective_tokens_per_sec" not in run_training(train_config(tiny_model, alpaca_file, tmp_path / "off"))

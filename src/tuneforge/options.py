@@ -326,6 +326,9 @@ class TrainArgs:
     train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = "random"
     group_by_length: bool = False  # transformers 4's spelling of train_sampling_strategy: group_by_length
     run_name: str | None = None  # the name of the wandb / mlflow run (report_to); no effect otherwise
+    # train_results.json also reports effective_tokens_per_sec: this process's trained non-padding tokens (a pair's
+    # both answers) / train_runtime, as LLaMA-Factory does per device
+    include_effective_tokens_per_second: bool = False
     # torch.profiler over training steps (train/profiling.py): each cycle skips `wait` steps, warms up for `warmup`
     # and records `active`; `repeat` cycles (0: until training ends). Chrome / TensorBoard traces go to
     # <profiler_output_dir or output_dir/profiler>/rank_<process>/
@@ -429,7 +432,6 @@ LLAMAFACTORY_ONLY = [
     ("use_mca", "bool", False, "Megatron-Core training (mcore_adapter) needs NVIDIA GPUs; not built"),
     ("use_hyper_parallel", "bool", False, "HyperParallel " + _NOT_BUILT),
     ("hyper_parallel_args", "str | None", None, "HyperParallel " + _NOT_BUILT),
-    ("include_effective_tokens_per_second", "bool", False, "trainer_log.jsonl reports tokens/s already; remove it"),
     ("max_length", "int", 1024, "generation length is `max_new_tokens`; use it instead"),
     ("adapter_folder", "str | None", None, "adapter_folder " + _NOT_BUILT + "; use adapter_name_or_path"),
     ("split_special_tokens", "bool", False, "tokenizing special tokens as text " + _NOT_BUILT),

@@ -173,7 +173,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
 
     def step(micro: list[dict]) -> tuple[bool, bool]:
         """One optimizer step with its logging, evaluation and checkpoint; returns (last step, stop early)."""
-        interval.real_tokens += sum(b.pop("num_tokens") for b in micro) * world
+        interval.count_tokens(sum(b.pop("num_tokens") for b in micro), world)
         units = sum(inner.units(b) for b in micro).to(accelerator.device)  # counted on the CPU: no sync
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
         loss_sum, units, metrics, bad = _optimizer_step(module, micro, units, optimizer, scheduler, accelerator,
@@ -223,7 +223,8 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
         finally:
             log.close()
     restore_best(cfg, inner, state, accelerator)
-    return _results(state, per_epoch, time.time() - log.started, log.start_step, inner.unit)
+    return _results(state, per_epoch, time.time() - log.started, log.start_step, inner.unit,
+                    interval.run_tokens if t.include_effective_tokens_per_second else None)
 
 
 def _announce(cfg, accelerator) -> None:
@@ -285,13 +286,16 @@ def _distribute(module, t, f, accelerator):
     return accelerator.prepare(module), optimizer
 
 
-def _results(state, per_epoch: int, runtime: float, start_step: int, unit: str) -> dict:
-    """train_results.json's figures (trainer_state's, as transformers' Trainer names them)."""
+def _results(state, per_epoch: int, runtime: float, start_step: int, unit: str, tokens: int | None) -> dict:
+    """train_results.json's figures (trainer_state's, as transformers' Trainer names them); with `tokens` (this
+    process's), LLaMA-Factory's per-device effective_tokens_per_sec too."""
     epoch = state.epoch + state.step_in_epoch / per_epoch if per_epoch else state.epoch
     results = {"epoch": round(epoch, 2),
                "train_loss": state.loss_sum / max(state.trained_units, 1), "train_runtime": round(runtime, 2),
                "train_steps_per_second": round((state.global_step - start_step) / runtime, 3),
                f"train_{unit}s": state.trained_units, "global_step": state.global_step}
+    if tokens is not None:
+        results["effective_tokens_per_sec"] = round(tokens / runtime, 2)
     return {**results, "skipped_steps": state.skipped_steps} if state.skipped_steps else results
 
 
@@ -349,7 +353,12 @@ class _Interval:
 
     def __init__(self, device):
         self.device = device
+        self.run_tokens = 0  # this process's non-padding tokens since the run (re)started
         self.reset()
+
+    def count_tokens(self, local: int, world: int) -> None:
+        self.real_tokens += local * world  # the log line's tokens/s: every process's
+        self.run_tokens += local
 
     def reset(self):
         self.loss = torch.zeros((), device=self.device)
