@@ -224,7 +224,7 @@ def test_mix_strategies(tmp_path):
     mixed = load_examples(names, DataArgs(mix_strategy="interleave_under"), "sft", 0)
     assert [e.messages[0]["content"] for e in mixed] == ["q", "r", "q", "r"]
     for bad, message in [({"interleave_probs": "0.5"}, "one non-negative number per dataset"),
-                         ({"mix_strategy": "zip"}, "mix_strategy` must be concat"),
+                         ({"mix_strategy": "zip"}, "mix_strategy` must be one of concat, interleave_under"),
                          ({"interleave_probs": "0.5,0.5", "mix_strategy": "concat"}, "not concat")]:
         cfg = build_config({"model_name_or_path": "m", "dataset": names, "output_dir": "o", "do_train": True,
                             "mix_strategy": "interleave_over", **bad})

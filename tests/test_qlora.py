@@ -118,7 +118,7 @@ def test_chat_loads_an_adapter_on_a_quantised_base(tiny_model, alpaca_file, tmp_
     ({"quantization_bit": 4, "finetuning_type": "full"}, "trains LoRA adapters on a frozen quantised base"),
     ({"quantization_bit": 3}, "`quantization_bit` must be 4 or 8"),
     ({"quantization_bit": 4, "quantization_method": "hqq"}, "`quantization_method: hqq` is not built"),
-    ({"quantization_type": "int4"}, "`quantization_type` must be nf4 or fp4"),
+    ({"quantization_type": "int4"}, "`quantization_type` must be one of nf4, fp4; got 'int4'"),
     ({"quantization_bit": 4, "stage": "cls"}, "`quantization_bit` is not supported for stage cls"),
 ])
 def test_qlora_options_are_checked(values, message):

@@ -365,9 +365,6 @@ def _data_problems(cfg: Config) -> list[str]:
         out.append("`train_on_prompt` and `mask_history` contradict each other; set only one")
     if d.cutoff_len < 2:
         out.append(f"`cutoff_len` must be at least 2; got {d.cutoff_len}")
-    if d.mix_strategy not in ("concat", "interleave_under", "interleave_over", "interleave_once"):
-        out.append(f"`mix_strategy` must be concat, interleave_under, interleave_over or interleave_once; got "
-                   f"{d.mix_strategy!r}")
     out += _interleave_problems(d)
     if t.length_grouped and (_packs(cfg) or d.streaming):
         key, pt = t.length_grouping_key, stage is not None and stage.data == "pt"

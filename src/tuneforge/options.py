@@ -51,7 +51,7 @@ class ModelArgs:
     # loads it so too; export refuses it)
     quantization_bit: int | None = None
     quantization_method: str = "bnb"  # only bnb (bitsandbytes) is built; others are refused with quantization_bit
-    quantization_type: str = "nf4"  # nf4 | fp4: the 4-bit data type (models/load.py refuses other values)
+    quantization_type: Literal["nf4", "fp4"] = "nf4"  # the 4-bit data type
     double_quantization: bool = True  # 4-bit: quantise the quantisation constants too (bitsandbytes' double quant)
     export_dir: str | None = None  # export (required): the new or empty folder the merged model is written to
     export_size: float = 5  # GB per safetensors shard (a float, so small models can be sharded too)
@@ -82,7 +82,7 @@ class DataArgs:
     buffer_size: int = 16384  # streaming: examples in the shuffle buffer (1 keeps the files' order)
     # several datasets: concat (one after another) | interleave_under (in turn, until one runs out) |
     # interleave_over (until each was seen whole, restarting used-up ones) | interleave_once (each example once)
-    mix_strategy: str = "concat"
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over", "interleave_once"] = "concat"
     interleave_probs: str | None = None  # interleave_*: one weight per dataset (comma list) to draw by, not in turn
     overwrite_cache: bool = False  # tokenise again instead of reading the tokenised-data cache (data/cache.py)
     preprocessing_batch_size: int = 1000  # examples encoded at once (streaming: pt cuts, sft packs each such batch)

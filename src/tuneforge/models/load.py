@@ -239,8 +239,6 @@ def quantization_problems(m) -> list[str]:
         out.append(f"`quantization_bit` must be 4 or 8 (bitsandbytes); got {m.quantization_bit}")
     if m.quantization_bit and m.quantization_method != "bnb":
         out.append(f"`quantization_method: {m.quantization_method}` is not built; use bnb (bitsandbytes, CPU and GPU)")
-    if m.quantization_type not in ("nf4", "fp4"):
-        out.append(f"`quantization_type` must be nf4 or fp4; got {m.quantization_type!r}")
     if m.quantization_bit and m.train_from_scratch:
         out.append("`quantization_bit` quantises pretrained weights; remove it or `train_from_scratch`")
     return out
