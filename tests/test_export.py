@@ -177,7 +177,7 @@ def test_export_refusals(base_and_adapter, tmp_path, capsys):
     with pytest.raises(ConfigError, match="export_gguf: q8_0"):
         validate(build_config({"model_name_or_path": base, "export_dir": "x", "export_quantization_bit": 4}),
                  "export")
-    with pytest.raises(ConfigError, match="f16, bf16, q8_0 or q4_0"):
+    with pytest.raises(ConfigError, match="`export_gguf` must be one of f16, bf16, q8_0, q4_0; got 'q5_k'"):
         validate(build_config({"model_name_or_path": base, "export_dir": "x", "export_gguf": "q5_k"}), "export")
     with pytest.raises(ConfigError, match="`export_device` must be cpu or auto"):
         validate(build_config({"model_name_or_path": base, "export_dir": "x", "export_device": "gpu0"}), "export")

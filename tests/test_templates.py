@@ -170,6 +170,29 @@ def test_qwen3_preserve_thinking(tiny_model):
             data_template(build_config({"template": template, "preserve_thinking": True}).data, tokenizer)
 
 
+def test_tool_format_rewrites_a_templates_tools(tiny_model):
+    """tool_format (LLaMA-Factory's key) writes a named template's tool definitions and calls in another family's
+    format; the tokenizer's own template and formats that are not built are refused."""
+    from tuneforge.config import ConfigError, build_config, validate
+    from tuneforge.data.registry import DataError
+    from tuneforge.data.templates import data_template
+
+    tokenizer = family_tokenizer(tiny_model, "", "<|im_end|>", CHATML)
+    tools = '[{"name": "add", "description": "Add numbers", "parameters": {"type": "object"}}]'
+    example = Example(messages=[{"role": "user", "content": "2+2?"},
+                                {"role": "function", "content": '{"name": "add", "arguments": {"a": 2}}'}],
+                      system="Be brief.", tools=tools)
+    template = data_template(build_config({"template": "chatml", "tool_format": "qwen"}).data, tokenizer)
+    row = encode_supervised(example, tokenizer, template, 4096)
+    assert "<tools>\n" in tokenizer.decode(row["input_ids"])
+    assert [tokenizer.decode(span) for span in learned_spans(row)] == [
+        '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call><|im_end|>']
+    with pytest.raises(DataError, match="set `template` too"):
+        data_template(build_config({"tool_format": "qwen"}).data, tokenizer)
+    with pytest.raises(ConfigError, match="`tool_format` must be one of json, qwen, llama3, glm4, mistral; got 'default'"):
+        validate(build_config({"model_name_or_path": "m", "template": "chatml", "tool_format": "default"}), "chat")
+
+
 def test_qwen_tools_calls_and_results(tiny_model):
     tokenizer = family_tokenizer(tiny_model, "", "<|im_end|>", CHATML)
     tools = '[{"name": "add", "description": "Add numbers", "parameters": {"type": "object"}}]'

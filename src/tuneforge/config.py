@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import types
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -419,15 +420,18 @@ def _evaluation_problems(cfg: Config) -> list[str]:
 
 
 def _literal_problems(cfg: Config) -> list[str]:
-    """Keys declared with Literal choices hold one of them, for every command. A key declared `Literal[...] | None`
-    (rope_scaling, export_gguf, badam_switch_mode) is checked by the module that reads it, and only there."""
+    """Keys declared with Literal choices hold one of them (or None, where declared `Literal[...] | None`), for every
+    command."""
     import typing
 
     out = []
     for group, cls in GROUPS.items():
         for key, hint in typing.get_type_hints(cls).items():
             value = getattr(getattr(cfg, group), key)
-            if typing.get_origin(hint) is Literal and value not in get_args(hint):
+            optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in get_args(hint)
+            if optional:
+                hint = next((a for a in get_args(hint) if typing.get_origin(a) is Literal), hint)
+            if typing.get_origin(hint) is Literal and value not in get_args(hint) and not (optional and value is None):
                 out.append(f"`{key}` must be one of {', '.join(get_args(hint))}; got {value!r}")
     return out
 

@@ -101,6 +101,10 @@ class DataArgs:
     # templates that drop the <think> blocks of answers before the last user turn, as Qwen3's does (qwen3): keep
     # them, in training data and in chat history
     preserve_thinking: bool = False
+    # how a named template writes tool definitions and calls (data/tools.py): the model families' qwen, llama3,
+    # glm4, mistral, or json; unset: the template's own. LLaMA-Factory's ReAct-style `default` and its newer
+    # families' formats are not built and are refused
+    tool_format: Literal["json", "qwen", "llama3", "glm4", "mistral"] | None = None
     tokenized_path: str | None = None  # the tokenised data is saved to / loaded from <this>/tokenized.pkl
     # several processes (torchrun): one tokenises and caches, the others then read its cache; false: the first
     # process of each machine (LOCAL_RANK 0), true: only the first of all (RANK 0), when every machine sees the same
@@ -416,8 +420,6 @@ LLAMAFACTORY_ONLY = [
     ("freeze_language_model", "bool", False, _MULTIMODAL),
     ("eval_num_beams", "int | None", None, "do_predict generates with the generation keys: set `num_beams` instead"),
     ("ignore_pad_token_for_loss", "bool", True, "tuneforge never trains on padding; remove it"),
-    ("tool_format", "str | None", None, "the template (or the tokenizer's chat template) renders tools; a separate "
-     "tool_format is not built"),
     ("download_mode", "str", "reuse_dataset_if_exists", "tuneforge eval reads local task folders; nothing is "
      "downloaded"),
     ("use_swanlab", "bool", False, _SWANLAB),

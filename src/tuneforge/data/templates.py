@@ -256,6 +256,11 @@ def data_template(d, tokenizer):
                         "drop; " + (f"template `{d.template}` drops none: remove it" if d.template else
                                     "the tokenizer's own chat_template (`template` unset) decides that itself: set "
                                     "`template: qwen3`"))
+    if d.tool_format:
+        if not d.template:
+            raise DataError("`tool_format` rewrites a named template's tool definitions and calls; the tokenizer's "
+                            "own chat_template (`template` unset) writes its own: set `template` too")
+        template = replace(template, tool_format=d.tool_format)
     return template
 
 

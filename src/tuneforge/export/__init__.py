@@ -17,8 +17,6 @@ def check(cfg) -> list[str]:
     m, out = cfg.model, []
     if not m.export_dir:
         out.append("`export_dir` is required: the new folder the merged model is written to")
-    if m.export_gguf not in (None, "f16", "bf16", "q8_0", "q4_0"):
-        out.append(f"`export_gguf` must be f16, bf16, q8_0 or q4_0; got {m.export_gguf!r}")
     if m.export_size <= 0:
         out.append(f"`export_size` is GB per shard and must be > 0; got {m.export_size}")
     if m.quantization_bit:

@@ -42,9 +42,8 @@ def check(cfg) -> list[str]:
                    "`finetuning_type: full`")
     if (f.use_badam or f.use_adam_mini) and f.finetuning_type not in ("full",):
         out.append("BAdam and Adam-mini optimise whole models: they need `finetuning_type: full`")
-    if f.use_badam and f.badam_mode == "layer" and f.badam_switch_mode not in ("ascending", "descending", "random",
-                                                                                 "fixed"):
-        out.append(f"`badam_switch_mode` must be ascending, descending, random or fixed; got {f.badam_switch_mode!r}")
+    if f.use_badam and f.badam_mode == "layer" and f.badam_switch_mode is None:
+        out.append("`badam_switch_mode` must be ascending, descending, random or fixed with badam_mode layer")
     return out
 
 
