@@ -6,11 +6,6 @@ from __future__ import annotations
 import json
 
 
-# how tool definitions and calls are written: json (tuneforge's plain JSON, for templates without a format of their
-# own) and the model families' published formats; `tool_format` picks one of the families' for any template
-FORMATS = ("json", "qwen", "llama3", "glm4", "mistral")
-
-
 def parse_calls(content: str) -> list[dict]:
     """The calls in a function_call turn; ValueError with the reason when it is not one or more name/arguments."""
     try:

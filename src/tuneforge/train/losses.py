@@ -289,7 +289,7 @@ class CausalLMLoss(torch.nn.Module):
                 (token_losses * eaft_weights(wanted_logits.detach(), self.eaft_alpha)).sum()
         else:
             loss, _ = token_cross_entropy(logits, labels)
-        if not (self.compute_accuracy and not self.training):
+        if self.training or not self.compute_accuracy:  # token accuracy is an evaluation metric
             return loss, {}
         return loss, {"accuracy": ((logits[:, :-1].argmax(-1) == shift_labels) & targets).sum()}
 
@@ -306,7 +306,7 @@ class CausalLMLoss(torch.nn.Module):
                     head_eaft_weights(hidden, head, self.eaft_alpha, _FROZEN_HEAD_ROWS)).sum()
         else:
             loss = chunked_cross_entropy(hidden, head, wanted, self.chunk_size)
-        if not (self.compute_accuracy and not self.training):
+        if self.training or not self.compute_accuracy:  # token accuracy is an evaluation metric
             return loss, {}
         with torch.no_grad():
             correct = sum((head(hidden[s: s + self.chunk_size]).argmax(-1) == wanted[s: s + self.chunk_size]).sum()
