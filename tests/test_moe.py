@@ -123,3 +123,19 @@ def test_expert_targets_by_name_and_what_peft_cannot_do(tiny_moe, alpaca_file, t
     with pytest.raises(ModelError, match="which PEFT's OFT cannot adapt"):
         run_training(train_config(tiny_moe, alpaca_file, tmp_path / "oft", finetuning_type="oft", oft_rank=4,
                                   oft_block_size=0))
+
+
+def test_a_name_reaches_dense_layers_and_experts_alike(tmp_path):
+    """A model whose first layer keeps a dense MLP (mlp_only_layers): `lora_target: down_proj` adapts that layer's
+    down_proj module and the experts' fused down_proj weight of the MoE layers."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from tuneforge.config import build_config
+    from tuneforge.models.adapters import lora_config
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                            num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0])
+    model = Qwen3MoeForCausalLM(config)
+    lora = lora_config(model, build_config({"lora_target": "down_proj"}).finetune)
+    assert list(lora.target_modules) == ["down_proj"] and lora.target_parameters == ["experts.down_proj"]

@@ -85,13 +85,14 @@ def _targets(model, value: str, key: str, args) -> tuple[list[str], list[str]]:
     fused expert weights (expert_weight_names) by their leaf name or `experts.<name>`. With `use_llama_pro`, only
     those inside the layers LLaMA Pro trains (full names)."""
     experts = expert_weight_names(model)
+    known = {name.split(".")[-1] for name, _ in model.named_modules()}
     if value.strip() == "all":
         modules, params = all_linear_names(model), experts
     else:
+        # a name can be both: a dense layer's down_proj module and the experts' down_proj weight in the MoE layers
         named = _split(value)
         params = [e for e in experts if e in named or e.split(".")[-1] in named]
-        modules = [t for t in named if not any(t in (e, e.split(".")[-1]) for e in experts)]
-    known = {name.split(".")[-1] for name, _ in model.named_modules()}
+        modules = [t for t in named if t in known or not any(t in (e, e.split(".")[-1]) for e in experts)]
     unknown = [t for t in modules if t not in known]
     if unknown:
         raise ModelError(f"{key} {unknown} not found in the model; its linear layers are "
