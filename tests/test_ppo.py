@@ -207,7 +207,7 @@ def test_quantised_separate_reward_model(tiny_model, tmp_path):
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in reward.module.modules()) == 4 * 7
     run_training(dict(values, max_steps=1, ppo_epochs=1))
     assert read_log(tmp_path / "out")[-1]["current_steps"] == 1
-    with pytest.raises(ConfigError, match="quantises a reward_model_type full model; with lora there is none"):
+    with pytest.raises(ConfigError, match="quantises a reward_model_type full model; the lora reward adapter sits on"):
         validate(build_config(dict(values, finetuning_type="lora", reward_model_type="lora")))
 
 

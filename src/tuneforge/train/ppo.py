@@ -68,8 +68,9 @@ def _reward_model_problems(f) -> list[str]:
         return ["stage ppo needs `reward_model`: the output_dir of a `stage: rm` run (or, with reward_model_type: "
                 "api, the URL of a scoring server)"]
     out = [] if kind == "full" or not f.reward_model_quantization_bit else [
-        f"`reward_model_quantization_bit` quantises a reward_model_type full model; with {kind} there is none (the "
-        "lora reward adapter sits on the policy's own base, quantised by quantization_bit): remove it"]
+        "`reward_model_quantization_bit` quantises a reward_model_type full model; " +
+        ("the lora reward adapter sits on the policy's own base, quantised by quantization_bit" if kind == "lora" else
+         "an api reward model is a server, not a model loaded here") + ": remove it"]
     if kind == "api":
         ok = path.startswith(("http://", "https://"))
         return out + ([] if ok else [f"reward_model_type api needs `reward_model` to be an http(s) URL; got {path!r}"])
