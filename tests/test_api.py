@@ -22,8 +22,9 @@ from tuneforge.infer.batcher import Batcher, GenRequest
 
 KEY = "sk-tuneforge-test"
 CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
-# the rigged model's answer, one added token per piece
-PIECES = ['{"name": "get_weather", ', '"arguments": ', '{"city": "Paris"}}']
+# the rigged model's answer, one added token per piece: a tool call in the chatml template's tool format
+# (LLaMA-Factory's ReAct-style default)
+PIECES = ["Action: get_weather\n", "Action Input: ", '{"city": "Paris"}']
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
                                            "parameters": {"type": "object",
                                                           "properties": {"city": {"type": "string"}}}}}]
@@ -117,7 +118,7 @@ def test_models_chat_and_stream_equal_greedy(api):
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(deltas) == 3 and "".join(deltas) == answer.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "stop"
-    cut = client.chat.completions.create(model="tiny", messages=chat, temperature=0, stop=['"arguments"'])
+    cut = client.chat.completions.create(model="tiny", messages=chat, temperature=0, stop=["Action Input"])
     assert cut.choices[0].message.content == PIECES[0] and cut.choices[0].finish_reason == "stop"
     cut = list(client.chat.completions.create(model="tiny", messages=chat, temperature=0, stop=["Paris"],
                                               stream=True))
@@ -196,9 +197,15 @@ def test_eight_concurrent_streams_complete(api):
 
 
 def test_parse_answer_calls_inverts_format_calls():
-    for fmt in ("json", "qwen", "llama3", "glm4", "mistral"):
+    two = [CALL, {"name": "now", "arguments": {}}]
+    for fmt in ("default", "json", "qwen", "llama3", "glm4", "mistral"):
         assert parse_answer_calls(fmt, format_calls(fmt, json.dumps(CALL))) == [CALL], fmt
+        if fmt != "glm4":  # GLM-4 writes one call per answer
+            assert parse_answer_calls(fmt, format_calls(fmt, json.dumps(two))) == two, fmt
     assert parse_answer_calls("qwen", "It is sunny.") is None and parse_answer_calls("json", "{}") is None
+    assert parse_answer_calls("default", "It is sunny.") is None
+    # LLaMA-Factory's parser takes an argument object quoted or fenced too
+    assert parse_answer_calls("default", 'Action: get_weather\nAction Input: ```{"city": "Paris"}```') == [CALL]
 
 
 def _collect(batcher: Batcher, prompts: list[list[int]], max_tokens: int, cancel_after: int | None = None):

@@ -189,8 +189,39 @@ def test_tool_format_rewrites_a_templates_tools(tiny_model):
         '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call><|im_end|>']
     with pytest.raises(DataError, match="set `template` too"):
         data_template(build_config({"tool_format": "qwen"}).data, tokenizer)
-    with pytest.raises(ConfigError, match="`tool_format` must be one of json, qwen, llama3, glm4, mistral; got 'default'"):
-        validate(build_config({"model_name_or_path": "m", "template": "chatml", "tool_format": "default"}), "chat")
+    with pytest.raises(ConfigError, match="`tool_format` must be one of default, json, qwen, llama3, glm4, mistral; "
+                                          "got 'gemma4'"):
+        validate(build_config({"model_name_or_path": "m", "template": "chatml", "tool_format": "gemma4"}), "chat")
+
+
+REACT_TOOLS = [{"name": "add", "description": "Add numbers", "parameters": {
+    "type": "object", "required": ["a"], "properties": {
+        "a": {"type": "integer", "description": "first"}, "b": {"type": "string", "enum": ["x", "y"]},
+        "c": {"type": "array", "items": {"type": "number"}}}}},
+    {"type": "function", "function": {"name": "now", "description": "Time", "parameters": {"properties": {}}}}]
+# LLaMA-Factory 0.9.5's `default` template rendering this conversation (Template.encode_multiturn, decoded), with
+# <|im_end|> as eos: its ReAct-style `default` tool format, which the templates without a family format share
+REACT_RENDERED = (
+    "System: You have access to the following tools:\n> Tool Name: add\nTool Description: Add numbers\nTool Args:\n"
+    "  - a (integer, required): first\n  - b (string): , should be one of [x, y]\n"
+    "  - c (array): , where each item should be number\n\n> Tool Name: now\nTool Description: Time\nTool Args:\n\n"
+    "Use the following format if using a tool:\n```\nAction: tool name (one of [add, now])\nAction Input: the input to "
+    'the tool, in a JSON format representing the kwargs (e.g. ```{"input": "hello world", "num_beams": 5}```)\n```\n'
+    "<|im_end|>\nHuman: 2+2?<|im_end|>\nAssistant:"
+    'Action: add\nAction Input: {"a": 2, "b": "x"}\nAction: now\nAction Input: {}<|im_end|>\n'
+    "Human: 4<|im_end|>\nAssistant:It is 4.<|im_end|>")
+
+
+def test_default_tool_format_writes_llamafactorys_react_text(tiny_model):
+    import json
+
+    tokenizer = family_tokenizer(tiny_model, "", "<|im_end|>", CHATML)
+    calls = [{"name": "add", "arguments": {"a": 2, "b": "x"}}, {"name": "now", "arguments": {}}]
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "function", "content": json.dumps(calls)},
+                {"role": "observation", "content": "4"}, {"role": "assistant", "content": "It is 4."}]
+    pieces = TEMPLATES["default"].pieces(tokenizer, messages, None, json.dumps(REACT_TOOLS))
+    assert "".join(pieces) == REACT_RENDERED
+    assert pieces[1] == 'Action: add\nAction Input: {"a": 2, "b": "x"}\nAction: now\nAction Input: {}<|im_end|>'
 
 
 def test_qwen_tools_calls_and_results(tiny_model):

@@ -101,10 +101,10 @@ class DataArgs:
     # templates that drop the <think> blocks of answers before the last user turn, as Qwen3's does (qwen3): keep
     # them, in training data and in chat history
     preserve_thinking: bool = False
-    # how a named template writes tool definitions and calls (data/tools.py): the model families' qwen, llama3,
-    # glm4, mistral, or json; unset: the template's own. LLaMA-Factory's ReAct-style `default` and its newer
-    # families' formats are not built and are refused
-    tool_format: Literal["json", "qwen", "llama3", "glm4", "mistral"] | None = None
+    # how a named template writes tool definitions and calls (data/tools.py): LLaMA-Factory's ReAct-style default
+    # (Action: / Action Input:), the model families' qwen, llama3, glm4, mistral, or plain json; unset: the
+    # template's own. LLaMA-Factory's newer families' formats (gemma4, minimax, qwen3_5, ...) are not built
+    tool_format: Literal["default", "json", "qwen", "llama3", "glm4", "mistral"] | None = None
     tokenized_path: str | None = None  # the tokenised data is saved to / loaded from <this>/tokenized.pkl
     # several processes (torchrun): one tokenises and caches, the others then read its cache; false: the first
     # process of each machine (LOCAL_RANK 0), true: only the first of all (RANK 0), when every machine sees the same

@@ -27,7 +27,9 @@ class Template:
     default_system: str = ""
     stop_words: tuple[str, ...] = ()
     system_in_user: bool = False  # no system turn: the formatted system text opens the first user message
-    tool_format: str = "json"  # how tool definitions and calls are written (see tools.py)
+    # how tool definitions and calls are written (see tools.py); LLaMA-Factory's ReAct-style `default` unless the
+    # model family publishes its own
+    tool_format: str = "default"
     thinking: bool = False  # Qwen3-style <think> blocks: stripped from earlier answers, empty one added when absent
     enable_thinking: bool = True  # with `thinking`: whether an answer without thoughts still learns the empty block
     preserve_thinking: bool = False  # with `thinking`: keep the thoughts of answers before the last user turn

@@ -35,9 +35,36 @@ def _dump(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _react_prompt(definitions: list[dict]) -> str:
+    """LLaMA-Factory's ReAct-style tool prompt (its `default` tool format), word for word: one block per tool with
+    its arguments, then the Action / Action Input answer format."""
+    blocks, names = "", []
+    for tool in definitions:
+        tool = tool.get("function", {}) if tool.get("type") == "function" else tool
+        parameters = tool.get("parameters") or {}
+        required = parameters.get("required", [])
+        arguments = ""
+        for name, spec in (parameters.get("properties") or {}).items():
+            arguments += (f"  - {name} ({spec.get('type', '')}{', required' if name in required else ''}): "
+                          f"{spec.get('description', '')}")
+            if spec.get("enum"):
+                arguments += ", should be one of [" + ", ".join(map(str, spec["enum"])) + "]"
+            if spec.get("items"):
+                arguments += f", where each item should be {spec['items'].get('type', '')}"
+            arguments += "\n"
+        blocks += f"> Tool Name: {tool.get('name', '')}\nTool Description: {tool.get('description', '')}\n" \
+                  f"Tool Args:\n{arguments}\n"
+        names.append(tool.get("name", ""))
+    return ("You have access to the following tools:\n" + blocks + "Use the following format if using a tool:\n"
+            "```\nAction: tool name (one of [" + ", ".join(names) + "])\nAction Input: the input to the tool, in a "
+            'JSON format representing the kwargs (e.g. ```{"input": "hello world", "num_beams": 5}```)\n```\n')
+
+
 def tool_prompt(fmt: str, tools: str) -> str:
     """The text that tells the model which tools it has; it follows the system text."""
     definitions = parse_tools(tools)
+    if fmt == "default":
+        return _react_prompt(definitions)
     if fmt == "qwen":  # Qwen2.5 / Qwen3's published tool prompt
         wrapped = [t if t.get("type") == "function" else {"type": "function", "function": t} for t in definitions]
         return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
@@ -52,6 +79,8 @@ def tool_prompt(fmt: str, tools: str) -> str:
 
 def format_calls(fmt: str, content: str) -> str:
     calls = parse_calls(content)
+    if fmt == "default":
+        return "\n".join(f"Action: {c['name']}\nAction Input: {_dump(c['arguments'])}" for c in calls)
     if fmt == "qwen":
         return "\n".join("<tool_call>\n" + _dump({"name": c["name"], "arguments": c["arguments"]}) + "\n</tool_call>"
                          for c in calls)
@@ -78,7 +107,11 @@ def parse_answer_calls(fmt: str, text: str) -> list[dict] | None:
 
     text = text.strip()
     try:
-        if fmt == "qwen":
+        if fmt == "default":
+            found = re.findall(r"Action:\s*([\w-]+)\s*Action Input:\s*(.+?)(?=\s*Action:|\s*$)", text, re.S)
+            values = [{"name": name, "arguments": json.loads(arguments.strip().strip('"').strip("`"))}
+                      for name, arguments in found]
+        elif fmt == "qwen":
             values = [json.loads(body) for body in re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S)]
         elif fmt == "glm4":
             name, _, arguments = text.partition("\n")
