@@ -347,9 +347,10 @@ def _train_problems(cfg: Config) -> list[str]:
     for key in ("ref_model_quantization_bit", "reward_model_quantization_bit"):
         if getattr(f, key) not in (None, 4, 8):
             out.append(f"`{key}` must be 4 or 8 (bitsandbytes); got {getattr(f, key)}")
-    if f.ref_model_quantization_bit and not f.ref_model:
-        out.append("`ref_model_quantization_bit` quantises `ref_model`, which is unset (the reference is then the "
-                   "starting model itself): set ref_model or remove it")
+    for key, does in (("ref_model_quantization_bit", "quantises"), ("ref_model_adapters", "adds adapters to")):
+        if getattr(f, key) and not f.ref_model:
+            out.append(f"`{key}` {does} `ref_model`, which is unset (the reference is then the starting model "
+                       "itself): set ref_model or remove it")
     if m.adapter_name_or_path and f.finetuning_type not in ADAPTER_TYPES:
         out.append("`adapter_name_or_path` needs `finetuning_type: lora` or `oft`")
     from .train.sharding import problems as sharding_problems

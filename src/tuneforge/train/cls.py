@@ -24,7 +24,7 @@ from ..models.load import ModelError, load_tokenizer, resolve_model_path
 from ..models.pooling import pooled_logits, resolve_pooling
 from .common import guard_output_dir, make_accelerator, train_and_evaluate
 from .logging import write_results
-from .stages import refuse_packing
+from .stages import refuse_packing, unused_reference
 
 from ..infer.classify import LABELS_FILE
 HEAD_NAMES = ("classifier", "score")
@@ -197,7 +197,7 @@ def check(cfg) -> list[str]:
                    "train_from_scratch": m.train_from_scratch, "flash_attn": m.flash_attn != "auto",
                    "quantization_bit": m.quantization_bit}
     out += [f"`{key}` is not supported for stage cls yet; remove it" for key, value in unsupported.items() if value]
-    return out + refuse_packing(cfg)
+    return out + refuse_packing(cfg) + unused_reference(cfg, "stage cls trains without a reference model")
 
 
 def run(cfg) -> dict:

@@ -14,7 +14,7 @@ from ..data import prepare_preference_data
 from ..data.collate import PairCollator
 from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
 from .losses import bco_loss, decoder_and_head, dpo_family_loss, reference_log_probs, sequence_log_probs, uses_average
-from .stages import refuse_packing
+from .stages import refuse_packing, unused_reference
 
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")  # losses that compare the policy's own answers, with no reference model
@@ -134,6 +134,8 @@ def check(cfg) -> list[str]:
     if f.pref_bco_weight and f.pref_loss in REFERENCE_FREE:
         out.append(f"`pref_bco_weight` classifies rewards measured against the reference model, and `pref_loss: "
                    f"{f.pref_loss}` uses none: use sigmoid, hinge or ipo, or remove pref_bco_weight")
+    if f.pref_loss in REFERENCE_FREE:
+        out += unused_reference(cfg, f"`pref_loss: {f.pref_loss}` uses no reference model")
     if f.pref_bco_weight and cfg.train.fsdp:
         out.append("`pref_bco_weight` with `fsdp` is not built (the baseline is not sharded state); train with DDP "
                    "(torchrun without fsdp) or in one process")

@@ -26,7 +26,7 @@ from .loop import Precision
 from .losses import (clipped_policy_loss, completion_log_probs, decoder_and_head, group_advantages, kl_to_reference,
                      loss_units, token_weights)
 from .rollout import RolloutStats, generate
-from .stages import rollout_problems
+from .stages import rollout_problems, unused_reference
 from .steps import epoch_batches
 
 
@@ -44,6 +44,8 @@ def check(cfg) -> list[str]:
         out.append("stage grpo generates up to `max_completion_length` tokens; remove `max_new_tokens`")
     if f.beta < 0:
         out.append(f"`beta` must be at least 0 (0: no KL term and no reference); got {f.beta}")
+    if f.beta == 0:
+        out += unused_reference(cfg, "`beta: 0` turns off the KL penalty, the reference model's only use")
     if f.epsilon != type(f)().epsilon or f.epsilon_high is not None:
         # the clip would bind only with several optimisation passes per rollout (TRL's num_iterations > 1)
         out.append("`epsilon` / `epsilon_high` would have no effect: grpo optimises once per rollout (as TRL's "

@@ -14,7 +14,7 @@ from ..data.collate import PairCollator
 from .checkpoint import load_extra_weights
 from .common import guard_output_dir, prepare_model, start, train_and_evaluate
 from .losses import pairwise_reward_loss
-from .stages import refuse_packing
+from .stages import refuse_packing, unused_reference
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -61,7 +61,7 @@ class RewardLoss(torch.nn.Module):
 
 
 def check(cfg) -> list[str]:
-    return refuse_packing(cfg)
+    return refuse_packing(cfg) + unused_reference(cfg, "stage rm trains without a reference model")
 
 
 def load_reward_model(cfg, accelerator) -> RewardLoss:

@@ -16,6 +16,7 @@ from .common import guard_output_dir, prepare_model, reference_model, start, tra
 from .logging import write_results
 from .losses import CausalLMLoss, head_chunk_size
 from .moe import RouterBalance
+from .stages import unused_reference
 from ..user_code import load_user_function
 from .metrics import generation_scores
 
@@ -36,6 +37,8 @@ def check(cfg) -> list[str]:
         out.append("`do_predict` needs `predict_with_generate: true` (predictions are generated text)")
     elif cfg.train.predict_metric and not cfg.train.do_predict:
         out.append("`predict_metric` scores generated answers: it needs `do_predict: true`")
+    if not cfg.finetune.use_asft_loss:
+        out += unused_reference(cfg, f"stage {cfg.finetune.stage} uses a reference model only with `use_asft_loss`")
     return out
 
 

@@ -76,6 +76,14 @@ def refuse_packing(cfg) -> list[str]:
     return []
 
 
+def unused_reference(cfg, why: str) -> list[str]:
+    """The refusal of `ref_model` and its keys in a run that loads no reference model (`why` says so): they would
+    be ignored."""
+    f = cfg.finetune
+    keys = [k for k in ("ref_model", "ref_model_adapters", "ref_model_quantization_bit") if getattr(f, k)]
+    return [f"{' / '.join(f'`{k}`' for k in keys)}: {why}; remove it"] if keys else []
+
+
 def rollout_problems(cfg) -> list[str]:
     """The rules of the stages that generate what they train on (grpo, ppo)."""
     stage, g, t = cfg.finetune.stage, cfg.generate, cfg.train
