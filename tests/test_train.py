@@ -117,6 +117,21 @@ def test_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model, alpaca_fil
         base = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
     assert torch.allclose(reference, ours, atol=1e-6)  # the same weights and kernels: identical (measured 0.0)
     assert not torch.allclose(reference, base, atol=1e-3)  # the adapter really changed the model
+    # LLaMA-Factory's adapter_folder: the adapter sits in that sub-folder of adapter_name_or_path
+    cfg = build_config({"model_name_or_path": tiny_model, "adapter_name_or_path": str(tmp_path), "adapter_folder": "out"})
+    assert (cfg.model.adapter_name_or_path, cfg.model.adapter_folder) == (str(out), None)
+    with torch.no_grad():
+        assert torch.equal(Engine(cfg).model(ids).logits, ours)
+
+
+def test_adapter_folder_without_a_local_adapter_path_is_refused():
+    from tuneforge.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="`adapter_folder` names a sub-folder of each adapter_name_or_path folder, "
+                                          "which is unset"):
+        build_config({"adapter_folder": "sub"})
+    with pytest.raises(ConfigError, match="adapter_name_or_path owner/lora is no local folder"):
+        build_config({"adapter_name_or_path": "owner/lora", "adapter_folder": "sub"})
 
 
 def test_output_dir_is_protected(tiny_model, alpaca_file, tmp_path):

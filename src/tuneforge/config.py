@@ -202,10 +202,27 @@ def build_config(values: dict, source: str = "command line", cli_values: dict | 
                 setattr(getattr(cfg, group), key, _coerce(value, annotation, key, where))
             except ConfigError as err:
                 problems.append(str(err))
+    problems += _apply_adapter_folder(cfg.model, source)
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n" +
                           "\n".join(f"  - {p}" for p in problems))
     return cfg
+
+
+def _apply_adapter_folder(m: ModelArgs, source: str) -> list[str]:
+    """LLaMA-Factory's `adapter_folder`: each adapter sits in this sub-folder of its adapter_name_or_path folder."""
+    if not m.adapter_folder:
+        return []
+    if not m.adapter_name_or_path:
+        return [f"{source}: `adapter_folder` names a sub-folder of each adapter_name_or_path folder, which is unset: "
+                "set adapter_name_or_path or remove it"]
+    paths = [p.strip() for p in m.adapter_name_or_path.split(",") if p.strip()]
+    remote = [p for p in paths if not Path(p).exists() and p.count("/") == 1 and not p.startswith((".", "~"))]
+    if remote:
+        return [f"{source}: `adapter_folder`: adapter_name_or_path {remote[0]} is no local folder (a hub adapter "
+                "with adapter_folder is not built): download it and set adapter_name_or_path to the local folder"]
+    m.adapter_name_or_path, m.adapter_folder = ",".join(str(Path(p) / m.adapter_folder) for p in paths), None
+    return []
 
 
 def load_config(path: str | None, overrides: list[str] | None = None, validate_for: str | None = "train") -> Config:

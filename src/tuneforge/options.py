@@ -14,6 +14,9 @@ from typing import Literal
 class ModelArgs:
     model_name_or_path: str | None = None  # required: a local folder, a hub id, a .gguf file or a bundled alias
     adapter_name_or_path: str | None = None  # comma list; all but the last are merged
+    # the sub-folder of each adapter_name_or_path folder that holds its adapter: joined onto them when the config is
+    # read (so every message names the real folder), then cleared
+    adapter_folder: str | None = None
     cache_dir: str | None = None  # where hub downloads of the model and tokenizer are kept (transformers' cache)
     model_revision: str = "main"  # the hub branch, tag or commit of model_name_or_path
     hf_hub_token: str | None = None  # a Hugging Face token, for gated or private hub models
@@ -435,7 +438,6 @@ LLAMAFACTORY_ONLY = [
     ("use_hyper_parallel", "bool", False, "HyperParallel " + _NOT_BUILT),
     ("hyper_parallel_args", "str | None", None, "HyperParallel " + _NOT_BUILT),
     ("max_length", "int", 1024, "generation length is `max_new_tokens`; use it instead"),
-    ("adapter_folder", "str | None", None, "adapter_folder " + _NOT_BUILT + "; use adapter_name_or_path"),
     ("split_special_tokens", "bool", False, "tokenizing special tokens as text " + _NOT_BUILT),
     ("low_cpu_mem_usage", "bool", True, "transformers always loads weights with low memory use here"),
     ("shift_attn", "bool", False, "LongLoRA's shift short attention " + _NOT_BUILT),
