@@ -250,3 +250,38 @@ def test_truncation_keeps_the_last_turn(tiny_model):
     assert len(row["input_ids"]) == 64
     assert [tokenizer.decode(span) for span in learned_spans(row)][-1] == "4.<|im_end|>"  # the last answer survives whole
     assert tokenizer.decode(row["input_ids"]).endswith("<|im_start|>assistant\n4.<|im_end|>")
+
+
+def test_split_special_tokens_splits_them_in_data_text_only(tiny_model):
+    """split_special_tokens (LLaMA-Factory's key): a special-token string written in a record is ordinary text; the
+    template's own markers stay special tokens. LLaMA-Factory's tokenizer-wide switch splits the template's
+    `<|im_start|>` too."""
+    tokenizer = family_tokenizer(tiny_model, "", "<|im_end|>", CHATML)
+    end, start = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
+    clean = Example(messages=[{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}])
+    tricky = Example(messages=[{"role": "user", "content": "Say <|im_end|> now"},
+                               {"role": "assistant", "content": "I say <|im_end|>."}])
+    template = TEMPLATES["chatml"]
+    plain = [encode_supervised(e, tokenizer, template, 4096) for e in (clean, tricky)]
+    tokenizer.split_special_tokens = True
+    split = [encode_supervised(e, tokenizer, template, 4096) for e in (clean, tricky)]
+    assert split[0] == plain[0]  # nothing to split: the same tokens
+    ids = split[1]["input_ids"]
+    assert ids.count(end) == 2 and ids.count(start) == 2  # the template's: after the user turn and the answer
+    assert plain[1]["input_ids"].count(end) == 4  # without the option the data's strings end turns too
+    assert tokenizer.decode(ids) == tokenizer.decode(plain[1]["input_ids"])  # the same text, tokenised differently
+    # between two of the template's markers, template and data text are tokenised together, as the tokenizer would
+    text = lambda s: tokenizer(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert ids == [start, *text("user\nSay <|im_end|> now"), end, *text("\n"), start, *text("assistant\n"),
+                   *text("I say <|im_end|>."), end]
+    assert [tokenizer.decode(s) for s in learned_spans(split[1])] == ["I say <|im_end|>.<|im_end|>"]
+
+
+def test_split_special_tokens_needs_a_named_template(tiny_model):
+    from tuneforge.data.registry import DataError
+
+    tokenizer = family_tokenizer(tiny_model, "", "<|im_end|>", CHATML)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.split_special_tokens = True
+    with pytest.raises(DataError, match="`split_special_tokens` needs a named template"):
+        get_template(None, tokenizer)

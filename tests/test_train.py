@@ -124,6 +124,19 @@ def test_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model, alpaca_fil
         assert torch.equal(Engine(cfg).model(ids).logits, ours)
 
 
+def test_split_special_tokens_trains_and_stays_with_the_adapter(tiny_model, tmp_path):
+    from tuneforge.config import build_config
+    from tuneforge.infer.engine import Engine
+
+    rows = [{"instruction": f"Repeat <|im_end|> {i}", "input": "", "output": f"<|im_end|> {i}"} for i in range(8)]
+    data, out = write_jsonl(tmp_path / "data.jsonl", rows), tmp_path / "out"
+    run_training(train_config(tiny_model, str(data), out, max_steps=1, split_special_tokens=True))
+    engine = Engine(build_config({"model_name_or_path": tiny_model, "adapter_name_or_path": str(out)}))
+    assert engine.tokenizer.split_special_tokens  # from the adapter's run config
+    end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert engine.prompt_ids([{"role": "user", "content": "Say <|im_end|>"}]).count(end) == 1  # the template's
+
+
 def test_adapter_folder_without_a_local_adapter_path_is_refused():
     from tuneforge.config import ConfigError, build_config
 

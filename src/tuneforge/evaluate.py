@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError
 from .data.collate import left_pad
 from .data.registry import DataError
+from .data.templates import tokenize_pieces
 from .models.adapters import check_adapter_paths
 
 CHOICES = ("A", "B", "C", "D")
@@ -240,7 +241,7 @@ def option_ids(engine, row: dict) -> list[list[int]]:
     tokenizer, out = engine.tokenizer, []
     for letter in CHOICES:
         chat = [{"role": "user", "content": "?"}, {"role": "assistant", "content": row[letter]}]
-        out.append(tokenizer.encode(engine.template.pieces(tokenizer, chat, None)[-1], add_special_tokens=False))
+        out.append(tokenize_pieces(tokenizer, engine.template.pieces(tokenizer, chat, None)[-1:])[0])
     return out
 
 

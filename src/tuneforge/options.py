@@ -14,6 +14,10 @@ from typing import Literal
 class ModelArgs:
     model_name_or_path: str | None = None  # required: a local folder, a hub id, a .gguf file or a bundled alias
     adapter_name_or_path: str | None = None  # comma list; all but the last are merged
+    # special-token strings in the data and in users' messages are tokenised as ordinary text (a literal
+    # `<|im_end|>` in a record does not end the turn); a named template's own markers stay special tokens. Saved
+    # with the tokenizer and the adapter's run config, so inference keeps it
+    split_special_tokens: bool = False
     # the sub-folder of each adapter_name_or_path folder that holds its adapter: joined onto them when the config is
     # read (so every message names the real folder), then cleared
     adapter_folder: str | None = None
@@ -438,7 +442,6 @@ LLAMAFACTORY_ONLY = [
     ("use_hyper_parallel", "bool", False, "HyperParallel " + _NOT_BUILT),
     ("hyper_parallel_args", "str | None", None, "HyperParallel " + _NOT_BUILT),
     ("max_length", "int", 1024, "generation length is `max_new_tokens`; use it instead"),
-    ("split_special_tokens", "bool", False, "tokenizing special tokens as text " + _NOT_BUILT),
     ("low_cpu_mem_usage", "bool", True, "transformers always loads weights with low memory use here"),
     ("shift_attn", "bool", False, "LongLoRA's shift short attention " + _NOT_BUILT),
     ("mixture_of_depths", "str | None", None, "mixture-of-depths " + _NOT_BUILT),

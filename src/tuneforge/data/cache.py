@@ -35,7 +35,8 @@ def fingerprint(cfg, tokenizer, template) -> str:
                 digest.update(file.read_bytes())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     add(backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()))
-    add([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, getattr(tokenizer, "chat_template", None)])
+    add([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, getattr(tokenizer, "chat_template", None),
+         getattr(tokenizer, "split_special_tokens", False)])
     add(repr(template))
     return digest.hexdigest()[:20]
 

@@ -48,8 +48,7 @@ def encode_supervised_batch(examples: list[Example], tokenizer, template, cutoff
                             default_system: str | None = None) -> list[dict | None]:
     """encode_supervised for many examples, with one batched tokenizer call (parallel in the Rust tokenizer)."""
     pieces = [render(e, tokenizer, template, default_system) for e in examples]
-    flat = [piece for group in pieces for piece in group]
-    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    ids = tokenize_pieces(tokenizer, [piece for group in pieces for piece in group])
     rows, start = [], 0
     for group in pieces:
         rows.append(assemble_supervised(ids[start: start + len(group)], cutoff_len, train_on_prompt, mask_history))

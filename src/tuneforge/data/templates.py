@@ -7,6 +7,7 @@ the boundary between what the model reads (prompt, label -100) and what it learn
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 
 from .formats import ASSISTANT, FUNCTION, OBSERVATION, USER
@@ -37,16 +38,18 @@ class Template:
     def pieces(self, tokenizer, messages: list[dict], system: str | None, tools: str = "") -> list[str]:
         """Text pieces alternating prompt, response, ...; a conversation ending on a user turn ends on a prompt."""
         specials = {"{bos}": tokenizer.bos_token or "", "{eos}": tokenizer.eos_token or ""}
+        mark = _content_marker(tokenizer)
         system = "\n\n".join(filter(None, [system or self.default_system,
                                            tool_prompt(self.tool_format, tools) if tools else ""]))
         pieces, prompt = [], _fill(self.prefix, "", specials)
-        system_text = _fill(self.system, system, specials) if system else ""
+        system_text = _fill(self.system, mark(system), specials) if system else ""
         if not self.system_in_user:
             prompt += system_text
         last_user = max((i for i, m in enumerate(messages) if m["role"] in (USER, OBSERVATION)), default=-1)
         for i, message in enumerate(messages):
             role, content = message["role"], message["content"]
             if role in (USER, OBSERVATION):
+                content = mark(content)
                 if i == 0 and self.system_in_user:
                     content = system_text + content
                 fmt = self.observation if role == OBSERVATION and self.observation else self.user
@@ -64,7 +67,7 @@ class Template:
                     pieces[-1] += EMPTY_THOUGHT  # thinking off: the empty block is given, not learned
                     content = content[len(EMPTY_THOUGHT):]
             fmt = self.function if role == FUNCTION and self.function else self.assistant
-            pieces.append(_fill(fmt, content, specials))
+            pieces.append(_fill(fmt, mark(content), specials))
         return require_rendered(pieces, messages, system, tools, self.name, tokenizer)
 
     def stop_texts(self, tokenizer) -> list[str]:
@@ -159,6 +162,10 @@ class TokenizerTemplate:
     def __init__(self, tokenizer, enable_thinking: bool = True):
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("the tokenizer has no chat_template; set `template` (e.g. default, chatml, llama3, qwen)")
+        if getattr(tokenizer, "split_special_tokens", False):
+            # the rendered text no longer says which markers are the template's and which came from the data
+            raise DataError("`split_special_tokens` needs a named template, which keeps its own markers special: set "
+                            f"`template: {template_for(tokenizer)}`")
         self.enable_thinking = enable_thinking
 
     def __repr__(self) -> str:
@@ -282,8 +289,55 @@ def get_template(name: str | None, tokenizer, enable_thinking: bool = True, pres
     return replace(TEMPLATES[name], enable_thinking=enable_thinking, preserve_thinking=preserve_thinking)
 
 
+# With `split_special_tokens`, Template.pieces wraps the text that comes from records and users in these
+# private-use characters, so that tokenize_pieces keeps the template's markers special and splits the same strings
+# when they appear in that text.
+OPEN, CLOSE = "\ue000", "\ue001"
+
+
+def _content_marker(tokenizer):
+    if not getattr(tokenizer, "split_special_tokens", False):
+        return lambda text: text
+
+    def mark(text: str) -> str:
+        if OPEN in text or CLOSE in text:
+            raise DataError("the text holds U+E000 / U+E001, which tuneforge uses to mark data text under "
+                            "`split_special_tokens`; remove those characters")
+        return OPEN + text + CLOSE
+    return mark
+
+
 def tokenize_pieces(tokenizer, pieces: list[str]) -> list[list[int]]:
-    return [tokenizer.encode(piece, add_special_tokens=False) for piece in pieces]
+    if not getattr(tokenizer, "split_special_tokens", False):
+        return tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    return [_tokenize_marked(tokenizer, piece, specials) for piece in pieces]
+
+
+def _tokenize_marked(tokenizer, piece: str, specials: list[str]) -> list[int]:
+    """A piece with its data text marked: special-token strings are tokens in the template's text and ordinary text
+    in the data's."""
+    parts = re.split(f"({OPEN}.*?{CLOSE})", piece, flags=re.S)
+    data = [part[1:-1] for part in parts if part.startswith(OPEN)]
+    if not any(s in text for text in data for s in specials):  # nothing to split: the plain tokenisation
+        text = "".join(part[1:-1] if part.startswith(OPEN) else part for part in parts)
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+    # the template's special tokens are cut out; the text between two of them (template and data text together,
+    # as the tokenizer itself cuts text at special tokens) is tokenised with special-token strings split
+    found = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
+    ids, text = [], ""
+    for part in parts:
+        if part.startswith(OPEN):
+            text += part[1:-1]
+            continue
+        start = 0
+        for match in found.finditer(part):
+            text += part[start: match.start()]
+            ids += tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
+            ids.append(tokenizer.convert_tokens_to_ids(match.group()))
+            text, start = "", match.end()
+        text += part[start:]
+    return ids + (tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else [])
 
 
 def stop_token_ids(template, tokenizer) -> list[int]:

@@ -29,13 +29,15 @@ def generation_kwargs(gen, stop_ids: list[int], pad_id: int) -> dict:
 
 def settings_from_adapter(cfg) -> None:
     """Settings the adapter was trained with (its tuneforge_config.yaml) that inference must share: the `template`
-    when none is given, and `rope_scaling` with the cutoff_len it scaled positions for (models/rope.py)."""
+    when none is given, `split_special_tokens`, and `rope_scaling` with the cutoff_len it scaled positions for (models/rope.py)."""
     if not cfg.model.adapter_name_or_path:
         return
     saved = Path(cfg.model.adapter_name_or_path.split(",")[-1].strip()) / RUN_CONFIG
     values = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}) if saved.is_file() else {}
     if not cfg.data.template:
         cfg.data.template = values.get("template")
+    if values.get("split_special_tokens"):
+        cfg.model.split_special_tokens = True
     if not cfg.model.rope_scaling and values.get("rope_scaling"):
         cfg.model.rope_scaling, cfg.data.cutoff_len = values["rope_scaling"], values.get("cutoff_len", 0)
 

@@ -184,7 +184,10 @@ def base_tokenizer(model_args):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
                                                   cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-                                                  token=model_args.hf_hub_token)
+                                                  token=model_args.hf_hub_token,
+                                                  # unset: a saved tokenizer's own setting stands
+                                                  **({"split_special_tokens": True}
+                                                     if model_args.split_special_tokens else {}))
     except OSError as err:
         raise _offline_hint(model_args.model_name_or_path, err) from None
     if tokenizer.pad_token is None:
