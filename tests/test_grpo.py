@@ -68,16 +68,21 @@ def test_a_toy_reward_rises(tiny_model, tmp_path):
     out = tmp_path / "out"
     results = run_training(_grpo(tiny_model, data, reward, out, finetuning_type="full", learning_rate=1e-2,
                                  gradient_accumulation_steps=2, max_steps=20, loss_type="grpo", eval_dataset=data,
-                                 do_eval=True))
-    rewards = [r["reward"] for r in read_log(out)]
+                                 do_eval=True, eval_strategy="steps", eval_steps=10, load_best_model_at_end=True))
+    log = [r for r in read_log(out) if "reward" in r]
+    rewards = [r["reward"] for r in log]
     assert len(rewards) == 20
     # a random model writes about one `e` in 12 tokens; the policy learns to write many more. Sampling makes single
     # steps noisy, so compare means of five steps with a wide margin (measured: about 1 -> 7)
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 1.5, rewards
-    record = read_log(out)[-1]
-    # do_eval scores one greedy completion per evaluation prompt before and after training
+    record = log[-1]
+    # do_eval scores one greedy completion per evaluation prompt before and after training, eval_strategy during it
     assert {"eval_reward", "eval_before_reward", "eval_rewards/count_e"} <= set(results)
+    evals = [r for r in read_log(out) if "eval_reward" in r]
+    assert [r["current_steps"] for r in evals] == [10, 20] and "eval_rewards/count_e" in evals[0]
+    # load_best_model_at_end keeps the step with the highest eval_reward (higher is better): the final scores
+    assert results["eval_reward"] == pytest.approx(max(r["eval_reward"] for r in evals), abs=1e-4)
     for key in ("reward_std", "completion_length", "entropy", "rewards/count_e",
                 "generation_tokens_per_second", "generation_time_share"):
         assert key in record, key

@@ -259,15 +259,19 @@ def test_resume_mid_run_gives_the_same_weights(tiny_model, tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
 def test_two_processes_train(tiny_model, tmp_path):
     """torchrun with 2 processes (gloo on CPU): each samples its own prompts, the KL and the score statistics are
-    gathered from both (a collective that hangs or fails shows here), and the run ends with one model."""
+    gathered from both (a collective that hangs or fails shows here), each scores its share of the evaluation
+    prompts, and the run ends with one model."""
     values = _ppo(tiny_model, _prompts(tmp_path), _reward_adapter(tiny_model, tmp_path / "rm"), tmp_path / "ddp",
-                  per_device_train_batch_size=2, max_steps=4, ppo_score_norm=True)
+                  per_device_train_batch_size=2, max_steps=4, ppo_score_norm=True, eval_dataset=_prompts(tmp_path),
+                  eval_strategy="steps", eval_steps=2, do_eval=True)
     torchrun = str(Path(sys.executable).parent / "torchrun")
     ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "tuneforge.cli", "train",
                           *[f"{k}={v}" for k, v in values.items()]], capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
-    log = read_log(tmp_path / "ddp")
+    log = [r for r in read_log(tmp_path / "ddp") if "kl" in r]
     assert [r["current_steps"] for r in log] == [1, 2, 3, 4] and log[-1]["kl"] != 0
+    evals = [r for r in read_log(tmp_path / "ddp") if "eval_reward" in r]
+    assert [r["current_steps"] for r in evals] == [2, 4]
     assert (tmp_path / "ddp" / "ppo_value_head.safetensors").is_file()
 
 

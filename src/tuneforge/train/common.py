@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import save_config, shuffles_rows
+from ..data.collate import PadCollator
 from ..models.adapters import (ADAPTER_TYPES, attach_adapters, describe_trainable, save_pissa_converted,
                                save_pissa_init, setup_trainable)
 from ..models.load import ModelError, keep_quantized_layers_differentiable, load_base_model, load_tokenizer
@@ -16,7 +17,7 @@ from ..models.recompute import apply_gradient_checkpointing
 from . import checkpoint as ckpt
 from . import sharding
 from .logging import plot_loss, write_results
-from .evaluation import evaluate
+from .evaluation import Evaluation, RowsEvaluation
 from .loop import Precision, autocast_dtype, train
 from .steps import rows_source
 
@@ -116,25 +117,30 @@ def finish_training(cfg, module, tokenizer, results: dict, accelerator) -> None:
 
 
 def train_and_evaluate(cfg, module, tokenizer, train_data, eval_rows: list[dict], accelerator,
-                       resume: str | None, collator, evaluate_at_end: bool = True) -> dict:
+                       resume: str | None, collator, evaluate_at_end: bool = True,
+                       evaluation: Evaluation | None = None) -> dict:
     """Open output_dir; train and save (do_train); evaluate (do_eval, unless the recipe evaluates itself).
-    `train_data`: encoded rows, a RowStream, or a step source of the recipe's own (rollouts)."""
+    `train_data`: encoded rows, a RowStream, or a step source of the recipe's own (rollouts). A recipe that
+    evaluates otherwise than by losses over `eval_rows` (the rollout stages) passes its `evaluation`."""
     open_output_dir(cfg, accelerator)
     results = {}
+    collator = collator or PadCollator(tokenizer.pad_token_id)
+    if evaluation is None and eval_rows:
+        evaluation = RowsEvaluation(module.to(accelerator.device), eval_rows, collator, cfg.train.per_device_eval_batch_size, accelerator,
+                                    Precision(cfg.train, accelerator.device))
     if cfg.train.do_train:
         if cfg.finetune.pissa_convert and accelerator.is_main_process and not resume:
             save_pissa_init(module.model, cfg.train.output_dir)
         source = rows_source(train_data, cfg.train, collator, shuffles_rows(cfg), accelerator)
-        results.update(train(cfg, module, tokenizer, source, eval_rows, accelerator, resume, collator))
+        results.update(train(cfg, module, tokenizer, source, evaluation, accelerator, resume))
         finish_training(cfg, module, tokenizer, results, accelerator)
-    if cfg.train.do_eval and evaluate_at_end:
-        results.update(evaluate_and_report(cfg, module, eval_rows, collator, accelerator))
+    if cfg.train.do_eval and evaluate_at_end and evaluation:
+        results.update(evaluate_and_report(cfg, evaluation, accelerator))
     return results
 
 
-def evaluate_and_report(cfg, module, rows: list[dict], collator, accelerator) -> dict:
-    metrics = evaluate(module.to(accelerator.device), rows, collator, cfg.train.per_device_eval_batch_size,
-                       accelerator, Precision(cfg.train, accelerator.device))
+def evaluate_and_report(cfg, evaluation: Evaluation, accelerator) -> dict:
+    metrics = evaluation()
     accelerator.print("[tuneforge] " + ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items()))
     if accelerator.is_main_process:
         write_results(cfg.train.output_dir, "eval", metrics)

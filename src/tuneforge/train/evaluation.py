@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 import shutil
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -62,23 +64,46 @@ def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, p
     return result
 
 
+class Evaluation(Protocol):
+    """What the loop evaluates during training (eval_strategy): called in every process, it returns the same
+    eval_* metrics of the model as it is now in each."""
+    metric: str  # the metric that decides the best model and early stopping unless metric_for_best_model names one
+
+    def __call__(self) -> dict[str, float]: ...
+
+
+@dataclass
+class RowsEvaluation:
+    """The losses and metrics of a loss module over encoded evaluation rows (evaluate above)."""
+    module: object
+    rows: list[dict] | dict[str, list[dict]]
+    collator: object
+    batch_size: int
+    accelerator: object
+    precision: object = None
+    metric: str = "eval_loss"
+
+    def __call__(self) -> dict[str, float]:
+        return evaluate(self.module, self.rows, self.collator, self.batch_size, self.accelerator, self.precision)
+
+
 BEST = "best_model"
 
 
-def best_metric_name(t) -> tuple[str, bool]:
+def best_metric_name(t, default: str = "eval_loss") -> tuple[str, bool]:
     """(metric that decides the best model and early stopping, whether higher is better)."""
-    name = t.metric_for_best_model or "eval_loss"
+    name = t.metric_for_best_model or default
     name = name if name.startswith("eval_") else f"eval_{name}"
     return name, not name.endswith(("loss", "perplexity"))
 
 
-def evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log, epoch) -> bool:
+def evaluate_and_check(cfg, module, evaluation: Evaluation, accelerator, state, log, epoch) -> bool:
     """Evaluate, log, keep the best model (load_best_model_at_end), and say whether early stopping should end
     training."""
     t = cfg.train
-    metrics = evaluate(module, eval_rows, collator, t.per_device_eval_batch_size, accelerator, precision)
+    metrics = evaluation()
     log.eval_step(state.global_step, epoch, metrics)
-    name, higher = best_metric_name(t)
+    name, higher = best_metric_name(t, evaluation.metric)
     if name not in metrics and not (t.load_best_model_at_end or cfg.finetune.early_stopping_steps):
         return False  # nothing depends on the best metric (e.g. eval_on_each_dataset without a named one)
     if name not in metrics:
@@ -98,7 +123,7 @@ def evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision,
     return False
 
 
-def restore_best(cfg, inner, state, accelerator) -> None:
+def restore_best(cfg, inner, state, accelerator, metric: str) -> None:
     """With load_best_model_at_end: put the best evaluated weights back and drop their temporary copy."""
     folder = Path(cfg.train.output_dir) / BEST
     if not cfg.train.load_best_model_at_end:
@@ -111,5 +136,5 @@ def restore_best(cfg, inner, state, accelerator) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.print(f"[tuneforge] loaded the best model (step {state.best_step}, "
-                          f"{best_metric_name(cfg.train)[0]} = {state.best_metric:.4f})")
+                          f"{best_metric_name(cfg.train, metric)[0]} = {state.best_metric:.4f})")
         shutil.rmtree(folder)

@@ -10,7 +10,7 @@ source of steps (RolloutSteps), so logging, checkpoints and exact resume are the
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +25,7 @@ from .logging import write_results
 from .loop import Precision
 from .losses import (clipped_policy_loss, completion_log_probs, decoder_and_head, group_advantages, kl_to_reference,
                      loss_units, token_weights)
-from .rollout import RolloutStats, generate
+from .rollout import RolloutStats, generate, greedy_rollouts, my_share
 from .stages import rollout_problems, unused_reference
 from .steps import epoch_batches
 
@@ -173,18 +173,40 @@ def encode_prompts(cfg, tokenizer) -> tuple[list[dict], list[dict]]:
     return [encode(e) for e in train], [encode(e) for e in evaluation]
 
 
-@torch.no_grad()
-def evaluate_rewards(cfg, model, tokenizer, prompts: list[dict], rewards, source: RolloutSteps) -> dict:
-    """Mean reward (and each function's) of one greedy completion per evaluation prompt."""
-    greedy, size = replace(cfg.generate, do_sample=False), cfg.train.per_device_eval_batch_size
-    completions = []
-    for first in range(0, len(prompts), size):
-        chunk = [p["ids"] for p in prompts[first: first + size]]
-        completions += generate(model, chunk, greedy, cfg.finetune.max_completion_length, source.stop_ids, tokenizer,
-                                source.precision.autocast(model)).completions
-    total, means = reward_functions.score(rewards, [p["text"] for p in prompts], completions,
-                                          [p["extra"] for p in prompts])
-    return {"eval_reward": total.mean().item(), **{f"eval_{k}": v for k, v in means.items()}}
+@dataclass
+class RewardEvaluation:
+    """The mean reward (and each reward function's) of one greedy completion per evaluation prompt (an
+    evaluation.Evaluation): each process completes its share of the prompts, the main process scores them all
+    (reward functions run once per completion), and every process gets the metrics."""
+    cfg: object
+    prompts: list[dict]
+    rewards: list
+    source: RolloutSteps
+    accelerator: object
+    metric: str = "eval_reward"
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        s, accelerator = self.source, self.accelerator
+        mine = my_share(list(range(len(self.prompts))), accelerator)
+        completions = [text for _, out in greedy_rollouts(
+            s.module.model, [self.prompts[i] for i in mine], self.cfg, self.cfg.finetune.max_completion_length,
+            s.stop_ids, s.tokenizer, s.precision) for text in out.completions]
+        done = sorted(zip(mine, completions))
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            done = sorted(gather_object(done))
+        metrics = [None]
+        if accelerator.is_main_process:
+            total, means = reward_functions.score(self.rewards, [p["text"] for p in self.prompts],
+                                                  [text for _, text in done], [p["extra"] for p in self.prompts])
+            metrics = [{"eval_reward": total.mean().item(), **{f"eval_{k}": v for k, v in means.items()}}]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(metrics)
+        return metrics[0]
 
 
 def run(cfg) -> dict:
@@ -204,14 +226,15 @@ def run(cfg) -> dict:
     accelerator.print(f"[tuneforge] {len(prompts)} prompts, {source.per_step} per step x {f.num_generations} "
                       f"completions; rewards: {', '.join(f'{r.name} x {r.weight:g}' for r in rewards)}; loss_type "
                       f"{f.loss_type}, beta {f.beta:g}")
-    evaluating = t.do_eval and accelerator.is_main_process
-    before = evaluate_rewards(cfg, model, tokenizer, eval_prompts, rewards, source) if evaluating else {}
+    evaluation = RewardEvaluation(cfg, eval_prompts, rewards, source, accelerator) if eval_prompts else None
+    before = evaluation() if t.do_eval and evaluation else {}
     results = train_and_evaluate(cfg, module, tokenizer, source, [], accelerator, resume, collator=None,
-                                 evaluate_at_end=False)
-    if evaluating:
-        after = evaluate_rewards(cfg, model, tokenizer, eval_prompts, rewards, source)
+                                 evaluate_at_end=False, evaluation=evaluation)
+    if before:
+        after = evaluation()
         metrics = {**after, **{k.replace("eval_", "eval_before_", 1): v for k, v in before.items()}}
-        write_results(t.output_dir, "eval", metrics)
+        if accelerator.is_main_process:
+            write_results(t.output_dir, "eval", metrics)
         accelerator.print(f"[tuneforge] {len(eval_prompts)} evaluation prompts, greedy: mean reward "
                           f"{before['eval_reward']:.4f} before, {after['eval_reward']:.4f} after")
         results.update(metrics)

@@ -20,12 +20,11 @@ from typing import NamedTuple
 import torch
 
 from ..config import ConfigError, bf16_cost, flat_config, speed_hint
-from ..data.collate import PadCollator
 from ..machine import allocator_notice
 from ..models.load import ModelError
 from . import checkpoint as ckpt
 from . import sharding
-from .evaluation import evaluate_and_check, restore_best
+from .evaluation import Evaluation, evaluate_and_check, restore_best
 from .logging import RunLog
 from .faults import NonFinite, Preempted, StopSignals, describe_rows
 from .optimizers import Layerwise, make_optimizer
@@ -146,9 +145,10 @@ def _casts_off(model):
             layer.cast_input_dtype_enabled = True
 
 
-def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: list[dict], accelerator,
-          resume_from: str | None, collator=None) -> dict:
-    """Train `module` on the steps `source` hands out, and return the run's results."""
+def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Evaluation | None, accelerator,
+          resume_from: str | None) -> dict:
+    """Train `module` on the steps `source` hands out, evaluating as eval_strategy says, and return the run's
+    results."""
     t = cfg.train
     precision = Precision(t, accelerator.device)
     _announce(cfg, accelerator)
@@ -160,9 +160,8 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
     inner = module
     module, optimizer, scheduler, state = _start(cfg, module, source, accelerator, resume_from, identity,
                                                  total_steps)
-    collator = collator or PadCollator(tokenizer.pad_token_id)
     log = _run_log(cfg, total_steps, state, accelerator)
-    eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and eval_rows else 0
+    eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and evaluation else 0
     interval = _Interval(accelerator.device)
 
     saved = [None]  # the step of this run's latest checkpoint
@@ -190,7 +189,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
         if state.global_step % t.logging_steps == 0 or last:
             _log_interval(interval, state, log, epoch, scheduler.get_last_lr()[0], source)
         if eval_every and (state.global_step % eval_every == 0 or last):
-            stop = evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log, epoch)
+            stop = evaluate_and_check(cfg, module, evaluation, accelerator, state, log, epoch)
         if _should_save(t, state, per_epoch, last):
             save()
         return last, stop
@@ -201,9 +200,8 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
             return False
         state.epoch += 1
         state.step_in_epoch = 0
-        if t.eval_strategy == "epoch" and eval_rows:
-            return evaluate_and_check(cfg, module, eval_rows, collator, accelerator, precision, state, log,
-                                       state.epoch)
+        if t.eval_strategy == "epoch" and evaluation:
+            return evaluate_and_check(cfg, module, evaluation, accelerator, state, log, state.epoch)
         return False
 
     module.train()
@@ -222,7 +220,8 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, eval_rows: lis
                         _stop_for_signal(signals.received or "a signal", cfg, state)
         finally:
             log.close()
-    restore_best(cfg, inner, state, accelerator)
+    if evaluation:
+        restore_best(cfg, inner, state, accelerator, evaluation.metric)
     return _results(state, per_epoch, time.time() - log.started, log.start_step, inner.unit,
                     interval.run_tokens if t.include_effective_tokens_per_second else None)
 

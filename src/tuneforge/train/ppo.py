@@ -15,7 +15,7 @@ import json
 import math
 import urllib.error
 import urllib.request
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from .loop import Precision
 from .losses import (adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, completion_log_probs,
                      completion_outputs, decoder_and_head, generalised_advantages, kl_penalised_rewards, masked_whiten)
 from .rm import VALUE_HEAD, load_reward_model, new_value_head
-from .rollout import RolloutStats, generate
+from .rollout import RolloutStats, generate, greedy_rollouts, my_share
 from .stages import rollout_problems
 from .steps import epoch_batches
 
@@ -335,24 +335,31 @@ def _micro_batch(buffer: dict, rows: torch.Tensor) -> dict:
 
 # ---- evaluation and the recipe ----
 
-@torch.no_grad()
-def evaluate_reward(cfg, source: PPOSteps, prompts: list[dict]) -> float:
-    """Mean reward-model score of one greedy completion per evaluation prompt."""
-    greedy, size, model = replace(cfg.generate, do_sample=False), cfg.train.per_device_eval_batch_size, \
-        source.module.model
-    was_training = source.module.training
-    source.module.eval()
-    total = 0.0
-    for first in range(0, len(prompts), size):
-        chunk = prompts[first: first + size]
-        out = generate(model, [p["ids"] for p in chunk], greedy, greedy.max_new_tokens, source.stop_ids,
-                       source.tokenizer, source.precision.autocast(model))
-        with source.precision.autocast(model):
-            scores = source.reward(out.input_ids.to(source.device), out.attention_mask.to(source.device),
-                                   [p["text"] for p in chunk], out.completions)
-        total += scores.sum().item()
-    source.module.train(was_training)
-    return total / max(len(prompts), 1)
+@dataclass
+class RewardModelEvaluation:
+    """The mean reward score of one greedy completion per evaluation prompt (an evaluation.Evaluation): each
+    process completes and scores its share of the prompts; the sums are added up across processes."""
+    cfg: object
+    prompts: list[dict]
+    source: PPOSteps
+    accelerator: object
+    metric: str = "eval_reward"
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        s, model = self.source, self.source.module.model
+        was_training = s.module.training
+        s.module.eval()
+        total = torch.zeros(2, device=s.device)  # score sum, prompts
+        for chunk, out in greedy_rollouts(model, my_share(self.prompts, self.accelerator), self.cfg,
+                                          self.cfg.generate.max_new_tokens, s.stop_ids, s.tokenizer, s.precision):
+            with s.precision.autocast(model):
+                scores = s.reward(out.input_ids.to(s.device), out.attention_mask.to(s.device),
+                                  [p["text"] for p in chunk], out.completions)
+            total += torch.stack([scores.sum().float().to(s.device), torch.tensor(float(len(chunk)), device=s.device)])
+        s.module.train(was_training)
+        total = self.accelerator.reduce(total, "sum") if self.accelerator.num_processes > 1 else total
+        return {"eval_reward": (total[0] / total[1].clamp(min=1)).item()}
 
 
 def setup(cfg, accelerator, tokenizer) -> tuple[PPOLoss, torch.nn.Module | None, object]:
@@ -379,13 +386,14 @@ def run(cfg) -> dict:
     accelerator.print(f"[tuneforge] {len(prompts)} prompts; each rollout samples {source.per_rollout} completions "
                       f"and gives {source.updates} optimizer steps (ppo_epochs {f.ppo_epochs} x ppo_buffer_size "
                       f"{f.ppo_buffer_size}); reward model: {f.reward_model} ({f.reward_model_type})")
-    evaluating = t.do_eval and accelerator.is_main_process
-    before = evaluate_reward(cfg, source, eval_prompts) if evaluating else None
+    evaluation = RewardModelEvaluation(cfg, eval_prompts, source, accelerator) if eval_prompts else None
+    before = evaluation()["eval_reward"] if t.do_eval and evaluation else None
     results = train_and_evaluate(cfg, module, tokenizer, source, [], accelerator, resume, collator=None,
-                                 evaluate_at_end=False)
-    if evaluating:
-        metrics = {"eval_reward": evaluate_reward(cfg, source, eval_prompts), "eval_before_reward": before}
-        write_results(t.output_dir, "eval", metrics)
+                                 evaluate_at_end=False, evaluation=evaluation)
+    if before is not None:
+        metrics = {**evaluation(), "eval_before_reward": before}
+        if accelerator.is_main_process:
+            write_results(t.output_dir, "eval", metrics)
         accelerator.print(f"[tuneforge] {len(eval_prompts)} evaluation prompts, greedy: mean reward {before:.4f} "
                           f"before, {metrics['eval_reward']:.4f} after")
         results.update(metrics)

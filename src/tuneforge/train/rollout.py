@@ -4,7 +4,7 @@ padding, stop at the template's stop tokens), laid out as rows [left-padded prom
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -62,6 +62,21 @@ def generate(model, prompts: list[list[int]], gen, max_new_tokens: int, stop_ids
                               skip_special_tokens=True) for row, kept in zip(completion, keep)]
     return Rollout(input_ids=torch.cat([ids, completion], 1), attention_mask=torch.cat([mask, keep], 1),
                    completion_mask=keep, truncated=truncated, completions=texts, seconds=seconds)
+
+
+def greedy_rollouts(model, prompts: list[dict], cfg, max_new_tokens: int, stop_ids: list[int], tokenizer, precision):
+    """For evaluation: one greedy completion per prompt, in batches of per_device_eval_batch_size; yields each
+    batch's prompts with its Rollout."""
+    greedy, size = replace(cfg.generate, do_sample=False), cfg.train.per_device_eval_batch_size
+    for first in range(0, len(prompts), size):
+        chunk = prompts[first: first + size]
+        yield chunk, generate(model, [p["ids"] for p in chunk], greedy, max_new_tokens, stop_ids, tokenizer,
+                              precision.autocast(model))
+
+
+def my_share(items: list, accelerator) -> list:
+    """This process's part of `items` in a multi-process evaluation (every world-th one)."""
+    return items[accelerator.process_index::accelerator.num_processes]
 
 
 class RolloutStats:

@@ -90,9 +90,6 @@ def rollout_problems(cfg) -> list[str]:
     out = refuse_packing(cfg)
     if not g.do_sample or g.num_beams != 1:
         out.append(f"stage {stage} samples its completions: set `do_sample: true` and `num_beams: 1`")
-    if t.eval_strategy != "no":
-        out.append(f"evaluation during training is not built for stage {stage} yet: set `eval_strategy: no` (the log "
-                   "reports every step's mean reward; `do_eval` scores the evaluation prompts before and after)")
     if cfg.finetune.precompute_ref_log_probs:
         out.append(f"`precompute_ref_log_probs` is for dpo; {stage} scores new completions every step, so remove it")
     if t.length_grouped:
