@@ -204,6 +204,11 @@ def test_parse_answer_calls_inverts_format_calls():
             assert parse_answer_calls(fmt, format_calls(fmt, json.dumps(two))) == two, fmt
     assert parse_answer_calls("qwen", "It is sunny.") is None and parse_answer_calls("json", "{}") is None
     assert parse_answer_calls("default", "It is sunny.") is None
+    # the tokenizer's own chat template (tool_format None): whichever family's format the answer is in
+    for fmt in ("qwen", "mistral", "llama3", "default", "json"):
+        assert parse_answer_calls(None, "<think>\nok\n</think>\n\n" * (fmt == "qwen")
+                                  + format_calls(fmt, json.dumps(CALL))) == [CALL], fmt
+    assert parse_answer_calls(None, 'It is sunny.\n{"a": 1}') is None
     # LLaMA-Factory's parser takes an argument object quoted or fenced too
     assert parse_answer_calls("default", 'Action: get_weather\nAction Input: ```{"city": "Paris"}```') == [CALL]
 

@@ -158,6 +158,7 @@ class TokenizerTemplate:
 
     name = "tokenizer"
     stop_words: tuple[str, ...] = ()
+    tool_format = None  # the model's own: the API reads tool calls in whichever family's format an answer uses
 
     def __init__(self, tokenizer, enable_thinking: bool = True):
         if not getattr(tokenizer, "chat_template", None):

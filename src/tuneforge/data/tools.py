@@ -100,11 +100,19 @@ def _call(value) -> dict | None:
     return None
 
 
-def parse_answer_calls(fmt: str, text: str) -> list[dict] | None:
+# what an answer under a model's own chat template may be written in (glm4's `name` newline `arguments` is left
+# out: a line of prose followed by a JSON object would read as a call)
+OWN_TEMPLATE_FORMATS = ("qwen", "mistral", "llama3", "default", "json")
+
+
+def parse_answer_calls(fmt: str | None, text: str) -> list[dict] | None:
     """The tool calls in a generated answer written in `fmt` (the inverse of format_calls), or None when the answer
-    is not a tool call."""
+    is not a tool call. `fmt` None (the tokenizer's own chat template, whose format tuneforge does not know): the
+    first of the model families' formats the answer parses in."""
     import re
 
+    if fmt is None:
+        return next(filter(None, (parse_answer_calls(each, text) for each in OWN_TEMPLATE_FORMATS)), None)
     text = text.strip()
     try:
         if fmt == "default":

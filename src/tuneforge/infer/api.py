@@ -272,7 +272,7 @@ def _sse(data) -> str:
 
 async def chat_completion(server: Server, body: ChatRequest, http_request):
     prompt, tools = server.chat_prompt(body)
-    tool_format = getattr(server.engine.template, "tool_format", "json")
+    tool_format = server.engine.template.tool_format
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
     events = server.generate(body, prompt, http_request)
 
