@@ -133,6 +133,12 @@ def test_split_special_tokens_trains_and_stays_with_the_adapter(tiny_model, tmp_
     run_training(train_config(tiny_model, str(data), out, max_steps=1, split_special_tokens=True))
     engine = Engine(build_config({"model_name_or_path": tiny_model, "adapter_name_or_path": str(out)}))
     assert engine.tokenizer.split_special_tokens  # from the adapter's run config
+    # the saved tokenizer stays plain: its chat template's markers remain special tokens in any tool
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(out)
+    start = saved.convert_tokens_to_ids("<|im_start|>")
+    assert saved.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True)["input_ids"][0] == start
     end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert engine.prompt_ids([{"role": "user", "content": "Say <|im_end|>"}]).count(end) == 1  # the template's
 

@@ -15,8 +15,8 @@ class ModelArgs:
     model_name_or_path: str | None = None  # required: a local folder, a hub id, a .gguf file or a bundled alias
     adapter_name_or_path: str | None = None  # comma list; all but the last are merged
     # special-token strings in the data and in users' messages are tokenised as ordinary text (a literal
-    # `<|im_end|>` in a record does not end the turn); a named template's own markers stay special tokens. Saved
-    # with the tokenizer and the adapter's run config, so inference keeps it
+    # `<|im_end|>` in a record does not end the turn); a named template's own markers stay special tokens. Kept in
+    # an adapter's run config for inference (not in the saved tokenizer, whose chat template would split its markers)
     split_special_tokens: bool = False
     # the sub-folder of each adapter_name_or_path folder that holds its adapter: joined onto them when the config is
     # read (so every message names the real folder), then cleared

@@ -15,7 +15,7 @@ from ..config import ConfigError
 from ..data.templates import Template, data_template, stop_token_ids
 from ..infer.classify import LABELS_FILE, load_trained_classifier
 from ..models.adapters import attach_adapters
-from ..models.load import load_base_model, load_tokenizer, resolve_model_path
+from ..models.load import load_base_model, load_tokenizer, resolve_model_path, save_tokenizer
 from ..train.rm import VALUE_HEAD
 
 
@@ -86,7 +86,7 @@ def _tokenizer_with_template(cfg):
 
 def _save(model, tokenizer, folder: Path, cfg) -> None:
     model.save_pretrained(folder, max_shard_size=max(1, int(cfg.model.export_size * 1e9)))
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     if cfg.model.export_legacy_format:
         _to_legacy_bin(folder)
 

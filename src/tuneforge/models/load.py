@@ -176,6 +176,17 @@ def load_tokenizer(model_args):
     return tokenizer
 
 
+def save_tokenizer(tokenizer, folder) -> None:
+    """Save `tokenizer` for any tool to load: without split_special_tokens, which tuneforge keeps in its run config
+    instead; saved, it would make every apply_chat_template split the template's own markers too."""
+    split = getattr(tokenizer, "split_special_tokens", False)
+    tokenizer.split_special_tokens = False
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.split_special_tokens = split
+
+
 def base_tokenizer(model_args):
     """The model's own tokenizer, padding on the right (eos pads where it has no pad token)."""
     from transformers import AutoTokenizer
@@ -185,9 +196,7 @@ def base_tokenizer(model_args):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
                                                   cache_dir=model_args.cache_dir, revision=model_args.model_revision,
                                                   token=model_args.hf_hub_token,
-                                                  # unset: a saved tokenizer's own setting stands
-                                                  **({"split_special_tokens": True}
-                                                     if model_args.split_special_tokens else {}))
+                                                  split_special_tokens=model_args.split_special_tokens)
     except OSError as err:
         raise _offline_hint(model_args.model_name_or_path, err) from None
     if tokenizer.pad_token is None:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..config import ConfigError
+from ..models.load import save_tokenizer
 from .faults import SaveFailed
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -145,7 +146,7 @@ def save_model(module, tokenizer, folder: Path, weights: dict | None = None) -> 
     gathered = {} if weights is None else {"state_dict": part_of(weights, module, model)}
     model.save_pretrained(folder, safe_serialization=True, **selected, **gathered, **save_settings(model))
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
     for file, part in module.extra.items():
         tensors = part.state_dict() if weights is None else part_of(weights, module, part)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(Path(folder) / file))
