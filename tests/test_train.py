@@ -118,7 +118,8 @@ def test_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model, alpaca_fil
     assert torch.allclose(reference, ours, atol=1e-6)  # the same weights and kernels: identical (measured 0.0)
     assert not torch.allclose(reference, base, atol=1e-3)  # the adapter really changed the model
     # LLaMA-Factory's adapter_folder: the adapter sits in that sub-folder of adapter_name_or_path
-    cfg = build_config({"model_name_or_path": tiny_model, "adapter_name_or_path": str(tmp_path), "adapter_folder": "out"})
+    cfg = build_config({"model_name_or_path": tiny_model, "adapter_name_or_path": str(tmp_path),
+                        "adapter_folder": "out"})
     assert (cfg.model.adapter_name_or_path, cfg.model.adapter_folder) == (str(out), None)
     with torch.no_grad():
         assert torch.equal(Engine(cfg).model(ids).logits, ours)

@@ -29,7 +29,8 @@ def generation_kwargs(gen, stop_ids: list[int], pad_id: int) -> dict:
 
 def settings_from_adapter(cfg) -> None:
     """Settings the adapter was trained with (its tuneforge_config.yaml) that inference must share: the `template`
-    when none is given, `split_special_tokens`, and `rope_scaling` with the cutoff_len it scaled positions for (models/rope.py)."""
+    when none is given, `split_special_tokens`, and `rope_scaling` with the cutoff_len it scaled positions for
+    (models/rope.py)."""
     if not cfg.model.adapter_name_or_path:
         return
     saved = Path(cfg.model.adapter_name_or_path.split(",")[-1].strip()) / RUN_CONFIG

@@ -126,7 +126,8 @@ def train_and_evaluate(cfg, module, tokenizer, train_data, eval_rows: list[dict]
     results = {}
     collator = collator or PadCollator(tokenizer.pad_token_id)
     if evaluation is None and eval_rows:
-        evaluation = RowsEvaluation(module.to(accelerator.device), eval_rows, collator, cfg.train.per_device_eval_batch_size, accelerator,
+        evaluation = RowsEvaluation(module.to(accelerator.device), eval_rows, collator,
+                                    cfg.train.per_device_eval_batch_size, accelerator,
                                     Precision(cfg.train, accelerator.device))
     if cfg.train.do_train:
         if cfg.finetune.pissa_convert and accelerator.is_main_process and not resume:
