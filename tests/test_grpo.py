@@ -1,6 +1,9 @@
 """Stage grpo on the tiny random model: prompt data, a toy reward that rises, exact resume, and its config rules."""
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,30 @@ def test_clip_range_that_cannot_bind_is_refused():
                         "reward_funcs": "length", "epsilon_high": 0.28}, source="g.yaml")
     with pytest.raises(ConfigError, match="g.yaml: `epsilon` / `epsilon_high` would have no effect"):
         validate(cfg, "train")
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
+def test_two_processes_share_the_evaluation_prompts(tiny_model, tmp_path):
+    """torchrun with 2 processes (gloo on CPU): each completes its share of the 7 evaluation prompts (4 and 3), the
+    main process scores all 7 at once, so the reward function runs once per completion, and every process gets the
+    metrics (a collective that hangs or fails shows here)."""
+    data, _ = _prompt_files(tmp_path)
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", [{"instruction": f"Describe {t}."} for t in TOPICS[:7]])
+    calls = tmp_path / "calls.txt"
+    (tmp_path / "logged.py").write_text(
+        "import os\n"
+        "def count_e(prompts, completions, **columns):\n"
+        f"    with open({str(calls)!r}, 'a') as f:\n"
+        "        f.write(f\"{os.getpid()} {len(completions)}\\n\")\n"
+        "    return [float(c.count('e')) for c in completions]\n")
+    values = _grpo(tiny_model, data, f"{tmp_path / 'logged.py'}:count_e", tmp_path / "ddp", per_device_train_batch_size=4,
+                   max_steps=2, eval_dataset=str(held_out), do_eval=True, eval_strategy="steps", eval_steps=2)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "tuneforge.cli", "train",
+                          *[f"{k}={v}" for k, v in values.items()]], capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    evaluations = [line.split() for line in calls.read_text().splitlines() if line.split()[1] == "7"]
+    assert len(evaluations) == 3 and len({pid for pid, _ in evaluations}) == 1  # before, at step 2, after
+    assert [r["current_steps"] for r in read_log(tmp_path / "ddp") if "eval_reward" in r] == [2]
+    results = json.loads((tmp_path / "ddp" / "eval_results.json").read_text())
+    assert {"eval_reward", "eval_before_reward", "eval_rewards/count_e"} <= set(results)
