@@ -121,6 +121,10 @@ def test_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model, alpaca_fil
     cfg = build_config({"model_name_or_path": tiny_model, "adapter_name_or_path": str(tmp_path),
                         "adapter_folder": "out"})
     assert (cfg.model.adapter_name_or_path, cfg.model.adapter_folder) == (str(out), None)
+    # as in LLaMA-Factory, the reference's adapters sit in the same sub-folder
+    ref = build_config({"adapter_name_or_path": str(tmp_path), "ref_model_adapters": str(tmp_path),
+                        "adapter_folder": "out"})
+    assert ref.finetune.ref_model_adapters == str(out)
     with torch.no_grad():
         assert torch.equal(Engine(cfg).model(ids).logits, ours)
 
@@ -150,7 +154,7 @@ def test_adapter_folder_without_a_local_adapter_path_is_refused():
     with pytest.raises(ConfigError, match="`adapter_folder` names a sub-folder of each adapter_name_or_path folder, "
                                           "which is unset"):
         build_config({"adapter_folder": "sub"})
-    with pytest.raises(ConfigError, match="adapter_name_or_path owner/lora is no local folder"):
+    with pytest.raises(ConfigError, match="`adapter_folder`: adapter_name_or_path owner/lora is no local folder"):
         build_config({"adapter_name_or_path": "owner/lora", "adapter_folder": "sub"})
 
 

@@ -202,26 +202,31 @@ def build_config(values: dict, source: str = "command line", cli_values: dict | 
                 setattr(getattr(cfg, group), key, _coerce(value, annotation, key, where))
             except ConfigError as err:
                 problems.append(str(err))
-    problems += _apply_adapter_folder(cfg.model, source)
+    problems += _apply_adapter_folder(cfg, source)
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n" +
                           "\n".join(f"  - {p}" for p in problems))
     return cfg
 
 
-def _apply_adapter_folder(m: ModelArgs, source: str) -> list[str]:
-    """LLaMA-Factory's `adapter_folder`: each adapter sits in this sub-folder of its adapter_name_or_path folder."""
+def _apply_adapter_folder(cfg: Config, source: str) -> list[str]:
+    """LLaMA-Factory's `adapter_folder`: each adapter sits in this sub-folder of its folder; as there, that holds
+    for the reference's and the reward model's adapters too (they copy the model arguments)."""
+    m, f = cfg.model, cfg.finetune
     if not m.adapter_folder:
         return []
     if not m.adapter_name_or_path:
         return [f"{source}: `adapter_folder` names a sub-folder of each adapter_name_or_path folder, which is unset: "
                 "set adapter_name_or_path or remove it"]
-    paths = [p.strip() for p in m.adapter_name_or_path.split(",") if p.strip()]
-    remote = [p for p in paths if not Path(p).exists() and p.count("/") == 1 and not p.startswith((".", "~"))]
-    if remote:
-        return [f"{source}: `adapter_folder`: adapter_name_or_path {remote[0]} is no local folder (a hub adapter "
-                "with adapter_folder is not built): download it and set adapter_name_or_path to the local folder"]
-    m.adapter_name_or_path, m.adapter_folder = ",".join(str(Path(p) / m.adapter_folder) for p in paths), None
+    for group, key in ((m, "adapter_name_or_path"), (f, "ref_model_adapters"), (f, "reward_model_adapters")):
+        paths = [p.strip() for p in (getattr(group, key) or "").split(",") if p.strip()]
+        remote = [p for p in paths if not Path(p).exists() and p.count("/") == 1 and not p.startswith((".", "~"))]
+        if remote:
+            return [f"{source}: `adapter_folder`: {key} {remote[0]} is no local folder (a hub adapter with "
+                    "adapter_folder is not built): download it and set the local folder instead"]
+        if paths:
+            setattr(group, key, ",".join(str(Path(p) / m.adapter_folder) for p in paths))
+    m.adapter_folder = None
     return []
 
 

@@ -350,13 +350,14 @@ class RewardModelEvaluation:
         s, model = self.source, self.source.module.model
         was_training = s.module.training
         s.module.eval()
-        total = torch.zeros(2, device=s.device)  # score sum, prompts
-        for chunk, out in greedy_rollouts(model, my_share(self.prompts, self.accelerator), self.cfg,
-                                          self.cfg.generate.max_new_tokens, s.stop_ids, s.tokenizer, s.precision):
+        mine = my_share(self.prompts, self.accelerator)
+        total = torch.tensor([0.0, len(mine)], device=s.device)  # score sum, prompts
+        for chunk, out in greedy_rollouts(model, mine, self.cfg, self.cfg.generate.max_new_tokens, s.stop_ids,
+                                          s.tokenizer, s.precision):
             with s.precision.autocast(model):
                 scores = s.reward(out.input_ids.to(s.device), out.attention_mask.to(s.device),
                                   [p["text"] for p in chunk], out.completions)
-            total += torch.stack([scores.sum().float().to(s.device), torch.tensor(float(len(chunk)), device=s.device)])
+            total[0] += scores.sum().float().to(s.device)
         s.module.train(was_training)
         total = self.accelerator.reduce(total, "sum") if self.accelerator.num_processes > 1 else total
         return {"eval_reward": (total[0] / total[1].clamp(min=1)).item()}
