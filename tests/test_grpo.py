@@ -138,7 +138,8 @@ def test_two_processes_share_the_evaluation_prompts(tiny_model, tmp_path):
                           *[f"{k}={v}" for k, v in values.items()]], capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     evaluations = [line.split() for line in calls.read_text().splitlines() if line.split()[1] == "7"]
-    assert len(evaluations) == 3 and len({pid for pid, _ in evaluations}) == 1  # before, at step 2, after
+    # before training and at step 2, the last: do_eval's evaluation after training reuses step 2's
+    assert len(evaluations) == 2 and len({pid for pid, _ in evaluations}) == 1
     assert [r["current_steps"] for r in read_log(tmp_path / "ddp") if "eval_reward" in r] == [2]
     results = json.loads((tmp_path / "ddp" / "eval_results.json").read_text())
     assert {"eval_reward", "eval_before_reward", "eval_rewards/count_e"} <= set(results)

@@ -185,6 +185,28 @@ def test_eval_early_stopping_predict_and_plot(tiny_model, alpaca_file, tmp_path)
     assert (out / "training_loss.png").is_file() and (out / "training_eval_loss.png").is_file()
 
 
+@pytest.mark.parametrize("load_best", [False, True])
+def test_final_weights_are_evaluated_once(tiny_model, alpaca_file, tmp_path, monkeypatch, load_best):
+    """eval_strategy evaluates the last step; do_eval's evaluation after training reuses that instead of running
+    again, unless load_best_model_at_end put other weights back."""
+    import tuneforge.train.evaluation as evaluation
+
+    calls = []
+    real = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    out = tmp_path / "out"
+    # a huge constant learning rate makes the eval loss rise again (5.81, 5.61, 5.99): the best is not the last
+    results = run_training(train_config(tiny_model, alpaca_file, out, val_size=0.25, eval_strategy="steps",
+                                        eval_steps=2, max_steps=6, learning_rate=30.0, lr_scheduler_type="constant",
+                                        do_eval=True, load_best_model_at_end=load_best))
+    evals = [r["eval_loss"] for r in read_log(out) if "eval_loss" in r]
+    assert len(evals) == 3 and min(evals) < evals[-1]
+    assert len(calls) == 3 + load_best  # steps 2, 4, 6, and the restored best model's once more
+    # the log rounds to 4 decimals; the restored best model evaluates to what it did at its step
+    assert results["eval_loss"] == pytest.approx(min(evals) if load_best else evals[-1], abs=5e-5)
+    assert json.loads((out / "eval_results.json").read_text())["eval_loss"] == results["eval_loss"]
+
+
 def test_bf16_and_gradient_checkpointing_keep_results(tiny_model, alpaca_file, tmp_path):
     common = dict(max_steps=3, lr_scheduler_type="constant")
     run_training(train_config(tiny_model, alpaca_file, tmp_path / "plain", **common))

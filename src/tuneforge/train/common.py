@@ -118,12 +118,13 @@ def finish_training(cfg, module, tokenizer, results: dict, accelerator) -> None:
 
 def train_and_evaluate(cfg, module, tokenizer, train_data, eval_rows: list[dict], accelerator,
                        resume: str | None, collator, evaluate_at_end: bool = True,
-                       evaluation: Evaluation | None = None) -> dict:
+                       evaluation: Evaluation | None = None, before: dict | None = None) -> dict:
     """Open output_dir; train and save (do_train); evaluate (do_eval, unless the recipe evaluates itself).
     `train_data`: encoded rows, a RowStream, or a step source of the recipe's own (rollouts). A recipe that
-    evaluates otherwise than by losses over `eval_rows` (the rollout stages) passes its `evaluation`."""
+    evaluates otherwise than by losses over `eval_rows` (the rollout stages) passes its `evaluation`, and may
+    pass its metrics `before` training to be reported beside those after (as eval_before_*)."""
     open_output_dir(cfg, accelerator)
-    results = {}
+    results, final = {}, None
     collator = collator or PadCollator(tokenizer.pad_token_id)
     if evaluation is None and eval_rows:
         evaluation = RowsEvaluation(module.to(accelerator.device), eval_rows, collator,
@@ -133,19 +134,18 @@ def train_and_evaluate(cfg, module, tokenizer, train_data, eval_rows: list[dict]
         if cfg.finetune.pissa_convert and accelerator.is_main_process and not resume:
             save_pissa_init(module.model, cfg.train.output_dir)
         source = rows_source(train_data, cfg.train, collator, shuffles_rows(cfg), accelerator)
-        results.update(train(cfg, module, tokenizer, source, evaluation, accelerator, resume))
+        trained, final = train(cfg, module, tokenizer, source, evaluation, accelerator, resume)
+        results.update(trained)
         finish_training(cfg, module, tokenizer, results, accelerator)
     if cfg.train.do_eval and evaluate_at_end and evaluation:
-        results.update(evaluate_and_report(cfg, evaluation, accelerator))
+        # the loop's own evaluation of the final weights, when it made one (eval_strategy), is not repeated
+        metrics = final or evaluation()
+        metrics = {**metrics, **{k.replace("eval_", "eval_before_", 1): v for k, v in (before or {}).items()}}
+        accelerator.print("[tuneforge] " + ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items()))
+        if accelerator.is_main_process:
+            write_results(cfg.train.output_dir, "eval", metrics)
+        results.update(metrics)
     return results
-
-
-def evaluate_and_report(cfg, evaluation: Evaluation, accelerator) -> dict:
-    metrics = evaluation()
-    accelerator.print("[tuneforge] " + ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items()))
-    if accelerator.is_main_process:
-        write_results(cfg.train.output_dir, "eval", metrics)
-    return metrics
 
 
 def compile_layers(model) -> None:

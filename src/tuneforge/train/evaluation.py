@@ -87,6 +87,25 @@ class RowsEvaluation:
         return evaluate(self.module, self.rows, self.collator, self.batch_size, self.accelerator, self.precision)
 
 
+@dataclass
+class Remembered:
+    """An evaluation that keeps its latest metrics and the optimizer step they were taken at, so that the
+    evaluation after training can reuse them when training ended on those weights (for the rollout stages that
+    is a whole round of generation)."""
+    evaluation: Evaluation
+    state: object  # the trainer state; its global_step dates the metrics
+    step: int | None = None
+    metrics: dict[str, float] | None = None
+
+    @property
+    def metric(self) -> str:
+        return self.evaluation.metric
+
+    def __call__(self) -> dict[str, float]:
+        self.metrics, self.step = self.evaluation(), self.state.global_step
+        return self.metrics
+
+
 BEST = "best_model"
 
 
@@ -123,14 +142,15 @@ def evaluate_and_check(cfg, module, evaluation: Evaluation, accelerator, state, 
     return False
 
 
-def restore_best(cfg, inner, state, accelerator, metric: str) -> None:
-    """With load_best_model_at_end: put the best evaluated weights back and drop their temporary copy."""
+def restore_best(cfg, inner, state, accelerator, metric: str) -> bool:
+    """With load_best_model_at_end: put the best evaluated weights back and drop their temporary copy; returns
+    whether it did."""
     folder = Path(cfg.train.output_dir) / BEST
     if not cfg.train.load_best_model_at_end:
-        return
+        return False
     accelerator.wait_for_everyone()  # the main process may still be writing the last best model
     if not folder.is_dir():
-        return
+        return False
     ckpt.load_trainable_weights(inner.model, folder)
     ckpt.load_extra_weights(inner, folder)
     accelerator.wait_for_everyone()
@@ -138,3 +158,4 @@ def restore_best(cfg, inner, state, accelerator, metric: str) -> None:
         accelerator.print(f"[tuneforge] loaded the best model (step {state.best_step}, "
                           f"{best_metric_name(cfg.train, metric)[0]} = {state.best_metric:.4f})")
         shutil.rmtree(folder)
+    return True

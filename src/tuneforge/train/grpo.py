@@ -21,7 +21,6 @@ from ..data.templates import data_template, stop_token_ids
 from . import rewards as reward_functions
 from .faults import rows_signature
 from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
-from .logging import write_results
 from .loop import Precision
 from .losses import (clipped_policy_loss, completion_log_probs, decoder_and_head, group_advantages, kl_to_reference,
                      loss_units, token_weights)
@@ -227,15 +226,6 @@ def run(cfg) -> dict:
                       f"completions; rewards: {', '.join(f'{r.name} x {r.weight:g}' for r in rewards)}; loss_type "
                       f"{f.loss_type}, beta {f.beta:g}")
     evaluation = RewardEvaluation(cfg, eval_prompts, rewards, source, accelerator) if eval_prompts else None
-    before = evaluation() if t.do_eval and evaluation else {}
-    results = train_and_evaluate(cfg, module, tokenizer, source, [], accelerator, resume, collator=None,
-                                 evaluate_at_end=False, evaluation=evaluation)
-    if before:
-        after = evaluation()
-        metrics = {**after, **{k.replace("eval_", "eval_before_", 1): v for k, v in before.items()}}
-        if accelerator.is_main_process:
-            write_results(t.output_dir, "eval", metrics)
-        accelerator.print(f"[tuneforge] {len(eval_prompts)} evaluation prompts, greedy: mean reward "
-                          f"{before['eval_reward']:.4f} before, {after['eval_reward']:.4f} after")
-        results.update(metrics)
-    return results
+    before = evaluation() if t.do_eval and t.do_train and evaluation else None
+    return train_and_evaluate(cfg, module, tokenizer, source, [], accelerator, resume, collator=None,
+                              evaluation=evaluation, before=before)

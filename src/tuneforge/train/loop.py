@@ -24,7 +24,7 @@ from ..machine import allocator_notice
 from ..models.load import ModelError
 from . import checkpoint as ckpt
 from . import sharding
-from .evaluation import Evaluation, evaluate_and_check, restore_best
+from .evaluation import Evaluation, Remembered, evaluate_and_check, restore_best
 from .logging import RunLog
 from .faults import NonFinite, Preempted, StopSignals, describe_rows
 from .optimizers import Layerwise, make_optimizer
@@ -146,9 +146,9 @@ def _casts_off(model):
 
 
 def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Evaluation | None, accelerator,
-          resume_from: str | None) -> dict:
-    """Train `module` on the steps `source` hands out, evaluating as eval_strategy says, and return the run's
-    results."""
+          resume_from: str | None) -> tuple[dict, dict | None]:
+    """Train `module` on the steps `source` hands out, evaluating as eval_strategy says. Returns the run's
+    results, and the eval metrics of the weights it ends with when it evaluated exactly those (else None)."""
     t = cfg.train
     precision = Precision(t, accelerator.device)
     _announce(cfg, accelerator)
@@ -161,6 +161,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
     module, optimizer, scheduler, state = _start(cfg, module, source, accelerator, resume_from, identity,
                                                  total_steps)
     log = _run_log(cfg, total_steps, state, accelerator)
+    evaluation = Remembered(evaluation, state) if evaluation else None
     eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and evaluation else 0
     interval = _Interval(accelerator.device)
 
@@ -220,10 +221,12 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
                         _stop_for_signal(signals.received or "a signal", cfg, state)
         finally:
             log.close()
-    if evaluation:
-        restore_best(cfg, inner, state, accelerator, evaluation.metric)
+    final = evaluation.metrics if evaluation and evaluation.step == state.global_step else None
+    if evaluation and restore_best(cfg, inner, state, accelerator, evaluation.metric) \
+            and state.best_step != state.global_step:
+        final = None
     return _results(state, per_epoch, time.time() - log.started, log.start_step, inner.unit,
-                    interval.run_tokens if t.include_effective_tokens_per_second else None)
+                    interval.run_tokens if t.include_effective_tokens_per_second else None), final
 
 
 def _announce(cfg, accelerator) -> None:

@@ -26,7 +26,6 @@ from ..data.templates import data_template, stop_token_ids
 from ..models.load import ModelError
 from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
 from .grpo import encode_prompts
-from .logging import write_results
 from .loop import Precision
 from .losses import (adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, completion_log_probs,
                      completion_outputs, decoder_and_head, generalised_advantages, kl_penalised_rewards, masked_whiten)
@@ -388,14 +387,6 @@ def run(cfg) -> dict:
                       f"and gives {source.updates} optimizer steps (ppo_epochs {f.ppo_epochs} x ppo_buffer_size "
                       f"{f.ppo_buffer_size}); reward model: {f.reward_model} ({f.reward_model_type})")
     evaluation = RewardModelEvaluation(cfg, eval_prompts, source, accelerator) if eval_prompts else None
-    before = evaluation()["eval_reward"] if t.do_eval and evaluation else None
-    results = train_and_evaluate(cfg, module, tokenizer, source, [], accelerator, resume, collator=None,
-                                 evaluate_at_end=False, evaluation=evaluation)
-    if before is not None:
-        metrics = {**evaluation(), "eval_before_reward": before}
-        if accelerator.is_main_process:
-            write_results(t.output_dir, "eval", metrics)
-        accelerator.print(f"[tuneforge] {len(eval_prompts)} evaluation prompts, greedy: mean reward {before:.4f} "
-                          f"before, {metrics['eval_reward']:.4f} after")
-        results.update(metrics)
-    return results
+    before = evaluation() if t.do_eval and t.do_train and evaluation else None
+    return train_and_evaluate(cfg, module, tokenizer, source, [], accelerator, resume, collator=None,
+                              evaluation=evaluation, before=before)
