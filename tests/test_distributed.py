@@ -55,3 +55,25 @@ def test_ddp_bco_baseline_counts_every_process(tiny_model, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     baseline = load_file(tmp_path / "out" / "bco_baseline.safetensors")
     assert baseline["count"].item() == 2 * 2 * 2  # steps x micro-batches per step x processes
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
+def test_an_unshared_cache_folder_is_tokenised_again(tiny_model, tmp_path):
+    """data_shared_file_system: true says all processes see one cache folder, so only the first tokenises. Here each
+    process has its own (as on nodes without a shared disk): the second finds nothing after waiting, says so,
+    tokenises for itself, and training goes on."""
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(16))
+    launcher = tmp_path / "own_cache.py"
+    launcher.write_text("import os, sys\n"
+                        f"os.environ['TUNEFORGE_CACHE'] = {str(tmp_path / 'cache')!r} + os.environ['RANK']\n"
+                        "from tuneforge.cli import main\n"
+                        "sys.exit(main())\n")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    ddp = subprocess.run([torchrun, "--nproc_per_node", "2", str(launcher), "train", f"model_name_or_path={tiny_model}",
+                          f"dataset={data}", "template=chatml", "cutoff_len=64", "max_steps=1", "do_train=true",
+                          "data_shared_file_system=true", f"output_dir={tmp_path / 'out'}"],
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert ddp.stdout.count("is not in") == 1 and "is the cache folder shared" in ddp.stdout
+    assert ddp.stdout.count("loaded from the cache") == 0
+    assert all(len(list((tmp_path / f"cache{rank}" / "data").glob("*.pkl"))) == 1 for rank in (0, 1))
