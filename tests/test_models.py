@@ -39,3 +39,21 @@ def test_bundled_smollm2_alias(monkeypatch):
     assert tokenizer.eos_token == "<|im_end|>"
     assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert model.config.model_type == "llama" and 134e6 < model.num_parameters() < 136e6
+
+
+def test_generation_with_a_frozen_head_multiplies_without_copying_its_weight(tiny_model):
+    """Generation's first step scores the last position only, a strided slice of the hidden states. With a frozen
+    head (LoRA, inference), torch's matmul would broadcast the weight to one copy per row (a batched product over
+    rows x vocabulary x hidden: 0.9 GB for 16 rows of SmolLM2); load_base_model's head hook avoids that."""
+    import torch
+    from torch.profiler import profile
+
+    model = load_base_model(ModelArgs(model_name_or_path=tiny_model)).requires_grad_(False)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(3, vocab, (4, 7))
+    with profile(record_shapes=True) as prof, torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)
+    head_products = [e.input_shapes for e in prof.events() if e.name in ("aten::mm", "aten::bmm")
+                     and vocab in (e.input_shapes[1] if len(e.input_shapes) > 1 else [])]
+    assert head_products and all(len(shapes[0]) == 2 for shapes in head_products), head_products  # mm, not bmm

@@ -241,7 +241,22 @@ def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtyp
         raise _offline_hint(model_args.model_name_or_path, err) from None
     if vocab.needs_tokenizer(model_args):
         vocab.grow_embeddings(model, model_args)
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear):
+        head.register_forward_pre_hook(_contiguous_input)
     return model
+
+
+def _contiguous_input(_head, args):
+    """The output head's input, contiguous. Generation's first step scores only the last position,
+    `hidden[:, -1:, :]`, whose strides torch's matmul cannot fold into one matrix product; with a weight that needs
+    no gradient (a frozen head: LoRA, inference) it then copies the weight once per row instead, a
+    batch x vocabulary x hidden copy (0.9 GB and 0.6 s for 16 rows of SmolLM2). Copying the input costs one row
+    per sequence."""
+    hidden = args[0]
+    if hidden.dim() > 2 and not hidden.is_contiguous():
+        return (hidden.contiguous(), *args[1:])
+    return None
 
 
 def quantization_problems(m) -> list[str]:
