@@ -4,7 +4,8 @@
 
 Prints the operators that take the most self CPU time (and CUDA time on a GPU), grouped by kind (matmul,
 attention, elementwise, optimizer, ...), and with --shapes the matrix products and copies by input shapes, so the
-next speed lever is a reading, not a guess. The model is set up as a training run sets it up (train.common.prepare_model).
+next speed lever is a reading, not a guess. The model is set up as a training run sets it up
+(train.common.prepare_model).
 """
 
 from __future__ import annotations
