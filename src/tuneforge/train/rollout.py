@@ -3,6 +3,7 @@ padding, stop at the template's stop tokens), laid out as rows [left-padded prom
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, replace
 
@@ -37,6 +38,29 @@ def completion_mask(completion: torch.Tensor, stop_ids: list[int]) -> tuple[torc
     return (positions <= first[:, None]).long(), ~stopped
 
 
+def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor):
+    """The KV cache of all but the last token of left-padded prompts `ids`, computed once per distinct prompt and
+    copied to the rows that repeat it (a GRPO group samples one prompt num_generations times), or None when no
+    prompt repeats. `generate` continues from it with the full prompts, as from any cache it is given: the prompt's
+    forward pass, most of a rollout's compute when completions are short, shrinks by the group size."""
+    rows = [tuple(row) for row in ids.tolist()]
+    distinct = {row: i for i, row in enumerate(dict.fromkeys(rows))}
+    if len(distinct) == len(rows) or ids.shape[1] < 2:
+        return None
+    owner = [distinct[row] for row in rows]
+    keep = torch.tensor([owner.index(i) for i in range(len(distinct))], device=ids.device)
+    part_ids, part_mask = ids[keep, :-1], mask[keep, :-1]
+    positions = (part_mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded prompts
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    cache = model(input_ids=part_ids, attention_mask=part_mask, position_ids=positions, use_cache=True,
+                  **head).past_key_values
+    if not hasattr(cache, "reorder_cache"):  # a model of its own (remote code) may keep its cache its own way
+        return None
+    cache.reorder_cache(torch.tensor(owner, device=ids.device))  # row i takes its prompt's cache
+    return cache
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], gen, max_new_tokens: int, stop_ids: list[int], tokenizer,
              autocast) -> Rollout:
@@ -45,11 +69,14 @@ def generate(model, prompts: list[list[int]], gen, max_new_tokens: int, stop_ids
     model.eval()  # no dropout while sampling; the KV cache is used even when training checkpoints activations
     device = next(model.parameters()).device
     ids, mask, _ = left_pad(prompts, tokenizer.pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
     kwargs = generation_kwargs(gen, stop_ids, tokenizer.pad_token_id)
     kwargs.update(max_new_tokens=max_new_tokens, use_cache=True)
     started = time.perf_counter()
     with autocast:
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).cpu()
+        if gen.num_beams == 1:
+            kwargs.update(past_key_values=shared_prompt_cache(model, ids, mask))
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs).cpu()
     seconds = time.perf_counter() - started
     model.train(was_training)
     release_free_memory()  # training's activations cannot reuse all of what the KV cache left free
