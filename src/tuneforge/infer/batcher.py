@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from ..data.collate import left_pad
+from .sampling import draw
 
 
 @dataclass
@@ -38,7 +39,7 @@ def pick_token(logits: torch.Tensor, request: GenRequest, generator: torch.Gener
         logits = penalised(logits, seen, request.repetition_penalty)
     if request.temperature <= 0:
         return int(logits.argmax())
-    return int(torch.multinomial(sampling_probs(logits, request), 1, generator=generator))
+    return int(draw(sampling_probs(logits, request), generator))
 
 
 def penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -7,6 +7,7 @@ from threading import Thread
 
 import torch
 import yaml
+from transformers import LogitsProcessorList
 
 from ..data.collate import left_pad
 from ..data.encode import encode_prompt
@@ -14,16 +15,20 @@ from ..data.templates import data_template, stop_token_ids
 from ..models.adapters import attach_adapters
 from ..models.load import inference_dtype, load_base_model, load_tokenizer
 from ..train.checkpoint import RUN_CONFIG
+from .sampling import Sample
 
 
 def generation_kwargs(gen, stop_ids: list[int], pad_id: int) -> dict:
+    """transformers' generate arguments for the `generate` settings. The sampling settings are always given, so
+    that none of the model's generation_config leaks in."""
     kwargs = dict(max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, do_sample=gen.do_sample,
                   repetition_penalty=gen.repetition_penalty, length_penalty=gen.length_penalty,
-                  eos_token_id=stop_ids, pad_token_id=pad_id)
-    if gen.do_sample:
+                  eos_token_id=stop_ids, pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
+    if gen.do_sample and gen.num_beams == 1:  # drawn by Sample, with one random number per row (sampling.py)
+        kwargs.update(do_sample=False, logits_processor=LogitsProcessorList([Sample(gen.temperature, gen.top_k,
+                                                                                    gen.top_p)]))
+    elif gen.do_sample:  # beam sampling stays transformers' own
         kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
-    else:  # greedy: make sure no sampling setting from the model's generation_config leaks in
-        kwargs.update(temperature=None, top_p=None, top_k=None)
     return kwargs
 
 

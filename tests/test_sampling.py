@@ -1,0 +1,55 @@
+"""Sampling with one random number per row: the distribution it draws from, alone and inside `generate`."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from tuneforge.infer.sampling import Sample, draw
+
+DRAWS = 200_000
+
+
+def _within_five_sigma(counts: torch.Tensor, probs: torch.Tensor, n: int) -> bool:
+    """Frequencies against probabilities, allowing five binomial standard deviations per token (plus one count):
+    a seeded draw from the right distribution lands inside them; a draw off by a percent does not."""
+    sigma = (n * probs * (1 - probs)).sqrt()
+    return bool(((counts - n * probs).abs() <= 5 * sigma + 1).all())
+
+
+def test_draw_follows_the_distribution_and_never_takes_an_impossible_token():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    picks = draw(probs.expand(DRAWS, -1), generator)
+    counts = torch.bincount(picks, minlength=len(probs)).double()
+    assert counts[probs == 0].sum() == 0
+    assert _within_five_sigma(counts, probs.double(), DRAWS)
+    # unnormalised weights mean the same distribution; one row of a 1-D input gives one index
+    assert torch.equal(draw(3 * probs.expand(DRAWS, -1), torch.Generator().manual_seed(0)), picks)
+    assert draw(probs, generator).shape == ()
+
+
+def test_draw_is_not_biased_by_its_place_in_the_distribution():
+    """A check with power: shifting one percent of the mass from the first token to the last is seen."""
+    probs = torch.full((4,), 0.25)
+    shifted = torch.tensor([0.24, 0.25, 0.25, 0.26])
+    counts = torch.bincount(draw(shifted.expand(DRAWS, -1), torch.Generator().manual_seed(1)), minlength=4)
+    assert not _within_five_sigma(counts.double(), probs.double(), DRAWS)
+
+
+def test_greedy_generate_with_sample_draws_from_the_warped_distribution(tiny_model):
+    """The first token of many rows of one prompt, against softmax(logits / temperature) over the top_k tokens
+    worked out from one forward pass."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    prompt = torch.tensor([[5, 9, 14, 3, 22]])
+    # the tiny model's logits are nearly flat: a low temperature spreads them, so that ignoring it would show
+    temperature, top_k, rows = 0.05, 6, 20_000
+    with torch.no_grad():
+        logits = model(prompt).logits[0, -1].double() / temperature
+    top = logits.topk(top_k)
+    probs = torch.zeros_like(logits).scatter(0, top.indices, torch.softmax(top.values, 0))
+    torch.manual_seed(0)
+    out = model.generate(prompt.expand(rows, -1), attention_mask=torch.ones(rows, 5, dtype=torch.long),
+                         max_new_tokens=1, do_sample=False, temperature=None, top_p=None, top_k=None,
+                         logits_processor=[Sample(temperature, top_k, 1.0)], pad_token_id=0)
+    counts = torch.bincount(out[:, -1], minlength=len(probs)).double()
+    assert counts[probs == 0].sum() == 0
+    assert _within_five_sigma(counts, probs, rows)
