@@ -17,6 +17,7 @@ import torch
 
 from ..machine import multiplies_bf16_natively
 from . import rope, vocab
+from .attention import group_eager_attention
 
 
 class ModelError(ValueError):
@@ -244,6 +245,7 @@ def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtyp
     head = model.get_output_embeddings()
     if isinstance(head, torch.nn.Linear):
         head.register_forward_pre_hook(_contiguous_input)
+    group_eager_attention(model)
     return model
 
 

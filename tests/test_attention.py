@@ -1,0 +1,84 @@
+"""Grouped eager attention: llama's eager attention without copying keys and values per query head."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from tuneforge.config import ModelArgs
+from tuneforge.models.attention import GROUPED_EAGER, grouped_eager_attention
+from tuneforge.models.load import load_base_model
+
+# fp32 products of different shapes (a group's query heads stacked into one product) may sum in another order
+TOLERANCE = 1e-6
+
+
+class _Layer(torch.nn.Module):
+    num_key_value_groups = 3
+
+
+def _inputs(length: int, keys: int, mask: str):
+    torch.manual_seed(0)
+    batch, heads, groups, dim = 2, 6, 2, 8
+    query = torch.randn(batch, length, heads, dim).transpose(1, 2)  # strided, as a projection's view makes it
+    key, value = torch.randn(batch, groups, keys, dim), torch.randn(batch, groups, keys, dim)
+    allowed = torch.ones(batch, 1, length, keys, dtype=torch.bool).tril(keys - length)
+    allowed[0, :, :, :2] = False  # the first row is left-padded by two
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    masks = {"none": None, "shared": additive, "per head": additive.expand(batch, heads, length, keys).clone()}
+    return query, key, value, masks[mask]
+
+
+@pytest.mark.parametrize("length,keys", [(7, 7), (1, 9)], ids=["prompt", "decoding step"])
+@pytest.mark.parametrize("mask", ["none", "shared", "per head"])
+def test_grouped_eager_attention_computes_llamas_eager_attention(length, keys, mask):
+    layer = _Layer().eval()
+    query, key, value, attention_mask = _inputs(length, keys, mask)
+    ours = grouped_eager_attention(layer, query, key, value, attention_mask, scaling=0.35)
+    theirs = eager_attention_forward(layer, query, key, value, attention_mask, scaling=0.35)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0)
+
+
+def test_attention_dropout_falls_on_the_same_elements():
+    layer = _Layer().train()
+    query, key, value, attention_mask = _inputs(5, 5, "shared")
+    torch.manual_seed(3)
+    ours = grouped_eager_attention(layer, query, key, value, attention_mask, scaling=0.35, dropout=0.5)[1]
+    torch.manual_seed(3)
+    theirs = eager_attention_forward(layer, query, key, value, attention_mask, scaling=0.35, dropout=0.5)[1]
+    torch.testing.assert_close(ours, theirs, atol=TOLERANCE, rtol=0)
+
+
+def test_a_model_loaded_on_eager_attention_gets_grouped_attention_with_eagers_results(tiny_model, tmp_path):
+    model = load_base_model(ModelArgs(model_name_or_path=tiny_model, flash_attn="eager"))
+    assert model.config._attn_implementation == GROUPED_EAGER  # the tiny llama has 4 query heads on 2 kv heads
+    ids = torch.randint(3, 300, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+
+    def logits_and_gradients(attention: str):
+        model.set_attn_implementation(attention)
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask).logits
+        logits.float().pow(2).mean().backward()
+        return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    ours, theirs = logits_and_gradients(GROUPED_EAGER), logits_and_gradients("eager")
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=1e-5)
+    model.set_attn_implementation(GROUPED_EAGER)
+    model.save_pretrained(tmp_path)  # what tuneforge saves loads in plain transformers
+    assert GROUPED_EAGER not in (tmp_path / "config.json").read_text()
+    AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_model_with_an_eager_attention_of_its_own_keeps_it(tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path)  # soft-capped scores: not llama's eager attention
+    model = load_base_model(ModelArgs(model_name_or_path=str(tmp_path), flash_attn="eager"))
+    assert model.config._attn_implementation == "eager"
