@@ -36,7 +36,8 @@ class ModelArgs:
     init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise"] = "noise_init"
     resize_vocab: bool = False  # grow the embeddings to the tokenizer's length even without new tokens listed
     # attention implementation: auto (transformers' choice), sdpa, eager, fa2 (transformers' flash_attention_2);
-    # disabled is LLaMA-Factory's name for eager
+    # disabled is LLaMA-Factory's name for eager. Eager runs as grouped eager where a model's eager attention is
+    # llama's: the same products without copying keys and values per query head (models/attention.py)
     flash_attn: Literal["auto", "sdpa", "eager", "fa2", "disabled"] = "auto"
     # never checkpoint activations, even with gradient_checkpointing or fsdp_config's activation_checkpointing
     # (LLaMA-Factory checkpoints unless this is set; tuneforge only with `gradient_checkpointing: true`)
