@@ -17,11 +17,11 @@ class _Layer(torch.nn.Module):
     num_key_value_groups = 3
 
 
-def _inputs(length: int, keys: int, mask: str):
+def _inputs(length: int, keys: int, mask: str, value_dim: int = 8):
     torch.manual_seed(0)
     batch, heads, groups, dim = 2, 6, 2, 8
     query = torch.randn(batch, length, heads, dim).transpose(1, 2)  # strided, as a projection's view makes it
-    key, value = torch.randn(batch, groups, keys, dim), torch.randn(batch, groups, keys, dim)
+    key, value = torch.randn(batch, groups, keys, dim), torch.randn(batch, groups, keys, value_dim)
     allowed = torch.ones(batch, 1, length, keys, dtype=torch.bool).tril(keys - length)
     allowed[0, :, :, :2] = False  # the first row is left-padded by two
     additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
@@ -29,11 +29,12 @@ def _inputs(length: int, keys: int, mask: str):
     return query, key, value, masks[mask]
 
 
-@pytest.mark.parametrize("length,keys", [(7, 7), (1, 9)], ids=["prompt", "decoding step"])
+@pytest.mark.parametrize("length,keys,value_dim", [(7, 7, 8), (1, 9, 8), (7, 7, 5)],
+                         ids=["prompt", "decoding step", "values narrower than keys"])
 @pytest.mark.parametrize("mask", ["none", "shared", "per head"])
-def test_grouped_eager_attention_computes_llamas_eager_attention(length, keys, mask):
+def test_grouped_eager_attention_computes_llamas_eager_attention(length, keys, value_dim, mask):
     layer = _Layer().eval()
-    query, key, value, attention_mask = _inputs(length, keys, mask)
+    query, key, value, attention_mask = _inputs(length, keys, mask, value_dim)
     ours = grouped_eager_attention(layer, query, key, value, attention_mask, scaling=0.35)
     theirs = eager_attention_forward(layer, query, key, value, attention_mask, scaling=0.35)
     for a, b in zip(ours, theirs):

@@ -38,8 +38,9 @@ def grouped_eager_attention(module, query, key, value, attention_mask, scaling: 
         weights = weights + (attention_mask.reshape(weights.shape) if per_head else attention_mask[:, :, None])
     weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights.view(batch, groups, -1, key.shape[2]), value)
-    return output.view(batch, heads, length, dim).transpose(1, 2).contiguous(), weights.view(batch, heads, length, -1)
+    output = torch.matmul(weights.view(batch, groups, -1, key.shape[2]), value)  # values may be narrower than keys
+    output = output.view(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous()
+    return output, weights.view(batch, heads, length, -1)
 
 
 @cache
@@ -78,8 +79,9 @@ def _register() -> None:
 
 
 def group_eager_attention(model) -> None:
-    """Switch a model on eager attention to grouped eager attention where that computes the same."""
-    if model.config._attn_implementation != "eager" or not is_llamas_eager(model):
+    """Switch a model on eager attention to grouped eager attention where that computes the same. Not for models
+    of several parts (a vision tower beside the language model): the switch would reach parts of another kind."""
+    if model.config._attn_implementation != "eager" or model.config.sub_configs or not is_llamas_eager(model):
         return
     config = model.config.get_text_config()
     if getattr(config, "num_key_value_heads", None) in (None, config.num_attention_heads):  # nothing to repeat
