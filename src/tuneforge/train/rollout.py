@@ -41,8 +41,8 @@ def completion_mask(completion: torch.Tensor, stop_ids: list[int]) -> tuple[torc
 def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor):
     """The KV cache of all but the last token of left-padded prompts `ids`, computed once per distinct prompt and
     copied to the rows that repeat it (a GRPO group samples one prompt num_generations times), or None when no
-    prompt repeats. `generate` continues from it with the full prompts, as from any cache it is given: the prompt's
-    forward pass, most of a rollout's compute when completions are short, shrinks by the group size."""
+    prompt repeats. `generate` continues from it with the full prompts, as from any cache it is given. The prompts'
+    forward pass shrinks by the group size: most of a rollout's time with long prompts (bench/rollout_speed.py)."""
     rows = [tuple(row) for row in ids.tolist()]
     distinct = {row: i for i, row in enumerate(dict.fromkeys(rows))}
     if len(distinct) == len(rows) or ids.shape[1] < 2:
@@ -69,14 +69,14 @@ def generate(model, prompts: list[list[int]], gen, max_new_tokens: int, stop_ids
     model.eval()  # no dropout while sampling; the KV cache is used even when training checkpoints activations
     device = next(model.parameters()).device
     ids, mask, _ = left_pad(prompts, tokenizer.pad_token_id)
-    ids, mask = ids.to(device), mask.to(device)
     kwargs = generation_kwargs(gen, stop_ids, tokenizer.pad_token_id)
     kwargs.update(max_new_tokens=max_new_tokens, use_cache=True)
     started = time.perf_counter()
     with autocast:
+        prompt_ids, prompt_mask = ids.to(device), mask.to(device)
         if gen.num_beams == 1:
-            kwargs.update(past_key_values=shared_prompt_cache(model, ids, mask))
-        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs).cpu()
+            kwargs.update(past_key_values=shared_prompt_cache(model, prompt_ids, prompt_mask))
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs).cpu()
     seconds = time.perf_counter() - started
     model.train(was_training)
     release_free_memory()  # training's activations cannot reuse all of what the KV cache left free
