@@ -1,7 +1,9 @@
 """Sampling with one random number per row: the distribution it draws from, alone and inside `generate`."""
 
+import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import (AutoModelForCausalLM, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
 
 from tuneforge.infer.sampling import Sample, draw
 
@@ -53,3 +55,19 @@ def test_greedy_generate_with_sample_draws_from_the_warped_distribution(tiny_mod
     counts = torch.bincount(out[:, -1], minlength=len(probs)).double()
     assert counts[probs == 0].sum() == 0
     assert _within_five_sigma(counts, probs, rows)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.95, 50, 0.7), (1.0, 50, 1.0), (0.5, 0, 0.9), (0.7, 3, 0.5)])
+def test_sample_warps_as_transformers_warpers_do(temperature, top_k, top_p):
+    """The distribution drawn from, against softmax of transformers' own warpers in their order, on scores with
+    ties (rounded to bf16, as a bf16 model's logits are) at the top_k boundary."""
+    generator = torch.Generator().manual_seed(0)
+    scores = (torch.randn(4, 1000, generator=generator) * 3).bfloat16().float()
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    theirs = LogitsProcessorList([TemperatureLogitsWarper(temperature)])  # as generate chains them
+    theirs += [TopKLogitsWarper(top_k)] if top_k else []
+    theirs += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    expected = torch.softmax(theirs(ids, scores.clone()), dim=-1)
+    probs, tokens = Sample(temperature, top_k, top_p).distribution(ids, scores.clone())
+    ours = probs if tokens is None else torch.zeros_like(expected).scatter(-1, tokens, probs)
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)  # softmax over fewer entries: rounding only

@@ -7,8 +7,7 @@ same distribution from one uniform per row in 0.3 ms (bench/rollout_speed.py).""
 from __future__ import annotations
 
 import torch
-from transformers import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
-                          TopPLogitsWarper)
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -30,15 +29,28 @@ class Sample(LogitsProcessor):
     transformers' sampling."""
 
     def __init__(self, temperature: float, top_k: int, top_p: float):
+        self.top_k = top_k
         self.warpers = LogitsProcessorList()
         if temperature != 1.0:
             self.warpers.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            self.warpers.append(TopKLogitsWarper(top_k))
         if top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p))
 
+    def distribution(self, input_ids: torch.LongTensor, scores: torch.FloatTensor):
+        """(probabilities [rows, n], their token ids [rows, n], or None when n is the whole vocabulary). With top_k,
+        only the top_k tokens are warped: transformers' top_p sorts the whole vocabulary every step (54 ms for 16
+        rows of 49,152 on one thread), and its top_k leaves nothing else to sort."""
+        tokens = None
+        if 0 < self.top_k < scores.shape[-1]:
+            kth = scores.topk(self.top_k).values[:, -1:]
+            width = int((scores >= kth).sum(-1).max())  # tokens tied with the k-th stay, as transformers keeps them
+            scores, tokens = scores.topk(width)
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        return torch.softmax(self.warpers(input_ids, scores).float(), dim=-1), tokens
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = self.warpers(input_ids, scores)
-        token = draw(torch.softmax(scores.float(), dim=-1))
+        probs, tokens = self.distribution(input_ids, scores)
+        token = draw(probs)
+        if tokens is not None:
+            token = tokens.gather(-1, token[:, None])[:, 0]
         return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
