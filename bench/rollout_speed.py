@@ -7,7 +7,7 @@ linear layers, pure bf16, eager attention). A rollout samples `group` completion
 data/arithmetic_prompts.json in one batched `generate`, at the example's temperature 0.5. Every completion is
 exactly `tokens` long (min_new_tokens = max_new_tokens), so that every row does the same work whatever it samples.
 
-Rows, each in its own process (peak RSS is the process's):
+Rows, each in its own process (peak RSS is the process's; on a GPU, its peak CUDA memory is added):
 - transformers: `generate(do_sample=True, ...)` on transformers' eager attention: keys and values copied for every
   query head (repeat_kv), every row's prompt through the model, tokens drawn by torch.multinomial;
 - + grouped eager attention: no copies (models/attention.py);
@@ -57,8 +57,8 @@ def measure(workload: str, row: str, rounds: int) -> dict:
     work, (grouped, shared, ours) = WORKLOADS[workload], ROWS[row]
     cfg = load_config(str(ROOT / "examples/grpo.yaml"), [f"output_dir={tempfile.mkdtemp()}",
                                                            f"dataset_dir={ROOT / 'data'}"])
-    accelerator = Accelerator(cpu=True)
-    model = prepare_model(cfg, accelerator).eval()
+    accelerator = Accelerator()  # a GPU where there is one
+    model = prepare_model(cfg, accelerator).to(accelerator.device).eval()
     if not grouped:
         model.set_attn_implementation("eager")
     tokenizer = load_tokenizer(cfg.model)
@@ -67,6 +67,7 @@ def measure(workload: str, row: str, rounds: int) -> dict:
     prompts = [encode_prompt([{"role": "user", "content": " ".join([r["instruction"]] * work["repeat"])}],
                              tokenizer, template, None) for r in records for _ in range(work["group"])]
     ids, mask, _ = left_pad(prompts, tokenizer.pad_token_id)
+    ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
     kwargs = generation_kwargs(cfg.generate, stop_token_ids(template, tokenizer), tokenizer.pad_token_id)
     if not ours:  # transformers' own sampling
         kwargs.update(do_sample=True, temperature=cfg.generate.temperature, top_p=cfg.generate.top_p,
@@ -87,7 +88,9 @@ def measure(workload: str, row: str, rounds: int) -> dict:
     generated = len(prompts) * work["tokens"]
     return dict(workload=workload, row=row, rows=len(prompts), prompt_width=ids.shape[1], tokens=work["tokens"],
                 seconds=round(seconds, 3), tokens_per_s=round(generated / seconds, 1),
-                peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+                peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                peak_cuda_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 
 
 def main() -> int:
@@ -110,8 +113,9 @@ def main() -> int:
             done = subprocess.run([sys.executable, __file__, "--only", workload, "--row", row, "--rounds",
                                    str(args.rounds)], env=environment, capture_output=True, text=True, check=True)
             r = json.loads(done.stdout.strip().splitlines()[-1])
+            cuda = f" ({r['device']}: {r['peak_cuda_gb']} GB)" if r["peak_cuda_gb"] is not None else ""
             print(f"| {workload} | {row} | {r['rows']} x {r['prompt_width']} | {r['tokens']} | {r['seconds']} | "
-                  f"{r['tokens_per_s']} | {r['peak_rss_gb']} GB |", flush=True)
+                  f"{r['tokens_per_s']} | {r['peak_rss_gb']} GB{cuda} |", flush=True)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 torch.multinomial draws one exponential per vocabulary entry, and on a CPU it draws them one after another: 11 ms
 per step for 16 rows of SmolLM2's 49,152 tokens, a fifth of a GRPO rollout's time. Inverse-CDF sampling draws the
-same distribution from one uniform per row in 0.3 ms (bench/rollout_speed.py)."""
+same distribution from one uniform per row in under 1 ms (bench/rollout_speed.py)."""
 
 from __future__ import annotations
 
