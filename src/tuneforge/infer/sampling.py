@@ -42,10 +42,11 @@ class Sample(LogitsProcessor):
         rows of 49,152 on one thread), and its top_k leaves nothing else to sort."""
         tokens = None
         if 0 < self.top_k < scores.shape[-1]:
-            kth = scores.topk(self.top_k).values[:, -1:]
+            top = scores.topk(self.top_k)
+            kth = top.values[:, -1:]
             width = int((scores >= kth).sum(-1).max())  # tokens tied with the k-th stay, as transformers keeps them
-            scores, tokens = scores.topk(width)
-            scores = scores.masked_fill(scores < kth, float("-inf"))
+            scores, tokens = top if width == self.top_k else scores.topk(width)
+            scores = scores.masked_fill(scores < kth, float("-inf"))  # rows with fewer ties than the widest
         return torch.softmax(self.warpers(input_ids, scores).float(), dim=-1), tokens
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
