@@ -55,6 +55,11 @@ def _syntax(function) -> str:
     return ast.dump(ast.parse(inspect.getsource(function)).body[0])
 
 
+def model_eager_attention(module):
+    """The eager attention function of the modeling file `module` (the model or one of its layers) comes from."""
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+
+
 def is_llamas_eager(module) -> bool:
     """Whether the eager attention of the modeling file `module` (a model or one of its layers) comes from is
     llama's, repeat_kv included: then grouped_eager_attention computes exactly what it computes."""

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import sys
 from functools import partial
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .attention import GROUPED_EAGER, grouped_eager_attention, is_llamas_eager
+from .attention import GROUPED_EAGER, grouped_eager_attention, is_llamas_eager, model_eager_attention
 from .load import ModelError
 
 RECOMPUTED_EAGER = "tuneforge_recomputed_eager"
@@ -53,13 +52,8 @@ def _selective_context():
     return context_fn
 
 
-def _model_eager_attention(module):
-    """The eager attention function of the modeling file `module` (the model or one of its layers) comes from."""
-    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-
-
 def recomputed_eager_attention(module, query, key, value, attention_mask, **kwargs):
-    eager = grouped_eager_attention if is_llamas_eager(module) else _model_eager_attention(module)
+    eager = grouped_eager_attention if is_llamas_eager(module) else model_eager_attention(module)
     if not (torch.is_grad_enabled() and module.training):
         return eager(module, query, key, value, attention_mask, **kwargs)
     return checkpoint(eager, module, query, key, value, attention_mask, use_reentrant=False, **kwargs)
@@ -80,7 +74,7 @@ def apply_gradient_checkpointing(model, t, model_args, requested: bool = False) 
     if not (t.gradient_checkpointing or requested) or model_args.disable_gradient_checkpointing:
         return
     if t.gradient_checkpointing_scope == "attention":
-        if model.config._attn_implementation not in ("eager", GROUPED_EAGER) or _model_eager_attention(model) is None:
+        if model.config._attn_implementation not in ("eager", GROUPED_EAGER) or model_eager_attention(model) is None:
             raise ModelError("gradient_checkpointing_scope: attention recomputes eager attention; set "
                              f"`flash_attn: eager` (this model uses {model.config._attn_implementation}) or use "
                              "gradient_checkpointing_scope: layers")
