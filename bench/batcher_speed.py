@@ -2,7 +2,10 @@
 
     .venv/bin/python bench/batcher_speed.py examples/quickstart.yaml adapter_name_or_path=saves/quickstart
 
-Each request is the chat prompt "Who are you?", greedy, at most 32 new tokens. Prints one JSON line per round.
+Each request is the chat prompt "Who are you?", at most 32 new tokens, decoded as `tuneforge api` decodes a
+request that sets nothing itself: with the config's generate keys (LLaMA-Factory's defaults sample at temperature
+0.95, top_k 50, top_p 0.7; `do_sample=false` on the command line makes it greedy). Seeded, so that two checkouts
+decode the same requests. Prints one JSON line per round.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ def main() -> None:
     engine = Engine(load_config(sys.argv[1], sys.argv[2:], validate_for="chat"))
     prompt = engine.prompt_ids([{"role": "user", "content": "Who are you?"}])
     batcher = Batcher(engine.model, engine.tokenizer.pad_token_id, engine.stop_ids)
+    gen = engine.cfg.generate
+    settings = dict(temperature=gen.temperature if gen.do_sample else 0, top_p=gen.top_p, top_k=gen.top_k)
     for requests in (1, 1, 8):  # the first round warms up
         done, tokens = [threading.Event() for _ in range(requests)], []
 
@@ -29,11 +34,11 @@ def main() -> None:
 
         start = time.perf_counter()
         for i in range(requests):
-            batcher.submit(GenRequest(prompt, 32, temperature=0, top_p=1, seed=None, emit=emit_for(i)))
+            batcher.submit(GenRequest(prompt, 32, seed=i, emit=emit_for(i), **settings))
         for event in done:
             event.wait()
         seconds = time.perf_counter() - start
-        print(json.dumps({"requests": requests, "tokens": len(tokens), "seconds": round(seconds, 2),
+        print(json.dumps({**settings, "requests": requests, "tokens": len(tokens), "seconds": round(seconds, 2),
                           "tokens_per_s": round(len(tokens) / seconds, 1)}))
 
 

@@ -260,13 +260,15 @@ def test_decoding_settings_match_transformers():
     from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                               TopPLogitsWarper)
 
-    from tuneforge.infer.batcher import penalised, sampling_probs
+    from tuneforge.infer.batcher import penalised
+    from tuneforge.infer.sampling import candidates
 
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
     seen = torch.tensor([0, 3, 7, 11, 20, 33])
     request = GenRequest(prompt=[], max_tokens=1, temperature=1.5, top_p=0.9, seed=None, emit=print, top_k=8,
                          repetition_penalty=1.3)
-    ours = sampling_probs(penalised(logits, seen, 1.3), request)
+    probs, tokens = candidates(penalised(logits, seen, 1.3)[None], request.temperature, request.top_k, request.top_p)
+    ours = torch.zeros(1, 50).scatter(-1, tokens, probs)[0]
     scores = RepetitionPenaltyLogitsProcessor(1.3)(seen[None], logits[None].clone())
     for warper in (TemperatureLogitsWarper(1.5), TopKLogitsWarper(8), TopPLogitsWarper(0.9)):
         scores = warper(seen[None], scores)

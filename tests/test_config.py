@@ -169,6 +169,21 @@ def test_a_fixed_choice_key_is_refused_once_naming_its_choices(key, value, choic
     assert named == [f"`{key}` must be one of {choices}; got {value!r}"]
 
 
+@pytest.mark.parametrize("values, expected", [
+    ({"temperature": 0}, "`temperature` must be above 0 when sampling; got 0.0 (for greedy decoding set "
+                         "`do_sample: false`)"),
+    ({"top_p": 1.5}, "`top_p` is a share of probability in (0, 1]; got 1.5"),
+    ({"top_k": -1}, "`top_k` must be 0 (off) or more; got -1"),
+    ({"temperature": 0, "do_sample": False}, None),  # greedy decoding reads none of them
+])
+def test_sampling_keys_are_checked_for_every_command(values, expected):
+    from tuneforge.config import problems
+
+    cfg = build_config({"model_name_or_path": "m", **values})
+    ours = [p for p in problems(cfg, "chat") if p.startswith(("`temperature`", "`top_p`", "`top_k`"))]
+    assert ours == ([expected] if expected else [])
+
+
 def test_sequential_sampling_is_disable_shuffling():
     from tuneforge.config import shuffles_rows
 

@@ -5,7 +5,7 @@ import torch
 from transformers import (AutoModelForCausalLM, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
 
-from tuneforge.infer.sampling import Sample, draw
+from tuneforge.infer.sampling import Sample, candidates, draw
 
 DRAWS = 200_000
 
@@ -57,17 +57,38 @@ def test_greedy_generate_with_sample_draws_from_the_warped_distribution(tiny_mod
     assert _within_five_sigma(counts, probs, rows)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.95, 50, 0.7), (1.0, 50, 1.0), (0.5, 0, 0.9), (0.7, 3, 0.5)])
-def test_sample_warps_as_transformers_warpers_do(temperature, top_k, top_p):
-    """The distribution drawn from, against softmax of transformers' own warpers in their order, on scores with
-    ties (rounded to bf16, as a bf16 model's logits are) at the top_k boundary."""
+@pytest.mark.parametrize("temperature,top_k,top_p,width", [
+    (0.95, 50, 0.7, 50), (1.0, 50, 1.0, 50), (0.7, 3, 0.5, 3),  # top_k's tokens
+    (0.5, 0, 0.9, 64), (1.0, 0, 0.7, 512), (2.0, 0, 0.95, 5000),  # top_p alone: each step of the search
+    (1.0, 0, 1.0, None),  # the whole vocabulary, unsorted
+])
+def test_candidates_warp_as_transformers_warpers_do(temperature, top_k, top_p, width):
+    """The distribution drawn from, against softmax of transformers' own warpers in their order. Without top_p the
+    scores are rounded to bf16, as a bf16 model's logits are, which puts ties at the top_k boundary; with top_p they
+    are not, because at a top_p cut inside a run of ties transformers keeps an arbitrary part of the run (the next
+    test). A vocabulary of 5,000 and a spread of 3 make the nucleus of top_p 0.7-0.95 take each step of the search
+    for it."""
     generator = torch.Generator().manual_seed(0)
-    scores = (torch.randn(4, 1000, generator=generator) * 3).bfloat16().float()
+    scores = torch.randn(4, 5000, generator=generator) * 3
+    if top_p == 1:
+        scores = scores.bfloat16().float()
     ids = torch.zeros(4, 1, dtype=torch.long)
     theirs = LogitsProcessorList([TemperatureLogitsWarper(temperature)])  # as generate chains them
     theirs += [TopKLogitsWarper(top_k)] if top_k else []
     theirs += [TopPLogitsWarper(top_p)] if top_p < 1 else []
     expected = torch.softmax(theirs(ids, scores.clone()), dim=-1)
-    probs, tokens = Sample(temperature, top_k, top_p).distribution(ids, scores.clone())
+    probs, tokens = candidates(scores.clone(), temperature, top_k, top_p)
     ours = probs if tokens is None else torch.zeros_like(expected).scatter(-1, tokens, probs)
+    assert (None if tokens is None else tokens.shape[-1]) == width
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)  # softmax over fewer entries: rounding only
+
+
+def test_candidates_keep_the_tokens_tied_at_the_top_p_cut():
+    """Where the cut falls inside a run of equal scores, all of the run stays (transformers' unstable sort keeps
+    an arbitrary part of it); below the run, nothing."""
+    scores = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0, -1.0]])
+    probs, tokens = candidates(scores, 1.0, 0, 0.5)  # token 0 holds 0.41 of the mass: one more is needed
+    kept = set(tokens[probs > 0].tolist())
+    assert kept == {0, 1, 2, 3}
+    full = torch.softmax(scores[0, :4], 0)
+    torch.testing.assert_close(probs[probs > 0], full.sort(descending=True).values)

@@ -269,7 +269,7 @@ def validate(cfg: Config, command: str = "train") -> None:
 def problems(cfg: Config, command: str = "train") -> list[str]:
     """Every problem of the config for `command`. The generic rules live here; each stage's recipe checks its own
     options (`check(cfg)` in train/<recipe>.py)."""
-    problems = _model_problems(cfg) + _literal_problems(cfg)  # Literal keys: every command
+    problems = _model_problems(cfg) + _literal_problems(cfg) + _generate_problems(cfg)  # every command
     if command == "export":  # the commands beside train check their own options, as recipes do
         from .export import check
         problems += check(cfg)
@@ -439,6 +439,20 @@ def _evaluation_problems(cfg: Config) -> list[str]:
     if known and t.predict_metric and stage.data != "lm":
         out.append(f"`predict_metric` scores the answers that stage sft generates with do_predict; stage {f.stage} "
                    "generates none, so remove it")
+    return out
+
+
+def _generate_problems(cfg: Config) -> list[str]:
+    """The sampling keys, for every command that decodes (chat, api, predict, the ppo and grpo rollouts)."""
+    g = cfg.generate
+    if not g.do_sample:
+        return []
+    out = [] if g.temperature > 0 else [f"`temperature` must be above 0 when sampling; got {g.temperature} (for "
+                                         "greedy decoding set `do_sample: false`)"]
+    if not 0 < g.top_p <= 1:
+        out.append(f"`top_p` is a share of probability in (0, 1]; got {g.top_p}")
+    if g.top_k < 0:
+        out.append(f"`top_k` must be 0 (off) or more; got {g.top_k}")
     return out
 
 

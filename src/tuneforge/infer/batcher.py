@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..data.collate import left_pad
-from .sampling import draw
+from .sampling import candidates, draw
 
 
 @dataclass
@@ -34,12 +34,14 @@ class GenRequest:
 def pick_token(logits: torch.Tensor, request: GenRequest, generator: torch.Generator,
                seen: torch.Tensor | None = None) -> int:
     """The next token, as Hugging Face generate picks it: the `seen` tokens' logits penalised, then argmax at
-    temperature 0, else a sample from sampling_probs."""
+    temperature 0, else a draw from the request's temperature, top_k and top_p (sampling.candidates)."""
     if request.repetition_penalty != 1.0 and seen is not None and len(seen):
         logits = penalised(logits, seen, request.repetition_penalty)
     if request.temperature <= 0:
         return int(logits.argmax())
-    return int(draw(sampling_probs(logits, request), generator))
+    probs, tokens = candidates(logits[None], request.temperature, request.top_k, request.top_p)
+    index = draw(probs[0], generator)
+    return int(index if tokens is None else tokens[0, index])
 
 
 def penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -49,20 +51,6 @@ def penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch
     scores = logits[seen]
     logits[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
     return logits
-
-
-def sampling_probs(logits: torch.Tensor, request: GenRequest) -> torch.Tensor:
-    """The distribution a token is sampled from: softmax at the request's temperature over the top_k likeliest
-    tokens, cut to the top-p nucleus (the most likely token always stays)."""
-    logits = logits / request.temperature
-    if 0 < request.top_k < logits.shape[-1]:
-        logits = logits.masked_fill(logits < logits.topk(request.top_k).values[-1], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if request.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        sorted_probs[sorted_probs.cumsum(-1) - sorted_probs >= request.top_p] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs / sorted_probs.sum())
-    return probs
 
 
 class Batcher:
