@@ -72,8 +72,9 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    # the chat format: a template of data/templates.py (default, chatml, llama3, qwen3, ...); unset: the tokenizer's
-    # own chat_template (inference and export first take the template the adapter was trained with)
+    # the chat format: a template of data/templates.py or data/template_table.py, LLaMA-Factory's names (default,
+    # chatml, llama3, qwen3, smollm2, ...); unset: the tokenizer's own chat_template (inference and export first take
+    # the template the adapter was trained with)
     template: str | None = None
     dataset: str | None = None  # the training data: a comma list of dataset_info.json names or file paths
     eval_dataset: str | None = None  # evaluation data, named as `dataset` is (val_size adds a share of dataset)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 
 from .formats import ASSISTANT, FUNCTION, OBSERVATION, USER
 from .registry import DataError
-from .tools import format_calls, parse_calls, parse_tools, tool_prompt
+from .template_table import OTHER_THOUGHT_MARKERS, TABLE
+from .tools import TOOL_FORMATS, format_calls, parse_calls, parse_tools, tool_prompt
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class Template:
 
     def pieces(self, tokenizer, messages: list[dict], system: str | None, tools: str = "") -> list[str]:
         """Text pieces alternating prompt, response, ...; a conversation ending on a user turn ends on a prompt."""
+        if self.tool_format not in TOOL_FORMATS and (tools or any(m["role"] == FUNCTION for m in messages)):
+            raise DataError(f"template `{self.name}` writes tools in LLaMA-Factory's `{self.tool_format}` format, "
+                            f"which is not built yet: set `tool_format` to one of {', '.join(TOOL_FORMATS)}")
         specials = {"{bos}": tokenizer.bos_token or "", "{eos}": tokenizer.eos_token or ""}
         mark = _content_marker(tokenizer)
         system = "\n\n".join(filter(None, [system or self.default_system,
@@ -149,7 +153,7 @@ TEMPLATES = {
         Template("glm4", prefix="[gMASK]<sop>", system="<|system|>\n{content}", user="<|user|>\n{content}<|assistant|>",
                  assistant="\n{content}{eos}", observation="<|observation|>\n{content}<|assistant|>", tool_format="glm4",
                  stop_words=("<|user|>", "<|observation|>")),
-    ]
+    ] + [Template(**entry) for entry in TABLE]
 }
 
 
@@ -281,6 +285,10 @@ def get_template(name: str | None, tokenizer, enable_thinking: bool = True, pres
     if name not in TEMPLATES and name in MULTIMODAL_TEMPLATES:
         raise DataError(f"template `{name}` is LLaMA-Factory's for a vision/audio model: multimodal training is not "
                         "built yet; use a text model and its template")
+    if name in OTHER_THOUGHT_MARKERS:
+        raise DataError(f"template `{name}` marks thinking with {OTHER_THOUGHT_MARKERS[name]!r}, which is not built "
+                        "yet (only <think> blocks are); leave `template` unset to use the tokenizer's own "
+                        "chat_template")
     if name not in TEMPLATES:
         import difflib
 

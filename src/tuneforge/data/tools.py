@@ -31,6 +31,9 @@ def parse_tools(tools: str) -> list[dict]:
     return value
 
 
+TOOL_FORMATS = ("default", "json", "qwen", "llama3", "glm4", "mistral")  # the formats format_calls writes
+
+
 def _dump(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
