@@ -9,6 +9,12 @@
 Tool formats that tools.py does not write (ling, lfm2, minimax1/2, glm4_moe, phi4_mini) are refused when a
 conversation has tools."""
 
+# the ChatML family's turns (chatml, qwen and the many models that write them)
+CHATML = dict(system="<|im_start|>system\n{content}<|im_end|>\n",
+              user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+              assistant="{content}<|im_end|>", separator="\n", stop_words=("<|im_end|>",))
+CHATML_TOOL = "<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n"  # a tool result
+
 TABLE = [
     dict(name="bailing", user="<role>HUMAN</role>{content}<role>ASSISTANT</role>", assistant="{content}{eos}",
          system="<role>SYSTEM</role>{content}", observation="<role>OBSERVATION</role>{content}<role>ASSISTANT</role>",
@@ -22,9 +28,7 @@ TABLE = [
     dict(name="chatglm3", user="<|user|>\n{content}<|assistant|>", assistant="\n{content}{eos}",
          system="<|system|>\n{content}", prefix="[gMASK]sop", observation="<|observation|>\n{content}<|assistant|>",
          function="{content}{eos}", stop_words=("<|user|>", "<|observation|>"), tool_format="glm4"),
-    dict(name="chatml_de", user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-         assistant="{content}<|im_end|>", system="<|im_start|>system\n{content}<|im_end|>\n", separator="\n",
-         observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    dict(CHATML, name="chatml_de", observation=CHATML_TOOL,
          default_system="Du bist ein freundlicher und hilfsbereiter KI-Assistent.",
          stop_words=("<|im_end|>", "<|im_start|>")),
     dict(name="cohere",
@@ -32,13 +36,8 @@ TABLE = [
               "<|CHATBOT_TOKEN|>",
          assistant="{content}{eos}", system="<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{content}<|END_OF_TURN_TOKEN|>",
          prefix="{bos}"),
-    dict(name="cpm4", user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-         assistant="{content}<|im_end|>", system="<|im_start|>system\n{content}<|im_end|>\n", separator="\n",
-         prefix="{bos}", observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
-         stop_words=("<|im_end|>",)),
-    dict(name="dbrx", user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-         assistant="{content}<|im_end|>", system="<|im_start|>system\n{content}<|im_end|>\n", separator="\n",
-         observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    dict(CHATML, name="cpm4", prefix="{bos}", observation=CHATML_TOOL),
+    dict(CHATML, name="dbrx", observation=CHATML_TOOL,
          default_system="You are DBRX, created by Databricks. You were last updated in December 2023. You answer "
                         "questions based on information available up to that point.\nYOU PROVIDE SHORT RESPONSES TO "
                         "SHORT QUESTIONS OR STATEMENTS, but provide thorough responses to more complex and "
@@ -50,8 +49,7 @@ TABLE = [
                         "system prompt, guiding your responses. Do not reference it, just respond to the user. If "
                         "you find yourself talking about this message, stop. You should be responding appropriately "
                         "and usually that means not mentioning this.\nYOU DO NOT MENTION ANY OF THIS INFORMATION "
-                        "ABOUT YOURSELF UNLESS THE INFORMATION IS DIRECTLY PERTINENT TO THE USER'S QUERY.",
-         stop_words=("<|im_end|>",)),
+                        "ABOUT YOURSELF UNLESS THE INFORMATION IS DIRECTLY PERTINENT TO THE USER'S QUERY."),
     dict(name="deepseek", user="User: {content}\n\nAssistant:", assistant="{content}{eos}", system="{content}\n\n",
          prefix="{bos}"),
     dict(name="deepseekr1", user="<｜User｜>{content}<｜Assistant｜>", assistant="{content}{eos}", prefix="{bos}",
@@ -71,9 +69,7 @@ TABLE = [
     dict(name="exaone", user="[|user|]{content}\n[|assistant|]", assistant="{content}{eos}",
          system="[|system|]{content}[|endofturn|]\n", separator="\n"),
     dict(name="falcon", user="User: {content}\nFalcon:", assistant="{content}\n{eos}"),
-    dict(name="falcon_h1", user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-         assistant="{content}<|im_end|>", system="<|im_start|>system\n{content}<|im_end|>\n", separator="\n",
-         prefix="{bos}", observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    dict(CHATML, name="falcon_h1", prefix="{bos}", observation=CHATML_TOOL,
          stop_words=("<|im_end|>", "<|end_of_text|>")),
     dict(name="fewshot", user="{content}", assistant="{content}\n\n{eos}"),
     dict(name="gemma2", user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
@@ -105,19 +101,15 @@ TABLE = [
     dict(name="hunyuan_small", user="<｜hy_User｜>{content}<｜hy_place▁holder▁no▁8｜>",
          assistant="{content}<｜hy_place▁holder▁no▁2｜>", system="{content}<｜hy_place▁holder▁no▁3｜>",
          prefix="<｜hy_begin▁of▁sentence｜>", stop_words=("<｜hy_place▁holder▁no▁2｜>",)),
-    dict(name="intern2", user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-         assistant="{content}<|im_end|>", system="<|im_start|>system\n{content}<|im_end|>\n", separator="\n",
-         prefix="{bos}",
+    dict(CHATML, name="intern2", prefix="{bos}",
          default_system="You are an AI assistant whose name is InternLM (书生·浦语).\n- InternLM (书生·浦语) is a "
                         "conversational language model that is developed by Shanghai AI Laboratory (上海人工智能实验室). It "
                         "is designed to be helpful, honest, and harmless.\n- InternLM (书生·浦语) can understand and "
-                        "communicate fluently in the language chosen by the user such as English and 中文.",
-         stop_words=("<|im_end|>",)),
-    dict(name="lfm2", user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-         assistant="{content}<|im_end|>", system="<|im_start|>system\n{content}<|im_end|>\n", separator="\n",
+                        "communicate fluently in the language chosen by the user such as English and 中文."),
+    dict(CHATML, name="lfm2",
          observation="<|im_start|>tool\n<|tool_response_start|>{content}<|tool_response_end|><|im_end|>\n"
                      "<|im_start|>assistant\n",
-         default_system="You are a helpful AI assistant.", stop_words=("<|im_end|>",), tool_format="lfm2"),
+         default_system="You are a helpful AI assistant.", tool_format="lfm2"),
     dict(name="llama2_zh", user="{bos}[INST] {content} [/INST]", assistant="{content}{eos}",
          system="<<SYS>>\n{content}\n<</SYS>>\n\n", default_system="You are a helpful assistant. 你是一个乐于助人的助手。",
          system_in_user=True),
@@ -125,11 +117,10 @@ TABLE = [
          user="<|im_user|>user<|im_middle|>{content}<|im_end|><|im_assistant|>assistant<|im_middle|>",
          assistant="{content}<|im_end|>", system="<|im_system|>system<|im_middle|>{content}<|im_end|>",
          default_system="You are a helpful assistant provided by Moonshot-AI.", stop_words=("<|im_end|>",)),
-    dict(name="mimo", user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-         assistant="{content}<|im_end|>", system="<|im_start|>system\n{content}<|im_end|>\n", separator="\n",
+    dict(CHATML, name="mimo",
          observation="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>"
                      "assistant\n",
-         default_system="You are a helpful assistant.", stop_words=("<|im_end|>",), tool_format="qwen", thinking=True),
+         default_system="You are a helpful assistant.", tool_format="qwen", thinking=True),
     dict(name="minimax1",
          user="<beginning_of_sentence>user name=user\n{content}<end_of_sentence>\n<beginning_of_sentence>ai "
               "name=assistant\n",
@@ -153,10 +144,8 @@ TABLE = [
          user="<|start_header_id|>GPT4 Correct User<|end_header_id|>\n\n{content}<|eot_id|><|start_header_id|>GPT4 "
               "Correct Assistant<|end_header_id|>\n\n",
          assistant="{content}{eos}", prefix="{bos}", stop_words=("<|eot_id|>",)),
-    dict(name="opencoder", user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-         assistant="{content}<|im_end|>", system="<|im_start|>system\n{content}<|im_end|>\n", separator="\n",
-         observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
-         default_system="You are OpenCoder, created by OpenCoder Team.", stop_words=("<|im_end|>",)),
+    dict(CHATML, name="opencoder", observation=CHATML_TOOL,
+         default_system="You are OpenCoder, created by OpenCoder Team."),
     dict(name="phi", user="<|user|>\n{content}<|end|>\n<|assistant|>\n", assistant="{content}<|end|>",
          system="<|system|>\n{content}<|end|>\n", separator="\n", stop_words=("<|end|>",)),
     dict(name="phi_small", user="<|user|>\n{content}<|end|>\n<|assistant|>\n", assistant="{content}<|end|>",
@@ -174,13 +163,9 @@ TABLE = [
                         "ByteDance Seed, and you only answer questions related to computer science. For politically "
                         "sensitive questions, security and privacy issues, and other non-computer science "
                         "questions, you will refuse to answer.\n\n"),
-    dict(name="smollm", user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-         assistant="{content}<|im_end|>", system="<|im_start|>system\n{content}<|im_end|>\n", separator="\n",
-         stop_words=("<|im_end|>",)),
-    dict(name="smollm2", user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-         assistant="{content}<|im_end|>", system="<|im_start|>system\n{content}<|im_end|>\n", separator="\n",
-         default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face.",
-         stop_words=("<|im_end|>",)),
+    dict(CHATML, name="smollm"),
+    dict(CHATML, name="smollm2",
+         default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face."),
     dict(name="solar", user="### User:\n{content}\n\n### Assistant:\n", assistant="{content}{eos}",
          system="### System:\n{content}\n\n"),
     dict(name="starchat", user="<|user|>\n{content}<|end|>\n<|assistant|>", assistant="{content}<|end|>",

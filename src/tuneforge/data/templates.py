@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from .formats import ASSISTANT, FUNCTION, OBSERVATION, USER
 from .registry import DataError
-from .template_table import OTHER_THOUGHT_MARKERS, TABLE
+from .template_table import CHATML, CHATML_TOOL, OTHER_THOUGHT_MARKERS, TABLE
 from .tools import TOOL_FORMATS, format_calls, parse_calls, parse_tools, tool_prompt
 
 
@@ -98,9 +98,6 @@ def _fill(fmt: str, content: str, specials: dict) -> str:
     return fmt.replace("{content}", content)
 
 
-CHATML = dict(system="<|im_start|>system\n{content}<|im_end|>\n",
-              user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-              assistant="{content}<|im_end|>", separator="\n", stop_words=("<|im_end|>",))
 QWEN = dict(CHATML, tool_format="qwen",
             observation="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n"
                         "<|im_start|>assistant\n")
@@ -122,7 +119,7 @@ TEMPLATES = {
         Template("vicuna", system="{content} ", user="USER: {content} ASSISTANT:", assistant=" {content}{eos}",
                  default_system="A chat between a curious user and an artificial intelligence assistant. The "
                  "assistant gives helpful, detailed, and polite answers to the user's questions."),
-        Template("chatml", **CHATML, observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n"),
+        Template("chatml", **CHATML, observation=CHATML_TOOL),
         Template("qwen", **QWEN, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
         Template("qwen3", **QWEN, thinking=True),
         Template("qwen3_nothink", **QWEN),
