@@ -4,8 +4,8 @@
 
 Each request is the chat prompt "Who are you?", at most 32 new tokens, decoded as `tuneforge api` decodes a
 request that sets nothing itself: with the config's generate keys (LLaMA-Factory's defaults sample at temperature
-0.95, top_k 50, top_p 0.7; `do_sample=false` on the command line makes it greedy). Seeded, so that two checkouts
-decode the same requests. Prints one JSON line per round.
+0.95, top_k 50, top_p 0.7; `do_sample=false` on the command line makes it greedy). Request i is seeded with i, so
+that repeated runs draw the same tokens. Prints one JSON line per round.
 """
 
 from __future__ import annotations

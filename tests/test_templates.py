@@ -288,3 +288,13 @@ def test_split_special_tokens_needs_a_named_template(tiny_model):
     tokenizer.split_special_tokens = True
     with pytest.raises(DataError, match="`split_special_tokens` needs a named template"):
         get_template(None, tokenizer)
+
+
+def test_the_tool_format_key_offers_the_formats_that_are_built():
+    import typing
+
+    from tuneforge.data.tools import TOOL_FORMATS
+    from tuneforge.options import DataArgs
+
+    hint = typing.get_type_hints(DataArgs)["tool_format"]
+    assert set(typing.get_args(typing.get_args(hint)[0])) == set(TOOL_FORMATS)
