@@ -4,10 +4,17 @@ both built here (no downloads), plus helpers to write data and run training in-p
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# The suite checks CPU numerics (CI's machine has no GPU): its tolerances, dtype defaults and in-process Accelerators
+# are the CPU's. On a machine with a GPU the suite still runs on the CPU, and test_cuda.py runs `tuneforge`
+# processes on the GPU with the variable as it was. Set before torch first asks CUDA what it has.
+GPU_VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

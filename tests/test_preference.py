@@ -72,11 +72,11 @@ def test_lora_dpo_holds_no_second_model(tiny_model, pref_data, tmp_path):
 
     cfg = build_config(_config(tiny_model, pref_data, tmp_path / "o", "dpo"))
     model = prepare_model(cfg, make_accelerator(cfg.train))
-    module = PreferenceLoss(model, cfg.finetune, reference_model(cfg))
+    module = PreferenceLoss(model, cfg.finetune, reference_model(cfg, torch.device("cpu")))
     base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     assert module.reference == [] and sum(p.numel() for p in module.parameters()) < 1.2 * base
     full = build_config(_config(tiny_model, pref_data, tmp_path / "o", "dpo", finetuning_type="full"))
-    assert reference_model(full) is not None  # full fine-tuning needs a frozen copy
+    assert reference_model(full, torch.device("cpu")) is not None  # full fine-tuning needs a frozen copy
 
 
 def test_reward_model_learns_and_reloads(tiny_model, pref_data, tmp_path):
@@ -233,9 +233,9 @@ def test_quantised_reference_model(tiny_model, pref_data, tmp_path):
 
     quantised = _config(tiny_model, pref_data, tmp_path / "q", "dpo", ref_model=tiny_model,
                         ref_model_quantization_bit=4, max_steps=2, do_eval=False, eval_strategy="no")
-    assert linear4bit(reference_model(build_config(quantised))) == 4 * 7  # every projection of the 4 layers
+    assert linear4bit(reference_model(build_config(quantised), torch.device("cpu"))) == 4 * 7  # every projection of the 4 layers
     qlora = dict(quantised, ref_model_quantization_bit=None, quantization_bit=4)
-    assert linear4bit(reference_model(build_config(qlora))) == 0
+    assert linear4bit(reference_model(build_config(qlora), torch.device("cpu"))) == 0
     run_training(quantised)
     assert len(read_log(tmp_path / "q")) == 2
     with pytest.raises(ConfigError, match="quantises `ref_model`, which is unset"):

@@ -203,9 +203,11 @@ def check_packing_support(model) -> None:
                          "`neat_packing` would mix examples; set both to false for this model")
 
 
-def reference_model(cfg, needed: bool = True):
-    """The frozen reference for dpo / kto / the RL stages, or None when the policy itself serves (LoRA: adapters
-    switched off) or no reference is `needed` (e.g. pref_loss orpo and simpo)."""
+def reference_model(cfg, device: torch.device, needed: bool = True):
+    """The frozen reference for dpo / kto / asft / the RL stages, on `device` (the accelerator's), or None when the
+    policy itself serves (LoRA: adapters switched off) or no reference is `needed` (e.g. pref_loss orpo and simpo).
+    The losses hold it outside their submodules, so that it is never trained or saved: their own .to() leaves it
+    where it is, and on a GPU it must be placed here (the policy's batches are on the GPU)."""
     f = cfg.finetune
     if not needed:
         return None
@@ -218,8 +220,7 @@ def reference_model(cfg, needed: bool = True):
         return None
     else:
         args = cfg.model  # full / freeze: a frozen copy of the starting model
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_base_model(args, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32,
                             compute_dtype=compute_dtype(cfg, device), cutoff_len=cfg.data.cutoff_len, training=True)
     model = attach_adapters(model, args, f, is_trainable=False)
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False).to(device)

@@ -148,7 +148,7 @@ def run(cfg) -> dict:
     train_rows, eval_rows, _ = prepare_preference_data(cfg, tokenizer)
     resume = guard_output_dir(cfg, accelerator)
     model = prepare_model(cfg, accelerator)
-    reference = reference_model(cfg, needed=f.pref_loss not in REFERENCE_FREE)
+    reference = reference_model(cfg, accelerator.device, needed=f.pref_loss not in REFERENCE_FREE)
     module = PreferenceLoss(model, f, reference).to(accelerator.device)
     collator = PairCollator(tokenizer.pad_token_id)
     accelerator.print(f"[tuneforge] {len(train_rows)} training and {len(eval_rows)} evaluation pairs; "

@@ -218,9 +218,7 @@ def run(cfg) -> dict:
     resume = guard_output_dir(cfg, accelerator)
     model = prepare_model(cfg, accelerator)
     module = GRPOLoss(model, f).to(accelerator.device)
-    reference = reference_model(cfg, needed=f.beta > 0)
-    if reference is not None:
-        reference.to(accelerator.device)
+    reference = reference_model(cfg, accelerator.device, needed=f.beta > 0)
     source = RolloutSteps(cfg, module, tokenizer, prompts, rewards, reference, accelerator)
     accelerator.print(f"[tuneforge] {len(prompts)} prompts, {source.per_step} per step x {f.num_generations} "
                       f"completions; rewards: {', '.join(f'{r.name} x {r.weight:g}' for r in rewards)}; loss_type "

@@ -52,7 +52,7 @@ def run(cfg) -> dict:
     train_rows, eval_rows, _ = prepare_preference_data(cfg, tokenizer)
     resume = guard_output_dir(cfg, accelerator)
     model = prepare_model(cfg, accelerator)
-    module = KTOLoss(model, f, reference_model(cfg)).to(accelerator.device)
+    module = KTOLoss(model, f, reference_model(cfg, accelerator.device)).to(accelerator.device)
     collator = KTOCollator(tokenizer.pad_token_id)
     desirable = sum(r["kto_tag"] for r in train_rows)
     accelerator.print(f"[tuneforge] {len(train_rows)} training examples ({desirable} desirable), "

@@ -365,9 +365,7 @@ class RewardModelEvaluation:
 def setup(cfg, accelerator, tokenizer) -> tuple[PPOLoss, torch.nn.Module | None, object]:
     """(the policy with its value head, the reference or None (LoRA: the adapter switched off), the reward)."""
     module = PPOLoss(prepare_model(cfg, accelerator)).to(accelerator.device)
-    reference = reference_model(cfg)
-    if reference is not None:
-        reference.to(accelerator.device)
+    reference = reference_model(cfg, accelerator.device)
     return module, reference, load_reward(cfg, module.model, tokenizer, accelerator)
 
 

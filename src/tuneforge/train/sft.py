@@ -59,7 +59,7 @@ def run(cfg) -> dict:
                           eaft_alpha=f.eaft_alpha if f.use_eaft_loss else None,
                           router_balance=RouterBalance(model, f.moe_aux_loss_coef) if f.moe_aux_loss_coef else None)
     if f.use_asft_loss and t.do_train:
-        module = AnchoredLMLoss(module, f.asft_alpha, reference_model(cfg))
+        module = AnchoredLMLoss(module, f.asft_alpha, reference_model(cfg, accelerator.device))
     results = train_and_evaluate(cfg, module, tokenizer, data.train, data.eval, accelerator, resume,
                                  PadCollator(tokenizer.pad_token_id))
     if t.do_predict and accelerator.is_main_process:
