@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import build_llama, build_tokenizer
 
-from tuneforge.data.tools import format_calls, parse_answer_calls
+from tuneforge.data.tools import TOOL_FORMATS, format_calls, parse_answer_calls
 from tuneforge.infer.batcher import Batcher, GenRequest
 
 KEY = "sk-tuneforge-test"
@@ -198,10 +198,17 @@ def test_eight_concurrent_streams_complete(api):
 
 def test_parse_answer_calls_inverts_format_calls():
     two = [CALL, {"name": "now", "arguments": {}}]
-    for fmt in ("default", "json", "qwen", "llama3", "glm4", "mistral"):
+    for fmt in TOOL_FORMATS:
         assert parse_answer_calls(fmt, format_calls(fmt, json.dumps(CALL))) == [CALL], fmt
         if fmt != "glm4":  # GLM-4 writes one call per answer
             assert parse_answer_calls(fmt, format_calls(fmt, json.dumps(two))) == two, fmt
+    with pytest.raises(ValueError, match="GLM-4 writes one tool call per answer"):
+        format_calls("glm4", json.dumps(two))
+    # values of every JSON type through the formats that write arguments one by one (strings bare, the rest JSON)
+    typed = {"name": "f", "arguments": {"s": 'say "hi" \\o/', "n": 2.5, "b": True, "z": None, "l": [1, "x"],
+                                        "o": {"k": 1}}}
+    for fmt in ("glm4_moe", "minimax2", "lfm2"):
+        assert parse_answer_calls(fmt, format_calls(fmt, json.dumps(typed))) == [typed], fmt
     assert parse_answer_calls("qwen", "It is sunny.") is None and parse_answer_calls("json", "{}") is None
     assert parse_answer_calls("default", "It is sunny.") is None
     # the tokenizer's own chat template (tool_format None): whichever family's format the answer is in

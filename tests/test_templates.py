@@ -192,8 +192,8 @@ def test_tool_format_rewrites_a_templates_tools(tiny_model):
         '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call><|im_end|>']
     with pytest.raises(DataError, match="set `template` too"):
         data_template(build_config({"tool_format": "qwen"}).data, tokenizer)
-    with pytest.raises(ConfigError, match="`tool_format` must be one of default, json, qwen, llama3, glm4, mistral; "
-                                          "got 'gemma4'"):
+    with pytest.raises(ConfigError, match="`tool_format` must be one of default, json, qwen, llama3, glm4, mistral, "
+                                          "ling, .*; got 'gemma4'"):
         validate(build_config({"model_name_or_path": "m", "template": "chatml", "tool_format": "gemma4"}), "chat")
 
 

@@ -111,9 +111,11 @@ class DataArgs:
     # them, in training data and in chat history
     preserve_thinking: bool = False
     # how a named template writes tool definitions and calls (data/tools.py): LLaMA-Factory's ReAct-style default
-    # (Action: / Action Input:), the model families' qwen, llama3, glm4, mistral, or plain json; unset: the
-    # template's own. LLaMA-Factory's newer families' formats (gemma4, minimax, qwen3_5, ...) are not built
-    tool_format: Literal["default", "json", "qwen", "llama3", "glm4", "mistral"] | None = None
+    # (Action: / Action Input:), the model families' formats as LLaMA-Factory writes them, or plain json; unset:
+    # the template's own. LLaMA-Factory's formats of vision templates (gemma4, qwen3_5) and seed_oss (its template
+    # marks thinking with other tokens) are not built
+    tool_format: Literal["default", "json", "qwen", "llama3", "glm4", "mistral", "ling", "glm4_moe", "lfm2", "minimax1",
+                         "minimax2", "phi4_mini"] | None = None
     tokenized_path: str | None = None  # the tokenised data is saved to / loaded from <this>/tokenized.pkl
     # several processes (torchrun): one tokenises and caches, the others then read its cache; false: the first
     # process of each machine (LOCAL_RANK 0), true: only the first of all (RANK 0), when every machine sees the same

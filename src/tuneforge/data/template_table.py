@@ -6,8 +6,8 @@
   so every answer teaches the model to stop;
 - templates with thinking blocks render as Qwen3's own template does: earlier answers lose their empty block, and
   the last one's follows the answer format's opening text (GLM's newline), where LLaMA-Factory puts it first.
-Tool formats that tools.py does not write (ling, lfm2, minimax1/2, glm4_moe, phi4_mini) are refused when a
-conversation has tools."""
+Tool definitions, calls and results render as LLaMA-Factory writes them in each template's tool format (tools.py,
+which names its own few differences)."""
 
 # the ChatML family's turns (chatml, qwen and the many models that write them)
 CHATML = dict(system="<|im_start|>system\n{content}<|im_end|>\n",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from .formats import ASSISTANT, FUNCTION, OBSERVATION, USER
 from .registry import DataError
 from .template_table import CHATML, CHATML_TOOL, OTHER_THOUGHT_MARKERS, TABLE
-from .tools import TOOL_FORMATS, format_calls, parse_calls, parse_tools, tool_prompt
+from .tools import format_calls, parse_calls, parse_tools, with_tools
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,9 @@ class Template:
 
     def pieces(self, tokenizer, messages: list[dict], system: str | None, tools: str = "") -> list[str]:
         """Text pieces alternating prompt, response, ...; a conversation ending on a user turn ends on a prompt."""
-        if self.tool_format not in TOOL_FORMATS and (tools or any(m["role"] == FUNCTION for m in messages)):
-            raise DataError(f"template `{self.name}` writes tools in LLaMA-Factory's `{self.tool_format}` format, "
-                            f"which is not built yet: set `tool_format` to one of {', '.join(TOOL_FORMATS)}")
         specials = {"{bos}": tokenizer.bos_token or "", "{eos}": tokenizer.eos_token or ""}
         mark = _content_marker(tokenizer)
-        system = "\n\n".join(filter(None, [system or self.default_system,
-                                           tool_prompt(self.tool_format, tools) if tools else ""]))
+        system = with_tools(self.tool_format, system or self.default_system, tools)
         pieces, prompt = [], _fill(self.prefix, "", specials)
         system_text = _fill(self.system, mark(system), specials) if system else ""
         if not self.system_in_user:
@@ -146,10 +142,11 @@ TEMPLATES = {
         Template("zephyr", system="<|system|>\n{content}{eos}\n", user="<|user|>\n{content}{eos}\n<|assistant|>\n",
                  assistant="{content}{eos}", separator="\n"),
         # GLM-4 closes an answer with nothing but the next turn's header; like LLaMA-Factory, each answer here ends
-        # with eos so the model learns to stop (and <|user|> / <|observation|> stop generation too)
+        # with eos so the model learns to stop (and <|user|> / <|observation|> stop generation too); a tool call
+        # follows the header directly
         Template("glm4", prefix="[gMASK]<sop>", system="<|system|>\n{content}", user="<|user|>\n{content}<|assistant|>",
                  assistant="\n{content}{eos}", observation="<|observation|>\n{content}<|assistant|>", tool_format="glm4",
-                 stop_words=("<|user|>", "<|observation|>")),
+                 function="{content}{eos}", stop_words=("<|user|>", "<|observation|>")),
     ] + [Template(**entry) for entry in TABLE]
 }
 
