@@ -209,6 +209,8 @@ def test_parse_answer_calls_inverts_format_calls():
                                         "o": {"k": 1}}}
     for fmt in ("glm4_moe", "minimax2", "lfm2"):
         assert parse_answer_calls(fmt, format_calls(fmt, json.dumps(typed))) == [typed], fmt
+        with pytest.raises(ValueError, match='tool call `f`: "arguments" must be an object'):
+            format_calls(fmt, json.dumps({"name": "f", "arguments": "a string"}))
     assert parse_answer_calls("qwen", "It is sunny.") is None and parse_answer_calls("json", "{}") is None
     assert parse_answer_calls("default", "It is sunny.") is None
     # the tokenizer's own chat template (tool_format None): whichever family's format the answer is in

@@ -117,7 +117,7 @@ def _prompt(fmt: str, tools: list[dict], raw: str) -> str:
     if fmt == "glm4":
         return ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱 AI 公司训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求"
                 "提供适当的答复和支持。\n\n# 可用工具" + "".join(
-                    f"\n\n## {t['name']}\n\n{json.dumps(t, indent=4, ensure_ascii=False)}\n在调用上述函数时，请使用 Json 格式表示"
+                    f"\n\n## {t.get('name', '')}\n\n{json.dumps(t, indent=4, ensure_ascii=False)}\n在调用上述函数时，请使用 Json 格式表示"
                     "调用的参数。" for t in _unwrapped(tools)))
     if fmt == "mistral":
         return f"[AVAILABLE_TOOLS] {_dump(_wrapped(tools))}[/AVAILABLE_TOOLS]"
@@ -156,6 +156,13 @@ def _value_text(value) -> str:
     return value if isinstance(value, str) else _dump(value)
 
 
+def _keywords(call: dict) -> dict:
+    """The arguments of a call in a format that writes them one by one (glm4_moe, minimax2, lfm2)."""
+    if not isinstance(call["arguments"], dict):
+        raise ValueError(f'tool call `{call["name"]}`: "arguments" must be an object of named arguments')
+    return call["arguments"]
+
+
 def format_calls(fmt: str, content: str) -> str:
     """A function_call turn's calls (JSON) in format `fmt`, as the format's tool prompt asks for them."""
     calls = parse_calls(content)
@@ -175,17 +182,17 @@ def format_calls(fmt: str, content: str) -> str:
         return _dump([{"name": c["name"], "arguments": c["arguments"]} for c in calls])
     if fmt == "glm4_moe":  # closed with </tool_call> as its prompt shows (LLaMA-Factory 0.9.5 leaves it out)
         return "\n".join(f"\n<tool_call>{c['name']}" + "".join(
-            f"\n<arg_key>{k}</arg_key>\n<arg_value>{_value_text(v)}</arg_value>" for k, v in c["arguments"].items())
+            f"\n<arg_key>{k}</arg_key>\n<arg_value>{_value_text(v)}</arg_value>" for k, v in _keywords(c).items())
             + "\n</tool_call>" for c in calls)
     if fmt == "lfm2":  # Python call syntax; values as JSON writes them (LLaMA-Factory quotes strings without escaping)
         return "<|tool_call_start|>[" + ", ".join(f"{c['name']}(" + ", ".join(
-            f"{k}={_dump(v)}" for k, v in c["arguments"].items()) + ")" for c in calls) + "]<|tool_call_end|>"
+            f"{k}={_dump(v)}" for k, v in _keywords(c).items()) + ")" for c in calls) + "]<|tool_call_end|>"
     if fmt == "minimax1":
         return "<tool_calls>\n" + "\n".join(_dump({"name": c["name"], "arguments": c["arguments"]})
                                            for c in calls) + "\n</tool_calls>"
     if fmt == "minimax2":  # inside <minimax:tool_call> as its prompt shows (LLaMA-Factory 0.9.5 leaves it out)
         return "<minimax:tool_call>\n" + "\n".join(f'<invoke name="{c["name"]}">' + "".join(
-            f'\n<parameter name="{k}">{_value_text(v)}</parameter>' for k, v in c["arguments"].items())
+            f'\n<parameter name="{k}">{_value_text(v)}</parameter>' for k, v in _keywords(c).items())
             + "\n</invoke>" for c in calls) + "\n</minimax:tool_call>"
     return _dump(calls[0] if len(calls) == 1 else calls)
 
