@@ -222,5 +222,6 @@ def reference_model(cfg, device: torch.device, needed: bool = True):
         args = cfg.model  # full / freeze: a frozen copy of the starting model
     model = load_base_model(args, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32,
                             compute_dtype=compute_dtype(cfg, device), cutoff_len=cfg.data.cutoff_len, training=True)
-    model = attach_adapters(model, args, f, is_trainable=False)
-    return model.eval().requires_grad_(False).to(device)
+    model = attach_adapters(model, args, f, is_trainable=False).eval().requires_grad_(False)
+    # a quantised one was placed as it loaded (load_base_model); bitsandbytes' 8-bit models refuse .to()
+    return model if args.quantization_bit else model.to(device)
