@@ -107,11 +107,11 @@ class GpuMemory:
         self.peak_gb = round((max(used, default=self.before) - self.before) / 1024, 2)  # MiB -> GiB
 
 
-def run_row(name: str, command: list[str], env: dict, output_dir: Path, log: Path) -> dict:
+def run_row(name: str, command: list[str], env: dict, output_dir: Path, log: Path, cuda: bool) -> dict:
     """Runs one row to completion; its train_runtime, wall time, the peak RSS of its process tree and, on a CUDA
     machine, the peak GPU memory."""
     print(f"[lf_compare] {name}: {' '.join(command)}  (log: {log})", flush=True)
-    gpu = GpuMemory() if shutil.which("nvidia-smi") and _cuda() else contextlib.nullcontext()
+    gpu = GpuMemory() if cuda and shutil.which("nvidia-smi") else contextlib.nullcontext()
     start = time.perf_counter()
     with gpu, open(log, "w", encoding="utf-8") as out:
         # os.wait4's rusage covers this child and every descendant it reaped: the row's own peak, not a running max
@@ -127,12 +127,6 @@ def run_row(name: str, command: list[str], env: dict, output_dir: Path, log: Pat
     return {"train_runtime_s": results["train_runtime"], "process_wall_s": round(wall, 1),
             "train_loss": results.get("train_loss"), "peak_rss_gb": round(usage.ru_maxrss / 1024 ** 2, 2),
             **({"peak_gpu_gb": gpu.peak_gb} if isinstance(gpu, GpuMemory) else {})}
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _cli_value(value) -> str:
@@ -239,7 +233,7 @@ def main() -> int:
         row_env = {k: v for k, v in env.items() if k != "PYTHONPATH"} if name.startswith("lf") else env
         command = [str(cli), "train", str(config), *(f"{k}={_cli_value(v)}" for k, v in overrides.items())]
         try:
-            measured = run_row(name, command, row_env, output_dir, work / f"{name}.log")
+            measured = run_row(name, command, row_env, output_dir, work / f"{name}.log", cuda)
         except RowFailed as failure:
             print(failure, flush=True)
             failed.append(name)
