@@ -1,6 +1,6 @@
 """FSDP in real torchrun processes (gloo on CPU): two sharded processes give the same weights as one process on the
 same global batch, their checkpoints are normal model files that resume at another world size, and the sharding
-and DeepSpeed keys fail with one line when they cannot work."""
+keys fail with one line when they cannot work. DeepSpeed: tests/test_deepspeed.py."""
 
 import json
 import shutil
@@ -156,16 +156,6 @@ def test_sharding_keys_fail_in_one_line(tmp_path):
         (["LlamaDecoderLayer"], True, True, True)
     assert s.notes[0].startswith("note: fsdp_config `use_orig_params` is an FSDP1 setting")
     assert fsdp_settings(build_config({"fsdp": "shard_grad_op offload"}).train).reshard_after_forward is False
-
-
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without CUDA")
-def test_deepspeed_without_cuda_names_fsdp(tmp_path):
-    config = tmp_path / "ds_z3.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
-    for value in (str(config), {"zero_optimization": {"stage": 2}}):
-        message = _problems(tmp_path, deepspeed=value)
-        assert "`deepspeed` needs CUDA GPUs" in message and "`fsdp: full_shard auto_wrap`" in message
-        assert "\n" not in message
 
 
 def test_a_checkpoint_resumes_only_with_its_global_batch(tmp_path):

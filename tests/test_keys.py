@@ -70,7 +70,7 @@ def test_every_problem_is_reported_in_one_run():
         assert f"`{key}" in message, key
 
 
-def test_sharding_keys_are_honoured_not_noted():  # tests/test_fsdp.py runs them; deepspeed needs CUDA there
+def test_sharding_keys_are_honoured_not_noted():  # tests/test_fsdp.py and test_deepspeed.py run them
     cfg = build_config(_minimal(fsdp="full_shard auto_wrap", fsdp_transformer_layer_cls_to_wrap="LlamaDecoderLayer"))
     validate(cfg)
     assert notices(cfg) == []

@@ -325,10 +325,11 @@ class TrainArgs:
     # overwrite_output_dir
     resume_from_checkpoint: str | None = None
     ddp_timeout: int = 1800  # seconds a process waits for the others in a collective (torch.distributed's timeout)
-    # sharding across processes (train/sharding.py, docs/distributed.md). deepspeed: a ds_config.json path or a
-    # mapping (CUDA only). fsdp: Hugging Face's words, "full_shard auto_wrap", "shard_grad_op", "... offload";
-    # fsdp_config: a JSON path or a mapping of HF's fsdp_config keys (fsdp_version, transformer_layer_cls_to_wrap,
-    # reshard_after_forward, ...); fsdp_transformer_layer_cls_to_wrap: the older key for the layer classes
+    # sharding across processes (docs/distributed.md). deepspeed: a ds_config.json path or a mapping (ZeRO under
+    # torchrun, GPUs or CPUs: train/zero.py). fsdp: Hugging Face's words, "full_shard auto_wrap", "shard_grad_op",
+    # "... offload"; fsdp_config: a JSON path or a mapping of HF's fsdp_config keys (fsdp_version,
+    # transformer_layer_cls_to_wrap, reshard_after_forward, ...); fsdp_transformer_layer_cls_to_wrap: the older key
+    # for the layer classes
     deepspeed: str | dict | None = None
     fsdp: str | None = None
     fsdp_config: str | dict | None = None

@@ -28,6 +28,7 @@ from .faults import SaveFailed
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MARKER = "tuneforge_checkpoint.json"  # written last: a checkpoint without it is incomplete
 PARTIAL = ".partial"  # suffix of a checkpoint being written
+PARTITIONS = "deepspeed"  # a checkpoint's folder of DeepSpeed's optimizer partitions (train/zero.py)
 FINISHED = "train_results.json"  # written after the final model: the run is done
 RUN_CONFIG = "tuneforge_config.yaml"  # written into output_dir when training starts
 MODEL_FILES = ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
@@ -160,10 +161,11 @@ def load_extra_weights(module, folder: str | Path) -> None:
 
 def save_checkpoint(folder: Path, module, tokenizer, optimizer, scheduler, state: TrainerState,
                     model_only: bool = False, identity: dict | None = None, weights: dict | None = None,
-                    optimizer_state: dict | None = None) -> None:
+                    optimizer_state: dict | None = None, partitions: Path | None = None) -> None:
     """Write the checkpoint into `folder.partial`, flush it, add the marker (`identity`: what resume checks), and
     rename it to `folder`. A failure leaves the other checkpoints as they were and raises SaveFailed.
-    `weights` / `optimizer_state`: full state dicts gathered from a sharded module (see save_model)."""
+    `weights` / `optimizer_state`: full state dicts gathered from a sharded module (see save_model).
+    `partitions`: a folder of DeepSpeed's optimizer partitions, written by every process, moved in for optimizer.pt."""
     temp = folder.with_name(folder.name + PARTIAL)
     needed = _expected_size(folder.parent, module, optimizer)
     free = shutil.disk_usage(folder.parent).free
@@ -172,7 +174,8 @@ def save_checkpoint(folder: Path, module, tokenizer, optimizer, scheduler, state
     parts = [("model and tokenizer", lambda: save_model(module, tokenizer, temp, weights))]
     if not model_only:
         parts += [("optimizer.pt", lambda: torch.save(optimizer_state or optimizer.state_dict(),
-                                                      temp / "optimizer.pt")),
+                                                      temp / "optimizer.pt")) if partitions is None else
+                  (PARTITIONS, lambda: shutil.move(partitions, temp / PARTITIONS)),
                   ("scheduler.pt", lambda: torch.save(scheduler.state_dict(), temp / "scheduler.pt")),
                   ("rng_state.pt", lambda: torch.save(rng_state(), temp / "rng_state.pt"))]
     parts += [("trainer_state.json", lambda: _write_json(temp / "trainer_state.json", asdict(state))),
@@ -210,7 +213,7 @@ def _expected_size(output_dir: Path, module, optimizer) -> int:
     params = [p for p in module.model.parameters() if p.requires_grad or not hasattr(module.model, "peft_config")]
     weights = sum(p.numel() * p.element_size() for p in params)
     states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                 if torch.is_tensor(t))
+                 if torch.is_tensor(t))  # (DeepSpeed's partitions are written already)
     return weights + states
 
 
@@ -336,12 +339,12 @@ def load_weights(folder: str | Path, module) -> None:
 
 
 def load_training_state(folder: str | Path, load_optimizer, scheduler) -> TrainerState:
-    """The rest of a checkpoint: `load_optimizer(state dict)` (optimizer.load_state_dict unless the model is
-    sharded), the scheduler, the random generators; returns the trainer state."""
+    """The rest of a checkpoint: `load_optimizer(folder)` (optimizer.pt, or DeepSpeed's partitions), the
+    scheduler, the random generators; returns the trainer state."""
     folder = Path(folder)
-    if not (folder / "optimizer.pt").is_file():
+    if not (folder / "scheduler.pt").is_file():
         raise FileNotFoundError(f"{folder} was saved with save_only_model: it has no optimizer state to resume from")
-    load_optimizer(torch.load(folder / "optimizer.pt", weights_only=False))
+    load_optimizer(folder)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(folder / "rng_state.pt", weights_only=False))
     return TrainerState(**json.loads((folder / "trainer_state.json").read_text(encoding="utf-8")))

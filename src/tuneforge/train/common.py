@@ -15,7 +15,7 @@ from ..models.adapters import (ADAPTER_TYPES, attach_adapters, describe_trainabl
 from ..models.load import ModelError, keep_quantized_layers_differentiable, load_base_model, load_tokenizer
 from ..models.recompute import apply_gradient_checkpointing
 from . import checkpoint as ckpt
-from . import sharding
+from . import sharding, zero
 from .logging import plot_loss, write_results
 from .evaluation import Evaluation, RowsEvaluation
 from .loop import Precision, autocast_dtype, train
@@ -106,8 +106,10 @@ def open_output_dir(cfg, accelerator) -> None:
 def finish_training(cfg, module, tokenizer, results: dict, accelerator) -> None:
     """The trained model (and the stage's extra weights) into output_dir, with results and the loss plot."""
     weights = sharding.full_state(module, None, with_optimizer=False)[0] if sharding.is_sharded(module) else None
+    with zero.gathered(module):
+        if accelerator.is_main_process:
+            ckpt.save_model(module, tokenizer, Path(cfg.train.output_dir), weights)
     if accelerator.is_main_process:
-        ckpt.save_model(module, tokenizer, Path(cfg.train.output_dir), weights)
         if cfg.finetune.pissa_convert:
             save_pissa_converted(module.model, cfg.train.output_dir)
         write_results(cfg.train.output_dir, "train", results)

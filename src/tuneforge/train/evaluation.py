@@ -14,7 +14,7 @@ import torch
 
 from ..config import ConfigError
 from . import checkpoint as ckpt
-from . import sharding
+from . import sharding, zero
 from .steps import unwrapped
 
 
@@ -37,7 +37,8 @@ def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, p
     units = torch.zeros((), device=accelerator.device)
     sums: dict[str, torch.Tensor] = {}
     starts: list = list(range(0, len(mine), batch_size))
-    if sharding.is_sharded(module):  # each forward gathers weights from every process: all run as many
+    # FSDP's and ZeRO-3's forwards gather weights from every process: all run as many
+    if sharding.is_sharded(module) or zero.partitioned(module):
         starts += [None] * (math.ceil(len(rows[::world]) / batch_size) - len(starts))  # (None: discarded)
     for start in starts:
         batch = collator(mine[start: start + batch_size] if start is not None else rows[:1])

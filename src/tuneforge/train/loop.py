@@ -23,7 +23,7 @@ from ..config import ConfigError, bf16_cost, flat_config, speed_hint
 from ..machine import allocator_notice
 from ..models.load import ModelError
 from . import checkpoint as ckpt
-from . import sharding
+from . import sharding, zero
 from .evaluation import Evaluation, Remembered, evaluate_and_check, restore_best
 from .logging import RunLog
 from .faults import NonFinite, Preempted, StopSignals, describe_rows
@@ -168,7 +168,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
     saved = [None]  # the step of this run's latest checkpoint
 
     def save():
-        _save(cfg, inner, tokenizer, optimizer, scheduler, state, accelerator, identity)
+        _save(cfg, module, inner, tokenizer, optimizer, scheduler, state, accelerator, identity)
         saved[0] = state.global_step
 
     def step(micro: list[dict]) -> tuple[bool, bool]:
@@ -266,14 +266,20 @@ def _start(cfg, module, source, accelerator, resume_from: str | None, identity: 
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=source.num_examples)
     if resume_from:
-        state = _resume(resume_from, inner, optimizer, scheduler, state, accelerator)
+        state = _resume(resume_from, module, inner, optimizer, scheduler, state, accelerator)
     return module, optimizer, scheduler, state
 
 
 def _distribute(module, t, f, accelerator):
-    """(module, optimizer): sharded by FSDP across processes when `fsdp` asks and there are several, else wrapped
-    by DDP when there are several processes (accelerate), else as it is."""
-    fsdp = sharding.fsdp_settings(t)
+    """(module, optimizer): sharded by FSDP or partitioned by DeepSpeed across processes when `fsdp` or
+    `deepspeed` asks and there are several, else wrapped by DDP when there are several processes (accelerate), else
+    as it is."""
+    fsdp, ds = sharding.fsdp_settings(t), zero.read_config(t)
+    if ds and accelerator.num_processes > 1 and zero.stage(ds) > 0:
+        optimizer = build_optimizer(module, t, f, report=accelerator.print)
+        return zero.engine(module, optimizer, ds, t, accelerator), optimizer
+    if ds:
+        accelerator.print(zero.unpartitioned_note(ds, accelerator.num_processes))
     if fsdp and accelerator.num_processes > 1:
         for note in fsdp.notes:
             accelerator.print(f"[tuneforge] {note}")
@@ -301,11 +307,17 @@ def _results(state, per_epoch: int, runtime: float, start_step: int, unit: str, 
     return {**results, "skipped_steps": state.skipped_steps} if state.skipped_steps else results
 
 
-def _resume(folder: str, inner, optimizer, scheduler, fresh, accelerator):
+def _resume(folder: str, module, inner, optimizer, scheduler, fresh, accelerator):
     """The training state of checkpoint `folder` (its weights are loaded already), loaded into the optimizer and
     scheduler."""
-    load = (lambda state: sharding.load_optimizer_state(inner, optimizer, state)) if sharding.is_sharded(inner) \
-        else optimizer.load_state_dict
+    def load(where: Path) -> None:
+        if zero.is_engine(module) or (where / ckpt.PARTITIONS).is_dir():
+            return zero.load_partitions(module if zero.is_engine(module) else None, where, accelerator.num_processes)
+        state = torch.load(where / "optimizer.pt", weights_only=False)
+        if sharding.is_sharded(inner):
+            return sharding.load_optimizer_state(inner, optimizer, state)
+        optimizer.load_state_dict(state)
+
     state = ckpt.load_training_state(folder, load, scheduler)
     state.total_steps = fresh.total_steps
     accelerator.print(f"[tuneforge] resuming from {folder} at step {state.global_step}")
@@ -392,6 +404,10 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
         units = accelerator.reduce(units, "sum")
     # DDP averages gradients over processes, so scale by their number to get sum / all units.
     scale = accelerator.num_processes / units.clamp(min=1)
+    if zero.is_engine(module):
+        losses, sums, norm = zero.step(module, micro, scale, precision, unwrapped(module))
+        bad = _what_is_non_finite(torch.stack(losses), norm, precision, accelerator)  # the gate made this fatal
+        return _after_step(losses, sums, units, scheduler, accelerator, bad)
     losses = []
     sums: dict[str, torch.Tensor] = {}
     sharded = sharding.is_sharded(module)
@@ -410,13 +426,18 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
     norm = _grad_norm(optimizer, [p for p in module.parameters() if p.requires_grad], max_grad_norm)
     if sharded:
         norm = norm.full_tensor()  # a DTensor of the shards' partial norms
-    total = torch.stack(losses).sum()
     bad = _what_is_non_finite(torch.stack(losses), norm, precision, accelerator)
     if not bad:
         precision.scaler.step(optimizer)
         precision.scaler.update()
-    scheduler.step()  # a skipped step still counts: data and schedule move on as in any other run
     optimizer.zero_grad(set_to_none=True)
+    return _after_step(losses, sums, units, scheduler, accelerator, bad)
+
+
+def _after_step(losses: list, sums: dict, units, scheduler, accelerator, bad):
+    """The schedule's step; returns the step's (loss sum, units, metric sums) over all processes, and `bad`."""
+    scheduler.step()  # a skipped step still counts: data and schedule move on as in any other run
+    total = torch.stack(losses).sum()
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, "sum")
         sums = {k: accelerator.reduce(v, "sum") for k, v in sums.items()}
@@ -471,13 +492,16 @@ def _should_save(t, state, steps_in_epoch: int, last: bool) -> bool:
     return t.save_strategy == "epoch" and state.step_in_epoch == steps_in_epoch
 
 
-def _save(cfg, inner, tokenizer, optimizer, scheduler, state, accelerator, identity: dict) -> None:
+def _save(cfg, module, inner, tokenizer, optimizer, scheduler, state, accelerator, identity: dict) -> None:
     accelerator.wait_for_everyone()
+    folder = Path(cfg.train.output_dir) / f"checkpoint-{state.global_step}"
     gathered = sharding.full_state(inner, optimizer, not cfg.train.save_only_model) \
         if sharding.is_sharded(inner) else (None, None)
-    if accelerator.is_main_process:
-        folder = Path(cfg.train.output_dir) / f"checkpoint-{state.global_step}"
-        ckpt.save_checkpoint(folder, inner, tokenizer, optimizer, scheduler, state, cfg.train.save_only_model,
-                             identity, *gathered)
-        ckpt.rotate_checkpoints(cfg.train.output_dir, cfg.train.save_total_limit)
+    partitions = zero.save_partitions(module, folder, accelerator) \
+        if zero.is_engine(module) and not cfg.train.save_only_model else None
+    with zero.gathered(inner):
+        if accelerator.is_main_process:
+            ckpt.save_checkpoint(folder, inner, tokenizer, optimizer, scheduler, state, cfg.train.save_only_model,
+                                 identity, *gathered, partitions=partitions)
+            ckpt.rotate_checkpoints(cfg.train.output_dir, cfg.train.save_total_limit)
     accelerator.wait_for_everyone()

@@ -1,6 +1,5 @@
 """Sharded training: FSDP2 from the Hugging Face keys (`fsdp`, `fsdp_config`, `fsdp_transformer_layer_cls_to_wrap`)
-as LLaMA-Factory passes them through. `deepspeed` (a ds_config.json path or a mapping) is read and checked, then
-refused with FSDP as the alternative (see `problems`).
+as LLaMA-Factory passes them through; DeepSpeed's `deepspeed` is zero.py's.
 
 FSDP shards weights, gradients and optimizer state across processes; the updates are those of unsharded training
 on the same global batch. Who shards: on GPUs, accelerate (its FullyShardedDataParallelPlugin, in
@@ -20,13 +19,12 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from . import zero
 
 SHARDING = {"full_shard": True, "shard_grad_op": False}  # `fsdp` word -> FSDP2's reshard_after_forward
 # FSDP1 switches HF fsdp_configs often carry; FSDP2 has no such setting (it always uses the original parameters,
 # prefetches by itself, needs no module-state sync): accepted with a note
 FSDP1_ONLY = ("backward_prefetch", "forward_prefetch", "use_orig_params", "sync_module_states", "limit_all_gathers")
-CPU_ALTERNATIVE = ("shard with FSDP instead (it runs on CPUs): `fsdp: full_shard auto_wrap` under `torchrun "
-                   "--nproc_per_node N -m tuneforge.cli train ...` (docs/distributed.md)")
 
 
 @dataclass
@@ -73,7 +71,7 @@ def _fsdp_config(value) -> dict:
     if isinstance(value, dict):
         config = value
     else:
-        config = _read_json(value, "fsdp_config")
+        config = read_json(value, "fsdp_config")
     # HF accepts the keys with and without their `fsdp_` prefix
     return {key.removeprefix("fsdp_"): item for key, item in config.items()}
 
@@ -129,7 +127,7 @@ def _bool(value, where: str) -> bool:
     raise ConfigError(f"{where}: expected true or false")
 
 
-def _read_json(value, key: str) -> dict:
+def read_json(value, key: str) -> dict:
     path = Path(value)
     if not path.is_file():
         raise ConfigError(f"`{key}: {value}`: no such file; give the path of a JSON config (or the settings as a "
@@ -143,32 +141,13 @@ def _read_json(value, key: str) -> dict:
     return config
 
 
-def deepspeed_config(t) -> dict | None:
-    """The DeepSpeed config `deepspeed` names (a JSON file or a mapping), checked for what can be checked on any
-    machine; None when it is not set."""
-    if not t.deepspeed:
-        return None
-    config = t.deepspeed if isinstance(t.deepspeed, dict) else _read_json(t.deepspeed, "deepspeed")
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"`deepspeed`: zero_optimization.stage must be 0, 1, 2 or 3; got {stage!r}")
-    return config
-
-
 def problems(cfg) -> list[str]:
     """What the gate reports about sharding: bad values, and what cannot run sharded."""
     t, out = cfg.train, []
-    fsdp, ds = _read(fsdp_settings, t, out), _read(deepspeed_config, t, out)
+    fsdp, ds = _read(fsdp_settings, t, out), _read(zero.read_config, t, out)
     if fsdp and t.deepspeed:
         out.append("`fsdp` and `deepspeed` both shard the model; set one of them")
-    if t.deepspeed and not torch.cuda.is_available():
-        out.append(f"`deepspeed` needs CUDA GPUs and this machine has none; {CPU_ALTERNATIVE}")
-    elif ds is not None:
-        # accelerate's DeepSpeed engine does the backward pass, accumulation, clipping and optimizer step itself,
-        # which tuneforge's loop (loss normalisation over the whole step, non-finite checks) does
-        out.append("`deepspeed` is not built yet (its engine would take over the optimizer step tuneforge's loop "
-                   "does); shard with FSDP instead: `fsdp: full_shard auto_wrap` shards like ZeRO-3, "
-                   "`fsdp: shard_grad_op auto_wrap` like ZeRO-2")
+    out += zero.problems(cfg, ds)
     if fsdp:
         if fsdp.offload and not torch.cuda.is_available():
             out.append("`fsdp: ... offload` moves sharded weights to CPU memory between uses; on a CPU run they "
