@@ -115,6 +115,21 @@ def test_zero3_lora_from_a_llamafactory_config_evaluates_and_loads_in_peft(tiny_
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "zero")  # plain PEFT
 
 
+def test_zero3_dpo_keeps_its_frozen_reference_whole(tiny_model, tmp_path):
+    # full-fine-tuning DPO's reference is a frozen copy outside the partitioned module: it must score the pairs
+    # with whole weights on every process (measured 4.8e-6 from one process, as the SFT runs above)
+    from test_preference import preference_rows
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(0, 16))
+    (tmp_path / "dataset_info.json").write_text(f'{{"pairs": {{"file_name": "{data.name}", "ranking": true}}}}')
+    common = _common(tiny_model, "pairs", dataset_dir=tmp_path, stage="dpo", finetuning_type="full", max_steps=3)
+    _train([*common, *TWO, f"deepspeed={json.dumps(LF_ZERO3)}", f"output_dir={tmp_path / 'zero'}"], processes=2)
+    _train([*common, *ONE, f"output_dir={tmp_path / 'one'}"])
+    start, zero, one = (load_file(path / "model.safetensors") for path in (Path(tiny_model), tmp_path / "zero",
+                                                                           tmp_path / "one"))
+    assert relative_update_gap(start, zero, one) < GAP
+
+
 def test_auto_values_come_from_the_yaml_and_the_model():
     t = build_config({"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "max_grad_norm": 0.5}).train
     out = filled(LF_ZERO3, t, world=3, hidden_size=64)
@@ -142,6 +157,8 @@ def test_what_deepspeed_cannot_run_fails_in_one_line(tmp_path):
     assert "set bf16.enabled to auto or false" in _problems(tmp_path, deepspeed={**z2, "bf16": {"enabled": True}})
     assert "zero_optimization.offload_optimizer is not built" in _problems(
         tmp_path, deepspeed={"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}})
+    assert "tensor_parallel.autotp_size is not built" in \
+        _problems(tmp_path, deepspeed={**z2, "tensor_parallel": {"autotp_size": 2}})
     assert "zero_optimization.stage must be 0, 1, 2 or 3; got 4" in \
         _problems(tmp_path, deepspeed={"zero_optimization": {"stage": 4}})
     assert "train_micro_batch_size_per_gpu is 4 and per_device_train_batch_size is 2; set it to auto" in _problems(

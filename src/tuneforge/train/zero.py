@@ -55,6 +55,9 @@ def read_config(t) -> dict | None:
         if str(zero.get(section, {}).get("device", "none")).lower() != "none":
             raise ConfigError(f"`deepspeed`: zero_optimization.{section} is not built (offloading needs "
                               "DeepSpeed's own CPU Adam in place of the YAML's optimizer); remove it")
+    if int(config.get("tensor_parallel", {}).get("autotp_size", 1)) > 1:
+        raise ConfigError("`deepspeed`: tensor_parallel.autotp_size is not built (the loop gives every process its "
+                          "own rows, where tensor parallelism wants the same ones); remove it, or use ZeRO alone")
     return config
 
 
