@@ -77,3 +77,19 @@ def test_an_unshared_cache_folder_is_tokenised_again(tiny_model, tmp_path):
     assert ddp.stdout.count("is not in") == 1 and "is the cache folder shared" in ddp.stdout
     assert ddp.stdout.count("loaded from the cache") == 0
     assert all(len(list((tmp_path / f"cache{rank}" / "data").glob("*.pkl"))) == 1 for rank in (0, 1))
+
+
+def test_more_processes_than_gpus_is_said_before_cuda_fails(monkeypatch):
+    """torchrun --nproc_per_node 2 on a one-GPU machine: the second process would have no cuda:1 and fail inside
+    CUDA or NCCL; it is refused first, naming both counts. (The suite hides GPUs, so the machine is simulated.)"""
+    import torch
+
+    from tuneforge.config import ConfigError, build_config
+    from tuneforge.train.common import make_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"2 processes were started on this machine and it has 1 GPU: each process "
+                                          r"trains on a GPU of its own, so start --nproc_per_node 1"):
+        make_accelerator(build_config({}).train)

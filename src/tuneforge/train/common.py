@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import save_config, shuffles_rows
+from ..config import ConfigError, save_config, shuffles_rows
 from ..data.collate import PadCollator
 from ..models.adapters import (ADAPTER_TYPES, attach_adapters, describe_trainable, save_pissa_converted,
                                save_pissa_init, setup_trainable)
@@ -29,6 +29,7 @@ def make_accelerator(t):
     from accelerate.utils import InitProcessGroupKwargs
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))
+    _check_gpus_per_process()
     if processes > 1:
         # its functions default to `group=group.WORLD`, evaluated at import: imported once the process group has
         # started (FSDP's imports do), they would hold that group past destroy_process_group, and a rank could
@@ -38,6 +39,17 @@ def make_accelerator(t):
     cpu_ddp = processes > 1 and not torch.cuda.is_available()
     return Accelerator(mixed_precision="no", cpu=cpu_ddp, **sharding.accelerator_kwargs(t),
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout))])
+
+
+def _check_gpus_per_process() -> None:
+    """Each process of a node trains on its own GPU (cuda:LOCAL_RANK); more processes than GPUs would fail later,
+    inside CUDA or NCCL, with no word of why."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and per_node > gpus:
+        raise ConfigError(f"{per_node} processes were started on this machine and it has {gpus} GPU"
+                          f"{'s' if gpus != 1 else ''}: each process trains on a GPU of its own, so start "
+                          f"--nproc_per_node {gpus} (or hide the GPUs, CUDA_VISIBLE_DEVICES=, to train on CPU cores)")
 
 
 def start(cfg):
