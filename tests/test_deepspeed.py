@@ -126,6 +126,8 @@ def test_auto_values_come_from_the_yaml_and_the_model():
     assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
             zero["stage3_param_persistence_threshold"]) == (4096, 3686, 640)  # transformers' h*h, 0.9*h*h, 10*h
     assert out["bf16"]["enabled"] is False and out["fp16"]["enabled"] is False  # the YAML's autocast runs instead
+    with pytest.raises(ConfigError, match=r"train_batch_size is 16, and .* x 3 processes is 24; set it to auto"):
+        filled({**LF_ZERO3, "train_batch_size": 16}, t, world=3, hidden_size=64)
     with pytest.raises(ConfigError, match=r"zero_optimization.sub_group_size is auto, which tuneforge does not fill"):
         filled({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, t, world=2, hidden_size=64)
 

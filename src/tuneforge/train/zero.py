@@ -93,6 +93,10 @@ def filled(config: dict, t, world: int, hidden_size: int | None) -> dict:
     """The config with its `auto` values set as transformers sets them, from the YAML and the model."""
     out = {**config, **{key: getattr(t, yaml_key) for key, yaml_key in FROM_YAML.items()}}
     out["train_batch_size"] = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    if config.get("train_batch_size", "auto") not in ("auto", out["train_batch_size"]):
+        raise ConfigError(f"`deepspeed`: train_batch_size is {config['train_batch_size']}, and per_device_train_batch_"
+                          f"size x gradient_accumulation_steps x {world} processes is {out['train_batch_size']}; set "
+                          "it to auto (the YAML's global batch is used)")
     out["zero_allow_untested_optimizer"] = True  # the YAML's optimizer is a plain torch one (checked in `engine`)
     out.setdefault("steps_per_print", 2**31 - 1)  # the loop logs
     for section in ("bf16", "fp16"):
