@@ -131,7 +131,7 @@ def engine(module, optimizer, config: dict, t, accelerator):
 
     if not type(optimizer).__module__.startswith("torch.optim"):
         raise ConfigError(f"`deepspeed` partitions flattened parameters, which {type(optimizer).__name__} (optim: "
-                          f"{t.optim}) cannot step; use adamw_torch, adamw or sgd, or train with fsdp")
+                          f"{t.optim}) cannot step; use adamw_torch, adamw_torch_fused or sgd, or train with fsdp")
     hidden = getattr(getattr(module.model, "config", None), "hidden_size", None)
     config = filled(config, t, accelerator.num_processes, hidden)
     wrapped, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
