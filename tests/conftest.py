@@ -155,6 +155,16 @@ def check_same_lora_run(base: str, sharded: Path, one: Path) -> None:
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), sharded)
 
 
+def gate_problems(tmp_path: Path, **keys) -> str:
+    """The config gate's refusal of a minimal training config with `keys` added."""
+    from tuneforge.config import ConfigError, build_config, validate
+
+    values = {"model_name_or_path": "m", "dataset": "d", "output_dir": str(tmp_path / "o"), "do_train": True, **keys}
+    with pytest.raises(ConfigError) as err:
+        validate(build_config(values, source="x.yaml"))
+    return str(err.value)
+
+
 def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
 

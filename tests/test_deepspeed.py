@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import (LOGGED_LOSS, SHARDED_GAP, alpaca_rows, check_same_lora_run, read_log, relative_update_gap,
-                      write_jsonl)
+from conftest import (LOGGED_LOSS, SHARDED_GAP, alpaca_rows, check_same_lora_run, gate_problems, read_log,
+                      relative_update_gap, write_jsonl)
 from safetensors.torch import load_file
 
-from tuneforge.config import ConfigError, build_config, validate
+from tuneforge.config import ConfigError, build_config
 from tuneforge.train.zero import filled
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -132,27 +132,20 @@ def test_auto_values_come_from_the_yaml_and_the_model():
         filled({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, t, world=2, hidden_size=64)
 
 
-def _problems(tmp_path, **keys) -> str:
-    values = {"model_name_or_path": "m", "dataset": "d", "output_dir": str(tmp_path / "o"), "do_train": True, **keys}
-    with pytest.raises(ConfigError) as err:
-        validate(build_config(values, source="x.yaml"))
-    return str(err.value)
-
-
 def test_what_deepspeed_cannot_run_fails_in_one_line(tmp_path):
     z2 = {"zero_optimization": {"stage": 2}}
     assert "remove its `optimizer` section; tuneforge builds the optimizer from the YAML" in \
-        _problems(tmp_path, deepspeed={**z2, "optimizer": {"type": "AdamW"}})
-    assert "set bf16.enabled to auto or false" in _problems(tmp_path, deepspeed={**z2, "bf16": {"enabled": True}})
-    assert "zero_optimization.offload_optimizer is not built" in _problems(
+        gate_problems(tmp_path, deepspeed={**z2, "optimizer": {"type": "AdamW"}})
+    assert "set bf16.enabled to auto or false" in gate_problems(tmp_path, deepspeed={**z2, "bf16": {"enabled": True}})
+    assert "zero_optimization.offload_optimizer is not built" in gate_problems(
         tmp_path, deepspeed={"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}})
     assert "tensor_parallel.autotp_size is not built" in \
-        _problems(tmp_path, deepspeed={**z2, "tensor_parallel": {"autotp_size": 2}})
+        gate_problems(tmp_path, deepspeed={**z2, "tensor_parallel": {"autotp_size": 2}})
     assert "zero_optimization.stage must be 0, 1, 2 or 3; got 4" in \
-        _problems(tmp_path, deepspeed={"zero_optimization": {"stage": 4}})
-    assert "train_micro_batch_size_per_gpu is 4 and per_device_train_batch_size is 2; set it to auto" in _problems(
+        gate_problems(tmp_path, deepspeed={"zero_optimization": {"stage": 4}})
+    assert "train_micro_batch_size_per_gpu is 4 and per_device_train_batch_size is 2; set it to auto" in gate_problems(
         tmp_path, deepspeed={**z2, "train_micro_batch_size_per_gpu": 4}, per_device_train_batch_size=2)
     assert "`skip_nonfinite_steps` with `deepspeed` is not built" in \
-        _problems(tmp_path, deepspeed=z2, skip_nonfinite_steps=True)
-    assert "`stage: ppo` with `deepspeed` is not built" in _problems(tmp_path, deepspeed=z2, stage="ppo")
-    assert "`fsdp` and `deepspeed` both shard the model" in _problems(tmp_path, deepspeed=z2, fsdp="full_shard")
+        gate_problems(tmp_path, deepspeed=z2, skip_nonfinite_steps=True)
+    assert "`stage: ppo` with `deepspeed` is not built" in gate_problems(tmp_path, deepspeed=z2, stage="ppo")
+    assert "`fsdp` and `deepspeed` both shard the model" in gate_problems(tmp_path, deepspeed=z2, fsdp="full_shard")

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import (LOGGED_LOSS, SHARDED_GAP, alpaca_rows, check_same_lora_run, read_log, relative_update_gap,
-                      write_jsonl)
+from conftest import (LOGGED_LOSS, SHARDED_GAP, alpaca_rows, check_same_lora_run, gate_problems, read_log,
+                      relative_update_gap, write_jsonl)
 from safetensors.torch import load_file
 
 from tuneforge.config import ConfigError, build_config, validate
@@ -104,30 +104,23 @@ def test_finished_ranks_join_their_gloo_threads(tiny_model, tmp_path):
     assert done.stdout.count("gloo threads left: []") == 2, done.stdout[-1000:]
 
 
-def _problems(tmp_path, **keys) -> str:
-    values = {"model_name_or_path": "m", "dataset": "d", "output_dir": str(tmp_path / "o"), "do_train": True, **keys}
-    with pytest.raises(ConfigError) as err:
-        validate(build_config(values, source="x.yaml"))
-    return str(err.value)
-
-
 def test_sharding_keys_fail_in_one_line(tmp_path):
-    assert "unknown option 'full-shard'" in _problems(tmp_path, fsdp="full-shard")
-    assert "hybrid_shard is not built" in _problems(tmp_path, fsdp="hybrid_shard auto_wrap")
-    assert "not FSDP1" in _problems(tmp_path, fsdp="full_shard", fsdp_config={"fsdp_version": 1})
-    assert "unknown key" in _problems(tmp_path, fsdp="full_shard", fsdp_config={"shard_everything": True})
-    assert "set `fsdp: full_shard auto_wrap` too" in _problems(tmp_path, fsdp_transformer_layer_cls_to_wrap="X")
-    assert "size-based wrapping is not built" in _problems(tmp_path, fsdp="true",
+    assert "unknown option 'full-shard'" in gate_problems(tmp_path, fsdp="full-shard")
+    assert "hybrid_shard is not built" in gate_problems(tmp_path, fsdp="hybrid_shard auto_wrap")
+    assert "not FSDP1" in gate_problems(tmp_path, fsdp="full_shard", fsdp_config={"fsdp_version": 1})
+    assert "unknown key" in gate_problems(tmp_path, fsdp="full_shard", fsdp_config={"shard_everything": True})
+    assert "set `fsdp: full_shard auto_wrap` too" in gate_problems(tmp_path, fsdp_transformer_layer_cls_to_wrap="X")
+    assert "size-based wrapping is not built" in gate_problems(tmp_path, fsdp="true",
                                                           fsdp_config={"auto_wrap_policy": "SIZE_BASED_WRAP"})
     missing = tmp_path / "nowhere.json"
-    assert f"`fsdp_config: {missing}`: no such file" in _problems(tmp_path, fsdp="full_shard", fsdp_config=missing)
+    assert f"`fsdp_config: {missing}`: no such file" in gate_problems(tmp_path, fsdp="full_shard", fsdp_config=missing)
     broken = tmp_path / "broken.json"
     broken.write_text('{"zero_optimization": {"stage": 3,}}')
-    assert "not valid JSON (line 1" in _problems(tmp_path, deepspeed=str(broken))
-    assert "no such file" in _problems(tmp_path, deepspeed=str(missing))
-    assert "`do_predict` with `fsdp` is not built" in _problems(tmp_path, fsdp="full_shard", do_predict=True)
+    assert "not valid JSON (line 1" in gate_problems(tmp_path, deepspeed=str(broken))
+    assert "no such file" in gate_problems(tmp_path, deepspeed=str(missing))
+    assert "`do_predict` with `fsdp` is not built" in gate_problems(tmp_path, fsdp="full_shard", do_predict=True)
     assert "`upcast_layernorm` with `fsdp` is not built (FSDP shards a layer's parameters as one dtype" in \
-        _problems(tmp_path, fsdp="full_shard", upcast_layernorm=True, pure_bf16=True, bf16=True)
+        gate_problems(tmp_path, fsdp="full_shard", upcast_layernorm=True, pure_bf16=True, bf16=True)
     good = tmp_path / "fsdp.json"
     good.write_text(json.dumps({"fsdp_transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "use_orig_params": True,
                                 "fsdp_version": 2, "min_num_params": 0, "xla": False, "activation_checkpointing": True}))
