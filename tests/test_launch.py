@@ -136,3 +136,33 @@ def test_a_killed_process_restarts_them_all_from_the_last_checkpoint(tiny_model,
     gap = relative_update_gap(start, load_file(tmp_path / "two" / "model.safetensors"),
                               load_file(tmp_path / "one" / "model.safetensors"))
     assert gap < SHARDED_GAP  # two processes' all-reduce sums in another order than one process (conftest)
+
+
+@pytest.mark.parametrize("launcher, keys, bf16, fp16, note", [
+    # accelerate launch --mixed_precision bf16 (or its config's mixed_precision) with a config that sets neither
+    ("bf16", [], True, False, "note: training in bf16, from accelerate's mixed precision bf16 "
+                              "(ACCELERATE_MIXED_PRECISION): the config sets neither `bf16` nor `fp16`"),
+    ("fp16", ["bf16=false"], False, True, "note: training in fp16, from accelerate's mixed precision fp16 "
+                                          "(ACCELERATE_MIXED_PRECISION): the config sets neither `bf16` nor `fp16`"),
+    ("fp16", ["bf16=true"], True, False, "note: the config's `bf16: true` is used, not accelerate's mixed "
+                                         "precision fp16 (ACCELERATE_MIXED_PRECISION)"),
+    ("bf16", ["bf16=true"], True, False, None),
+    ("no", [], False, False, None),
+])
+def test_accelerate_launchs_mixed_precision_as_transformers_reads_it(monkeypatch, launcher, keys, bf16, fp16, note):
+    from tuneforge.config import load_config, notices
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    cfg = load_config(None, ["model_name_or_path=m", "dataset=d", "do_train=true", "output_dir=o", *keys])
+    assert (cfg.train.bf16, cfg.train.fp16) == (bf16, fp16)
+    assert [n for n in notices(cfg) if "ACCELERATE_MIXED_PRECISION" in n] == ([note] if note else [])
+    assert load_config(None, ["model_name_or_path=m"], validate_for="chat").train.bf16 is False  # train only
+
+
+def test_accelerate_launchs_fp8_is_refused(monkeypatch):
+    from tuneforge.config import ConfigError, load_config
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ConfigError, match=r"ACCELERATE_MIXED_PRECISION\): fp8 training is not built; launch with "
+                                          "--mixed_precision bf16, fp16 or no"):
+        load_config(None, ["model_name_or_path=m", "dataset=d", "do_train=true", "output_dir=o"])

@@ -26,10 +26,11 @@ class ConfigError(ValueError):
 
 
 def notices(cfg: Config) -> list[str]:
-    """One line per key that is set but has no effect yet."""
+    """The notes a run prints before it starts: what loading decided beyond the keys, keys that have no effect
+    (yet, or in this combination), and what a setting costs or would gain."""
     from .train.trackers import requested as requested_trackers
 
-    out = []
+    out = list(cfg.notes)
     for key, why in NO_EFFECT_YET.items():
         group = getattr(cfg, KEY_GROUP[key])
         if getattr(group, key) != getattr(type(group)(), key):
@@ -236,6 +237,13 @@ def load_config(path: str | None, overrides: list[str] | None = None, validate_f
 
     cfg = build_config(_read_file(path) if path else {}, source=path or "command line",
                        cli_values=parse_overrides(overrides or []))
+    if validate_for == "train":
+        from .launch import launcher_precision
+
+        key, note = launcher_precision(os.environ, cfg.train.bf16, cfg.train.fp16)
+        if key:
+            setattr(cfg.train, key, True)
+        cfg.notes += (note,) if note else ()
     if validate_for:
         validate(cfg, validate_for)
     return cfg

@@ -16,6 +16,8 @@ import socket
 import sys
 from typing import Mapping
 
+from .config import ConfigError
+
 # each of these makes LLaMA-Factory train with another engine, which tuneforge does not have
 _OTHER_ENGINES = {"USE_RAY": "Ray is not built; run several processes with FORCE_TORCHRUN=1 or torchrun",
                   "USE_MCA": "Megatron-Core (mcore_adapter) training is not built; use fsdp or deepspeed for "
@@ -23,7 +25,7 @@ _OTHER_ENGINES = {"USE_RAY": "Ray is not built; run several processes with FORCE
                   "USE_KT": "KTransformers training is not built"}
 
 
-class LaunchError(ValueError):
+class LaunchError(ConfigError):
     """The launch variables do not describe a run that can start; the message says which and how to fix it."""
 
 
@@ -122,3 +124,20 @@ def torchrun_environment(environ: Mapping[str, str], gpus: int, cores: int) -> d
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         env.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
     return env
+
+
+def launcher_precision(environ: Mapping[str, str], bf16: bool, fp16: bool) -> tuple[str | None, str | None]:
+    """(the precision key to switch on, a note) from accelerate launch's mixed precision (`--mixed_precision`, or
+    `mixed_precision:` in its config file, passed on as ACCELERATE_MIXED_PRECISION). transformers' TrainingArguments,
+    and so LLaMA-Factory, train in it when the config sets neither bf16 nor fp16; a config that sets one wins."""
+    value = environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if value == "no":
+        return None, None
+    where = f"accelerate's mixed precision {value} (ACCELERATE_MIXED_PRECISION)"
+    if value not in ("bf16", "fp16"):
+        raise LaunchError(f"{where}: {value} training is not built; launch with --mixed_precision bf16, fp16 or no")
+    if bf16 or fp16:
+        chosen = "bf16" if bf16 else "fp16"
+        return None, None if chosen == value else f"note: the config's `{chosen}: true` is used, not {where}"
+    return value, f"note: training in {value}, from {where}: the config sets neither `bf16` nor `fp16`"
+

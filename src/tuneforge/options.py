@@ -506,6 +506,7 @@ class Config:
     llamafactory_only: LlamaFactoryOnlyArgs = field(default_factory=LlamaFactoryOnlyArgs)
     source: str = "command line"  # the file the config came from, for error messages
     cli_keys: frozenset = frozenset()  # keys set on the command line (over the file's), for error messages
+    notes: tuple = ()  # what loading decided beyond the keys (e.g. precision from accelerate launch), for notices()
 
 
 GROUPS = {"model": ModelArgs, "data": DataArgs, "finetune": FinetuneArgs, "train": TrainArgs, "generate": GenerateArgs,
