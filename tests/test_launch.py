@@ -7,13 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 from conftest import SHARDED_GAP, alpaca_rows, relative_update_gap, write_jsonl
 from safetensors.torch import load_file
 
-from tuneforge.launch import LaunchError, torchrun_command, torchrun_environment
+from tuneforge.launch import LaunchError, agreed_exit_code, torchrun_command, torchrun_environment
 
 RUN = [sys.executable, "-m", "torch.distributed.run"]
 TAIL = ["-m", "tuneforge.cli", "train", "c.yaml", "note=two words"]
@@ -76,6 +77,18 @@ def test_the_processes_environment():
     assert torchrun_environment({"NPROC_PER_NODE": "2", "MAX_RESTARTS": "1"}, 0, 2)[
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in torchrun_environment({"NPROC_PER_NODE": "2"}, 0, 2)
+
+
+def test_the_exit_code_the_processes_agree_on(tmp_path):
+    assert agreed_exit_code(0, tmp_path) == 0
+    assert agreed_exit_code(1, tmp_path) == 1  # no process left a code (killed, or failed before it could)
+    (tmp_path / "rank-0").write_text("75")
+    (tmp_path / "rank-1").write_text("75")
+    assert agreed_exit_code(1, tmp_path) == 75  # both saved a checkpoint after SIGTERM: "run again to resume"
+    (tmp_path / "rank-1").write_text("0")
+    assert agreed_exit_code(1, tmp_path) == 75
+    (tmp_path / "rank-1").write_text("3")
+    assert agreed_exit_code(1, tmp_path) == 1  # they disagree: torchrun's own code
 
 
 def _train(tiny_model, data, out, environ, *keys, **popen):
@@ -166,3 +179,37 @@ def test_accelerate_launchs_fp8_is_refused(monkeypatch):
     with pytest.raises(ConfigError, match=r"ACCELERATE_MIXED_PRECISION\): fp8 training is not built; launch with "
                                           "--mixed_precision bf16, fp16 or no"):
         load_config(None, ["model_name_or_path=m", "dataset=d", "do_train=true", "output_dir=o"])
+
+
+def _wait_for_steps(run, out: Path, steps: int) -> None:
+    deadline, log = time.monotonic() + 120, out / "trainer_log.jsonl"
+    while not log.is_file() or log.read_text().count('"loss"') < steps:
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C", "SIGKILL"])
+def test_a_signal_to_tuneforge_reaches_every_process_once(tiny_model, tmp_path, how):
+    """SIGTERM to `tuneforge train` (what a scheduler sends), or Ctrl-C in its terminal (SIGINT to its whole process
+    group): every process saves the step's checkpoint and stops, once, and the command exits 75 as one process
+    does (torchrun alone would exit 1; a Ctrl-C reaching the processes from the terminal and again from torchrun
+    would end them at once). SIGKILL, which tuneforge cannot pass on: torchrun, told by the kernel, stops the
+    processes the same way, leaving none behind."""
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(32))
+    keys = ["do_train=true", "max_steps=400", "save_steps=1000", "logging_steps=1", "per_device_train_batch_size=2"]
+    log = tmp_path / "run.log"
+    run = _train(tiny_model, data, tmp_path / "out", {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, *keys,
+                 stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)  # a terminal's group
+    _wait_for_steps(run, tmp_path / "out", 3)
+    workers = psutil.Process(run.pid).children(recursive=True)
+    if how == "Ctrl-C":
+        os.killpg(run.pid, signal.SIGINT)
+    else:
+        run.send_signal(getattr(signal, how))
+    assert run.wait(timeout=120) == (-signal.SIGKILL if how == "SIGKILL" else 75), log.read_text()[-3000:]
+    gone, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, log.read_text()[-3000:]
+    output, name = log.read_text(), "SIGINT" if how == "Ctrl-C" else "SIGTERM"
+    assert output.count(f"{name} received: saving a checkpoint after this step, then stopping") == 2  # once each
+    assert output.count(f"tuneforge: stopped: stopped by {name} after step ") == 2, output[-3000:]
+    assert [p.name for p in (tmp_path / "out").glob("checkpoint-*")], output[-3000:]

@@ -283,14 +283,18 @@ def entry() -> int:
         if environment is not None:
             os.execve(sys.executable, sys.orig_argv, environment)
         _start_torchrun_if_asked()
-    return main()
+    code = main()
+    if sys.argv[1:2] == ["train"]:
+        from .launch import report_exit_code
+
+        report_exit_code(code, os.environ)
+    return code
 
 
 def _start_torchrun_if_asked() -> None:
-    """Become torchrun when LLaMA-Factory's launch variables (or several GPUs) ask for several processes
-    (launch.py); torchrun then starts this command once per process. Replacing this process, rather than waiting
-    on a child, lets a scheduler's signals and the exit code pass straight between the user and torchrun."""
-    from .launch import LaunchError, launched, torchrun_command, torchrun_environment
+    """Run torchrun and exit with its processes' code when LLaMA-Factory's launch variables (or several GPUs) ask
+    for several processes (launch.py); torchrun then starts this command once per process."""
+    from .launch import LaunchError, launched, supervise, torchrun_command, torchrun_environment
 
     gpus = 0
     if not launched(os.environ):
@@ -311,7 +315,7 @@ def _start_torchrun_if_asked() -> None:
         sys.exit(2)
     command, line = launch
     print(line, file=sys.stderr, flush=True)
-    os.execve(command[0], command, torchrun_environment(os.environ, gpus, len(os.sched_getaffinity(0))))
+    sys.exit(supervise(command, torchrun_environment(os.environ, gpus, len(os.sched_getaffinity(0)))))
 
 
 if __name__ == "__main__":

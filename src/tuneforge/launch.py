@@ -7,13 +7,22 @@ environment variables LLaMA-Factory's launcher reads (docs/distributed.md):
   OPTIM_TORCH (default on; with GPUs: expandable CUDA segments and no NCCL record_stream, as LLaMA-Factory sets).
 
 A worker that dies is restarted with the others up to MAX_RESTARTS times, and the restarted run resumes from the
-output_dir's latest checkpoint, as any rerun of the same command does. Kept free of torch imports: cli.py imports it.
+output_dir's latest checkpoint, as any rerun of the same command does.
+
+`tuneforge train` stays the parent of torchrun (`supervise`): it hands torchrun the signals it gets, and exits with
+the code the processes agree on (75 after a SIGTERM that saved a checkpoint, 3 for non-finite values, ...; see
+train/faults.py), where torchrun itself would only say 1. Kept free of torch imports: cli.py imports it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Mapping
 
 from .config import ConfigError
@@ -140,4 +149,37 @@ def launcher_precision(environ: Mapping[str, str], bf16: bool, fp16: bool) -> tu
         chosen = "bf16" if bf16 else "fp16"
         return None, None if chosen == value else f"note: the config's `{chosen}: true` is used, not {where}"
     return value, f"note: training in {value}, from {where}: the config sets neither `bf16` nor `fp16`"
+
+
+EXIT_CODES = "TUNEFORGE_EXIT_CODES"  # the folder where each process started by `supervise` leaves its exit code
+
+
+def supervise(command: list[str], environ: Mapping[str, str]) -> int:
+    """Run torchrun in a session of its own, pass it SIGTERM, SIGINT and SIGHUP, and return the processes' exit
+    code (`agreed_exit_code`). Its own session keeps a terminal's Ctrl-C from reaching the processes twice (once
+    from the terminal, once from torchrun), which would end them at once instead of after saving a checkpoint."""
+    with tempfile.TemporaryDirectory(prefix="tuneforge-exit-") as folder:
+        child = subprocess.Popen(command, env={**environ, EXIT_CODES: folder}, start_new_session=True,
+                                 preexec_fn=_end_with_parent)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda number, frame: child.send_signal(number))
+        return agreed_exit_code(child.wait(), Path(folder))
+
+
+def _end_with_parent() -> None:
+    """In torchrun's process: SIGTERM when this supervisor dies (even by SIGKILL), so no training is left behind."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def agreed_exit_code(torchrun_code: int, folder: Path) -> int:
+    """torchrun's 0, or the one code the processes that left one agree on (`report_exit_code`), else torchrun's."""
+    codes = {int(path.read_text()) for path in folder.glob("rank-*")} - {0}
+    return codes.pop() if torchrun_code and len(codes) == 1 else torchrun_code
+
+
+def report_exit_code(code: int, environ: Mapping[str, str]) -> None:
+    """In a process `supervise` started: leave this process's exit code for the supervisor."""
+    if EXIT_CODES in environ and Path(environ[EXIT_CODES]).is_dir():
+        (Path(environ[EXIT_CODES]) / f"rank-{environ.get('RANK', '0')}").write_text(str(code))
 
