@@ -11,7 +11,8 @@ output_dir's latest checkpoint, as any rerun of the same command does.
 
 `tuneforge train` stays the parent of torchrun (`supervise`): it hands torchrun the signals it gets, and exits with
 the code the processes agree on (75 after a SIGTERM that saved a checkpoint, 3 for non-finite values, ...; see
-train/faults.py), where torchrun itself would only say 1. Kept free of torch imports: cli.py imports it.
+train/faults.py), where torchrun itself would only say 1. `launcher_precision` reads accelerate launch's mixed
+precision as transformers does. Kept free of torch imports: cli.py imports it.
 """
 
 from __future__ import annotations
@@ -182,4 +183,3 @@ def report_exit_code(code: int, environ: Mapping[str, str]) -> None:
     """In a process `supervise` started: leave this process's exit code for the supervisor."""
     if EXIT_CODES in environ and Path(environ[EXIT_CODES]).is_dir():
         (Path(environ[EXIT_CODES]) / f"rank-{environ.get('RANK', '0')}").write_text(str(code))
-
