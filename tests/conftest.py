@@ -143,7 +143,7 @@ def check_same_lora_run(base: str, sharded: Path, one: Path) -> None:
     alike; the sharded run's adapter loads in plain PEFT."""
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     a, b = (load_file(run / "adapter_model.safetensors") for run in (sharded, one))
     lora_b = {k: v for k, v in b.items() if "lora_B" in k}  # lora_A does not move from its random start by much
@@ -152,7 +152,9 @@ def check_same_lora_run(base: str, sharded: Path, one: Path) -> None:
     # measured equal to all 16 digits; counting the second process's padding batch measured 4e-6 off (this barely
     # trained model gives every row a per-token loss near log(vocab)), so 1e-6
     assert sharded_eval["eval_loss"] == pytest.approx(one_eval["eval_loss"], rel=1e-6)
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), sharded)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(sharded)))  # as a user does for added tokens
+    PeftModel.from_pretrained(model, sharded)
 
 
 def gate_problems(tmp_path: Path, **keys) -> str:

@@ -118,8 +118,9 @@ def _split_own_flags(args: list[str], own: dict[str, argparse.Action]) -> tuple[
 
 def _load(path, overrides, validate_for):
     cfg = load_config(path, overrides, validate_for=validate_for)
-    for line in notices(cfg):
-        print(f"tuneforge: {line}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # one process of a torchrun or accelerate launch says them
+        for line in notices(cfg):
+            print(f"tuneforge: {line}", file=sys.stderr)
     return cfg
 
 

@@ -239,11 +239,12 @@ def load_config(path: str | None, overrides: list[str] | None = None, validate_f
                        cli_values=parse_overrides(overrides or []))
     if validate_for == "train":
         from .launch import launcher_precision
+        from .train.sharding import adopt_accelerate_fsdp
 
         key, note = launcher_precision(os.environ, cfg.train.bf16, cfg.train.fp16)
         if key:
             setattr(cfg.train, key, True)
-        cfg.notes += (note,) if note else ()
+        cfg.notes += ((note,) if note else ()) + tuple(adopt_accelerate_fsdp(cfg.train, os.environ))
     if validate_for:
         validate(cfg, validate_for)
     return cfg

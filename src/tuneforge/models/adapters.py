@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -171,7 +172,11 @@ def _load_adapter(model, path: str, is_trainable: bool):
 
     _check_adapter_folder(path)
     try:
-        return PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
+        with warnings.catch_warnings():
+            if next(model.parameters()).is_meta:  # an empty model (FSDP's cpu_ram_efficient_loading) reads no
+                # weights: its values, the adapter's included, come from the main process when it is sharded
+                warnings.filterwarnings("ignore", message="for .*: copying from a non-meta parameter")
+            return PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
     except (OSError, ValueError) as err:
         if Path(path).exists():
             raise

@@ -211,10 +211,12 @@ def _attn_implementation(flash_attn: str) -> str | None:
 
 
 def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None,
-                    cutoff_len: int = 0, training: bool = False):
+                    cutoff_len: int = 0, training: bool = False, empty: bool = False):
     """The causal LM with its weights in `dtype`; with `compute_dtype` and `quantization_bit` set, its linear
     layers quantised by bitsandbytes and multiplying in `compute_dtype` (QLoRA's base; see quantization_config).
-    `cutoff_len`, `training`: the inputs' length and use, which `rope_scaling` scales positions for (rope.py)."""
+    `cutoff_len`, `training`: the inputs' length and use, which `rope_scaling` scales positions for (rope.py).
+    `empty`: the parameters on the meta device, unread (FSDP's cpu_ram_efficient_loading: the main process sends
+    them); buffers are computed as usual."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(model_args.model_name_or_path)
@@ -230,10 +232,16 @@ def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtyp
     attention = _attn_implementation(model_args.flash_attn)
     try:
         config = AutoConfig.from_pretrained(path, **hub) \
-            if model_args.train_from_scratch or model_args.rope_scaling else None
+            if model_args.train_from_scratch or model_args.rope_scaling or empty else None
         if model_args.rope_scaling:
             print(f"[tuneforge] {rope.scale(config, model_args.rope_scaling, cutoff_len, training)}", file=sys.stderr)
-        if model_args.train_from_scratch:
+        if empty:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+            model.tie_weights()  # (on the meta device transformers leaves tied embeddings apart)
+        elif model_args.train_from_scratch:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,

@@ -160,6 +160,8 @@ def grow_embeddings(model, model_args) -> list[int]:
                              "cannot grow; remove the new tokens")
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the rows are set below
     matrices = [model.get_input_embeddings().weight]
+    if matrices[0].is_meta:  # an empty model (load_base_model's `empty`) gets its rows' values with the rest
+        return targets
     if not _tied(model):
         matrices.append(model.get_output_embeddings().weight)
     old = min(known, rows)  # the rows of tokens the model was trained with

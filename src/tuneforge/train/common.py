@@ -30,6 +30,9 @@ def make_accelerator(t):
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     _check_gpus_per_process()
+    # the config read an accelerate FSDP config into `fsdp` (sharding.adopt_accelerate_fsdp); left set, this would
+    # have accelerate build a plugin of its own from the FSDP_* variables, which wants a GPU for FSDP1's state sync
+    os.environ.pop("ACCELERATE_USE_FSDP", None)
     if processes > 1:
         # its functions default to `group=group.WORLD`, evaluated at import: imported once the process group has
         # started (FSDP's imports do), they would hold that group past destroy_process_group, and a rank could
@@ -72,17 +75,19 @@ def guard_output_dir(cfg, accelerator) -> str | None:
 def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = False):
     """The base model with what trains set up (or, for inference and references, adapters merged in)."""
     t, f = cfg.train, cfg.finetune
+    fsdp = sharding.fsdp_settings(t)
+    empty = not reference and sharding.sent_by_main_process(fsdp, accelerator)
     model = load_base_model(cfg.model, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32,
                             compute_dtype=compute_dtype(cfg, accelerator.device), cutoff_len=cfg.data.cutoff_len,
-                            training=True)
+                            training=True, empty=empty)
     if not t.do_train or reference:
         return attach_adapters(model, cfg.model, f, is_trainable=False).eval()
     keep_quantized_layers_differentiable(model)
     if cfg.model.upcast_layernorm:
         upcast_layernorms(model)
-    fsdp = sharding.fsdp_settings(t)  # fsdp_config's activation_checkpointing recomputes the same layers
+    # fsdp_config's activation_checkpointing recomputes the same layers
     apply_gradient_checkpointing(model, t, cfg.model, requested=bool(fsdp and fsdp.activation_checkpointing))
-    if packed:
+    if packed and not empty:  # (the main process checks the weights it sends)
         check_packing_support(full_precision_twin(model) if cfg.model.quantization_bit else model)
     model = setup_trainable(model, cfg.model, f)
     if t.torch_compile:
@@ -141,7 +146,9 @@ def train_and_evaluate(cfg, module, tokenizer, train_data, eval_rows: list[dict]
     results, final = {}, None
     collator = collator or PadCollator(tokenizer.pad_token_id)
     if evaluation is None and eval_rows:
-        evaluation = RowsEvaluation(module.to(accelerator.device), eval_rows, collator,
+        # (an empty module, cpu_ram_efficient_loading's, gets its weights on its device when it is sharded)
+        empty = next(module.parameters()).is_meta
+        evaluation = RowsEvaluation(module if empty else module.to(accelerator.device), eval_rows, collator,
                                     cfg.train.per_device_eval_batch_size, accelerator,
                                     Precision(cfg.train, accelerator.device))
     if cfg.train.do_train:

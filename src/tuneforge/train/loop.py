@@ -258,9 +258,10 @@ def _log_interval(interval: "_Interval", state, log: RunLog, epoch: float, lr: f
 def _start(cfg, module, source, accelerator, resume_from: str | None, identity: dict, total_steps: int):
     """(the module as training runs it, optimizer, scheduler, trainer state): fresh, or as checkpoint
     `resume_from` left them."""
-    if resume_from:  # the weights go in before sharding splits them
+    if resume_from:  # the weights go in before sharding splits them (or the main process sends them)
         ckpt.check_identity(resume_from, identity)
-        ckpt.load_weights(resume_from, module)
+        if not sharding.sent_by_main_process(sharding.fsdp_settings(cfg.train), accelerator):
+            ckpt.load_weights(resume_from, module)
     inner = module
     module, optimizer = _distribute(module, cfg.train, cfg.finetune, accelerator)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)

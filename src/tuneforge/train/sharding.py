@@ -7,6 +7,8 @@ on the same global batch. Who shards: on GPUs, accelerate (its FullyShardedDataP
 MULTI_CPU mode, which wraps models in DDP), so on CPUs the same settings go to torch's own FSDP2 `fully_shard`, the
 function accelerate calls on GPUs: one unit per decoder layer, then the whole model. Checkpoints are always full
 state dicts gathered on the main process (normal model files), so they resume at any world size, FSDP or not.
+An accelerate config with `distributed_type: FSDP` (LLaMA-Factory's examples/accelerate/fsdp*_config.yaml) reaches
+the processes as FSDP_* variables, which become the run's `fsdp` and `fsdp_config` when the YAML has no `fsdp`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class FsdpSettings:
     wrap_classes: list[str] | None = None  # the layer classes auto_wrap shards; None: the model's _no_split_modules
     offload: bool = False  # keep sharded weights in CPU memory between uses (GPUs only)
     activation_checkpointing: bool = False  # recompute each layer in the backward (as gradient_checkpointing)
+    # only the main process reads the weights; the others build the model empty and get them when it is sharded
+    ram_efficient_loading: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -59,7 +63,7 @@ def fsdp_settings(t) -> FsdpSettings | None:
             raise ConfigError(f"`fsdp: {t.fsdp}`: unknown option {word!r}; use true, or full_shard / shard_grad_op "
                               "optionally with auto_wrap and offload (e.g. `fsdp: full_shard auto_wrap`)")
     for key, value in _fsdp_config(t.fsdp_config).items():
-        _apply_fsdp_key(s, key, value)
+        _apply_fsdp_key(s, key, value, f"fsdp_config `{key}: {value}`")
     if t.fsdp_transformer_layer_cls_to_wrap:
         s.wrap_classes = _names(t.fsdp_transformer_layer_cls_to_wrap)
     return s
@@ -76,12 +80,65 @@ def _fsdp_config(value) -> dict:
     return {key.removeprefix("fsdp_"): item for key, item in config.items()}
 
 
-def _apply_fsdp_key(s: FsdpSettings, key: str, value) -> None:
-    where = f"fsdp_config `{key}: {value}`"
+# accelerate launch's FSDP_* variables (accelerate/utils/launch.py) -> the fsdp_config keys they stand for. It sets
+# some for every launch whatever they apply to, so those are not read: FSDP1's own switches (BACKWARD_PREFETCH,
+# FORWARD_PREFETCH, USE_ORIG_PARAMS, SYNC_MODULE_STATES; the version's note covers them) and MIN_NUM_PARAMS (only
+# size-based wrapping, refused by its policy, reads it).
+ACCELERATE_FSDP = {"VERSION": "version", "OFFLOAD_PARAMS": "offload_params", "AUTO_WRAP_POLICY": "auto_wrap_policy",
+                   "TRANSFORMER_CLS_TO_WRAP": "transformer_layer_cls_to_wrap", "STATE_DICT_TYPE": "state_dict_type",
+                   "CPU_RAM_EFFICIENT_LOADING": "cpu_ram_efficient_loading",
+                   "ACTIVATION_CHECKPOINTING": "activation_checkpointing",
+                   "ACTIVATION_CHECKPOINTING_OFFLOAD": "activation_checkpointing_offload",
+                   "IGNORED_MODULES": "ignored_modules"}
+FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")  # 1..5
+
+
+def adopt_accelerate_fsdp(t, environ) -> list[str]:
+    """An accelerate config with `distributed_type: FSDP` becomes the run's `fsdp` and `fsdp_config` when the YAML
+    sets no `fsdp` (so its checkpoints record it); the notes to print. Called once, when the config loads."""
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return []
+    if t.fsdp:
+        return ["note: the YAML's `fsdp` applies, not the FSDP settings of accelerate's config"]
+    s = from_accelerate(environ)
+    t.fsdp = ("full_shard" if s.reshard_after_forward else "shard_grad_op") + (" offload" if s.offload else "")
+    t.fsdp_config = {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP" if s.auto_wrap else "NO_WRAP",
+                     "cpu_ram_efficient_loading": s.ram_efficient_loading,
+                     "activation_checkpointing": s.activation_checkpointing,
+                     **({"transformer_layer_cls_to_wrap": s.wrap_classes} if s.wrap_classes else {})}
+    return [*s.notes, f"note: sharding as accelerate's config asks: fsdp: {t.fsdp}, fsdp_config: {t.fsdp_config}"]
+
+
+def from_accelerate(environ) -> FsdpSettings:
+    """The settings of an accelerate config with `distributed_type: FSDP`, as `accelerate launch` passes them to
+    the processes (ACCELERATE_USE_FSDP, FSDP_*), read with accelerate's defaults (no wrapping unless a policy is
+    named)."""
+    s = FsdpSettings(auto_wrap=False)
+    for name, key in ACCELERATE_FSDP.items():
+        if f"FSDP_{name}" in environ:
+            value = environ[f"FSDP_{name}"]
+            _apply_fsdp_key(s, key, value, f"accelerate's FSDP_{name}={value}")
+    if environ.get("FSDP_VERSION", "1") == "1":  # FSDP1 shards by strategy; FSDP2 by RESHARD_AFTER_FORWARD
+        strategy = environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+        word = FSDP1_STRATEGIES[int(strategy) - 1] if strategy in ("1", "2", "3", "4", "5") else strategy
+        if word not in FSDP1_STRATEGIES[:2]:
+            raise ConfigError(f"accelerate's fsdp_sharding_strategy {strategy}: use FULL_SHARD or SHARD_GRAD_OP "
+                              "(NO_SHARD is plain DDP: use a multi-GPU config; hybrid sharding is not built)")
+        s.reshard_after_forward = word == "FULL_SHARD"
+    elif "FSDP_RESHARD_AFTER_FORWARD" in environ:
+        value = environ["FSDP_RESHARD_AFTER_FORWARD"]
+        s.reshard_after_forward = _bool(value, f"accelerate's FSDP_RESHARD_AFTER_FORWARD={value}")
+    return s
+
+
+def _apply_fsdp_key(s: FsdpSettings, key: str, value, where: str) -> None:
     if key == "version":
-        if int(value) != 2:
-            raise ConfigError(f"{where}: tuneforge runs FSDP2 (torch's fully_shard), not FSDP1; set fsdp_version: 2 "
-                              "or remove it")
+        if str(value) not in ("1", "2"):
+            raise ConfigError(f"{where}: FSDP's versions are 1 and 2")
+        if str(value) == "1":
+            s.notes.append(f"note: {where} asks for FSDP1; tuneforge runs FSDP2 (torch's fully_shard), which makes "
+                           "the same updates; FSDP1's own switches (prefetching, use_orig_params, "
+                           "sync_module_states) have no FSDP2 counterpart")
     elif key == "transformer_layer_cls_to_wrap":
         s.wrap_classes = _names(value)
     elif key == "auto_wrap_policy":
@@ -102,10 +159,12 @@ def _apply_fsdp_key(s: FsdpSettings, key: str, value) -> None:
         if str(value).upper() != "FULL_STATE_DICT":
             raise ConfigError(f"{where}: tuneforge saves full state dicts only (normal model files, gathered on the "
                               "main process, which resume at any world size); set FULL_STATE_DICT or remove it")
-    elif key == "cpu_ram_efficient_loading" or key.startswith("xla"):
-        if _bool(value, where) if not isinstance(value, dict) else value:
-            raise ConfigError(f"{where}: not built (every process loads the model, then FSDP shards it; XLA / TPU "
-                              "is not targeted); remove it")
+    elif key == "cpu_ram_efficient_loading":
+        s.ram_efficient_loading = _bool(value, where)
+    elif key in ("activation_checkpointing_offload", "ignored_modules") or key.startswith("xla"):
+        if value and (isinstance(value, dict) or str(value).lower() not in ("false", "none")):
+            raise ConfigError(f"{where}: not built (offloading recomputed activations, modules left unsharded, "
+                              "XLA / TPU); remove it")
     elif key in FSDP1_ONLY:
         s.notes.append(f"note: fsdp_config `{key}` is an FSDP1 setting; FSDP2, which tuneforge runs, has none "
                        "(it always shards the original parameters)")
@@ -179,11 +238,10 @@ def _read(read, t, out: list[str]):
 def accelerator_kwargs(t) -> dict:
     """What accelerate's Accelerator needs for sharding on GPUs (on CPUs, `shard` below does it)."""
     fsdp = fsdp_settings(t)
-    for variable, key in (("ACCELERATE_USE_FSDP", "fsdp"), ("ACCELERATE_USE_DEEPSPEED", "deepspeed")):
-        if os.environ.get(variable, "").lower() == "true" and not getattr(t, key):
-            raise ConfigError(f"the accelerate config asks for {key} ({variable}); tuneforge reads sharding from "
-                              f"its own YAML: use a plain multi-GPU accelerate config and set `{key}` in the YAML "
-                              "(docs/distributed.md)")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not t.deepspeed:
+        raise ConfigError("the accelerate config asks for deepspeed (ACCELERATE_USE_DEEPSPEED); tuneforge reads "
+                          "DeepSpeed's settings from its own YAML: use a plain multi-GPU accelerate config and set "
+                          "`deepspeed: ds_config.json` in the YAML (docs/distributed.md)")
     if not fsdp or not torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return {}  # one process: nothing to shard (accelerate would still want the model in FSDP form)
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -191,7 +249,16 @@ def accelerator_kwargs(t) -> dict:
     return {"fsdp_plugin": FullyShardedDataParallelPlugin(
         fsdp_version=2, reshard_after_forward=fsdp.reshard_after_forward, cpu_offload=fsdp.offload,
         auto_wrap_policy="transformer_based_wrap" if fsdp.auto_wrap else "no_wrap",
-        transformer_cls_names_to_wrap=fsdp.wrap_classes, state_dict_type="FULL_STATE_DICT")}  # (checkpointing: ours)
+        transformer_cls_names_to_wrap=fsdp.wrap_classes, state_dict_type="FULL_STATE_DICT",  # (checkpoints: ours)
+        cpu_ram_efficient_loading=fsdp.ram_efficient_loading,
+        activation_checkpointing=False)}  # prepare_model recomputes layers (else accelerate would read FSDP_*)
+
+
+def sent_by_main_process(fsdp: FsdpSettings | None, accelerator) -> bool:
+    """Whether this process builds the model empty and gets its weights from the main process when it is sharded
+    (cpu_ram_efficient_loading), rather than reading them itself."""
+    return bool(fsdp and fsdp.ram_efficient_loading and accelerator.num_processes > 1
+                and not accelerator.is_main_process)
 
 
 def is_sharded(module) -> bool:
@@ -220,15 +287,32 @@ def shard(module, fsdp: FsdpSettings, accelerator, make_optimizer):
         return accelerator.prepare(module, make_optimizer(module))
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    # the main process's weights, held until sent: fully_shard replaces each parameter by this process's shard
+    weights = module.state_dict() if fsdp.ram_efficient_loading and accelerator.is_main_process else {}
     options = {"reshard_after_forward": fsdp.reshard_after_forward,
                "offload_policy": CPUOffloadPolicy() if fsdp.offload else OffloadPolicy()}
     layers = [m for m in module.modules() if type(m).__name__ in classes] if fsdp.auto_wrap else []
     for layer in layers:
         fully_shard(layer, **options)
     fully_shard(module, **options)
+    if fsdp.ram_efficient_loading:
+        _send_weights(module, weights, accelerator)
     accelerator.print(f"[tuneforge] fsdp: sharded across {accelerator.num_processes} processes "
-                      f"({len(layers)} layer units and the root)")
+                      f"({len(layers)} layer units and the root)"
+                      + (", weights read by the main process only" if fsdp.ram_efficient_loading else ""))
     return module, make_optimizer(module)  # after sharding: it steps the sharded parameters
+
+
+def _send_weights(module, weights: dict, accelerator) -> None:
+    """cpu_ram_efficient_loading: each process's shards of the main process's `weights` (the others' parameters
+    are empty until now), and the main process's buffers, which no state dict carries when non-persistent."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not accelerator.is_main_process:
+        module.to_empty(device=accelerator.device)
+    set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in module.buffers():
+        torch.distributed.broadcast(buffer, src=0)
 
 
 def full_state(module, optimizer, with_optimizer: bool = True) -> tuple[dict, dict | None]:
