@@ -40,6 +40,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         print(json.dumps({**settings, "requests": requests, "tokens": len(tokens), "seconds": round(seconds, 2),
                           "tokens_per_s": round(len(tokens) / seconds, 1)}))
+    batcher.close()
 
 
 if __name__ == "__main__":

@@ -263,6 +263,25 @@ def test_batched_greedy_equals_one_at_a_time_and_cancel_frees_row(tmp_path):
     assert len(cancelled[0]) == 3 and len(cancelled[1]) == 3
 
 
+def test_close_decodes_what_was_submitted_then_stops_the_worker(tmp_path):
+    """close() lets every submitted request finish, then joins the worker, so nothing of it runs while the
+    process exits (bench/batcher_speed.py aborted at exit on CUDA with the worker left running)."""
+    tokenizer = build_tokenizer(tmp_path)
+    batcher = Batcher(build_llama(tmp_path, len(tokenizer)).eval(), tokenizer.pad_token_id, stop_ids=[],
+                      max_batch=2, gather_s=0)
+    counts, ended = [0, 0, 0], []
+    for i in range(3):  # 3 requests for batches of 2: the third waits in the queue when close() is called
+        def emit(token, finish, i=i):
+            counts[i] += token is not None
+            ended.append(finish) if finish else None
+        batcher.submit(GenRequest(prompt=tokenizer.encode("Who"), max_tokens=6, temperature=0, top_p=1, seed=None,
+                                  emit=emit))
+    batcher.close()
+    assert not batcher.worker.is_alive() and counts == [6, 6, 6] and ended == ["length"] * 3
+    with pytest.raises(RuntimeError, match="the batcher is closed"):
+        batcher.submit(GenRequest(prompt=[1], max_tokens=1, temperature=0, top_p=1, seed=None, emit=print))
+
+
 def test_decoding_settings_match_transformers():
     """repetition_penalty, temperature, top_k and top_p filter the logits as Hugging Face generate's processors do,
     so the API server decodes as `tuneforge chat` does with the same config."""

@@ -446,4 +446,7 @@ def serve(cfg) -> None:
     if hint := decode_dtype_hint(cfg.model):
         print(f"[tuneforge] {hint}", flush=True)
     max_body = int(os.environ.get("API_MAX_BODY_BYTES", MAX_BODY))
-    uvicorn.run(create_app(server, max_body), host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(create_app(server, max_body), host=host, port=port, log_level="warning")
+    finally:
+        server.batcher.close()

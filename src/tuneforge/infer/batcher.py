@@ -57,30 +57,44 @@ class Batcher:
     def __init__(self, model, pad_id: int, stop_ids: list[int], max_batch: int = 8, gather_s: float = 0.02):
         self.model, self.pad_id, self.stop_ids = model, pad_id, set(stop_ids)
         self.max_batch, self.gather_s = max_batch, gather_s
-        self.waiting: queue.Queue[GenRequest] = queue.Queue()
+        self.waiting: queue.Queue[GenRequest | None] = queue.Queue()  # None: close() asks the worker to stop
         self.device = next(model.parameters()).device
-        threading.Thread(target=self._work, name="tuneforge-batcher", daemon=True).start()
+        self.closed = False
+        self.worker = threading.Thread(target=self._work, name="tuneforge-batcher", daemon=True)
+        self.worker.start()
 
     def submit(self, request: GenRequest) -> None:
+        if self.closed:
+            raise RuntimeError("the batcher is closed: the server is shutting down")
         self.waiting.put(request)
+
+    def close(self) -> None:
+        """Decode what was submitted, then stop the worker and wait for it. Call it before the process exits: a
+        daemon thread still releasing a batch's tensors while the interpreter (and CUDA) shut down can abort it."""
+        self.closed = True
+        self.waiting.put(None)
+        self.worker.join()
 
     def _work(self) -> None:
         while True:
             batch = [self.waiting.get()]
             # a short wait lets requests sent at the same moment share the batch
             deadline = time.monotonic() + self.gather_s
-            while len(batch) < self.max_batch:
+            while len(batch) < self.max_batch and batch[-1] is not None:
                 try:
                     batch.append(self.waiting.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            batch = [r for r in batch if not r.cancelled.is_set()]
+            closing = batch[-1] is None
+            batch = [r for r in batch if r is not None and not r.cancelled.is_set()]
             try:
                 if batch:
                     self._decode(batch)
             except Exception as err:  # noqa: BLE001 - the server must outlive one failed batch; clients hear why
                 for request in batch:
                     request.emit(None, f"error: {type(err).__name__}: {err}")
+            if closing:
+                return
 
     @torch.no_grad()
     def _decode(self, batch: list[GenRequest]) -> None:
