@@ -1,6 +1,7 @@
 """FSDP in real torchrun processes (gloo on CPU): two sharded processes give the same weights as one process on the
 same global batch, their checkpoints are normal model files that resume at another world size, and the sharding
-keys fail with one line when they cannot work. DeepSpeed: tests/test_deepspeed.py."""
+keys fail with one line when they cannot work; LLaMA-Factory's accelerate FSDP configs under `accelerate launch`,
+where only the main process reads the weights. DeepSpeed: tests/test_deepspeed.py."""
 
 import json
 import shutil
