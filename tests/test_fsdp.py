@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import (LOGGED_LOSS, SHARDED_GAP, alpaca_rows, check_same_lora_run, gate_problems, read_log,
                       relative_update_gap, write_jsonl)
 from safetensors.torch import load_file, save_file
@@ -155,6 +156,22 @@ def test_llamafactory_fsdp2_config_with_lora_and_new_tokens(tiny_model, tmp_path
     assert "weights read by the main process only" in sharded.stdout
     _train([*common, *ONE, f"output_dir={tmp_path / 'one'}"])
     check_same_lora_run(tiny_model, tmp_path / "fsdp", tmp_path / "one")
+
+
+@needs_torchrun
+def test_dpo_with_its_reference_loads_in_the_main_process_only(tiny_model, tmp_path):
+    # DPO's full fine-tuning holds the trained model (empty in the second process) beside a full reference model
+    rows = [{"instruction": f"Tell me about topic {i}.", "chosen": "Sure! Here is a fact." * (1 + i % 3),
+             "rejected": "No." * (1 + i % 2)} for i in range(16)]
+    common = _common(tiny_model, str(write_jsonl(tmp_path / "p.jsonl", rows)), stage="dpo", finetuning_type="full")
+    runs = {}
+    for efficient in (True, False):
+        config = _accelerate_fsdp_config(tmp_path / f"{efficient}.yaml",
+                                         {**LF_FSDP1, "fsdp_cpu_ram_efficient_loading": efficient})
+        _accelerate_launch(config, [*common, *FSDP[1:], f"output_dir={tmp_path / str(efficient)}"])
+        runs[efficient] = load_file(tmp_path / str(efficient) / "model.safetensors")
+    # the same processes computing the same sharded steps: only where the starting weights were read differs
+    assert all(torch.equal(runs[True][k], runs[False][k]) for k in runs[False])
 
 
 def test_accelerate_fsdp_variables_read_as_the_yaml_keys(monkeypatch):

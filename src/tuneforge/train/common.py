@@ -96,6 +96,12 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
     return model
 
 
+def on_device(module, device: torch.device):
+    """`module` moved to `device`, unless part of it is empty (cpu_ram_efficient_loading): sharding then places it
+    and fills it with the main process's weights."""
+    return module if any(p.is_meta for p in module.parameters()) else module.to(device)
+
+
 def upcast_layernorms(model) -> None:
     """upcast_layernorm: the normalisation weights in fp32, chosen as LLaMA-Factory chooses them (1-D, with "norm"
     or "ln" in the name)."""
@@ -146,9 +152,7 @@ def train_and_evaluate(cfg, module, tokenizer, train_data, eval_rows: list[dict]
     results, final = {}, None
     collator = collator or PadCollator(tokenizer.pad_token_id)
     if evaluation is None and eval_rows:
-        # (an empty module, cpu_ram_efficient_loading's, gets its weights on its device when it is sharded)
-        empty = next(module.parameters()).is_meta
-        evaluation = RowsEvaluation(module if empty else module.to(accelerator.device), eval_rows, collator,
+        evaluation = RowsEvaluation(on_device(module, accelerator.device), eval_rows, collator,
                                     cfg.train.per_device_eval_batch_size, accelerator,
                                     Precision(cfg.train, accelerator.device))
     if cfg.train.do_train:

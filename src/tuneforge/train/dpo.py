@@ -12,7 +12,7 @@ import torch
 
 from ..data import prepare_preference_data
 from ..data.collate import PairCollator
-from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
+from .common import guard_output_dir, on_device, prepare_model, reference_model, start, train_and_evaluate
 from .losses import bco_loss, decoder_and_head, dpo_family_loss, reference_log_probs, sequence_log_probs, uses_average
 from .stages import refuse_packing, unused_reference
 
@@ -149,7 +149,7 @@ def run(cfg) -> dict:
     resume = guard_output_dir(cfg, accelerator)
     model = prepare_model(cfg, accelerator)
     reference = reference_model(cfg, accelerator.device, needed=f.pref_loss not in REFERENCE_FREE)
-    module = PreferenceLoss(model, f, reference).to(accelerator.device)
+    module = on_device(PreferenceLoss(model, f, reference), accelerator.device)
     collator = PairCollator(tokenizer.pad_token_id)
     accelerator.print(f"[tuneforge] {len(train_rows)} training and {len(eval_rows)} evaluation pairs; "
                       f"pref_loss {f.pref_loss}, reference: {_describe_reference(module, f)}")

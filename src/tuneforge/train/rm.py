@@ -12,7 +12,7 @@ import torch
 from ..data import prepare_preference_data
 from ..data.collate import PairCollator
 from .checkpoint import load_extra_weights
-from .common import guard_output_dir, prepare_model, start, train_and_evaluate
+from .common import guard_output_dir, on_device, prepare_model, start, train_and_evaluate
 from .losses import pairwise_reward_loss
 from .stages import refuse_packing, unused_reference
 
@@ -98,7 +98,7 @@ def run(cfg) -> dict:
     train_rows, eval_rows, _ = prepare_preference_data(cfg, tokenizer)
     resume = guard_output_dir(cfg, accelerator)
     if t.do_train:
-        module = RewardLoss(prepare_model(cfg, accelerator)).to(accelerator.device)
+        module = on_device(RewardLoss(prepare_model(cfg, accelerator)), accelerator.device)
     else:
         module = load_reward_model(cfg, accelerator).to(accelerator.device)
     collator = PairCollator(tokenizer.pad_token_id)
