@@ -74,6 +74,10 @@ class Batcher:
         self.closed = True
         self.waiting.put(None)
         self.worker.join()
+        while not self.waiting.empty():  # submitted as close() began, after the worker's last batch
+            request = self.waiting.get()
+            if request is not None:
+                request.emit(None, "error: the server is shutting down")
 
     def _work(self) -> None:
         while True:

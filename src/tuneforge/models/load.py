@@ -220,7 +220,8 @@ def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtyp
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(model_args.model_name_or_path)
-    if dtype == torch.bfloat16 and not model_args.quantization_bit and not model_args.train_from_scratch:
+    # (an empty model reads only the config: making the copy would load the whole model here)
+    if dtype == torch.bfloat16 and not (model_args.quantization_bit or model_args.train_from_scratch or empty):
         path = str(_bf16_copy(Path(path)))
     hub = dict(trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
                revision=model_args.model_revision, token=model_args.hf_hub_token)
