@@ -137,6 +137,10 @@ def test_a_bare_no_is_the_choice_no(tmp_path):
     ("early_stopping_steps=3 val_size=0.1", "`early_stopping_steps` needs evaluations during training"),
     ("report_to=comet_ml", "`report_to: comet_ml` is not supported; use tensorboard, wandb, mlflow"),
     ("stage=cls torch_compile=true", "`torch_compile` is not supported for stage cls yet"),
+    ("stage=cls torch_compile_backend=eager", "`torch_compile` is not supported for stage cls yet"),  # HF: implies
+    ("torch_compile_backend=eager torch_compile_mode=max-autotune", "`torch_compile_mode: max-autotune` is an "
+                                                                    "inductor mode; backend eager takes none"),
+    ("torch_compile_backend=tvm", "`torch_compile_backend` must be one of inductor, aot_eager, eager; got 'tvm'"),
     ("stage=dpo compute_accuracy=true", "`compute_accuracy` is token accuracy for stages pt and sft"),
     ("group_by_length=true packing=true", "packed rows all share \\(about cutoff_len\\): set `packing: false`"),
     ("group_by_length=true stage=pt packing=false", "stage pt's blocks of cutoff_len tokens all share: remove"),
@@ -151,6 +155,24 @@ def test_conflicts_are_explained(tmp_path, override, message):
     path.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\ndo_train: true\n")
     with pytest.raises(ConfigError, match=message):
         load_config(str(path), override.split())
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_modes_that_capture_cuda_graphs_are_refused_on_a_gpu_only(monkeypatch, mode):
+    """Naming a backend or mode turns torch_compile on (HF's rule). Inductor applies CUDA graphs to CUDA kernels
+    only, so on a CPU these modes compile as their no-cudagraphs forms; on a GPU they are not built."""
+    import tuneforge.config as config_module
+    from tuneforge.config import problems
+
+    values = {"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "do_train": True,
+              "torch_compile_mode": mode}
+    assert build_config(values).train.torch_compile is True
+    monkeypatch.setattr(config_module, "_cuda_available", lambda: False)
+    assert problems(build_config(values)) == []
+    monkeypatch.setattr(config_module, "_cuda_available", lambda: True)
+    assert problems(build_config(values)) == [
+        f"`torch_compile_mode: {mode}` captures CUDA graphs, which tuneforge's layer-wise compile in training does "
+        "not support yet: set max-autotune-no-cudagraphs or default"]
 
 
 @pytest.mark.parametrize("command", ["train", "chat", "export", "eval"])

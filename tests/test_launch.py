@@ -181,6 +181,95 @@ def test_accelerate_launchs_fp8_is_refused(monkeypatch):
         load_config(None, ["model_name_or_path=m", "dataset=d", "do_train=true", "output_dir=o"])
 
 
+COMPILE_NOTE = ("note: each decoder layer is compiled with {}, mode {}, from accelerate's dynamo backend {} "
+                "(ACCELERATE_DYNAMO_BACKEND): tuneforge compiles layer by layer with dynamic shapes (torch_compile), "
+                "whatever accelerate's fullgraph and dynamic settings say")
+
+
+@pytest.mark.parametrize("backend, mode, keys, compiled, note", [
+    # accelerate launch --dynamo_backend inductor --dynamo_mode max-autotune-no-cudagraphs (or its dynamo_config)
+    ("INDUCTOR", "max-autotune-no-cudagraphs", [], (True, "inductor", "max-autotune-no-cudagraphs"),
+     COMPILE_NOTE.format("inductor", "max-autotune-no-cudagraphs", "inductor")),
+    ("EAGER", "default", [], (True, "eager", "default"), COMPILE_NOTE.format("eager", "default", "eager")),
+    ("INDUCTOR", "default", ["torch_compile=true"], (True, None, None),
+     "note: the config's torch_compile settings are used, not accelerate's dynamo backend inductor "
+     "(ACCELERATE_DYNAMO_BACKEND)"),
+    ("NO", "default", [], (False, None, None), None),
+])
+def test_accelerate_launchs_dynamo_backend_compiles_the_layers(monkeypatch, backend, mode, keys, compiled, note):
+    from tuneforge.config import load_config, notices
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", backend)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", mode)
+    cfg = load_config(None, ["model_name_or_path=m", "dataset=d", "do_train=true", "output_dir=o", *keys])
+    assert (cfg.train.torch_compile, cfg.train.torch_compile_backend, cfg.train.torch_compile_mode) == compiled
+    assert [n for n in notices(cfg) if "ACCELERATE_DYNAMO" in n] == ([note] if note else [])
+
+
+@pytest.mark.parametrize("backend, mode, message", [
+    ("TVM", "default", r"accelerate's dynamo backend tvm \(ACCELERATE_DYNAMO_BACKEND\): compiling with tvm is not "
+                       "built; launch with --dynamo_backend inductor, aot_eager, eager or no"),
+    ("INDUCTOR", "fastest", r"accelerate's dynamo mode fastest \(ACCELERATE_DYNAMO_MODE\) is no torch.compile mode"),
+])
+def test_accelerate_launchs_other_dynamo_settings_are_refused(monkeypatch, backend, mode, message):
+    from tuneforge.config import ConfigError, load_config
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", backend)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", mode)
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model_name_or_path=m", "dataset=d", "do_train=true", "output_dir=o"])
+
+
+def test_accelerate_does_not_compile_the_whole_model_over_the_compiled_layers(monkeypatch):
+    """The dynamo variables became torch_compile (above); accelerate, which reads them too, must not also wrap the
+    model in a whole-model torch.compile when it prepares it."""
+    import torch
+    from accelerate.state import AcceleratorState
+
+    from tuneforge.config import build_config
+    from tuneforge.train.common import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    AcceleratorState._reset_state(True)  # accelerate keeps its state for the process: start from the variables
+    try:
+        prepared = make_accelerator(build_config({}).train).prepare(torch.nn.Linear(2, 2))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert not isinstance(prepared, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_compile_layers_passes_the_backend_and_mode(monkeypatch, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.train.common import compile_layers
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    compile_layers(model, "aot_eager", "default")
+    compile_layers(model, "inductor", "max-autotune-no-cudagraphs")
+    layers = len(model.model.layers)
+    assert calls == ([{"dynamic": True, "backend": "aot_eager", "mode": None}] * layers +
+                     [{"dynamic": True, "backend": "inductor", "mode": "max-autotune-no-cudagraphs"}] * layers)
+
+
+def test_a_run_under_accelerate_launch_with_a_dynamo_backend(tiny_model, tmp_path):
+    """What a user runs: `accelerate launch --dynamo_backend eager` (eager: dynamo traces each layer without
+    generating code, so the test stays quick); the run records the compile it made."""
+    data, out = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(8)), tmp_path / "out"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    done = subprocess.run([str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "eager", "-m", "tuneforge.cli", "train",
+                           f"model_name_or_path={tiny_model}", f"dataset={data}", "template=chatml", "cutoff_len=64",
+                           "do_train=true", "max_steps=2", f"output_dir={out}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tuneforge: " + COMPILE_NOTE.format("eager", "default", "eager") in done.stderr
+    saved = (out / "tuneforge_config.yaml").read_text()
+    assert "torch_compile: true" in saved and "torch_compile_backend: eager" in saved
+
+
 def _wait_for_steps(run, out: Path, steps: int) -> None:
     deadline, log = time.monotonic() + 120, out / "trainer_log.jsonl"
     while not log.is_file() or log.read_text().count('"loss"') < steps:

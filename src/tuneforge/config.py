@@ -204,6 +204,8 @@ def build_config(values: dict, source: str = "command line", cli_values: dict | 
             except ConfigError as err:
                 problems.append(str(err))
     problems += _apply_adapter_folder(cfg, source)
+    if cfg.train.torch_compile_backend or cfg.train.torch_compile_mode:  # HF's rule: naming either asks to compile
+        cfg.train.torch_compile = True
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n" +
                           "\n".join(f"  - {p}" for p in problems))
@@ -238,13 +240,14 @@ def load_config(path: str | None, overrides: list[str] | None = None, validate_f
     cfg = build_config(_read_file(path) if path else {}, source=path or "command line",
                        cli_values=parse_overrides(overrides or []))
     if validate_for == "train":
-        from .launch import launcher_precision
+        from .launch import launcher_compile, launcher_precision
         from .train.sharding import adopt_accelerate_fsdp
 
         key, note = launcher_precision(os.environ, cfg.train.bf16, cfg.train.fp16)
         if key:
             setattr(cfg.train, key, True)
-        cfg.notes += ((note,) if note else ()) + tuple(adopt_accelerate_fsdp(cfg.train, os.environ))
+        notes = [note, launcher_compile(os.environ, cfg.train), *adopt_accelerate_fsdp(cfg.train, os.environ)]
+        cfg.notes += tuple(n for n in notes if n)
     if validate_for:
         validate(cfg, validate_for)
     return cfg
@@ -341,7 +344,7 @@ def _train_problems(cfg: Config) -> list[str]:
     if m.upcast_layernorm and f.pure_bf16 and not (t.bf16 or t.fp16 or m.quantization_bit):
         out.append("`upcast_layernorm` with `pure_bf16` needs `bf16: true`: the fp32 norms' outputs reach bf16 "
                    "weights, which only autocast multiplies")
-    out += _schedule_problems(t)
+    out += _schedule_problems(t) + _compile_problems(t)
     weightings = [key for key, on in (("use_dft_loss", f.use_dft_loss), ("use_eaft_loss", f.use_eaft_loss),
                                       ("use_asft_loss", f.use_asft_loss)) if on]
     for key in weightings:
@@ -524,6 +527,17 @@ def _schedule_problems(t: TrainArgs) -> list[str]:
         out.append("`per_device_train_batch_size` and `gradient_accumulation_steps` must be at least 1")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
         out.append("set `num_train_epochs` > 0 or `max_steps` > 0")
+    return out
+
+
+def _compile_problems(t: TrainArgs) -> list[str]:
+    out, mode = [], t.torch_compile_mode
+    if mode not in (None, "default") and t.torch_compile_backend not in (None, "inductor"):
+        out.append(f"`torch_compile_mode: {mode}` is an inductor mode; backend {t.torch_compile_backend} takes none: "
+                   "remove it or set `torch_compile_backend: inductor`")
+    if mode in ("reduce-overhead", "max-autotune") and _cuda_available():
+        out.append(f"`torch_compile_mode: {mode}` captures CUDA graphs, which tuneforge's layer-wise compile in "
+                   "training does not support yet: set max-autotune-no-cudagraphs or default")
     return out
 
 

@@ -11,8 +11,8 @@ output_dir's latest checkpoint, as any rerun of the same command does.
 
 `tuneforge train` stays the parent of torchrun (`supervise`): it hands torchrun the signals it gets, and exits with
 the code the processes agree on (75 after a SIGTERM that saved a checkpoint, 3 for non-finite values, ...; see
-train/faults.py), where torchrun itself would only say 1. `launcher_precision` reads accelerate launch's mixed
-precision as transformers does. Kept free of torch imports: cli.py imports it.
+train/faults.py), where torchrun itself would only say 1. `launcher_precision` and `launcher_compile` read accelerate
+launch's mixed precision and dynamo backend as transformers does. Kept free of torch imports: cli.py imports it.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, get_args, get_type_hints
 
 from .config import ConfigError
+from .options import TrainArgs
 
 # each of these makes LLaMA-Factory train with another engine, which tuneforge does not have
 _OTHER_ENGINES = {"USE_RAY": "Ray is not built; run several processes with FORCE_TORCHRUN=1 or torchrun",
@@ -150,6 +151,32 @@ def launcher_precision(environ: Mapping[str, str], bf16: bool, fp16: bool) -> tu
         chosen = "bf16" if bf16 else "fp16"
         return None, None if chosen == value else f"note: the config's `{chosen}: true` is used, not {where}"
     return value, f"note: training in {value}, from {where}: the config sets neither `bf16` nor `fp16`"
+
+
+def launcher_compile(environ: Mapping[str, str], t) -> str | None:
+    """accelerate launch's dynamo backend (`--dynamo_backend`, or `dynamo_config:` in its config file, passed on as
+    ACCELERATE_DYNAMO_BACKEND and ACCELERATE_DYNAMO_MODE) set as the run's torch_compile keys on `t`, with a note.
+    transformers' Trainer, and so LLaMA-Factory, compiles the whole model with it; tuneforge compiles each decoder
+    layer (train/common.py compile_layers). A config that sets torch_compile wins."""
+    backend = environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if backend == "no":
+        return None
+    where = f"accelerate's dynamo backend {backend} (ACCELERATE_DYNAMO_BACKEND)"
+    if t.torch_compile:
+        return f"note: the config's torch_compile settings are used, not {where}"
+    mode = environ.get("ACCELERATE_DYNAMO_MODE", "default")
+    backends, modes = (get_args(get_args(get_type_hints(TrainArgs)[key])[0])  # the keys' Literal choices
+                       for key in ("torch_compile_backend", "torch_compile_mode"))
+    if backend not in backends:
+        raise LaunchError(f"{where}: compiling with {backend} is not built; launch with --dynamo_backend "
+                          f"{', '.join(backends)} or no")
+    if mode not in modes:
+        raise LaunchError(f"accelerate's dynamo mode {mode} (ACCELERATE_DYNAMO_MODE) is no torch.compile mode; "
+                          f"launch with --dynamo_mode {', '.join(modes)}")
+    t.torch_compile, t.torch_compile_backend, t.torch_compile_mode = True, backend, mode
+    return (f"note: each decoder layer is compiled with {backend}, mode {mode}, from {where}: tuneforge compiles "
+            "layer by layer with dynamic shapes (torch_compile), whatever accelerate's fullgraph and dynamic "
+            "settings say")
 
 
 EXIT_CODES = "TUNEFORGE_EXIT_CODES"  # the folder where each process started by `supervise` leaves its exit code

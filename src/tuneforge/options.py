@@ -314,6 +314,11 @@ class TrainArgs:
     gradient_checkpointing_scope: Literal["layers", "selective", "attention"] = "layers"
     gradient_checkpointing_every: int = 1  # ours: with scope layers or selective, checkpoint every k-th layer (1: all)
     torch_compile: bool = False  # torch.compile each decoder layer (train/common.py compile_layers)
+    # HF's: torch.compile's backend and mode for those layers; setting either turns torch_compile on, as in HF. A mode
+    # other than default needs inductor; the CUDA graph modes (reduce-overhead, max-autotune) are refused on a GPU
+    # (not built for layer-wise compile in training) and compile without CUDA graphs on a CPU, as inductor does there
+    torch_compile_backend: Literal["inductor", "aot_eager", "eager"] | None = None
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
     # adamw_torch_fused (HF's default with torch >= 2.8, so LLaMA-Factory's too: one fused kernel per step, 7x faster
     # than adamw_torch's per-tensor loop on a CPU; the same update to rounding) | adamw_torch | sgd (no momentum) |
     # the 8-bit and paged AdamW of bitsandbytes (train/optimizers.py)

@@ -40,7 +40,9 @@ def make_accelerator(t):
         import torch.distributed.nn  # noqa: F401
     # accelerate only treats a torchrun launch without GPUs as distributed (gloo) when told to use the CPU
     cpu_ddp = processes > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision="no", cpu=cpu_ddp, **sharding.accelerator_kwargs(t),
+    # dynamo_backend "no": accelerate's own dynamo config became the run's torch_compile (launch.launcher_compile);
+    # read again by accelerate, it would compile the whole model over the compiled layers
+    return Accelerator(mixed_precision="no", cpu=cpu_ddp, dynamo_backend="no", **sharding.accelerator_kwargs(t),
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout))])
 
 
@@ -91,7 +93,7 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
         check_packing_support(full_precision_twin(model) if cfg.model.quantization_bit else model)
     model = setup_trainable(model, cfg.model, f)
     if t.torch_compile:
-        compile_layers(model)
+        compile_layers(model, t.torch_compile_backend or "inductor", t.torch_compile_mode)
     accelerator.print(f"[tuneforge] {describe_trainable(model, cfg.model.print_param_status)}")
     return model
 
@@ -173,8 +175,9 @@ def train_and_evaluate(cfg, module, tokenizer, train_data, eval_rows: list[dict]
     return results
 
 
-def compile_layers(model) -> None:
-    """torch.compile each decoder layer (they share one graph, compiled once, with dynamic sequence length).
+def compile_layers(model, backend: str = "inductor", mode: str | None = None) -> None:
+    """torch.compile each decoder layer with `backend` and `mode` (they share one graph, compiled once, with dynamic
+    sequence length).
 
     Layers rather than the whole model: the loss selects target positions with data-dependent shapes, which
     would break the graph, and layer-level graphs fuse what costs time on CPUs (norms, activations, casts).
@@ -185,7 +188,7 @@ def compile_layers(model) -> None:
         raise ModelError(f"torch_compile: {type(base).__name__} has no decoder `.layers` to compile; "
                          "set torch_compile: false")
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, backend=backend, mode=None if mode == "default" else mode)
 
 
 def full_precision_twin(model):
