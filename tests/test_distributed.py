@@ -16,7 +16,7 @@ def test_ddp_two_processes_match_one(tiny_model, tmp_path, streaming):
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(32))
     common = [f"model_name_or_path={tiny_model}", f"dataset={data}", "template=chatml", "cutoff_len=64", "max_steps=4",
               "logging_steps=1", "learning_rate=1e-3", "finetuning_type=full", "do_train=true",
-              f"streaming={streaming}"]
+              f"streaming={streaming}", "include_num_input_tokens_seen=non_padding"]
     torchrun = str(Path(sys.executable).parent / "torchrun")
     ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "tuneforge.cli", "train", *common,
                           f"output_dir={tmp_path / 'ddp'}", "per_device_train_batch_size=2",
@@ -35,6 +35,9 @@ def test_ddp_two_processes_match_one(tiny_model, tmp_path, streaming):
     assert relative_update_gap(load_file(f"{tiny_model}/model.safetensors"), a, b) < 2e-3
     ddp_loss = [r["loss"] for r in read_log(tmp_path / "ddp")]
     assert ddp_loss == pytest.approx([r["loss"] for r in read_log(tmp_path / "one")], abs=LOGGED_LOSS)
+    # the same rows each step: their tokens, summed over both processes, are the one process's count
+    tokens = {run: [r["total_tokens"] for r in read_log(tmp_path / run)] for run in ("ddp", "one")}
+    assert tokens["ddp"] == tokens["one"]
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")

@@ -206,6 +206,8 @@ def build_config(values: dict, source: str = "command line", cli_values: dict | 
     problems += _apply_adapter_folder(cfg, source)
     if cfg.train.torch_compile_backend or cfg.train.torch_compile_mode:  # HF's rule: naming either asks to compile
         cfg.train.torch_compile = True
+    if str(cfg.train.include_num_input_tokens_seen).lower() in ("true", "yes", "1"):  # HF's rule: true means all
+        cfg.train.include_num_input_tokens_seen = "all"
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n" +
                           "\n".join(f"  - {p}" for p in problems))

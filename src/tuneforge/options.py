@@ -318,7 +318,8 @@ class TrainArgs:
     # other than default needs inductor; the CUDA graph modes (reduce-overhead, max-autotune) are refused on a GPU
     # (not built for layer-wise compile in training) and compile without CUDA graphs on a CPU, as inductor does there
     torch_compile_backend: Literal["inductor", "aot_eager", "eager"] | None = None
-    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                                "max-autotune-no-cudagraphs"] | None = None
     # adamw_torch_fused (HF's default with torch >= 2.8, so LLaMA-Factory's too: one fused kernel per step, 7x faster
     # than adamw_torch's per-tensor loop on a CPU; the same update to rounding) | adamw_torch | sgd (no momentum) |
     # the 8-bit and paged AdamW of bitsandbytes (train/optimizers.py)
@@ -350,6 +351,10 @@ class TrainArgs:
     # train_results.json also reports effective_tokens_per_sec: this process's trained non-padding tokens (a pair's
     # both answers) / train_runtime, as LLaMA-Factory does per device
     include_effective_tokens_per_second: bool = False
+    # HF's: trainer_log.jsonl records also carry total_tokens (the token ids every process has read since step 0:
+    # all positions, or non_padding ones; true means all, as in HF) and throughput (this session's per second), as
+    # LLaMA-Factory's log does; its web UI writes true into every config it saves
+    include_num_input_tokens_seen: Literal["no", "all", "non_padding"] = "no"
     # torch.profiler over training steps (train/profiling.py): each cycle skips `wait` steps, warms up for `warmup`
     # and records `active`; `repeat` cycles (0: until training ends). Chrome / TensorBoard traces go to
     # <profiler_output_dir or output_dir/profiler>/rank_<process>/

@@ -48,6 +48,7 @@ class TrainerState:
     evals_without_improvement: int = 0
     stream_position: list[int] | None = None  # streaming: [epoch, batch, row] of the next training row
     skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient (skip_nonfinite_steps)
+    num_input_tokens_seen: int = 0  # by every process since step 0 (include_num_input_tokens_seen)
     extra: dict = field(default_factory=dict)
 
 
@@ -319,6 +320,7 @@ RESUME_NEUTRAL = frozenset((
     "early_stopping_steps", "plot_loss", "report_to", "run_name", "ddp_timeout", "dataloader_num_workers",
     "max_steps", "num_train_epochs", "skip_nonfinite_steps", "overwrite_cache", "preprocessing_num_workers",
     "tokenized_path", "cache_dir", "hf_hub_token", "eval_dataset", "eval_on_each_dataset",
+    "include_effective_tokens_per_second", "include_num_input_tokens_seen",
     # sharding changes where the state lives, not the updates (the global batch is checked on its own)
     "fsdp", "fsdp_config", "fsdp_transformer_layer_cls_to_wrap", "deepspeed"))
 

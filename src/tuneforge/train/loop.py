@@ -164,6 +164,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
     evaluation = Remembered(evaluation, state) if evaluation else None
     eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and evaluation else 0
     interval = _Interval(accelerator.device)
+    counted, tokens_at_start = t.include_num_input_tokens_seen, state.num_input_tokens_seen
 
     saved = [None]  # the step of this run's latest checkpoint
 
@@ -173,6 +174,8 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
 
     def step(micro: list[dict]) -> tuple[bool, bool]:
         """One optimizer step with its logging, evaluation and checkpoint; returns (last step, stop early)."""
+        if counted != "no":  # every step, as HF counts: a checkpoint between log lines holds the exact count
+            state.num_input_tokens_seen += _summed(sum(_input_tokens(b, counted) for b in micro), accelerator)
         interval.count_tokens(sum(b.pop("num_tokens") for b in micro), world)
         units = sum(inner.units(b) for b in micro).to(accelerator.device)  # counted on the CPU: no sync
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
@@ -188,7 +191,10 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
         epoch = state.epoch + state.step_in_epoch / per_epoch if per_epoch else state.epoch
         last, stop = state.global_step >= total_steps, False
         if state.global_step % t.logging_steps == 0 or last:
-            _log_interval(interval, state, log, epoch, scheduler.get_last_lr()[0], source)
+            seen = {} if counted == "no" else {  # LLaMA-Factory's names
+                "total_tokens": state.num_input_tokens_seen,
+                "throughput": (state.num_input_tokens_seen - tokens_at_start) / max(time.time() - log.started, 1e-9)}
+            _log_interval(interval, state, log, epoch, scheduler.get_last_lr()[0], {**source.log_metrics(), **seen})
         if eval_every and (state.global_step % eval_every == 0 or last):
             stop = evaluate_and_check(cfg, module, evaluation, accelerator, state, log, epoch)
         if _should_save(t, state, per_epoch, last):
@@ -246,13 +252,29 @@ def _run_log(cfg, total_steps: int, state, accelerator) -> RunLog:
                   trackers=trackers)
 
 
-def _log_interval(interval: "_Interval", state, log: RunLog, epoch: float, lr: float, source) -> None:
-    """The means since the last log line into the log, and into the run's totals."""
+def _log_interval(interval: "_Interval", state, log: RunLog, epoch: float, lr: float, extra: dict) -> None:
+    """The means since the last log line into the log (with `extra` figures), and into the run's totals."""
     loss, count, means, speed = interval.flush()
     state.loss_sum += loss * count
     state.trained_units += count
     skipped = {"skipped_steps": state.skipped_steps} if state.skipped_steps else {}
-    log.train_step(state.global_step, epoch, loss, lr, speed, {**means, **source.log_metrics(), **skipped})
+    log.train_step(state.global_step, epoch, loss, lr, speed, {**means, **extra, **skipped})
+
+
+def _input_tokens(batch: dict, how: str) -> int:
+    """A micro-batch's token ids as HF's include_num_input_tokens_seen counts them: every position (all) or the
+    attended ones (non_padding: the attention mask, or the collator's count for packed rows, which have no mask).
+    A batch without token ids (images) counts its images."""
+    if how == "all" and "input_ids" in batch:
+        return batch["input_ids"].numel()
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["num_tokens"]
+
+
+def _summed(local: int, accelerator) -> int:
+    """`local`, summed over the processes."""
+    if accelerator.num_processes == 1:
+        return local
+    return int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item())
 
 
 def _start(cfg, module, source, accelerator, resume_from: str | None, identity: dict, total_steps: int):
