@@ -1,5 +1,8 @@
 """LLaMA-Factory's extras, built on maintained libraries: optimizers (bitsandbytes 8-bit / paged, GaLore, APOLLO,
-Adam-mini, BAdam, Muon), pure_bf16 full fine-tuning, OFT and PiSSA (PEFT), DFT loss, LLaMA Pro's block choice."""
+Adam-mini, BAdam, Muon), pure_bf16 full fine-tuning, OFT and PiSSA (PEFT), DFT loss, LLaMA Pro's block choice;
+and the Hugging Face training keys that LLaMA-Factory configs set: NEFTune, greater_is_better, logging_first_step."""
+
+import math
 
 import pytest
 import torch
@@ -329,3 +332,48 @@ def test_expand_adds_silent_blocks_that_llama_pro_trains(tiny_model, alpaca_file
     assert changed == {2, 5}  # 4 layers in 2 groups, each followed by its copy
     assert main(["expand", f"model_name_or_path={tiny_model}", "--num_expand", "3", "--out", str(tmp_path / "x")]) == 2
     assert main(["expand", f"model_name_or_path={tiny_model}", "--num_expand", "2", "--out", str(pro)]) == 2
+
+
+def test_neftune_noise_is_uniform_within_its_bound_and_only_while_training(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.models.neftune import add_noise_to_embeddings
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    clean = model.get_input_embeddings()(ids)
+    add_noise_to_embeddings(model, 5.0)
+    model.train()
+    noise = model.get_input_embeddings()(ids) - clean
+    bound = 5.0 / math.sqrt(24 * clean.size(-1))  # alpha / sqrt(sequence length x hidden size)
+    # (clean + u) - clean rounds u by at most float32's spacing near |clean| (< 1e-6 here)
+    assert noise.abs().max() <= bound + 1e-6
+    # U(-b, b) has mean |u| = b / 2; over these 2 x 24 x hidden draws the mean lands within a few percent of it
+    assert noise.abs().mean().item() == pytest.approx(bound / 2, rel=0.1)
+    model.eval()
+    assert torch.equal(model.get_input_embeddings()(ids), clean)
+
+
+def test_neftune_changes_the_training_forward(tiny_model, alpaca_file, tmp_path):
+    losses = {}
+    for name, alpha in (("plain", None), ("neftune", 50.0)):
+        run_training(train_config(tiny_model, alpaca_file, tmp_path / name, max_steps=2, neftune_noise_alpha=alpha))
+        losses[name] = read_log(tmp_path / name)[0]["loss"]
+    # the first step's loss is the starting model's on noisy embeddings: at alpha 50 the noise outweighs the tiny
+    # model's embeddings, a change far above float noise
+    assert abs(losses["neftune"] - losses["plain"]) > 1e-3
+
+
+@pytest.mark.parametrize("metric, greater, higher", [
+    ("accuracy", None, True), ("eval_loss", None, False), ("accuracy", False, False), ("loss", True, True)])
+def test_greater_is_better_overrides_the_metric_names_direction(metric, greater, higher):
+    from tuneforge.train.evaluation import best_metric_name
+
+    t = build_config({"metric_for_best_model": metric, "greater_is_better": greater}).train
+    assert best_metric_name(t) == (metric if metric.startswith("eval_") else f"eval_{metric}", higher)
+
+
+def test_logging_first_step_logs_step_one_too(tiny_model, alpaca_file, tmp_path):
+    run_training(train_config(tiny_model, alpaca_file, tmp_path / "o", max_steps=4, logging_steps=3,
+                              logging_first_step=True))
+    assert [r["current_steps"] for r in read_log(tmp_path / "o")] == [1, 3, 4]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tuneforge.config import ConfigError, build_config, notices, validate
+from tuneforge.hf_options import HF_NO_EFFECT, HF_REFUSED
 from tuneforge.options import GROUPS, KEY_GROUP, LLAMAFACTORY_ONLY, NO_EFFECT_YET, NOT_YET
 
 SOURCE = Path(__file__).parents[1] / "src" / "tuneforge"
@@ -28,6 +29,15 @@ def test_every_llamafactory_key_is_accepted():
     assert not missing, missing
 
 
+def test_every_hugging_face_training_key_is_accepted():
+    """LLaMA-Factory passes every field of transformers' Seq2SeqTrainingArguments through; a transformers upgrade
+    that adds one shows up here."""
+    from transformers import Seq2SeqTrainingArguments
+
+    fields = [f.name for f in dataclasses.fields(Seq2SeqTrainingArguments) if not f.name.startswith("_")]
+    assert [key for key in fields if key not in KEY_GROUP] == []
+
+
 def test_every_key_is_read_by_code_or_refused():
     """A key that no code reads would be accepted and ignored. Reading means an attribute access `.key` in the
     package outside options.py (the gate's own checks count: they refuse values)."""
@@ -42,7 +52,8 @@ def test_the_being_built_allowance_holds_only_unread_keys():
     assert [key for key in BEING_BUILT if re.search(rf"\.{key}\b", code)] == []
 
 
-@pytest.mark.parametrize("key, kind, default, why", LLAMAFACTORY_ONLY, ids=[k[0] for k in LLAMAFACTORY_ONLY])
+@pytest.mark.parametrize("key, kind, default, why", LLAMAFACTORY_ONLY + HF_REFUSED,
+                         ids=[k[0] for k in LLAMAFACTORY_ONLY + HF_REFUSED])
 def test_llamafactory_only_keys_pass_at_default_and_fail_otherwise(key, kind, default, why):
     validate(build_config(_minimal(**{key: default}), source="lf.yaml"))
     kind = kind.replace(" | None", "")
@@ -79,3 +90,13 @@ def test_sharding_keys_are_honoured_not_noted():  # tests/test_fsdp.py and test_
 def test_groups_hold_distinct_keys():
     names = [f.name for cls in GROUPS.values() for f in dataclasses.fields(cls)]
     assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("key, kind, default, why", HF_NO_EFFECT, ids=[k[0] for k in HF_NO_EFFECT])
+def test_hugging_face_keys_without_effect_load_with_a_notice(key, kind, default, why):
+    kind = kind.replace(" | None", "")
+    other = (not default) if kind == "bool" else (default or 0) + 3 if kind == "int" else "something-else"
+    cfg = build_config(_minimal(**{key: other}), source="lf.yaml")
+    validate(cfg)
+    assert f"note: `{key}` has no effect yet: {why}" in notices(cfg)
+    assert not any(f"`{key}`" in n for n in notices(build_config(_minimal(**{key: default}))))

@@ -36,6 +36,8 @@ def notices(cfg: Config) -> list[str]:
         if getattr(group, key) != getattr(type(group)(), key):
             out.append(f"note: `{key}` has no effect yet: {why}")
     d, stage = cfg.data, _stage(cfg)
+    if cfg.train.tf32 is not None and not _cuda_available():
+        out.append("note: `tf32` sets how NVIDIA GPUs multiply float32; this machine has none, so it has no effect")
     if cfg.train.fp16 and not _cuda_available():
         from .machine import fp16_notice
 
@@ -355,6 +357,9 @@ def _train_problems(cfg: Config) -> list[str]:
     if len(weightings) > 1:
         out.append(f"{' and '.join(f'`{k}`' for k in weightings)} weight the same token losses in different ways; "
                    "set one")
+    if f.neftune_noise_alpha is not None and f.neftune_noise_alpha <= 0:
+        out.append(f"`neftune_noise_alpha` scales NEFTune's embedding noise, above 0 (unset: off); got "
+                   f"{f.neftune_noise_alpha}")
     if f.use_eaft_loss and f.eaft_alpha < 0:
         out.append(f"`eaft_alpha` is the exponent of EAFT's entropy weight, 0 or more; got {f.eaft_alpha}")
     if f.use_asft_loss and f.asft_alpha < 0:
@@ -567,7 +572,7 @@ def flat_config(cfg: Config) -> dict:
     """Every key and its effective value, as one flat mapping (the YAML form)."""
     flat = {}
     for group in GROUPS:
-        if group != "llamafactory_only":  # always at their defaults (any other value is refused): no information
+        if group not in ("llamafactory_only", "hf_only"):  # at their defaults or without effect: no information
             flat.update(dataclasses.asdict(getattr(cfg, group)))
     return flat
 

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .hf_options import HF_NO_EFFECT, HF_REFUSED
+
 
 @dataclass
 class ModelArgs:
@@ -166,6 +168,9 @@ class FinetuneArgs:
     use_llama_pro: bool = False  # freeze: train the evenly spaced blocks that scripts/llama_pro.py-style expansion
     # added (every (layers / freeze_trainable_layers)-th block) instead of the last ones
     use_dft_loss: bool = False  # pt / sft: each target token's loss weighted by its own (detached) probability
+    # HF's NEFTune: while training, uniform noise in [-a, a] added to the input embeddings, a = alpha /
+    # sqrt(sequence length x hidden size) of the batch (models/neftune.py); None: off
+    neftune_noise_alpha: float | None = None
     # pt / sft: each target token's loss weighted by (H / 3) ** eaft_alpha, detached, where H is the entropy of the
     # model's prediction renormalised over its 20 likeliest tokens (3 is about ln 20, their largest entropy)
     use_eaft_loss: bool = False
@@ -291,6 +296,7 @@ class TrainArgs:
     warmup_ratio: float = 0.0  # the share of all steps over which the rate rises from 0 (unless warmup_steps)
     warmup_steps: int = 0  # steps over which the rate rises from 0; 0: warmup_ratio decides
     logging_steps: int = 10  # a log line (trainer_log.jsonl, report_to) every N steps; eval_steps' default
+    logging_first_step: bool = False  # HF's: a log line after the first step too
     save_steps: int = 500  # save_strategy steps: a checkpoint-N folder every N steps
     save_strategy: Literal["no", "steps", "epoch"] = "steps"  # when checkpoints are saved; the final model always is
     save_total_limit: int | None = None  # keep only the newest N checkpoints (None: all)
@@ -299,12 +305,14 @@ class TrainArgs:
     eval_steps: int | None = None  # eval_strategy steps: evaluate every N steps (None: every logging_steps)
     load_best_model_at_end: bool = False  # keep the best evaluated weights (metric_for_best_model) and end with them
     # what decides the best model and early stopping: an evaluation metric, the eval_ prefix optional (None:
-    # eval_loss); higher is better unless its name ends in loss or perplexity
+    # eval_loss); higher is better unless its name ends in loss or perplexity, or greater_is_better says otherwise
     metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None  # HF's: whether a higher metric_for_best_model is better (unset: as above)
     seed: int = 42  # for shuffling, the val_size split, resampling of datasets and initialisation (set_seed)
     bf16: bool = False  # autocast forward passes to bf16 (weights keep their dtype: fp32 unless pure_bf16)
     # 16-bit autocast with loss scaling: fp16 on a GPU or a CPU with fp16 units, elsewhere bf16 (a note says so)
     fp16: bool = False
+    tf32: bool | None = None  # HF's: float32 matmuls in TF32 on NVIDIA GPUs (Ampere or newer); unset: torch's default
     gradient_checkpointing: bool = False  # recompute activations in backward instead of keeping them: less memory
     # ours: what gradient_checkpointing recomputes in backward. layers: whole decoder layers (LLaMA-Factory's; least
     # memory, 30-40% slower). selective: everything in a layer but its projections' outputs (norms, activations,
@@ -503,6 +511,9 @@ LLAMAFACTORY_ONLY = [
 ]
 LlamaFactoryOnlyArgs = dataclasses.make_dataclass(
     "LlamaFactoryOnlyArgs", [(key, kind, field(default=default)) for key, kind, default, _ in LLAMAFACTORY_ONLY])
+# the Hugging Face training keys tuneforge has no option of its own for (hf_options.py)
+HfOnlyArgs = dataclasses.make_dataclass(
+    "HfOnlyArgs", [(key, kind, field(default=default)) for key, kind, default, _ in HF_REFUSED + HF_NO_EFFECT])
 
 
 @dataclass
@@ -514,13 +525,14 @@ class Config:
     generate: GenerateArgs = field(default_factory=GenerateArgs)
     evaluation: EvalArgs = field(default_factory=EvalArgs)
     llamafactory_only: LlamaFactoryOnlyArgs = field(default_factory=LlamaFactoryOnlyArgs)
+    hf_only: HfOnlyArgs = field(default_factory=HfOnlyArgs)
     source: str = "command line"  # the file the config came from, for error messages
     cli_keys: frozenset = frozenset()  # keys set on the command line (over the file's), for error messages
     notes: tuple = ()  # what loading decided beyond the keys (e.g. precision from accelerate launch), for notices()
 
 
 GROUPS = {"model": ModelArgs, "data": DataArgs, "finetune": FinetuneArgs, "train": TrainArgs, "generate": GenerateArgs,
-          "evaluation": EvalArgs, "llamafactory_only": LlamaFactoryOnlyArgs}
+          "evaluation": EvalArgs, "llamafactory_only": LlamaFactoryOnlyArgs, "hf_only": HfOnlyArgs}
 KEY_GROUP = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -530,7 +542,7 @@ NOT_YET = {
     "export_quantization_bit": "GPTQ export is not built; for a quantised model use `export_gguf: q8_0` or "
                                "`export_gguf: q4_0` (llama.cpp / Ollama)",
     "use_fast_tokenizer": "tuneforge uses the fast (tokenizers) tokenizers only",
-    **{key: why for key, _, _, why in LLAMAFACTORY_ONLY},
+    **{key: why for key, _, _, why in LLAMAFACTORY_ONLY + HF_REFUSED},
 }
 # Keys LLaMA-Factory configs often set that have no effect in tuneforge yet: accepted with a printed notice, so
 # those configs run and nothing is skipped silently.
@@ -539,4 +551,5 @@ NO_EFFECT_YET = {
                             "LLaMA-Factory do",
     "use_reentrant_gc": "gradient checkpointing here is always non-reentrant (the same gradients, and it works with "
                         "frozen embeddings)",
+    **{key: why for key, _, _, why in HF_NO_EFFECT},
 }

@@ -320,7 +320,7 @@ RESUME_NEUTRAL = frozenset((
     "early_stopping_steps", "plot_loss", "report_to", "run_name", "ddp_timeout", "dataloader_num_workers",
     "max_steps", "num_train_epochs", "skip_nonfinite_steps", "overwrite_cache", "preprocessing_num_workers",
     "tokenized_path", "cache_dir", "hf_hub_token", "eval_dataset", "eval_on_each_dataset",
-    "include_effective_tokens_per_second", "include_num_input_tokens_seen",
+    "include_effective_tokens_per_second", "include_num_input_tokens_seen", "logging_first_step",
     # sharding changes where the state lives, not the updates (the global batch is checked on its own)
     "fsdp", "fsdp_config", "fsdp_transformer_layer_cls_to_wrap", "deepspeed"))
 

@@ -195,7 +195,7 @@ def check(cfg) -> list[str]:
     unsupported = {"gradient_checkpointing": t.gradient_checkpointing, "torch_compile": t.torch_compile,
                    "pure_bf16": f.pure_bf16, "adapter_name_or_path": m.adapter_name_or_path,
                    "train_from_scratch": m.train_from_scratch, "flash_attn": m.flash_attn != "auto",
-                   "quantization_bit": m.quantization_bit}
+                   "quantization_bit": m.quantization_bit, "neftune_noise_alpha": f.neftune_noise_alpha}
     out += [f"`{key}` is not supported for stage cls yet; remove it" for key, value in unsupported.items() if value]
     return out + refuse_packing(cfg) + unused_reference(cfg, "stage cls trains without a reference model")
 

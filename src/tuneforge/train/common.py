@@ -13,6 +13,7 @@ from ..data.collate import PadCollator
 from ..models.adapters import (ADAPTER_TYPES, attach_adapters, describe_trainable, save_pissa_converted,
                                save_pissa_init, setup_trainable)
 from ..models.load import ModelError, keep_quantized_layers_differentiable, load_base_model, load_tokenizer
+from ..models.neftune import add_noise_to_embeddings
 from ..models.recompute import apply_gradient_checkpointing
 from . import checkpoint as ckpt
 from . import sharding, zero
@@ -62,6 +63,9 @@ def start(cfg):
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
+    if cfg.train.tf32 is not None and torch.cuda.is_available():  # float32 matmuls and convolutions in TF32, or not
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if cfg.train.tf32 else "ieee"
+        torch.backends.cudnn.fp32_precision = "tf32" if cfg.train.tf32 else "ieee"
     return make_accelerator(cfg.train), load_tokenizer(cfg.model)
 
 
@@ -92,6 +96,8 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
     if packed and not empty:  # (the main process checks the weights it sends)
         check_packing_support(full_precision_twin(model) if cfg.model.quantization_bit else model)
     model = setup_trainable(model, cfg.model, f)
+    if f.neftune_noise_alpha:
+        add_noise_to_embeddings(model, f.neftune_noise_alpha)
     if t.torch_compile:
         compile_layers(model, t.torch_compile_backend or "inductor", t.torch_compile_mode)
     accelerator.print(f"[tuneforge] {describe_trainable(model, cfg.model.print_param_status)}")

@@ -114,7 +114,8 @@ def best_metric_name(t, default: str = "eval_loss") -> tuple[str, bool]:
     """(metric that decides the best model and early stopping, whether higher is better)."""
     name = t.metric_for_best_model or default
     name = name if name.startswith("eval_") else f"eval_{name}"
-    return name, not name.endswith(("loss", "perplexity"))
+    higher = t.greater_is_better if t.greater_is_better is not None else not name.endswith(("loss", "perplexity"))
+    return name, higher
 
 
 def evaluate_and_check(cfg, module, evaluation: Evaluation, accelerator, state, log, epoch) -> bool:

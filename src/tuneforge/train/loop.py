@@ -190,7 +190,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
         log.advance()
         epoch = state.epoch + state.step_in_epoch / per_epoch if per_epoch else state.epoch
         last, stop = state.global_step >= total_steps, False
-        if state.global_step % t.logging_steps == 0 or last:
+        if state.global_step % t.logging_steps == 0 or last or (t.logging_first_step and state.global_step == 1):
             seen = {} if counted == "no" else {  # LLaMA-Factory's names
                 "total_tokens": state.num_input_tokens_seen,
                 "throughput": (state.num_input_tokens_seen - tokens_at_start) / max(time.time() - log.started, 1e-9)}

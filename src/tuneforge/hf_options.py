@@ -1,0 +1,124 @@
+"""Hugging Face training keys that tuneforge does not read as options of its own. LLaMA-Factory passes every field
+of transformers' Seq2SeqTrainingArguments through, so its configs may spell any of them out: each loads at
+transformers' default. HF_REFUSED keys refuse any other value with the reason and what to use instead; HF_NO_EFFECT
+keys take any value, with a printed notice, because they change nothing that is computed here.
+(key, type, transformers 5's default, reason)
+"""
+
+from __future__ import annotations
+
+_NOT_BUILT = "is not built yet; remove it"
+_HUB = "pushing to the Hugging Face hub is not built; upload output_dir yourself (`hf upload`)"
+_TRACKIO = "Trackio reporting is not built; report_to takes tensorboard, wandb or mlflow"
+_LIGER = "Liger kernels need a CUDA GPU (Triton kernels), which this build does not target; remove it"
+_GENERATE = "do_predict generates with the generation keys (max_new_tokens, num_beams, temperature, top_p, ...): " \
+            "set those instead"
+_METRICS = "each stage computes fixed metrics (docs/evaluation.md); custom compute_metrics inputs are not built"
+
+HF_REFUSED = [
+    ("lr_scheduler_kwargs", "dict | str | None", None, "scheduler arguments are not built; lr_scheduler_type takes "
+     "linear, cosine, constant or constant_with_warmup as they are"),
+    ("optim_args", "str | None", None, "optimizer arguments are not built; set AdamW with weight_decay, adam_beta1, "
+     "adam_beta2 and adam_epsilon"),
+    ("optim_target_modules", "str | None", None, "GaLore and APOLLO take their modules from galore_target and "
+     "apollo_target"),
+    ("average_tokens_across_devices", "bool", True, "the loss is always divided by the target tokens of all "
+     "processes (transformers' true); dividing per process is not built"),
+    ("label_smoothing_factor", "float", 0.0, "label smoothing " + _NOT_BUILT),
+    ("bf16_full_eval", "bool", False, "evaluation runs in the training precision; a separate bf16 evaluation "
+     + _NOT_BUILT),
+    ("fp16_full_eval", "bool", False, "evaluation runs in the training precision; a separate fp16 evaluation "
+     + _NOT_BUILT),
+    ("activation_checkpointing", "bool | None", None, "set gradient_checkpointing (or fsdp_config's "
+     "activation_checkpointing) instead"),
+    ("activation_checkpointing_kwargs", "dict | str | None", None, "gradient_checkpointing_scope chooses what is "
+     "recomputed; these arguments are not built"),
+    ("gradient_checkpointing_kwargs", "dict | str | None", None, "gradient checkpointing here is always "
+     "non-reentrant (LLaMA-Factory's use_reentrant_gc sets use_reentrant; the same gradients) and "
+     "gradient_checkpointing_scope chooses what is recomputed: remove it"),
+    ("use_liger_kernel", "bool", False, _LIGER),
+    ("liger_kernel_config", "dict | str | None", None, _LIGER),
+    ("auto_find_batch_size", "bool", False, "searching for a batch size that fits " + _NOT_BUILT
+     + "; set per_device_train_batch_size"),
+    ("logging_strategy", "str", "steps", "training logs every logging_steps steps; other logging strategies are not "
+     "built"),
+    ("project", "str", "huggingface", _TRACKIO + " (wandb's project is the WANDB_PROJECT variable)"),
+    ("trackio_space_id", "str | None", None, _TRACKIO),
+    ("trackio_bucket_id", "str | None", None, _TRACKIO),
+    ("trackio_static_space_id", "str | None", None, _TRACKIO),
+    ("eval_delay", "float", 0.0, "evaluations follow eval_strategy from the start; eval_delay " + _NOT_BUILT),
+    ("eval_on_start", "bool", False, "an evaluation before the first step " + _NOT_BUILT + " (do_eval with "
+     "do_train false evaluates the starting model)"),
+    ("prediction_loss_only", "bool", False, "evaluation reports the stage's loss and metrics; prediction_loss_only "
+     + _NOT_BUILT),
+    ("include_for_metrics", "str", "", _METRICS),
+    ("batch_eval_metrics", "bool", False, _METRICS),
+    ("save_on_each_node", "bool", False, "the main process saves for every machine; saving on each machine's own "
+     "disk is not built (use an output_dir on a shared file system)"),
+    ("push_to_hub", "bool", False, _HUB),
+    ("ignore_data_skip", "bool", False, "a resumed run always continues with the rows an uninterrupted run would "
+     "see; ignore_data_skip " + _NOT_BUILT),
+    ("full_determinism", "bool", False, "deterministic kernels " + _NOT_BUILT + "; `seed` repeats a run on the "
+     "same machine"),
+    ("data_seed", "int | None", None, "the data order follows `seed`; a separate data_seed " + _NOT_BUILT),
+    ("use_cpu", "bool", False, "to train on the CPU cores of a GPU machine, hide the GPUs: "
+     "CUDA_VISIBLE_DEVICES= tuneforge train ..."),
+    ("accelerator_config", "dict | str | None", None, "tuneforge configures accelerate itself (processes come from "
+     "torchrun or accelerate launch); accelerator_config " + _NOT_BUILT),
+    ("parallelism_config", "dict | str | None", None, "tensor, context and sequence parallelism are not built; "
+     "shard with fsdp or deepspeed"),
+    ("dataloader_drop_last", "bool", False, "an epoch's last, smaller batch is always trained; dropping it "
+     + _NOT_BUILT),
+    ("dataloader_in_order", "bool", True, "batches always arrive in the sampler's order, which resume relies on"),
+    ("debug", "str", "", "transformers' debug modes are not built; a non-finite loss or gradient stops training and "
+     "names the step"),
+    ("sortish_sampler", "bool", False, "predictions follow the data's order; sortish_sampler " + _NOT_BUILT),
+    ("generation_max_length", "int | None", None, _GENERATE),
+    ("generation_num_beams", "int | None", None, _GENERATE),
+    ("generation_config", "str | None", None, _GENERATE),
+]
+
+_DDP = "accelerate's DistributedDataParallel settings apply; this tunes DDP's communication, not what is trained"
+_LOADER = "tuneforge's data loader takes dataloader_num_workers only; this changes how batches arrive, not which"
+_COLUMNS = "tuneforge's collators take the columns each stage needs"
+_LOG = "tuneforge's main process prints and logs (transformers' logging levels are not read)"
+_ONLY_PUSH = "only push_to_hub reads it, which is not built"
+_EVAL = "evaluation sums its metrics batch by batch and keeps no logits"
+
+HF_NO_EFFECT = [
+    ("use_cache", "bool", False, "the KV cache is off while training and on while generating"),
+    ("torch_empty_cache_steps", "int | None", None, "emptying the CUDA cache changes memory use only; not built"),
+    ("log_on_each_node", "bool", True, _LOG),
+    ("logging_nan_inf_filter", "bool", True, "a non-finite loss stops training (or, with skip_nonfinite_steps, is "
+     "skipped and counted), so no logged loss averages one"),
+    ("log_level", "str", "passive", _LOG),
+    ("log_level_replica", "str", "warning", _LOG),
+    ("disable_tqdm", "bool | None", None, "the progress bar goes to the main process's terminal (stderr)"),
+    ("eval_do_concat_batches", "bool", True, _EVAL),
+    ("eval_use_gather_object", "bool", False, _EVAL),
+    ("eval_accumulation_steps", "int | None", None, _EVAL),
+    ("skip_memory_metrics", "bool", True, "memory is not reported in the results; bench/ measures peak memory"),
+    ("enable_jit_checkpoint", "bool", False, "tuneforge always saves a checkpoint when SIGTERM arrives "
+     "(docs/reliability.md)"),
+    ("restore_callback_states_from_checkpoint", "bool", False, "a resume always restores early stopping's count "
+     "(trainer_state.json)"),
+    ("hub_token", "str | None", None, _ONLY_PUSH),
+    ("hub_private_repo", "bool | None", None, _ONLY_PUSH),
+    ("hub_model_id", "str | None", None, _ONLY_PUSH),
+    ("hub_strategy", "str", "every_save", _ONLY_PUSH),
+    ("hub_always_push", "bool", False, _ONLY_PUSH),
+    ("hub_revision", "str | None", None, _ONLY_PUSH),
+    ("remove_unused_columns", "bool", True, _COLUMNS),
+    ("label_names", "str | None", None, _COLUMNS),
+    ("length_column_name", "str", "length", _COLUMNS),
+    ("dataloader_pin_memory", "bool", True, _LOADER),
+    ("dataloader_persistent_workers", "bool", False, _LOADER),
+    ("dataloader_prefetch_factor", "int | None", None, _LOADER),
+    ("dataloader_multiprocessing_context", "str | None", None, _LOADER),
+    ("ddp_find_unused_parameters", "bool | None", None, _DDP),
+    ("ddp_bucket_cap_mb", "int | None", None, _DDP),
+    ("ddp_broadcast_buffers", "bool | None", None, _DDP),
+    ("ddp_static_graph", "bool | None", None, _DDP),
+    ("ddp_backend", "str | None", None, "the backend is nccl between GPUs and gloo between CPU processes"),
+    ("local_rank", "int", -1, "each process reads its rank from torchrun's LOCAL_RANK variable"),
+]
