@@ -63,9 +63,10 @@ def start(cfg):
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
-    if cfg.train.tf32 is not None and torch.cuda.is_available():  # float32 matmuls and convolutions in TF32, or not
-        torch.backends.cuda.matmul.fp32_precision = "tf32" if cfg.train.tf32 else "ieee"
-        torch.backends.cudnn.fp32_precision = "tf32" if cfg.train.tf32 else "ieee"
+    if cfg.train.tf32 is not None and torch.cuda.is_available():
+        from transformers.utils import enable_tf32
+
+        enable_tf32(cfg.train.tf32)  # float32 matmuls and convolutions in TF32 or not, as HF's Trainer sets them
     return make_accelerator(cfg.train), load_tokenizer(cfg.model)
 
 
