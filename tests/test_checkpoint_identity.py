@@ -28,13 +28,16 @@ def stopped(tiny_model, tmp_path):
 
 def test_changed_settings_version_or_data_are_refused_with_the_reason(stopped):
     values, out, data = stopped
+    # a logging key, recorded by checkpoints before it was declared resume-neutral, holds no resume back
+    marker = out / "checkpoint-4" / MARKER
+    recorded = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**recorded, "config": {**recorded["config"], "logging_first_step": True}}))
     with pytest.raises(ConfigError, match=r"other settings \(learning_rate: 0\.001 -> 0\.002\)"):
         run_training(dict(values, learning_rate=2e-3))
     write_jsonl(data, alpaca_rows(16)[::-1])  # the same number of examples, in another order
     with pytest.raises(ConfigError, match="data now has other examples"):
         run_training(values)
     write_jsonl(data, alpaca_rows(16))
-    marker = out / "checkpoint-4" / MARKER
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "tuneforge_version": "0.0.1"}))
     with pytest.raises(ConfigError, match="written by tuneforge 0.0.1"):
         run_training(values)

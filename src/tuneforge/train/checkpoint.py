@@ -272,7 +272,9 @@ def check_identity(folder: str | Path, identity: dict) -> None:
         raise ConfigError(f"{folder} was written by tuneforge {marker.get('tuneforge_version')}; this is tuneforge "
                           f"{__version__}, which may not continue it exactly; resume with that version, or set "
                           "overwrite_output_dir: true to start over")
-    before, now = marker.get("config", {}), identity.get("config", {})
+    # a checkpoint may record keys declared resume-neutral since (e.g. include_effective_tokens_per_second)
+    before = {k: v for k, v in marker.get("config", {}).items() if k not in RESUME_NEUTRAL}
+    now = identity.get("config", {})
     if "global_batch" in marker:  # the same global batch may be split otherwise (another number of processes)
         _check_global_batch(folder, marker, identity)
         before, now = ({k: v for k, v in c.items() if k not in SPLIT} for c in (before, now))
