@@ -90,8 +90,10 @@ def test_llamafactory_yaml_is_accepted(tmp_path):
         "note: `buffer_size` has no effect without streaming")
     assert [n.split(":")[1] for n in notices(load_config(str(path), [
         "streaming=true", "max_steps=10", "val_size=100", "dataloader_num_workers=2", "overwrite_cache=true"]))] == [
-        " `preprocessing_num_workers` has no effect with streaming", " `dataloader_num_workers` has no effect with "
-        "streaming", " `overwrite_cache` has no effect with streaming"]
+        " `dataloader_num_workers` has no effect with streaming", " `preprocessing_num_workers` has no effect "
+        "with streaming", " `overwrite_cache` has no effect with streaming"]
+    assert notices(load_config(str(path), ["dataloader_num_workers=0", "dataloader_prefetch_factor=4"])) == [
+        "note: `dataloader_prefetch_factor` has no effect without workers (dataloader_num_workers: 0)"]
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):

@@ -10,17 +10,23 @@ from conftest import LOGGED_LOSS, alpaca_rows, read_log, relative_update_gap, wr
 from safetensors.torch import load_file
 
 
+ACCUMULATING = ["per_device_train_batch_size=2", "gradient_accumulation_steps=2"]
+# HF's DDP settings change how gradients travel (buckets of 1 MB: several all-reduces a step; a search for unused
+# parameters; DDP's static-graph mode, which cannot accumulate), not what they are
+DDP_KEYS = ["ddp_find_unused_parameters=true", "ddp_bucket_cap_mb=1", "ddp_static_graph=true",
+            "ddp_broadcast_buffers=false", "per_device_train_batch_size=4", "gradient_accumulation_steps=1"]
+
+
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
-@pytest.mark.parametrize("streaming", [False, True])
-def test_ddp_two_processes_match_one(tiny_model, tmp_path, streaming):
+@pytest.mark.parametrize("streaming,ddp_keys", [(False, ACCUMULATING), (True, ACCUMULATING), (False, DDP_KEYS)])
+def test_ddp_two_processes_match_one(tiny_model, tmp_path, streaming, ddp_keys):
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(32))
     common = [f"model_name_or_path={tiny_model}", f"dataset={data}", "template=chatml", "cutoff_len=64", "max_steps=4",
               "logging_steps=1", "learning_rate=1e-3", "finetuning_type=full", "do_train=true",
               f"streaming={streaming}", "include_num_input_tokens_seen=non_padding"]
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "tuneforge.cli", "train", *common,
-                          f"output_dir={tmp_path / 'ddp'}", "per_device_train_batch_size=2",
-                          "gradient_accumulation_steps=2"], capture_output=True, text=True, timeout=300)
+    ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "tuneforge.cli", "train", *common, *ddp_keys,
+                          f"output_dir={tmp_path / 'ddp'}"], capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert ddp.stdout.count("trainable params") == 1  # only the main process reports
     # one process tokenised and cached the rows, the other read its cache (streamed rows are not cached)
@@ -96,3 +102,24 @@ def test_more_processes_than_gpus_is_said_before_cuda_fails(monkeypatch):
     with pytest.raises(ConfigError, match=r"2 processes were started on this machine and it has 1 GPU: each process "
                                           r"trains on a GPU of its own, so start --nproc_per_node 1"):
         make_accelerator(build_config({}).train)
+
+
+def test_the_ddp_keys_reach_accelerate_and_say_when_they_do_nothing(tmp_path, monkeypatch):
+    from conftest import gate_problems
+    from tuneforge.config import build_config, notices
+    from tuneforge.train.common import make_accelerator
+
+    base = {"model_name_or_path": "m", "dataset": "d", "output_dir": str(tmp_path), "do_train": True}
+    cfg = build_config({**base, "ddp_find_unused_parameters": True, "ddp_bucket_cap_mb": 1})
+    handler = make_accelerator(cfg.train).ddp_handler  # what accelerate's prepare() gives DistributedDataParallel
+    assert (handler.find_unused_parameters, handler.bucket_cap_mb, handler.static_graph,
+            handler.broadcast_buffers) == (True, 1, False, True)  # the keys left unset keep accelerate's defaults
+    assert make_accelerator(build_config(base).train).ddp_handler is None
+    assert notices(cfg) == ["note: `ddp_find_unused_parameters`, `ddp_bucket_cap_mb` tune DistributedDataParallel, "
+                            "which this run does not use (it trains in one process): no effect"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert notices(cfg) == []
+    sharded = build_config({**base, "ddp_static_graph": False, "fsdp": "full_shard"})
+    assert "(`fsdp` shards the model)" in notices(sharded)[0]
+    assert "DDP fails on the first micro-batch it does not sync" in gate_problems(
+        tmp_path, ddp_static_graph=True, gradient_accumulation_steps=2)

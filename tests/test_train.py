@@ -325,3 +325,29 @@ def test_effective_tokens_per_second(tiny_model, alpaca_file, tmp_path):
     rate, runtime = results["effective_tokens_per_sec"], results["train_runtime"]
     assert abs(rate * runtime - tokens) <= rate * 0.005 + 0.01 * runtime
     assert "effective_tokens_per_sec" not in run_training(train_config(tiny_model, alpaca_file, tmp_path / "off"))
+
+
+@pytest.mark.parametrize("context", ["spawn", "fork"])
+def test_worker_processes_collate_the_same_batches(tiny_model, alpaca_file, tmp_path, monkeypatch, context):
+    """dataloader_num_workers with HF's worker options: the batches (so the weights) are those the training process
+    collates itself, over an epoch boundary (6 steps an epoch)."""
+    from torch.utils.data import DataLoader
+
+    from tuneforge.train import steps
+
+    common = dict(max_steps=8, lr_scheduler_type="constant")
+    run_training(train_config(tiny_model, alpaca_file, tmp_path / "main", **common))
+    made = []
+
+    class Recorded(DataLoader):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "DataLoader", Recorded)
+    run_training(train_config(tiny_model, alpaca_file, tmp_path / "workers", dataloader_num_workers=2,
+                              dataloader_prefetch_factor=3, dataloader_multiprocessing_context=context, **common))
+    assert len(made) == 2  # a loader an epoch, each with the options
+    assert all((k["num_workers"], k["prefetch_factor"], k["multiprocessing_context"]) == (2, 3, context) for k in made)
+    # the same rows, collated the same way, trained by the same process: bit-identical (measured 0.0)
+    assert _max_diff(_weights(tmp_path / "main"), _weights(tmp_path / "workers")) == 0

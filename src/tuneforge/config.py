@@ -63,9 +63,9 @@ def notices(cfg: Config) -> list[str]:
     from .models import vocab
 
     out += vocab.notices(cfg)
-    from .train import optimizers
+    from .train import optimizers, sharding, steps
 
-    out += optimizers.notices(cfg)
+    out += optimizers.notices(cfg) + sharding.notices(cfg) + steps.loader_notices(cfg)
     if cfg.model.upcast_layernorm and not (cfg.finetune.pure_bf16 or cfg.model.quantization_bit):
         out.append("note: `upcast_layernorm` has no effect here: the weights are fp32 already (it keeps the norms "
                    "in fp32 under `pure_bf16` or `quantization_bit`)")
@@ -75,8 +75,6 @@ def notices(cfg: Config) -> list[str]:
         for key, value, why in (
                 ("preprocessing_num_workers", (d.preprocessing_num_workers or 1) > 1, "streamed rows are encoded in "
                  "the training process, a batch at a time, as training reads them"),
-                ("dataloader_num_workers", cfg.train.dataloader_num_workers > 0, "streamed rows are collated in the "
-                 "training process"),
                 ("overwrite_cache", d.overwrite_cache, "streamed data is never cached")):
             if value:
                 out.append(f"note: `{key}` has no effect with streaming: {why}")

@@ -78,8 +78,6 @@ HF_REFUSED = [
     ("generation_config", "str | None", None, _GENERATE),
 ]
 
-_DDP = "accelerate's DistributedDataParallel settings apply; this tunes DDP's communication, not what is trained"
-_LOADER = "tuneforge's data loader takes dataloader_num_workers only; this changes how batches arrive, not which"
 _COLUMNS = "tuneforge's collators take the columns each stage needs"
 _LOG = "tuneforge's main process prints and logs (transformers' logging levels are not read)"
 _ONLY_PUSH = "only push_to_hub reads it, which is not built"
@@ -111,14 +109,8 @@ HF_NO_EFFECT = [
     ("remove_unused_columns", "bool", True, _COLUMNS),
     ("label_names", "str | None", None, _COLUMNS),
     ("length_column_name", "str", "length", _COLUMNS),
-    ("dataloader_pin_memory", "bool", True, _LOADER),
-    ("dataloader_persistent_workers", "bool", False, _LOADER),
-    ("dataloader_prefetch_factor", "int | None", None, _LOADER),
-    ("dataloader_multiprocessing_context", "str | None", None, _LOADER),
-    ("ddp_find_unused_parameters", "bool | None", None, _DDP),
-    ("ddp_bucket_cap_mb", "int | None", None, _DDP),
-    ("ddp_broadcast_buffers", "bool | None", None, _DDP),
-    ("ddp_static_graph", "bool | None", None, _DDP),
+    ("dataloader_persistent_workers", "bool", False, "a data loader is made for each epoch (a resume starts one "
+     "mid-epoch), so its workers start once an epoch either way"),
     ("ddp_backend", "str | None", None, "the backend is nccl between GPUs and gloo between CPU processes"),
     ("local_rank", "int", -1, "each process reads its rank from torchrun's LOCAL_RANK variable"),
 ]

@@ -339,6 +339,15 @@ class TrainArgs:
     # overwrite_output_dir
     resume_from_checkpoint: str | None = None
     ddp_timeout: int = 1800  # seconds a process waits for the others in a collective (torch.distributed's timeout)
+    # HF's DistributedDataParallel settings (several processes without fsdp or deepspeed; unset: accelerate's
+    # defaults). find_unused_parameters: search each step for trainable parameters the loss did not use (unset:
+    # false, and DDP stops with an error naming them if there are any). static_graph: the same parameters take part
+    # in every step, so DDP may skip its per-step checks. bucket_cap_mb: gradients per all-reduce (unset: 25).
+    # broadcast_buffers: the main process's buffers sent to the others every forward (unset: true)
+    ddp_find_unused_parameters: bool | None = None
+    ddp_static_graph: bool | None = None
+    ddp_bucket_cap_mb: int | None = None
+    ddp_broadcast_buffers: bool | None = None
     # sharding across processes (docs/distributed.md). deepspeed: a ds_config.json path or a mapping (ZeRO under
     # torchrun, GPUs or CPUs: train/zero.py). fsdp: Hugging Face's words, "full_shard auto_wrap", "shard_grad_op",
     # "... offload"; fsdp_config: a JSON path or a mapping of HF's fsdp_config keys (fsdp_version,
@@ -349,6 +358,11 @@ class TrainArgs:
     fsdp_config: str | dict | None = None
     fsdp_transformer_layer_cls_to_wrap: str | None = None
     dataloader_num_workers: int = 0  # processes that collate training batches (0: the training process)
+    dataloader_pin_memory: bool = True  # HF's: page-locked batches, copied to the GPU asynchronously (a GPU only)
+    dataloader_prefetch_factor: int | None = None  # HF's: batches each worker prepares ahead (unset: torch's 2)
+    # HF's: how worker processes start (unset: the platform's default, fork on Linux); spawn and forkserver start
+    # fresh interpreters, which is slower but safe where the training process holds threads
+    dataloader_multiprocessing_context: Literal["fork", "spawn", "forkserver"] | None = None
     # HF's (transformers 5), the order of training rows. random: shuffled every epoch. sequential: in data order, as
     # LLaMA-Factory's disable_shuffling. group_by_length: micro-batches of rows of about the same length (shuffled,
     # then sorted by length within groups of up to 50 global batches; the group holding the longest row first):

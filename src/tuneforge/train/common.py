@@ -44,7 +44,8 @@ def make_accelerator(t):
     # dynamo_backend "no": accelerate's own dynamo config became the run's torch_compile (launch.launcher_compile);
     # read again by accelerate, it would compile the whole model over the compiled layers
     return Accelerator(mixed_precision="no", cpu=cpu_ddp, dynamo_backend="no", **sharding.accelerator_kwargs(t),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout))])
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout)),
+                                        *sharding.ddp_handlers(t)])
 
 
 def _check_gpus_per_process() -> None:

@@ -206,6 +206,12 @@ def problems(cfg) -> list[str]:
     fsdp, ds = _read(fsdp_settings, t, out), _read(zero.read_config, t, out)
     if fsdp and t.deepspeed:
         out.append("`fsdp` and `deepspeed` both shard the model; set one of them")
+    if t.ddp_static_graph and t.gradient_accumulation_steps > 1:
+        # measured with torch 2.13: an internal assertion on the first micro-batch (the fix, PyTorch PR 187732, also
+        # found that the gradients would stop being all-reduced from the second step)
+        out.append("`ddp_static_graph: true` does not work with gradient accumulation in this torch: DDP fails on "
+                   "the first micro-batch it does not sync (PyTorch issue 143580); remove it or set "
+                   "gradient_accumulation_steps: 1")
     out += zero.problems(cfg, ds)
     if fsdp:
         if fsdp.offload and not torch.cuda.is_available():
@@ -252,6 +258,34 @@ def accelerator_kwargs(t) -> dict:
         transformer_cls_names_to_wrap=fsdp.wrap_classes, state_dict_type="FULL_STATE_DICT",  # (checkpoints: ours)
         cpu_ram_efficient_loading=fsdp.ram_efficient_loading,
         activation_checkpointing=False)}  # prepare_model recomputes layers (else accelerate would read FSDP_*)
+
+
+def _ddp_settings(t) -> dict:
+    """HF's ddp_* keys that are set, under DistributedDataParallel's names (HF's with the ddp_ prefix)."""
+    return {name: value for name, value in (
+        ("find_unused_parameters", t.ddp_find_unused_parameters), ("static_graph", t.ddp_static_graph),
+        ("bucket_cap_mb", t.ddp_bucket_cap_mb), ("broadcast_buffers", t.ddp_broadcast_buffers)) if value is not None}
+
+
+def ddp_handlers(t) -> list:
+    """For the DistributedDataParallel wrapper accelerate puts around a model that is not sharded (the keys left
+    unset keep accelerate's defaults)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    chosen = _ddp_settings(t)
+    return [DistributedDataParallelKwargs(**chosen)] if chosen else []
+
+
+def notices(cfg) -> list[str]:
+    t = cfg.train
+    chosen = ", ".join(f"`ddp_{name}`" for name in _ddp_settings(t))
+    if not chosen:
+        return []
+    zero_shards = t.deepspeed and zero.stage(zero.read_config(t)) > 0  # (stage 0 trains with DDP)
+    instead = ("`fsdp` shards the model" if t.fsdp else "`deepspeed` shards the model" if zero_shards
+               else "it trains in one process" if int(os.environ.get("WORLD_SIZE", "1")) < 2 else None)
+    return [f"note: {chosen} tune DistributedDataParallel, which this run does not use ({instead}): no effect"
+            ] if instead else []
 
 
 def sent_by_main_process(fsdp: FsdpSettings | None, accelerator) -> bool:

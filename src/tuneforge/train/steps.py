@@ -84,10 +84,35 @@ class RowSteps:
             # a private generator: creating an iterator must not draw from the global RNG that dropout uses,
             # or a resumed run would see different random numbers than an uninterrupted one
             loader = iter(DataLoader(self.rows, batch_sampler=flat, collate_fn=self.collator,
-                                     num_workers=t.dataloader_num_workers, generator=torch.Generator()))
+                                     generator=torch.Generator(), **loader_options(t)))
             for group in groups[state.step_in_epoch:]:
                 self.step_rows = group
                 yield [next(loader) for _ in group]
+
+
+def loader_options(t) -> dict:
+    """HF's dataloader_* keys as torch's DataLoader takes them; as in HF's Trainer, the workers' options only
+    with workers, and pinned memory only where there is a GPU to copy to (config.notices says when they do
+    nothing)."""
+    out = {"num_workers": t.dataloader_num_workers,
+           "pin_memory": t.dataloader_pin_memory and torch.cuda.is_available()}
+    if t.dataloader_num_workers:
+        out.update(prefetch_factor=t.dataloader_prefetch_factor,
+                   multiprocessing_context=t.dataloader_multiprocessing_context)
+    return out
+
+
+def loader_notices(cfg) -> list[str]:
+    t, streaming = cfg.train, cfg.data.streaming
+    why = ("with streaming: streamed rows are collated in the training process" if streaming
+           else "without workers (dataloader_num_workers: 0)")
+    out = []
+    for key, chosen in (("dataloader_num_workers", streaming and t.dataloader_num_workers > 0),
+                        ("dataloader_prefetch_factor", t.dataloader_prefetch_factor is not None),
+                        ("dataloader_multiprocessing_context", t.dataloader_multiprocessing_context is not None)):
+        if chosen and (streaming or not t.dataloader_num_workers):
+            out.append(f"note: `{key}` has no effect {why}")
+    return out
 
 
 def _even(group: list[list[int]]) -> list[list[int]]:
