@@ -42,7 +42,7 @@ def test_messages_name_where_a_key_came_from(tmp_path):
     assert "- command line: unknown key `lora_rnk`; did you mean lora_rank?" in str(both.value)
     path.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\n")
     with pytest.raises(ConfigError, match=r"`lr_scheduler_type` must be one of .* \(set on the command line\)$"):
-        load_config(str(path), ["--lr_scheduler_type", "polynomial"])
+        load_config(str(path), ["--lr_scheduler_type", "polynomal"])
 
 
 @pytest.mark.parametrize("typo, hint", [("learnig_rate", "learning_rate"), ("lora_rnk", "lora_rank"),

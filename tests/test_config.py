@@ -132,7 +132,7 @@ def test_a_bare_no_is_the_choice_no(tmp_path):
     ("stage=ppo", "stage ppo needs `reward_model`"),
     ("train_on_prompt=true mask_history=true", "contradict each other"),
     ("bf16=true fp16=true", "pick one mixed-precision mode"),
-    ("lr_scheduler_type=polynomial", "`lr_scheduler_type` must be one of"),
+    ("lr_scheduler_type=reduce_lr_on_plateau", "which is not built: the schedules here follow the step count"),
     ("finetuning_type=half", "`finetuning_type` must be one of full, freeze, lora, oft; got 'half'"),
     ("eval_strategy=steps", "needs evaluation data"),
     ("do_eval=true", "`do_eval` needs evaluation data"),

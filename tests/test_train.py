@@ -1,4 +1,5 @@
 import json
+import math
 import shutil
 
 import pytest
@@ -351,3 +352,51 @@ def test_worker_processes_collate_the_same_batches(tiny_model, alpaca_file, tmp_
     assert all((k["num_workers"], k["prefetch_factor"], k["multiprocessing_context"]) == (2, 3, context) for k in made)
     # the same rows, collated the same way, trained by the same process: bit-identical (measured 0.0)
     assert _max_diff(_weights(tmp_path / "main"), _weights(tmp_path / "workers")) == 0
+
+
+def _cosine(progress: float) -> float:
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _warm(factor):
+    return lambda s: s / 2 if s < 2 else factor(s)  # linear warmup over the first 2 steps
+
+
+# the rate factor after step s of T = 6 with 2 warmup steps, written from each schedule's definition (transformers'
+# docstrings)
+SCHEDULES = {
+    "cosine_with_min_lr": ({"min_lr_rate": 0.1}, _warm(lambda s: 0.1 + 0.9 * _cosine((s - 2) / 4))),
+    "cosine_with_restarts": ({"num_cycles": 2}, _warm(lambda s: _cosine((2 * (s - 2) / 4) % 1) if s < 6 else 0.0)),
+    "polynomial": ({"power": 2, "lr_end": 1e-4},
+                   _warm(lambda s: ((1e-3 - 1e-4) * (1 - (s - 2) / 4) ** 2 + 1e-4) / 1e-3)),
+    # from min_lr_ratio up over 2 warmup steps, 2 stable (6 - 2 - 2), 2 cosine decay steps down to min_lr_ratio
+    "warmup_stable_decay": ({"num_decay_steps": 2, "min_lr_ratio": 0.1},
+                            lambda s: 0.1 + 0.9 * (s / 2 if s < 2 else 1.0 if s < 4 else _cosine((s - 4) / 2) if s < 6
+                                                   else 0.0)),
+    "inverse_sqrt": ({"timescale": 4}, _warm(lambda s: 1 / math.sqrt((s + 4 - 2) / 4))),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_hugging_face_schedules_and_their_arguments(tiny_model, alpaca_file, tmp_path, name):
+    kwargs, factor = SCHEDULES[name]
+    run_training(train_config(tiny_model, alpaca_file, tmp_path, max_steps=6, warmup_steps=2, learning_rate=1e-3,
+                              lr_scheduler_type=name, lr_scheduler_kwargs=kwargs))
+    # the log's rate is the one the next step uses (after the scheduler's step), as in HF's Trainer
+    expected = [1e-3 * factor(s) for s in range(1, 7)]
+    assert [r["lr"] for r in read_log(tmp_path)] == pytest.approx(expected, rel=1e-9)  # float64 arithmetic
+
+
+def test_schedule_arguments_are_checked_before_training(tmp_path):
+    from conftest import gate_problems
+
+    assert "`lr_scheduler_kwargs` {'num_cycle': 2} do not fit `lr_scheduler_type: cosine_with_restarts`: " \
+           "get_cosine_with_hard_restarts_schedule_with_warmup() got an unexpected keyword argument 'num_cycle'" \
+           in gate_problems(tmp_path, lr_scheduler_type="cosine_with_restarts", lr_scheduler_kwargs={"num_cycle": 2})
+    assert "One of min_lr or min_lr_rate should be set" in gate_problems(tmp_path,
+                                                                       lr_scheduler_type="cosine_with_min_lr")
+    assert "`lr_scheduler_type: constant` takes no lr_scheduler_kwargs" in gate_problems(
+        tmp_path, lr_scheduler_type="constant", lr_scheduler_kwargs={"num_cycles": 2})
+    assert "`lr_scheduler_type: reduce_lr_on_plateau` lowers the rate when an evaluation metric stops improving, " \
+           "which is not built" in gate_problems(tmp_path, lr_scheduler_type="reduce_lr_on_plateau")
+    assert "not JSON" in gate_problems(tmp_path, lr_scheduler_type="polynomial", lr_scheduler_kwargs="{power: 2")

@@ -290,9 +290,15 @@ class TrainArgs:
     skip_nonfinite_steps: bool = False
     num_train_epochs: float = 3.0  # passes over the training data (fractions too); max_steps > 0 overrides it
     max_steps: int = -1  # optimizer steps to train; -1: num_train_epochs decides
-    # linear | cosine | constant | constant_with_warmup (SCHEDULERS). Not a Literal: training refuses the other
-    # Hugging Face names LLaMA-Factory accepts, but chat, export and eval must still load such a config
+    # transformers' schedules by name (SCHEDULERS; train/schedules.py): linear, cosine, cosine_with_restarts,
+    # polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr,
+    # warmup_stable_decay. Not a Literal: training refuses HF's two measured schedules (reduce_lr_on_plateau,
+    # greedy), but chat, export and eval must still load such a config
     lr_scheduler_type: str = "linear"
+    # HF's: the schedule's own arguments, a mapping or a JSON object, e.g. {min_lr_rate: 0.1} for
+    # cosine_with_min_lr, {num_cycles: 2} for cosine_with_restarts, {power: 2, lr_end: 1e-6} for polynomial,
+    # {num_decay_steps: 100} for warmup_stable_decay (transformers' get_*_schedule functions' keyword arguments)
+    lr_scheduler_kwargs: dict | str | None = None
     warmup_ratio: float = 0.0  # the share of all steps over which the rate rises from 0 (unless warmup_steps)
     warmup_steps: int = 0  # steps over which the rate rises from 0; 0: warmup_ratio decides
     logging_steps: int = 10  # a log line (trainer_log.jsonl, report_to) every N steps; eval_steps' default
@@ -549,7 +555,8 @@ GROUPS = {"model": ModelArgs, "data": DataArgs, "finetune": FinetuneArgs, "train
           "evaluation": EvalArgs, "llamafactory_only": LlamaFactoryOnlyArgs, "hf_only": HfOnlyArgs}
 KEY_GROUP = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 # Keys accepted so LLaMA-Factory configs load, whose feature is not built yet: any non-default value is refused
 # (never silently ignored). Each entry says what the user can do instead.
 NOT_YET = {

@@ -28,6 +28,7 @@ from .evaluation import Evaluation, Remembered, evaluate_and_check, restore_best
 from .logging import RunLog
 from .faults import NonFinite, Preempted, StopSignals, describe_rows
 from .optimizers import Layerwise, make_optimizer
+from .schedules import build_scheduler
 from .profiling import step_profiler
 from .steps import LossModule, StepSource, StreamSteps, unwrapped
 from .trackers import open_trackers
@@ -81,13 +82,6 @@ def _num_layers(module) -> int | None:
     """num_hidden_layers of a model or of the model inside a loss module."""
     config = getattr(module, "config", None) or getattr(getattr(module, "model", None), "config", None)
     return getattr(config, "num_hidden_layers", None)
-
-
-def build_scheduler(optimizer, t, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total_steps)
-    return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def autocast_dtype(t, device: torch.device) -> torch.dtype | None:
