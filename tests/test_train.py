@@ -286,6 +286,21 @@ def test_last_step_spreads_its_rows_over_the_micro_batches():
     assert sorted(i for step in epoch for micro in step for i in micro) == list(range(13))
 
 
+def test_data_seed_orders_the_rows_and_seed_the_rest():
+    from tuneforge.options import TrainArgs
+    from tuneforge.train.checkpoint import TrainerState
+    from tuneforge.train.steps import RowSteps
+
+    def order(**seeds) -> list[int]:
+        source = RowSteps([{"id": i} for i in range(16)], TrainArgs(per_device_train_batch_size=4, **seeds),
+                          collator=lambda batch: [row["id"] for row in batch], shuffle=True)
+        steps = source.steps(TrainerState())
+        return [i for _ in range(2 * source.steps_per_epoch) for micro in next(steps) for i in micro]  # 2 epochs
+
+    assert order(seed=1, data_seed=7) == order(seed=2, data_seed=7) == order(seed=7)
+    assert order(seed=1, data_seed=7) != order(seed=1)
+
+
 def test_torch_profiler_writes_a_trace_of_the_active_step(tiny_model, alpaca_file, tmp_path):
     """enable_torch_profiler with LLaMA-Factory's schedule (wait 1, warm up 1, record 1): one Chrome trace, of the
     third step, holding the operators that ran in it."""

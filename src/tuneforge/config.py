@@ -120,6 +120,11 @@ def shuffles_rows(cfg: Config) -> bool:
     return not (cfg.finetune.disable_shuffling or cfg.train.train_sampling_strategy == "sequential")
 
 
+def order_seed(t: TrainArgs) -> int:
+    """The seed of the training rows' order (each epoch's shuffle): HF's data_seed, else seed."""
+    return t.seed if t.data_seed is None else t.data_seed
+
+
 def _packs(cfg: Config) -> bool:
     """Whether training rows are packed: asked for, or stage pt (raw text always cut into cutoff_len blocks)."""
     d, stage = cfg.data, _stage(cfg)

@@ -58,7 +58,6 @@ HF_REFUSED = [
      "see; ignore_data_skip " + _NOT_BUILT),
     ("full_determinism", "bool", False, "deterministic kernels " + _NOT_BUILT + "; `seed` repeats a run on the "
      "same machine"),
-    ("data_seed", "int | None", None, "the data order follows `seed`; a separate data_seed " + _NOT_BUILT),
     ("use_cpu", "bool", False, "to train on the CPU cores of a GPU machine, hide the GPUs: "
      "CUDA_VISIBLE_DEVICES= tuneforge train ..."),
     ("accelerator_config", "dict | str | None", None, "tuneforge configures accelerate itself (processes come from "

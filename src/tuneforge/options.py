@@ -315,6 +315,9 @@ class TrainArgs:
     metric_for_best_model: str | None = None
     greater_is_better: bool | None = None  # HF's: whether a higher metric_for_best_model is better (unset: as above)
     seed: int = 42  # for shuffling, the val_size split, resampling of datasets and initialisation (set_seed)
+    # HF's: the seed of the training rows' order alone (each epoch's shuffle; a stream's shuffle buffer), so that
+    # the order can stay while `seed` changes the initialisation and dropout, or the reverse; unset: seed
+    data_seed: int | None = None
     bf16: bool = False  # autocast forward passes to bf16 (weights keep their dtype: fp32 unless pure_bf16)
     # 16-bit autocast with loss scaling: fp16 on a GPU or a CPU with fp16 units, elsewhere bf16 (a note says so)
     fp16: bool = False

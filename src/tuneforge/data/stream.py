@@ -18,7 +18,7 @@ import itertools
 import random
 from typing import Iterator
 
-from ..config import shuffles_rows
+from ..config import order_seed, shuffles_rows
 from . import mix_streams
 from .formats import Example, iter_examples
 from .placeholders import filled
@@ -84,7 +84,9 @@ class RowStream:
         sources = [lambda attr=attr: self.read(attr) for attr in self.attrs]
         stream = (e for e in mix_streams(sources, d.mix_strategy, d.interleave_probs, seed)
                   if (e.dataset, e.where) not in self.held_out)
-        return shuffled(stream, d.buffer_size, seed + epoch) if shuffles_rows(self.cfg) else stream
+        if not shuffles_rows(self.cfg):
+            return stream
+        return shuffled(stream, d.buffer_size, order_seed(self.cfg.train) + epoch)
 
     def read(self, attr) -> Iterator[Example]:
         """One dataset's examples, in file order."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import shuffles_rows
+from ..config import order_seed, shuffles_rows
 from ..data import DataError, load_splits
 from ..data.encode import render, tokenize_pieces
 from ..data.templates import data_template, stop_token_ids
@@ -104,7 +104,7 @@ class RolloutSteps:
     def steps(self, state):
         t = self.cfg.train
         while True:
-            batches = epoch_batches(len(self.prompts), self.per_step, t.seed, state.epoch,
+            batches = epoch_batches(len(self.prompts), self.per_step, order_seed(t), state.epoch,
                                     shuffles_rows(self.cfg), self.rank, self.world)
             for indices in batches[state.step_in_epoch:]:
                 self.step_rows = [indices]  # the step's prompts (their completions fill its micro-batches)

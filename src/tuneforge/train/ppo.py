@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, shuffles_rows
+from ..config import ConfigError, order_seed, shuffles_rows
 from ..data import DataError
 from ..data.templates import data_template, stop_token_ids
 from ..models.load import ModelError
@@ -247,7 +247,7 @@ class PPOSteps:
         self.moments = state.extra.get("score_moments", self.moments)
         t, size = self.cfg.train, self.cfg.train.per_device_train_batch_size
         while True:
-            batches = epoch_batches(len(self.prompts), self.per_rollout, t.seed, state.epoch,
+            batches = epoch_batches(len(self.prompts), self.per_rollout, order_seed(t), state.epoch,
                                     shuffles_rows(self.cfg), self.rank, self.world)
             for indices in batches[: self.rollouts_per_epoch][state.step_in_epoch // self.updates:]:
                 buffer = self.rollout([self.prompts[i] for i in indices])

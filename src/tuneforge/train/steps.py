@@ -13,6 +13,7 @@ from typing import Iterator, Protocol
 import torch
 from torch.utils.data import DataLoader
 
+from ..config import order_seed
 from .faults import rows_signature
 
 
@@ -76,8 +77,8 @@ class RowSteps:
     def steps(self, state) -> Iterator[list[dict]]:
         t = self.t
         while True:
-            batches = epoch_batches(len(self.rows), t.per_device_train_batch_size, t.seed, state.epoch, self.shuffle,
-                                    self.rank, self.world, self.lengths)
+            batches = epoch_batches(len(self.rows), t.per_device_train_batch_size, order_seed(t), state.epoch,
+                                    self.shuffle, self.rank, self.world, self.lengths)
             groups = [_even(batches[i: i + t.gradient_accumulation_steps])
                       for i in range(0, len(batches), t.gradient_accumulation_steps)]
             flat = [index for group in groups[state.step_in_epoch:] for index in group]
