@@ -69,6 +69,8 @@ def notices(cfg: Config) -> list[str]:
     if cfg.model.upcast_layernorm and not (cfg.finetune.pure_bf16 or cfg.model.quantization_bit):
         out.append("note: `upcast_layernorm` has no effect here: the weights are fp32 already (it keeps the norms "
                    "in fp32 under `pure_bf16` or `quantization_bit`)")
+    if cfg.train.eval_delay and cfg.train.eval_strategy == "no":
+        out.append("note: `eval_delay` has no effect without evaluations during training (eval_strategy)")
     if d.buffer_size != DataArgs.buffer_size and not d.streaming:
         out.append("note: `buffer_size` has no effect without streaming: in-memory data is shuffled whole")
     if d.streaming:
@@ -451,7 +453,7 @@ def _evaluation_problems(cfg: Config) -> list[str]:
         out.append("`early_stopping_steps` needs evaluations during training: set `eval_strategy: steps` (with "
                    "`eval_steps`) or `epoch`, and `val_size` or `eval_dataset`")
     for key, wanted in (("eval_strategy", t.eval_strategy != "no"), ("do_eval", t.do_eval),
-                        ("do_predict", t.do_predict)):
+                        ("do_predict", t.do_predict), ("eval_on_start", t.eval_on_start and t.do_train)):
         if wanted and not has_eval_data:
             out.append(f"`{key}` needs evaluation data: set `val_size` (e.g. 0.1) or `eval_dataset`")
     if known and t.do_predict and not stage.predicts:

@@ -44,9 +44,6 @@ HF_REFUSED = [
     ("trackio_space_id", "str | None", None, _TRACKIO),
     ("trackio_bucket_id", "str | None", None, _TRACKIO),
     ("trackio_static_space_id", "str | None", None, _TRACKIO),
-    ("eval_delay", "float", 0.0, "evaluations follow eval_strategy from the start; eval_delay " + _NOT_BUILT),
-    ("eval_on_start", "bool", False, "an evaluation before the first step " + _NOT_BUILT + " (do_eval with "
-     "do_train false evaluates the starting model)"),
     ("prediction_loss_only", "bool", False, "evaluation reports the stage's loss and metrics; prediction_loss_only "
      + _NOT_BUILT),
     ("include_for_metrics", "str", "", _METRICS),

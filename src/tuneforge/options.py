@@ -309,6 +309,10 @@ class TrainArgs:
     save_only_model: bool = False  # checkpoints without optimizer, scheduler and RNG state: smaller, not resumable
     eval_strategy: Literal["no", "steps", "epoch"] = "no"  # evaluate during training every eval_steps or each epoch
     eval_steps: int | None = None  # eval_strategy steps: evaluate every N steps (None: every logging_steps)
+    eval_delay: float = 0  # HF's: the first evaluation comes at this many steps (eval_strategy steps) or epochs (epoch)
+    # HF's: evaluate once before the first step of the run (or of a resumed one), a check that evaluation works
+    # before hours of training; logged at that step, not a candidate for the best model
+    eval_on_start: bool = False
     load_best_model_at_end: bool = False  # keep the best evaluated weights (metric_for_best_model) and end with them
     # what decides the best model and early stopping: an evaluation metric, the eval_ prefix optional (None:
     # eval_loss); higher is better unless its name ends in loss or perplexity, or greater_is_better says otherwise

@@ -317,7 +317,8 @@ def _check_global_batch(folder, marker: dict, identity: dict) -> None:
 # differs from the checkpoint's is refused on resume.
 RESUME_NEUTRAL = frozenset((
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "save_steps", "save_strategy",
-    "save_total_limit", "save_only_model", "eval_strategy", "eval_steps", "per_device_eval_batch_size", "do_eval",
+    "save_total_limit", "save_only_model", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start",
+    "per_device_eval_batch_size", "do_eval",
     "do_predict", "predict_with_generate", "predict_metric", "load_best_model_at_end", "metric_for_best_model",
     "early_stopping_steps", "plot_loss", "report_to", "run_name", "ddp_timeout", "dataloader_num_workers",
     "max_steps", "num_train_epochs", "skip_nonfinite_steps", "overwrite_cache", "preprocessing_num_workers",

@@ -157,6 +157,8 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
     log = _run_log(cfg, total_steps, state, accelerator)
     evaluation = Remembered(evaluation, state) if evaluation else None
     eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and evaluation else 0
+    if t.eval_on_start and evaluation:  # HF's check of the evaluation before this session's first step; logged only
+        log.eval_step(state.global_step, state.epoch + state.step_in_epoch / (per_epoch or 1), evaluation())
     interval = _Interval(accelerator.device)
     counted, tokens_at_start = t.include_num_input_tokens_seen, state.num_input_tokens_seen
 
@@ -189,7 +191,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
                 "total_tokens": state.num_input_tokens_seen,
                 "throughput": (state.num_input_tokens_seen - tokens_at_start) / max(time.time() - log.started, 1e-9)}
             _log_interval(interval, state, log, epoch, scheduler.get_last_lr()[0], {**source.log_metrics(), **seen})
-        if eval_every and (state.global_step % eval_every == 0 or last):
+        if eval_every and (state.global_step % eval_every == 0 or last) and state.global_step >= t.eval_delay:
             stop = evaluate_and_check(cfg, module, evaluation, accelerator, state, log, epoch)
         if _should_save(t, state, per_epoch, last):
             save()
@@ -201,7 +203,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
             return False
         state.epoch += 1
         state.step_in_epoch = 0
-        if t.eval_strategy == "epoch" and evaluation:
+        if t.eval_strategy == "epoch" and evaluation and state.epoch >= t.eval_delay:
             return evaluate_and_check(cfg, module, evaluation, accelerator, state, log, state.epoch)
         return False
 
@@ -213,7 +215,8 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
                 for micro in source.steps(state):
                     last, stop = step(micro)
                     profiled()
-                    if last or stop or end_of_epoch():
+                    # the epoch's end before the last step's: eval_strategy epoch evaluates the last epoch too
+                    if stop or end_of_epoch() or last:
                         break
                     if _signalled(signals, accelerator):
                         if saved[0] != state.global_step:
