@@ -299,6 +299,38 @@ def test_last_step_spreads_its_rows_over_the_micro_batches():
     assert sorted(i for step in epoch for micro in step for i in micro) == list(range(13))
 
 
+def test_dataloader_drop_last_leaves_out_an_incomplete_last_batch():
+    from tuneforge.config import ConfigError
+    from tuneforge.options import TrainArgs
+    from tuneforge.train.checkpoint import TrainerState
+    from tuneforge.train.steps import RowSteps
+
+    def epochs(world: int, drop_last: bool) -> list[list[list[int]]]:
+        """Each process's two epochs of micro-batches over 13 rows, batches of 4."""
+        t = TrainArgs(per_device_train_batch_size=4, dataloader_drop_last=drop_last)
+        out = []
+        for rank in range(world):
+            source = RowSteps([{"id": i} for i in range(13)], t, collator=lambda batch: [row["id"] for row in batch],
+                              shuffle=True, rank=rank, world=world)
+            state = TrainerState()
+            steps, mine = source.steps(state), []
+            for _ in range(2):
+                mine.append([next(steps)[0] for _ in range(source.steps_per_epoch)])
+                state.epoch += 1  # as the loop's end_of_epoch
+            out.append(mine)
+        return out
+
+    [one] = epochs(1, drop_last=True)
+    assert [[len(batch) for batch in epoch] for epoch in one] == [[4, 4, 4]] * 2  # not [4, 4, 4, 1]
+    assert all(len({i for batch in epoch for i in batch}) == 12 for epoch in one)
+    assert {i for batch in one[0] for i in batch} != {i for batch in one[1] for i in batch}  # each epoch drops another
+    assert [len(epoch) for epoch in epochs(1, drop_last=False)[0]] == [4, 4]
+    two = epochs(2, drop_last=True)  # a global batch of 8: one step an epoch, no row topped up from the epoch's start
+    assert [len(epoch) for epoch in two[0]] == [1, 1] and len({*two[0][0][0], *two[1][0][0]}) == 8
+    with pytest.raises(ConfigError, match="the 13 training rows do not fill one batch of 16"):
+        epochs(4, drop_last=True)
+
+
 def test_data_seed_orders_the_rows_and_seed_the_rest():
     from tuneforge.options import TrainArgs
     from tuneforge.train.checkpoint import TrainerState

@@ -61,8 +61,6 @@ HF_REFUSED = [
      "torchrun or accelerate launch); accelerator_config " + _NOT_BUILT),
     ("parallelism_config", "dict | str | None", None, "tensor, context and sequence parallelism are not built; "
      "shard with fsdp or deepspeed"),
-    ("dataloader_drop_last", "bool", False, "an epoch's last, smaller batch is always trained; dropping it "
-     + _NOT_BUILT),
     ("dataloader_in_order", "bool", True, "batches always arrive in the sampler's order, which resume relies on"),
     ("debug", "str", "", "transformers' debug modes are not built; a non-finite loss or gradient stops training and "
      "names the step"),

@@ -371,6 +371,9 @@ class TrainArgs:
     fsdp_config: str | dict | None = None
     fsdp_transformer_layer_cls_to_wrap: str | None = None
     dataloader_num_workers: int = 0  # processes that collate training batches (0: the training process)
+    # HF's: leave out an epoch's last global batch when the rows left do not fill it (per_device_train_batch_size x
+    # processes); unset, it is trained, smaller (one process) or topped up with the epoch's first rows (several)
+    dataloader_drop_last: bool = False
     dataloader_pin_memory: bool = True  # HF's: page-locked batches, copied to the GPU asynchronously (a GPU only)
     dataloader_prefetch_factor: int | None = None  # HF's: batches each worker prepares ahead (unset: torch's 2)
     # HF's: how worker processes start (unset: the platform's default, fork on Linux); spawn and forkserver start

@@ -9,7 +9,6 @@ source of steps (RolloutSteps), so logging, checkpoints and exact resume are the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,7 @@ from .losses import (clipped_policy_loss, completion_log_probs, decoder_and_head
                      loss_units, token_weights)
 from .rollout import RolloutStats, generate, greedy_rollouts, my_share
 from .stages import rollout_problems, unused_reference
-from .steps import epoch_batches
+from .steps import batches_per_epoch, epoch_batches
 
 
 def check(cfg) -> list[str]:
@@ -94,7 +93,7 @@ class RolloutSteps:
         self.reference, self.device = reference, accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps // f.num_generations
-        self.steps_per_epoch = math.ceil(len(prompts) / (self.per_step * self.world))
+        self.steps_per_epoch = batches_per_epoch(len(prompts), self.per_step * self.world, t.dataloader_drop_last)
         self.num_examples, self.signature, self.step_rows = len(prompts), rows_signature(prompts), []
         self.template = data_template(cfg.data, tokenizer)
         self.stop_ids = stop_token_ids(self.template, tokenizer)
@@ -105,7 +104,7 @@ class RolloutSteps:
         t = self.cfg.train
         while True:
             batches = epoch_batches(len(self.prompts), self.per_step, order_seed(t), state.epoch,
-                                    shuffles_rows(self.cfg), self.rank, self.world)
+                                    shuffles_rows(self.cfg), self.rank, self.world, drop_last=t.dataloader_drop_last)
             for indices in batches[state.step_in_epoch:]:
                 self.step_rows = [indices]  # the step's prompts (their completions fill its micro-batches)
                 yield self.rollout([self.prompts[i] for i in indices])

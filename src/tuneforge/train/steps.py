@@ -61,7 +61,7 @@ class RowSteps:
         import math
 
         self.rows, self.t, self.collator, self.shuffle, self.rank, self.world = rows, t, collator, shuffle, rank, world
-        micro = math.ceil(len(rows) / (t.per_device_train_batch_size * world))
+        micro = batches_per_epoch(len(rows), t.per_device_train_batch_size * world, t.dataloader_drop_last)
         self.steps_per_epoch = math.ceil(micro / t.gradient_accumulation_steps)
         self.num_examples, self.signature, self.step_rows = len(rows), rows_signature(rows), []
         self.lengths = [row_length(row) for row in rows] if t.length_grouped else None
@@ -78,7 +78,7 @@ class RowSteps:
         t = self.t
         while True:
             batches = epoch_batches(len(self.rows), t.per_device_train_batch_size, order_seed(t), state.epoch,
-                                    self.shuffle, self.rank, self.world, self.lengths)
+                                    self.shuffle, self.rank, self.world, self.lengths, t.dataloader_drop_last)
             groups = [_even(batches[i: i + t.gradient_accumulation_steps])
                       for i in range(0, len(batches), t.gradient_accumulation_steps)]
             flat = [index for group in groups[state.step_in_epoch:] for index in group]
@@ -104,15 +104,17 @@ def loader_options(t) -> dict:
 
 
 def loader_notices(cfg) -> list[str]:
-    t, streaming = cfg.train, cfg.data.streaming
-    why = ("with streaming: streamed rows are collated in the training process" if streaming
-           else "without workers (dataloader_num_workers: 0)")
-    out = []
-    for key, chosen in (("dataloader_num_workers", streaming and t.dataloader_num_workers > 0),
-                        ("dataloader_prefetch_factor", t.dataloader_prefetch_factor is not None),
-                        ("dataloader_multiprocessing_context", t.dataloader_multiprocessing_context is not None)):
-        if chosen and (streaming or not t.dataloader_num_workers):
-            out.append(f"note: `{key}` has no effect {why}")
+    t, out = cfg.train, []
+    workers = (("dataloader_prefetch_factor", t.dataloader_prefetch_factor is not None),
+               ("dataloader_multiprocessing_context", t.dataloader_multiprocessing_context is not None))
+    if cfg.data.streaming:
+        out += [f"note: `{key}` has no effect with streaming: streamed rows are collated in the training process"
+                for key, on in (("dataloader_num_workers", t.dataloader_num_workers > 0), *workers) if on]
+        if t.dataloader_drop_last:
+            out.append("note: `dataloader_drop_last` has no effect with streaming: batches run on from one pass over "
+                       "the data into the next, so none is left incomplete")
+    elif not t.dataloader_num_workers:
+        out += [f"note: `{key}` has no effect without workers (dataloader_num_workers: 0)" for key, on in workers if on]
     return out
 
 
@@ -124,10 +126,22 @@ def _even(group: list[list[int]]) -> list[list[int]]:
     return [rows[j * len(rows) // len(group): (j + 1) * len(rows) // len(group)] for j in range(len(group))]
 
 
+def batches_per_epoch(n: int, span: int, drop_last: bool) -> int:
+    """How many global batches of `span` rows an epoch of `n` rows has (see epoch_batches)."""
+    if drop_last and n < span:
+        from ..config import ConfigError
+
+        raise ConfigError(f"dataloader_drop_last: the {n} training rows do not fill one batch of {span} "
+                          "(per_device_train_batch_size x processes), so every epoch would be empty: lower the "
+                          "batch size or remove dataloader_drop_last")
+    return n // span if drop_last else -(-n // span)
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, rank: int = 0,
-                  world: int = 1, lengths: list[int] | None = None) -> list[list[int]]:
+                  world: int = 1, lengths: list[int] | None = None, drop_last: bool = False) -> list[list[int]]:
     """This process's micro-batches (lists of example indices) for one epoch; the same on every run. With
-    `lengths` (group_by_length), rows of about the same length share micro-batches."""
+    `lengths` (group_by_length), rows of about the same length share micro-batches; with `drop_last`, the last
+    global batch is left out when incomplete."""
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     else:
@@ -135,7 +149,9 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool,
     span = batch_size * world
     if lengths is not None:
         order = _grouped_by_length(order, lengths, span)
-    if world > 1 and n % span:  # every process needs the same number of non-empty micro-batches
+    if drop_last:
+        order = order[: n - n % span]
+    elif world > 1 and n % span:  # every process needs the same number of non-empty micro-batches
         order += order[: span - n % span]
     return [order[start + rank * batch_size: start + (rank + 1) * batch_size] for start in range(0, len(order), span)]
 
