@@ -166,6 +166,49 @@ def test_eaft_weights_each_token_by_its_top20_entropy_and_lowers_the_plain_loss(
     assert after["eval_loss"] < before["eval_loss"] - 0.3, (before, after)  # see EXTRAS for the 0.3
 
 
+@pytest.mark.parametrize("frozen_head", [True, False])
+def test_label_smoothing_equals_transformers_label_smoother(tiny_model, alpaca_file, tmp_path, frozen_head):
+    """HF's label_smoothing_factor: the loss module's mean over target tokens is what transformers' LabelSmoother
+    (the Trainer's) computes from the model's logits, on the frozen-head path (LoRA) and the trainable one."""
+    from transformers.modeling_outputs import CausalLMOutput
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    from tuneforge.data.collate import PadCollator
+    from tuneforge.models.load import load_base_model, load_tokenizer
+    from tuneforge.train.losses import CausalLMLoss
+
+    cfg = build_config(train_config(tiny_model, alpaca_file, tmp_path), source="test")
+    tokenizer, model = load_tokenizer(cfg.model), load_base_model(cfg.model)
+    model.lm_head.requires_grad_(not frozen_head)
+    batch = PadCollator(tokenizer.pad_token_id)([
+        {"input_ids": list(range(5, 17)), "labels": [-100] * 4 + list(range(9, 17))},
+        {"input_ids": list(range(20, 27)), "labels": [-100] * 2 + list(range(22, 27))}])  # padded, masked
+    module = CausalLMLoss(model, chunk_size=3, label_smoothing=0.2).train()
+    loss, _ = module(batch["input_ids"], batch["labels"], batch["attention_mask"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = LabelSmoother(epsilon=0.2)(CausalLMOutput(logits=logits), batch["labels"], shift_labels=True)
+    # float32 sums over the vocabulary in another order: ~1e-6 of a loss of ~5 nats; without smoothing the two
+    # differ by 0.2 x (mean loss - target loss), about 0.1
+    assert (loss / CausalLMLoss.units(batch)).item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_label_smoothing_reaches_the_loss_and_is_checked(tiny_model, alpaca_file, tmp_path):
+    from conftest import gate_problems
+
+    evals = {}
+    for factor in (0.0, 0.3):
+        out = tmp_path / str(factor)
+        run_training(train_config(tiny_model, alpaca_file, out, val_size=0.25, eval_on_start=True, max_steps=1,
+                                  label_smoothing_factor=factor))
+        evals[factor] = [r["eval_loss"] for r in read_log(out) if "eval_loss" in r][0]  # the untrained model's
+    assert abs(evals[0.3] - evals[0.0]) > 1e-3
+    assert "`label_smoothing_factor` with `use_dft_loss` is not built" in gate_problems(
+        tmp_path, model_name_or_path=tiny_model, dataset=alpaca_file, template="chatml", label_smoothing_factor=0.1,
+        use_dft_loss=True)
+    assert "smooths the token losses of stages pt and sft; stage rm has none" in gate_problems(
+        tmp_path, stage="rm", label_smoothing_factor=0.1)
+
+
 def test_eaft_settings_are_checked(tiny_model, tmp_path):
     from tuneforge.config import build_config, problems
 

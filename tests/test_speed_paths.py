@@ -73,6 +73,29 @@ def test_frozen_head_loss_matches_autograd_and_keeps_no_logits(dtype, autocast, 
     assert fused_kept <= 37 * 32 * 4 < 37 * 400 * 4 <= plain_kept
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+def test_label_smoothing_matches_torch_on_both_head_paths(frozen, monkeypatch):
+    """HF's label_smoothing_factor: the frozen head's own arithmetic (loss and gradient in forward) and the trainable
+    head's chunks against torch's cross_entropy(label_smoothing=...)."""
+    monkeypatch.setattr(losses_module, "_FROZEN_HEAD_ROWS", 8)  # 37 rows: 5 chunks (one padded)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 400, bias=False).requires_grad_(not frozen)
+    start, labels, upstream = torch.randn(37, 32), torch.randint(0, 400, (37,)), torch.rand(37)
+    results = []
+    for smoothed in (lambda h: chunked_token_losses(h, head, labels, chunk_size=8, smoothing=0.1),
+                     lambda h: F.cross_entropy(head(h), labels, reduction="none", label_smoothing=0.1)):
+        hidden = start.clone().requires_grad_()
+        losses = smoothed(hidden)
+        (losses * upstream).sum().backward()
+        results.append((losses.detach(), hidden.grad))
+    (ours, ours_grad), (torch_loss, torch_grad) = results
+    # fp32 rounding of sums over 400 logits in another order (~1e-6); a smoothing left out moves the loss by 0.1 x
+    # (mean loss - target loss), ~0.1 nat here, and every gradient entry by up to 0.1 / 400 x the weights
+    assert torch.allclose(ours, torch_loss, atol=1e-5)
+    assert torch.allclose(ours_grad, torch_grad, atol=1e-6)
+    assert not torch.allclose(ours, F.cross_entropy(head(start), labels, reduction="none"), atol=1e-2)
+
+
 def test_trainable_gradient_free_or_empty_heads_take_the_module_path():
     head = torch.nn.Linear(8, 20, bias=False)  # trainable (full fine-tuning): its weight needs a gradient
     hidden = torch.randn(5, 8, requires_grad=True)

@@ -362,6 +362,10 @@ def _train_problems(cfg: Config) -> list[str]:
     if len(weightings) > 1:
         out.append(f"{' and '.join(f'`{k}`' for k in weightings)} weight the same token losses in different ways; "
                    "set one")
+    if t.label_smoothing_factor and known and not stage.language_modelling:
+        out.append(f"`label_smoothing_factor` smooths the token losses of stages {lm_stages}; stage {f.stage} has none")
+    if not 0 <= t.label_smoothing_factor < 1:
+        out.append(f"`label_smoothing_factor` must be at least 0 and below 1; got {t.label_smoothing_factor}")
     if f.neftune_noise_alpha is not None and f.neftune_noise_alpha <= 0:
         out.append(f"`neftune_noise_alpha` scales NEFTune's embedding noise, above 0 (unset: off); got "
                    f"{f.neftune_noise_alpha}")

@@ -22,7 +22,6 @@ HF_REFUSED = [
      "apollo_target"),
     ("average_tokens_across_devices", "bool", True, "the loss is always divided by the target tokens of all "
      "processes (transformers' true); dividing per process is not built"),
-    ("label_smoothing_factor", "float", 0.0, "label smoothing " + _NOT_BUILT),
     ("bf16_full_eval", "bool", False, "evaluation runs in the training precision; a separate bf16 evaluation "
      + _NOT_BUILT),
     ("fp16_full_eval", "bool", False, "evaluation runs in the training precision; a separate fp16 evaluation "

@@ -286,6 +286,9 @@ class TrainArgs:
     adam_beta2: float = 0.999  # AdamW's second-moment decay
     adam_epsilon: float = 1e-8  # AdamW's epsilon, added to the update's denominator
     max_grad_norm: float = 1.0  # clip each step's gradient norm to this; 0 or less: no clipping
+    # HF's (stages pt, sft): each token's loss against (1 - e) x its label + e spread evenly over the vocabulary, in
+    # training and evaluation losses, as transformers' LabelSmoother computes it
+    label_smoothing_factor: float = 0.0
     # ours: a step whose loss or gradient norm is NaN/inf skips its update (counted, logged) instead of stopping
     skip_nonfinite_steps: bool = False
     num_train_epochs: float = 3.0  # passes over the training data (fractions too); max_steps > 0 overrides it

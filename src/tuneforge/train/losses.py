@@ -12,16 +12,20 @@ IGNORE = -100
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy over positions whose label is not -100, and their count."""
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy over positions whose label is not -100, and their count. `smoothing`: HF's
+    label_smoothing_factor, (1 - e) x the target's loss + e x the mean loss over the vocabulary."""
     shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
     shift_labels = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE, reduction="sum",
+                           label_smoothing=smoothing)
     return loss, (shift_labels != IGNORE).sum()
 
 
-def _head_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
+def _head_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, smoothing: float = 0.0
+                       ) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="none", label_smoothing=smoothing)
 
 
 # rows per chunk on the frozen-head path: nothing of a chunk outlives it, and it runs when the forward's activations
@@ -41,10 +45,13 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     per-row factor applied after the matmul instead of before.
     The second output is each row's entropy when `with_entropy` (RL stages log it; no gradient), else empty.
     `token_rows`, `delta`: the head's rows that train (new tokens' rows, models/vocab.py) and their values, which
-    `weight` already holds. Their gradient needs only those columns of (softmax - one-hot), kept from forward."""
+    `weight` already holds. Their gradient needs only those columns of (softmax - one-hot), kept from forward.
+    `smoothing` e (label smoothing): the target is (1 - e) x one-hot + e / vocabulary, so the loss is log-sum-exp
+    - (1 - e) x the target's logit - e x the mean logit, and the gradient softmax minus that target."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, with_entropy, token_rows=None, delta=None):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, with_entropy, token_rows=None, delta=None,
+                smoothing=0.0):
         losses, entropies, grads, columns = [], [], [], []
         for start in range(0, hidden.shape[0], chunk_size):
             rows_in, wanted = hidden[start: start + chunk_size], labels[start: start + chunk_size]
@@ -60,6 +67,8 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             # the SFT peak sits here
             probs.sub_(probs.amax(dim=-1, keepdim=True))
             target = probs[rows, wanted]
+            if smoothing:
+                target = (1 - smoothing) * target + smoothing * probs.mean(dim=-1)
             shifted = probs.clone() if with_entropy else None
             probs.exp_()
             total = probs.sum(dim=-1)
@@ -69,7 +78,9 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             if with_entropy:  # -sum p log p, with log p = shifted - log_total
                 entropies.append((log_total - (probs * shifted).sum(-1))[:n])
                 del shifted
-            probs[rows, wanted] -= 1  # d loss / d logits = softmax - one-hot
+            probs[rows, wanted] -= 1 - smoothing  # d loss / d logits = softmax - one-hot (smoothed)
+            if smoothing:
+                probs.sub_(smoothing / probs.shape[-1])
             if token_rows is not None:
                 columns.append(probs[:n, token_rows])
             grads.append(torch.matmul(probs.to(dtype), weight)[:n])
@@ -89,7 +100,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             columns, hidden = for_delta
             grad_delta = ((columns * grad_losses[:, None]).T @ hidden.float()).to(ctx.delta_dtype)
         return (grad_hidden.float() * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None, None, None, \
-            None, grad_delta
+            None, grad_delta, None
 
 
 def _fused_head(head: torch.nn.Module, hidden: torch.Tensor) -> tuple | None:
@@ -121,7 +132,7 @@ def _fused_head(head: torch.nn.Module, hidden: torch.Tensor) -> tuple | None:
 
 
 def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
-                         chunk_size: int = 1024) -> torch.Tensor:
+                         chunk_size: int = 1024, smoothing: float = 0.0) -> torch.Tensor:
     """Per-row cross-entropy of `head(hidden)` against labels (one target per row, none ignored), `chunk_size` rows
     at a time.
 
@@ -134,11 +145,11 @@ def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: to
     if fused is not None:
         weight, bias, token_rows, delta = fused
         return _FrozenHeadCrossEntropy.apply(hidden, weight, bias, labels, _FROZEN_HEAD_ROWS, False, token_rows,
-                                             delta)[0]
+                                             delta, smoothing)[0]
     if hidden.shape[0] <= chunk_size:
-        return _head_token_losses(hidden, labels, head)
+        return _head_token_losses(hidden, labels, head, smoothing)
     return torch.cat([checkpoint(_head_token_losses, hidden[start: start + chunk_size],
-                                 labels[start: start + chunk_size], head, use_reentrant=False)
+                                 labels[start: start + chunk_size], head, smoothing, use_reentrant=False)
                       for start in range(0, hidden.shape[0], chunk_size)])
 
 
@@ -190,9 +201,9 @@ def head_chunk_size(t) -> int:
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
-                          chunk_size: int = 1024) -> torch.Tensor:
+                          chunk_size: int = 1024, smoothing: float = 0.0) -> torch.Tensor:
     """Sum of cross-entropy of `head(hidden)` against labels, computed in chunks (see chunked_token_losses)."""
-    return chunked_token_losses(hidden, head, labels, chunk_size).sum()
+    return chunked_token_losses(hidden, head, labels, chunk_size, smoothing).sum()
 
 
 def sequence_log_probs(model, split, input_ids, labels, attention_mask=None, chunk_size: int = 1024,
@@ -245,7 +256,7 @@ class CausalLMLoss(torch.nn.Module):
     extra: dict = {}  # nothing trains besides the model (see steps.LossModule)
 
     def __init__(self, model, chunk_size: int = 1024, compute_accuracy: bool = False, dft: bool = False,
-                 eaft_alpha: float | None = None, router_balance=None):
+                 eaft_alpha: float | None = None, router_balance=None, label_smoothing: float = 0.0):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
@@ -253,6 +264,7 @@ class CausalLMLoss(torch.nn.Module):
         self.dft = dft  # use_dft_loss, in training only
         self.eaft_alpha = eaft_alpha  # use_eaft_loss's exponent, in training only
         self.router_balance = router_balance  # moe.RouterBalance (moe_aux_loss_coef), in training only
+        self.label_smoothing = label_smoothing  # HF's label_smoothing_factor, in training and evaluation as there
         self.split = decoder_and_head(model)
 
     @staticmethod
@@ -288,7 +300,7 @@ class CausalLMLoss(torch.nn.Module):
             loss = dft_weighted(token_losses) if self.dft else \
                 (token_losses * eaft_weights(wanted_logits.detach(), self.eaft_alpha)).sum()
         else:
-            loss, _ = token_cross_entropy(logits, labels)
+            loss, _ = token_cross_entropy(logits, labels, self.label_smoothing)
         if self.training or not self.compute_accuracy:  # token accuracy is an evaluation metric
             return loss, {}
         return loss, {"accuracy": ((logits[:, :-1].argmax(-1) == shift_labels) & targets).sum()}
@@ -305,7 +317,7 @@ class CausalLMLoss(torch.nn.Module):
             loss = (chunked_token_losses(hidden, head, wanted, self.chunk_size) *
                     head_eaft_weights(hidden, head, self.eaft_alpha, _FROZEN_HEAD_ROWS)).sum()
         else:
-            loss = chunked_cross_entropy(hidden, head, wanted, self.chunk_size)
+            loss = chunked_cross_entropy(hidden, head, wanted, self.chunk_size, self.label_smoothing)
         if self.training or not self.compute_accuracy:  # token accuracy is an evaluation metric
             return loss, {}
         with torch.no_grad():

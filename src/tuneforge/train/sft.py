@@ -37,6 +37,10 @@ def check(cfg) -> list[str]:
         out.append("`do_predict` needs `predict_with_generate: true` (predictions are generated text)")
     elif cfg.train.predict_metric and not cfg.train.do_predict:
         out.append("`predict_metric` scores generated answers: it needs `do_predict: true`")
+    weighted = [key for key in ("use_dft_loss", "use_eaft_loss", "use_asft_loss") if getattr(cfg.finetune, key)]
+    if cfg.train.label_smoothing_factor and weighted:
+        out.append(f"`label_smoothing_factor` with `{weighted[0]}` is not built (transformers, too, applies only "
+                   "one of them); set one")
     if not cfg.finetune.use_asft_loss:
         out += unused_reference(cfg, f"stage {cfg.finetune.stage} uses a reference model only with `use_asft_loss`")
     return out
@@ -57,7 +61,8 @@ def run(cfg) -> dict:
     accelerator.print(f"[tuneforge] {trained}, {_count(data.eval)} evaluation examples")
     module = CausalLMLoss(model, head_chunk_size(t), compute_accuracy=f.compute_accuracy, dft=f.use_dft_loss,
                           eaft_alpha=f.eaft_alpha if f.use_eaft_loss else None,
-                          router_balance=RouterBalance(model, f.moe_aux_loss_coef) if f.moe_aux_loss_coef else None)
+                          router_balance=RouterBalance(model, f.moe_aux_loss_coef) if f.moe_aux_loss_coef else None,
+                          label_smoothing=t.label_smoothing_factor)
     if f.use_asft_loss and t.do_train:
         module = AnchoredLMLoss(module, f.asft_alpha, reference_model(cfg, accelerator.device))
     results = train_and_evaluate(cfg, module, tokenizer, data.train, data.eval, accelerator, resume,
