@@ -186,14 +186,15 @@ def test_eval_early_stopping_predict_and_plot(tiny_model, alpaca_file, tmp_path)
     assert (out / "training_loss.png").is_file() and (out / "training_eval_loss.png").is_file()
 
 
-@pytest.mark.parametrize("strategy, evaluated", [("steps", [0, 4, 6, 8]), ("epoch", [0, 12])])
-def test_eval_on_start_and_eval_delay(tiny_model, alpaca_file, tmp_path, strategy, evaluated):
+@pytest.mark.parametrize("strategy, delay, steps, evaluated", [
+    ("steps", 4, 8, [0, 4, 6, 8]), ("epoch", 2, 12, [0, 12]), ("epoch", 1, 8, [0, 6, 8])])
+def test_eval_on_start_and_eval_delay(tiny_model, alpaca_file, tmp_path, strategy, delay, steps, evaluated):
     """HF's eval_on_start evaluates the starting weights (the loss of the untrained model, logged at step 0);
-    eval_delay holds evaluations back for its steps (eval_strategy steps) or epochs (epoch)."""
+    eval_delay holds evaluations back for its steps (eval_strategy steps) or epochs (epoch). Training evaluates its
+    last step under either strategy, the end of its last epoch or a step inside one."""
     out = tmp_path / "out"
     run_training(train_config(tiny_model, alpaca_file, out, val_size=0.25, eval_strategy=strategy, eval_steps=2,
-                              eval_delay=4 if strategy == "steps" else 2, eval_on_start=True,
-                              max_steps=8 if strategy == "steps" else 12, per_device_train_batch_size=3))
+                              eval_delay=delay, eval_on_start=True, max_steps=steps, per_device_train_batch_size=3))
     evals = [r for r in read_log(out) if "eval_loss" in r]
     assert [r["current_steps"] for r in evals] == evaluated  # 18 training rows in batches of 3: 6 steps an epoch
     assert evals[0]["eval_loss"] > evals[-1]["eval_loss"]  # before any step: the highest loss

@@ -156,7 +156,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
                                                  total_steps)
     log = _run_log(cfg, total_steps, state, accelerator)
     evaluation = Remembered(evaluation, state) if evaluation else None
-    eval_every = (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" and evaluation else 0
+    eval_every = t.eval_steps or t.logging_steps  # (eval_strategy steps)
     if t.eval_on_start and evaluation:  # HF's check of the evaluation before this session's first step; logged only
         log.eval_step(state.global_step, state.epoch + state.step_in_epoch / (per_epoch or 1), evaluation())
     interval = _Interval(accelerator.device)
@@ -191,7 +191,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
                 "total_tokens": state.num_input_tokens_seen,
                 "throughput": (state.num_input_tokens_seen - tokens_at_start) / max(time.time() - log.started, 1e-9)}
             _log_interval(interval, state, log, epoch, scheduler.get_last_lr()[0], {**source.log_metrics(), **seen})
-        if eval_every and (state.global_step % eval_every == 0 or last) and state.global_step >= t.eval_delay:
+        if evaluation and _evaluates_now(t, state, epoch, per_epoch, last, eval_every):
             stop = evaluate_and_check(cfg, module, evaluation, accelerator, state, log, epoch)
         if _should_save(t, state, per_epoch, last):
             save()
@@ -502,6 +502,15 @@ def _what_is_non_finite(losses, norm, precision, accelerator) -> NonFiniteStep |
         return NonFiniteStep(f"the loss is {losses[bad[0]].item()} in micro-batch {bad[0] + 1} of {len(losses)}",
                              bad[0])
     return NonFiniteStep(f"the gradient norm is {norm.item()} (losses finite)", None) if flags[-1] else None
+
+
+def _evaluates_now(t, state, epoch: float, per_epoch: int, last: bool, every: int) -> bool:
+    """Whether training evaluates after the step just taken: every `every` steps (eval_strategy steps), and the
+    last step of training always, so that the final weights are a candidate for the best model (an epoch's end,
+    the last one included, is end_of_epoch's to evaluate); not before eval_delay steps or epochs."""
+    if t.eval_strategy == "steps":
+        return state.global_step >= t.eval_delay and (state.global_step % every == 0 or last)
+    return t.eval_strategy == "epoch" and last and state.step_in_epoch < per_epoch and epoch >= t.eval_delay
 
 
 def _should_save(t, state, steps_in_epoch: int, last: bool) -> bool:
