@@ -69,6 +69,8 @@ def notices(cfg: Config) -> list[str]:
     if cfg.model.upcast_layernorm and not (cfg.finetune.pure_bf16 or cfg.model.quantization_bit):
         out.append("note: `upcast_layernorm` has no effect here: the weights are fp32 already (it keeps the norms "
                    "in fp32 under `pure_bf16` or `quantization_bit`)")
+    if cfg.finetune.plot_loss and cfg.train.logging_strategy == "no":
+        out.append("note: `plot_loss` draws the logged training losses, and `logging_strategy: no` logs none")
     if cfg.train.eval_delay and cfg.train.eval_strategy == "no":
         out.append("note: `eval_delay` has no effect without evaluations during training (eval_strategy)")
     if d.buffer_size != DataArgs.buffer_size and not d.streaming:

@@ -37,8 +37,6 @@ HF_REFUSED = [
     ("liger_kernel_config", "dict | str | None", None, _LIGER),
     ("auto_find_batch_size", "bool", False, "searching for a batch size that fits " + _NOT_BUILT
      + "; set per_device_train_batch_size"),
-    ("logging_strategy", "str", "steps", "training logs every logging_steps steps; other logging strategies are not "
-     "built"),
     ("project", "str", "huggingface", _TRACKIO + " (wandb's project is the WANDB_PROJECT variable)"),
     ("trackio_space_id", "str | None", None, _TRACKIO),
     ("trackio_bucket_id", "str | None", None, _TRACKIO),

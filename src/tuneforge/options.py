@@ -305,6 +305,9 @@ class TrainArgs:
     warmup_ratio: float = 0.0  # the share of all steps over which the rate rises from 0 (unless warmup_steps)
     warmup_steps: int = 0  # steps over which the rate rises from 0; 0: warmup_ratio decides
     logging_steps: int = 10  # a log line (trainer_log.jsonl, report_to) every N steps; eval_steps' default
+    # HF's: steps (every logging_steps, and the last step), epoch (each epoch's last step, and training's), or no
+    # training log lines at all (train_results.json still reports train_loss; evaluations are still logged)
+    logging_strategy: Literal["steps", "epoch", "no"] = "steps"
     logging_first_step: bool = False  # HF's: a log line after the first step too
     save_steps: int = 500  # save_strategy steps: a checkpoint-N folder every N steps
     save_strategy: Literal["no", "steps", "epoch"] = "steps"  # when checkpoints are saved; the final model always is

@@ -316,7 +316,8 @@ def _check_global_batch(folder, marker: dict, identity: dict) -> None:
 # long it runs, inference and export): a checkpoint resumes under other values of these. Any other key that
 # differs from the checkpoint's is refused on resume.
 RESUME_NEUTRAL = frozenset((
-    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "save_steps", "save_strategy",
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "logging_strategy", "save_steps",
+    "save_strategy",
     "save_total_limit", "save_only_model", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start",
     "per_device_eval_batch_size", "do_eval",
     "do_predict", "predict_with_generate", "predict_metric", "load_best_model_at_end", "metric_for_best_model",

@@ -186,7 +186,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
         log.advance()
         epoch = state.epoch + state.step_in_epoch / per_epoch if per_epoch else state.epoch
         last, stop = state.global_step >= total_steps, False
-        if state.global_step % t.logging_steps == 0 or last or (t.logging_first_step and state.global_step == 1):
+        if _logs_now(t, state, per_epoch, last):
             seen = {} if counted == "no" else {  # LLaMA-Factory's names
                 "total_tokens": state.num_input_tokens_seen,
                 "throughput": (state.num_input_tokens_seen - tokens_at_start) / max(time.time() - log.started, 1e-9)}
@@ -502,6 +502,16 @@ def _what_is_non_finite(losses, norm, precision, accelerator) -> NonFiniteStep |
         return NonFiniteStep(f"the loss is {losses[bad[0]].item()} in micro-batch {bad[0] + 1} of {len(losses)}",
                              bad[0])
     return NonFiniteStep(f"the gradient norm is {norm.item()} (losses finite)", None) if flags[-1] else None
+
+
+def _logs_now(t, state, per_epoch: int, last: bool) -> bool:
+    """Whether the step just taken is logged (logging_strategy): every logging_steps steps, or each epoch's last
+    step; under either, training's last step and, with logging_first_step, its first (as in transformers)."""
+    if t.logging_first_step and state.global_step == 1:
+        return True
+    if t.logging_strategy == "steps":
+        return last or state.global_step % t.logging_steps == 0
+    return t.logging_strategy == "epoch" and (last or state.step_in_epoch == per_epoch)
 
 
 def _evaluates_now(t, state, epoch: float, per_epoch: int, last: bool, every: int) -> bool:
