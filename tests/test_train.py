@@ -332,19 +332,23 @@ def test_dataloader_drop_last_leaves_out_an_incomplete_last_batch():
         epochs(4, drop_last=True)
 
 
-@pytest.mark.parametrize("strategy, logged", [("steps", [1, 4, 8, 10]), ("epoch", [1, 6, 10]), ("no", [1])])
-def test_logging_strategy(tiny_model, alpaca_file, tmp_path, strategy, logged):
+def test_logging_strategy(tiny_model, alpaca_file, tmp_path):
     """HF's logging_strategy, with logging_first_step: every logging_steps steps or each epoch's end (24 rows in
     batches of 4: 6 steps an epoch), and training's last step under either; `no` logs none but the first."""
-    out = tmp_path / "out"
-    values = train_config(tiny_model, alpaca_file, out, max_steps=10, logging_steps=4, logging_first_step=True,
-                          logging_strategy=strategy, plot_loss=True)
-    run_training(values)
-    assert [r["current_steps"] for r in read_log(out)] == logged
     from tuneforge.config import build_config, notices
 
-    drawn = "note: `plot_loss` draws the logged training losses, and `logging_strategy: no` logs none"
-    assert (drawn in notices(build_config(values))) == (strategy == "no")
+    train_loss = {}
+    for strategy, logged in (("steps", [1, 4, 8, 10]), ("epoch", [1, 6, 10]), ("no", [1])):
+        out = tmp_path / strategy
+        values = train_config(tiny_model, alpaca_file, out, max_steps=10, logging_steps=4, logging_first_step=True,
+                              logging_strategy=strategy, plot_loss=True)
+        train_loss[strategy] = run_training(values)["train_loss"]
+        assert [r["current_steps"] for r in read_log(out)] == logged
+        drawn = "note: `plot_loss` draws the logged training losses, and `logging_strategy: no` logs none"
+        assert (drawn in notices(build_config(values))) == (strategy == "no")
+    # every step's loss counts in train_loss, logged or not: the same training, summed in other groups (float32)
+    assert train_loss["epoch"] == pytest.approx(train_loss["steps"], rel=1e-5)
+    assert train_loss["no"] == pytest.approx(train_loss["steps"], rel=1e-5)
 
 
 def test_data_seed_orders_the_rows_and_seed_the_rest():

@@ -186,11 +186,13 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
         log.advance()
         epoch = state.epoch + state.step_in_epoch / per_epoch if per_epoch else state.epoch
         last, stop = state.global_step >= total_steps, False
-        if _logs_now(t, state, per_epoch, last):
+        logs = _logs_now(t, state, per_epoch, last)
+        if logs or last:  # the last step's losses count in train_loss in any case
             seen = {} if counted == "no" else {  # LLaMA-Factory's names
                 "total_tokens": state.num_input_tokens_seen,
                 "throughput": (state.num_input_tokens_seen - tokens_at_start) / max(time.time() - log.started, 1e-9)}
-            _log_interval(interval, state, log, epoch, scheduler.get_last_lr()[0], {**source.log_metrics(), **seen})
+            _log_interval(interval, state, log if logs else None, epoch, scheduler.get_last_lr()[0],
+                          {**source.log_metrics(), **seen})
         if evaluation and _evaluates_now(t, state, epoch, per_epoch, last, eval_every):
             stop = evaluate_and_check(cfg, module, evaluation, accelerator, state, log, epoch)
         if _should_save(t, state, per_epoch, last):
@@ -249,13 +251,15 @@ def _run_log(cfg, total_steps: int, state, accelerator) -> RunLog:
                   trackers=trackers)
 
 
-def _log_interval(interval: "_Interval", state, log: RunLog, epoch: float, lr: float, extra: dict) -> None:
-    """The means since the last log line into the log (with `extra` figures), and into the run's totals."""
+def _log_interval(interval: "_Interval", state, log: RunLog | None, epoch: float, lr: float, extra: dict) -> None:
+    """The means since the last log line into the run's totals, and into the log (with `extra` figures) unless
+    there is none (logging_strategy no)."""
     loss, count, means, speed = interval.flush()
     state.loss_sum += loss * count
     state.trained_units += count
     skipped = {"skipped_steps": state.skipped_steps} if state.skipped_steps else {}
-    log.train_step(state.global_step, epoch, loss, lr, speed, {**means, **extra, **skipped})
+    if log is not None:
+        log.train_step(state.global_step, epoch, loss, lr, speed, {**means, **extra, **skipped})
 
 
 def _input_tokens(batch: dict, how: str) -> int:
