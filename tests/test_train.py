@@ -351,6 +351,20 @@ def test_logging_strategy(tiny_model, alpaca_file, tmp_path):
     assert train_loss["no"] == pytest.approx(train_loss["steps"], rel=1e-5)
 
 
+def test_a_resumed_run_counts_the_unlogged_steps_in_train_loss(tiny_model, alpaca_file, tmp_path):
+    """A checkpoint between log lines (here: none at all) holds the losses of the steps since the last one."""
+    common = dict(max_steps=6, save_steps=3, logging_strategy="no", lr_scheduler_type="constant")
+    straight = run_training(train_config(tiny_model, alpaca_file, tmp_path / "straight", **common))
+    interrupted = tmp_path / "interrupted"
+    run_training(train_config(tiny_model, alpaca_file, interrupted, **common))
+    for name in ("adapter_model.safetensors", "adapter_config.json", "train_results.json", "all_results.json"):
+        (interrupted / name).unlink()  # as if it had stopped after checkpoint-3
+    resumed = run_training(train_config(tiny_model, alpaca_file, interrupted, **common))
+    # the same steps, their losses summed in two groups instead of one (float32): ~1e-7 apart; without the
+    # checkpoint's share, train_loss would be the mean of steps 4-6 alone, ~0.1 lower
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-5)
+
+
 def test_data_seed_orders_the_rows_and_seed_the_rest():
     from tuneforge.options import TrainArgs
     from tuneforge.train.checkpoint import TrainerState

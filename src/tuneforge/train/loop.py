@@ -9,6 +9,7 @@ of them, so the result does not depend on how the batch is split or padded.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -165,7 +166,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
     saved = [None]  # the step of this run's latest checkpoint
 
     def save():
-        _save(cfg, module, inner, tokenizer, optimizer, scheduler, state, accelerator, identity)
+        _save(cfg, module, inner, tokenizer, optimizer, scheduler, interval.settled(state), accelerator, identity)
         saved[0] = state.global_step
 
     def step(micro: list[dict]) -> tuple[bool, bool]:
@@ -403,6 +404,12 @@ class _Interval:
         self.units = torch.zeros((), device=self.device)
         self.metrics: dict[str, torch.Tensor] = {}
         self.real_tokens, self.started = 0, time.time()
+
+    def settled(self, state):
+        """`state` with the losses since the last log line in its totals: a checkpoint's train_loss counts every
+        step before it, whether logged or not (the log line itself still waits for its step)."""
+        return dataclasses.replace(state, loss_sum=state.loss_sum + self.loss.item(),
+                                   trained_units=state.trained_units + int(self.units.item()))
 
     def add(self, loss_sum, units, metrics):
         self.loss += loss_sum
