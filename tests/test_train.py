@@ -197,6 +197,10 @@ def test_eval_on_start_and_eval_delay(tiny_model, alpaca_file, tmp_path, strateg
                               eval_delay=delay, eval_on_start=True, max_steps=steps, per_device_train_batch_size=3))
     evals = [r for r in read_log(out) if "eval_loss" in r]
     assert [r["current_steps"] for r in evals] == evaluated  # 18 training rows in batches of 3: 6 steps an epoch
+    from tuneforge.config import build_config, notices
+
+    assert "note: `eval_on_start` evaluates before training's first step; without do_train it has no effect" in \
+        notices(build_config(train_config(tiny_model, alpaca_file, out, eval_on_start=True, do_train=False)))
     assert evals[0]["eval_loss"] > evals[-1]["eval_loss"]  # before any step: the highest loss
 
 

@@ -73,6 +73,8 @@ def notices(cfg: Config) -> list[str]:
         out.append("note: `plot_loss` draws the logged training losses, and `logging_strategy: no` logs none")
     if cfg.train.eval_delay and cfg.train.eval_strategy == "no":
         out.append("note: `eval_delay` has no effect without evaluations during training (eval_strategy)")
+    if cfg.train.eval_on_start and not cfg.train.do_train:
+        out.append("note: `eval_on_start` evaluates before training's first step; without do_train it has no effect")
     if d.buffer_size != DataArgs.buffer_size and not d.streaming:
         out.append("note: `buffer_size` has no effect without streaming: in-memory data is shuffled whole")
     if d.streaming:
