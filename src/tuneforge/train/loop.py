@@ -159,7 +159,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
     evaluation = Remembered(evaluation, state) if evaluation else None
     eval_every = t.eval_steps or t.logging_steps  # (eval_strategy steps)
     if t.eval_on_start and evaluation:  # HF's check of the evaluation before this session's first step; logged only
-        log.eval_step(state.global_step, state.epoch + state.step_in_epoch / (per_epoch or 1), evaluation())
+        log.eval_step(state.global_step, _epochs(state, per_epoch), evaluation())
     interval = _Interval(accelerator.device)
     counted, tokens_at_start = t.include_num_input_tokens_seen, state.num_input_tokens_seen
 
@@ -185,7 +185,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
         state.global_step += 1
         state.step_in_epoch += 1
         log.advance()
-        epoch = state.epoch + state.step_in_epoch / per_epoch if per_epoch else state.epoch
+        epoch = _epochs(state, per_epoch)
         last, stop = state.global_step >= total_steps, False
         logs = _logs_now(t, state, per_epoch, last)
         if logs or last:  # the last step's losses count in train_loss in any case
@@ -319,11 +319,15 @@ def _distribute(module, t, f, accelerator):
     return accelerator.prepare(module), optimizer
 
 
+def _epochs(state, per_epoch: int) -> float:
+    """How far training is, in epochs (a stream's, whose length is unknown, in whole passes)."""
+    return state.epoch + state.step_in_epoch / per_epoch if per_epoch else state.epoch
+
+
 def _results(state, per_epoch: int, runtime: float, start_step: int, unit: str, tokens: int | None) -> dict:
     """train_results.json's figures (trainer_state's, as transformers' Trainer names them); with `tokens` (this
     process's), LLaMA-Factory's per-device effective_tokens_per_sec too."""
-    epoch = state.epoch + state.step_in_epoch / per_epoch if per_epoch else state.epoch
-    results = {"epoch": round(epoch, 2),
+    results = {"epoch": round(_epochs(state, per_epoch), 2),
                "train_loss": state.loss_sum / max(state.trained_units, 1), "train_runtime": round(runtime, 2),
                "train_steps_per_second": round((state.global_step - start_step) / runtime, 3),
                f"train_{unit}s": state.trained_units, "global_step": state.global_step}

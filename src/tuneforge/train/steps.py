@@ -13,7 +13,7 @@ from typing import Iterator, Protocol
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import order_seed
+from ..config import ConfigError, order_seed
 from .faults import rows_signature
 
 
@@ -66,8 +66,6 @@ class RowSteps:
         self.num_examples, self.signature, self.step_rows = len(rows), rows_signature(rows), []
         self.lengths = [row_length(row) for row in rows] if t.length_grouped else None
         if self.lengths is not None and not any(self.lengths):
-            from ..config import ConfigError
-
             raise ConfigError(f"{t.length_grouping_key} groups rows by their number of tokens, and these rows hold "
                               "no tokens (images): remove it")
 
@@ -129,8 +127,6 @@ def _even(group: list[list[int]]) -> list[list[int]]:
 def batches_per_epoch(n: int, span: int, drop_last: bool) -> int:
     """How many global batches of `span` rows an epoch of `n` rows has (see epoch_batches)."""
     if drop_last and n < span:
-        from ..config import ConfigError
-
         raise ConfigError(f"dataloader_drop_last: the {n} training rows do not fill one batch of {span} "
                           "(per_device_train_batch_size x processes), so every epoch would be empty: lower the "
                           "batch size or remove dataloader_drop_last")
