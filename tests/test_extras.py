@@ -10,6 +10,7 @@ from conftest import read_log, run_training, train_config
 
 from tuneforge.config import build_config
 from tuneforge.train.losses import dft_weighted
+from tuneforge.train.optimizers import OPTIMS
 
 # Each extra trains the tiny model 20 steps at a constant rate; its loss must end at least 0.3 nats below where it
 # started (plain AdamW full fine-tuning at 3e-3 falls by more than 1 nat here, so 0.3 says "it learns" with room for
@@ -24,17 +25,76 @@ EXTRAS = {
     "badam_ratio": dict(use_badam=True, badam_mode="ratio", badam_update_ratio=0.5, badam_switch_interval=5),
     "muon": dict(use_muon=True),
     "pure_bf16_full": dict(pure_bf16=True),
+    "adafactor": dict(optim="adafactor"),
+    "adagrad": dict(optim="adagrad"),
+    "rmsprop": dict(optim="rmsprop", optim_args="alpha=0.95"),
+    "sgd_nesterov": dict(optim="sgd", optim_args="momentum=0.9,nesterov=true", learning_rate=3e-2),
+    "lion_8bit": dict(optim="lion_8bit"),
+    "ademamix_8bit": dict(optim="ademamix_8bit", optim_args="beta3=0.999,alpha=2,t_alpha=10"),
+    "rmsprop_bnb_8bit": dict(optim="rmsprop_bnb_8bit"),
 }
 
 
 @pytest.mark.parametrize("name", list(EXTRAS))
 def test_each_extra_learns(tiny_model, alpaca_file, tmp_path, name):
     out = tmp_path / "out"
-    run_training(train_config(tiny_model, alpaca_file, out, finetuning_type="full", learning_rate=3e-3,
-                              max_steps=20, lr_scheduler_type="constant", **EXTRAS[name]))
+    settings = {"learning_rate": 3e-3, **EXTRAS[name]}
+    run_training(train_config(tiny_model, alpaca_file, out, finetuning_type="full", max_steps=20,
+                              lr_scheduler_type="constant", **settings))
     losses = [r["loss"] for r in read_log(out) if "loss" in r]
     assert len(losses) == 20 and all(loss == loss for loss in losses), losses
     assert losses[-1] < losses[0] - 0.3, losses
+
+
+# Every `optim` with arguments where it reads them. bitsandbytes' RMSprop goes without: transformers hands it
+# optim_args as strings, which it cannot compute with (tuneforge reads them as numbers).
+OPTIM_CASES = [(name, {"sgd": "momentum=0.9,dampening=0.1", "adagrad": "lr_decay=0.01,eps=1e-6",
+                       "rmsprop": "momentum=0.5,alpha=0.9,eps=1e-6,centered=yes"}.get(name) or
+                (f"beta1=0.8,beta2=0.99,beta3=0.995,alpha=3,eps=1e-6,t_alpha=5,t_beta3=7" if "ademamix" in name
+                 else None)) for name in OPTIMS]
+
+
+@pytest.mark.parametrize("optim,optim_args", OPTIM_CASES, ids=[name for name, _ in OPTIM_CASES])
+def test_each_optim_is_the_optimizer_transformers_builds(tiny_model, optim, optim_args):
+    """`optim` and `optim_args` give the optimizer class and hyperparameters that transformers' Trainer gives
+    LLaMA-Factory for the same keys (Adam's betas and epsilon set away from their defaults, to see them arrive)."""
+    from transformers import Trainer, TrainingArguments
+
+    from tuneforge.train.optimizers import make_optimizer
+
+    model, cfg = _model_and_args(tiny_model, optim=optim, optim_args=optim_args, finetuning_type="full",
+                                 adam_beta1=0.85, adam_beta2=0.98, adam_epsilon=1e-7, learning_rate=2e-4)
+
+    def groups():
+        params = list(model.parameters())
+        return [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+
+    ours = make_optimizer(model, groups(), cfg.train, cfg.finetune)
+    args = TrainingArguments(output_dir="unused", optim=optim, optim_args=optim_args, adam_beta1=0.85,
+                             adam_beta2=0.98, adam_epsilon=1e-7, learning_rate=2e-4, report_to="none")
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    theirs = cls(groups(), **kwargs)
+    assert type(ours) is type(theirs)
+    settings = [[{k: v for k, v in group.items() if k != "params"} for group in o.param_groups] for o in (ours, theirs)]
+    assert settings[0] == settings[1]
+
+
+def test_optim_args_are_checked_before_training(tiny_model):
+    from tuneforge.train.optimizers import check
+
+    def problems(optim, optim_args):
+        return " | ".join(check(build_config({"model_name_or_path": tiny_model, "optim": optim,
+                                              "optim_args": optim_args})))
+
+    assert problems("sgd", "momentum=0.9,nesterov=true") == ""
+    assert "`optim: adamw_torch` takes none" in problems("adamw_torch", "beta1=0.5")  # transformers ignores them
+    assert "`foo` is not an argument of rmsprop; it takes momentum, alpha, eps, centered" in problems("rmsprop",
+                                                                                                       "foo=1")
+    assert "with the `weight_decay` key" in problems("sgd", "weight_decay=0.1")  # the groups' own would win
+    assert "`nesterov=maybe` is not true or false" in problems("sgd", "momentum=0.9,nesterov=maybe")
+    assert "`t_alpha=1.5` is not a whole number" in problems("ademamix", "t_alpha=1.5")
+    assert "Nesterov momentum requires a momentum" in problems("sgd", "nesterov=true")  # torch's own check
+    assert "RMSprop with alpha==0.0 is not supported" in problems("rmsprop_bnb", "alpha=0")
 
 
 def test_dft_lowers_the_plain_loss(tiny_model, alpaca_file, tmp_path):
@@ -290,8 +350,9 @@ LAYERWISE = {f"{name}_layerwise": {**EXTRAS[name], f"{name}_layerwise": True} fo
 def _final_weights(tiny_model, alpaca_file, out, **settings) -> dict:
     from safetensors.torch import load_file
 
-    run_training(train_config(tiny_model, alpaca_file, out, finetuning_type="full", learning_rate=3e-3, max_steps=6,
-                              save_steps=3, lr_scheduler_type="cosine", **settings))
+    settings = {"learning_rate": 3e-3, **settings}
+    run_training(train_config(tiny_model, alpaca_file, out, finetuning_type="full", max_steps=6, save_steps=3,
+                              lr_scheduler_type="cosine", **settings))
     return load_file(out / "model.safetensors")
 
 
@@ -312,10 +373,10 @@ def test_layerwise_steps_give_the_same_weights(tiny_model, alpaca_file, tmp_path
     assert _gap(together, layerwise) < 1e-6
 
 
-@pytest.mark.parametrize("name", ["badam", "badam_ratio", "muon", *LAYERWISE])
+@pytest.mark.parametrize("name", ["badam", "badam_ratio", "muon", *LAYERWISE, "ademamix_8bit", "sgd_nesterov"])
 def test_optimizers_with_their_own_state_resume_exactly(tiny_model, alpaca_file, tmp_path, name):
-    """Optimizers made of several (Muon with AdamW, one per parameter) or keeping a schedule of their own (BAdam's
-    block order) checkpoint all of it: a run stopped after its step-3 checkpoint and resumed ends where the
+    """Optimizers made of several (Muon with AdamW, one per parameter), keeping a schedule of their own (BAdam's
+    block order) or state of another kind (8-bit AdEMAMix's quantised moments, SGD's momentum) checkpoint all of it: a run stopped after its step-3 checkpoint and resumed ends where the
     uninterrupted run does."""
     settings = {**EXTRAS, **LAYERWISE}[name]
     straight = _final_weights(tiny_model, alpaca_file, tmp_path / "straight", **settings)

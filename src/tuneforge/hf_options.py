@@ -16,8 +16,6 @@ _GENERATE = "do_predict generates with the generation keys (max_new_tokens, num_
 _METRICS = "each stage computes fixed metrics (docs/evaluation.md); custom compute_metrics inputs are not built"
 
 HF_REFUSED = [
-    ("optim_args", "str | None", None, "optimizer arguments are not built; set AdamW with weight_decay, adam_beta1, "
-     "adam_beta2 and adam_epsilon"),
     ("optim_target_modules", "str | None", None, "GaLore and APOLLO take their modules from galore_target and "
      "apollo_target"),
     ("average_tokens_across_devices", "bool", True, "the loss is always divided by the target tokens of all "

@@ -348,9 +348,14 @@ class TrainArgs:
     torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune",
                                 "max-autotune-no-cudagraphs"] | None = None
     # adamw_torch_fused (HF's default with torch >= 2.8, so LLaMA-Factory's too: one fused kernel per step, 7x faster
-    # than adamw_torch's per-tensor loop on a CPU; the same update to rounding) | adamw_torch | sgd (no momentum) |
-    # the 8-bit and paged AdamW of bitsandbytes (train/optimizers.py)
+    # than adamw_torch's per-tensor loop on a CPU; the same update to rounding) | adamw_torch | adafactor | sgd |
+    # adagrad | rmsprop | bitsandbytes' AdamW, Lion, AdEMAMix and RMSprop under transformers' names (adamw_8bit,
+    # paged_adamw_32bit, lion_8bit, ademamix, rmsprop_bnb_8bit, ...; train/optimizers.py lists them all)
     optim: str = "adamw_torch_fused"
+    # "key=value,key=value": arguments of sgd (momentum, dampening, nesterov), adagrad (lr_decay, eps), rmsprop and
+    # rmsprop_bnb* (momentum, alpha, eps; rmsprop also centered) and ademamix* (beta1, beta2, beta3, alpha, eps,
+    # t_alpha, t_beta3), as transformers reads them; the other optimizers take none
+    optim_args: str | None = None
     # also send the logged scalars to: tensorboard (event files in <output_dir>/runs), wandb, mlflow; a comma list,
     # `all` (every one installed) or none; trainer_log.jsonl is always written. `run_name` names wandb/mlflow runs.
     report_to: str = "none"

@@ -1,5 +1,6 @@
-"""The optimizer `optim` and the optimizer extras name, from maintained packages: AdamW / SGD from torch, 8-bit and
-paged AdamW from bitsandbytes (CPU too), GaLore (galore-torch), APOLLO (apollo-torch), Adam-mini (adam-mini), BAdam
+"""The optimizer `optim` and the optimizer extras name, from maintained packages: AdamW, SGD, Adagrad and RMSprop
+from torch, Adafactor from transformers, AdamW, Lion, AdEMAMix and RMSprop in 8 or 32 bits (paged or not) from
+bitsandbytes (CPU too), GaLore (galore-torch), APOLLO (apollo-torch), Adam-mini (adam-mini), BAdam
 (badam), Muon (torch.optim.Muon, with AdamW for what Muon cannot take). GaLore and APOLLO can also step per layer
 inside backward (Layerwise). loop.build_optimizer groups the parameters by learning rate and weight decay; this
 module turns those groups into the optimizer."""
@@ -12,10 +13,38 @@ import torch
 
 from ..models.adapters import all_linear_names
 
-OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
-          "paged_adamw_32bit")
-_BNB = {"adamw_8bit": "AdamW8bit", "adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
-        "paged_adamw_32bit": "PagedAdamW32bit"}
+# bitsandbytes' optimizers under transformers' names: (class, bits of state, paged)
+_BNB = {"adamw_8bit": ("AdamW", 8, False), "adamw_bnb_8bit": ("AdamW", 8, False),
+        "paged_adamw_8bit": ("AdamW", 8, True), "paged_adamw_32bit": ("AdamW", 32, True),
+        "lion_8bit": ("Lion", 8, False), "lion_32bit": ("Lion", 32, False),
+        "paged_lion_8bit": ("Lion", 8, True), "paged_lion_32bit": ("Lion", 32, True),
+        "ademamix": ("AdEMAMix", 32, False), "ademamix_8bit": ("AdEMAMix", 8, False),
+        "paged_ademamix_8bit": ("AdEMAMix", 8, True), "paged_ademamix_32bit": ("AdEMAMix", 32, True),
+        "rmsprop_bnb": ("RMSprop", 32, False), "rmsprop_bnb_8bit": ("RMSprop", 8, False),
+        "rmsprop_bnb_32bit": ("RMSprop", 32, False)}
+_TORCH = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}
+OPTIMS = ("adamw_torch", "adamw_torch_fused", "adafactor", *_TORCH, *_BNB)
+
+
+def _flag(text: str) -> bool:
+    """A boolean in optim_args: what transformers reads as true, or a plain false (anything else is refused, where
+    transformers would read it as false)."""
+    if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1", "yes")
+
+
+# What `optim_args` may set for each optimizer: the keys transformers reads for it, with their types. weight_decay
+# is not one of them: the parameter groups carry it (none for biases and norms), so `weight_decay` sets it.
+_RMSPROP_ARGS = {"momentum": float, "alpha": float, "eps": float}
+_ADEMAMIX_ARGS = {"beta1": float, "beta2": float, "beta3": float, "alpha": float, "eps": float, "t_alpha": int,
+                  "t_beta3": int}
+OPTIM_ARGS = {"sgd": {"momentum": float, "dampening": float, "nesterov": _flag},
+              "adagrad": {"lr_decay": float, "eps": float},
+              "rmsprop": {**_RMSPROP_ARGS, "centered": _flag},
+              **{name: _RMSPROP_ARGS for name, spec in _BNB.items() if spec[0] == "RMSprop"},
+              **{name: _ADEMAMIX_ARGS for name, spec in _BNB.items() if spec[0] == "AdEMAMix"}}
+_BNB_ADAMW = [name for name, spec in _BNB.items() if spec[0] == "AdamW"]
 _EXTRAS = ("use_galore", "use_apollo", "use_adam_mini", "use_badam", "use_muon")
 
 
@@ -24,17 +53,18 @@ def check(cfg) -> list[str]:
     t, f, out = cfg.train, cfg.finetune, []
     if t.optim not in OPTIMS:
         out.append(f"`optim: {t.optim}` is not supported; use one of {', '.join(OPTIMS)}")
+    out += _optim_args_problems(t)
     chosen = [key for key in _EXTRAS if getattr(f, key)]
     if len(chosen) > 1:
         out.append(f"{' and '.join(f'`{k}`' for k in chosen)} each choose the optimizer; set only one")
     if chosen and (t.optim not in ("adamw_torch", "adamw_torch_fused") and
-                   not (t.optim in _BNB and f.use_galore)):
+                   not (t.optim in _BNB_ADAMW and f.use_galore)):
         out.append(f"`{chosen[0]}` brings its own optimizer; leave `optim` at adamw_torch_fused or adamw_torch "
                    "(GaLore also takes adamw_8bit)")
     if chosen and (f.layer_lr or f.layerwise_lr_decay or f.loraplus_lr_ratio) and chosen[0] != "use_galore":
         out.append(f"`{chosen[0]}` uses one learning rate for all parameters; remove layer_lr, layerwise_lr_decay "
                    "and loraplus_lr_ratio")
-    if f.use_galore and t.optim in _BNB and not torch.cuda.is_available():
+    if f.use_galore and t.optim in _BNB_ADAMW and not torch.cuda.is_available():
         out.append("GaLore's 8-bit AdamW (galore-torch) runs on CUDA only; on this machine set `optim: adamw_torch`")
     out += _layerwise_problems(cfg)
     if (f.use_galore or f.use_apollo) and f.finetuning_type != "full":
@@ -105,14 +135,81 @@ def make_optimizer(model, param_groups: list[dict], t, f) -> torch.optim.Optimiz
         return _badam(model, param_groups, t, f)
     if f.use_muon:
         return _muon(model, param_groups, t)
-    if t.optim == "sgd":  # plain SGD: the update is the gradient times the rate, nothing divides it
-        return torch.optim.SGD(param_groups, lr=t.learning_rate)
-    if t.optim in _BNB:
-        import bitsandbytes as bnb
+    if t.optim in _TORCH:  # at torch's defaults (SGD: no momentum), which optim_args change
+        return _TORCH[t.optim](param_groups, lr=t.learning_rate, **optim_args(t))
+    if t.optim == "adafactor":
+        from transformers.optimization import Adafactor
 
-        # on a CPU bitsandbytes keeps the paged variants' state in ordinary memory (it warns once)
-        return getattr(bnb.optim, _BNB[t.optim])(param_groups, lr=t.learning_rate, betas=betas, eps=eps)
+        # as transformers sets it up: the schedule's rate, not Adafactor's own relative step and parameter scaling
+        return Adafactor(param_groups, lr=t.learning_rate, scale_parameter=False, relative_step=False)
+    if t.optim in _BNB:
+        return _bitsandbytes(param_groups, t)
     return torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=betas, eps=eps, fused=_fused(t))
+
+
+def _bitsandbytes(param_groups: list[dict], t):
+    """A bitsandbytes optimizer with the arguments transformers gives it: Adam's betas and epsilon to AdamW, the
+    betas to Lion, optim_args (over Adam's) to AdEMAMix and RMSprop. On a CPU bitsandbytes keeps the paged
+    variants' state in ordinary memory (it warns once)."""
+    import bitsandbytes as bnb
+
+    family, bits, paged = _BNB[t.optim]
+    kwargs, given = {"optim_bits": bits}, optim_args(t)
+    if family != "RMSprop":
+        kwargs["is_paged"] = paged
+    if family == "AdamW":
+        kwargs.update(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    elif family == "Lion":
+        kwargs.update(betas=(t.adam_beta1, t.adam_beta2))
+    elif family == "AdEMAMix":
+        kwargs.update(betas=(given.pop("beta1", t.adam_beta1), given.pop("beta2", t.adam_beta2),
+                             given.pop("beta3", 0.9999)), alpha=5.0, eps=t.adam_epsilon)
+    return getattr(bnb.optim, family)(param_groups, lr=t.learning_rate, **{**kwargs, **given})
+
+
+def optim_args(t) -> dict:
+    """`optim_args` ("momentum=0.9,nesterov=true", transformers' format) as typed keyword arguments of `optim`;
+    check() has made sure every key is one the optimizer reads."""
+    types = OPTIM_ARGS.get(t.optim, {})
+    return {key: types[key](value) for key, value in _pairs(t.optim_args)}
+
+
+def _pairs(text: str | None) -> list[tuple[str, str]]:
+    """optim_args split as transformers splits it (spaces removed, then commas, then the first `=`)."""
+    if not text:
+        return []
+    return [tuple(item.split("=", 1)) if "=" in item else (item, "") for item in text.replace(" ", "").split(",")]
+
+
+def _optim_args_problems(t) -> list[str]:
+    if not t.optim_args:
+        return []
+    types = OPTIM_ARGS.get(t.optim)
+    if types is None:
+        readers = ", ".join(OPTIM_ARGS)
+        return [f"`optim_args` is read by {readers} (as in transformers); `optim: {t.optim}` takes none: remove it"
+                + (" and set adam_beta1, adam_beta2 and adam_epsilon" if "adam" in t.optim else "")]
+    out = []
+    for key, value in _pairs(t.optim_args):
+        if key == "weight_decay":
+            out.append("`optim_args`: set weight_decay with the `weight_decay` key (the parameter groups carry it, "
+                       "so biases and norms get none)")
+        elif key not in types:
+            out.append(f"`optim_args`: `{key}` is not an argument of {t.optim}; it takes {', '.join(types)} "
+                       "(key=value, comma-separated)")
+        else:
+            try:
+                types[key](value)
+            except ValueError:
+                what = {float: "a number", int: "a whole number", _flag: "true or false"}[types[key]]
+                out.append(f"`optim_args`: `{key}={value}` is not {what}")
+    if not out:  # the optimizer's own range checks (nesterov needs momentum, ...), on a stand-in parameter
+        stand_in = [{"params": [torch.zeros(1, requires_grad=True)], "weight_decay": 0.0}]
+        try:
+            _TORCH[t.optim](stand_in, lr=1.0, **optim_args(t)) if t.optim in _TORCH else _bitsandbytes(stand_in, t)
+        except (ValueError, NotImplementedError) as err:
+            out.append(f"`optim_args`: {t.optim} refuses {t.optim_args!r}: {err}")
+    return out
 
 
 def _fused(t) -> bool | None:
@@ -149,7 +246,7 @@ def _projected(model, param_groups: list[dict], t, f):
         import galore_torch
 
         def build(groups):
-            if t.optim in _BNB:
+            if t.optim in _BNB_ADAMW:
                 return galore_torch.GaLoreAdamW8bit(groups, lr=t.learning_rate, betas=betas, eps=eps)
             return galore_torch.GaLoreAdamW(groups, lr=t.learning_rate, betas=betas, eps=eps,
                                             no_deprecation_warning=True)
