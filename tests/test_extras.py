@@ -48,10 +48,10 @@ def test_each_extra_learns(tiny_model, alpaca_file, tmp_path, name):
 
 # Every `optim` with arguments where it reads them. bitsandbytes' RMSprop goes without: transformers hands it
 # optim_args as strings, which it cannot compute with (tuneforge reads them as numbers).
-OPTIM_CASES = [(name, {"sgd": "momentum=0.9,dampening=0.1", "adagrad": "lr_decay=0.01,eps=1e-6",
-                       "rmsprop": "momentum=0.5,alpha=0.9,eps=1e-6,centered=yes"}.get(name) or
-                (f"beta1=0.8,beta2=0.99,beta3=0.995,alpha=3,eps=1e-6,t_alpha=5,t_beta3=7" if "ademamix" in name
-                 else None)) for name in OPTIMS]
+SOME_ARGS = {"sgd": "momentum=0.9,dampening=0.1", "adagrad": "lr_decay=0.01,eps=1e-6",
+             "rmsprop": "momentum=0.5,alpha=0.9,eps=1e-6,centered=yes",
+             "ademamix": "beta1=0.8,beta2=0.99,beta3=0.995,alpha=3,eps=1e-6,t_alpha=5,t_beta3=7"}
+OPTIM_CASES = [(name, SOME_ARGS.get("ademamix" if "ademamix" in name else name)) for name in OPTIMS]
 
 
 @pytest.mark.parametrize("optim,optim_args", OPTIM_CASES, ids=[name for name, _ in OPTIM_CASES])
