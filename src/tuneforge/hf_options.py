@@ -60,11 +60,13 @@ HF_REFUSED = [
     ("debug", "str", "", "transformers' debug modes are not built; a non-finite loss or gradient stops training and "
      "names the step"),
     ("sortish_sampler", "bool", False, "predictions follow the data's order; sortish_sampler " + _NOT_BUILT),
-    ("generation_max_length", "int | None", None, _GENERATE),
-    ("generation_num_beams", "int | None", None, _GENERATE),
     ("generation_config", "str | None", None, _GENERATE),
 ]
 
+# LLaMA-Factory sets these from cutoff_len and eval_num_beams, then passes its own generation keys to every
+# evaluate/predict call, and transformers' Seq2SeqTrainer reads these only when those are missing
+GENERATION_KEYS_WIN = ("generation reads max_new_tokens and num_beams, which LLaMA-Factory always passes and which "
+                       "take precedence over it there too: set those")
 _COLUMNS = "tuneforge's collators take the columns each stage needs"
 _LOG = "tuneforge's main process prints and logs (transformers' logging levels are not read)"
 _ONLY_PUSH = "only push_to_hub reads it, which is not built"
@@ -100,4 +102,6 @@ HF_NO_EFFECT = [
      "mid-epoch), so its workers start once an epoch either way"),
     ("ddp_backend", "str | None", None, "the backend is nccl between GPUs and gloo between CPU processes"),
     ("local_rank", "int", -1, "each process reads its rank from torchrun's LOCAL_RANK variable"),
+    ("generation_max_length", "int | None", None, GENERATION_KEYS_WIN),
+    ("generation_num_beams", "int | None", None, GENERATION_KEYS_WIN),
 ]

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .hf_options import HF_NO_EFFECT, HF_REFUSED
+from .hf_options import GENERATION_KEYS_WIN, HF_NO_EFFECT, HF_REFUSED
 
 
 @dataclass
@@ -441,6 +441,7 @@ class GenerateArgs:
     max_new_tokens: int = 1024  # new tokens per answer at most (grpo's rollouts: max_completion_length)
     repetition_penalty: float = 1.0  # above 1: tokens already in the text become less likely (1: off)
     length_penalty: float = 1.0  # beam search: beam scores are divided by length ** length_penalty
+    eval_num_beams: int | None = None  # LLaMA-Factory's; accepted with a notice: see NO_EFFECT_YET
     skip_special_tokens: bool = True  # chat and sft do_predict: special tokens are dropped from decoded answers
 
 
@@ -489,7 +490,6 @@ LLAMAFACTORY_ONLY = [
     ("freeze_vision_tower", "bool", True, _MULTIMODAL),
     ("freeze_multi_modal_projector", "bool", True, _MULTIMODAL),
     ("freeze_language_model", "bool", False, _MULTIMODAL),
-    ("eval_num_beams", "int | None", None, "do_predict generates with the generation keys: set `num_beams` instead"),
     ("ignore_pad_token_for_loss", "bool", True, "tuneforge never trains on padding; remove it"),
     ("download_mode", "str", "reuse_dataset_if_exists", "tuneforge eval reads local task folders; nothing is "
      "downloaded"),
@@ -589,6 +589,7 @@ NOT_YET = {
 # Keys LLaMA-Factory configs often set that have no effect in tuneforge yet: accepted with a printed notice, so
 # those configs run and nothing is skipped silently.
 NO_EFFECT_YET = {
+    "eval_num_beams": GENERATION_KEYS_WIN,
     "upcast_lmhead_output": "the losses always take the output head's logits in fp32, which is what this makes "
                             "LLaMA-Factory do",
     "use_reentrant_gc": "gradient checkpointing here is always non-reentrant (the same gradients, and it works with "
