@@ -97,6 +97,42 @@ def test_optim_args_are_checked_before_training(tiny_model):
     assert "RMSprop with alpha==0.0 is not supported" in problems("rmsprop_bnb", "alpha=0")
 
 
+def test_full_eval_casts_the_model_for_the_evaluation_after_training(tiny_model, alpaca_file, tmp_path):
+    """bf16_full_eval: the evaluation after training runs on the whole model cast to bf16, as transformers does
+    outside train(); the evaluations during training keep the training precision (fp32 here)."""
+    common = dict(finetuning_type="full", val_size=6, do_eval=True, learning_rate=3e-3)
+    during = dict(eval_strategy="steps", eval_steps=4, max_steps=8)
+    fp32 = run_training(train_config(tiny_model, alpaca_file, tmp_path / "fp32", **common, **during))
+    cast = run_training(train_config(tiny_model, alpaca_file, tmp_path / "cast", bf16_full_eval=True, **common,
+                                     **during))
+    alone = run_training(train_config(str(tmp_path / "fp32"), alpaca_file, tmp_path / "alone", do_train=False,
+                                      bf16_full_eval=True, **common))
+    # the same weights and operations on one machine: equal to float rounding (measured 0.0)
+    assert cast["eval_loss"] == pytest.approx(alone["eval_loss"], abs=1e-6)
+    # bf16 weights and activations move this loss by ~1e-3 (measured 9.3e-4 here, 1.1e-3 with avx2 kernels on one
+    # thread): far above the 1e-6 that float32 summation order gives, far below what another model would give
+    assert 1e-4 < abs(cast["eval_loss"] - fp32["eval_loss"]) < 1e-2
+    logged = [[r["eval_loss"] for r in read_log(tmp_path / name) if "eval_loss" in r] for name in ("fp32", "cast")]
+    assert logged[0] == logged[1] and len(logged[0]) == 2
+
+
+def test_full_eval_keys_say_when_they_cannot_apply(tiny_model, alpaca_file, tmp_path):
+    from tuneforge.config import ConfigError, notices, validate
+
+    def config(**keys):
+        return build_config(train_config(tiny_model, alpaca_file, tmp_path / "out", val_size=4, **keys))
+
+    with pytest.raises(ConfigError) as err:
+        validate(config(bf16_full_eval=True, fp16_full_eval=True, quantization_bit=4, do_eval=True), "train")
+    assert "are both true" in str(err.value) and "quantised weights cannot be cast" in str(err.value)
+    assert any("`bf16_full_eval` has no effect without do_eval or do_predict" in n
+               for n in notices(config(bf16_full_eval=True)))
+    fp16 = " ".join(notices(config(fp16_full_eval=True, do_eval=True)))
+    from tuneforge.machine import multiplies_fp16_natively
+
+    assert ("evaluates in bf16" in fp16) != (multiplies_fp16_natively() or torch.cuda.is_available())
+
+
 def test_dft_lowers_the_plain_loss(tiny_model, alpaca_file, tmp_path):
     """DFT's own (logged) loss rises as the model grows confident, since each token's loss is weighted by its
     probability: judge it by the plain evaluation loss, before (do_train: false) and after training."""

@@ -63,9 +63,10 @@ def notices(cfg: Config) -> list[str]:
     from .models import vocab
 
     out += vocab.notices(cfg)
-    from .train import optimizers, sharding, steps
+    from .train import evaluation, optimizers, sharding, steps
 
-    out += optimizers.notices(cfg) + sharding.notices(cfg) + steps.loader_notices(cfg)
+    out += (optimizers.notices(cfg) + sharding.notices(cfg) + steps.loader_notices(cfg)
+            + evaluation.full_eval_notices(cfg))
     if cfg.model.upcast_layernorm and not (cfg.finetune.pure_bf16 or cfg.model.quantization_bit):
         out.append("note: `upcast_layernorm` has no effect here: the weights are fp32 already (it keeps the norms "
                    "in fp32 under `pure_bf16` or `quantization_bit`)")
@@ -441,9 +442,10 @@ def _data_problems(cfg: Config) -> list[str]:
 
 def _evaluation_problems(cfg: Config) -> list[str]:
     """Evaluation during and after training and prediction: each needs evaluation data and a stage that has it."""
+    from .train.evaluation import full_eval_problems
     from .train.stages import STAGES, names
 
-    d, f, t, stage, out = cfg.data, cfg.finetune, cfg.train, _stage(cfg), []
+    d, f, t, stage, out = cfg.data, cfg.finetune, cfg.train, _stage(cfg), full_eval_problems(cfg)
     known = stage is not None and stage.built
     lm_stages = names(lambda s: s.language_modelling)
     if known and d.eval_on_each_dataset and not stage.language_modelling:

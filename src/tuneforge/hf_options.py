@@ -20,10 +20,6 @@ HF_REFUSED = [
      "apollo_target"),
     ("average_tokens_across_devices", "bool", True, "the loss is always divided by the target tokens of all "
      "processes (transformers' true); dividing per process is not built"),
-    ("bf16_full_eval", "bool", False, "evaluation runs in the training precision; a separate bf16 evaluation "
-     + _NOT_BUILT),
-    ("fp16_full_eval", "bool", False, "evaluation runs in the training precision; a separate fp16 evaluation "
-     + _NOT_BUILT),
     ("activation_checkpointing", "bool | None", None, "set gradient_checkpointing (or fsdp_config's "
      "activation_checkpointing) instead"),
     ("activation_checkpointing_kwargs", "dict | str | None", None, "gradient_checkpointing_scope chooses what is "

@@ -332,6 +332,10 @@ class TrainArgs:
     bf16: bool = False  # autocast forward passes to bf16 (weights keep their dtype: fp32 unless pure_bf16)
     # 16-bit autocast with loss scaling: fp16 on a GPU or a CPU with fp16 units, elsewhere bf16 (a note says so)
     fp16: bool = False
+    # what runs after training (do_eval's evaluation, do_predict) casts the whole model to bf16 / to fp16 (bf16 on a
+    # CPU without fp16 units), as transformers does outside train(); evaluations during training keep its precision
+    bf16_full_eval: bool = False
+    fp16_full_eval: bool = False
     tf32: bool | None = None  # HF's: float32 matmuls in TF32 on NVIDIA GPUs (Ampere or newer); unset: torch's default
     gradient_checkpointing: bool = False  # recompute activations in backward instead of keeping them: less memory
     # ours: what gradient_checkpointing recomputes in backward. layers: whole decoder layers (LLaMA-Factory's; least

@@ -18,7 +18,7 @@ from ..models.recompute import apply_gradient_checkpointing
 from . import checkpoint as ckpt
 from . import sharding, zero
 from .logging import plot_loss, write_results
-from .evaluation import Evaluation, RowsEvaluation
+from .evaluation import Evaluation, RowsEvaluation, full_eval_dtype
 from .loop import Precision, autocast_dtype, train
 from .steps import rows_source
 
@@ -172,6 +172,10 @@ def train_and_evaluate(cfg, module, tokenizer, train_data, eval_rows: list[dict]
         trained, final = train(cfg, module, tokenizer, source, evaluation, accelerator, resume)
         results.update(trained)
         finish_training(cfg, module, tokenizer, results, accelerator)
+    dtype = full_eval_dtype(cfg.train, accelerator.device)
+    if dtype and (cfg.train.do_eval or cfg.train.do_predict):
+        module.to(dtype)  # the whole model, for the evaluation and prediction below and in the recipe
+        final = None  # the loop's last evaluation ran in the training precision
     if cfg.train.do_eval and evaluate_at_end and evaluation:
         # the loop's own evaluation of the final weights, when it made one (eval_strategy), is not repeated
         metrics = final or evaluation()

@@ -161,3 +161,40 @@ def restore_best(cfg, inner, state, accelerator, metric: str) -> bool:
                           f"{best_metric_name(cfg.train, metric)[0]} = {state.best_metric:.4f})")
         shutil.rmtree(folder)
     return True
+
+
+def full_eval_dtype(t, device: torch.device) -> torch.dtype | None:
+    """What bf16_full_eval / fp16_full_eval cast the whole model to once training is over, for do_eval's evaluation
+    and do_predict, as transformers does outside train(). fp16 is chosen as `fp16` chooses it: bf16 on a CPU
+    without fp16 matrix units, where fp16 products run ~100x slower (a notice says so)."""
+    from ..machine import multiplies_fp16_natively
+
+    if t.bf16_full_eval:
+        return torch.bfloat16
+    if t.fp16_full_eval:
+        return torch.float16 if device.type != "cpu" or multiplies_fp16_natively() else torch.bfloat16
+    return None
+
+
+def full_eval_problems(cfg) -> list[str]:
+    t, out = cfg.train, []
+    if t.bf16_full_eval and t.fp16_full_eval:
+        out.append("`bf16_full_eval` and `fp16_full_eval` are both true; pick one")
+    if (t.bf16_full_eval or t.fp16_full_eval) and cfg.model.quantization_bit:
+        out.append("`bf16_full_eval` / `fp16_full_eval` cast the whole model, and quantised weights cannot be cast "
+                   "(transformers refuses it too): remove it or quantization_bit")
+    return out
+
+
+def full_eval_notices(cfg) -> list[str]:
+    from ..machine import cpu_description, multiplies_fp16_natively
+
+    t = cfg.train
+    key = "bf16_full_eval" if t.bf16_full_eval else "fp16_full_eval" if t.fp16_full_eval else None
+    if key and not (t.do_eval or t.do_predict):
+        return [f"note: `{key}` has no effect without do_eval or do_predict: it casts the model for the evaluation "
+                "after training and for prediction (evaluations during training keep the training precision)"]
+    if key == "fp16_full_eval" and not torch.cuda.is_available() and not multiplies_fp16_natively():
+        return [f"note: `fp16_full_eval` on this CPU ({cpu_description()}) evaluates in bf16, the same 16-bit "
+                "width: it has no fp16 matrix units, and fp16 products would run ~100x slower"]
+    return []

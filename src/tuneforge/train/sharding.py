@@ -226,6 +226,8 @@ def problems(cfg) -> list[str]:
                  "unsharded"),
                 ("quantization_bit", cfg.model.quantization_bit, "bitsandbytes' quantised layers are not sharded"),
                 ("torch_compile", t.torch_compile, "compiled layers would have to trace FSDP's gathers"),
+                ("bf16_full_eval / fp16_full_eval", t.bf16_full_eval or t.fp16_full_eval, "sharded parameters are "
+                 "not cast in place"),
                 ("upcast_layernorm", cfg.model.upcast_layernorm and cfg.finetune.pure_bf16,
                  "FSDP shards a layer's parameters as one dtype, and the norms would be fp32 in bf16 layers")):
             if on:

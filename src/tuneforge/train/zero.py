@@ -81,6 +81,8 @@ def problems(cfg, config: dict | None) -> list[str]:
             ("load_best_model_at_end", t.load_best_model_at_end, "the best model is kept and reloaded unpartitioned"),
             ("quantization_bit", cfg.model.quantization_bit, "ZeRO does not partition bitsandbytes' layers"),
             ("torch_compile", t.torch_compile, "the engine's hooks would have to be traced"),
+            ("bf16_full_eval / fp16_full_eval", t.bf16_full_eval or t.fp16_full_eval, "partitioned parameters are not "
+             "cast in place"),
             ("fp16", t.fp16, "fp16's gradient scaler would have to be the engine's; use bf16"),
             ("skip_nonfinite_steps", t.skip_nonfinite_steps, "the engine takes the step before its gradient norm "
              "is known; a non-finite step stops the run")):
