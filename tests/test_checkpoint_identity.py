@@ -57,3 +57,22 @@ def test_incomplete_checkpoints_are_ignored_and_not_rotated(stopped, capsys):
     assert results["global_step"] == 7 and [r["current_steps"] for r in read_log(out)] == list(range(1, 8))
     # save_total_limit kept one complete checkpoint (checkpoint-6; -3 was rotated away) and left the incomplete ones
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6", "checkpoint-8.partial"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_ignore_data_skip_reads_the_interrupted_epoch_again_from_its_start(tiny_model, tmp_path, streaming):
+    """A rate of 1e-12 leaves the weights as they were (to the logged 4 decimals), so each step's loss tells which
+    rows it trained on: resumed at step 2 of a 4-step epoch, steps 3-6 see the epoch's first four batches again."""
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(16))
+    values = train_config(tiny_model, str(data), tmp_path / "out", max_steps=6, save_steps=2, learning_rate=1e-12,
+                          lr_scheduler_type="constant", streaming=streaming, buffer_size=8)
+    run_training(values)
+    out = tmp_path / "out"
+    straight = [r["loss"] for r in read_log(out)]
+    for name in ("checkpoint-4", "checkpoint-6", "adapter_model.safetensors", "train_results.json"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    run_training(dict(values, ignore_data_skip=True))
+    resumed = [r["loss"] for r in read_log(out)]
+    assert len(set(straight[:4])) == 4  # four batches that tell apart
+    assert resumed == straight[:2] + straight[:4]

@@ -42,8 +42,6 @@ HF_REFUSED = [
     ("save_on_each_node", "bool", False, "the main process saves for every machine; saving on each machine's own "
      "disk is not built (use an output_dir on a shared file system)"),
     ("push_to_hub", "bool", False, _HUB),
-    ("ignore_data_skip", "bool", False, "a resumed run always continues with the rows an uninterrupted run would "
-     "see; ignore_data_skip " + _NOT_BUILT),
     ("full_determinism", "bool", False, "deterministic kernels " + _NOT_BUILT + "; `seed` repeats a run on the "
      "same machine"),
     ("use_cpu", "bool", False, "to train on the CPU cores of a GPU machine, hide the GPUs: "

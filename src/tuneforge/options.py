@@ -367,6 +367,10 @@ class TrainArgs:
     # a checkpoint-N folder to resume from; unset: the latest complete checkpoint in output_dir, unless
     # overwrite_output_dir
     resume_from_checkpoint: str | None = None
+    # on resume, read the interrupted epoch's data again from its start instead of from where the checkpoint left
+    # it (transformers': no batches skipped; a stream is not read up to its position). Training still ends at its
+    # step count, so the data's tail in the last epoch goes unseen
+    ignore_data_skip: bool = False
     ddp_timeout: int = 1800  # seconds a process waits for the others in a collective (torch.distributed's timeout)
     # HF's DistributedDataParallel settings (several processes without fsdp or deepspeed; unset: accelerate's
     # defaults). find_unused_parameters: search each step for trainable parameters the loss did not use (unset:

@@ -325,7 +325,8 @@ RESUME_NEUTRAL = frozenset((
     "max_steps", "num_train_epochs", "skip_nonfinite_steps", "overwrite_cache", "preprocessing_num_workers",
     "tokenized_path", "cache_dir", "hf_hub_token", "eval_dataset", "eval_on_each_dataset",
     "include_effective_tokens_per_second", "include_num_input_tokens_seen", "logging_first_step",
-    "dataloader_pin_memory", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
+    "dataloader_pin_memory", "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "ignore_data_skip",
+    "bf16_full_eval", "fp16_full_eval",
     # how DDP moves gradients, not what they are
     "ddp_find_unused_parameters", "ddp_static_graph", "ddp_bucket_cap_mb", "ddp_broadcast_buffers",
     # sharding changes where the state lives, not the updates (the global batch is checked on its own)

@@ -292,7 +292,21 @@ def _start(cfg, module, source, accelerator, resume_from: str | None, identity: 
     state = ckpt.TrainerState(total_steps=total_steps, num_train_examples=source.num_examples)
     if resume_from:
         state = _resume(resume_from, module, inner, optimizer, scheduler, state, accelerator)
+        if cfg.train.ignore_data_skip:
+            _restart_epoch(state, source.steps_per_epoch, accelerator)
     return module, optimizer, scheduler, state
+
+
+def _restart_epoch(state, per_epoch: int, accelerator) -> None:
+    """ignore_data_skip: the interrupted epoch's rows again from its first batch, as transformers gives them; a
+    checkpoint at an epoch's end goes on into the next epoch either way."""
+    if state.step_in_epoch in (0, per_epoch):
+        return
+    state.step_in_epoch = 0
+    if state.stream_position:
+        state.stream_position = [state.stream_position[0], 0, 0]
+    accelerator.print(f"[tuneforge] ignore_data_skip: epoch {state.epoch + 1}'s data starts again from its first "
+                      "batch")
 
 
 def _distribute(module, t, f, accelerator):
