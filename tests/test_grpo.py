@@ -91,6 +91,23 @@ def test_a_toy_reward_rises(tiny_model, tmp_path):
         assert key in record, key
 
 
+def test_eval_on_start_logs_the_evaluation_before_training_without_generating_again(tiny_model, tmp_path,
+                                                                                   monkeypatch):
+    from tuneforge.train.grpo import RewardEvaluation
+
+    calls = []
+    original = RewardEvaluation.__call__
+    monkeypatch.setattr(RewardEvaluation, "__call__", lambda self: calls.append(1) or original(self))
+    data, reward = _prompt_files(tmp_path)
+    out = tmp_path / "out"
+    results = run_training(_grpo(tiny_model, data, reward, out, max_steps=1, eval_dataset=data, do_eval=True,
+                                 eval_on_start=True))
+    start = next(r for r in read_log(out) if "eval_reward" in r)
+    assert start["current_steps"] == 0 and start["eval_reward"] == pytest.approx(results["eval_before_reward"],
+                                                                                 abs=1e-4)  # the log's rounding
+    assert len(calls) == 2  # before and after training
+
+
 def test_resume_mid_run_gives_the_same_weights(tiny_model, tmp_path):
     """The sampled completions depend on the global RNG, which checkpoints restore: a resumed run samples what the
     uninterrupted one sampled. LoRA with beta > 0 also runs the reference (the adapter switched off)."""

@@ -169,7 +169,7 @@ def train_and_evaluate(cfg, module, tokenizer, train_data, eval_rows: list[dict]
         if cfg.finetune.pissa_convert and accelerator.is_main_process and not resume:
             save_pissa_init(module.model, cfg.train.output_dir)
         source = rows_source(train_data, cfg.train, collator, shuffles_rows(cfg), accelerator)
-        trained, final = train(cfg, module, tokenizer, source, evaluation, accelerator, resume)
+        trained, final = train(cfg, module, tokenizer, source, evaluation, accelerator, resume, before)
         results.update(trained)
         finish_training(cfg, module, tokenizer, results, accelerator)
     dtype = full_eval_dtype(cfg.train, accelerator.device)

@@ -141,9 +141,11 @@ def _casts_off(model):
 
 
 def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Evaluation | None, accelerator,
-          resume_from: str | None) -> tuple[dict, dict | None]:
+          resume_from: str | None, before: dict | None = None) -> tuple[dict, dict | None]:
     """Train `module` on the steps `source` hands out, evaluating as eval_strategy says. Returns the run's
-    results, and the eval metrics of the weights it ends with when it evaluated exactly those (else None)."""
+    results, and the eval metrics of the weights it ends with when it evaluated exactly those (else None).
+    `before`: the recipe's own evaluation of the starting weights, which eval_on_start logs instead of evaluating
+    them again (a rollout stage's evaluation generates)."""
     t = cfg.train
     precision = Precision(t, accelerator.device)
     _announce(cfg, accelerator)
@@ -159,7 +161,8 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
     evaluation = Remembered(evaluation, state) if evaluation else None
     eval_every = t.eval_steps or t.logging_steps  # (eval_strategy steps)
     if t.eval_on_start and evaluation:  # HF's check of the evaluation before this session's first step; logged only
-        log.eval_step(state.global_step, _epochs(state, per_epoch), evaluation())
+        fresh = before is not None and state.global_step == 0
+        log.eval_step(state.global_step, _epochs(state, per_epoch), before if fresh else evaluation())
     interval = _Interval(accelerator.device)
     counted, tokens_at_start = t.include_num_input_tokens_seen, state.num_input_tokens_seen
 
