@@ -100,3 +100,13 @@ def test_hugging_face_keys_without_effect_load_with_a_notice(key, kind, default,
     validate(cfg)
     assert f"note: `{key}` has no effect yet: {why}" in notices(cfg)
     assert not any(f"`{key}`" in n for n in notices(build_config(_minimal(**{key: default}))))
+
+
+def test_megatron_keys_get_one_line_that_says_what_they_are():
+    """LLaMA-Factory's examples/megatron configs set a dozen Megatron-Core keys: one line names them all."""
+    with pytest.raises(ConfigError) as err:
+        build_config(_minimal(tensor_model_parallel_size=2, sequence_parallel=True, moe_grouped_gemm=True),
+                     source="lf.yaml")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("lf.yaml: `tensor_model_parallel_size`, `sequence_parallel`, "
+                                                      "`moe_grouped_gemm` configure Megatron-Core")

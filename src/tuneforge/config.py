@@ -202,12 +202,15 @@ def build_config(values: dict, source: str = "command line", cli_values: dict | 
     """The config from a file's `values` (named `source` in messages) with `cli_values` from the command line
     applied over them. Every unknown key and mistyped value is reported at once, each named by where it came from."""
     from .cmdline import suggest
+    from .lf_options import MEGATRON_KEYS, megatron_problem
 
     cfg, problems = Config(source=source, cli_keys=frozenset(cli_values or ())), []
     for where, items in ((source, values), ("command line", cli_values or {})):
+        if megatron := [key for key in items if key in MEGATRON_KEYS]:
+            problems.append(megatron_problem(where, megatron))
         for key, value in items.items():
             if key not in KEY_GROUP:
-                problems.append(f"{where}: unknown key `{key}`{suggest(key)}")
+                problems += [] if key in MEGATRON_KEYS else [f"{where}: unknown key `{key}`{suggest(key)}"]
                 continue
             group = KEY_GROUP[key]
             annotation = next(f.type for f in dataclasses.fields(GROUPS[group]) if f.name == key)

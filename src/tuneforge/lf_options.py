@@ -90,3 +90,19 @@ LLAMAFACTORY_ONLY = [
     ("fp8_backend", "str", "auto", "FP8 training needs an FP8 GPU (Hopper or newer); use bf16: true"),
     ("fp8_enable_fsdp_float8_all_gather", "bool", False, "FP8 training needs an FP8 GPU (Hopper or newer)"),
 ]
+
+# Megatron-Core's parallelism and fusion keys, which LLaMA-Factory's examples/megatron configs set and LLaMA-Factory
+# reads only when launched with USE_MCA=1 (mcore_adapter): named together in one line, not as unknown keys
+MEGATRON_KEYS = frozenset((
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+    "expert_model_parallel_size", "context_parallel_size", "sequence_parallel", "use_distributed_optimizer",
+    "overlap_param_gather", "overlap_grad_reduce", "recompute_granularity", "recompute_method",
+    "recompute_num_layers", "bias_activation_fusion", "apply_rope_fusion", "masked_softmax_fusion",
+    "cross_entropy_loss_fusion", "moe_grouped_gemm", "moe_token_dispatcher_type", "calculate_per_token_loss",
+    "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"))
+
+
+def megatron_problem(where: str, keys: list[str]) -> str:
+    return (f"{where}: {', '.join(f'`{k}`' for k in keys)} configure Megatron-Core (LLaMA-Factory reads them only "
+            "with USE_MCA=1), whose training is not built: remove them and shard with fsdp or deepspeed "
+            "(docs/distributed.md)")
