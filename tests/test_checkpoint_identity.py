@@ -76,3 +76,10 @@ def test_ignore_data_skip_reads_the_interrupted_epoch_again_from_its_start(tiny_
     resumed = [r["loss"] for r in read_log(out)]
     assert len(set(straight[:4])) == 4  # four batches that tell apart
     assert resumed == straight[:2] + straight[:4]
+
+
+def test_a_run_resumes_with_compile_switched_on(stopped):
+    """Compiling runs the same operations (in fused kernels): a run may switch it on to go faster after a resume."""
+    values, out, _ = stopped
+    results = run_training(dict(values, torch_compile_backend="eager"))  # eager: no kernels to build, a quick test
+    assert results["global_step"] == 6 and [r["current_steps"] for r in read_log(out)] == list(range(1, 7))

@@ -327,6 +327,8 @@ RESUME_NEUTRAL = frozenset((
     "include_effective_tokens_per_second", "include_num_input_tokens_seen", "logging_first_step",
     "dataloader_pin_memory", "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "ignore_data_skip",
     "bf16_full_eval", "fp16_full_eval",
+    # how the same operations run (compiled kernels fuse them, rounding differently by ~1e-6), not what they compute
+    "torch_compile", "torch_compile_backend", "torch_compile_mode",
     # how DDP moves gradients, not what they are
     "ddp_find_unused_parameters", "ddp_static_graph", "ddp_bucket_cap_mb", "ddp_broadcast_buffers",
     # sharding changes where the state lives, not the updates (the global batch is checked on its own)
