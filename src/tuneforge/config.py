@@ -210,7 +210,8 @@ def build_config(values: dict, source: str = "command line", cli_values: dict | 
             problems.append(megatron_problem(where, megatron))
         for key, value in items.items():
             if key not in KEY_GROUP:
-                problems += [] if key in MEGATRON_KEYS else [f"{where}: unknown key `{key}`{suggest(key)}"]
+                if key not in MEGATRON_KEYS:  # (named together above)
+                    problems.append(f"{where}: unknown key `{key}`{suggest(key)}")
                 continue
             group = KEY_GROUP[key]
             annotation = next(f.type for f in dataclasses.fields(GROUPS[group]) if f.name == key)

@@ -206,7 +206,10 @@ def _optim_args_problems(t) -> list[str]:
     if not out:  # the optimizer's own range checks (nesterov needs momentum, ...), on a stand-in parameter
         stand_in = [{"params": [torch.zeros(1, requires_grad=True)], "weight_decay": 0.0}]
         try:
-            _TORCH[t.optim](stand_in, lr=1.0, **optim_args(t)) if t.optim in _TORCH else _bitsandbytes(stand_in, t)
+            if t.optim in _TORCH:
+                _TORCH[t.optim](stand_in, lr=1.0, **optim_args(t))
+            else:
+                _bitsandbytes(stand_in, t)
         except (ValueError, NotImplementedError) as err:
             out.append(f"`optim_args`: {t.optim} refuses {t.optim_args!r}: {err}")
     return out
