@@ -47,6 +47,34 @@ def test_ddp_two_processes_match_one(tiny_model, tmp_path, streaming, ddp_keys):
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
+def test_ddp_divides_by_each_process_tokens_when_not_averaging_across_devices(tiny_model, tmp_path):
+    """average_tokens_across_devices: false. Two processes, one row each, of a few and of many target tokens: each
+    divides its loss by its own tokens and DDP averages the gradients, so with plain SGD (no clipping) the update is
+    the mean of the two rows' single-process updates; dividing by all tokens would weigh the long row more."""
+    short = {"instruction": "Say yes.", "input": "", "output": "yes"}
+    long = {"instruction": "Count.", "input": "", "output": " ".join(str(i) for i in range(20))}
+    common = [f"model_name_or_path={tiny_model}", "template=chatml", "cutoff_len=64", "max_steps=1", "do_train=true",
+              "finetuning_type=full", "optim=sgd", "learning_rate=0.1", "max_grad_norm=0",
+              "per_device_train_batch_size=1", "gradient_accumulation_steps=1", "average_tokens_across_devices=false"]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    runs = {"both": ([torchrun, "--nproc_per_node", "2"], [short, long]), "short": ([sys.executable], [short]),
+            "long": ([sys.executable], [long])}
+    for name, (launcher, rows) in runs.items():
+        data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        run = subprocess.run([*launcher, "-m", "tuneforge.cli", "train", *common, f"dataset={data}",
+                              f"output_dir={tmp_path / name}"], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert ("average_tokens_across_devices: false` divides" in run.stdout + run.stderr) == (name != "both")
+    start = load_file(f"{tiny_model}/model.safetensors")
+    moved = {name: {k: v - start[k] for k, v in load_file(tmp_path / name / "model.safetensors").items()}
+             for name in runs}
+    mean = {k: (moved["short"][k] + moved["long"][k]) / 2 for k in start}
+    # SGD's update is linear in the gradient; gloo's sum and the halving round at float32 (~1e-7 of the update). The
+    # token-weighted update (the default's) is 0.89 of its size away from the mean here (measured)
+    assert relative_update_gap({k: 0 * v for k, v in start.items()}, moved["both"], mean) < 1e-4
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
 def test_ddp_bco_baseline_counts_every_process(tiny_model, tmp_path):
     """BCO's baseline under DDP: each micro-batch's mean reward is averaged over the processes (an all-reduce inside
     the loss), so both keep one baseline; it counts each process's micro-batch once, as TRL's RunningMoments."""

@@ -133,6 +133,31 @@ def test_full_eval_keys_say_when_they_cannot_apply(tiny_model, alpaca_file, tmp_
     assert ("evaluates in bf16" in fp16) != (multiplies_fp16_natively() or torch.cuda.is_available())
 
 
+def test_full_determinism_holds_for_the_run_and_is_undone_after_it(tiny_model, alpaca_file, tmp_path, monkeypatch):
+    """full_determinism: torch's deterministic algorithms (which raise on an operation without a deterministic
+    kernel, so training and evaluation here use none), cuDNN's deterministic mode and cuBLAS's workspace setting,
+    for the run only: the next run in the same process is as it was."""
+    import os
+
+    from tuneforge.train import sft
+
+    seen, real = [], sft.train_and_evaluate
+
+    def spy(*args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                     os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "train_and_evaluate", spy)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, None)
+    results = run_training(train_config(tiny_model, alpaca_file, tmp_path / "out", full_determinism=True, val_size=4,
+                                        do_eval=True, max_steps=2))
+    assert "eval_loss" in results and seen == [(True, True, ":16:8")]
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG")) == before == (False, False, None)
+
+
 def test_dft_lowers_the_plain_loss(tiny_model, alpaca_file, tmp_path):
     """DFT's own (logged) loss rises as the model grows confident, since each token's loss is weighted by its
     probability: judge it by the plain evaluation loss, before (do_train: false) and after training."""

@@ -18,8 +18,6 @@ _METRICS = "each stage computes fixed metrics (docs/evaluation.md); custom compu
 HF_REFUSED = [
     ("optim_target_modules", "str | None", None, "GaLore and APOLLO take their modules from galore_target and "
      "apollo_target"),
-    ("average_tokens_across_devices", "bool", True, "the loss is always divided by the target tokens of all "
-     "processes (transformers' true); dividing per process is not built"),
     ("activation_checkpointing", "bool | None", None, "set gradient_checkpointing (or fsdp_config's "
      "activation_checkpointing) instead"),
     ("activation_checkpointing_kwargs", "dict | str | None", None, "gradient_checkpointing_scope chooses what is "
@@ -42,8 +40,6 @@ HF_REFUSED = [
     ("save_on_each_node", "bool", False, "the main process saves for every machine; saving on each machine's own "
      "disk is not built (use an output_dir on a shared file system)"),
     ("push_to_hub", "bool", False, _HUB),
-    ("full_determinism", "bool", False, "deterministic kernels " + _NOT_BUILT + "; `seed` repeats a run on the "
-     "same machine"),
     ("use_cpu", "bool", False, "to train on the CPU cores of a GPU machine, hide the GPUs: "
      "CUDA_VISIBLE_DEVICES= tuneforge train ..."),
     ("accelerator_config", "dict | str | None", None, "tuneforge configures accelerate itself (processes come from "
@@ -53,7 +49,6 @@ HF_REFUSED = [
     ("dataloader_in_order", "bool", True, "batches always arrive in the sampler's order, which resume relies on"),
     ("debug", "str", "", "transformers' debug modes are not built; a non-finite loss or gradient stops training and "
      "names the step"),
-    ("sortish_sampler", "bool", False, "predictions follow the data's order; sortish_sampler " + _NOT_BUILT),
     ("generation_config", "str | None", None, _GENERATE),
 ]
 
@@ -98,4 +93,6 @@ HF_NO_EFFECT = [
     ("local_rank", "int", -1, "each process reads its rank from torchrun's LOCAL_RANK variable"),
     ("generation_max_length", "int | None", None, GENERATION_KEYS_WIN),
     ("generation_num_beams", "int | None", None, GENERATION_KEYS_WIN),
+    ("sortish_sampler", "bool", False, "transformers 5 declares it and reads it nowhere (its Seq2SeqTrainer no longer "
+     "builds that sampler)"),
 ]

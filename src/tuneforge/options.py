@@ -371,6 +371,13 @@ class TrainArgs:
     # it (transformers': no batches skipped; a stream is not read up to its position). Training still ends at its
     # step count, so the data's tail in the last epoch goes unseen
     ignore_data_skip: bool = False
+    # HF's: deterministic kernels for the run (torch.use_deterministic_algorithms, cuDNN's deterministic mode,
+    # cuBLAS's fixed workspace), so a GPU run repeats bit for bit; an operation without one stops with torch's error
+    full_determinism: bool = False
+    # HF's: divide the loss by the target units (tokens; pairs or rows in the stages that count those) of all
+    # processes (true), or each process by its own before DDP averages the gradients (false: a process with few
+    # tokens weighs as much as one with many). The same in one process; the logged loss is over all units in both
+    average_tokens_across_devices: bool = True
     ddp_timeout: int = 1800  # seconds a process waits for the others in a collective (torch.distributed's timeout)
     # HF's DistributedDataParallel settings (several processes without fsdp or deepspeed; unset: accelerate's
     # defaults). find_unused_parameters: search each step for trainable parameters the loss did not use (unset:

@@ -3,6 +3,8 @@
 
 def run_stage(cfg) -> dict:
     """Run the recipe of `cfg.finetune.stage` and return its results."""
+    from .common import deterministic_kernels
     from .stages import STAGES
 
-    return STAGES[cfg.finetune.stage].recipe_module().run(cfg)
+    with deterministic_kernels(cfg.train.full_determinism):
+        return STAGES[cfg.finetune.stage].recipe_module().run(cfg)

@@ -326,7 +326,7 @@ RESUME_NEUTRAL = frozenset((
     "tokenized_path", "cache_dir", "hf_hub_token", "eval_dataset", "eval_on_each_dataset",
     "include_effective_tokens_per_second", "include_num_input_tokens_seen", "logging_first_step",
     "dataloader_pin_memory", "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "ignore_data_skip",
-    "bf16_full_eval", "fp16_full_eval",
+    "bf16_full_eval", "fp16_full_eval", "full_determinism",
     # how the same operations run (compiled kernels fuse them, rounding differently by ~1e-6), not what they compute
     "torch_compile", "torch_compile_backend", "torch_compile_mode",
     # how DDP moves gradients, not what they are

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -69,6 +70,37 @@ def start(cfg):
 
         enable_tf32(cfg.train.tf32)  # float32 matmuls and convolutions in TF32 or not, as HF's Trainer sets them
     return make_accelerator(cfg.train), load_tokenizer(cfg.model)
+
+
+# what transformers' enable_full_determinism sets for NVIDIA's libraries: cuBLAS's fixed workspace, flash-attention's
+# deterministic backward
+_DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":16:8", "FLASH_ATTENTION_DETERMINISTIC": "1"}
+
+
+@contextmanager
+def deterministic_kernels(enabled: bool):
+    """full_determinism: torch's deterministic algorithms and cuDNN's deterministic mode for the run, as HF's Trainer
+    sets them; an operation without a deterministic kernel then raises torch's error. Restored afterwards, so runs
+    sharing a Python process (tests, the web UI) keep their own settings."""
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             {key: os.environ.get(key) for key in _DETERMINISTIC_ENV})
+    os.environ.update(_DETERMINISTIC_ENV)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+        for key, value in saved[4].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def guard_output_dir(cfg, accelerator) -> str | None:

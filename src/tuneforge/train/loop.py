@@ -180,7 +180,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
         units = sum(inner.units(b) for b in micro).to(accelerator.device)  # counted on the CPU: no sync
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
         loss_sum, units, metrics, bad = _optimizer_step(module, micro, units, optimizer, scheduler, accelerator,
-                                                        precision, t.max_grad_norm)
+                                                        precision, t.max_grad_norm, t.average_tokens_across_devices)
         if bad:
             _non_finite(bad, state, source, t, accelerator)
         else:
@@ -449,13 +449,15 @@ class _Interval:
 
 
 def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, accelerator, precision,
-                    max_grad_norm: float):
-    """One optimizer step over micro-batches; loss = sum of losses / units of all micro-batches and processes.
-    Returns (loss sum, units, metric sums, what was non-finite or ""); a non-finite step updates nothing."""
+                    max_grad_norm: float, across_processes: bool):
+    """One optimizer step over micro-batches; loss = sum of losses / units of all micro-batches and processes
+    (across_processes false: each process's sum / its own units, averaged over processes). Returns (loss sum,
+    units of all processes, metric sums, what was non-finite or ""); a non-finite step updates nothing."""
+    scale = 1 / units.clamp(min=1)
     if accelerator.num_processes > 1:
         units = accelerator.reduce(units, "sum")
-    # DDP averages gradients over processes, so scale by their number to get sum / all units.
-    scale = accelerator.num_processes / units.clamp(min=1)
+        if across_processes:  # DDP averages gradients over processes, so scale by their number: sum / all units
+            scale = accelerator.num_processes / units.clamp(min=1)
     if zero.is_engine(module):
         losses, sums, norm = zero.step(module, micro, scale, precision, unwrapped(module))
         bad = _what_is_non_finite(torch.stack(losses), norm, precision, accelerator)  # the gate made this fatal

@@ -280,14 +280,20 @@ def ddp_handlers(t) -> list:
 
 def notices(cfg) -> list[str]:
     t = cfg.train
+    one_process = int(os.environ.get("WORLD_SIZE", "1")) < 2
+    out = []
+    if one_process and not t.average_tokens_across_devices:
+        out.append("note: `average_tokens_across_devices: false` divides each process's loss by its own target "
+                   "tokens, which one process does either way: no effect")
     chosen = ", ".join(f"`ddp_{name}`" for name in _ddp_settings(t))
     if not chosen:
-        return []
+        return out
     zero_shards = t.deepspeed and zero.stage(zero.read_config(t)) > 0  # (stage 0 trains with DDP)
     instead = ("`fsdp` shards the model" if t.fsdp else "`deepspeed` shards the model" if zero_shards
-               else "it trains in one process" if int(os.environ.get("WORLD_SIZE", "1")) < 2 else None)
-    return [f"note: {chosen} tune DistributedDataParallel, which this run does not use ({instead}): no effect"
-            ] if instead else []
+               else "it trains in one process" if one_process else None)
+    if instead:
+        out.append(f"note: {chosen} tune DistributedDataParallel, which this run does not use ({instead}): no effect")
+    return out
 
 
 def sent_by_main_process(fsdp: FsdpSettings | None, accelerator) -> bool:

@@ -164,7 +164,7 @@ def gathered(module):
 
 def step(wrapped, micro: list[dict], scale, precision, unwrapped) -> tuple[list, dict, torch.Tensor]:
     """One optimizer step by the engine: (each micro-batch's loss sum, metric sums, the gradient norm). The engine
-    averages gradients over processes as DDP does, so `scale` (processes / units) is DDP's."""
+    averages gradients over processes as DDP does, so `scale` is the one DDP takes."""
     losses, sums = [], {}
     for i, batch in enumerate(micro):
         wrapped.set_gradient_accumulation_boundary(i == len(micro) - 1)  # a step may have fewer micro-batches
