@@ -400,9 +400,9 @@ def _train_problems(cfg: Config) -> list[str]:
             out.append(f"`layer_lr` entries look like `pattern=rate` (e.g. classifier=5e-4); got {item.strip()!r}")
     if f.finetuning_type not in ADAPTER_TYPES and f.create_new_adapter:
         out.append("`create_new_adapter` only applies to `finetuning_type: lora` or `oft`")
-    if m.quantization_bit and f.finetuning_type != "lora":
-        out.append(f"`quantization_bit` (QLoRA) trains LoRA adapters on a frozen quantised base: set "
-                   f"`finetuning_type: lora`; you set {f.finetuning_type}")
+    if m.quantization_bit and f.finetuning_type not in ADAPTER_TYPES:
+        out.append(f"`quantization_bit` trains adapters on a frozen quantised base (QLoRA, QOFT): set "
+                   f"`finetuning_type: lora` or `oft`; you set {f.finetuning_type}")
     for key in ("ref_model_quantization_bit", "reward_model_quantization_bit"):
         if getattr(f, key) not in (None, 4, 8):
             out.append(f"`{key}` must be 4 or 8 (bitsandbytes); got {getattr(f, key)}")

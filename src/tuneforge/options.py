@@ -58,8 +58,8 @@ class ModelArgs:
     # the weights' dtype where a model is loaded for decoding or scoring (chat, api, eval); auto: bf16 on a GPU that
     # has it, else float32 (a CPU with bf16 units gets a note that bfloat16 decodes faster)
     infer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # 4 or 8: the base is loaded quantised by bitsandbytes (QLoRA: training needs finetuning_type lora; inference
-    # loads it so too; export refuses it)
+    # 4 or 8: the base is loaded quantised by bitsandbytes (QLoRA / QOFT: training needs finetuning_type lora or
+    # oft; inference loads it so too; export refuses it)
     quantization_bit: int | None = None
     quantization_method: str = "bnb"  # only bnb (bitsandbytes) is built; others are refused with quantization_bit
     quantization_type: Literal["nf4", "fp4"] = "nf4"  # the 4-bit data type
