@@ -213,6 +213,35 @@ def test_torch_compile_wraps_every_decoder_layer(tiny_model):
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
 
 
+def test_compiled_layers_are_traced_once_per_graph(tiny_model, alpaca_file, tmp_path):
+    """torch_compile with dynamic shapes: the layers' Python floats (norm epsilon, LoRA's scaling) are traced as
+    constants, not first as symbols that dynamo fails to make tensors of and then traces the layer again for."""
+    import logging
+
+    from conftest import run_training, train_config
+
+    restarts = []
+
+    class Restarts(logging.Handler):
+        def emit(self, record):
+            restarts.extend([record.getMessage()] if "Restarting analysis" in record.getMessage() else [])
+
+    log = logging.getLogger("torch._dynamo.convert_frame")
+    handler, level = Restarts(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        torch._dynamo.reset()  # no graph of an earlier test's layers is reused
+        # aot_eager: the retrace comes from AOTAutograd's pass that turns symbolic floats into tensors, which the
+        # plain eager backend does not run, and it builds no kernels (a quick test)
+        run_training(train_config(tiny_model, alpaca_file, tmp_path / "out", torch_compile_backend="aot_eager",
+                                  max_steps=2))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert restarts == []
+
+
 class _Shifted(torch.nn.Module):
     """A model whose packed calls (position_ids given) come out `shift` higher, or, with `mixes`, one that drops
     position_ids, so packed examples attend to each other as in one long sequence."""

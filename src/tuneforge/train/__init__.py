@@ -3,8 +3,8 @@
 
 def run_stage(cfg) -> dict:
     """Run the recipe of `cfg.finetune.stage` and return its results."""
-    from .common import deterministic_kernels
+    from .common import compile_settings, deterministic_kernels
     from .stages import STAGES
 
-    with deterministic_kernels(cfg.train.full_determinism):
+    with deterministic_kernels(cfg.train.full_determinism), compile_settings(cfg.train.torch_compile):
         return STAGES[cfg.finetune.stage].recipe_module().run(cfg)

@@ -235,6 +235,18 @@ def compile_layers(model, backend: str = "inductor", mode: str | None = None) ->
         layer.compile(dynamic=True, backend=backend, mode=None if mode == "default" else mode)
 
 
+@contextmanager
+def compile_settings(enabled: bool):
+    """torch_compile's tracing settings for the run: Python floats in a layer (norm epsilons, LoRA's scaling) are
+    constants of its graph. With dynamic shapes dynamo would trace them as symbols first, fail to turn them into
+    tensors and trace the layer again, which cost 2-3 s of every run's first step with a warm compile cache."""
+    if not enabled:
+        yield
+        return
+    with torch._dynamo.config.patch(specialize_float=True):
+        yield
+
+
 def full_precision_twin(model):
     """A one-layer random model of the same architecture and attention code, unquantised. The packing check asks
     whether the attention code keeps packed examples apart; a quantised model would answer with rounding that
