@@ -102,6 +102,15 @@ def test_hugging_face_keys_without_effect_load_with_a_notice(key, kind, default,
     assert not any(f"`{key}`" in n for n in notices(build_config(_minimal(**{key: default}))))
 
 
+def test_low_cpu_mem_usage_false_loads_with_a_notice():
+    """LLaMA-Factory passes it to from_pretrained, which transformers 5 drops unread."""
+    cfg = build_config(_minimal(low_cpu_mem_usage=False), source="lf.yaml")
+    validate(cfg)
+    assert any("`low_cpu_mem_usage` has no effect yet: transformers 5's from_pretrained drops it" in n
+               for n in notices(cfg))
+    assert not any("low_cpu_mem_usage" in n for n in notices(build_config(_minimal())))
+
+
 def test_megatron_keys_get_one_line_that_says_what_they_are():
     """LLaMA-Factory's examples/megatron configs set a dozen Megatron-Core keys: one line names them all."""
     with pytest.raises(ConfigError) as err:

@@ -46,7 +46,6 @@ LLAMAFACTORY_ONLY = [
     ("use_hyper_parallel", "bool", False, "HyperParallel " + _NOT_BUILT),
     ("hyper_parallel_args", "str | None", None, "HyperParallel " + _NOT_BUILT),
     ("max_length", "int", 1024, "generation length is `max_new_tokens`; use it instead"),
-    ("low_cpu_mem_usage", "bool", True, "transformers always loads weights with low memory use here"),
     ("shift_attn", "bool", False, "LongLoRA's shift short attention " + _NOT_BUILT),
     ("mixture_of_depths", "str | None", None, "mixture-of-depths " + _NOT_BUILT),
     ("use_unsloth", "bool", False, "Unsloth " + _GPU),

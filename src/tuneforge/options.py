@@ -54,6 +54,7 @@ class ModelArgs:
     # ceil(cutoff_len / positions) when cutoff_len exceeds them; inference by that, or else by 2
     rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = None
     upcast_lmhead_output: bool = False  # accepted with a notice: see NO_EFFECT_YET
+    low_cpu_mem_usage: bool = True  # LLaMA-Factory's loading switch; accepted with a notice: see NO_EFFECT_YET
     train_from_scratch: bool = False  # random weights from the model's config instead of its pretrained ones
     # the weights' dtype where a model is loaded for decoding or scoring (chat, api, eval); auto: bf16 on a GPU that
     # has it, else float32 (a CPU with bf16 units gets a note that bfloat16 decodes faster)
@@ -521,6 +522,8 @@ NO_EFFECT_YET = {
     "eval_num_beams": GENERATION_KEYS_WIN,
     "upcast_lmhead_output": "the losses always take the output head's logits in fp32, which is what this makes "
                             "LLaMA-Factory do",
+    "low_cpu_mem_usage": "transformers 5's from_pretrained drops it: weights always load without a random copy "
+                         "first, which is what true asked for",
     "use_reentrant_gc": "gradient checkpointing here is always non-reentrant (the same gradients, and it works with "
                         "frozen embeddings)",
     **{key: why for key, _, _, why in HF_NO_EFFECT},
