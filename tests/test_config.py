@@ -128,7 +128,7 @@ def test_a_bare_no_is_the_choice_no(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("quantization_bit=4 finetuning_type=full", "`quantization_bit` \\(QLoRA\\) trains LoRA adapters"),
+    ("quantization_bit=4 finetuning_type=full", "`quantization_bit` trains adapters on a frozen quantised base"),
     ("stage=ppo", "stage ppo needs `reward_model`"),
     ("train_on_prompt=true mask_history=true", "contradict each other"),
     ("bf16=true fp16=true", "pick one mixed-precision mode"),
