@@ -224,7 +224,8 @@ def test_compiled_layers_are_traced_once_per_graph(tiny_model, alpaca_file, tmp_
 
     class Restarts(logging.Handler):
         def emit(self, record):
-            restarts.extend([record.getMessage()] if "Restarting analysis" in record.getMessage() else [])
+            if "Restarting analysis" in record.getMessage():
+                restarts.append(record.getMessage())
 
     log = logging.getLogger("torch._dynamo.convert_frame")
     handler, level = Restarts(), log.level
