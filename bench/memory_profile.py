@@ -68,7 +68,8 @@ def main() -> int:
     from tuneforge.models.adapters import setup_trainable
     from tuneforge.models.load import load_base_model, load_tokenizer
     from tuneforge.models.recompute import apply_gradient_checkpointing
-    from tuneforge.train.loop import Precision, build_optimizer
+    from tuneforge.train.loop import Precision
+    from tuneforge.train.optimizers import build_optimizer
     from tuneforge.train.losses import CausalLMLoss, head_chunk_size
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -51,7 +51,8 @@ def main() -> int:
 
     from tuneforge.data import prepare_lm_data
     from tuneforge.models.load import load_tokenizer
-    from tuneforge.train.loop import Precision, _optimizer_step, build_optimizer
+    from tuneforge.train.loop import Precision, _optimizer_step
+    from tuneforge.train.optimizers import build_optimizer
     from tuneforge.train.schedules import build_scheduler
     from tuneforge.train.losses import CausalLMLoss, head_chunk_size
     from tuneforge.train.common import prepare_model

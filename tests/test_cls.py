@@ -93,7 +93,7 @@ def test_per_layer_rates_land_in_the_right_groups(tiny_bert):
     from transformers import AutoModelForSequenceClassification
 
     from tuneforge.config import FinetuneArgs, TrainArgs
-    from tuneforge.train.loop import build_optimizer
+    from tuneforge.train.optimizers import build_optimizer
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     optimizer = build_optimizer(model, TrainArgs(learning_rate=1e-4),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -22,67 +21,16 @@ import torch
 
 from ..config import ConfigError, bf16_cost, flat_config, speed_hint
 from ..machine import allocator_notice
-from ..models.load import ModelError
 from . import checkpoint as ckpt
 from . import sharding, zero
 from .evaluation import Evaluation, Remembered, evaluate_and_check, restore_best
 from .logging import RunLog
 from .faults import NonFinite, Preempted, StopSignals, describe_rows
-from .optimizers import Layerwise, make_optimizer
+from .optimizers import Layerwise, build_optimizer
 from .schedules import build_scheduler
 from .profiling import step_profiler
 from .steps import LossModule, StepSource, StreamSteps, unwrapped
 from .trackers import open_trackers
-
-
-def learning_rate_of(name: str, t, f, n_layers: int | None) -> float:
-    """A parameter's learning rate: `layer_lr` patterns (last match wins), then layer-wise decay."""
-    rate = t.learning_rate
-    for item in (f.layer_lr or "").split(","):
-        if item.strip():
-            pattern, value = item.split("=", 1)
-            if pattern.strip() in name:
-                rate = float(value)
-    if f.layerwise_lr_decay and n_layers:
-        layer = re.search(r"\.(\d+)\.", name)
-        if layer:
-            rate *= f.layerwise_lr_decay ** (n_layers - 1 - int(layer.group(1)))
-        elif "embed" in name:
-            rate *= f.layerwise_lr_decay ** n_layers
-    if f.loraplus_lr_ratio and "lora_B" in name:  # LoRA+: the B matrices learn faster
-        rate *= f.loraplus_lr_ratio
-    if f.loraplus_lr_ratio and "lora_embedding" in name:  # LoRA+ gives embedding adapters their own rate
-        rate = f.loraplus_lr_embedding
-    return rate
-
-
-def build_optimizer(model, t, f, report=None):
-    """The optimizer (optimizers.py) over the trainable parameters, grouped by learning rate and by weight decay
-    (none for biases and norms). `report` receives one line per group with its effective rate."""
-    n_layers = _num_layers(model)
-    groups: dict[tuple[float, bool], list] = {}
-    names: dict[tuple[float, bool], list[str]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        key = (learning_rate_of(name, t, f, n_layers), param.ndim >= 2 and "norm" not in name.lower())
-        groups.setdefault(key, []).append(param)
-        names.setdefault(key, []).append(name)
-    if not groups:
-        raise ModelError("no parameter is trainable; check finetuning_type and its options")
-    if report and (f.layer_lr or f.layerwise_lr_decay or f.loraplus_lr_ratio):
-        for (rate, decays), members in sorted(names.items(), key=lambda kv: -kv[0][0]):
-            report(f"[tuneforge] lr {rate:.3e}{'' if decays else ' (no weight decay)'}: {len(members)} tensors, "
-                   f"e.g. {members[0]}")
-    param_groups = [{"params": params, "lr": rate, "weight_decay": t.weight_decay if decays else 0.0}
-                    for (rate, decays), params in groups.items()]
-    return make_optimizer(model, param_groups, t, f)
-
-
-def _num_layers(module) -> int | None:
-    """num_hidden_layers of a model or of the model inside a loss module."""
-    config = getattr(module, "config", None) or getattr(getattr(module, "model", None), "config", None)
-    return getattr(config, "num_hidden_layers", None)
 
 
 def autocast_dtype(t, device: torch.device) -> torch.dtype | None:

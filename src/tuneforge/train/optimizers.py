@@ -2,16 +2,18 @@
 from torch, Adafactor from transformers, AdamW, Lion, AdEMAMix and RMSprop in 8 or 32 bits (paged or not) from
 bitsandbytes (CPU too), GaLore (galore-torch), APOLLO (apollo-torch), Adam-mini (adam-mini), BAdam
 (badam), Muon (torch.optim.Muon, with AdamW for what Muon cannot take). GaLore and APOLLO can also step per layer
-inside backward (Layerwise). loop.build_optimizer groups the parameters by learning rate and weight decay; this
-module turns those groups into the optimizer."""
+inside backward (Layerwise). build_optimizer groups the parameters by learning rate and weight decay; make_optimizer
+turns those groups into the optimizer."""
 
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 
 from ..models.adapters import all_linear_names
+from ..models.load import ModelError
 
 # bitsandbytes' optimizers under transformers' names: (class, bits of state, paged)
 _BNB = {"adamw_8bit": ("AdamW", 8, False), "adamw_bnb_8bit": ("AdamW", 8, False),
@@ -114,6 +116,56 @@ def notices(cfg) -> list[str]:
         return [f"note: `max_grad_norm` has no effect with `{key}`: clipping needs the whole gradient, and each "
                 "layer steps as soon as backward has its own (a gradient norm that is not finite still stops the run)"]
     return []
+
+
+def learning_rate_of(name: str, t, f, n_layers: int | None) -> float:
+    """A parameter's learning rate: `layer_lr` patterns (last match wins), then layer-wise decay."""
+    rate = t.learning_rate
+    for item in (f.layer_lr or "").split(","):
+        if item.strip():
+            pattern, value = item.split("=", 1)
+            if pattern.strip() in name:
+                rate = float(value)
+    if f.layerwise_lr_decay and n_layers:
+        layer = re.search(r"\.(\d+)\.", name)
+        if layer:
+            rate *= f.layerwise_lr_decay ** (n_layers - 1 - int(layer.group(1)))
+        elif "embed" in name:
+            rate *= f.layerwise_lr_decay ** n_layers
+    if f.loraplus_lr_ratio and "lora_B" in name:  # LoRA+: the B matrices learn faster
+        rate *= f.loraplus_lr_ratio
+    if f.loraplus_lr_ratio and "lora_embedding" in name:  # LoRA+ gives embedding adapters their own rate
+        rate = f.loraplus_lr_embedding
+    return rate
+
+
+def build_optimizer(model, t, f, report=None):
+    """The optimizer (optimizers.py) over the trainable parameters, grouped by learning rate and by weight decay
+    (none for biases and norms). `report` receives one line per group with its effective rate."""
+    n_layers = _num_layers(model)
+    groups: dict[tuple[float, bool], list] = {}
+    names: dict[tuple[float, bool], list[str]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = (learning_rate_of(name, t, f, n_layers), param.ndim >= 2 and "norm" not in name.lower())
+        groups.setdefault(key, []).append(param)
+        names.setdefault(key, []).append(name)
+    if not groups:
+        raise ModelError("no parameter is trainable; check finetuning_type and its options")
+    if report and (f.layer_lr or f.layerwise_lr_decay or f.loraplus_lr_ratio):
+        for (rate, decays), members in sorted(names.items(), key=lambda kv: -kv[0][0]):
+            report(f"[tuneforge] lr {rate:.3e}{'' if decays else ' (no weight decay)'}: {len(members)} tensors, "
+                   f"e.g. {members[0]}")
+    param_groups = [{"params": params, "lr": rate, "weight_decay": t.weight_decay if decays else 0.0}
+                    for (rate, decays), params in groups.items()]
+    return make_optimizer(model, param_groups, t, f)
+
+
+def _num_layers(module) -> int | None:
+    """num_hidden_layers of a model or of the model inside a loss module."""
+    config = getattr(module, "config", None) or getattr(getattr(module, "model", None), "config", None)
+    return getattr(config, "num_hidden_layers", None)
 
 
 def make_optimizer(model, param_groups: list[dict], t, f) -> torch.optim.Optimizer:
