@@ -412,10 +412,10 @@ def _train_problems(cfg: Config) -> list[str]:
                        "itself): set ref_model or remove it")
     if m.adapter_name_or_path and f.finetuning_type not in ADAPTER_TYPES:
         out.append("`adapter_name_or_path` needs `finetuning_type: lora` or `oft`")
-    from .train.sharding import problems as sharding_problems
+    from .train import sharding, steps
 
-    return (out + _foreign_key_problems(cfg) + check_adapters(cfg) + check_optimizer(cfg) + sharding_problems(cfg)
-            + check_profiler(t))
+    return (out + _foreign_key_problems(cfg) + check_adapters(cfg) + check_optimizer(cfg) + sharding.problems(cfg)
+            + steps.auto_batch_problems(cfg) + check_profiler(t))
 
 
 def _data_problems(cfg: Config) -> list[str]:

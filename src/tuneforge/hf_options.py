@@ -27,8 +27,6 @@ HF_REFUSED = [
      "gradient_checkpointing_scope chooses what is recomputed: remove it"),
     ("use_liger_kernel", "bool", False, _LIGER),
     ("liger_kernel_config", "dict | str | None", None, _LIGER),
-    ("auto_find_batch_size", "bool", False, "searching for a batch size that fits " + _NOT_BUILT
-     + "; set per_device_train_batch_size"),
     ("project", "str", "huggingface", _TRACKIO + " (wandb's project is the WANDB_PROJECT variable)"),
     ("trackio_space_id", "str | None", None, _TRACKIO),
     ("trackio_bucket_id", "str | None", None, _TRACKIO),

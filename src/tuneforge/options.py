@@ -282,6 +282,10 @@ class TrainArgs:
     per_device_train_batch_size: int = 8  # rows per micro-batch in each process
     per_device_eval_batch_size: int = 8  # rows per batch when evaluating, predicting and precomputing references
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    # HF's: when a step runs out of memory, run it again with its micro-batches halved (down to one row), and keep
+    # them halved. Unlike HF, which halves the global batch and starts over, the step's rows stay the same: the same
+    # updates, in the same number of steps (train/steps.py)
+    auto_find_batch_size: bool = False
     learning_rate: float = 5e-5  # the peak rate, after warmup (layer_lr, layerwise_lr_decay, LoRA+ vary it)
     weight_decay: float = 0.0  # the optimizer's weight decay (decoupled in AdamW); biases and norm weights get none
     adam_beta1: float = 0.9  # AdamW's first-moment decay (also the AdamW-based optimizer extras')

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
 from ..config import ConfigError, bf16_cost, flat_config, speed_hint
 from ..machine import allocator_notice
+from ..models.load import ModelError
 from . import checkpoint as ckpt
 from . import sharding, zero
 from .evaluation import Evaluation, Remembered, evaluate_and_check, restore_best
@@ -98,6 +100,9 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
     precision = Precision(t, accelerator.device)
     _announce(cfg, accelerator)
     world = accelerator.num_processes
+    if t.auto_find_batch_size and world > 1:  # the others would wait for it in their next all-reduce forever
+        raise ConfigError("auto_find_batch_size runs in one process: a process that runs out of memory cannot make "
+                          "the others' micro-batches smaller. Set per_device_train_batch_size instead")
     per_epoch = source.steps_per_epoch
     total_steps = max(t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch), 1)
     identity = {"config": ckpt.config_identity(cfg), "data": source.signature,
@@ -127,8 +132,10 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
         interval.count_tokens(sum(b.pop("num_tokens") for b in micro), world)
         units = sum(inner.units(b) for b in micro).to(accelerator.device)  # counted on the CPU: no sync
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
+        smaller = (lambda: _smaller(source, state, accelerator)) if t.auto_find_batch_size else None
         loss_sum, units, metrics, bad = _optimizer_step(module, micro, units, optimizer, scheduler, accelerator,
-                                                        precision, t.max_grad_norm, t.average_tokens_across_devices)
+                                                        precision, t.max_grad_norm, t.average_tokens_across_devices,
+                                                        smaller)
         if bad:
             _non_finite(bad, state, source, t, accelerator)
         else:
@@ -397,10 +404,12 @@ class _Interval:
 
 
 def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, accelerator, precision,
-                    max_grad_norm: float, across_processes: bool):
+                    max_grad_norm: float, across_processes: bool, smaller=None):
     """One optimizer step over micro-batches; loss = sum of losses / units of all micro-batches and processes
     (across_processes false: each process's sum / its own units, averaged over processes). Returns (loss sum,
-    units of all processes, metric sums, what was non-finite or ""); a non-finite step updates nothing."""
+    units of all processes, metric sums, what was non-finite or ""); a non-finite step updates nothing.
+    `smaller` (auto_find_batch_size): when forward or backward runs out of memory, the step's rows in smaller
+    micro-batches, which run instead; the optimizer has not stepped yet, so only the gradients are dropped."""
     scale = 1 / units.clamp(min=1)
     if accelerator.num_processes > 1:
         units = accelerator.reduce(units, "sum")
@@ -410,6 +419,31 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
         losses, sums, norm = zero.step(module, micro, scale, precision, unwrapped(module))
         bad = _what_is_non_finite(torch.stack(losses), norm, precision, accelerator)  # the gate made this fatal
         return _after_step(losses, sums, units, scheduler, accelerator, bad)
+    while True:
+        try:
+            losses, sums = _backward(module, micro, scale, accelerator, precision)
+            break
+        except RuntimeError as error:  # torch.OutOfMemoryError is one; the CPU's allocator raises a plain one
+            if smaller is None or not should_reduce_batch_size(error):
+                raise
+        # out of the except block, the error's traceback no longer holds the activations
+        optimizer.zero_grad(set_to_none=True)
+        clear_device_cache(garbage_collection=True)
+        micro = smaller()
+    precision.scaler.unscale_(optimizer)
+    norm = _grad_norm(optimizer, [p for p in module.parameters() if p.requires_grad], max_grad_norm)
+    if sharding.is_sharded(module):
+        norm = norm.full_tensor()  # a DTensor of the shards' partial norms
+    bad = _what_is_non_finite(torch.stack(losses), norm, precision, accelerator)
+    if not bad:
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return _after_step(losses, sums, units, scheduler, accelerator, bad)
+
+
+def _backward(module, micro: list[dict], scale, accelerator, precision) -> tuple[list, dict]:
+    """Forward and backward over the step's micro-batches, the gradients accumulated; (losses, metric sums)."""
     losses = []
     sums: dict[str, torch.Tensor] = {}
     sharded = sharding.is_sharded(module)
@@ -424,16 +458,23 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
         losses.append(loss_sum.detach().float())
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0) + value.detach().float()
-    precision.scaler.unscale_(optimizer)
-    norm = _grad_norm(optimizer, [p for p in module.parameters() if p.requires_grad], max_grad_norm)
-    if sharded:
-        norm = norm.full_tensor()  # a DTensor of the shards' partial norms
-    bad = _what_is_non_finite(torch.stack(losses), norm, precision, accelerator)
-    if not bad:
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return _after_step(losses, sums, units, scheduler, accelerator, bad)
+    return losses, sums
+
+
+def _smaller(source, state, accelerator) -> list[dict]:
+    """auto_find_batch_size: the step that ran out of memory, its micro-batches halved, on the device."""
+    before = max(map(len, source.step_rows))
+    micro = source.smaller()
+    if micro is None:
+        raise ModelError(f"step {state.global_step + 1} runs out of memory with micro-batches of one row, so "
+                         "auto_find_batch_size can go no lower: lower cutoff_len, set gradient_checkpointing, or "
+                         "train fewer weights (finetuning_type lora, quantization_bit)")
+    accelerator.print(f"[tuneforge] auto_find_batch_size: step {state.global_step + 1} ran out of memory with "
+                      f"micro-batches of up to {before} rows; it runs again, and training goes on, with up to "
+                      f"{max(map(len, source.step_rows))} (the same rows in each step)")
+    for batch in micro:
+        batch.pop("num_tokens")
+    return [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
 
 
 def _after_step(losses: list, sums: dict, units, scheduler, accelerator, bad):

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError, order_seed
 from .faults import rows_signature
+from .stages import STAGES
 
 
 class LossModule(Protocol):
@@ -54,6 +55,14 @@ class StepSource(Protocol):
         for the log line; empty for data read from files."""
 
 
+class SplittableSteps(StepSource, Protocol):
+    """A source of rows of data (not rollouts), whose micro-batches auto_find_batch_size can make smaller."""
+
+    def smaller(self) -> list[dict] | None:
+        """Halve the micro-batches from the step last handed out on: that step's rows again, in micro-batches of
+        half as many rows (`step_rows` follows); None when they hold one row each already."""
+
+
 class RowSteps:
     """Epochs over encoded rows in memory: the same shuffled micro-batches on every run, so resume is exact."""
 
@@ -64,6 +73,7 @@ class RowSteps:
         micro = batches_per_epoch(len(rows), t.per_device_train_batch_size * world, t.dataloader_drop_last)
         self.steps_per_epoch = math.ceil(micro / t.gradient_accumulation_steps)
         self.num_examples, self.signature, self.step_rows = len(rows), rows_signature(rows), []
+        self.size = t.per_device_train_batch_size  # rows per micro-batch at most (auto_find_batch_size lowers it)
         self.lengths = [row_length(row) for row in rows] if t.length_grouped else None
         if self.lengths is not None and not any(self.lengths):
             raise ConfigError(f"{t.length_grouping_key} groups rows by their number of tokens, and these rows hold "
@@ -79,14 +89,27 @@ class RowSteps:
                                     self.shuffle, self.rank, self.world, self.lengths, t.dataloader_drop_last)
             groups = [_even(batches[i: i + t.gradient_accumulation_steps])
                       for i in range(0, len(batches), t.gradient_accumulation_steps)]
-            flat = [index for group in groups[state.step_in_epoch:] for index in group]
-            # a private generator: creating an iterator must not draw from the global RNG that dropout uses,
-            # or a resumed run would see different random numbers than an uninterrupted one
-            loader = iter(DataLoader(self.rows, batch_sampler=flat, collate_fn=self.collator,
-                                     generator=torch.Generator(), **loader_options(t)))
-            for group in groups[state.step_in_epoch:]:
-                self.step_rows = group
-                yield [next(loader) for _ in group]
+            first = state.step_in_epoch
+            while first < len(groups):  # once, unless auto_find_batch_size makes the micro-batches smaller
+                size = self.size
+                flat = [piece for group in groups[first:] for piece in _pieces(group, size)]
+                # a private generator: creating an iterator must not draw from the global RNG that dropout uses,
+                # or a resumed run would see different random numbers than an uninterrupted one
+                loader = iter(DataLoader(self.rows, batch_sampler=flat, collate_fn=self.collator,
+                                         generator=torch.Generator(), **loader_options(t)))
+                for group in groups[first:]:
+                    self.step_rows = _pieces(group, size)
+                    yield [next(loader) for _ in self.step_rows]
+                    first += 1
+                    if self.size != size:
+                        break
+
+    def smaller(self) -> list[dict] | None:
+        if max(map(len, self.step_rows)) == 1:
+            return None
+        self.size = -(-max(map(len, self.step_rows)) // 2)
+        self.step_rows = _pieces(self.step_rows, self.size)
+        return [self.collator([self.rows[i] for i in piece]) for piece in self.step_rows]
 
 
 def loader_options(t) -> dict:
@@ -116,12 +139,35 @@ def loader_notices(cfg) -> list[str]:
     return out
 
 
+def auto_batch_problems(cfg) -> list[str]:
+    """The rules of auto_find_batch_size (the loop refuses it with several processes, which it sees first)."""
+    f, out = cfg.finetune, []
+    if not cfg.train.auto_find_batch_size:
+        return out
+    if f.stage in STAGES and STAGES[f.stage].data == "prompt":
+        out.append(f"`auto_find_batch_size` makes micro-batches of rows of data smaller; stage {f.stage} trains on "
+                   "completions it generates: lower per_device_train_batch_size instead")
+    if f.galore_layerwise or f.apollo_layerwise:
+        out.append("`auto_find_batch_size` runs a step that ran out of memory again, and galore_layerwise / "
+                   "apollo_layerwise update weights inside backward, before the step is complete: set one")
+    return out
+
+
 def _even(group: list[list[int]]) -> list[list[int]]:
     """A step's rows spread evenly over its micro-batches. Only an epoch's last step changes: [4, 1] becomes [2, 3].
     Its gradient is the same (the loss is normalised over the whole step), and a compiled model is not compiled
     again for a micro-batch of one row (torch specialises size 1: 20 s more on SmolLM2-135M's last step)."""
     rows = [index for batch in group for index in batch]
     return [rows[j * len(rows) // len(group): (j + 1) * len(rows) // len(group)] for j in range(len(group))]
+
+
+def _pieces(micro: list[list], size: int) -> list[list]:
+    """Each micro-batch cut into as few evenly sized pieces of at most `size` rows as it takes."""
+    out = []
+    for rows in micro:
+        n = -(-len(rows) // size)
+        out += [rows[j * len(rows) // n: (j + 1) * len(rows) // n] for j in range(n)]
+    return out
 
 
 def batches_per_epoch(n: int, span: int, drop_last: bool) -> int:
@@ -176,6 +222,8 @@ class StreamSteps:
     def __init__(self, stream, t, collator, rank: int = 0, world: int = 1):
         self.stream, self.t, self.collator, self.rank, self.world = stream, t, collator, rank, world
         self.signature, self.step_rows = stream.signature(), []
+        self.size = t.per_device_train_batch_size  # rows per micro-batch at most (auto_find_batch_size lowers it)
+        self.step = []  # the rows of the step last handed out, by micro-batch
 
     def log_metrics(self) -> dict[str, float]:
         return {}
@@ -184,16 +232,25 @@ class StreamSteps:
         rows = self.stream.rows(state.stream_position or (0, 0, 0))
         size, rank = self.t.per_device_train_batch_size, self.rank
         while True:
-            micro, self.step_rows = [], []
+            step = []
             for _ in range(self.t.gradient_accumulation_steps):
                 taken = [next(rows) for _ in range(size * self.world)]
-                mine = taken[rank * size: (rank + 1) * size]
-                micro.append(self.collator([row for row, _ in mine]))
-                self.step_rows.append([list(position) for _, position in mine])
+                step.append(taken[rank * size: (rank + 1) * size])
             state.stream_position = taken[-1][1]
             if state.stream_position[0] != state.epoch:  # a new pass over the data began
                 state.epoch, state.step_in_epoch = state.stream_position[0], 0
-            yield micro
+            yield self._collated(_pieces(step, self.size))
+
+    def _collated(self, step: list[list]) -> list[dict]:
+        self.step = step
+        self.step_rows = [[list(position) for _, position in piece] for piece in step]
+        return [self.collator([row for row, _ in piece]) for piece in step]
+
+    def smaller(self) -> list[dict] | None:
+        if max(map(len, self.step)) == 1:
+            return None
+        self.size = -(-max(map(len, self.step)) // 2)
+        return self._collated(_pieces(self.step, self.size))
 
 
 def rows_source(data, t, collator, shuffle: bool, accelerator) -> StepSource:
