@@ -31,7 +31,7 @@ from .faults import NonFinite, Preempted, StopSignals, describe_rows
 from .optimizers import Layerwise, build_optimizer
 from .schedules import build_scheduler
 from .profiling import step_profiler
-from .steps import LossModule, StepSource, StreamSteps, unwrapped
+from .steps import LossModule, SplittableSteps, StepSource, StreamSteps, unwrapped
 from .trackers import open_trackers
 
 
@@ -461,7 +461,7 @@ def _backward(module, micro: list[dict], scale, accelerator, precision) -> tuple
     return losses, sums
 
 
-def _smaller(source, state, accelerator) -> list[dict]:
+def _smaller(source: SplittableSteps, state, accelerator) -> list[dict]:
     """auto_find_batch_size: the step that ran out of memory, its micro-batches halved, on the device."""
     before = max(map(len, source.step_rows))
     micro = source.smaller()

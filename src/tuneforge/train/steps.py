@@ -242,6 +242,7 @@ class StreamSteps:
             yield self._collated(_pieces(step, self.size))
 
     def _collated(self, step: list[list]) -> list[dict]:
+        """The step's micro-batches collated; its rows and their positions kept for smaller() and for errors."""
         self.step = step
         self.step_rows = [[list(position) for _, position in piece] for piece in step]
         return [self.collator([row for row, _ in piece]) for piece in step]
