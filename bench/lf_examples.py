@@ -5,7 +5,8 @@
 For each YAML under examples/{train_lora,train_full,train_qlora,extras,merge_lora,inference} of a LLaMA-Factory
 checkout (0.9.5), it runs the command LLaMA-Factory's README gives for it (train, export, chat) in one scratch folder
 that holds a copy of LLaMA-Factory's data/ folder, so `dataset_dir: data` and the `saves/...` paths that later
-examples read (merge_lora and inference load what train_lora / train_full wrote) work as written. It changes only:
+examples read (merge_lora and inference load what train_lora / train_full wrote) work as written, and so do the
+`examples/deepspeed/...` paths, copied too. It changes only:
 - `model_name_or_path` to the bundled `smollm2-135m-instruct` (unless it names a `saves/` folder an earlier example
   wrote), and `dataset_dir` to that data/ copy where a config points elsewhere (a remote store);
 - `max_steps` (default 1) for training, and for chat a `--query` with `max_new_tokens=32` so a reply ends quickly.
@@ -114,6 +115,8 @@ def main() -> int:
     root = args.llamafactory.resolve()
     work = Path(tempfile.mkdtemp(prefix="tuneforge-lf-examples-"))
     shutil.copytree(root / "data", work / "data")
+    for configs in ("deepspeed", "accelerate"):  # `deepspeed: examples/deepspeed/...` as from LLaMA-Factory's root
+        shutil.copytree(root / "examples" / configs, work / "examples" / configs)
     paths = [p for folder in FOLDERS for p in sorted((root / "examples" / folder).rglob("*.yaml"))
              if not args.only or any(part in str(p) for part in args.only)]
     paths.sort(key=lambda p: _cost(p, root))
