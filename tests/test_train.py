@@ -116,7 +116,9 @@ def test_adapter_loads_in_plain_peft_with_the_same_logits(tiny_model, alpaca_fil
     with torch.no_grad():
         reference, ours = plain(ids).logits, engine.model(ids).logits
         base = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
-    assert torch.allclose(reference, ours, atol=1e-6)  # the same weights and kernels: identical (measured 0.0)
+    # the engine folds the adapter into the weights, PEFT adds it layer by layer: the same sums in another order,
+    # measured 2.4e-7 (avx2 kernels, one thread: the same) at logits below 1; 1e-5 allows float32's rounding
+    assert torch.allclose(reference, ours, atol=1e-5)
     assert not torch.allclose(reference, base, atol=1e-3)  # the adapter really changed the model
     # LLaMA-Factory's adapter_folder: the adapter sits in that sub-folder of adapter_name_or_path
     cfg = build_config({"model_name_or_path": tiny_model, "adapter_name_or_path": str(tmp_path),

@@ -115,11 +115,8 @@ def test_lora_trains_only_the_new_rows_and_the_adapter_loads_in_plain_peft(tiny_
                                   "template": "chatml"}, source="test"))
     assert engine.tokenizer.convert_tokens_to_ids(["<think>", "</think>"]) == ids
     initial = load_base_model(model_args(tiny_model, add_special_tokens=THINK))
-    trained = engine.model.get_base_model()
-    for name in ("get_input_embeddings", "get_output_embeddings"):
-        before, after = getattr(initial, name)().weight, getattr(trained, name)()
-        weight = after.token_adapter.get_merged_weights(["default"]) if hasattr(after, "token_adapter") else \
-            after.weight
+    for name in ("get_input_embeddings", "get_output_embeddings"):  # the engine folds the adapter into the model
+        before, weight = getattr(initial, name)().weight, getattr(engine.model, name)().weight
         assert torch.equal(weight[:rows], before[:rows])  # the old vocabulary is untouched
         assert (weight[rows:] - before[rows:]).abs().amin(dim=1).gt(0).all()  # every new row trained
 
@@ -130,7 +127,8 @@ def test_lora_trains_only_the_new_rows_and_the_adapter_loads_in_plain_peft(tiny_
     plain = PeftModel.from_pretrained(base, str(out)).eval()
     prompt = torch.tensor([engine.prompt_ids([{"role": "user", "content": "What is 1 plus 2?"}]) + ids])
     with torch.no_grad():
-        # the same modules on the same weights; 1e-5 allows for the two models' float32 reductions differing
+        # the engine's folded weights against PEFT's layers: the same sums in another order; 1e-5 allows float32's
+        # rounding of them
         torch.testing.assert_close(plain(prompt).logits, engine.model(prompt).logits, rtol=0, atol=1e-5)
 
 
