@@ -14,7 +14,7 @@ import torch
 from ..config import ConfigError
 from ..data.templates import Template, data_template, stop_token_ids
 from ..infer.classify import LABELS_FILE, load_trained_classifier
-from ..models.adapters import attach_adapters
+from ..models.adapters import attach_adapters, folded
 from ..models.load import load_base_model, load_tokenizer, resolve_model_path, save_tokenizer
 from ..train.rm import VALUE_HEAD
 
@@ -37,11 +37,6 @@ def source_folder(cfg) -> Path:
 
 def _device(cfg) -> str:
     return "cuda" if cfg.model.export_device == "auto" and torch.cuda.is_available() else "cpu"
-
-
-def _merged(model):
-    """Adapters folded into the base weights (merge_and_unload); a model without adapters is returned as it is."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def jinja_template(template: Template, tokenizer) -> str:
@@ -122,7 +117,7 @@ def export_causal_lm(cfg, folder: Path):
     """Base + adapters merged in order (float32), saved in the base's dtype; returns (model, tokenizer, template)."""
     tokenizer, template = _tokenizer_with_template(cfg)
     model = load_base_model(cfg.model, dtype=torch.float32, cutoff_len=cfg.data.cutoff_len).to(_device(cfg))
-    model = _merged(attach_adapters(model, cfg.model, cfg.finetune, is_trainable=False)).eval()
+    model = folded(attach_adapters(model, cfg.model, cfg.finetune, is_trainable=False)).eval()
     model = model.to(_published_dtype(cfg))
     stops = stop_token_ids(template, tokenizer)
     model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
@@ -135,7 +130,7 @@ def export_causal_lm(cfg, folder: Path):
 
 def export_classifier(cfg, folder: Path) -> None:
     model, processor, *_ = load_trained_classifier(cfg)  # label_map.json, copied below, keeps the pooling
-    _save(_merged(model.to(_device(cfg))).cpu(), processor, folder, cfg)
+    _save(folded(model.to(_device(cfg))).cpu(), processor, folder, cfg)
     shutil.copy(source_folder(cfg) / LABELS_FILE, folder / LABELS_FILE)
 
 

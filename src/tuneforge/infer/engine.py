@@ -12,7 +12,7 @@ from transformers import LogitsProcessorList
 from ..data.collate import left_pad
 from ..data.encode import encode_prompt
 from ..data.templates import data_template, stop_token_ids
-from ..models.adapters import attach_adapters
+from ..models.adapters import attach_adapters, folded
 from ..models.load import inference_dtype, load_base_model, load_tokenizer
 from ..train.checkpoint import RUN_CONFIG
 from .sampling import Sample
@@ -57,12 +57,8 @@ class Engine:
             dtype = inference_dtype(cfg.model)
             model = load_base_model(cfg.model, dtype=dtype, compute_dtype=dtype,  # quantised with quantization_bit
                                     cutoff_len=cfg.data.cutoff_len)
-            model = attach_adapters(model, cfg.model, cfg.finetune, is_trainable=False)
-            if not cfg.model.quantization_bit and hasattr(model, "merge_and_unload"):
-                # as LLaMA-Factory loads adapters for inference, and as export writes them: folded into the base
-                # weights, decoding is 14-24% faster (SmolLM2, LoRA on all linear layers, batch 1, docs/benchmarks.md).
-                # A quantised base is left unmerged: the sum would be quantised again, losing most of the adapter
-                model = model.merge_and_unload()
+            model = folded(attach_adapters(model, cfg.model, cfg.finetune, is_trainable=False),
+                           quantized=bool(cfg.model.quantization_bit))
         self.model = model.eval()
         self.template = data_template(cfg.data, self.tokenizer)
         self.stop_ids = stop_token_ids(self.template, self.tokenizer)

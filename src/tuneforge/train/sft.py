@@ -11,6 +11,7 @@ from pathlib import Path
 from ..data import prepare_lm_data
 from ..data.collate import PadCollator
 from ..infer.engine import Engine
+from ..models.adapters import folded
 from .asft import AnchoredLMLoss
 from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
 from .logging import write_results
@@ -48,7 +49,8 @@ def check(cfg) -> list[str]:
 
 def run(cfg) -> dict:
     t, f = cfg.train, cfg.finetune
-    user_metric = load_user_function(t.predict_metric, "predict_metric") if t.predict_metric else None  # fails before training starts
+    # loaded first, so that a broken metric fails before training starts
+    user_metric = load_user_function(t.predict_metric, "predict_metric") if t.predict_metric else None
     accelerator, tokenizer = start(cfg)
     data = prepare_lm_data(cfg, tokenizer, need_train=t.do_train)
     resume = guard_output_dir(cfg, accelerator)
@@ -68,6 +70,8 @@ def run(cfg) -> dict:
     results = train_and_evaluate(cfg, module, tokenizer, data.train, data.eval, accelerator, resume,
                                  PadCollator(tokenizer.pad_token_id))
     if t.do_predict and accelerator.is_main_process:
+        if not t.do_train:  # an adapter only read, as chat reads it (after training, predict runs what was trained)
+            model = folded(model, quantized=bool(cfg.model.quantization_bit))
         results.update(predict(cfg, model.to(accelerator.device), tokenizer, data, user_metric))
     return results
 
