@@ -205,9 +205,9 @@ def attach_adapters(model, model_args, finetune_args, is_trainable: bool):
 
 
 def folded(model, quantized: bool = False):
-    """The model to run inference with: its adapters folded into the base weights (PEFT's merge_and_unload), as
-    LLaMA-Factory loads adapters for inference and as export writes them; decoding with LoRA on every linear layer
-    runs 19% faster folded (docs/benchmarks.md). A model without adapters, or on a `quantized` base (the sum would
+    """The model to generate with or export: its adapters folded into the base weights (PEFT's merge_and_unload), as
+    LLaMA-Factory loads adapters for inference; decoding with LoRA on every linear layer runs 19% faster folded
+    (docs/benchmarks.md). A model without adapters, or on a `quantized` base (the sum would
     be quantised again, losing most of the adapter), is returned as it is."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") and not quantized else model
 

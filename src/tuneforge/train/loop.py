@@ -118,6 +118,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
         log.eval_step(state.global_step, _epochs(state, per_epoch), before if fresh else evaluation())
     interval = _Interval(accelerator.device)
     counted, tokens_at_start = t.include_num_input_tokens_seen, state.num_input_tokens_seen
+    smaller = (lambda: _smaller(source, state, accelerator)) if t.auto_find_batch_size else None
 
     saved = [None]  # the step of this run's latest checkpoint
 
@@ -132,7 +133,6 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
         interval.count_tokens(sum(b.pop("num_tokens") for b in micro), world)
         units = sum(inner.units(b) for b in micro).to(accelerator.device)  # counted on the CPU: no sync
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
-        smaller = (lambda: _smaller(source, state, accelerator)) if t.auto_find_batch_size else None
         loss_sum, units, metrics, bad = _optimizer_step(module, micro, units, optimizer, scheduler, accelerator,
                                                         precision, t.max_grad_norm, t.average_tokens_across_devices,
                                                         smaller)
