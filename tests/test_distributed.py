@@ -1,6 +1,8 @@
 """Real torchrun processes (gloo on CPU): DDP must give the same weights as one process on the same global batch."""
 
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,18 +19,42 @@ DDP_KEYS = ["ddp_find_unused_parameters=true", "ddp_bucket_cap_mb=1", "ddp_stati
             "ddp_broadcast_buffers=false", "per_device_train_batch_size=4", "gradient_accumulation_steps=1"]
 
 
+def _two_machines(args: list[str]) -> subprocess.CompletedProcess:
+    """`tuneforge train ARGS` as two machines of one process each would run it, with LLaMA-Factory's launch
+    variables (docs/distributed.md), here both on this machine: the second one's process is rank 1 and also
+    local rank 0, the first process of its machine. Their outputs are joined."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FORCE_TORCHRUN": "1", "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # each "machine" would take both cores
+    machines = [subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "train", *args], text=True,
+                                 env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for rank in (0, 1)]
+    outputs = [machine.communicate(timeout=300) for machine in machines]
+    return subprocess.CompletedProcess(args, max(machine.returncode for machine in machines),
+                                       "".join(out for out, _ in outputs), "".join(err for _, err in outputs))
+
+
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
-@pytest.mark.parametrize("streaming,ddp_keys", [(False, ACCUMULATING), (True, ACCUMULATING), (False, DDP_KEYS)])
-def test_ddp_two_processes_match_one(tiny_model, tmp_path, streaming, ddp_keys):
+@pytest.mark.parametrize("streaming,ddp_keys,machines", [(False, ACCUMULATING, 1), (True, ACCUMULATING, 1),
+                                                         (False, DDP_KEYS, 2)])
+def test_ddp_two_processes_match_one(tiny_model, tmp_path, streaming, ddp_keys, machines):
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(32))
     common = [f"model_name_or_path={tiny_model}", f"dataset={data}", "template=chatml", "cutoff_len=64", "max_steps=4",
               "logging_steps=1", "learning_rate=1e-3", "finetuning_type=full", "do_train=true",
               f"streaming={streaming}", "include_num_input_tokens_seen=non_padding"]
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "tuneforge.cli", "train", *common, *ddp_keys,
-                          f"output_dir={tmp_path / 'ddp'}"], capture_output=True, text=True, timeout=300)
+    args = [*common, *ddp_keys, f"output_dir={tmp_path / 'ddp'}"]
+    if machines == 2:  # both see one cache folder: only the first process of all tokenises
+        ddp = _two_machines([*args, "data_shared_file_system=true"])
+        assert ddp.stderr.count("on 2 machines") == 2  # each machine's launcher says how it starts
+    else:
+        torchrun = str(Path(sys.executable).parent / "torchrun")
+        ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "tuneforge.cli", "train", *args],
+                             capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
-    assert ddp.stdout.count("trainable params") == 1  # only the main process reports
+    # the first process of each machine prints, so that every machine's log shows the run (accelerate's print)
+    assert ddp.stdout.count("trainable params") == machines
     # one process tokenised and cached the rows, the other read its cache (streamed rows are not cached)
     assert ddp.stdout.count("tokenised data loaded from the cache") == (0 if streaming else 1)
     single = subprocess.run([sys.executable, "-m", "tuneforge.cli", "train", *common, f"output_dir={tmp_path / 'one'}",

@@ -38,6 +38,9 @@ HF_REFUSED = [
     ("save_on_each_node", "bool", False, "the main process saves for every machine; saving on each machine's own "
      "disk is not built (use an output_dir on a shared file system)"),
     ("push_to_hub", "bool", False, _HUB),
+    ("log_on_each_node", "bool", True, "the first process of each machine prints tuneforge's lines, so that every "
+     "machine's output shows the run (the first process of all writes the logs); printing on the first machine only "
+     + _NOT_BUILT),
     ("use_cpu", "bool", False, "to train on the CPU cores of a GPU machine, hide the GPUs: "
      "CUDA_VISIBLE_DEVICES= tuneforge train ..."),
     ("accelerator_config", "dict | str | None", None, "tuneforge configures accelerate itself (processes come from "
@@ -55,14 +58,13 @@ HF_REFUSED = [
 GENERATION_KEYS_WIN = ("generation reads max_new_tokens and num_beams, which LLaMA-Factory always passes and which "
                        "take precedence over it there too: set those")
 _COLUMNS = "tuneforge's collators take the columns each stage needs"
-_LOG = "tuneforge's main process prints and logs (transformers' logging levels are not read)"
+_LOG = "tuneforge's own lines are printed, and transformers' logging levels are not read"
 _ONLY_PUSH = "only push_to_hub reads it, which is not built"
 _EVAL = "evaluation sums its metrics batch by batch and keeps no logits"
 
 HF_NO_EFFECT = [
     ("use_cache", "bool", False, "the KV cache is off while training and on while generating"),
     ("torch_empty_cache_steps", "int | None", None, "emptying the CUDA cache changes memory use only; not built"),
-    ("log_on_each_node", "bool", True, _LOG),
     ("logging_nan_inf_filter", "bool", True, "a non-finite loss stops training (or, with skip_nonfinite_steps, is "
      "skipped and counted), so no logged loss averages one"),
     ("log_level", "str", "passive", _LOG),
