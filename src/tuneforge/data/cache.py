@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pickle
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -97,7 +98,8 @@ def load(path: Path, key: str):
 
 def save(path: Path, key: str, value) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(f".tmp{os.getpid()}")  # several processes (torchrun ranks) may write at once
+    # several processes (torchrun ranks, on one machine or on machines sharing the folder) may write at once
+    staging = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     with staging.open("wb") as handle:
         pickle.dump({"key": key, "value": value}, handle, protocol=pickle.HIGHEST_PROTOCOL)
     staging.replace(path)
