@@ -19,21 +19,35 @@ DDP_KEYS = ["ddp_find_unused_parameters=true", "ddp_bucket_cap_mb=1", "ddp_stati
             "ddp_broadcast_buffers=false", "per_device_train_batch_size=4", "gradient_accumulation_steps=1"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _together(args: list[str], environments: list[dict]) -> subprocess.CompletedProcess:
+    """`python ARGS` once per environment, all at once; their outputs joined, the worst exit code."""
+    started = [subprocess.Popen([sys.executable, *args], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **env}) for env in environments]
+    outputs = [process.communicate(timeout=300) for process in started]
+    return subprocess.CompletedProcess(args, max(process.returncode for process in started),
+                                       "".join(out for out, _ in outputs), "".join(err for _, err in outputs))
+
+
 def _two_machines(args: list[str]) -> subprocess.CompletedProcess:
     """`tuneforge train ARGS` as two machines of one process each would run it, with LLaMA-Factory's launch
     variables (docs/distributed.md), here both on this machine: the second one's process is rank 1 and also
-    local rank 0, the first process of its machine. Their outputs are joined."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "FORCE_TORCHRUN": "1", "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # each "machine" would take both cores
-    machines = [subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "train", *args], text=True,
-                                 env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                for rank in (0, 1)]
-    outputs = [machine.communicate(timeout=300) for machine in machines]
-    return subprocess.CompletedProcess(args, max(machine.returncode for machine in machines),
-                                       "".join(out for out, _ in outputs), "".join(err for _, err in outputs))
+    local rank 0, the first process of its machine."""
+    env = {"FORCE_TORCHRUN": "1", "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    return _together(["-m", "tuneforge.cli", "train", *args], [{**env, "NODE_RANK": str(rank)} for rank in (0, 1)])
+
+
+def _as_srun(args: list[str], processes: int) -> subprocess.CompletedProcess:
+    """`python ARGS` in `processes` processes started as SLURM's srun or MPI start them, with no torchrun: each gets
+    its rank and the rendezvous address in its environment (torch's env:// rendezvous)."""
+    env = {"WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    return _together(args, [{**env, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(processes)])
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
@@ -72,23 +86,22 @@ def test_ddp_two_processes_match_one(tiny_model, tmp_path, streaming, ddp_keys, 
     assert tokens["ddp"] == tokens["one"]
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
 def test_ddp_divides_by_each_process_tokens_when_not_averaging_across_devices(tiny_model, tmp_path):
     """average_tokens_across_devices: false. Two processes, one row each, of a few and of many target tokens: each
     divides its loss by its own tokens and DDP averages the gradients, so with plain SGD (no clipping) the update is
-    the mean of the two rows' single-process updates; dividing by all tokens would weigh the long row more."""
+    the mean of the two rows' single-process updates; dividing by all tokens would weigh the long row more. The two
+    processes start as srun starts them, without torchrun."""
     short = {"instruction": "Say yes.", "input": "", "output": "yes"}
     long = {"instruction": "Count.", "input": "", "output": " ".join(str(i) for i in range(20))}
     common = [f"model_name_or_path={tiny_model}", "template=chatml", "cutoff_len=64", "max_steps=1", "do_train=true",
               "finetuning_type=full", "optim=sgd", "learning_rate=0.1", "max_grad_norm=0",
               "per_device_train_batch_size=1", "gradient_accumulation_steps=1", "average_tokens_across_devices=false"]
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    runs = {"both": ([torchrun, "--nproc_per_node", "2"], [short, long]), "short": ([sys.executable], [short]),
-            "long": ([sys.executable], [long])}
-    for name, (launcher, rows) in runs.items():
+    runs = {"both": [short, long], "short": [short], "long": [long]}
+    for name, rows in runs.items():
         data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
-        run = subprocess.run([*launcher, "-m", "tuneforge.cli", "train", *common, f"dataset={data}",
-                              f"output_dir={tmp_path / name}"], capture_output=True, text=True, timeout=300)
+        args = ["-m", "tuneforge.cli", "train", *common, f"dataset={data}", f"output_dir={tmp_path / name}"]
+        run = _as_srun(args, 2) if name == "both" else subprocess.run([sys.executable, *args], capture_output=True,
+                                                                       text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         assert ("average_tokens_across_devices: false` divides" in run.stdout + run.stderr) == (name != "both")
     start = load_file(f"{tiny_model}/model.safetensors")
