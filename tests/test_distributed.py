@@ -1,4 +1,5 @@
-"""Real torchrun processes (gloo on CPU): DDP must give the same weights as one process on the same global batch."""
+"""Real torchrun processes (gloo on CPU): DDP must give the same weights as one process on the same global batch, as
+two machines and as srun starts processes too; machines that disagree about the checkpoint stop at once."""
 
 import os
 import shutil
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import LOGGED_LOSS, alpaca_rows, read_log, relative_update_gap, write_jsonl
 from safetensors.torch import load_file
+
+from tuneforge.train.common import _processes
 
 
 ACCUMULATING = ["per_device_train_batch_size=2", "gradient_accumulation_steps=2"]
@@ -25,22 +28,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _together(args: list[str], environments: list[dict]) -> subprocess.CompletedProcess:
-    """`python ARGS` once per environment, all at once; their outputs joined, the worst exit code."""
+def _together(args: list[str], environments: list[dict], folders: list | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` once per environment (in its own working folder, if given), all at once; their outputs
+    joined, the worst exit code."""
     started = [subprocess.Popen([sys.executable, *args], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", **env}) for env in environments]
-    outputs = [process.communicate(timeout=300) for process in started]
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **env}, cwd=folder)
+               for env, folder in zip(environments, folders or [None] * len(environments))]
+    try:
+        outputs = [process.communicate(timeout=300) for process in started]
+    finally:  # a hung pair must not outlive the test
+        for process in started:
+            process.kill()
     return subprocess.CompletedProcess(args, max(process.returncode for process in started),
                                        "".join(out for out, _ in outputs), "".join(err for _, err in outputs))
 
 
-def _two_machines(args: list[str]) -> subprocess.CompletedProcess:
+def _two_machines(args: list[str], disks: list | None = None) -> subprocess.CompletedProcess:
     """`tuneforge train ARGS` as two machines of one process each would run it, with LLaMA-Factory's launch
     variables (docs/distributed.md), here both on this machine: the second one's process is rank 1 and also
-    local rank 0, the first process of its machine."""
+    local rank 0, the first process of its machine. `disks`: each machine's working folder, where relative paths
+    lead (as machines without a shared file system)."""
     env = {"FORCE_TORCHRUN": "1", "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port())}
-    return _together(["-m", "tuneforge.cli", "train", *args], [{**env, "NODE_RANK": str(rank)} for rank in (0, 1)])
+    return _together(["-m", "tuneforge.cli", "train", *args], [{**env, "NODE_RANK": str(rank)} for rank in (0, 1)],
+                     disks)
+
+
+def test_machines_that_see_different_checkpoints_stop_before_training(tiny_model, tmp_path):
+    """Two machines that do not share output_dir, one of which holds a checkpoint: resuming on one and starting
+    over on the other would train different steps and wait for each other forever (ddp_timeout). Both stop at
+    once, saying what each saw."""
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(16))
+    common = [f"model_name_or_path={tiny_model}", f"dataset={data}", "template=chatml", "cutoff_len=64", "max_steps=4",
+              "save_steps=2", "learning_rate=1e-3", "finetuning_type=full", "do_train=true", "ddp_timeout=60"]
+    first = subprocess.run([sys.executable, "-m", "tuneforge.cli", "train", *common, "per_device_train_batch_size=4",
+                            f"output_dir={tmp_path / 'first'}"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    shutil.copytree(tmp_path / "first" / "checkpoint-2", tmp_path / "m0" / "out" / "checkpoint-2")
+    (tmp_path / "m1").mkdir()
+    run = _two_machines([*common, "per_device_train_batch_size=2", "output_dir=out"],
+                        [tmp_path / "m0", tmp_path / "m1"])
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.count("the processes see different checkpoints in output_dir out: process 0 resumes from "
+                            "out/checkpoint-2; process 1 starts from the beginning") == 2, run.stderr[-2000:]
+    assert not (tmp_path / "m1" / "out" / "checkpoint-2").exists()
+    # with many processes, the message names groups of them
+    assert [_processes(r) for r in ([3], [0, 1, 2, 3, 5], [0, 2])] == ["process 3", "processes 0-3, 5",
+                                                                       "processes 0, 2"]
 
 
 def _as_srun(args: list[str], processes: int) -> subprocess.CompletedProcess:

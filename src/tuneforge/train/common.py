@@ -104,12 +104,42 @@ def deterministic_kernels(enabled: bool):
 
 
 def guard_output_dir(cfg, accelerator) -> str | None:
-    """The checkpoint to resume from, if any; refuses to overwrite a finished output_dir (see checkpoint.py)."""
+    """The checkpoint to resume from, if any; refuses to overwrite a finished output_dir (see checkpoint.py).
+    Each process looks for itself; when they do not agree (machines that do not share output_dir's disk, or a
+    network file system that has not shown one of them the latest checkpoint yet), all stop here, where the
+    others would wait forever for the steps a process resuming elsewhere never takes."""
     t = cfg.train
-    resume = ckpt.check_output_dir(t.output_dir, t.overwrite_output_dir, t.resume_from_checkpoint,
-                                   accelerator.print) if t.do_train else None
+    try:
+        resume = ckpt.check_output_dir(t.output_dir, t.overwrite_output_dir, t.resume_from_checkpoint,
+                                       accelerator.print) if t.do_train else None
+        seen, failure = f"resumes from {resume}" if resume else "starts from the beginning", None
+    except (FileExistsError, FileNotFoundError) as error:
+        seen, failure = f"stops: {error}", error
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        everyone = gather_object([seen])
+        if len(set(everyone)) > 1:
+            ranks = {what: [rank for rank, other in enumerate(everyone) if other == what] for what in everyone}
+            raise ConfigError(f"the processes see different checkpoints in output_dir {t.output_dir}: "
+                              + "; ".join(f"{_processes(group)} {what}" for what, group in ranks.items())
+                              + ". Every machine must see output_dir at the same path (a shared file system)")
+    if failure:
+        raise failure
     accelerator.wait_for_everyone()  # every process has decided before the main one clears old checkpoints
     return resume
+
+
+def _processes(ranks: list[int]) -> str:
+    """"process 3", or "processes 0-7, 9" for ascending ranks."""
+    runs: list[list[int]] = []
+    for rank in ranks:
+        if runs and rank == runs[-1][-1] + 1:
+            runs[-1].append(rank)
+        else:
+            runs.append([rank])
+    named = ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+    return f"process{'es' * (len(ranks) > 1)} {named}"
 
 
 def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = False):
