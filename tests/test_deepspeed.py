@@ -78,7 +78,10 @@ def test_zero_full_matches_one_process_and_resumes_from_its_partitions(tiny_mode
     assert "resuming from" in resumed.stdout
     assert relative_update_gap(start, load_file(tmp_path / "again" / "model.safetensors"),
                                load_file(tmp_path / "zero" / "model.safetensors")) < 1e-6  # measured 0
-    # ... and are refused in one line elsewhere, as a one-process checkpoint is under the engine
+    # ... and are refused in one line elsewhere, as a one-process checkpoint is under the engine (checked for one
+    # stage: the refusal reads the partition files, which both stages write alike, as the assertion above shows)
+    if stage == 3:
+        return
     shutil.copytree(tmp_path / "zero" / "checkpoint-2", tmp_path / "to-one" / "checkpoint-2")
     refused = _run([*common, *ONE, f"output_dir={tmp_path / 'to-one'}"], processes=1)
     assert refused.returncode != 0
