@@ -54,6 +54,13 @@ def _two_machines(args: list[str], disks: list | None = None) -> subprocess.Comp
                      disks)
 
 
+def _as_srun(args: list[str], processes: int) -> subprocess.CompletedProcess:
+    """`python ARGS` in `processes` processes started as SLURM's srun or MPI start them, with no torchrun: each gets
+    its rank and the rendezvous address in its environment (torch's env:// rendezvous)."""
+    env = {"WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    return _together(args, [{**env, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(processes)])
+
+
 def test_machines_that_see_different_checkpoints_stop_before_training(tiny_model, tmp_path):
     """Two machines that do not share output_dir, one of which holds a checkpoint: resuming on one and starting
     over on the other would train different steps and wait for each other forever (ddp_timeout). Both stop at
@@ -75,13 +82,6 @@ def test_machines_that_see_different_checkpoints_stop_before_training(tiny_model
     # with many processes, the message names groups of them
     assert [_processes(r) for r in ([3], [0, 1, 2, 3, 5], [0, 2])] == ["process 3", "processes 0-3, 5",
                                                                        "processes 0, 2"]
-
-
-def _as_srun(args: list[str], processes: int) -> subprocess.CompletedProcess:
-    """`python ARGS` in `processes` processes started as SLURM's srun or MPI start them, with no torchrun: each gets
-    its rank and the rendezvous address in its environment (torch's env:// rendezvous)."""
-    env = {"WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    return _together(args, [{**env, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(processes)])
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
