@@ -10,7 +10,9 @@ from pathlib import Path
 # The suite checks CPU numerics (CI's machine has no GPU): its tolerances, dtype defaults and in-process Accelerators
 # are the CPU's. On a machine with a GPU the suite still runs on the CPU, and test_cuda.py runs `tuneforge`
 # processes on the GPU with the variable as it was. Set before torch first asks CUDA what it has.
-GPU_VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")
+# pytest-xdist's workers inherit the emptied variable, so the value found first travels in a variable of its own.
+_FOUND = os.environ.setdefault("TUNEFORGE_SUITE_CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
+GPU_VISIBLE = None if _FOUND == "unset" else _FOUND
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest  # noqa: E402

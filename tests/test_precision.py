@@ -95,3 +95,17 @@ def test_upcast_settings_say_when_they_do_nothing_or_cannot_work(tiny_model, tmp
     assert not any("upcast" in n for n in notices(config(upcast_layernorm=True, pure_bf16=True, bf16=True)))
     assert any("needs `bf16: true`" in p for p in problems(config(upcast_layernorm=True, pure_bf16=True)))
     assert any("head's logits in fp32" in n for n in notices(config(upcast_lmhead_output=True)))
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_tf32_holds_for_the_run_in_the_flags_inductor_reads(tf32):
+    from tuneforge.train.common import float32_products
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with float32_products(tf32):
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
+        # inductor's GEMM autotuning asks this; torch raises instead once the newer fp32_precision API was mixed in
+        assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with float32_products(None):
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

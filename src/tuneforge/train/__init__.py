@@ -3,8 +3,9 @@
 
 def run_stage(cfg) -> dict:
     """Run the recipe of `cfg.finetune.stage` and return its results."""
-    from .common import compile_settings, deterministic_kernels
+    from .common import compile_settings, deterministic_kernels, float32_products
     from .stages import STAGES
 
-    with deterministic_kernels(cfg.train.full_determinism), compile_settings(cfg.train.torch_compile):
+    t = cfg.train
+    with deterministic_kernels(t.full_determinism), float32_products(t.tf32), compile_settings(t.torch_compile):
         return STAGES[cfg.finetune.stage].recipe_module().run(cfg)

@@ -65,11 +65,25 @@ def start(cfg):
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
-    if cfg.train.tf32 is not None and torch.cuda.is_available():
-        from transformers.utils import enable_tf32
-
-        enable_tf32(cfg.train.tf32)  # float32 matmuls and convolutions in TF32 or not, as HF's Trainer sets them
     return make_accelerator(cfg.train), load_tokenizer(cfg.model)
+
+
+@contextmanager
+def float32_products(tf32: bool | None):
+    """tf32: float32 matrix products and convolutions on NVIDIA GPUs in TF32 (true) or in full float32 (false) for
+    the run, restored afterwards; unset leaves torch's defaults. Set through torch's allow_tf32 flags, not through
+    transformers' enable_tf32: that sets torch's newer fp32_precision, after which torch.get_float32_matmul_precision
+    (inductor's autotuning reads it) raises about mixing the two APIs; and it is cached, so a second run in the same
+    process (the web UI) could not turn it back."""
+    if tf32 is None:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 # what transformers' enable_full_determinism sets for NVIDIA's libraries: cuBLAS's fixed workspace, flash-attention's
