@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def main() -> int:
     if environment is not None:
         os.execve(sys.executable, [sys.executable, *sys.argv], environment)
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from tuneforge.data import prepare_lm_data
@@ -73,7 +75,7 @@ def main() -> int:
 
     class Single:  # a one-process accelerator, as far as model set-up and the step function look
         num_processes = 1
-        device = torch.device("cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         print = staticmethod(print)
 
         @staticmethod
@@ -82,13 +84,14 @@ def main() -> int:
 
             return nullcontext()
 
+    device = Single.device
     # the training run's own set-up: checkpointing scope, adapters, compiled layers
     model = prepare_model(cfg, Single, packed=cfg.data.packing)
-    module = CausalLMLoss(model, head_chunk_size(cfg.train)).train()
+    module = CausalLMLoss(model, head_chunk_size(cfg.train)).to(device).train()
     optimizer = build_optimizer(model, cfg.train, cfg.finetune)
     scheduler = build_scheduler(optimizer, cfg.train, 100)
     collator = PadCollator(tokenizer.pad_token_id)
-    precision = Precision(cfg.train, torch.device("cpu"))
+    precision = Precision(cfg.train, device)
 
     def step(i: int):
         size, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
@@ -96,33 +99,43 @@ def main() -> int:
         for j in range(accum):
             batch = collator(rows[(i * accum + j) * size: (i * accum + j + 1) * size])
             batch.pop("num_tokens")
-            micro.append(batch)
+            micro.append({k: v.to(device) for k, v in batch.items()})
         units = sum(module.units(b) for b in micro)
-        _optimizer_step(module, micro, units, optimizer, scheduler, Single, precision, cfg.train.max_grad_norm)
+        _optimizer_step(module, micro, units, optimizer, scheduler, Single, precision, cfg.train.max_grad_norm, True)
 
     step(0)  # warm-up
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    gpu = device.type == "cuda"
+    # on a GPU, each operator's kernels' time (its self device time: a kernel counts for the operator that launched
+    # it, and again as an event of its own, which the sums below leave out); the host's time is in the table
+    where, self_time = ("GPU", lambda e: e.self_device_time_total) if gpu else ("CPU", lambda e: e.self_cpu_time_total)
+    on_host = lambda events: [e for e in events if e.device_type == DeviceType.CPU]  # noqa: E731
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     with profile(activities=activities, record_shapes=args.shapes) as prof:
+        started = time.perf_counter()
         for i in range(1, args.steps + 1):
             step(i)
+        if gpu:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - started
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
+    total = sum(self_time(e) for e in on_host(events))
     by_kind = defaultdict(float)
-    for e in events:
-        by_kind[kind_of(e.key)] += e.self_cpu_time_total
-    print(f"profile of {args.steps} optimizer steps, {args.only} {' '.join(args.set)}; self CPU time by kind:")
+    for e in on_host(events):
+        by_kind[kind_of(e.key)] += self_time(e)
+    print(f"profile of {args.steps} optimizer steps, {args.only} {' '.join(args.set)}: {wall:.2f} s, "
+          f"{total / 1e6:.2f} s of {where} time by kind ({100 * total / 1e6 / wall:.0f}% of the wall time):")
     for kind, micros in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<38} {micros / 1e6:8.2f} s  {100 * micros / total:5.1f}%")
     print("\ntop operators:")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(events.table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total", row_limit=args.rows))
     if args.shapes:
-        products = [e for e in prof.key_averages(group_by_input_shape=True)
+        products = [e for e in on_host(prof.key_averages(group_by_input_shape=True))
                     if kind_of(e.key) in ("matmul", "casts / copies")]
         print("\nmatrix products and copies by input shapes:")
         print(f"  {'operator':<10} {'input shapes':<58} {'calls':>6} {'self s':>8} {'share':>6}")
-        for e in sorted(products, key=lambda e: -e.self_cpu_time_total)[:args.rows]:
+        for e in sorted(products, key=lambda e: -self_time(e))[:args.rows]:
             print(f"  {e.key.replace('aten::', ''):<10} {str(e.input_shapes)[:58]:<58} {e.count:>6} "
-                  f"{e.self_cpu_time_total / 1e6:>8.2f} {100 * e.self_cpu_time_total / total:>5.1f}%")
+                  f"{self_time(e) / 1e6:>8.2f} {100 * self_time(e) / total:>5.1f}%")
     return 0
 
 
