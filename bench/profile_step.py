@@ -108,7 +108,10 @@ def main() -> int:
     # on a GPU, each operator's kernels' time (its self device time: a kernel counts for the operator that launched
     # it, and again as an event of its own, which the sums below leave out); the host's time is in the table
     where, self_time = ("GPU", lambda e: e.self_device_time_total) if gpu else ("CPU", lambda e: e.self_cpu_time_total)
-    on_host = lambda events: [e for e in events if e.device_type == DeviceType.CPU]  # noqa: E731
+
+    def on_host(events) -> list:
+        return [e for e in events if e.device_type == DeviceType.CPU]
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     with profile(activities=activities, record_shapes=args.shapes) as prof:
         started = time.perf_counter()
