@@ -55,7 +55,8 @@ def main() -> int:
             output_dir = work / f"{strategy}-{repeat}"
             command = [str(cli), "train", str(work / "dpo.yaml"), f"output_dir={output_dir}",
                        f"train_sampling_strategy={strategy}"]
-            measured = run_row(strategy, command, env, output_dir, work / f"{strategy}-{repeat}.log")
+            measured = run_row(strategy, command, env, output_dir, work / f"{strategy}-{repeat}.log",
+                               cuda=False)  # peak RSS only: GPU memory is not what this compares
             results.append({"strategy": strategy, **measured})
             print(json.dumps(results[-1]), flush=True)
     print(f"\n{cpu_description()}, {args.pairs} pairs\n\n| train_sampling_strategy | train time | peak RSS | loss |\n"

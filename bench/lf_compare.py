@@ -28,7 +28,8 @@ Each row is its own process (tree). Measured:
                   epoch) / train time: one token count for every row, so the ratios compare like with like
                   (LLaMA-Factory's chatml also trains on a newline after each answer's <|im_end|>: it tokenises
                   the 256 records to 38,984 tokens against tuneforge's 38,735, 0.6% more, not counted);
-  peak RSS        ru_maxrss of the row's process and all its descendants (os.wait4's rusage for that child);
+  peak RSS        ru_maxrss of the row's process and all its descendants (os.wait4's rusage, taken by a small
+                  launcher so that the harness's own peak is not the row's floor);
   peak GPU        on a CUDA machine, the most GPU memory in use while the row ran (nvidia-smi polled every 100 ms,
                   less what was in use before it started): LLaMA-Factory's process cannot be asked from outside,
                   so both frameworks are measured the same way, CUDA context included.
@@ -107,6 +108,15 @@ class GpuMemory:
         self.peak_gb = round((max(used, default=self.before) - self.before) / 1024, 2)  # MiB -> GiB
 
 
+# A child's ru_maxrss starts at its parent's peak RSS: Linux carries the high-water mark of the memory a process
+# replaces at exec (fork's copy, or vfork's shared parent) into the new program's. This harness peaks at 1.49 GB when
+# it converts the bundled model on a fresh machine, and on 2026-11-25 three rows under that read 1.48 GB. So each row
+# is started by a fresh, small Python (about 10 MB) that waits for it and writes the row's own rusage to a file.
+_LAUNCH = ("import os, sys; pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ); "
+           "_, status, usage = os.wait4(pid, 0); open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); "
+           "code = os.waitstatus_to_exitcode(status); sys.exit(code if code >= 0 else 128 - code)")
+
+
 def run_row(name: str, command: list[str], env: dict, output_dir: Path, log: Path, cuda: bool) -> dict:
     """Runs one row to completion; its train_runtime, wall time, the peak RSS of its process tree and, on a CUDA
     machine, the peak GPU memory."""
@@ -114,10 +124,12 @@ def run_row(name: str, command: list[str], env: dict, output_dir: Path, log: Pat
     gpu = GpuMemory() if cuda and shutil.which("nvidia-smi") else contextlib.nullcontext()
     start = time.perf_counter()
     with gpu, open(log, "w", encoding="utf-8") as out:
-        # os.wait4's rusage covers this child and every descendant it reaped: the row's own peak, not a running max
-        pid = os.posix_spawn(command[0], command, env, file_actions=[(os.POSIX_SPAWN_DUP2, out.fileno(), 1),
-                                                                     (os.POSIX_SPAWN_DUP2, out.fileno(), 2)])
-        _, status, usage = os.wait4(pid, 0)
+        # the launcher's wait4 covers the row and every descendant it reaped: the row's own peak, not a running max
+        maxrss = log.with_suffix(".maxrss")
+        launch = [sys.executable, "-c", _LAUNCH, str(maxrss), *command]
+        pid = os.posix_spawn(launch[0], launch, env, file_actions=[(os.POSIX_SPAWN_DUP2, out.fileno(), 1),
+                                                                   (os.POSIX_SPAWN_DUP2, out.fileno(), 2)])
+        _, status, _ = os.wait4(pid, 0)
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
     if code:
@@ -125,7 +137,7 @@ def run_row(name: str, command: list[str], env: dict, output_dir: Path, log: Pat
         raise RowFailed(f"[lf_compare] {name} failed (exit {code}); the end of {log}:\n{tail}")
     results = json.loads((output_dir / "all_results.json").read_text(encoding="utf-8"))
     return {"train_runtime_s": results["train_runtime"], "process_wall_s": round(wall, 1),
-            "train_loss": results.get("train_loss"), "peak_rss_gb": round(usage.ru_maxrss / 1024 ** 2, 2),
+            "train_loss": results.get("train_loss"), "peak_rss_gb": round(int(maxrss.read_text()) / 1024 ** 2, 2),
             **({"peak_gpu_gb": gpu.peak_gb} if isinstance(gpu, GpuMemory) else {})}
 
 
