@@ -111,7 +111,7 @@ class GpuMemory:
 # A child's ru_maxrss starts at its parent's peak RSS: Linux carries the high-water mark of the memory a process
 # replaces at exec (fork's copy, or vfork's shared parent) into the new program's. This harness peaks at 1.49 GB when
 # it converts the bundled model on a fresh machine, and on 2026-11-25 three rows under that read 1.48 GB. So each row
-# is started by a fresh, small Python (about 10 MB) that waits for it and writes the row's own rusage to a file.
+# is started by a fresh, small Python (about 8 MB) that waits for it and writes the row's own rusage to a file.
 _LAUNCH = ("import os, sys; pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ); "
            "_, status, usage = os.wait4(pid, 0); open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); "
            "code = os.waitstatus_to_exitcode(status); sys.exit(code if code >= 0 else 128 - code)")
