@@ -117,7 +117,8 @@ def run_training(values: dict):
 
 # Numeric comparisons in this suite must hold on every CPU our machines and users have (Intel AMX, AMD AVX512-BF16,
 # plain AVX2) and for any thread count: float32 sums come out in a different order there. Each tolerance says why
-# it is the size it is; `ATEN_CPU_CAPABILITY=avx2` and `OMP_NUM_THREADS=1` show other kernels' numerics here.
+# it is the size it is; `make test-numerics` (one thread; ATen, oneDNN and MKL capped at avx2) shows other
+# kernels' numerics here.
 
 # trainer_log.jsonl rounds losses to 4 decimals, so two equal losses a float-noise apart can land on neighbouring
 # roundings, 1e-4 apart; 1.5e-4 allows that and nothing more.
