@@ -46,7 +46,8 @@ def test_changed_settings_version_or_data_are_refused_with_the_reason(stopped):
 def test_incomplete_checkpoints_are_ignored_and_not_rotated(stopped, capsys):
     values, out, _ = stopped
     (out / "checkpoint-4" / MARKER).unlink()  # as if killed before its marker was written
-    (out / "checkpoint-8.partial").mkdir()  # as if killed mid-write
+    (out / "checkpoint-8.partial").mkdir()  # as if killed mid-write, just before the rename (its marker written)
+    shutil.copy(out / "checkpoint-2" / MARKER, out / "checkpoint-8.partial" / MARKER)
     with pytest.raises(FileNotFoundError, match="is incomplete"):
         run_training(dict(values, resume_from_checkpoint=str(out / "checkpoint-4")))
     # neutral keys may change: here how often it saves and keeps checkpoints, and how long it runs

@@ -66,12 +66,13 @@ def checkpoints_in(output_dir: str | Path) -> list[Path]:
 
 
 def incomplete_in(output_dir: str | Path) -> list[Path]:
-    """Checkpoint folders whose save did not finish (killed mid-write, or written before markers existed)."""
+    """Checkpoint folders whose save did not finish: killed mid-write (a .partial folder, even one that got its
+    marker, killed just before the rename), or written before markers existed (no marker)."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT.match(p.name.removesuffix(PARTIAL))
-             and not (p / MARKER).is_file()]
+             and (p.name.endswith(PARTIAL) or not (p / MARKER).is_file())]
     return sorted(found, key=_step)
 
 
