@@ -111,9 +111,13 @@ def _targets(model, value: str, key: str, args) -> tuple[list[str], list[str]]:
              and in_trained_layer(name)])
 
 
-def lora_config(model, args, embeddings: dict | None = None):
-    """`embeddings`: what trains of the embeddings when the vocabulary grew (vocab.adapter_settings)."""
+def lora_config(model, args, embeddings: dict | None = None, fuse: bool = False):
+    """`embeddings`: what trains of the embeddings when the vocabulary grew (vocab.adapter_settings). `fuse`: plain
+    LoRA on linear layers runs as one autograd function (lora_linear.py), unless the model has nn.Linear subclasses
+    (bitsandbytes' quantised layers are some), which PEFT adapts with its own classes."""
     from peft import LoraConfig, TaskType
+
+    from .lora_linear import fuse_lora_products
 
     # PiSSA: the adapter starts as the principal singular part of each weight (removed from the base), computed by
     # PEFT with `pissa_iter` fast-SVD iterations, or exactly with -1
@@ -129,9 +133,14 @@ def lora_config(model, args, embeddings: dict | None = None):
                          f"({', '.join(sorted(set(p.split('.')[-1] for p in params)))}), and PEFT cannot adapt those "
                          f"with {' / '.join(unsupported)}: turn {'it' if len(unsupported) == 1 else 'them'} off, or "
                          f"name only linear layers in lora_target ({', '.join(all_linear_names(model))})")
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
-                      lora_dropout=args.lora_dropout, target_modules=modules, target_parameters=params or None,
-                      use_rslora=args.use_rslora, use_dora=args.use_dora, init_lora_weights=init, **saved)
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_rank,
+                        lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=args.lora_dropout,
+                        target_modules=modules, target_parameters=params or None, use_rslora=args.use_rslora,
+                        use_dora=args.use_dora, init_lora_weights=init, **saved)
+    linear = torch.nn.Linear
+    if fuse and all(type(m) is linear for m in model.modules() if isinstance(m, linear)):
+        fuse_lora_products(config)
+    return config
 
 
 def oft_config(model, args, embeddings: dict | None = None):
@@ -184,8 +193,9 @@ def _load_adapter(model, path: str, is_trainable: bool):
                          f"be fetched ({type(err).__name__}); check the path") from None
 
 
-def attach_adapters(model, model_args, finetune_args, is_trainable: bool):
-    """Load `adapter_name_or_path` (all but the last merged in) and, when training LoRA, the adapter to train."""
+def attach_adapters(model, model_args, finetune_args, is_trainable: bool, fuse: bool = False):
+    """Load `adapter_name_or_path` (all but the last merged in) and, when training LoRA, the adapter to train
+    (`fuse`: see lora_config)."""
     from peft import get_peft_model
 
     adapters = _split(model_args.adapter_name_or_path)
@@ -199,8 +209,9 @@ def attach_adapters(model, model_args, finetune_args, is_trainable: bool):
     if is_trainable and finetune_args.finetuning_type in ADAPTER_TYPES:
         embeddings = vocab.adapter_settings(model, load_tokenizer(model_args), model_args, finetune_args) \
             if vocab.changes_vocabulary(model_args) else {}
-        make = lora_config if finetune_args.finetuning_type == "lora" else oft_config
-        model = get_peft_model(model, make(model, finetune_args, embeddings))
+        config = lora_config(model, finetune_args, embeddings, fuse) if finetune_args.finetuning_type == "lora" \
+            else oft_config(model, finetune_args, embeddings)
+        model = get_peft_model(model, config)
     return model
 
 
@@ -212,8 +223,9 @@ def folded(model, quantized: bool = False):
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") and not quantized else model
 
 
-def setup_trainable(model, model_args, finetune_args):
-    """Mark what trains for full / freeze / lora; returns the (possibly PEFT-wrapped) model."""
+def setup_trainable(model, model_args, finetune_args, fuse: bool = False):
+    """Mark what trains for full / freeze / lora; returns the (possibly PEFT-wrapped) model (`fuse`: see
+    lora_config)."""
     kind = finetune_args.finetuning_type
     if kind == "full":
         model.requires_grad_(True)
@@ -221,7 +233,7 @@ def setup_trainable(model, model_args, finetune_args):
     if kind == "freeze":
         apply_freeze(model, finetune_args)
         return model
-    return attach_adapters(model, model_args, finetune_args, is_trainable=True)
+    return attach_adapters(model, model_args, finetune_args, is_trainable=True, fuse=fuse)
 
 
 def count_parameters(model) -> tuple[int, int]:
