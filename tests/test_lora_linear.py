@@ -117,3 +117,18 @@ def test_lora_config_fuses_plain_linear_models_only(tiny_model):
 
     model.model.layers[0].mlp.down_proj.__class__ = Quantised
     assert lora_config(model, _args(), fuse=True)._custom_modules is None
+
+
+def test_training_on_cpu_builds_fused_layers(tiny_model, alpaca_file, tmp_path):
+    from conftest import train_config
+
+    from tuneforge.config import build_config, validate
+    from tuneforge.train.common import prepare_model
+
+    cfg = build_config(train_config(tiny_model, alpaca_file, tmp_path / "out"), source="test")
+    validate(cfg, "train")
+    on_cpu = SimpleNamespace(device=torch.device("cpu"), print=print)
+    layers = [m for m in prepare_model(cfg, on_cpu).modules() if hasattr(m, "lora_A")]
+    assert layers and all(type(m) is FusedLoraLinear for m in layers)
+    on_gpu = SimpleNamespace(device=torch.device("meta"), print=print)  # any device but the CPU: PEFT's layers
+    assert not any(isinstance(m, FusedLoraLinear) for m in prepare_model(cfg, on_gpu).modules())

@@ -55,11 +55,11 @@ class FusedLoraLinear(Linear):
         # autocast off: every operand is cast here, as autocast would cast it, so backward (which runs outside
         # autocast) multiplies in the same dtype
         with torch.autocast(x.device.type, enabled=False):
-            rows = _LoraProduct.apply(x.reshape(-1, x.shape[-1]).to(dtype), base.weight.to(dtype),
-                                      None if base.bias is None else base.bias.to(dtype),
-                                      self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype),
-                                      self.scaling[name])
-        return rows.view(*x.shape[:-1], rows.shape[-1])
+            out = _LoraProduct.apply(x.reshape(-1, x.shape[-1]).to(dtype), base.weight.to(dtype),
+                                     None if base.bias is None else base.bias.to(dtype),
+                                     self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype),
+                                     self.scaling[name])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def _fused_dtype(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.dtype | None:
         """The dtype to multiply in when plain LoRA may run fused, else None (PEFT's own forward)."""

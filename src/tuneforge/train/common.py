@@ -173,9 +173,10 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
     apply_gradient_checkpointing(model, t, cfg.model, requested=bool(fsdp and fsdp.activation_checkpointing))
     if packed and not empty:  # (the main process checks the weights it sends)
         check_packing_support(full_precision_twin(model) if cfg.model.quantization_bit else model)
-    # not under DeepSpeed: ZeRO-3 gathers each module's weights when that module is called, and the fused LoRA
-    # function reads the base layer's weight without calling it
-    model = setup_trainable(model, cfg.model, f, fuse=not t.deepspeed)
+    # the fused LoRA function on CPUs, where it was measured (docs/benchmarks.md); not under DeepSpeed, whose ZeRO-3
+    # gathers each module's weights when that module is called, and the function reads the base layer's weight
+    # without calling it
+    model = setup_trainable(model, cfg.model, f, fuse=accelerator.device.type == "cpu" and not t.deepspeed)
     if f.neftune_noise_alpha:
         add_noise_to_embeddings(model, f.neftune_noise_alpha)
     if t.torch_compile:
