@@ -25,10 +25,9 @@ from train_speed import WORKLOADS, row_config  # noqa: E402
 
 def main() -> int:
     import torch
-
-    from tuneforge.data import prepare_lm_data
     from peft.tuners.lora.layer import Linear
 
+    from tuneforge.data import prepare_lm_data
     from tuneforge.data.collate import PadCollator
     from tuneforge.models.load import load_tokenizer
     from tuneforge.models.lora_linear import FusedLoraLinear

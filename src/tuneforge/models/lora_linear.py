@@ -3,12 +3,14 @@
 PEFT's layer computes `base(x) + B(A(x)) * scaling` as three linear layers and an add; autograd then takes each
 apart in backward. Written as one function: the up-projection is added into the base output by one addmm, the
 input gradient's low-rank term by another, and B's gradient is taken as (xa.T @ g).T, which oneDNN runs faster at
-LoRA's shapes than g.T @ xa. It saves 34% of what LoRA adds to a layer's products eager and 22% compiled on an
-Intel AMX Xeon (bench/lora_function.py, docs/benchmarks.md). The mathematics is PEFT's; only the order in which bf16
-sums round differs.
+LoRA's shapes than g.T @ xa. On an Intel AMX Xeon it saves 34% of what LoRA adds to a layer's products eager and
+22% compiled (bench/lora_function.py); in a whole training step, 1.04x eager and nothing compiled, where inductor
+fuses the same work (bench/adapter_cost.py, docs/benchmarks.md). The mathematics is PEFT's; only the order in which
+bf16 sums round differs.
 
 It is PEFT's own `lora.Linear` (same parameters, names, merge, save and load; an adapter trained with it loads in
-plain PEFT), registered through LoraConfig's custom-module mapping, and it falls back to PEFT's forward whenever
+plain PEFT), registered through LoraConfig's custom-module mapping (`_register_custom_module`, which PEFT documents
+as experimental in its guide to custom models), and it falls back to PEFT's forward whenever
 anything beyond plain LoRA is asked of it: dropout, DoRA and other variants, a LoRA bias, several or disabled
 adapters, merged weights, per-row adapter names, or a trainable base weight.
 """
