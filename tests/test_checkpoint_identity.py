@@ -47,9 +47,11 @@ def test_incomplete_checkpoints_are_ignored_and_not_rotated(stopped, capsys):
     values, out, _ = stopped
     (out / "checkpoint-4" / MARKER).unlink()  # as if killed before its marker was written
     (out / "checkpoint-8.partial").mkdir()  # as if killed mid-write, just before the rename (its marker written)
-    shutil.copy(out / "checkpoint-2" / MARKER, out / "checkpoint-8.partial" / MARKER)
-    with pytest.raises(FileNotFoundError, match="is incomplete"):
-        run_training(dict(values, resume_from_checkpoint=str(out / "checkpoint-4")))
+    for name in ("trainer_state.json", MARKER):
+        shutil.copy(out / "checkpoint-2" / name, out / "checkpoint-8.partial" / name)
+    for incomplete in ("checkpoint-4", "checkpoint-8.partial"):
+        with pytest.raises(FileNotFoundError, match="is incomplete"):
+            run_training(dict(values, resume_from_checkpoint=str(out / incomplete)))
     # neutral keys may change: here how often it saves and keeps checkpoints, and how long it runs
     results = run_training(dict(values, max_steps=7, save_steps=3, save_total_limit=1))
     printed = capsys.readouterr().out

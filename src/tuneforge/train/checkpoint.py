@@ -86,12 +86,14 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: s
     """
     folder = Path(output_dir)
     if resume_from_checkpoint:
-        if not (Path(resume_from_checkpoint) / "trainer_state.json").is_file():
+        chosen = Path(resume_from_checkpoint)
+        if not (chosen / "trainer_state.json").is_file():
             raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a tuneforge checkpoint "
                                     "(no trainer_state.json)")
-        if not (Path(resume_from_checkpoint) / MARKER).is_file():
-            raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint} is incomplete (no {MARKER}: "
-                                    "its save was interrupted); choose a complete checkpoint")
+        if not (chosen / MARKER).is_file() or chosen.name.endswith(PARTIAL):
+            raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint} is incomplete (its save was "
+                                    f"interrupted: no {MARKER}, or a {PARTIAL} folder never renamed); choose a "
+                                    "complete checkpoint")
         return resume_from_checkpoint
     if overwrite:
         return None
