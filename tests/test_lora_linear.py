@@ -13,6 +13,7 @@ from peft import LoraConfig, get_peft_model
 
 from tuneforge.models.adapters import lora_config
 from tuneforge.models.lora_linear import FusedLoraLinear, fuse_lora_products
+from tuneforge.options import FinetuneArgs
 
 
 class _Proj(torch.nn.Module):
@@ -98,10 +99,8 @@ def test_anything_beyond_plain_lora_runs_peft_forward(monkeypatch):
     assert torch.equal(fused(x.bfloat16()), plain(x.bfloat16()))
 
 
-def _args(**values):
-    defaults = dict(lora_rank=4, lora_alpha=None, lora_dropout=0.0, use_dora=False, use_rslora=False,
-                    pissa_init=False, pissa_iter=16, additional_target=None, lora_target="all", use_llama_pro=False)
-    return SimpleNamespace(**{**defaults, **values})
+def _args():
+    return FinetuneArgs(lora_rank=4, lora_target="all")
 
 
 def test_lora_config_fuses_plain_linear_models_only(tiny_model):
