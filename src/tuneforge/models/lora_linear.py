@@ -22,14 +22,17 @@ from typing import Any
 import torch
 from peft.tuners.lora.layer import Linear
 
+from tuneforge.models.row_blocks import frozen_product
+
 
 class _LoraProduct(torch.autograd.Function):
-    """x @ W.T + bias + scaling * (x @ A.T) @ B.T over rows, every operand already in one dtype."""
+    """x @ W.T + bias + scaling * (x @ A.T) @ B.T over rows, every operand already in one dtype; the frozen
+    weight's products in row blocks where this CPU runs them faster so (models/row_blocks.py)."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias, lora_a, lora_b, scaling):
         xa = rows @ lora_a.t()
-        out = torch.addmm(torch.nn.functional.linear(rows, weight, bias), xa, lora_b.t(), alpha=scaling)
+        out = torch.addmm(frozen_product(rows, weight.t(), bias), xa, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(rows, weight, lora_a, lora_b, xa)
         ctx.scaling = scaling
         return out
@@ -38,7 +41,7 @@ class _LoraProduct(torch.autograd.Function):
     def backward(ctx, grad):
         rows, weight, lora_a, lora_b, xa = ctx.saved_tensors
         grad_xa = (grad @ lora_b).mul_(ctx.scaling)
-        grad_rows = torch.addmm(grad @ weight, grad_xa, lora_a) if ctx.needs_input_grad[0] else None
+        grad_rows = torch.addmm(frozen_product(grad, weight), grad_xa, lora_a) if ctx.needs_input_grad[0] else None
         grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
         grad_a = grad_xa.t() @ rows
         grad_b = (xa.t() @ grad).t().mul_(ctx.scaling)
