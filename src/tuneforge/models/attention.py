@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import inspect
 import sys
+import textwrap
 from functools import cache
 
 import torch
@@ -52,7 +53,7 @@ def _llama_syntax(name: str) -> str:
 
 
 def _syntax(function) -> str:
-    return ast.dump(ast.parse(inspect.getsource(function)).body[0])
+    return ast.dump(ast.parse(textwrap.dedent(inspect.getsource(function))).body[0])  # dedented: methods too
 
 
 def model_eager_attention(module):
