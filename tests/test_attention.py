@@ -83,3 +83,25 @@ def test_a_model_with_an_eager_attention_of_its_own_keeps_it(tmp_path):
     Gemma2ForCausalLM(config).save_pretrained(tmp_path)  # soft-capped scores: not llama's eager attention
     model = load_base_model(ModelArgs(model_name_or_path=str(tmp_path), flash_attn="eager"))
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_power_of_two_scales_the_queries_with_the_same_bits(monkeypatch, dtype):
+    """head_dim 64's scaling (1/8) multiplies the queries instead of the scores: outputs and all three gradients
+    bit for bit those of scaling the scores."""
+    from tuneforge.models import attention
+
+    query, key, value, mask = _inputs(6, 24, "shared")  # more keys than the head's 8 dimensions
+    grad = torch.randn(2, 6, 6, 8)
+
+    def run():
+        inputs = [t.detach().to(dtype).requires_grad_(True) for t in (query, key, value)]
+        output, weights = grouped_eager_attention(_Layer().eval(), *inputs, mask.to(dtype), scaling=0.125)
+        output.backward(grad.to(dtype))
+        return [output, weights] + [t.grad for t in inputs]
+
+    assert attention.scales_exactly(0.125) and not attention.scales_exactly(128 ** -0.5)
+    folded = run()
+    monkeypatch.setattr(attention, "scales_exactly", lambda scaling: False)
+    for a, b in zip(folded, run()):
+        assert torch.equal(a, b)

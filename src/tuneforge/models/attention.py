@@ -8,15 +8,18 @@ rollout's time.
 
 Grouped eager attention computes the same products without the copy: the query heads of a group are stacked along
 the query axis, so one product per key/value head serves them all. Every score and output is the same dot product,
-and the dropout mask falls on the same elements in the same order. It is used only where a model's eager attention
-and `repeat_kv` are llama's, compared as syntax trees; any other model keeps its own (gemma2's soft-capping,
-gpt-oss's sinks...). It registers through transformers' attention registry, as models/recompute.py does.
+and the dropout mask falls on the same elements in the same order. Where the scaling is a power of two (head_dim
+64) the queries are scaled rather than the scores: a quarter of the elements at 256 keys, and the same bits. It is
+used only where a model's eager attention and `repeat_kv` are llama's, compared as syntax trees; any other model
+keeps its own (gemma2's soft-capping, gpt-oss's sinks...). It registers through transformers' attention registry,
+as models/recompute.py does.
 """
 
 from __future__ import annotations
 
 import ast
 import inspect
+import math
 import sys
 import textwrap
 from functools import cache
@@ -34,7 +37,11 @@ def grouped_eager_attention(module, query, key, value, attention_mask, scaling: 
     batch, heads, length, dim = query.shape
     groups = key.shape[1]
     stacked = query.reshape(batch, groups, heads // groups * length, dim)
-    weights = (torch.matmul(stacked, key.transpose(2, 3)) * scaling).view(batch, groups, -1, length, key.shape[2])
+    if key.shape[2] > dim and scales_exactly(scaling):  # the query is the smaller tensor, forward and backward
+        weights = torch.matmul(stacked * scaling, key.transpose(2, 3))
+    else:
+        weights = torch.matmul(stacked, key.transpose(2, 3)) * scaling
+    weights = weights.view(batch, groups, -1, length, key.shape[2])
     if attention_mask is not None:
         per_head = attention_mask.shape[1] != 1
         weights = weights + (attention_mask.reshape(weights.shape) if per_head else attention_mask[:, :, None])
@@ -43,6 +50,13 @@ def grouped_eager_attention(module, query, key, value, attention_mask, scaling: 
     output = torch.matmul(weights.view(batch, groups, -1, key.shape[2]), value)  # values may be narrower than keys
     output = output.view(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous()
     return output, weights.view(batch, heads, length, -1)
+
+
+def scales_exactly(scaling: float) -> bool:
+    """Whether `scaling` is a power of two: multiplying by it moves only the exponent, so a product of scaled
+    queries is bit for bit the scaled product (outside the subnormal range, 1e-38), forward and backward. So is
+    head_dim ** -0.5 for head_dim 16, 64 or 256 (SmolLM2, Qwen2.5 up to 3B, Llama 3.2)."""
+    return scaling > 0 and math.frexp(scaling)[0] == 0.5
 
 
 @cache

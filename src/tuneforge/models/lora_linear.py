@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from peft.tuners.lora.layer import Linear
 
-from tuneforge.models.row_blocks import frozen_product
+from .row_blocks import frozen_product
 
 
 class _LoraProduct(torch.autograd.Function):

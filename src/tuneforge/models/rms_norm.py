@@ -1,13 +1,13 @@
-"""llama's RMSNorm as one autograd function: the same operations forward, a shorter backward, the same bits.
+"""llama's RMSNorm as one autograd function: the same values forward, a shorter backward, the same bits.
 
-transformers' RMSNorm (llama's, which most decoder models copy) is seven operations; autograd saves the input's fp32
-copy and takes each operation apart in backward, eighteen more. On the CPU fast path that is 11% of a SmolLM2-135M
-LoRA step (61 norms, each 2.3 ms forward and backward at 4 x 256 tokens on the AMX Xeon). Written as one function,
-backward reads the saved 16-bit input and the per-row scale and issues the products autograd would (the same
-formulas, in the same order, with the same casts), so the outputs and both gradients are bit for bit those of
-transformers' module (tests/test_rms_norm.py compares them in every precision tuneforge trains in). Each norm whose
-forward is llama's, compared as syntax trees, is replaced by `FastRMSNorm` holding the same weight; any other
-(gemma's 1 + weight, norms with an offset or a cast of their own) keeps its module.
+transformers' RMSNorm (llama's, which most decoder models copy) is seven operations; autograd keeps the input's
+fp32 copy and takes each operation apart in backward. Written as one function, backward reads the saved 16-bit
+input and the per-row scale and computes what autograd would (the same formulas, in the same order, with the same
+casts), so the outputs and both gradients are bit for bit those of transformers' module (tests/test_rms_norm.py
+compares them in every precision tuneforge trains in). Each norm whose forward is llama's, compared as syntax
+trees, is replaced by `FastRMSNorm` holding the same weight; any other (gemma's 1 + weight, norms with an offset
+or a cast of their own) keeps its module. At the quickstart's settings on SmolLM2-135M (61 norms per micro-batch)
+that is 70 MB less memory and 1% more speed on an AMX Xeon (docs/benchmarks.md).
 """
 
 from __future__ import annotations

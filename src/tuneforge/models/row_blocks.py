@@ -30,7 +30,7 @@ _choices: dict[tuple, int | None] = {}
 
 def frozen_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """rows @ weight (+ bias): rows [m, k], weight [k, n] (a transposed view is fine), bias [n] or None."""
-    if not _may_block(rows, weight):
+    if not _may_block(rows):
         return _whole(rows, weight, bias)
     key = (rows.shape, rows.stride(), weight.shape, weight.stride(), rows.dtype, bias is not None,
            torch.get_num_threads())
@@ -57,7 +57,7 @@ def choose_blocks(rows, weight, bias, clock: Callable[[], float] = time.perf_cou
     return (BLOCK_ROWS if best_blocked * MIN_GAIN < best_whole else None), whole
 
 
-def _may_block(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+def _may_block(rows: torch.Tensor) -> bool:
     return (rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16) and rows.dim() == 2
             and rows.shape[0] > BLOCK_ROWS and torch.get_num_threads() > 1 and not torch.compiler.is_compiling())
 
