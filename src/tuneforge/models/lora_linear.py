@@ -32,7 +32,8 @@ class _LoraProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, bias, lora_a, lora_b, scaling):
         xa = rows @ lora_a.t()
-        out = torch.addmm(frozen_product(rows, weight.t(), bias), xa, lora_b.t(), alpha=scaling)
+        # in place on the product just made: out-of-place addmm would first copy it
+        out = frozen_product(rows, weight.t(), bias).addmm_(xa, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(rows, weight, lora_a, lora_b, xa)
         ctx.scaling = scaling
         return out
@@ -41,7 +42,7 @@ class _LoraProduct(torch.autograd.Function):
     def backward(ctx, grad):
         rows, weight, lora_a, lora_b, xa = ctx.saved_tensors
         grad_xa = (grad @ lora_b).mul_(ctx.scaling)
-        grad_rows = torch.addmm(frozen_product(grad, weight), grad_xa, lora_a) if ctx.needs_input_grad[0] else None
+        grad_rows = frozen_product(grad, weight).addmm_(grad_xa, lora_a) if ctx.needs_input_grad[0] else None
         grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
         grad_a = grad_xa.t() @ rows
         grad_b = (xa.t() @ grad).t().mul_(ctx.scaling)
