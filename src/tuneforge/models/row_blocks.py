@@ -9,8 +9,9 @@ rule: each shape is timed once per process both ways on its first real operands,
 they are faster by a tenth and bit for bit equal to the whole product. oneDNN's order of summation can change with
 the number of rows; where it does the whole product stays, so the choice never changes a result.
 
-Only for products on CPUs in 16-bit floats (fp32 goes to MKL, which showed no such shapes), never while
-torch.compile traces (inductor chooses its own kernels).
+Only for products on CPUs in 16-bit floats (fp32 goes to MKL: at these shapes on the AMX machine its products
+run at the same speed at every row count, 0.95-0.97x as fast in blocks), never while torch.compile traces
+(inductor chooses its own kernels).
 """
 
 from __future__ import annotations
