@@ -68,6 +68,8 @@ def main() -> int:
     from tuneforge.models.adapters import setup_trainable
     from tuneforge.models.load import load_base_model, load_tokenizer
     from tuneforge.models.recompute import apply_gradient_checkpointing
+    from tuneforge.models.rms_norm import use_fast_rms_norms
+    from tuneforge.models.swiglu import use_fast_mlps
     from tuneforge.train.loop import Precision
     from tuneforge.train.optimizers import build_optimizer
     from tuneforge.train.losses import CausalLMLoss, head_chunk_size
@@ -89,7 +91,10 @@ def main() -> int:
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 1024 ** 3
     phases.done("load base model", f"(weights {weights:.2f} GB)")
     apply_gradient_checkpointing(model, cfg.train, cfg.model)
-    model = setup_trainable(model, cfg.model, cfg.finetune)
+    if not cfg.train.torch_compile:  # as prepare_model does on CPUs
+        use_fast_rms_norms(model)
+        use_fast_mlps(model)
+    model = setup_trainable(model, cfg.model, cfg.finetune, fuse=True)
     module = CausalLMLoss(model, head_chunk_size(cfg.train)).train()
     optimizer = build_optimizer(model, cfg.train, cfg.finetune)
     precision = Precision(cfg.train, torch.device("cpu"))

@@ -17,6 +17,7 @@ from ..models.load import ModelError, keep_quantized_layers_differentiable, load
 from ..models.neftune import add_noise_to_embeddings
 from ..models.recompute import apply_gradient_checkpointing
 from ..models.rms_norm import use_fast_rms_norms
+from ..models.swiglu import use_fast_mlps
 from . import checkpoint as ckpt
 from . import sharding, zero
 from .logging import plot_loss, write_results
@@ -174,8 +175,9 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
     apply_gradient_checkpointing(model, t, cfg.model, requested=bool(fsdp and fsdp.activation_checkpointing))
     if packed and not empty:  # (the main process checks the weights it sends)
         check_packing_support(full_precision_twin(model) if cfg.model.quantization_bit else model)
-    if accelerator.device.type == "cpu" and not t.torch_compile:  # measured on CPUs; inductor fuses norms itself
+    if accelerator.device.type == "cpu" and not t.torch_compile:  # measured on CPUs; inductor fuses these itself
         use_fast_rms_norms(model)  # the same bits as the model's own norms, with a shorter backward
+        use_fast_mlps(model)  # the same bits as the model's own MLPs, keeping less for backward
     # the fused LoRA function on CPUs, where it was measured (docs/benchmarks.md); not under DeepSpeed, whose ZeRO-3
     # gathers each module's weights when that module is called, and the function reads the base layer's weight
     # without calling it
