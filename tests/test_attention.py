@@ -105,3 +105,42 @@ def test_a_power_of_two_scales_the_queries_with_the_same_bits(monkeypatch, dtype
     monkeypatch.setattr(attention, "scales_exactly", lambda scaling: False)
     for a, b in zip(folded, run()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,mask_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.bfloat16, torch.float32)],  # bf16 under autocast: fp32 mask
+                         ids=["fp32", "bf16", "bf16 scores, fp32 mask"])
+@pytest.mark.parametrize("read_weights", [False, True])  # a caller that differentiates the returned probabilities
+def test_probabilities_kept_once_with_autograds_bits(monkeypatch, dtype, mask_dtype, read_weights):
+    """Training keeps the fp32 probabilities only and casts them again in backward: outputs and all gradients bit
+    for bit those of autograd through the same operations, which keeps the cast copy as well."""
+    from tuneforge.models import attention
+
+    query, key, value, mask = _inputs(6, 24, "shared")
+    grad, grad_weights = torch.randn(2, 6, 6, 8), torch.randn(2, 6, 6, 24)
+
+    def run():
+        inputs = [t.detach().to(dtype).requires_grad_(True) for t in (query, key, value)]
+        kept = set()
+
+        def pack(tensor):
+            if tensor.shape[-1] == 24 and tensor.numel() == grad_weights.numel():  # a copy of the probabilities
+                kept.add(tensor.untyped_storage().data_ptr())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            output, weights = grouped_eager_attention(_Layer().train(), *inputs, mask.to(mask_dtype), scaling=0.35)
+        loss = (output * grad.to(dtype)).sum() + ((weights * grad_weights.to(dtype)).sum() if read_weights else 0)
+        loss.backward()
+        return [output, weights] + [t.grad for t in inputs], len(kept)
+
+    def plain(scores, values, dtype):  # autograd through the operations of llama's eager attention
+        probabilities = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+        return torch.bmm(probabilities.view(values.shape[0], -1, values.shape[1]), values), probabilities
+
+    ours, kept = run()
+    monkeypatch.setattr(attention._ProbabilitiesTimesValues, "apply", plain)
+    theirs, kept_by_autograd = run()
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"max difference {(a - b).abs().max()}"
+    assert kept == 1 and kept_by_autograd == (1 if dtype == torch.float32 else 2)

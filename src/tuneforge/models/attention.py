@@ -12,7 +12,8 @@ and the dropout mask falls on the same elements in the same order. Where the sca
 64) the queries are scaled rather than the scores: a quarter of the elements at 256 keys, and the same bits. It is
 used only where a model's eager attention and `repeat_kv` are llama's, compared as syntax trees; any other model
 keeps its own (gemma2's soft-capping, gpt-oss's sinks...). It registers through transformers' attention registry,
-as models/recompute.py does.
+as models/recompute.py does. Training on a CPU, it keeps the softmax probabilities for backward once, in fp32,
+instead of twice (`_ProbabilitiesTimesValues`): the same bits, 135 MB less a micro-batch on SmolLM2.
 """
 
 from __future__ import annotations
@@ -45,11 +46,48 @@ def grouped_eager_attention(module, query, key, value, attention_mask, scaling: 
     if attention_mask is not None:
         per_head = attention_mask.shape[1] != 1
         weights = weights + (attention_mask.reshape(weights.shape) if per_head else attention_mask[:, :, None])
-    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights.view(batch, groups, -1, key.shape[2]), value)  # values may be narrower than keys
+    if (torch.is_grad_enabled() and weights.device.type == "cpu" and not (dropout and module.training)
+            and not torch.compiler.is_compiling()):  # (measured on CPUs; inductor decides what it keeps itself)
+        values = value.reshape(batch * groups, *value.shape[2:])  # as matmul gives them to bmm (values may be
+        output, weights = _ProbabilitiesTimesValues.apply(weights, values, query.dtype)  # narrower than keys)
+    else:
+        weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+        weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+        output = torch.matmul(weights.view(batch, groups, -1, key.shape[2]), value)
     output = output.view(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous()
     return output, weights.view(batch, heads, length, -1)
+
+
+class _ProbabilitiesTimesValues(torch.autograd.Function):
+    """softmax(scores) in fp32, cast to `dtype`, times the values, as llama's eager attention computes them; keeps
+    the fp32 probabilities only. Autograd would keep the cast copy too, for the product's backward (135 MB a
+    micro-batch on SmolLM2 at the quickstart's settings): backward makes it again from the fp32 ones, the same bits,
+    then runs autograd's own formulas (bmm's, the casts', softmax's) on the same values."""
+
+    @staticmethod
+    def forward(ctx, scores, values, dtype):
+        ctx.set_materialize_grads(False)  # the probabilities are returned for callers that read them; rarely used
+        fp32 = nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
+        probabilities = fp32.to(dtype)
+        ctx.save_for_backward(fp32, values)
+        ctx.dtype, ctx.scores_dtype = dtype, scores.dtype
+        return torch.bmm(probabilities.view(values.shape[0], -1, values.shape[1]), values), probabilities
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_probabilities):
+        fp32, values = ctx.saved_tensors
+        probabilities = fp32.to(ctx.dtype).view(values.shape[0], -1, values.shape[1])
+        grad_scores = grad_values = None
+        if grad_output is not None and ctx.needs_input_grad[1]:
+            grad_values = probabilities.transpose(1, 2).bmm(grad_output)
+        if ctx.needs_input_grad[0]:
+            grad = grad_output.bmm(values.transpose(1, 2)).view(fp32.shape) if grad_output is not None else None
+            if grad_probabilities is not None:
+                grad = grad_probabilities if grad is None else grad + grad_probabilities
+            if grad is not None:
+                grad_scores = torch._softmax_backward_data(grad.to(torch.float32), fp32, -1, torch.float32)
+                grad_scores = grad_scores.to(ctx.scores_dtype)
+        return grad_scores, grad_values, None
 
 
 def scales_exactly(scaling: float) -> bool:
