@@ -66,7 +66,7 @@ def main() -> int:
     parser.add_argument("--set", nargs="*", default=[])
     parser.add_argument("--rows", type=int, default=15, help="operators listed")
     parser.add_argument("--shapes", action="store_true",
-                        help="also list matrix products and copies by input shapes")
+                        help="also list the operators by input shapes")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tuneforge-profile-"))
     cfg = row_config(args.only, args.set, work, 100, "profile")
@@ -132,9 +132,8 @@ def main() -> int:
     print("\ntop operators:")
     print(events.table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total", row_limit=args.rows))
     if args.shapes:
-        products = [e for e in on_host(prof.key_averages(group_by_input_shape=True))
-                    if kind_of(e.key) in ("matmul", "casts / copies")]
-        print("\nmatrix products and copies by input shapes:")
+        products = on_host(prof.key_averages(group_by_input_shape=True))
+        print("\noperators by input shapes:")
         print(f"  {'operator':<10} {'input shapes':<58} {'calls':>6} {'self s':>8} {'share':>6}")
         for e in sorted(products, key=lambda e: -self_time(e))[:args.rows]:
             print(f"  {e.key.replace('aten::', ''):<10} {str(e.input_shapes)[:58]:<58} {e.count:>6} "
