@@ -107,11 +107,15 @@ def test_a_power_of_two_scales_the_queries_with_the_same_bits(monkeypatch, dtype
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype,mask_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                              (torch.bfloat16, torch.float32)],  # bf16 under autocast: fp32 mask
-                         ids=["fp32", "bf16", "bf16 scores, fp32 mask"])
+@pytest.mark.parametrize("dtype,value_dtype,mask_dtype,autocast", [
+    (torch.float32, torch.float32, torch.float32, False), (torch.bfloat16, torch.bfloat16, torch.bfloat16, False),
+    (torch.bfloat16, torch.bfloat16, torch.float32, False),
+    # bf16 autocast over an fp32 model: rotary makes queries and keys fp32, values come from a bf16 product
+    (torch.float32, torch.bfloat16, torch.float32, True),
+], ids=["fp32", "bf16", "bf16 scores, fp32 mask", "autocast"])
 @pytest.mark.parametrize("read_weights", [False, True])  # a caller that differentiates the returned probabilities
-def test_probabilities_kept_once_with_autograds_bits(monkeypatch, dtype, mask_dtype, read_weights):
+def test_probabilities_kept_once_with_autograds_bits(monkeypatch, dtype, value_dtype, mask_dtype, autocast,
+                                                     read_weights):
     """Training keeps the fp32 probabilities only and casts them again in backward: outputs and all gradients bit
     for bit those of autograd through the same operations, which keeps the cast copy as well."""
     from tuneforge.models import attention
@@ -120,7 +124,8 @@ def test_probabilities_kept_once_with_autograds_bits(monkeypatch, dtype, mask_dt
     grad, grad_weights = torch.randn(2, 6, 6, 8), torch.randn(2, 6, 6, 24)
 
     def run():
-        inputs = [t.detach().to(dtype).requires_grad_(True) for t in (query, key, value)]
+        inputs = [t.detach().to(d).requires_grad_(True) for t, d in zip((query, key, value),
+                                                                      (dtype, dtype, value_dtype))]
         kept = set()
 
         def pack(tensor):
@@ -128,9 +133,12 @@ def test_probabilities_kept_once_with_autograds_bits(monkeypatch, dtype, mask_dt
                 kept.add(tensor.untyped_storage().data_ptr())
             return tensor
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             output, weights = grouped_eager_attention(_Layer().train(), *inputs, mask.to(mask_dtype), scaling=0.35)
-        loss = (output * grad.to(dtype)).sum() + ((weights * grad_weights.to(dtype)).sum() if read_weights else 0)
+        loss = (output * grad.to(output.dtype)).sum()
+        if read_weights:
+            loss = loss + (weights * grad_weights.to(weights.dtype)).sum()
         loss.backward()
         return [output, weights] + [t.grad for t in inputs], len(kept)
 
@@ -143,4 +151,4 @@ def test_probabilities_kept_once_with_autograds_bits(monkeypatch, dtype, mask_dt
     theirs, kept_by_autograd = run()
     for a, b in zip(ours, theirs):
         assert a.dtype == b.dtype and torch.equal(a, b), f"max difference {(a - b).abs().max()}"
-    assert kept == 1 and kept_by_autograd == (1 if dtype == torch.float32 else 2)
+    assert kept == 1 and kept_by_autograd == (1 if (dtype, autocast) == (torch.float32, False) else 2)

@@ -62,26 +62,38 @@ class _ProbabilitiesTimesValues(torch.autograd.Function):
     """softmax(scores) in fp32, cast to `dtype`, times the values, as llama's eager attention computes them; keeps
     the fp32 probabilities only. Autograd would keep the cast copy too, for the product's backward (135 MB a
     micro-batch on SmolLM2 at the quickstart's settings): backward makes it again from the fp32 ones, the same bits,
-    then runs autograd's own formulas (bmm's, the casts', softmax's) on the same values."""
+    then runs autograd's own formulas (bmm's, the casts', softmax's) on the same values. Under autocast the product
+    takes autocast's casts, made here as autocast would make them."""
 
     @staticmethod
     def forward(ctx, scores, values, dtype):
         ctx.set_materialize_grads(False)  # the probabilities are returned for callers that read them; rarely used
         fp32 = nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
         probabilities = fp32.to(dtype)
+        device = scores.device.type
+        ctx.product_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
         ctx.save_for_backward(fp32, values)
         ctx.dtype, ctx.scores_dtype = dtype, scores.dtype
-        return torch.bmm(probabilities.view(values.shape[0], -1, values.shape[1]), values), probabilities
+        with torch.autocast(device, enabled=False):
+            output = torch.bmm(*_ProbabilitiesTimesValues._operands(ctx, probabilities, values))
+        return output, probabilities
+
+    @staticmethod
+    def _operands(ctx, probabilities, values):
+        rows = probabilities.to(ctx.product_dtype).view(values.shape[0], -1, values.shape[1])
+        return rows, values.to(ctx.product_dtype)
 
     @staticmethod
     def backward(ctx, grad_output, grad_probabilities):
         fp32, values = ctx.saved_tensors
-        probabilities = fp32.to(ctx.dtype).view(values.shape[0], -1, values.shape[1])
+        probabilities, values = _ProbabilitiesTimesValues._operands(ctx, fp32.to(ctx.dtype), values)
         grad_scores = grad_values = None
         if grad_output is not None and ctx.needs_input_grad[1]:
             grad_values = probabilities.transpose(1, 2).bmm(grad_output)
         if ctx.needs_input_grad[0]:
-            grad = grad_output.bmm(values.transpose(1, 2)).view(fp32.shape) if grad_output is not None else None
+            grad = None
+            if grad_output is not None:
+                grad = grad_output.bmm(values.transpose(1, 2)).view(fp32.shape).to(ctx.dtype)
             if grad_probabilities is not None:
                 grad = grad_probabilities if grad is None else grad + grad_probabilities
             if grad is not None:
