@@ -48,8 +48,9 @@ def grouped_eager_attention(module, query, key, value, attention_mask, scaling: 
         weights = weights + (attention_mask.reshape(weights.shape) if per_head else attention_mask[:, :, None])
     if (torch.is_grad_enabled() and weights.device.type == "cpu" and not (dropout and module.training)
             and not torch.compiler.is_compiling()):  # (measured on CPUs; inductor decides what it keeps itself)
-        values = value.reshape(batch * groups, *value.shape[2:])  # as matmul gives them to bmm (values may be
-        output, weights = _ProbabilitiesTimesValues.apply(weights, values, query.dtype)  # narrower than keys)
+        # the values as matmul would hand them to bmm (they may be narrower than the keys)
+        values = value.reshape(batch * groups, *value.shape[2:])
+        output, weights = _ProbabilitiesTimesValues.apply(weights, values, query.dtype)
     else:
         weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
         weights = nn.functional.dropout(weights, p=dropout, training=module.training)

@@ -45,9 +45,6 @@ class FastMLP(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.act_fn = mlp.act_fn
-        for name in ("config", "hidden_size", "intermediate_size"):  # read by some code that walks the model
-            if hasattr(mlp, name):
-                setattr(self, name, getattr(mlp, name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
