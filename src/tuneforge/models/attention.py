@@ -121,6 +121,14 @@ def _syntax(function) -> str:
     return ast.dump(ast.parse(textwrap.dedent(inspect.getsource(function))).body[0])  # dedented: methods too
 
 
+def same_forward(kind: type, reference: type) -> bool:
+    """Whether module class `kind` computes `reference`'s forward: the same function, or one of the same syntax."""
+    try:
+        return kind.forward is reference.forward or _syntax(kind.forward) == _syntax(reference.forward)
+    except (OSError, TypeError, SyntaxError):  # no source to read
+        return False
+
+
 def model_eager_attention(module):
     """The eager attention function of the modeling file `module` (the model or one of its layers) comes from."""
     return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)

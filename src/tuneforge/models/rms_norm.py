@@ -17,7 +17,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from .attention import _syntax
+from .attention import same_forward
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -65,10 +65,7 @@ class FastRMSNorm(nn.Module):
 def _is_llamas(kind: type) -> bool:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    try:
-        return kind.forward is LlamaRMSNorm.forward or _syntax(kind.forward) == _syntax(LlamaRMSNorm.forward)
-    except (OSError, TypeError, SyntaxError):  # no source to read
-        return False
+    return same_forward(kind, LlamaRMSNorm)
 
 
 def use_fast_rms_norms(model: nn.Module) -> int:

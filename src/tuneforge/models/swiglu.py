@@ -17,7 +17,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from .attention import _syntax
+from .attention import same_forward
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -54,10 +54,7 @@ class FastMLP(nn.Module):
 def _is_llamas(kind: type) -> bool:
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    try:
-        return kind.forward is LlamaMLP.forward or _syntax(kind.forward) == _syntax(LlamaMLP.forward)
-    except (OSError, TypeError, SyntaxError):  # no source to read
-        return False
+    return same_forward(kind, LlamaMLP)
 
 
 def _is_silu(module) -> bool:
