@@ -3,8 +3,8 @@
     .venv/bin/python bench/profile_step.py [--only smollm2-lora] [--set key=value ...] [--shapes]
 
 Prints the operators that take the most self CPU time (and CUDA time on a GPU), grouped by kind (matmul,
-attention, elementwise, optimizer, ...), and with --shapes the matrix products and copies by input shapes, so the
-next speed lever is a reading, not a guess. The model is set up as a training run sets it up
+attention, elementwise, optimizer, ...), and with --shapes every operator by input shapes, so the next speed lever
+is a reading, not a guess. The model is set up as a training run sets it up
 (train.common.prepare_model).
 """
 
