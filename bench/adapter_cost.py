@@ -20,7 +20,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import WORKLOADS, row_config  # noqa: E402
+from train_speed import WORKLOADS, OneProcess, row_config  # noqa: E402
 
 
 def main() -> int:
@@ -46,11 +46,7 @@ def main() -> int:
     tokenizer = load_tokenizer(cfg.model)
     rows = prepare_lm_data(cfg, tokenizer).train
 
-    class Single:  # a one-process accelerator, as far as model set-up looks
-        device = torch.device("cpu")
-        print = staticmethod(print)
-
-    model = prepare_model(cfg, Single, packed=cfg.data.packing)
+    model = prepare_model(cfg, OneProcess(torch.device("cpu")), packed=cfg.data.packing)
     model.enable_input_require_grads()
     module = CausalLMLoss(model, head_chunk_size(cfg.train)).train()
     precision = Precision(cfg.train, torch.device("cpu"))

@@ -4,8 +4,9 @@ within it, next to the bytes of tensors autograd saves for backward.
     .venv/bin/python bench/memory_profile.py [--only smollm2-lora] [--set key=value ...]
 
 Wall and CPU seconds per phase: with one thread, CPU seconds are what to compare on a busy machine.
-Phases: import, tokenizer and data, base model load, adapters, forward (with the saved tensors by size), backward,
-optimizer step; then a second step (the steady state). "peak in phase" comes from the kernel's high-water mark,
+Phases: import, tokenizer and data, the model as a training run sets it up (train.common.prepare_model: base,
+adapters), optimizer, forward (with the saved tensors by size), backward, optimizer step; then a second step (the
+steady state). "peak in phase" comes from the kernel's high-water mark,
 reset before each phase (/proc/self/clear_refs), so each phase's own peak shows, not the run's so far.
 """
 
@@ -62,14 +63,11 @@ def main() -> int:
     import transformers  # noqa: F401  (its import is part of every run's baseline)
     import peft  # noqa: F401
 
-    from train_speed import WORKLOADS, row_config
+    from train_speed import WORKLOADS, OneProcess, row_config
     from tuneforge.data import prepare_lm_data
     from tuneforge.data.collate import PadCollator
-    from tuneforge.models.adapters import setup_trainable
-    from tuneforge.models.load import load_base_model, load_tokenizer
-    from tuneforge.models.recompute import apply_gradient_checkpointing
-    from tuneforge.models.rms_norm import use_fast_rms_norms
-    from tuneforge.models.swiglu import use_fast_mlps
+    from tuneforge.models.load import load_tokenizer
+    from tuneforge.train.common import prepare_model
     from tuneforge.train.loop import Precision
     from tuneforge.train.optimizers import build_optimizer
     from tuneforge.train.losses import CausalLMLoss, head_chunk_size
@@ -87,19 +85,15 @@ def main() -> int:
     tokenizer = load_tokenizer(cfg.model)
     rows = prepare_lm_data(cfg, tokenizer).train
     phases.done("tokenizer + data")
-    model = load_base_model(cfg.model, dtype=torch.bfloat16 if cfg.finetune.pure_bf16 else torch.float32)
+    # the training run's own set-up: the base model, checkpointing scope, CPU paths, adapters
+    model = prepare_model(cfg, OneProcess(torch.device("cpu")), packed=cfg.data.packing)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 1024 ** 3
-    phases.done("load base model", f"(weights {weights:.2f} GB)")
-    apply_gradient_checkpointing(model, cfg.train, cfg.model)
-    if not cfg.train.torch_compile:  # as prepare_model does on CPUs
-        use_fast_rms_norms(model)
-        use_fast_mlps(model)
-    model = setup_trainable(model, cfg.model, cfg.finetune, fuse=True)
+    phases.done("load base model + adapters", f"(weights {weights:.2f} GB)")
     module = CausalLMLoss(model, head_chunk_size(cfg.train)).train()
     optimizer = build_optimizer(model, cfg.train, cfg.finetune)
     precision = Precision(cfg.train, torch.device("cpu"))
     collator = PadCollator(tokenizer.pad_token_id)
-    phases.done("adapters + optimizer")
+    phases.done("optimizer")
 
     size = cfg.train.per_device_train_batch_size
     for step in range(args.steps):

@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import WORKLOADS, row_config  # noqa: E402
+from train_speed import WORKLOADS, OneProcess, row_config  # noqa: E402
 
 KINDS = {
     "matmul": ("mm", "addmm", "bmm", "matmul", "linear"),
@@ -73,20 +73,10 @@ def main() -> int:
     tokenizer = load_tokenizer(cfg.model)
     rows = prepare_lm_data(cfg, tokenizer).train
 
-    class Single:  # a one-process accelerator, as far as model set-up and the step function look
-        num_processes = 1
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        print = staticmethod(print)
-
-        @staticmethod
-        def no_sync(_):
-            from contextlib import nullcontext
-
-            return nullcontext()
-
-    device = Single.device
+    single = OneProcess()
+    device = single.device
     # the training run's own set-up: checkpointing scope, adapters, compiled layers
-    model = prepare_model(cfg, Single, packed=cfg.data.packing)
+    model = prepare_model(cfg, single, packed=cfg.data.packing)
     module = CausalLMLoss(model, head_chunk_size(cfg.train)).to(device).train()
     optimizer = build_optimizer(model, cfg.train, cfg.finetune)
     scheduler = build_scheduler(optimizer, cfg.train, 100)
@@ -101,7 +91,7 @@ def main() -> int:
             batch.pop("num_tokens")
             micro.append({k: v.to(device) for k, v in batch.items()})
         units = sum(module.units(b) for b in micro)
-        _optimizer_step(module, micro, units, optimizer, scheduler, Single, precision, cfg.train.max_grad_norm, True)
+        _optimizer_step(module, micro, units, optimizer, scheduler, single, precision, cfg.train.max_grad_norm, True)
 
     step(0)  # warm-up
     gpu = device.type == "cuda"

@@ -14,6 +14,7 @@ plus input gradients; the adapters themselves are negligible). Attention score F
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -78,6 +79,23 @@ def tiny_model(folder: Path) -> str:
     tokenizer = build_tokenizer(folder)
     build_llama(folder, len(tokenizer))
     return str(folder)
+
+
+class OneProcess:
+    """A one-process accelerator, as far as model set-up (train.common.prepare_model) and the step function look:
+    how the other bench scripts set a model up as a training run does."""
+
+    num_processes = 1
+    print = staticmethod(print)
+
+    def __init__(self, device=None):
+        import torch  # (this script's parent process runs without it)
+
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @staticmethod
+    def no_sync(_):
+        return contextlib.nullcontext()
 
 
 def row_config(name: str, overrides: list[str], work: Path, max_steps: int, source: str):
