@@ -46,6 +46,28 @@ def test_the_same_bits_as_transformers_norm(x_dtype, weight_dtype, autocast, tra
             assert a.dtype == b.dtype and torch.equal(a, b), f"{name}: max difference {(a - b).abs().max()}"
 
 
+@pytest.mark.parametrize("x_dtype,autocast", [(torch.bfloat16, False), (torch.float32, True),
+                                              (torch.float32, False)])
+def test_the_same_input_gradient_inside_a_residual_block(x_dtype, autocast):
+    # as in a decoder layer the norm's input also goes round it: autograd adds the input's gradients in the order
+    # they arrive, so the fp32 input (fp32 training; autocast's fp32 residual stream) must keep its graph
+    torch.manual_seed(0)
+    theirs = LlamaRMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        theirs.weight.copy_(1 + 0.3 * torch.randn(96))
+    theirs = theirs.to(x_dtype).requires_grad_(False)
+    ours = FastRMSNorm(theirs.weight, theirs.variance_epsilon)
+    x = (torch.randn(3, 37, 96) * torch.logspace(-2, 2, 37)[:, None]).to(x_dtype)
+    grads = []
+    for norm in (theirs, ours):
+        leaf = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = leaf + norm(leaf) * 3
+        out.backward(torch.randn(3, 37, 96, generator=torch.Generator().manual_seed(1)).to(out.dtype))
+        grads.append(leaf.grad)
+    assert torch.equal(*grads), f"max difference {(grads[0] - grads[1]).abs().max()}"
+
+
 class _Block(nn.Module):
     def __init__(self):
         super().__init__()

@@ -55,6 +55,11 @@ class FastRMSNorm(nn.Module):
         self.weight, self.variance_epsilon = weight, eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype == torch.float32:
+            # transformers' operations: there is no upcast copy to spare, and autograd, given them, adds the input's
+            # two gradients from the norm to the residual's in its own order, where `_RMSNorm` adds them first
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
         return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
