@@ -131,3 +131,6 @@ def test_training_on_cpu_builds_fused_layers(tiny_model, alpaca_file, tmp_path):
     assert layers and all(type(m) is FusedLoraLinear for m in layers)
     on_gpu = SimpleNamespace(device=torch.device("meta"), print=print)  # any device but the CPU: PEFT's layers
     assert not any(isinstance(m, FusedLoraLinear) for m in prepare_model(cfg, on_gpu).modules())
+    # selective checkpointing keeps the products the function adds to in place: PEFT's layers (test_memory.py)
+    cfg.train.gradient_checkpointing, cfg.train.gradient_checkpointing_scope = True, "selective"
+    assert not any(isinstance(m, FusedLoraLinear) for m in prepare_model(cfg, on_cpu).modules())

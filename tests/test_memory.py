@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from tuneforge.models.adapters import setup_trainable
 from tuneforge.models.load import ModelError, load_base_model
 from tuneforge.models.recompute import apply_gradient_checkpointing
 from tuneforge.options import ModelArgs
+from tuneforge.train.common import prepare_model
 from tuneforge.train.loop import Precision
 from tuneforge.train.losses import CausalLMLoss
 
@@ -47,12 +49,17 @@ def _gradients_and_saved_bytes(cfg):
     return grads, saved
 
 
-def _run(cfg):
-    """_gradients_and_saved_bytes, and how many projection-sized matrix products backward ran."""
+def _run(cfg, as_training: bool = False):
+    """_gradients_and_saved_bytes, and how many projection-sized matrix products backward ran. `as_training`: the
+    model set up as a training run on a CPU sets it up (train.common.prepare_model: its norm, MLP and LoRA layers),
+    else transformers' and PEFT's own layers."""
     torch.manual_seed(0)
-    model = load_base_model(cfg.model)
-    apply_gradient_checkpointing(model, cfg.train, cfg.model)
-    model = setup_trainable(model, cfg.model, cfg.finetune)
+    if as_training:
+        model = prepare_model(cfg, SimpleNamespace(device=torch.device("cpu"), print=print))
+    else:
+        model = load_base_model(cfg.model)
+        apply_gradient_checkpointing(model, cfg.train, cfg.model)
+        model = setup_trainable(model, cfg.model, cfg.finetune)
     # checkpointing makes the embeddings' output require grad, and with it layer 0's input gradient: every run does,
     # so that each backward runs the same gradient products
     model.enable_input_require_grads()
@@ -118,6 +125,21 @@ def test_selective_scope_gives_the_same_gradients_without_rerunning_projections(
     # the projections' outputs are kept by torch's checkpoint storage, not through saved-tensor hooks, which see only
     # the checkpointed layers' inputs (with every 2, the layers left alone keep all they would)
     assert selective_bytes < plain_bytes * (3 / 4 if every == 2 else 1 / 2)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_selective_scope_as_training_sets_it_up(tiny_model, tmp_path, bf16):
+    # training's own set-up (faster norms and MLPs, the same bits as transformers'; PEFT's LoRA layers, as the
+    # fused LoRA function adds in place on the products selective checkpointing keeps): the gradients and the
+    # products of no checkpointing on transformers' and PEFT's layers
+    plain, _, plain_products = _run(_config(tiny_model, tmp_path, bf16=bf16))
+    selective, _, selective_products = _run(_config(
+        tiny_model, tmp_path, bf16=bf16, gradient_checkpointing=True,
+        gradient_checkpointing_scope="selective"), as_training=True)
+    assert plain.keys() == selective.keys()
+    for name in plain:
+        assert torch.equal(plain[name], selective[name]), name
+    assert selective_products == plain_products
 
 
 def test_selective_policy_names_itself_to_the_compile_cache(monkeypatch):

@@ -67,12 +67,12 @@ def _register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(RECOMPUTED_EAGER, eager_mask)  # the same masks eager attention gets
 
 
-def apply_gradient_checkpointing(model, t, model_args, requested: bool = False) -> None:
+def apply_gradient_checkpointing(model, t, model_args, requested: bool = False) -> str | None:
     """gradient_checkpointing (or `requested` otherwise, e.g. by fsdp_config): recompute activations in backward
     instead of keeping them, for whole decoder layers (every `gradient_checkpointing_every`-th one) or only for
-    eager attention's core."""
+    eager attention's core. Returns the scope applied, None when nothing is recomputed."""
     if not (t.gradient_checkpointing or requested) or model_args.disable_gradient_checkpointing:
-        return
+        return None
     if t.gradient_checkpointing_scope == "attention":
         if model.config._attn_implementation not in ("eager", GROUPED_EAGER) or model_eager_attention(model) is None:
             raise ModelError("gradient_checkpointing_scope: attention recomputes eager attention; set "
@@ -80,7 +80,7 @@ def apply_gradient_checkpointing(model, t, model_args, requested: bool = False) 
                              "gradient_checkpointing_scope: layers")
         _register()
         model.set_attn_implementation(RECOMPUTED_EAGER)
-        return
+        return t.gradient_checkpointing_scope
     kwargs = {"use_reentrant": False}
     if t.gradient_checkpointing_scope == "selective":
         kwargs["context_fn"] = _selective_context()
@@ -92,3 +92,4 @@ def apply_gradient_checkpointing(model, t, model_args, requested: bool = False) 
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
+    return t.gradient_checkpointing_scope

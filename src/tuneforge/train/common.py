@@ -172,7 +172,7 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
     if cfg.model.upcast_layernorm:
         upcast_layernorms(model)
     # fsdp_config's activation_checkpointing recomputes the same layers
-    apply_gradient_checkpointing(model, t, cfg.model, requested=bool(fsdp and fsdp.activation_checkpointing))
+    scope = apply_gradient_checkpointing(model, t, cfg.model, requested=bool(fsdp and fsdp.activation_checkpointing))
     if packed and not empty:  # (the main process checks the weights it sends)
         check_packing_support(full_precision_twin(model) if cfg.model.quantization_bit else model)
     if accelerator.device.type == "cpu" and not t.torch_compile:  # measured on CPUs; inductor fuses these itself
@@ -180,8 +180,10 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
         use_fast_mlps(model)  # the same bits as the model's own MLPs, keeping less for backward
     # the fused LoRA function on CPUs, where it was measured (docs/benchmarks.md); not under DeepSpeed, whose ZeRO-3
     # gathers each module's weights when that module is called, and the function reads the base layer's weight
-    # without calling it
-    model = setup_trainable(model, cfg.model, f, fuse=accelerator.device.type == "cpu" and not t.deepspeed)
+    # without calling it; nor under selective checkpointing, which keeps a projection's output by the product that
+    # made it, where the function adds its low-rank term in place (or makes it in row blocks)
+    fuse = accelerator.device.type == "cpu" and not t.deepspeed and scope != "selective"
+    model = setup_trainable(model, cfg.model, f, fuse=fuse)
     if f.neftune_noise_alpha:
         add_noise_to_embeddings(model, f.neftune_noise_alpha)
     if t.torch_compile:
