@@ -5,10 +5,11 @@ fp32 copy and takes each operation apart in backward. Written as one function, b
 input and the per-row scale and computes what autograd would (the same formulas, in the same order, with the same
 casts), so the outputs and both gradients are bit for bit those of transformers' module (tests/test_rms_norm.py
 compares them in every precision tuneforge trains in). An fp32 input has no upcast copy to spare and runs
-transformers' own operations, which inside a model is what keeps its gradient the same bits. Each norm whose forward is llama's, compared as syntax
-trees, is replaced by `FastRMSNorm` holding the same weight; any other (gemma's 1 + weight, norms with an offset
-or a cast of their own) keeps its module. At the quickstart's settings on SmolLM2-135M (61 norms per micro-batch)
-that is 70 MB less memory and 1% more speed on an AMX Xeon (docs/benchmarks.md).
+transformers' own operations, which inside a model is what keeps its gradient the same bits. Each norm whose
+forward is llama's, compared as syntax trees, is replaced by `FastRMSNorm` holding the same weight; any other
+(gemma's 1 + weight, norms with an offset or a cast of their own) keeps its module. At the quickstart's settings
+on SmolLM2-135M (61 norms per micro-batch) that is 70 MB less memory and 1% more speed on an AMX Xeon
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
