@@ -66,7 +66,8 @@ def test_bf16_on_a_cpu_without_bf16_units_says_what_it_costs(monkeypatch):
 
 def test_upcast_layernorm_keeps_the_norms_small_updates_under_pure_bf16(tiny_model, alpaca_file, tmp_path):
     """In bf16 a norm weight near 1 moves only in steps of 2**-8: learning-rate-sized updates round away. With
-    upcast_layernorm the norms are fp32 and keep them, as in LLaMA-Factory; everything else stays bf16."""
+    upcast_layernorm the norms are fp32 and keep them, as in LLaMA-Factory; everything else stays bf16. Packed, as
+    the fast settings are: the packing check runs this model of mixed dtypes under autocast, as training does."""
     from safetensors.torch import load_file
 
     start = load_file(f"{tiny_model}/model.safetensors")
@@ -74,7 +75,7 @@ def test_upcast_layernorm_keeps_the_norms_small_updates_under_pure_bf16(tiny_mod
     for upcast in (False, True):
         out = tmp_path / str(upcast)
         run_training(train_config(tiny_model, alpaca_file, out, finetuning_type="full", learning_rate=1e-4,
-                                  max_steps=4, bf16=True, pure_bf16=True, upcast_layernorm=upcast))
+                                  max_steps=4, bf16=True, pure_bf16=True, upcast_layernorm=upcast, packing=True))
         saved = load_file(out / "model.safetensors")
         norms[upcast] = {k: v for k, v in saved.items() if "norm" in k}
         assert {v.dtype for k, v in saved.items() if "norm" not in k} == {torch.bfloat16}

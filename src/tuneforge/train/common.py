@@ -174,7 +174,8 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
     # fsdp_config's activation_checkpointing recomputes the same layers
     scope = apply_gradient_checkpointing(model, t, cfg.model, requested=bool(fsdp and fsdp.activation_checkpointing))
     if packed and not empty:  # (the main process checks the weights it sends)
-        check_packing_support(full_precision_twin(model) if cfg.model.quantization_bit else model)
+        check_packing_support(full_precision_twin(model) if cfg.model.quantization_bit else model,
+                              autocast_dtype(t, accelerator.device))
     if accelerator.device.type == "cpu" and not t.torch_compile:  # measured on CPUs; inductor fuses these itself
         use_fast_rms_norms(model)  # the same bits as the model's own norms, with a shorter backward
         use_fast_mlps(model)  # the same bits as the model's own MLPs, keeping less for backward
@@ -319,9 +320,11 @@ def full_precision_twin(model):
 
 
 @torch.no_grad()
-def check_packing_support(model) -> None:
+def check_packing_support(model, autocast: torch.dtype | None = None) -> None:
     """Packed rows rely on the model turning restarting position_ids into block-diagonal attention. Check it on
-    this model: the second of two packed sequences must give the same logits as when run alone, up to rounding.
+    this model, under training's `autocast` dtype (which a model of mixed dtypes, e.g. upcast_layernorm's fp32 norms
+    among bf16 layers, needs to run): the second of two packed sequences must give the same logits as when run
+    alone, up to rounding.
     Rounding is told from mixing by what mixing does: the same two sequences run as one (the second attending to
     the first) move the logits by ~20 on SmolLM2, while bf16 products on a CPU without bf16 units, which round a
     different row count differently, move them by 0.56 (5e-5 in fp32, 0 in bf16 with bf16 units)."""
@@ -330,12 +333,13 @@ def check_packing_support(model) -> None:
     device = next(model.parameters()).device
     packed = torch.cat([first, second])[None].to(device)
     positions = torch.cat([torch.arange(6), torch.arange(5)])[None].to(device)
-    # use_cache=False as in training: with a cache, transformers does not look for packed sequences
-    together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0, 6:].float()
-    alone = model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
-    if torch.allclose(together, alone, atol=1e-2 * max(1.0, alone.abs().max().item() / 100)):
-        return
-    mixed = model(input_ids=packed, use_cache=False).logits[0, 6:].float()
+    with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        # use_cache=False as in training: with a cache, transformers does not look for packed sequences
+        together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0, 6:].float()
+        alone = model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
+        if torch.allclose(together, alone, atol=1e-2 * max(1.0, alone.abs().max().item() / 100)):
+            return
+        mixed = model(input_ids=packed, use_cache=False).logits[0, 6:].float()
     if (together - alone).abs().max() > 0.1 * (mixed - alone).abs().max():
         raise ModelError(f"{type(model).__name__} lets packed examples attend to each other, so `packing` / "
                          "`neat_packing` would mix examples; set both to false for this model")
