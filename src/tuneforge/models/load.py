@@ -207,6 +207,12 @@ def base_tokenizer(model_args):
 
 
 def _attn_implementation(flash_attn: str) -> str | None:
+    if flash_attn == "fa2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():  # transformers' own test: the flash-attn package on a CUDA GPU
+            raise ModelError("`flash_attn: fa2` needs the flash-attn package and a CUDA GPU, and this machine has "
+                             "not both; use `flash_attn: auto` (SDPA) or `eager`")
     return {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager", "fa2": "flash_attention_2"}[flash_attn]
 
 
