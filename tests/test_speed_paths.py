@@ -73,6 +73,25 @@ def test_frozen_head_loss_matches_autograd_and_keeps_no_logits(dtype, autocast, 
     assert fused_kept <= 37 * 32 * 4 < 37 * 400 * 4 <= plain_kept
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_softmax_in_row_groups_changes_no_bit(dtype, monkeypatch):
+    # the softmax steps run a few rows at a time, to stay in the CPU's cache; each row's sums are its own, so any
+    # grouping gives the bits of one group per chunk: losses, entropies, the hidden states' and new rows' gradients
+    torch.manual_seed(0)
+    weight, start = torch.randn(400, 32, dtype=dtype), torch.randn(70, 32, dtype=dtype)  # chunks of 64: one padded
+    labels, upstream, token_rows = torch.randint(0, 400, (70,)), torch.rand(70), torch.tensor([3, 77, 200])
+    results = []
+    for rows in (16, 64):
+        monkeypatch.setattr(losses_module, "_SOFTMAX_ROWS", rows)
+        hidden, delta = start.clone().requires_grad_(), weight[token_rows].clone().requires_grad_()
+        losses, entropy = losses_module._FrozenHeadCrossEntropy.apply(hidden, weight, None, labels, 64, True,
+                                                                       token_rows, delta, 0.1)
+        (losses * upstream).sum().backward()
+        results.append((losses, entropy, hidden.grad, delta.grad))
+    for name, grouped, whole in zip(("losses", "entropies", "hidden gradient", "new rows' gradient"), *results):
+        assert torch.equal(grouped, whole), name
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_label_smoothing_matches_torch_on_both_head_paths(frozen, monkeypatch):
     """HF's label_smoothing_factor: the frozen head's own arithmetic (loss and gradient in forward) and the trainable

@@ -33,6 +33,10 @@ def _head_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head: torch.n
 # compiled with selective checkpointing 1.30 GB at 256, 1.24 at 128) at the same speed (docs/benchmarks.md)
 _FROZEN_HEAD_ROWS = 128
 _HEAD_ROW_MULTIPLE = 16  # the last chunk is padded to this: 8 shapes in all, at most 15 rows computed for nothing
+# rows whose softmax steps run together: the fp32 copy of 16 rows' logits is 3 MB at a 49k vocabulary, where a
+# whole chunk's is 25 MB, and it sits at the forward's peak (the quickstart row: 20-30 MB lower peak, the same speed;
+# docs/benchmarks.md). Each row's sums are its own, so the bits do not change
+_SOFTMAX_ROWS = 16
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -60,31 +64,15 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
                 extra = _HEAD_ROW_MULTIPLE - n % _HEAD_ROW_MULTIPLE
                 rows_in, wanted = F.pad(rows_in, (0, 0, 0, extra)), F.pad(wanted, (0, extra))
             logits = F.linear(rows_in, weight, bias)
-            probs, dtype = logits.float(), logits.dtype
-            del logits
-            rows = torch.arange(probs.shape[0], device=probs.device)
-            # logsumexp's steps in place (torch.logsumexp writes a chunk-sized temporary, 11% of this loop's time);
-            # the SFT peak sits here
-            probs.sub_(probs.amax(dim=-1, keepdim=True))
-            target = probs[rows, wanted]
-            if smoothing:
-                target = (1 - smoothing) * target + smoothing * probs.mean(dim=-1)
-            shifted = probs.clone() if with_entropy else None
-            probs.exp_()
-            total = probs.sum(dim=-1)
-            log_total = total.log()
-            losses.append((log_total - target)[:n])
-            probs.div_(total[:, None])  # softmax
-            if with_entropy:  # -sum p log p, with log p = shifted - log_total
-                entropies.append((log_total - (probs * shifted).sum(-1))[:n])
-                del shifted
-            probs[rows, wanted] -= 1 - smoothing  # d loss / d logits = softmax - one-hot (smoothed)
-            if smoothing:
-                probs.sub_(smoothing / probs.shape[-1])
+            parts = [_softmax_minus_target(logits[i: i + _SOFTMAX_ROWS], wanted[i: i + _SOFTMAX_ROWS], smoothing,
+                                           with_entropy, token_rows) for i in range(0, len(logits), _SOFTMAX_ROWS)]
+            losses.append(torch.cat([loss for loss, _, _ in parts])[:n])
+            if with_entropy:
+                entropies.append(torch.cat([entropy for _, entropy, _ in parts])[:n])
             if token_rows is not None:
-                columns.append(probs[:n, token_rows])
-            grads.append(torch.matmul(probs.to(dtype), weight)[:n])
-            del probs
+                columns.append(torch.cat([column for _, _, column in parts])[:n])
+            grads.append(torch.matmul(logits, weight)[:n])  # the logits now hold softmax - one-hot
+            del logits
         ctx.save_for_backward(torch.cat(grads), *((torch.cat(columns), hidden) if token_rows is not None else ()))
         ctx.hidden_dtype = hidden.dtype
         ctx.delta_dtype = None if delta is None else delta.dtype
@@ -101,6 +89,31 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             grad_delta = ((columns * grad_losses[:, None]).T @ hidden.float()).to(ctx.delta_dtype)
         return (grad_hidden.float() * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None, None, None, \
             None, grad_delta, None
+
+
+def _softmax_minus_target(logits: torch.Tensor, wanted: torch.Tensor, smoothing: float, with_entropy: bool,
+                          token_rows: torch.Tensor | None) -> tuple:
+    """_FrozenHeadCrossEntropy's steps for some rows of a chunk: each row's loss, its entropy (or None) and the
+    `token_rows` columns of softmax - target in fp32 (or None); `logits` is overwritten with softmax - target."""
+    probs = logits.float()
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    # logsumexp's steps in place (torch.logsumexp writes a temporary of the rows' size)
+    probs.sub_(probs.amax(dim=-1, keepdim=True))
+    target = probs[rows, wanted]
+    if smoothing:
+        target = (1 - smoothing) * target + smoothing * probs.mean(dim=-1)
+    shifted = probs.clone() if with_entropy else None
+    probs.exp_()
+    total = probs.sum(dim=-1)
+    log_total = total.log()
+    probs.div_(total[:, None])  # softmax
+    # -sum p log p, with log p = shifted - log_total
+    entropy = log_total - (probs * shifted).sum(-1) if with_entropy else None
+    probs[rows, wanted] -= 1 - smoothing  # d loss / d logits = softmax - one-hot (smoothed)
+    if smoothing:
+        probs.sub_(smoothing / probs.shape[-1])
+    logits.copy_(probs)
+    return log_total - target, entropy, None if token_rows is None else probs[:, token_rows]
 
 
 def _fused_head(head: torch.nn.Module, hidden: torch.Tensor) -> tuple | None:
