@@ -57,7 +57,7 @@ def _run(cfg, as_training: bool = False):
     if as_training:
         model = prepare_model(cfg, SimpleNamespace(device=torch.device("cpu"), print=print))
     else:
-        model = load_base_model(cfg.model)
+        model = load_base_model(cfg.model, dtype=torch.bfloat16 if cfg.finetune.pure_bf16 else torch.float32)
         apply_gradient_checkpointing(model, cfg.train, cfg.model)
         model = setup_trainable(model, cfg.model, cfg.finetune)
     # checkpointing makes the embeddings' output require grad, and with it layer 0's input gradient: every run does,
@@ -127,15 +127,36 @@ def test_selective_scope_gives_the_same_gradients_without_rerunning_projections(
     assert selective_bytes < plain_bytes * (3 / 4 if every == 2 else 1 / 2)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_selective_scope_as_training_sets_it_up(tiny_model, tmp_path, bf16):
-    # training's own set-up (faster norms and MLPs, the same bits as transformers'; PEFT's LoRA layers, as the
-    # fused LoRA function adds in place on the products selective checkpointing keeps): the gradients and the
-    # products of no checkpointing on transformers' and PEFT's layers
-    plain, _, plain_products = _run(_config(tiny_model, tmp_path, bf16=bf16))
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory) -> dict[str, str]:
+    """Tiny models whose layers differ from llama's where tuneforge replaces llama's: Qwen3 (norms on the queries
+    and keys too), Gemma 2 (1 + weight norms, a GELU MLP, soft-capped attention)."""
+    from conftest import build_tokenizer
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    folders = {}
+    for name, config, kind in (("qwen3", Qwen3Config, Qwen3ForCausalLM), ("gemma2", Gemma2Config, Gemma2ForCausalLM)):
+        folder = tmp_path_factory.mktemp(name)
+        tokenizer = build_tokenizer(folder)
+        torch.manual_seed(0)
+        kind(config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(folder)
+        folders[name] = str(folder)
+    return folders
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize("precision", [{}, {"bf16": True}, {"bf16": True, "pure_bf16": True}])
+def test_selective_scope_as_training_sets_it_up(tiny_model, other_models, tmp_path, architecture, precision):
+    # training's own set-up (norms, MLPs and attention replaced where they compute llama's, the same bits; PEFT's
+    # LoRA layers, as the fused LoRA function adds in place on the products selective checkpointing keeps): the
+    # gradients and the products of no checkpointing on transformers' and PEFT's layers
+    model = tiny_model if architecture == "llama" else other_models[architecture]
+    plain, _, plain_products = _run(_config(model, tmp_path, **precision))
     selective, _, selective_products = _run(_config(
-        tiny_model, tmp_path, bf16=bf16, gradient_checkpointing=True,
-        gradient_checkpointing_scope="selective"), as_training=True)
+        model, tmp_path, **precision, gradient_checkpointing=True, gradient_checkpointing_scope="selective"),
+        as_training=True)
     assert plain.keys() == selective.keys()
     for name in plain:
         assert torch.equal(plain[name], selective[name]), name
