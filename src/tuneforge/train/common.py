@@ -333,7 +333,7 @@ def check_packing_support(model, autocast: torch.dtype | None = None) -> None:
     device = next(model.parameters()).device
     packed = torch.cat([first, second])[None].to(device)
     positions = torch.cat([torch.arange(6), torch.arange(5)])[None].to(device)
-    with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         # use_cache=False as in training: with a cache, transformers does not look for packed sequences
         together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0, 6:].float()
         alone = model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
