@@ -1,8 +1,11 @@
 """moe_aux_loss_coef: the router load-balancing loss of a mixture-of-experts model, added to the pt / sft loss as
 transformers adds it, through the training loop's normalisation, and refused where it cannot apply."""
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import build_tokenizer, read_log, run_training, train_config
 from tuneforge.config import ConfigError
@@ -66,6 +69,26 @@ def test_training_adds_the_weighted_balancing_loss(tiny_moe, alpaca_file, tmp_pa
     assert 1.9 < balanced["aux_loss"] < 4  # top_k = 2 for an even routing, up to 4 experts
     # each logged figure is rounded to 4 decimals; 3e-4 allows the three roundings
     assert balanced["loss"] - plain["loss"] == pytest.approx(balanced["aux_loss"], abs=3e-4)
+
+
+def test_full_fine_tuning_resumes_and_reloads_its_best_model(tiny_moe, alpaca_file, tmp_path):
+    """save_pretrained writes the fused experts one tensor per expert (transformers' conversion mapping), so a
+    checkpoint's weights are not under the model's own names: resume and load_best_model_at_end read them back,
+    and a resumed run finds its best model in that step's checkpoint."""
+    # the highest eval loss is the best: the first evaluation's model, not the last one, becomes the final model
+    common = dict(finetuning_type="full", max_steps=4, save_steps=2, val_size=4, eval_strategy="steps", eval_steps=2,
+                  load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    run_training(train_config(tiny_moe, alpaca_file, tmp_path / "straight", **common))
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    run_training(train_config(tiny_moe, alpaca_file, tmp_path / "resumed", **common))
+    assert read_log(tmp_path / "resumed")[0]["current_steps"] == 3  # it resumed from checkpoint-2
+    evals = {r["current_steps"]: r["eval_loss"] for r in read_log(tmp_path / "straight") if "eval_loss" in r}
+    best = max(evals, key=evals.get)
+    final, checkpoint = (load_file(tmp_path / "straight" / f / "model.safetensors") for f in ("", f"checkpoint-{best}"))
+    assert best == 2 and all(torch.equal(final[k], checkpoint[k]) for k in final)
+    # the resumed run's folder has no best_model (only the checkpoint was copied): the best step's checkpoint is it
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
 
 
 def test_refused_where_it_cannot_apply(tiny_moe, tiny_model, alpaca_file, tmp_path):

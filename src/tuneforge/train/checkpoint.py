@@ -260,11 +260,23 @@ def load_trainable_weights(model, folder: Path) -> None:
         weights.update(load_file(file))
     if not weights:
         raise FileNotFoundError(f"{folder} holds no model weights (model*.safetensors)")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = model.load_state_dict(_in_the_models_names(model, folder, weights), strict=False)
     tied = {name for name in missing if "lm_head" in name or "embed" in name}
     if unexpected or set(missing) - tied:
         raise ValueError(f"{folder} does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
                          f"unexpected {unexpected[:3]}")
+
+
+def _in_the_models_names(model, folder: Path, weights: dict) -> dict:
+    """`weights` under the model's own parameter names. save_pretrained writes some architectures in another layout
+    than the one they train in (transformers' conversion mapping: ViT under its legacy names, a MoE's fused experts
+    one tensor per expert); transformers' own loader reads them back, into a copy whose tensors then go in place."""
+    from transformers import PreTrainedModel
+
+    if set(weights) <= set(model.state_dict()) or not isinstance(model, PreTrainedModel):
+        return weights
+    dtype = next(model.parameters()).dtype
+    return type(model).from_pretrained(folder, dtype=dtype).state_dict()
 
 
 def check_identity(folder: str | Path, identity: dict) -> None:

@@ -3,6 +3,7 @@ model (load_best_model_at_end) and early stopping."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from contextlib import nullcontext
@@ -108,6 +109,7 @@ class Remembered:
 
 
 BEST = "best_model"
+BEST_STEP = "best_step.json"  # in BEST: the step its weights are from
 
 
 def best_metric_name(t, default: str = "eval_loss") -> tuple[str, bool]:
@@ -135,6 +137,7 @@ def evaluate_and_check(cfg, module, evaluation: Evaluation, accelerator, state, 
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
         if t.load_best_model_at_end and accelerator.is_main_process:
             ckpt.save_model(unwrapped(module), None, Path(t.output_dir) / BEST)
+            (Path(t.output_dir) / BEST / BEST_STEP).write_text(json.dumps({"step": state.global_step}))
     else:
         state.evals_without_improvement += 1
     patience = cfg.finetune.early_stopping_steps
@@ -147,20 +150,35 @@ def evaluate_and_check(cfg, module, evaluation: Evaluation, accelerator, state, 
 def restore_best(cfg, inner, state, accelerator, metric: str) -> bool:
     """With load_best_model_at_end: put the best evaluated weights back and drop their temporary copy; returns
     whether it did."""
-    folder = Path(cfg.train.output_dir) / BEST
-    if not cfg.train.load_best_model_at_end:
+    if not cfg.train.load_best_model_at_end or state.best_step is None:
         return False
     accelerator.wait_for_everyone()  # the main process may still be writing the last best model
-    if not folder.is_dir():
+    folder = _best_weights(Path(cfg.train.output_dir), state.best_step)
+    name = f"{best_metric_name(cfg.train, metric)[0]} = {state.best_metric:.4f}"
+    if folder is None:
+        accelerator.print(f"[tuneforge] the best model (step {state.best_step}, {name}) was saved by the run this one "
+                          f"resumed, and neither {BEST} nor checkpoint-{state.best_step} holds it any more: the final "
+                          "model is the last step's")
         return False
     ckpt.load_trainable_weights(inner.model, folder)
     ckpt.load_extra_weights(inner, folder)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.print(f"[tuneforge] loaded the best model (step {state.best_step}, "
-                          f"{best_metric_name(cfg.train, metric)[0]} = {state.best_metric:.4f})")
-        shutil.rmtree(folder)
+        accelerator.print(f"[tuneforge] loaded the best model (step {state.best_step}, {name})")
+        if folder.name == BEST:
+            shutil.rmtree(folder)
     return True
+
+
+def _best_weights(output_dir: Path, step: int) -> Path | None:
+    """Where the best step's weights are: BEST, unless it holds another step's (a run that was stopped after a
+    checkpoint may have kept a later evaluation's model, which its resumed run has not reached), else that step's
+    checkpoint."""
+    best = output_dir / BEST
+    if (best / BEST_STEP).is_file() and json.loads((best / BEST_STEP).read_text())["step"] == step:
+        return best
+    checkpoint = output_dir / f"checkpoint-{step}"
+    return checkpoint if (checkpoint / ckpt.MARKER).is_file() else None
 
 
 def full_eval_dtype(t, device: torch.device) -> torch.dtype | None:
