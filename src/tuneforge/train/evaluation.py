@@ -136,8 +136,10 @@ def evaluate_and_check(cfg, module, evaluation: Evaluation, accelerator, state, 
     if state.best_metric is None or (value > state.best_metric if higher else value < state.best_metric):
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
         if t.load_best_model_at_end and accelerator.is_main_process:
-            ckpt.save_model(unwrapped(module), None, Path(t.output_dir) / BEST)
-            (Path(t.output_dir) / BEST / BEST_STEP).write_text(json.dumps({"step": state.global_step}))
+            best = Path(t.output_dir) / BEST
+            (best / BEST_STEP).unlink(missing_ok=True)  # a save stopped half-way must not claim an earlier step
+            ckpt.save_model(unwrapped(module), None, best)
+            (best / BEST_STEP).write_text(json.dumps({"step": state.global_step}))
     else:
         state.evals_without_improvement += 1
     patience = cfg.finetune.early_stopping_steps
