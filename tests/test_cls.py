@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from conftest import LOGGED_LOSS, read_log, run_training
+from conftest import LOGGED_LOSS, gate_problems, read_log, run_training
 from safetensors.torch import load_file
 
 from tuneforge.data.registry import DataError
@@ -87,6 +87,29 @@ def test_frozen_weights_stay_bit_identical(tiny_bert, reviews, tmp_path):
     assert set(after) == {f"bert.{name}" for name in before} | {"classifier.weight", "classifier.bias"}
     for name, value in before.items():  # head only: every backbone tensor is exactly as loaded
         assert torch.equal(value, after[f"bert.{name}"]), name
+
+
+@pytest.mark.parametrize("scope", ["layers", "selective"])
+def test_gradient_checkpointing_recomputes_the_layers_and_trains_alike(tiny_bert, reviews, tmp_path, monkeypatch,
+                                                                      scope):
+    """Each encoder layer runs again in backward, and the weights come out bit for bit as without checkpointing: the
+    same operations, and dropout's draws replayed (checkpointing restores the random state)."""
+    from transformers.models.bert import modeling_bert
+
+    calls = []  # the MLP's first half inside each layer (the layer's own forward is the one checkpointing wraps)
+    forward = modeling_bert.BertIntermediate.forward
+    monkeypatch.setattr(modeling_bert.BertIntermediate, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    weights = []
+    for extra in ({}, {"gradient_checkpointing": True, "gradient_checkpointing_scope": scope}):
+        calls.clear()
+        out = tmp_path / str(len(weights))
+        run_training(_cls(tiny_bert, reviews, out, finetuning_type="full", max_steps=3, do_eval=False, val_size=0,
+                          **extra))
+        weights.append(load_file(out / "model.safetensors"))
+        assert len(calls) == 2 * 3 * (2 if extra else 1)  # 2 layers x 3 steps, twice with recomputation
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert "stage cls takes `layers` or `selective`" in gate_problems(
+        tmp_path, stage="cls", gradient_checkpointing=True, gradient_checkpointing_scope="attention")
 
 
 def test_per_layer_rates_land_in_the_right_groups(tiny_bert):

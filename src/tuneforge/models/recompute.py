@@ -81,6 +81,9 @@ def apply_gradient_checkpointing(model, t, model_args, requested: bool = False) 
         _register()
         model.set_attn_implementation(RECOMPUTED_EAGER)
         return t.gradient_checkpointing_scope
+    if not model.supports_gradient_checkpointing:
+        raise ModelError(f"{type(model).__name__} cannot recompute its activations (transformers has no gradient "
+                         "checkpointing for it); remove gradient_checkpointing")
     kwargs = {"use_reentrant": False}
     if t.gradient_checkpointing_scope == "selective":
         kwargs["context_fn"] = _selective_context()

@@ -22,6 +22,7 @@ from ..data.registry import DataError
 from ..models.adapters import all_linear_names, describe_trainable
 from ..models.load import ModelError, load_tokenizer, resolve_model_path
 from ..models.pooling import pooled_logits, resolve_pooling
+from ..models.recompute import apply_gradient_checkpointing
 from .common import guard_output_dir, make_accelerator, train_and_evaluate
 from .logging import write_results
 from .stages import refuse_packing, unused_reference
@@ -192,11 +193,14 @@ def check(cfg) -> list[str]:
     out = []
     if cfg.data.skip_bad_records:
         out.append("`skip_bad_records` is built for the chat and text stages; stage cls stops at the first bad record")
-    unsupported = {"gradient_checkpointing": t.gradient_checkpointing, "torch_compile": t.torch_compile,
+    unsupported = {"torch_compile": t.torch_compile,
                    "pure_bf16": f.pure_bf16, "adapter_name_or_path": m.adapter_name_or_path,
                    "train_from_scratch": m.train_from_scratch, "flash_attn": m.flash_attn != "auto",
                    "quantization_bit": m.quantization_bit, "neftune_noise_alpha": f.neftune_noise_alpha}
     out += [f"`{key}` is not supported for stage cls yet; remove it" for key, value in unsupported.items() if value]
+    if t.gradient_checkpointing and t.gradient_checkpointing_scope == "attention":
+        out.append("gradient_checkpointing_scope: attention recomputes a causal LM's eager attention; stage cls takes "
+                   "`layers` or `selective`")
     return out + refuse_packing(cfg) + unused_reference(cfg, "stage cls trains without a reference model")
 
 
@@ -225,6 +229,9 @@ def run(cfg) -> dict:
         pooling, why = resolve_pooling(cfg.finetune.cls_pooling, resolve_model_path(cfg.model.model_name_or_path),
                                        model)
         accelerator.print(f"[tuneforge] {pooling} pooling (from {why})")
+    if apply_gradient_checkpointing(model, t, cfg.model):
+        accelerator.print(f"[tuneforge] gradient checkpointing ({t.gradient_checkpointing_scope}): activations "
+                          "recomputed in backward")
     model = setup_strategy(model, cfg)
     accelerator.print(f"[tuneforge] {describe_trainable(model, cfg.model.print_param_status)}")
     accelerator.print(f"[tuneforge] {len(train_rows)} training and {len(eval_rows)} evaluation examples, "
