@@ -14,7 +14,7 @@ from tuneforge.cli import main
 from tuneforge.config import ConfigError, build_config, validate
 from tuneforge.data.templates import get_template
 from tuneforge.export import run_export
-from tuneforge.export.gguf import GGUF_TYPES, write_gguf
+from tuneforge.export.gguf import ARCHS, GGUF_TYPES, write_gguf
 from tuneforge.export.ollama import modelfile
 from tuneforge.models.load import ModelError
 
@@ -23,13 +23,19 @@ PROMPTS = ["What is two plus two?", "Tell me about the weather today.", "Who are
 
 
 def build_qwen(folder: Path, vocab_size: int, kind: str = "qwen2"):
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
 
     torch.manual_seed(0)
-    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                             "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[kind]
+    # a MoE as Qwen3-30B-A3B is configured: every layer sparse, the chosen experts' weights renormalised, experts
+    # 768 wide (transformers' GGUF loader does not read expert_feed_forward_length back; it takes that default)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768, norm_topk_prob=True, head_dim=16,
+               tie_word_embeddings=False) if kind == "qwen3_moe" else dict(tie_word_embeddings=True)
     config = config_cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0, **moe)
     model = model_cls(config)
     model.save_pretrained(folder)
     return model
@@ -112,7 +118,19 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
                                          tokenize=True)["input_ids"]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def _rounded(model, dtype: torch.dtype):
+    """A copy of `model` whose matrices went through `dtype` and back, except the MoE routers (`mlp.gate`)."""
+    import copy
+
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in copied.named_parameters():
+            if param.dim() > 1 and ".mlp.gate." not in name:
+                param.copy_(param.to(dtype).float())
+    return copied
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "qwen3_moe"])
 def test_gguf_round_trip_every_type(kind, tmp_path):
     """Each GGUF type reads back with gguf's reader and loads in transformers' GGUF loader; f16/bf16 give the
     merged model's logits within half precision, q8_0/q4_0 agree on the next token for most prompt positions."""
@@ -137,14 +155,22 @@ def test_gguf_round_trip_every_type(kind, tmp_path):
             write_gguf(out, file, choice, get_template("chatml", tokenizer))
         reader = GGUFReader(file)
         arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-        assert arch == kind and len(reader.fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
+        assert arch == ARCHS[kind] and len(reader.fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
         assert "tokenizer.chat_template" in reader.fields
         loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=file.name, dtype=torch.float32).eval()
         if choice == "f16":  # the tokenizer is the same in every type; rebuilding it from the file is slow
             gguf_tokens = AutoTokenizer.from_pretrained(out, gguf_file=file.name)
             assert gguf_tokens.encode(tokenizer.decode(prompts[0]), add_special_tokens=False) == prompts[0]
         got = [logits(loaded, ids) for ids in prompts]
-        if choice in ("f16", "bf16"):
+        if choice in ("f16", "bf16") and kind == "qwen3_moe":
+            # a weight rounded to half precision can change which 2 of the 4 experts a token's router picks, and
+            # with it that token's logits by far more than the rounding: the file must instead give the merged
+            # model with its matrices rounded as the file stores them (the routers stay float32), up to float32
+            # sums in another order (measured equal)
+            rounded = _rounded(merged, {"f16": torch.float16, "bf16": torch.bfloat16}[choice])
+            for ids, g in zip(prompts, got):
+                torch.testing.assert_close(g, logits(rounded, ids), atol=1e-5, rtol=0)
+        elif choice in ("f16", "bf16"):
             # weights rounded to 11 (f16) or 8 (bf16) significant bits: relative error 2^-11 / 2^-8 per weight,
             # growing through 2-4 layers to ~1% (f16) / ~5% (bf16) of the largest logit
             tolerance = {"f16": 0.01, "bf16": 0.05}[choice] * max(r.abs().max().item() for r in reference)
@@ -187,8 +213,16 @@ def test_gguf_refuses_other_architectures(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
-    with pytest.raises(ModelError, match="supports llama, mistral, qwen2, qwen3 models; this one is gpt2"):
+    with pytest.raises(ModelError, match="supports llama, mistral, qwen2, qwen3, qwen3_moe models; this one is gpt2"):
         write_gguf(tmp_path, tmp_path / "x.gguf", "f16")
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    moe = tmp_path / "moe"  # llama.cpp's qwen3moe always renormalises the chosen experts' weights
+    Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=1, num_experts=2, moe_intermediate_size=16,
+                                       norm_topk_prob=False)).save_pretrained(moe)
+    with pytest.raises(ModelError, match="needs every layer sparse and norm_topk_prob true"):
+        write_gguf(moe, tmp_path / "y.gguf", "f16")
 
 
 def test_reward_model_exports_with_its_value_head(base_and_adapter, tmp_path):

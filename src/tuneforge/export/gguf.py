@@ -5,6 +5,7 @@ llama's Q/K row order follow llama.cpp's convert_hf_to_gguf.py; no llama.cpp bin
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -13,7 +14,8 @@ from ..models.load import ModelError
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
 # transformers model_type -> llama.cpp architecture. Mistral (dense) is written as llama, as llama.cpp does.
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}
+EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def _qtype(name: str):
@@ -60,9 +62,22 @@ def _hyper_parameters(writer, config, arch: str) -> None:
     _rope(writer, config)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    if arch == "qwen3" or head_dim != config.hidden_size // config.num_attention_heads:
+    if arch in ("qwen3", "qwen3moe") or head_dim != config.hidden_size // config.num_attention_heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if arch == "qwen3moe":
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+
+
+def _check_moe(config) -> None:
+    """llama.cpp's qwen3moe routes every layer through the experts and renormalises the chosen experts' weights."""
+    if not config.norm_topk_prob or config.mlp_only_layers or config.decoder_sparse_step != 1:
+        raise ModelError("GGUF export of qwen3_moe needs every layer sparse and norm_topk_prob true, as llama.cpp's "
+                         f"qwen3moe computes it (this model: norm_topk_prob {config.norm_topk_prob}, mlp_only_layers "
+                         f"{config.mlp_only_layers}, decoder_sparse_step {config.decoder_sparse_step}); export "
+                         "without export_gguf")
 
 
 def _pre_tokenizer(tokenizer_json: dict) -> str:
@@ -126,6 +141,26 @@ def _tensors(folder: Path):
                 yield name, f.get_tensor(name)
 
 
+def _experts_stacked(tensors, n_experts: int):
+    """A MoE's per-expert matrices (as save_pretrained writes them) as one [experts, out, in] tensor per layer and
+    projection, under the name llama.cpp's converter gives the stack; other tensors pass through."""
+    pending: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, weight in tensors:
+        match = EXPERT.match(name)
+        if match is None:
+            yield name, weight
+            continue
+        layer, expert, projection = match.groups()
+        group = pending.setdefault((layer, projection), {})
+        group[int(expert)] = weight
+        if len(group) == n_experts:
+            del pending[(layer, projection)]
+            yield f"model.layers.{layer}.mlp.experts.{projection}.weight", torch.stack([group[e] for e in
+                                                                                        range(n_experts)])
+    if pending:
+        raise ModelError(f"GGUF export: the experts of {sorted(pending)[:3]} are incomplete in the merged model")
+
+
 def _encode(weight: torch.Tensor, choice: str, target: str):
     """(data, type) for the writer: 1-D tensors (norms, biases) stay F32 as llama.cpp keeps them; 2-D
     weights take the chosen type, or F16 when a row does not split into the quantiser's 32-value blocks. With q4_0
@@ -134,7 +169,7 @@ def _encode(weight: torch.Tensor, choice: str, target: str):
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants
 
     data = weight.float().numpy()
-    if data.ndim == 1:
+    if data.ndim == 1 or ".ffn_gate_inp." in target:  # a MoE's router stays F32, as llama.cpp keeps it
         return data, Q.F32
     qtype = _qtype(choice)[0]
     if qtype == Q.Q4_0 and target in ("token_embd.weight", "output.weight"):
@@ -154,6 +189,8 @@ def write_gguf(folder: Path, out: Path, choice: str, template=None) -> Path:
     if arch is None:
         raise ModelError(f"GGUF export supports {', '.join(sorted(ARCHS))} models; this one is "
                          f"{config.model_type} (export_gguf needs one of those, or leave it unset)")
+    if arch == "qwen3moe":
+        _check_moe(config)
     writer = gguf.GGUFWriter(out, arch)
     writer.add_name(folder.name)
     writer.add_file_type(_qtype(choice)[1])
@@ -161,7 +198,8 @@ def write_gguf(folder: Path, out: Path, choice: str, template=None) -> Path:
     _hyper_parameters(writer, config, arch)
     _tokenizer(writer, folder, config.vocab_size, template)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
-    for name, weight in _tensors(folder):
+    tensors = _tensors(folder)
+    for name, weight in _experts_stacked(tensors, config.num_experts) if arch == "qwen3moe" else tensors:
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
