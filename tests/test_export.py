@@ -1,5 +1,5 @@
 """`tuneforge export`: merged folders, shards, legacy .bin, GGUF round trips and the Ollama Modelfile, on a tiny
-random Llama and a tiny Qwen2 / Qwen3 built from configs (no downloads)."""
+random Llama and a tiny Qwen2 / Qwen3 / Qwen3-MoE / Phi-3 built from configs (no downloads)."""
 
 from __future__ import annotations
 
@@ -23,16 +23,19 @@ PROMPTS = ["What is two plus two?", "Tell me about the weather today.", "Who are
 
 
 def build_qwen(folder: Path, vocab_size: int, kind: str = "qwen2"):
-    from transformers import (Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
-                              Qwen3MoeForCausalLM)
+    from transformers import (Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     torch.manual_seed(0)
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-                             "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[kind]
+                             "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+                             "phi3": (Phi3Config, Phi3ForCausalLM)}[kind]
     # a MoE as Qwen3-30B-A3B is configured: every layer sparse, the chosen experts' weights renormalised, experts
-    # 768 wide (transformers' GGUF loader does not read expert_feed_forward_length back; it takes that default)
+    # 768 wide (transformers' GGUF loader does not read expert_feed_forward_length back; it takes that default);
+    # Phi-4 (phi3 with fused q/k/v and gate/up projections) keeps a head of its own
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768, norm_topk_prob=True, head_dim=16,
-               tie_word_embeddings=False) if kind == "qwen3_moe" else dict(tie_word_embeddings=True)
+               tie_word_embeddings=False) if kind == "qwen3_moe" else \
+        dict(tie_word_embeddings=kind != "phi3")
     config = config_cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0, **moe)
@@ -130,7 +133,7 @@ def _rounded(model, dtype: torch.dtype):
     return copied
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "qwen3_moe", "phi3"])
 def test_gguf_round_trip_every_type(kind, tmp_path):
     """Each GGUF type reads back with gguf's reader and loads in transformers' GGUF loader; f16/bf16 give the
     merged model's logits within half precision, q8_0/q4_0 agree on the next token for most prompt positions."""
@@ -157,6 +160,12 @@ def test_gguf_round_trip_every_type(kind, tmp_path):
         arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
         assert arch == ARCHS[kind] and len(reader.fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
         assert "tokenizer.chat_template" in reader.fields
+        read = {key: reader.fields[f"{arch}.{key}"].parts[-1][0] for key in ("rope.dimension_count",
+                "expert_feed_forward_length", "attention.sliding_window") if f"{arch}.{key}" in reader.fields}
+        # what transformers' loader does not read back, but llama.cpp does
+        head_dim = getattr(merged.config, "head_dim", None) or 64 // 4
+        assert read == {"rope.dimension_count": head_dim, **{"qwen3_moe": {"expert_feed_forward_length": 768},
+                                                             "phi3": {"attention.sliding_window": 0}}.get(kind, {})}
         loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=file.name, dtype=torch.float32).eval()
         if choice == "f16":  # the tokenizer is the same in every type; rebuilding it from the file is slow
             gguf_tokens = AutoTokenizer.from_pretrained(out, gguf_file=file.name)
@@ -213,7 +222,8 @@ def test_gguf_refuses_other_architectures(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
-    with pytest.raises(ModelError, match="supports llama, mistral, qwen2, qwen3, qwen3_moe models; this one is gpt2"):
+    with pytest.raises(ModelError, match="supports llama, mistral, phi3, qwen2, qwen3, qwen3_moe models; this one is "
+                                         "gpt2"):
         write_gguf(tmp_path, tmp_path / "x.gguf", "f16")
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 

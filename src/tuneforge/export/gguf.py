@@ -14,7 +14,8 @@ from ..models.load import ModelError
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
 # transformers model_type -> llama.cpp architecture. Mistral (dense) is written as llama, as llama.cpp does.
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe",
+         "phi3": "phi3"}
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -60,11 +61,15 @@ def _hyper_parameters(writer, config, arch: str) -> None:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     _rope(writer, config)
-    writer.add_rope_dimension_count(head_dim)
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))  # Phi-4-mini: 0.75
     writer.add_vocab_size(config.vocab_size)
     if arch in ("qwen3", "qwen3moe") or head_dim != config.hidden_size // config.num_attention_heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if arch == "phi3":  # llama.cpp tells Phi-4 (no sliding window) from Phi-3 by a window of 0
+        writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+        writer.add_sliding_window(config.sliding_window or 0)
     if arch == "qwen3moe":
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
@@ -191,6 +196,10 @@ def write_gguf(folder: Path, out: Path, choice: str, template=None) -> Path:
                          f"{config.model_type} (export_gguf needs one of those, or leave it unset)")
     if arch == "qwen3moe":
         _check_moe(config)
+    kind = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if arch == "phi3" and kind != "default":  # llama.cpp's phi3 takes long contexts as per-dimension factor tensors
+        raise ModelError(f"GGUF export of a phi3 model with rope scaling `{kind}` is not built; export without "
+                         "export_gguf")
     writer = gguf.GGUFWriter(out, arch)
     writer.add_name(folder.name)
     writer.add_file_type(_qtype(choice)[1])
