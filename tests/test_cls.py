@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,22 +180,34 @@ def tiny_image_model(request, tmp_path_factory):
     return str(folder)
 
 
-@pytest.mark.parametrize("kind", ["full", "partial"])
+@pytest.mark.parametrize("kind", ["full", "partial", "pure_bf16"])
 def test_image_classifier_learns_colours(tiny_image_model, tmp_path, kind):
     from transformers import AutoModelForImageClassification
+
+    from tuneforge.config import build_config
+    from tuneforge.infer.classify import classify, load_trained_classifier
 
     data = _image_folder(tmp_path / "colours")
     out = tmp_path / "out"
     if kind == "partial":  # LoRA on the ViT's attention; the ResNet's top stage (LoRA is for linear layers)
         kind = "lora" if "vit" in tiny_image_model else "freeze"
-    results = run_training(_cls(tiny_image_model, str(data), out, finetuning_type=kind, lora_target="q_proj,v_proj",
-                                freeze_trainable_layers=1, learning_rate=1e-2, num_train_epochs=8,
-                                per_device_train_batch_size=6))
+    # pure_bf16: the model held and saved in bf16 (a ResNet does not cast the fp32 pixels to its weights' dtype)
+    precision = {"bf16": True, "pure_bf16": True} if kind == "pure_bf16" else {}
+    results = run_training(_cls(tiny_image_model, str(data), out, finetuning_type="full" if precision else kind,
+                                lora_target="q_proj,v_proj", freeze_trainable_layers=1, learning_rate=1e-2,
+                                num_train_epochs=8, per_device_train_batch_size=6, **precision))
     assert results["eval_accuracy"] >= 0.85, results
     assert (out / "preprocessor_config.json").is_file() and (out / "confusion_matrix.png").is_file()
     if kind == "full":
         assert AutoModelForImageClassification.from_pretrained(out).config.id2label == {0: "blue", 1: "green",
                                                                                          2: "red"}
+    if precision:
+        assert {t.dtype for t in load_file(out / "model.safetensors").values() if t.is_floating_point()} == \
+            {torch.bfloat16}
+        loaded = load_trained_classifier(build_config({"model_name_or_path": str(out)}, source="test"))
+        images = sorted(str(p) for p in data.glob("*/*.png"))
+        labels = [r["predict"] for r in classify(*loaded[:4], images, saved=loaded[4])]
+        assert sum(label == Path(p).parent.name for label, p in zip(labels, images)) >= 0.85 * len(images)
 
 
 def test_image_paths_from_a_csv_and_a_broken_image(tiny_image_model, tmp_path):

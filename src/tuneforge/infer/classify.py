@@ -33,8 +33,9 @@ def load_trained_classifier(cfg):
     images = (folder / "preprocessor_config.json").is_file()
     auto = AutoModelForImageClassification if images else AutoModelForSequenceClassification
     base = resolve_model_path(cfg.model.model_name_or_path)
+    # float32 also for a classifier trained in bf16 (pure_bf16): its weights widen exactly, and inputs stay fp32
     model = auto.from_pretrained(base, num_labels=len(label2id), label2id=label2id, id2label=id2label,
-                                 ignore_mismatched_sizes=True)
+                                 ignore_mismatched_sizes=True, dtype=torch.float32)
     if adapter:
         from peft import PeftModel
 

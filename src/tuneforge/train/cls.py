@@ -41,6 +41,8 @@ class ClassifierLoss(torch.nn.Module):
         self.pooling = pooling
 
     def logits(self, inputs: dict) -> torch.Tensor:
+        if "pixel_values" in inputs:  # fp32 from the image processor; a ResNet held in bf16 does not cast them itself
+            inputs = {**inputs, "pixel_values": inputs["pixel_values"].to(self.model.dtype)}
         logits = pooled_logits(self.model, inputs, self.pooling) if self.pooling else self.model(**inputs).logits
         return logits.float()
 
@@ -63,7 +65,8 @@ def load_classifier(cfg, label2id: dict[str, int], id2label: dict[int, str], ima
     try:
         model = auto.from_pretrained(
             path, num_labels=len(label2id), label2id=label2id, id2label=id2label, ignore_mismatched_sizes=True,
-            trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32)
+            trust_remote_code=cfg.model.trust_remote_code,
+            dtype=torch.bfloat16 if cfg.finetune.pure_bf16 else torch.float32)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load `{cfg.model.model_name_or_path}` as an {'image' if images else 'text'} "
                          f"classifier: "
@@ -193,8 +196,7 @@ def check(cfg) -> list[str]:
     out = []
     if cfg.data.skip_bad_records:
         out.append("`skip_bad_records` is built for the chat and text stages; stage cls stops at the first bad record")
-    unsupported = {"torch_compile": t.torch_compile,
-                   "pure_bf16": f.pure_bf16, "adapter_name_or_path": m.adapter_name_or_path,
+    unsupported = {"torch_compile": t.torch_compile, "adapter_name_or_path": m.adapter_name_or_path,
                    "train_from_scratch": m.train_from_scratch, "flash_attn": m.flash_attn != "auto",
                    "quantization_bit": m.quantization_bit, "neftune_noise_alpha": f.neftune_noise_alpha}
     out += [f"`{key}` is not supported for stage cls yet; remove it" for key, value in unsupported.items() if value]
