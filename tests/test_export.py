@@ -1,5 +1,5 @@
 """`tuneforge export`: merged folders, shards, legacy .bin, GGUF round trips and the Ollama Modelfile, on a tiny
-random Llama and a tiny Qwen2 / Qwen3 / Qwen3-MoE / Phi-3 built from configs (no downloads)."""
+random Llama and a tiny Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE / Phi-3 built from configs (no downloads)."""
 
 from __future__ import annotations
 
@@ -23,19 +23,22 @@ PROMPTS = ["What is two plus two?", "Tell me about the weather today.", "Who are
 
 
 def build_qwen(folder: Path, vocab_size: int, kind: str = "qwen2"):
-    from transformers import (Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+    from transformers import (Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
+                              Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     torch.manual_seed(0)
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                             "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
                              "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
                              "phi3": (Phi3Config, Phi3ForCausalLM)}[kind]
-    # a MoE as Qwen3-30B-A3B is configured: every layer sparse, the chosen experts' weights renormalised, experts
-    # 768 wide (transformers' GGUF loader does not read expert_feed_forward_length back; it takes that default);
-    # Phi-4 (phi3 with fused q/k/v and gate/up projections) keeps a head of its own
-    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768, norm_topk_prob=True, head_dim=16,
-               tie_word_embeddings=False) if kind == "qwen3_moe" else \
-        dict(tie_word_embeddings=kind != "phi3")
+    # MoEs as Qwen3-30B-A3B and Qwen1.5-MoE-A2.7B are configured: every layer sparse, the chosen experts' weights
+    # renormalised (Qwen3) or not (Qwen2, with a shared expert), experts as wide as transformers' defaults (its GGUF
+    # loader does not read the expert widths back); Phi-4 (phi3: fused q/k/v and gate/up projections) keeps a head
+    # of its own
+    moe = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768, norm_topk_prob=True,
+                             head_dim=16, tie_word_embeddings=False),
+           "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                             tie_word_embeddings=False)}.get(kind, dict(tie_word_embeddings=kind != "phi3"))
     config = config_cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0, **moe)
@@ -122,18 +125,19 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def _rounded(model, dtype: torch.dtype):
-    """A copy of `model` whose matrices went through `dtype` and back, except the MoE routers (`mlp.gate`)."""
+    """A copy of `model` whose matrices went through `dtype` and back, except a MoE's routers (its `mlp.gate` and
+    shared expert's gate), which GGUF keeps in float32."""
     import copy
 
     copied = copy.deepcopy(model)
     with torch.no_grad():
         for name, param in copied.named_parameters():
-            if param.dim() > 1 and ".mlp.gate." not in name:
+            if param.dim() > 1 and not name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
                 param.copy_(param.to(dtype).float())
     return copied
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "qwen3_moe", "phi3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "phi3"])
 def test_gguf_round_trip_every_type(kind, tmp_path):
     """Each GGUF type reads back with gguf's reader and loads in transformers' GGUF loader; f16/bf16 give the
     merged model's logits within half precision, q8_0/q4_0 agree on the next token for most prompt positions."""
@@ -165,13 +169,14 @@ def test_gguf_round_trip_every_type(kind, tmp_path):
         # what transformers' loader does not read back, but llama.cpp does
         head_dim = getattr(merged.config, "head_dim", None) or 64 // 4
         assert read == {"rope.dimension_count": head_dim, **{"qwen3_moe": {"expert_feed_forward_length": 768},
+                                                             "qwen2_moe": {"expert_feed_forward_length": 1408},
                                                              "phi3": {"attention.sliding_window": 0}}.get(kind, {})}
         loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=file.name, dtype=torch.float32).eval()
         if choice == "f16":  # the tokenizer is the same in every type; rebuilding it from the file is slow
             gguf_tokens = AutoTokenizer.from_pretrained(out, gguf_file=file.name)
             assert gguf_tokens.encode(tokenizer.decode(prompts[0]), add_special_tokens=False) == prompts[0]
         got = [logits(loaded, ids) for ids in prompts]
-        if choice in ("f16", "bf16") and kind == "qwen3_moe":
+        if choice in ("f16", "bf16") and kind.endswith("_moe"):
             # a weight rounded to half precision can change which 2 of the 4 experts a token's router picks, and
             # with it that token's logits by far more than the rounding: the file must instead give the merged
             # model with its matrices rounded as the file stores them (the routers stay float32), up to float32
@@ -222,8 +227,8 @@ def test_gguf_refuses_other_architectures(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
-    with pytest.raises(ModelError, match="supports llama, mistral, phi3, qwen2, qwen3, qwen3_moe models; this one is "
-                                         "gpt2"):
+    with pytest.raises(ModelError, match="supports llama, mistral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe models; "
+                                         "this one is gpt2"):
         write_gguf(tmp_path, tmp_path / "x.gguf", "f16")
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -231,7 +236,7 @@ def test_gguf_refuses_other_architectures(tmp_path):
     Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                        num_key_value_heads=1, num_experts=2, moe_intermediate_size=16,
                                        norm_topk_prob=False)).save_pretrained(moe)
-    with pytest.raises(ModelError, match="needs every layer sparse and norm_topk_prob true"):
+    with pytest.raises(ModelError, match="needs every layer sparse and norm_topk_prob true, as llama.cpp's qwen3moe"):
         write_gguf(moe, tmp_path / "y.gguf", "f16")
 
 

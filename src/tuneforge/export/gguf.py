@@ -14,8 +14,9 @@ from ..models.load import ModelError
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
 # transformers model_type -> llama.cpp architecture. Mistral (dense) is written as llama, as llama.cpp does.
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe",
-         "phi3": "phi3"}
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe",
+         "qwen3_moe": "qwen3moe", "phi3": "phi3"}
+RENORMALISED = {"qwen2moe": False, "qwen3moe": True}  # whether llama.cpp renormalises the chosen experts' weights
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -70,19 +71,23 @@ def _hyper_parameters(writer, config, arch: str) -> None:
     if arch == "phi3":  # llama.cpp tells Phi-4 (no sliding window) from Phi-3 by a window of 0
         writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
         writer.add_sliding_window(config.sliding_window or 0)
-    if arch == "qwen3moe":
+    if arch in RENORMALISED:
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if arch == "qwen2moe":
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
 
 
-def _check_moe(config) -> None:
-    """llama.cpp's qwen3moe routes every layer through the experts and renormalises the chosen experts' weights."""
-    if not config.norm_topk_prob or config.mlp_only_layers or config.decoder_sparse_step != 1:
-        raise ModelError("GGUF export of qwen3_moe needs every layer sparse and norm_topk_prob true, as llama.cpp's "
-                         f"qwen3moe computes it (this model: norm_topk_prob {config.norm_topk_prob}, mlp_only_layers "
-                         f"{config.mlp_only_layers}, decoder_sparse_step {config.decoder_sparse_step}); export "
-                         "without export_gguf")
+def _check_moe(config, arch: str) -> None:
+    """llama.cpp's qwen2moe / qwen3moe route every layer through the experts, and renormalise the chosen experts'
+    weights or not as RENORMALISED says, whatever the model's config."""
+    want = RENORMALISED[arch]
+    if config.norm_topk_prob != want or config.mlp_only_layers or config.decoder_sparse_step != 1:
+        raise ModelError(f"GGUF export of {config.model_type} needs every layer sparse and norm_topk_prob "
+                         f"{str(want).lower()}, as llama.cpp's {arch} computes it (this model: norm_topk_prob "
+                         f"{config.norm_topk_prob}, mlp_only_layers {config.mlp_only_layers}, decoder_sparse_step "
+                         f"{config.decoder_sparse_step}); export without export_gguf")
 
 
 def _pre_tokenizer(tokenizer_json: dict) -> str:
@@ -194,8 +199,8 @@ def write_gguf(folder: Path, out: Path, choice: str, template=None) -> Path:
     if arch is None:
         raise ModelError(f"GGUF export supports {', '.join(sorted(ARCHS))} models; this one is "
                          f"{config.model_type} (export_gguf needs one of those, or leave it unset)")
-    if arch == "qwen3moe":
-        _check_moe(config)
+    if arch in RENORMALISED:
+        _check_moe(config, arch)
     kind = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if arch == "phi3" and kind != "default":  # llama.cpp's phi3 takes long contexts as per-dimension factor tensors
         raise ModelError(f"GGUF export of a phi3 model with rope scaling `{kind}` is not built; export without "
@@ -208,12 +213,14 @@ def write_gguf(folder: Path, out: Path, choice: str, template=None) -> Path:
     _tokenizer(writer, folder, config.vocab_size, template)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     tensors = _tensors(folder)
-    for name, weight in _experts_stacked(tensors, config.num_experts) if arch == "qwen3moe" else tensors:
+    for name, weight in _experts_stacked(tensors, config.num_experts) if arch in RENORMALISED else tensors:
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise ModelError(f"GGUF export does not know where tensor {name} goes in a {arch} model")
+        if target.endswith("ffn_gate_inp_shexp.weight"):  # llama.cpp holds the shared expert's gate as a vector
+            weight = weight.reshape(-1)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             weight = _permute_rows(weight, heads)
