@@ -238,6 +238,17 @@ def test_gguf_refuses_other_architectures(tmp_path):
                                        norm_topk_prob=False)).save_pretrained(moe)
     with pytest.raises(ModelError, match="needs every layer sparse and norm_topk_prob true, as llama.cpp's qwen3moe"):
         write_gguf(moe, tmp_path / "y.gguf", "f16")
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    phi = tmp_path / "phi"  # Phi-3's 128k-context rope scaling: factor tensors in llama.cpp, not written here
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0] * 8, "short_factor": [1.0] * 8,
+                "factor": 2.0, "original_max_position_embeddings": 4096}
+    Phi3ForCausalLM(Phi3Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
+                               original_max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                               rope_parameters=longrope)).save_pretrained(phi)
+    with pytest.raises(ModelError, match="phi3 model with rope scaling `longrope` is not built"):
+        write_gguf(phi, tmp_path / "z.gguf", "f16")
 
 
 def test_reward_model_exports_with_its_value_head(base_and_adapter, tmp_path):

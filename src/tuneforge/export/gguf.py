@@ -165,8 +165,8 @@ def _experts_stacked(tensors, n_experts: int):
         group[int(expert)] = weight
         if len(group) == n_experts:
             del pending[(layer, projection)]
-            yield f"model.layers.{layer}.mlp.experts.{projection}.weight", torch.stack([group[e] for e in
-                                                                                        range(n_experts)])
+            stacked = torch.stack([group[e] for e in range(n_experts)])
+            yield f"model.layers.{layer}.mlp.experts.{projection}.weight", stacked
     if pending:
         raise ModelError(f"GGUF export: the experts of {sorted(pending)[:3]} are incomplete in the merged model")
 
