@@ -111,6 +111,18 @@ def test_low_cpu_mem_usage_false_loads_with_a_notice():
     assert not any("low_cpu_mem_usage" in n for n in notices(build_config(_minimal())))
 
 
+def test_llamafactory_v1_configs_get_one_line_that_maps_their_keys():
+    """LLaMA-Factory 0.9.5's examples/v1 configs (USE_V1=1) use another set of keys; one line says so and maps the
+    common ones, and the main format's keys beside them still go through."""
+    with pytest.raises(ConfigError) as err:
+        build_config({"model": "Qwen/Qwen3-4B", "peft_config": {"name": "freeze"}, "train_dataset": "v1.yaml",
+                      "micro_batch_size": 1, "cutoff_len": 2048, "learning_rate": 2e-5}, source="v1.yaml")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("v1.yaml: `model`, `peft_config`, `train_dataset`, "
+                                                      "`micro_batch_size` are keys of LLaMA-Factory's experimental v1")
+    assert "model -> model_name_or_path, train_dataset -> dataset" in message
+
+
 def test_megatron_keys_get_one_line_that_says_what_they_are():
     """LLaMA-Factory's examples/megatron configs set a dozen Megatron-Core keys: one line names them all."""
     with pytest.raises(ConfigError) as err:

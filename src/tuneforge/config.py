@@ -202,15 +202,15 @@ def build_config(values: dict, source: str = "command line", cli_values: dict | 
     """The config from a file's `values` (named `source` in messages) with `cli_values` from the command line
     applied over them. Every unknown key and mistyped value is reported at once, each named by where it came from."""
     from .cmdline import suggest
-    from .lf_options import MEGATRON_KEYS, megatron_problem
+    from .lf_options import other_engines
 
     cfg, problems = Config(source=source, cli_keys=frozenset(cli_values or ())), []
     for where, items in ((source, values), ("command line", cli_values or {})):
-        if megatron := [key for key in items if key in MEGATRON_KEYS]:
-            problems.append(megatron_problem(where, megatron))
+        engine_problems, named = other_engines(where, items)
+        problems += engine_problems
         for key, value in items.items():
             if key not in KEY_GROUP:
-                if key not in MEGATRON_KEYS:  # (named together above)
+                if key not in named:  # (named together above)
                     problems.append(f"{where}: unknown key `{key}`{suggest(key)}")
                 continue
             group = KEY_GROUP[key]

@@ -105,3 +105,31 @@ def megatron_problem(where: str, keys: list[str]) -> str:
     return (f"{where}: {', '.join(f'`{k}`' for k in keys)} configure Megatron-Core (LLaMA-Factory reads them only "
             "with USE_MCA=1), whose training is not built: remove them and shard with fsdp or deepspeed "
             "(docs/distributed.md)")
+
+
+# the keys only the experimental engine of LLaMA-Factory 0.9.5 reads (USE_V1=1; its examples/v1 configs)
+V1_KEYS = frozenset((
+    "model", "model_class", "init_config", "peft_config", "kernel_config", "quant_config", "train_dataset",
+    "sample_backend", "micro_batch_size", "global_batch_size", "batching_strategy", "batching_workers",
+    "enable_activation_checkpointing", "dist_config", "optim_config", "lr_scheduler_config", "save_epochs",
+    "save_ckpt_as_hf"))
+
+
+def v1_problem(where: str, keys: list[str]) -> str:
+    return (f"{where}: {', '.join(f'`{k}`' for k in keys)} are keys of LLaMA-Factory's experimental v1 engine "
+            "(USE_V1=1), which tuneforge does not read: write the config in LLaMA-Factory's main format "
+            "(model -> model_name_or_path, train_dataset -> dataset, micro_batch_size -> "
+            "per_device_train_batch_size, global_batch_size -> gradient_accumulation_steps x processes x that, "
+            "peft_config -> finetuning_type and lora_*, dist_config -> fsdp or deepspeed, "
+            "enable_activation_checkpointing -> gradient_checkpointing; docs/llamafactory.md)")
+
+
+def other_engines(where: str, items: dict) -> tuple[list[str], set[str]]:
+    """The keys of LLaMA-Factory's other engines in `items`, each engine's named together in one problem rather
+    than as unknown keys: (problems, the keys they name)."""
+    problems, named = [], set()
+    for keys, problem in ((MEGATRON_KEYS, megatron_problem), (V1_KEYS, v1_problem)):
+        if found := [key for key in items if key in keys]:
+            problems.append(problem(where, found))
+            named.update(found)
+    return problems, named
