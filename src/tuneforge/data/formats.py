@@ -195,7 +195,9 @@ def _sharegpt(attr: DatasetAttr, formatting: str, record: RawRecord, kind: str) 
                             f"{'user' if i % 2 == 0 else 'assistant'} turn was expected: turns must alternate "
                             "user, assistant, user, assistant, ...")
         if not isinstance(message[tags["content_tag"]], str):
-            raise DataError(f"{where}: `{tags['content_tag']}` must be a string")
+            parts = " (a list of parts, as LLaMA-Factory v1's and OpenAI's multi-part messages hold, is not read: " \
+                "put the text in one string)" if isinstance(message[tags["content_tag"]], list) else ""
+            raise DataError(f"{where}: `{tags['content_tag']}` must be a string{parts}")
         if role == FUNCTION:
             try:
                 parse_calls(message[tags["content_tag"]])
