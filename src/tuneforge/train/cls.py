@@ -198,7 +198,8 @@ def check(cfg) -> list[str]:
         out.append("`skip_bad_records` is built for the chat and text stages; stage cls stops at the first bad record")
     unsupported = {"torch_compile": t.torch_compile, "adapter_name_or_path": m.adapter_name_or_path,
                    "train_from_scratch": m.train_from_scratch, "flash_attn": m.flash_attn != "auto",
-                   "quantization_bit": m.quantization_bit, "neftune_noise_alpha": f.neftune_noise_alpha}
+                   "quantization_bit": m.quantization_bit, "neftune_noise_alpha": f.neftune_noise_alpha,
+                   "upcast_layernorm": m.upcast_layernorm}
     out += [f"`{key}` is not supported for stage cls yet; remove it" for key, value in unsupported.items() if value]
     if t.gradient_checkpointing and t.gradient_checkpointing_scope == "attention":
         out.append("gradient_checkpointing_scope: attention recomputes a causal LM's eager attention; stage cls takes "
