@@ -141,6 +141,8 @@ def test_a_bare_no_is_the_choice_no(tmp_path):
     ("stage=cls torch_compile=true", "`torch_compile` is not supported for stage cls yet"),
     ("stage=cls torch_compile_backend=eager", "`torch_compile` is not supported for stage cls yet"),  # HF: implies
     ("stage=cls pure_bf16=true bf16=true upcast_layernorm=true", "`upcast_layernorm` is not supported for stage cls"),
+    ("stage=cls train_on_prompt=true", "`train_on_prompt` masks the turns of a conversation; stage cls trains on"),
+    ("stage=cls finetuning_type=freeze freeze_extra_modules=embed", "`freeze_extra_modules` is not supported for stage"),
     ("torch_compile_backend=eager torch_compile_mode=max-autotune", "`torch_compile_mode: max-autotune` is an "
                                                                     "inductor mode; backend eager takes none"),
     ("torch_compile_backend=tvm", "`torch_compile_backend` must be one of inductor, aot_eager, eager; got 'tvm'"),

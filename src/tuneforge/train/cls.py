@@ -201,6 +201,13 @@ def check(cfg) -> list[str]:
                    "quantization_bit": m.quantization_bit, "neftune_noise_alpha": f.neftune_noise_alpha,
                    "upcast_layernorm": m.upcast_layernorm}
     out += [f"`{key}` is not supported for stage cls yet; remove it" for key, value in unsupported.items() if value]
+    d = cfg.data
+    out += [f"`{key}` masks the turns of a conversation; stage cls trains on labels, remove it"
+            for key, value in (("train_on_prompt", d.train_on_prompt), ("mask_history", d.mask_history)) if value]
+    out += [f"`{key}` is not supported for stage cls yet (it trains its head, plus lora_target's adapters or the "
+            "last freeze_trainable_layers layers); remove it"
+            for key, value in (("additional_target", f.additional_target),
+                               ("freeze_extra_modules", f.freeze_extra_modules)) if value]
     if t.gradient_checkpointing and t.gradient_checkpointing_scope == "attention":
         out.append("gradient_checkpointing_scope: attention recomputes a causal LM's eager attention; stage cls takes "
                    "`layers` or `selective`")
