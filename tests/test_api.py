@@ -175,6 +175,10 @@ def test_errors_in_openai_shape(api):
         assert code == status and answer["error"]["param"] == param and answer["error"]["message"], (body, answer)
     code, answer = post(f"{url}/v1/chat/completions", b'{"model": "tiny", "messages": [')
     assert code == 400 and "malformed JSON" in answer["error"]["message"]
+    code, answer = post(f"{url}/v1/embeddings", json.dumps({"model": "tiny", "input": "hi"}).encode())
+    assert code == 404 and answer["error"]["message"] == (
+        "Not Found: POST /v1/embeddings; this server answers GET /v1/models, POST /v1/chat/completions and POST "
+        "/v1/completions")
     assert post(f"{url}/v1/chat/completions", json.dumps({"model": "tiny", "messages": chat}).encode(),
                 key="wrong")[0] == 401
     with pytest.raises(openai.BadRequestError):

@@ -390,8 +390,12 @@ def create_app(server: Server, max_body: int = MAX_BODY):
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_, err: HTTPException):  # unknown routes, wrong methods, unreadable bodies: OpenAI's shape
-        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code,
+    async def http_error(request, err: HTTPException):  # unknown routes, wrong methods, unreadable bodies
+        message = str(err.detail)
+        if message in ("Not Found", "Method Not Allowed"):  # (e.g. /v1/embeddings, which a client may try)
+            message += (f": {request.method} {request.url.path}; this server answers GET /v1/models, "
+                        "POST /v1/chat/completions and POST /v1/completions")
+        return JSONResponse(ApiError(err.status_code, message).body(), status_code=err.status_code,
                             headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
