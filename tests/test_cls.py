@@ -238,6 +238,22 @@ def test_best_model_by_accuracy_is_kept(tiny_bert, reviews, tmp_path):
     assert not (out / "best_model").exists()  # the best weights became the final model
 
 
+def test_a_lora_classifier_continues_from_its_adapter(tiny_bert, reviews, tmp_path):
+    """adapter_name_or_path continues the saved adapter and head: at learning rate 0 the continued run evaluates
+    exactly as the first run ended; data with other labels is refused."""
+    first = run_training(_cls(tiny_bert, reviews, tmp_path / "first", finetuning_type="lora",
+                              lora_target="query,value", learning_rate=2e-2))
+    again = run_training(_cls(tiny_bert, reviews, tmp_path / "again", finetuning_type="lora", learning_rate=0.0,
+                              adapter_name_or_path=str(tmp_path / "first"), max_steps=2))
+    assert first["eval_accuracy"] >= 0.9 and again["eval_loss"] == first["eval_loss"]
+    other = tmp_path / "other.csv"
+    other.write_text("review,sentiment\n" + "\n".join(f"the film was {w},{'fun' if i % 2 else 'dull'}"
+                                                       for i, w in enumerate(["good", "bad"] * 6)) + "\n")
+    with pytest.raises(DataError, match=r"the data's labels \['dull', 'fun'\] are not the \['negative', 'positive'\]"):
+        run_training(_cls(tiny_bert, str(other), tmp_path / "x", finetuning_type="lora",
+                          adapter_name_or_path=str(tmp_path / "first")))
+
+
 def test_predict_command_labels_texts_and_files(tiny_bert, reviews, tmp_path, capsys):
     from tuneforge.cli import main
 

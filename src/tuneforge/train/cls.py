@@ -113,8 +113,10 @@ def setup_strategy(model, cfg):
             in_top = layer is not None and int(layer.group(1)) >= n_layers - keep
             param.requires_grad_(name.split(".")[0] in heads or in_top)
         return model
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
+    if cfg.model.adapter_name_or_path:  # continued with the adapter's own LoRA settings, as LLaMA-Factory does
+        return PeftModel.from_pretrained(model, cfg.model.adapter_name_or_path, is_trainable=True)
     if f.lora_target.strip() == "all":  # every linear layer outside the head
         targets = sorted({name.split(".")[-1] for name, module in model.named_modules()
                           if isinstance(module, torch.nn.Linear) and name.split(".")[0] not in heads})
@@ -133,6 +135,18 @@ def setup_strategy(model, cfg):
                         lora_dropout=f.lora_dropout, target_modules=targets, modules_to_save=heads,
                         use_rslora=f.use_rslora, use_dora=f.use_dora)
     return get_peft_model(model, config)
+
+
+def _check_same_labels(adapter: str, label2id: dict[str, int]) -> None:
+    """A classifier adapter continues only on the labels its head was trained for, in the same order."""
+    file = Path(adapter) / LABELS_FILE
+    if not file.is_file():
+        raise ModelError(f"adapter_name_or_path {adapter} has no {LABELS_FILE}: point it at the output_dir of a "
+                         "`stage: cls` LoRA run")
+    saved = json.loads(file.read_text(encoding="utf-8"))["label2id"]
+    if saved != label2id:
+        raise DataError(f"the data's labels {list(label2id)} are not the {list(saved)} that adapter {adapter} was "
+                        "trained on; continue it on data with those labels, or train a new classifier")
 
 
 @torch.no_grad()
@@ -196,10 +210,9 @@ def check(cfg) -> list[str]:
     out = []
     if cfg.data.skip_bad_records:
         out.append("`skip_bad_records` is built for the chat and text stages; stage cls stops at the first bad record")
-    unsupported = {"torch_compile": t.torch_compile, "adapter_name_or_path": m.adapter_name_or_path,
-                   "train_from_scratch": m.train_from_scratch, "flash_attn": m.flash_attn != "auto",
-                   "quantization_bit": m.quantization_bit, "neftune_noise_alpha": f.neftune_noise_alpha,
-                   "upcast_layernorm": m.upcast_layernorm}
+    unsupported = {"torch_compile": t.torch_compile, "train_from_scratch": m.train_from_scratch,
+                   "flash_attn": m.flash_attn != "auto", "quantization_bit": m.quantization_bit,
+                   "neftune_noise_alpha": f.neftune_noise_alpha, "upcast_layernorm": m.upcast_layernorm}
     out += [f"`{key}` is not supported for stage cls yet; remove it" for key, value in unsupported.items() if value]
     d = cfg.data
     out += [f"`{key}` masks the turns of a conversation; stage cls trains on labels, remove it"
@@ -208,6 +221,9 @@ def check(cfg) -> list[str]:
             "last freeze_trainable_layers layers); remove it"
             for key, value in (("additional_target", f.additional_target),
                                ("freeze_extra_modules", f.freeze_extra_modules)) if value]
+    if "," in (m.adapter_name_or_path or ""):
+        out.append("`adapter_name_or_path` in stage cls continues one LoRA classifier: name the one folder a "
+                   "`stage: cls` LoRA run saved")
     if t.gradient_checkpointing and t.gradient_checkpointing_scope == "attention":
         out.append("gradient_checkpointing_scope: attention recomputes a causal LM's eager attention; stage cls takes "
                    "`layers` or `selective`")
@@ -224,6 +240,8 @@ def run(cfg) -> dict:
     if not train_examples:
         raise DataError("stage cls needs training data: set `dataset`")
     label2id, id2label = label_maps(train_examples, d.dataset)
+    if cfg.model.adapter_name_or_path:
+        _check_same_labels(cfg.model.adapter_name_or_path, label2id)
     images = train_examples[0].image
     # images go through the model's image processor; it is saved in place of a tokenizer
     tokenizer = load_image_processor(cfg) if images else load_tokenizer(cfg.model)
