@@ -113,6 +113,16 @@ def test_gradient_checkpointing_recomputes_the_layers_and_trains_alike(tiny_bert
         tmp_path, stage="cls", gradient_checkpointing=True, gradient_checkpointing_scope="attention")
 
 
+@pytest.mark.parametrize("flash_attn, expected", [("auto", "sdpa"), ("eager", "eager")])
+def test_flash_attn_chooses_the_classifiers_attention(tiny_bert, flash_attn, expected):
+    from tuneforge.config import build_config
+    from tuneforge.train.cls import load_classifier
+
+    cfg = build_config({"model_name_or_path": tiny_bert, "stage": "cls", "flash_attn": flash_attn}, source="test")
+    model = load_classifier(cfg, {"a": 0, "b": 1}, {0: "a", 1: "b"}, images=False)
+    assert model.config._attn_implementation == expected
+
+
 def test_per_layer_rates_land_in_the_right_groups(tiny_bert):
     from transformers import AutoModelForSequenceClassification
 

@@ -206,7 +206,8 @@ def base_tokenizer(model_args):
     return tokenizer
 
 
-def _attn_implementation(flash_attn: str) -> str | None:
+def attn_implementation(flash_attn: str) -> str | None:
+    """transformers' attn_implementation for LLaMA-Factory's `flash_attn` (None: the model's default, SDPA)."""
     if flash_attn == "fa2":
         from transformers.utils import is_flash_attn_2_available
 
@@ -236,7 +237,7 @@ def load_base_model(model_args, dtype: torch.dtype = torch.float32, compute_dtyp
         # quantised weights are placed when they load; a later .to() cannot move them
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         placed = dict(quantization_config=quantization_config(model_args, compute_dtype), device_map={"": device})
-    attention = _attn_implementation(model_args.flash_attn)
+    attention = attn_implementation(model_args.flash_attn)
     try:
         config = AutoConfig.from_pretrained(path, **hub) \
             if model_args.train_from_scratch or model_args.rope_scaling or empty else None

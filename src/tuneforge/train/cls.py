@@ -20,7 +20,7 @@ from ..data.classify import encode_labelled, label_maps, load_labelled
 from ..data.collate import ClassCollator, ImageCollator
 from ..data.registry import DataError
 from ..models.adapters import all_linear_names, describe_trainable
-from ..models.load import ModelError, load_tokenizer, resolve_model_path
+from ..models.load import ModelError, attn_implementation, load_tokenizer, resolve_model_path
 from ..models.pooling import pooled_logits, resolve_pooling
 from ..models.recompute import apply_gradient_checkpointing
 from .common import guard_output_dir, make_accelerator, train_and_evaluate
@@ -60,13 +60,16 @@ def load_classifier(cfg, label2id: dict[str, int], id2label: dict[int, str], ima
     """A pretrained model with a new classification head sized for these labels."""
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
-    path = resolve_model_path(cfg.model.model_name_or_path)
+    m = cfg.model
+    path = resolve_model_path(m.model_name_or_path)
     auto = AutoModelForImageClassification if images else AutoModelForSequenceClassification
+    attention = attn_implementation(m.flash_attn)
     try:
         model = auto.from_pretrained(
             path, num_labels=len(label2id), label2id=label2id, id2label=id2label, ignore_mismatched_sizes=True,
-            trust_remote_code=cfg.model.trust_remote_code,
-            dtype=torch.bfloat16 if cfg.finetune.pure_bf16 else torch.float32)
+            trust_remote_code=m.trust_remote_code, cache_dir=m.cache_dir, revision=m.model_revision,
+            token=m.hf_hub_token, dtype=torch.bfloat16 if cfg.finetune.pure_bf16 else torch.float32,
+            **({"attn_implementation": attention} if attention else {}))
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load `{cfg.model.model_name_or_path}` as an {'image' if images else 'text'} "
                          f"classifier: "
@@ -211,8 +214,8 @@ def check(cfg) -> list[str]:
     if cfg.data.skip_bad_records:
         out.append("`skip_bad_records` is built for the chat and text stages; stage cls stops at the first bad record")
     unsupported = {"torch_compile": t.torch_compile, "train_from_scratch": m.train_from_scratch,
-                   "flash_attn": m.flash_attn != "auto", "quantization_bit": m.quantization_bit,
-                   "neftune_noise_alpha": f.neftune_noise_alpha, "upcast_layernorm": m.upcast_layernorm}
+                   "quantization_bit": m.quantization_bit, "neftune_noise_alpha": f.neftune_noise_alpha,
+                   "upcast_layernorm": m.upcast_layernorm}
     out += [f"`{key}` is not supported for stage cls yet; remove it" for key, value in unsupported.items() if value]
     d = cfg.data
     out += [f"`{key}` masks the turns of a conversation; stage cls trains on labels, remove it"
