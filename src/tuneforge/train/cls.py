@@ -82,9 +82,11 @@ def load_classifier(cfg, label2id: dict[str, int], id2label: dict[int, str], ima
 def load_image_processor(cfg):
     from transformers import AutoImageProcessor
 
-    path = resolve_model_path(cfg.model.model_name_or_path)
+    m = cfg.model
     try:
-        return AutoImageProcessor.from_pretrained(path)
+        return AutoImageProcessor.from_pretrained(resolve_model_path(m.model_name_or_path), cache_dir=m.cache_dir,
+                                                  revision=m.model_revision, token=m.hf_hub_token,
+                                                  trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as err:
         raise ModelError(f"`{cfg.model.model_name_or_path}` has no image processor (preprocessor_config.json): "
                          f"{' '.join(str(err).split())[:160]}") from None
