@@ -211,15 +211,14 @@ def plot_confusion(matrix: list[list[int]], id2label: dict[int, str], path: Path
 
 def check(cfg) -> list[str]:
     """The classifier recipe loads its own model: options of the causal-LM set-up are not wired into it."""
-    m, f, t = cfg.model, cfg.finetune, cfg.train
+    m, f, t, d = cfg.model, cfg.finetune, cfg.train, cfg.data
     out = []
-    if cfg.data.skip_bad_records:
+    if d.skip_bad_records:
         out.append("`skip_bad_records` is built for the chat and text stages; stage cls stops at the first bad record")
     unsupported = {"torch_compile": t.torch_compile, "train_from_scratch": m.train_from_scratch,
                    "quantization_bit": m.quantization_bit, "neftune_noise_alpha": f.neftune_noise_alpha,
                    "upcast_layernorm": m.upcast_layernorm}
     out += [f"`{key}` is not supported for stage cls yet; remove it" for key, value in unsupported.items() if value]
-    d = cfg.data
     out += [f"`{key}` masks the turns of a conversation; stage cls trains on labels, remove it"
             for key, value in (("train_on_prompt", d.train_on_prompt), ("mask_history", d.mask_history)) if value]
     out += [f"`{key}` is not supported for stage cls yet (it trains its head, plus lora_target's adapters or the "
