@@ -35,13 +35,13 @@ def build_qwen(folder: Path, vocab_size: int, kind: str = "qwen2"):
     # renormalised (Qwen3) or not (Qwen2, with a shared expert), experts as wide as transformers' defaults (its GGUF
     # loader does not read the expert widths back); Phi-4 (phi3: fused q/k/v and gate/up projections) keeps a head
     # of its own
-    moe = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768, norm_topk_prob=True,
-                             head_dim=16, tie_word_embeddings=False),
-           "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
-                             tie_word_embeddings=False)}.get(kind, dict(tie_word_embeddings=kind != "phi3"))
+    extra = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768, norm_topk_prob=True,
+                               head_dim=16, tie_word_embeddings=False),
+             "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                               tie_word_embeddings=False)}.get(kind, dict(tie_word_embeddings=kind != "phi3"))
     config = config_cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                        bos_token_id=1, eos_token_id=2, pad_token_id=0, **moe)
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
     model = model_cls(config)
     model.save_pretrained(folder)
     return model
