@@ -262,6 +262,26 @@ def test_compiled_layers_are_traced_once_per_graph(tiny_model, alpaca_file, tmp_
     assert restarts == []
 
 
+@pytest.mark.parametrize("stage", ["grpo", "sft"])
+def test_sampling_leaves_the_compiled_layers_to_training(tiny_model, alpaca_file, tmp_path, stage):
+    """grpo samples its rollouts and sft's do_predict its answers with the model whose layers torch_compile wrapped.
+    Decoding runs eager: with the KV cache, each layer's index and cache state are guards, so decoding through the
+    compiled layers recompiled them until dynamo's recompile limit, after which training's forward ran uncompiled."""
+    from conftest import run_training, train_config
+    from test_grpo import _grpo, _prompt_files
+
+    torch._dynamo.reset()
+    if stage == "grpo":
+        data, reward = _prompt_files(tmp_path)
+        values = _grpo(tiny_model, data, reward, tmp_path / "out", max_steps=2)
+    else:
+        values = train_config(tiny_model, alpaca_file, tmp_path / "out", max_steps=2, do_predict=True, predict_with_generate=True,
+                              eval_dataset=alpaca_file, max_samples=4, max_new_tokens=8)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a fallback to eager raises
+        # the eager backend: dynamo's guards and recompiles without building kernels (a quick test)
+        run_training(dict(values, torch_compile_backend="eager"))
+
+
 class _Shifted(torch.nn.Module):
     """A model whose packed calls (position_ids given) come out `shift` higher, or, with `mixes`, one that drops
     position_ids, so packed examples attend to each other as in one long sequence."""

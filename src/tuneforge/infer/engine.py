@@ -48,6 +48,13 @@ def settings_from_adapter(cfg) -> None:
         cfg.model.rope_scaling, cfg.data.cutoff_len = values["rope_scaling"], values.get("cutoff_len", 0)
 
 
+def eager_decoding():
+    """Decode with the layers' eager code even where torch_compile wrapped them (training's rollouts, do_predict):
+    the KV cache's state and each layer's index are guards of a compiled graph, so decoding would recompile every
+    layer until dynamo's recompile limit, after which training's own forward would run uncompiled too."""
+    return torch.compiler.set_stance("force_eager")
+
+
 class Engine:
     def __init__(self, cfg, model=None, tokenizer=None):
         self.cfg = cfg
@@ -76,7 +83,8 @@ class Engine:
         answers = []
         for start in range(0, len(prompts), batch_size):
             ids, mask, _ = left_pad(prompts[start: start + batch_size], self.tokenizer.pad_token_id)
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **self._kwargs())
+            with eager_decoding():
+                out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **self._kwargs())
             answers += [self._decode(row[ids.shape[1]:]) for row in out]
         return answers
 

@@ -294,11 +294,15 @@ def compile_layers(model, backend: str = "inductor", mode: str | None = None) ->
 def compile_settings(enabled: bool):
     """torch_compile's tracing settings for the run: Python floats in a layer (norm epsilons, LoRA's scaling) are
     constants of its graph. With dynamic shapes dynamo would trace them as symbols first, fail to turn them into
-    tensors and trace the layer again: 1.6-4.4 s of a run's first step with a warm compile cache (benchmarks.md)."""
+    tensors and trace the layer again: 1.6-4.4 s of a run's first step with a warm compile cache (benchmarks.md).
+    Every layer shares one code object, whose graphs vary with grad mode, whether the layer's input needs a
+    gradient, and which adapter is on (ppo's value, reference and reward passes): up to 9 measured, over dynamo's
+    limit of 8, past which the training step's own graph would fall back to eager. Each graph serves a pass that
+    repeats every step; decoding, which would add one per layer and cache state, runs eager (infer.eager_decoding)."""
     if not enabled:
         yield
         return
-    with torch._dynamo.config.patch(specialize_float=True):
+    with torch._dynamo.config.patch(specialize_float=True, recompile_limit=32):
         yield
 
 

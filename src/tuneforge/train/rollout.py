@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..data.collate import left_pad
-from ..infer.engine import generation_kwargs
+from ..infer.engine import eager_decoding, generation_kwargs
 from ..machine import release_free_memory
 
 
@@ -72,7 +72,7 @@ def generate(model, prompts: list[list[int]], gen, max_new_tokens: int, stop_ids
     kwargs = generation_kwargs(gen, stop_ids, tokenizer.pad_token_id)
     kwargs.update(max_new_tokens=max_new_tokens, use_cache=True)
     started = time.perf_counter()
-    with autocast:
+    with autocast, eager_decoding():
         prompt_ids, prompt_mask = ids.to(device), mask.to(device)
         if gen.num_beams == 1:
             kwargs.update(past_key_values=shared_prompt_cache(model, prompt_ids, prompt_mask))
