@@ -130,6 +130,7 @@ def test_a_bare_no_is_the_choice_no(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("quantization_bit=4 finetuning_type=full", "`quantization_bit` trains adapters on a frozen quantised base"),
     ("stage=ppo", "stage ppo needs `reward_model`"),
+    ("pissa_init=true quantization_bit=4", "`pissa_init` with `quantization_bit` is not supported"),
     ("train_on_prompt=true mask_history=true", "contradict each other"),
     ("bf16=true fp16=true", "pick one mixed-precision mode"),
     ("lr_scheduler_type=reduce_lr_on_plateau", "which is not built: the schedules here follow the step count"),

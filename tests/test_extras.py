@@ -2,7 +2,9 @@
 Adam-mini, BAdam, Muon), pure_bf16 full fine-tuning, OFT and PiSSA (PEFT), DFT loss, LLaMA Pro's block choice;
 and the Hugging Face training keys that LLaMA-Factory configs set: NEFTune, greater_is_better, logging_first_step."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,6 +227,52 @@ def test_pissa_convert_gives_an_adapter_for_the_original_base(tiny_model, alpaca
     # two float32 routes to the same function (rank-8 product vs SVD residual + rank-4 product): ~1e-6 apart on
     # unit-scale logits; 1e-4 allows for other CPUs' summation order
     assert torch.allclose(trained, plain, atol=1e-4), (trained - plain).abs().max()
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_pissa_reference_is_the_starting_model(tiny_model, tmp_path, stage):
+    """With a LoRA adapter the reference is the base with the adapter off, but PiSSA's base is the residual W - BA:
+    pissa_init gets a frozen copy of the starting model instead, so the first step compares equal models (DPO's
+    loss is ln 2, KTO's rewards and KL 0). Measured with the residual as reference: DPO's first loss 0.7324."""
+    from conftest import write_jsonl
+    from test_preference import preference_rows
+
+    rows = preference_rows(0, 8)
+    if stage == "kto":
+        rows = [{"instruction": r["instruction"], "output": r["chosen" if i % 2 else "rejected"], "kto_tag": i % 2 == 1}
+                for i, r in enumerate(rows)]
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"rows": {
+        "file_name": "rows.jsonl", **({"ranking": True} if stage == "dpo" else {"columns": {"kto_tag": "kto_tag"}})}}))
+    run_training(train_config(tiny_model, "rows", tmp_path / "out", dataset_dir=str(tmp_path), stage=stage,
+                              pissa_init=True, max_steps=1, learning_rate=1e-9))
+    first = read_log(tmp_path / "out")[0]
+    # the same model twice: log-ratios 0 up to float32 rounding of the SVD product (1e-6), under the log's 4 digits
+    keys = ("rewards/chosen", "rewards/rejected") if stage == "dpo" else ("rewards/signed", "kl")
+    assert all(first[key] == 0 for key in keys), first
+    if stage == "dpo":
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_a_pissa_adapter_from_a_fast_svd_is_refused_where_it_loads(tiny_model, alpaca_file, tmp_path):
+    """PEFT runs a PiSSA adapter's initialisation again when it loads one: with pissa_iter's random fast SVD it
+    subtracts another product from the base each time, so chat, export or another run would get another model
+    (measured: 0.33 and 0.64 apart in two loads). The refusal names the converted adapter when there is one."""
+    from tuneforge.config import validate
+    from tuneforge.export import run_export
+    from tuneforge.models.load import ModelError
+
+    out = tmp_path / "out"
+    run_training(train_config(tiny_model, alpaca_file, out, pissa_init=True, pissa_convert=True, lora_rank=4,
+                              max_steps=1))
+    cfg = build_config({"model_name_or_path": tiny_model, "adapter_name_or_path": str(out), "template": "chatml",
+                        "export_dir": str(tmp_path / "merged")})
+    validate(cfg, "export")
+    with pytest.raises(ModelError, match=r"a PiSSA adapter \(pissa_niter_16\) .* another model; load "
+                                         rf"{out / 'pissa_converted'}, the plain LoRA adapter"):
+        run_export(cfg)
+    cfg.model.adapter_name_or_path = str(out / "pissa_converted")
+    assert (Path(run_export(cfg)) / "model.safetensors").is_file()
 
 
 def test_llama_pro_trains_the_evenly_spaced_blocks(tiny_model):

@@ -304,7 +304,10 @@ def test_ppo_options_are_checked_together(tmp_path):
     for values, expected in (({}, "stage ppo needs `reward_model`"),
                              ({"reward_model": "localhost:8000", "reward_model_type": "api"}, r"an http\(s\) URL"),
                              ({"reward_model": "x", "reward_model_type": "value"},
-                              "`reward_model_type` must be one of")):
+                              "`reward_model_type` must be one of"),
+                             # the reward adapter would sit on PiSSA's residual, not on the base it was trained on
+                             ({"reward_model": "x", "pissa_init": True}, "and pissa_init turns it into PiSSA's "
+                              "residual: use reward_model_type full")):
         cfg = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "stage": "ppo",
                             "do_train": True, **values}, source="p.yaml")
         with pytest.raises(ConfigError, match=expected):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -171,9 +172,25 @@ def _check_adapter_folder(path: str) -> None:
                 "; if it is the output_dir of an unfinished run, finish the run (re-running it resumes) or point "
                 "at one of its checkpoint-N folders")
         raise ModelError(f"adapter_name_or_path {path}: the folder holds no adapter_config.json{hint}")
+    init = pissa_init_of(path)
+    if init and init != "pissa":  # the exact SVD ("pissa", pissa_iter -1) subtracts the same product every time
+        converted = folder / "pissa_converted"
+        fix = (f"load {converted}, the plain LoRA adapter that `pissa_convert: true` wrote beside it"
+               if (converted / "adapter_config.json").is_file() else
+               "train with `pissa_convert: true` and load its pissa_converted folder, or with `pissa_iter: -1`")
+        raise ModelError(f"adapter_name_or_path {path}: a PiSSA adapter ({init}) applies to the base minus a random "
+                         f"fast SVD, which PEFT draws again at every load, so each load would be another model; {fix}")
     if not folder.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise ModelError(f"adapter_name_or_path {path}: no such folder (a local adapter folder, or a hub id "
                          "owner/name)")
+
+
+def pissa_init_of(path: str) -> str | None:
+    """The PiSSA initialisation an adapter folder records, or None for any other adapter. PEFT runs it again at
+    every load: it subtracts the adapter's starting product from the base weights the adapter is loaded on."""
+    config = Path(path) / "adapter_config.json"
+    init = json.loads(config.read_text(encoding="utf-8")).get("init_lora_weights") if config.is_file() else None
+    return init if isinstance(init, str) and init.startswith("pissa") else None
 
 
 def _load_adapter(model, path: str, is_trainable: bool):
@@ -259,6 +276,9 @@ def check(cfg) -> list[str]:
     f, out = cfg.finetune, []
     if f.pissa_init and f.finetuning_type != "lora":
         out.append("`pissa_init` initialises LoRA adapters: it needs `finetuning_type: lora`")
+    if f.pissa_init and cfg.model.quantization_bit:
+        out.append("`pissa_init` with `quantization_bit` is not supported: PEFT computes PiSSA's SVD on unquantised "
+                   "weights only (LLaMA-Factory refuses it too); remove one of them")
     if f.pissa_convert and not f.pissa_init:
         out.append("`pissa_convert` converts a PiSSA adapter: it needs `pissa_init: true`")
     if f.pissa_iter < -1 or f.pissa_iter == 0:

@@ -362,10 +362,15 @@ def reference_model(cfg, device: torch.device, needed: bool = True):
 
         args = replace(cfg.model, model_name_or_path=f.ref_model, adapter_name_or_path=f.ref_model_adapters,
                        quantization_bit=f.ref_model_quantization_bit)
-    elif f.finetuning_type in ADAPTER_TYPES:  # the policy with its adapter switched off
+    elif f.finetuning_type in ADAPTER_TYPES and not f.pissa_init:  # the policy with its adapter switched off
         return None
-    else:
-        args = cfg.model  # full / freeze: a frozen copy of the starting model
+    else:  # full / freeze, and PiSSA, whose adapter off leaves its residual base: a frozen copy of the starting model
+        args = cfg.model
+        if f.pissa_init:
+            from accelerate import PartialState
+
+            PartialState().print("[tuneforge] note: with pissa_init the reference is a frozen copy of the starting "
+                                 "model: the base with the adapter off is PiSSA's residual, another model")
     model = load_base_model(args, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32,
                             compute_dtype=compute_dtype(cfg, device), cutoff_len=cfg.data.cutoff_len, training=True)
     model = attach_adapters(model, args, f, is_trainable=False).eval().requires_grad_(False)

@@ -23,6 +23,7 @@ import torch
 from ..config import ConfigError, order_seed, shuffles_rows
 from ..data import DataError
 from ..data.templates import data_template, stop_token_ids
+from ..models.adapters import pissa_init_of
 from ..models.load import ModelError
 from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
 from .grpo import encode_prompts
@@ -80,6 +81,11 @@ def _reward_model_problems(f) -> list[str]:
         if f.reward_model_adapters:
             out.append("`reward_model_adapters` is for reward_model_type full; with lora, `reward_model` is the "
                        "reward adapter itself")
+        if f.pissa_init or pissa_init_of(path):
+            changed = "pissa_init turns it into PiSSA's residual" if f.pissa_init else \
+                f"{path} is a PiSSA adapter, whose loading subtracts its start from that base"
+            out.append(f"reward_model_type lora puts the reward adapter on the policy's own base, and {changed}: use "
+                       "reward_model_type full")
         if not (Path(path) / "adapter_config.json").is_file():
             out.append(f"reward_model {path} is not a LoRA adapter (no adapter_config.json): point it at the "
                        "output_dir of a LoRA `stage: rm` run, or use reward_model_type full")
