@@ -229,6 +229,28 @@ def test_pissa_convert_gives_an_adapter_for_the_original_base(tiny_model, alpaca
     assert torch.allclose(trained, plain, atol=1e-4), (trained - plain).abs().max()
 
 
+def test_pissa_convert_after_a_resume_from_only_the_checkpoint(tiny_model, alpaca_file, tmp_path):
+    """The conversion subtracts the initial adapter that the run wrote to output_dir/pissa_init at its start. A run
+    resumed from a copied checkpoint alone writes it again (the same seeded SVD, before the checkpoint loads);
+    before, its conversion failed after training with a hub error about the folder's name."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    values = train_config(tiny_model, alpaca_file, out, pissa_init=True, pissa_convert=True, lora_rank=4,
+                          learning_rate=2e-2, max_steps=2, save_steps=1)
+    run_training(values)
+    straight = load_file(out / "pissa_converted" / "adapter_model.safetensors")
+    for path in out.iterdir():
+        if path.name != "checkpoint-1":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_training(values)
+    resumed = load_file(out / "pissa_converted" / "adapter_model.safetensors")
+    # the same steps on the same numbers (measured 0 apart); another initial adapter would move them by ~1e-2
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
+
+
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
 def test_pissa_reference_is_the_starting_model(tiny_model, tmp_path, stage):
     """With a LoRA adapter the reference is the base with the adapter off, but PiSSA's base is the residual W - BA:

@@ -253,7 +253,10 @@ def train_and_evaluate(cfg, module, tokenizer, train_data, eval_rows: list[dict]
                                     cfg.train.per_device_eval_batch_size, accelerator,
                                     Precision(cfg.train, accelerator.device))
     if cfg.train.do_train:
-        if cfg.finetune.pissa_convert and accelerator.is_main_process and not resume:
+        # before a resume loads its checkpoint the adapter is still the initial one (the same seeded SVD), so a
+        # resumed run whose output_dir lost pissa_init (only the checkpoint copied) writes it again
+        initial = Path(cfg.train.output_dir) / "pissa_init" / "adapter_config.json"
+        if cfg.finetune.pissa_convert and accelerator.is_main_process and not (resume and initial.is_file()):
             save_pissa_init(module.model, cfg.train.output_dir)
         source = rows_source(train_data, cfg.train, collator, shuffles_rows(cfg), accelerator)
         trained, final = train(cfg, module, tokenizer, source, evaluation, accelerator, resume, before)
