@@ -251,13 +251,16 @@ def test_pissa_convert_after_a_resume_from_only_the_checkpoint(tiny_model, alpac
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
 
 
-@pytest.mark.parametrize("stage", ["dpo", "kto"])
-def test_pissa_reference_is_the_starting_model(tiny_model, tmp_path, stage):
-    """With a LoRA adapter the reference is the base with the adapter off, but PiSSA's base is the residual W - BA:
-    pissa_init gets a frozen copy of the starting model instead, so the first step compares equal models (DPO's
-    loss is ln 2, KTO's rewards and KL 0). Measured with the residual as reference: DPO's first loss 0.7324."""
+@pytest.mark.parametrize("stage, start", [("dpo", "pissa"), ("kto", "pissa"), ("dpo", "adapter")])
+def test_a_lora_reference_is_the_starting_model(tiny_model, tmp_path, stage, start):
+    """With LoRA the reference is the base with the adapter off, unless that is not the starting model: PiSSA left
+    its residual W - BA in the base, and a run going on with `adapter_name_or_path` would drop that adapter. Those
+    get a frozen copy of the starting model, so the first step compares equal models (DPO's loss is ln 2, the
+    rewards and KTO's KL 0). Measured with the adapter off as reference: first DPO losses 0.73 and 0.51."""
     from conftest import write_jsonl
+    from peft import LoraConfig, get_peft_model
     from test_preference import preference_rows
+    from transformers import AutoModelForCausalLM
 
     rows = preference_rows(0, 8)
     if stage == "kto":
@@ -266,8 +269,14 @@ def test_pissa_reference_is_the_starting_model(tiny_model, tmp_path, stage):
     write_jsonl(tmp_path / "rows.jsonl", rows)
     (tmp_path / "dataset_info.json").write_text(json.dumps({"rows": {
         "file_name": "rows.jsonl", **({"ranking": True} if stage == "dpo" else {"columns": {"kto_tag": "kto_tag"}})}}))
+    extra = {"pissa_init": True}
+    if start == "adapter":  # an sft adapter (random, non-zero) that dpo goes on training
+        torch.manual_seed(0)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora).save_pretrained(tmp_path / "sft")
+        extra = {"adapter_name_or_path": str(tmp_path / "sft")}
     run_training(train_config(tiny_model, "rows", tmp_path / "out", dataset_dir=str(tmp_path), stage=stage,
-                              pissa_init=True, max_steps=1, learning_rate=1e-9))
+                              max_steps=1, learning_rate=1e-9, **extra))
     first = read_log(tmp_path / "out")[0]
     # the same model twice: log-ratios 0 up to float32 rounding of the SVD product (1e-6), under the log's 4 digits
     keys = ("rewards/chosen", "rewards/rejected") if stage == "dpo" else ("rewards/signed", "kl")

@@ -210,6 +210,12 @@ def _load_adapter(model, path: str, is_trainable: bool):
                          f"be fetched ({type(err).__name__}); check the path") from None
 
 
+def continues_an_adapter(model_args, finetune_args) -> bool:
+    """Whether training goes on with the last of `adapter_name_or_path` (the others merged into the base) rather
+    than a new adapter on top of them all (`create_new_adapter`)."""
+    return bool(model_args.adapter_name_or_path) and not finetune_args.create_new_adapter
+
+
 def attach_adapters(model, model_args, finetune_args, is_trainable: bool, fuse: bool = False):
     """Load `adapter_name_or_path` (all but the last merged in) and, when training LoRA, the adapter to train
     (`fuse`: see lora_config)."""
@@ -217,7 +223,7 @@ def attach_adapters(model, model_args, finetune_args, is_trainable: bool, fuse: 
 
     adapters = _split(model_args.adapter_name_or_path)
     if adapters:
-        resume_last = is_trainable and not finetune_args.create_new_adapter
+        resume_last = is_trainable and continues_an_adapter(model_args, finetune_args)
         to_merge = adapters[:-1] if (resume_last or not is_trainable) else adapters
         for path in to_merge:
             model = _load_adapter(model, path, False).merge_and_unload()

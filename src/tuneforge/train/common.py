@@ -11,8 +11,8 @@ import torch
 
 from ..config import ConfigError, save_config, shuffles_rows
 from ..data.collate import PadCollator
-from ..models.adapters import (ADAPTER_TYPES, attach_adapters, describe_trainable, save_pissa_converted,
-                               save_pissa_init, setup_trainable)
+from ..models.adapters import (ADAPTER_TYPES, attach_adapters, continues_an_adapter, describe_trainable,
+                               save_pissa_converted, save_pissa_init, setup_trainable)
 from ..models.load import ModelError, keep_quantized_layers_differentiable, load_base_model, load_tokenizer
 from ..models.neftune import add_noise_to_embeddings
 from ..models.recompute import apply_gradient_checkpointing
@@ -365,15 +365,17 @@ def reference_model(cfg, device: torch.device, needed: bool = True):
 
         args = replace(cfg.model, model_name_or_path=f.ref_model, adapter_name_or_path=f.ref_model_adapters,
                        quantization_bit=f.ref_model_quantization_bit)
-    elif f.finetuning_type in ADAPTER_TYPES and not f.pissa_init:  # the policy with its adapter switched off
-        return None
-    else:  # full / freeze, and PiSSA, whose adapter off leaves its residual base: a frozen copy of the starting model
+    elif f.finetuning_type in ADAPTER_TYPES and not (f.pissa_init or continues_an_adapter(cfg.model, f)):
+        return None  # the policy with its adapter switched off
+    else:  # full / freeze, or an adapter whose off state is not the starting model: a frozen copy of that model
         args = cfg.model
-        if f.pissa_init:
+        if f.finetuning_type in ADAPTER_TYPES:
             from accelerate import PartialState
 
-            PartialState().print("[tuneforge] note: with pissa_init the reference is a frozen copy of the starting "
-                                 "model: the base with the adapter off is PiSSA's residual, another model")
+            why = ("PiSSA left its residual in the base" if f.pissa_init else "it would drop the adapter this run "
+                   "goes on training (`create_new_adapter: true` merges that one into the base: no copy)")
+            PartialState().print("[tuneforge] note: the reference is a frozen copy of the starting model, not the "
+                                 f"base with the adapter off: {why}")
     model = load_base_model(args, dtype=torch.bfloat16 if f.pure_bf16 else torch.float32,
                             compute_dtype=compute_dtype(cfg, device), cutoff_len=cfg.data.cutoff_len, training=True)
     model = attach_adapters(model, args, f, is_trainable=False).eval().requires_grad_(False)
