@@ -275,8 +275,8 @@ def test_sampling_leaves_the_compiled_layers_to_training(tiny_model, alpaca_file
         data, reward = _prompt_files(tmp_path)
         values = _grpo(tiny_model, data, reward, tmp_path / "out", max_steps=2)
     else:
-        values = train_config(tiny_model, alpaca_file, tmp_path / "out", max_steps=2, do_predict=True, predict_with_generate=True,
-                              eval_dataset=alpaca_file, max_samples=4, max_new_tokens=8)
+        values = train_config(tiny_model, alpaca_file, tmp_path / "out", max_steps=2, do_predict=True,
+                              predict_with_generate=True, eval_dataset=alpaca_file, max_samples=4, max_new_tokens=8)
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a fallback to eager raises
         # the eager backend: dynamo's guards and recompiles without building kernels (a quick test)
         run_training(dict(values, torch_compile_backend="eager"))

@@ -68,7 +68,8 @@ def resolve_model_path(name: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is a folder but has no config.json; point model_name_or_path at a Hugging Face "
-                             "model folder, a .gguf file, or a bundled alias: " + ", ".join([*BUNDLED, *BUNDLED_FOLDERS]))
+                             "model folder, a .gguf file, or a bundled alias: "
+                             + ", ".join([*BUNDLED, *BUNDLED_FOLDERS]))
         return str(path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"model path {name} does not exist")

@@ -3,8 +3,9 @@ starting model by a KL term, for stages pt and sft.
 
 Per target token: p_y * CE + asft_alpha * KL(q || p), where p is the model's prediction, p_y its probability of the
 target (detached, as DFT's weight), and q the reference's prediction: the LoRA base with its adapter switched off,
-or a frozen copy of the starting model for full and freeze. Summed over target tokens; the loop divides by their
-count, which for one micro-batch is LLaMA-Factory's mean of each term.
+or a frozen copy of the starting model (full/freeze, and LoRA where the adapter off is not that model). Summed
+over target tokens; the loop divides by their count, which for one micro-batch is LLaMA-Factory's mean of each
+term.
 """
 
 from __future__ import annotations

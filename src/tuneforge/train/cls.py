@@ -136,9 +136,9 @@ def setup_strategy(model, cfg):
         raise ModelError(f"lora_target {missing} not found in the model; its linear layers are "
                          f"{', '.join(all_linear_names(model))}")
     images = "pixel_values" in model.main_input_name
-    config = LoraConfig(task_type=None if images else TaskType.SEQ_CLS, r=f.lora_rank, lora_alpha=f.lora_alpha or 2 * f.lora_rank,
-                        lora_dropout=f.lora_dropout, target_modules=targets, modules_to_save=heads,
-                        use_rslora=f.use_rslora, use_dora=f.use_dora)
+    config = LoraConfig(task_type=None if images else TaskType.SEQ_CLS, r=f.lora_rank,
+                        lora_alpha=f.lora_alpha or 2 * f.lora_rank, lora_dropout=f.lora_dropout,
+                        target_modules=targets, modules_to_save=heads, use_rslora=f.use_rslora, use_dora=f.use_dora)
     return get_peft_model(model, config)
 
 

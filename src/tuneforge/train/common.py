@@ -354,7 +354,8 @@ def check_packing_support(model, autocast: torch.dtype | None = None) -> None:
 
 def reference_model(cfg, device: torch.device, needed: bool = True):
     """The frozen reference for dpo / kto / asft / the RL stages, on `device` (the accelerator's), or None when the
-    policy itself serves (LoRA: adapters switched off) or no reference is `needed` (e.g. pref_loss orpo and simpo).
+    policy itself serves (LoRA: adapters switched off, when that is the starting model) or no reference is
+    `needed` (e.g. pref_loss orpo and simpo).
     The losses hold it outside their submodules, so that it is never trained or saved: their own .to() leaves it
     where it is, and on a GPU it must be placed here (the policy's batches are on the GPU)."""
     f = cfg.finetune

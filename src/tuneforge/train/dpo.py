@@ -2,8 +2,9 @@
 mixed with BCO (pref_bco_weight).
 
 Both answers of a pair go through the policy in one concatenated forward. The reference is the LoRA base with
-its adapter switched off (no second copy in memory), a frozen copy for full/freeze, or `ref_model`; orpo and
-simpo use none. With `precompute_ref_log_probs` the reference runs once over the data before training.
+its adapter switched off (no second copy in memory), a frozen copy of the starting model (full/freeze, and LoRA
+where the adapter off is not that model: common.reference_model), or `ref_model`; orpo and simpo use none. With
+`precompute_ref_log_probs` the reference runs once over the data before training.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Recipe for stage `kto`: desirable and undesirable answers, each judged against a reference point z0, the
 batch's KL estimate from mismatched (prompt, other answer) pairs, as in the KTO paper. The reference model is the
-LoRA base with its adapter switched off, a frozen copy for full/freeze, or `ref_model`."""
+LoRA base with its adapter switched off, a frozen copy of the starting model (full/freeze, and LoRA where the
+adapter off is not that model: common.reference_model), or `ref_model`."""
 
 from __future__ import annotations
 
