@@ -87,6 +87,8 @@ class RolloutSteps:
     """The loop's source of steps for grpo: every step, `per_step` prompts per process (shuffled per epoch with the
     seed, as in-memory rows are), `num_generations` completions each, with rewards and advantages."""
 
+    resumes_every = 1  # each step has its own rollout
+
     def __init__(self, cfg, module: GRPOLoss, tokenizer, prompts: list[dict], rewards, reference, accelerator):
         t, f = cfg.train, cfg.finetune
         self.cfg, self.module, self.tokenizer, self.prompts, self.rewards = cfg, module, tokenizer, prompts, rewards

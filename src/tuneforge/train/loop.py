@@ -179,7 +179,8 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
                     # the epoch's end before the last step's: eval_strategy epoch evaluates the last epoch too
                     if stop or end_of_epoch() or last:
                         break
-                    if _signalled(signals, accelerator):
+                    # (a ppo source resumes only between rollouts: a signal mid-rollout trains on to its end)
+                    if _signalled(signals, accelerator) and state.step_in_epoch % source.resumes_every == 0:
                         if saved[0] != state.global_step:
                             save()
                         _stop_for_signal(signals.received or "a signal", cfg, state)

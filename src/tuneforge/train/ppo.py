@@ -236,7 +236,7 @@ class PPOSteps:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
         self.per_rollout = self.per_step * f.ppo_buffer_size
-        self.updates = f.ppo_epochs * f.ppo_buffer_size  # optimizer steps per rollout
+        self.updates = self.resumes_every = f.ppo_epochs * f.ppo_buffer_size  # optimizer steps per rollout
         self.rollouts_per_epoch = len(prompts) // (self.per_rollout * self.world)
         self.steps_per_epoch, self.num_examples = self.rollouts_per_epoch * self.updates, len(prompts)
         template = data_template(cfg.data, tokenizer)

@@ -41,6 +41,9 @@ class StepSource(Protocol):
     steps_per_epoch: int  # optimizer steps in one pass over the data; 0 when unknown (a stream)
     num_examples: int  # checked on resume: a checkpoint continues only on the same data (0: not counted)
     signature: str | None  # likewise: a hash of the rows, or of the streamed files' names and sizes
+    # a checkpoint resumes only where the epoch's step count is a multiple of this (a ppo rollout's updates): a stop
+    # signal trains on to such a step before it saves; 1 for the other sources
+    resumes_every: int
     # for each micro-batch of the step last handed out, where its examples are in the data (row indices, stream
     # positions), so that an error can name them
     step_rows: list[list]
@@ -65,6 +68,8 @@ class SplittableSteps(StepSource, Protocol):
 
 class RowSteps:
     """Epochs over encoded rows in memory: the same shuffled micro-batches on every run, so resume is exact."""
+
+    resumes_every = 1
 
     def __init__(self, rows: list[dict], t, collator, shuffle: bool, rank: int = 0, world: int = 1):
         import math
@@ -217,7 +222,7 @@ class StreamSteps:
     """Rows of a RowStream (streaming: true), read until max_steps. Every process reads the same rows and keeps
     its own share; the state's stream position moves with every step handed out, so resume is exact."""
 
-    steps_per_epoch, num_examples = 0, 0
+    steps_per_epoch, num_examples, resumes_every = 0, 0, 1
 
     def __init__(self, stream, t, collator, rank: int = 0, world: int = 1):
         self.stream, self.t, self.collator, self.rank, self.world = stream, t, collator, rank, world
