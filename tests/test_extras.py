@@ -594,6 +594,8 @@ def test_neftune_noise_is_uniform_within_its_bound_and_only_while_training(tiny_
     assert noise.abs().max() <= bound + 1e-6
     # U(-b, b) has mean |u| = b / 2; over these 2 x 24 x hidden draws the mean lands within a few percent of it
     assert noise.abs().mean().item() == pytest.approx(bound / 2, rel=0.1)
+    with torch.no_grad():  # a pass that trains nothing (a LoRA reference with its adapter off) is clean too
+        assert torch.equal(model.get_input_embeddings()(ids), clean)
     model.eval()
     assert torch.equal(model.get_input_embeddings()(ids), clean)
 
