@@ -130,6 +130,31 @@ def test_precomputed_reference_gives_the_same_training(tiny_model, pref_data, tm
     assert pre == pytest.approx(live, abs=LOGGED_LOSS)
 
 
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_dpo_and_kto_train_with_dropout_off(tiny_model, pref_data, tmp_path, capsys, stage):
+    """As LLaMA-Factory's trainers do (TRL's disable_dropout): dropout would make the policy's log-probabilities
+    noisy against the reference's. A run with lora_dropout trains as one without, and says so."""
+    from safetensors.torch import load_file
+
+    if stage == "kto":
+        rows = [{"instruction": r["instruction"], "output": r["chosen" if i % 2 else "rejected"], "tag": i % 2 == 1}
+                for i, r in enumerate(preference_rows(0, 16))]
+        write_jsonl(pref_data / "kto.jsonl", rows)
+        info = json.loads((pref_data / "dataset_info.json").read_text())
+        (pref_data / "dataset_info.json").write_text(json.dumps(
+            {**info, "kto": {"file_name": "kto.jsonl", "columns": {"kto_tag": "tag"}}}))
+    common = dict(max_steps=2, eval_strategy="no", do_eval=False, eval_dataset=None,
+                  dataset="kto" if stage == "kto" else "pairs")
+    weights = []
+    for name, dropout in (("plain", 0.0), ("dropout", 0.3)):
+        run_training(_config(tiny_model, pref_data, tmp_path / name, stage, lora_dropout=dropout, **common))
+        weights.append(load_file(tmp_path / name / "adapter_model.safetensors"))
+    # the same operations either way (an identity in place of each dropout layer): equal
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert "dropout is off in this stage, as in LLaMA-Factory and TRL (so `lora_dropout` and the model's " \
+           "dropout of 0.3 have no effect)" in capsys.readouterr().out
+
+
 def test_reward_model_full_finetuning(tiny_model, pref_data, tmp_path):
     out = tmp_path / "rm-full"
     results = run_training(_config(tiny_model, pref_data, out, "rm", finetuning_type="full", learning_rate=1e-3,

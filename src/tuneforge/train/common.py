@@ -193,6 +193,22 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
     return model
 
 
+def dropout_off(model, accelerator) -> None:
+    """dpo and kto train with the model's dropout layers off, as LLaMA-Factory's trainers do (TRL's
+    disable_dropout): the loss compares the policy's log-probabilities with the reference's, and dropout would
+    add noise to that difference. They become identities, so LoRA layers keep the fused product (lora_linear)."""
+    dropped = set()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Dropout):
+                dropped |= {child.p} - {0.0}
+                setattr(parent, name, torch.nn.Identity())
+    if dropped:
+        accelerator.print(f"[tuneforge] note: dropout is off in this stage, as in LLaMA-Factory and TRL (so "
+                          f"`lora_dropout` and the model's dropout of {', '.join(map(str, sorted(dropped)))} have no "
+                          "effect): it would make the policy's log-probabilities noisy against the reference's")
+
+
 def on_device(module, device: torch.device):
     """`module` moved to `device`, unless part of it is empty (cpu_ram_efficient_loading): sharding then places it
     and fills it with the main process's weights."""

@@ -13,7 +13,8 @@ import torch
 
 from ..data import prepare_preference_data
 from ..data.collate import PairCollator
-from .common import guard_output_dir, on_device, prepare_model, reference_model, start, train_and_evaluate
+from .common import (dropout_off, guard_output_dir, on_device, prepare_model, reference_model, start,
+                     train_and_evaluate)
 from .losses import bco_loss, decoder_and_head, dpo_family_loss, reference_log_probs, sequence_log_probs, uses_average
 from .stages import refuse_packing, unused_reference
 
@@ -149,6 +150,7 @@ def run(cfg) -> dict:
     train_rows, eval_rows, _ = prepare_preference_data(cfg, tokenizer)
     resume = guard_output_dir(cfg, accelerator)
     model = prepare_model(cfg, accelerator)
+    dropout_off(model, accelerator)
     reference = reference_model(cfg, accelerator.device, needed=f.pref_loss not in REFERENCE_FREE)
     module = on_device(PreferenceLoss(model, f, reference), accelerator.device)
     collator = PairCollator(tokenizer.pad_token_id)

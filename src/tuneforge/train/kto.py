@@ -9,7 +9,8 @@ import torch
 
 from ..data import prepare_preference_data
 from ..data.collate import KTOCollator
-from .common import guard_output_dir, on_device, prepare_model, reference_model, start, train_and_evaluate
+from .common import (dropout_off, guard_output_dir, on_device, prepare_model, reference_model, start,
+                     train_and_evaluate)
 from .losses import decoder_and_head, kto_loss, reference_log_probs, sequence_log_probs
 from .stages import refuse_packing
 
@@ -53,6 +54,7 @@ def run(cfg) -> dict:
     train_rows, eval_rows, _ = prepare_preference_data(cfg, tokenizer)
     resume = guard_output_dir(cfg, accelerator)
     model = prepare_model(cfg, accelerator)
+    dropout_off(model, accelerator)
     module = on_device(KTOLoss(model, f, reference_model(cfg, accelerator.device)), accelerator.device)
     collator = KTOCollator(tokenizer.pad_token_id)
     desirable = sum(r["kto_tag"] for r in train_rows)
