@@ -357,6 +357,17 @@ def test_logging_strategy(tiny_model, alpaca_file, tmp_path):
     assert train_loss["no"] == pytest.approx(train_loss["steps"], rel=1e-5)
 
 
+def test_intervals_below_one_are_shares_of_the_run(tiny_model, alpaca_file, tmp_path):
+    """HF's rule for logging_steps, eval_steps and save_steps below 1: that share of the run's steps, rounded up.
+    10 steps: 0.25 logs every 3rd step (and the last), 0.5 evaluates and saves every 5th."""
+    out = tmp_path / "out"
+    run_training(train_config(tiny_model, alpaca_file, out, max_steps=10, logging_steps=0.25, save_steps=0.5,
+                              val_size=0.25, eval_strategy="steps", eval_steps=0.5))
+    assert [r["current_steps"] for r in read_log(out) if "loss" in r] == [3, 6, 9, 10]
+    assert [r["current_steps"] for r in read_log(out) if "eval_loss" in r] == [5, 10]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5"]
+
+
 def test_a_resumed_run_counts_the_unlogged_steps_in_train_loss(tiny_model, alpaca_file, tmp_path):
     """A checkpoint between log lines (here: none at all) holds the losses of the steps since the last one."""
     common = dict(max_steps=6, save_steps=3, logging_strategy="no", lr_scheduler_type="constant")

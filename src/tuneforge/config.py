@@ -543,10 +543,9 @@ def _interleave_problems(d: DataArgs) -> list[str]:
 
 
 def _schedule_problems(t: TrainArgs) -> list[str]:
-    from .train.schedules import problems as schedule_problems
-    from .train.trackers import problems as tracker_problems
+    from .train import intervals, schedules, trackers
 
-    out = schedule_problems(t) + tracker_problems(t.report_to)
+    out = schedules.problems(t) + trackers.problems(t.report_to) + intervals.problems(t)
     if t.per_device_train_batch_size < 1 or t.gradient_accumulation_steps < 1:
         out.append("`per_device_train_batch_size` and `gradient_accumulation_steps` must be at least 1")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:

@@ -310,17 +310,19 @@ class TrainArgs:
     lr_scheduler_kwargs: dict | str | None = None
     warmup_ratio: float = 0.0  # the share of all steps over which the rate rises from 0 (unless warmup_steps)
     warmup_steps: int = 0  # steps over which the rate rises from 0; 0: warmup_ratio decides
-    logging_steps: int = 10  # a log line (trainer_log.jsonl, report_to) every N steps; eval_steps' default
+    # a log line (trainer_log.jsonl, report_to) every N steps; eval_steps' default. As for eval_steps and save_steps,
+    # HF's rule: below 1, that share of the run's steps (0.1: every tenth of them), rounded up
+    logging_steps: float = 10
     # HF's: steps (every logging_steps, and the last step), epoch (each epoch's last step, and training's), or no
     # training log lines at all (train_results.json still reports train_loss; evaluations are still logged)
     logging_strategy: Literal["steps", "epoch", "no"] = "steps"
     logging_first_step: bool = False  # HF's: a log line after the first step too
-    save_steps: int = 500  # save_strategy steps: a checkpoint-N folder every N steps
+    save_steps: float = 500  # save_strategy steps: a checkpoint-N folder every N steps
     save_strategy: Literal["no", "steps", "epoch"] = "steps"  # when checkpoints are saved; the final model always is
     save_total_limit: int | None = None  # keep only the newest N checkpoints (None: all)
     save_only_model: bool = False  # checkpoints without optimizer, scheduler and RNG state: smaller, not resumable
     eval_strategy: Literal["no", "steps", "epoch"] = "no"  # evaluate during training every eval_steps or each epoch
-    eval_steps: int | None = None  # eval_strategy steps: evaluate every N steps (None: every logging_steps)
+    eval_steps: float | None = None  # eval_strategy steps: evaluate every N steps (None: every logging_steps)
     eval_delay: float = 0  # HF's: the first evaluation comes at this many steps (eval_strategy steps) or epochs (epoch)
     # HF's: evaluate once before the first step of the run (or of a resumed one), a check that evaluation works
     # before hours of training; logged at that step, not a candidate for the best model

@@ -28,6 +28,7 @@ from . import sharding, zero
 from .evaluation import Evaluation, Remembered, evaluate_and_check, restore_best
 from .logging import RunLog
 from .faults import NonFinite, Preempted, StopSignals, describe_rows
+from .intervals import every
 from .optimizers import Layerwise, build_optimizer
 from .schedules import build_scheduler
 from .profiling import step_profiler
@@ -112,7 +113,8 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
                                                  total_steps)
     log = _run_log(cfg, total_steps, state, accelerator)
     evaluation = Remembered(evaluation, state) if evaluation else None
-    eval_every = t.eval_steps or t.logging_steps  # (eval_strategy steps)
+    log_every, save_every = every(t.logging_steps, total_steps), every(t.save_steps, total_steps)
+    eval_every = every(t.logging_steps if t.eval_steps is None else t.eval_steps, total_steps)
     if t.eval_on_start and evaluation:  # HF's check of the evaluation before this session's first step; logged only
         fresh = before is not None and state.global_step == 0
         log.eval_step(state.global_step, _epochs(state, per_epoch), before if fresh else evaluation())
@@ -145,7 +147,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
         log.advance()
         epoch = _epochs(state, per_epoch)
         last, stop = state.global_step >= total_steps, False
-        logs = _logs_now(t, state, per_epoch, last)
+        logs = _logs_now(t, state, per_epoch, last, log_every)
         if logs or last:  # the last step's losses count in train_loss in any case
             seen = {} if counted == "no" else {  # LLaMA-Factory's names
                 "total_tokens": state.num_input_tokens_seen,
@@ -154,7 +156,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
                           {**source.log_metrics(), **seen})
         if evaluation and _evaluates_now(t, state, epoch, per_epoch, last, eval_every):
             stop = evaluate_and_check(cfg, module, evaluation, accelerator, state, log, epoch)
-        if _should_save(t, state, per_epoch, last):
+        if _should_save(t, state, per_epoch, last, save_every):
             save()
         return last, stop
 
@@ -528,13 +530,13 @@ def _what_is_non_finite(losses, norm, precision, accelerator) -> NonFiniteStep |
     return NonFiniteStep(f"the gradient norm is {norm.item()} (losses finite)", None) if flags[-1] else None
 
 
-def _logs_now(t, state, per_epoch: int, last: bool) -> bool:
-    """Whether the step just taken is logged (logging_strategy): every logging_steps steps, or each epoch's last
+def _logs_now(t, state, per_epoch: int, last: bool, every: int) -> bool:
+    """Whether the step just taken is logged (logging_strategy): every `every` steps, or each epoch's last
     step; under either, training's last step and, with logging_first_step, its first (as in transformers)."""
     if t.logging_first_step and state.global_step == 1:
         return True
     if t.logging_strategy == "steps":
-        return last or state.global_step % t.logging_steps == 0
+        return last or state.global_step % every == 0
     return t.logging_strategy == "epoch" and (last or state.step_in_epoch == per_epoch)
 
 
@@ -547,11 +549,11 @@ def _evaluates_now(t, state, epoch: float, per_epoch: int, last: bool, every: in
     return t.eval_strategy == "epoch" and last and state.step_in_epoch < per_epoch and epoch >= t.eval_delay
 
 
-def _should_save(t, state, steps_in_epoch: int, last: bool) -> bool:
+def _should_save(t, state, steps_in_epoch: int, last: bool, every: int) -> bool:
     if last:
         return False  # the final model goes to output_dir itself
     if t.save_strategy == "steps":
-        return state.global_step % t.save_steps == 0
+        return state.global_step % every == 0
     return t.save_strategy == "epoch" and state.step_in_epoch == steps_in_epoch
 
 

@@ -52,9 +52,10 @@ def check(cfg) -> list[str]:
     if f.ppo_epochs < 1 or f.ppo_buffer_size < 1:
         out.append(f"`ppo_epochs` and `ppo_buffer_size` must be at least 1; got {f.ppo_epochs} and "
                    f"{f.ppo_buffer_size}")
-    elif t.save_strategy == "steps" and t.save_steps % updates:
-        out.append(f"`save_steps` ({t.save_steps}) must be a multiple of ppo_epochs x ppo_buffer_size ({updates}): a "
-                   "checkpoint is taken between rollouts, so that resume continues exactly")
+    elif t.save_strategy == "steps" and (t.save_steps < 1 or t.save_steps % updates):
+        out.append(f"`save_steps` ({t.save_steps:g}) must be a multiple of ppo_epochs x ppo_buffer_size ({updates}), "
+                   "not a share of the run's steps: a checkpoint is taken between rollouts, so that resume continues "
+                   "exactly")
     if f.ppo_target <= 0:
         out.append(f"`ppo_target` (the KL the adaptive controller aims at) must be above 0; got {f.ppo_target}")
     if not t.do_train:
