@@ -253,6 +253,25 @@ def test_epochs_warmup_and_epoch_checkpoints(tiny_model, alpaca_file, tmp_path):
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]  # the end of training saves to out itself
 
 
+def test_warmup_steps_below_one_is_a_share_of_the_steps():
+    """transformers 5 reads warmup_steps below 1 as that share of all steps, rounded up (it dropped warmup_ratio,
+    which LLaMA-Factory's configs still set and which stays)."""
+    from tuneforge.options import TrainArgs
+    from tuneforge.train.schedules import build_scheduler
+
+    def rates(**keys) -> list[float]:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        scheduler = build_scheduler(optimizer, TrainArgs(lr_scheduler_type="linear", **keys), total_steps=10)
+        out = []
+        for _ in range(10):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    assert rates(warmup_steps=0.25) == rates(warmup_ratio=0.25) == rates(warmup_steps=3) != rates()
+
+
 def test_group_by_length_batches_rows_of_about_the_same_length():
     from tuneforge.options import TrainArgs
     from tuneforge.train.checkpoint import TrainerState

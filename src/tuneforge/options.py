@@ -309,7 +309,9 @@ class TrainArgs:
     # {num_decay_steps: 100} for warmup_stable_decay (transformers' get_*_schedule functions' keyword arguments)
     lr_scheduler_kwargs: dict | str | None = None
     warmup_ratio: float = 0.0  # the share of all steps over which the rate rises from 0 (unless warmup_steps)
-    warmup_steps: int = 0  # steps over which the rate rises from 0; 0: warmup_ratio decides
+    # steps over which the rate rises from 0, or below 1 that share of all steps (transformers 5, which dropped
+    # warmup_ratio); 0: warmup_ratio decides
+    warmup_steps: float = 0
     # a log line (trainer_log.jsonl, report_to) every N steps; eval_steps' default. As for eval_steps and save_steps,
     # HF's rule: below 1, that share of the run's steps (0.1: every tenth of them), rounded up
     logging_steps: float = 10

@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..options import SCHEDULERS
+from .intervals import every
 
 # HF's schedules that follow a measured value rather than the step count: the loop steps every schedule by steps
 _MEASURED = {"reduce_lr_on_plateau": "lowers the rate when an evaluation metric stops improving",
@@ -35,13 +36,15 @@ def scheduler_kwargs(t) -> dict:
 def build_scheduler(optimizer, t, total_steps: int):
     from transformers import get_scheduler
 
-    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total_steps)
+    warmup = every(t.warmup_steps, total_steps) if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
     return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
                          scheduler_specific_kwargs=scheduler_kwargs(t))
 
 
 def problems(t) -> list[str]:
     name = t.lr_scheduler_type
+    if t.warmup_steps < 0 or (t.warmup_steps > 1 and t.warmup_steps != int(t.warmup_steps)):
+        return [f"`warmup_steps` is a whole number of steps, or below 1 a share of all steps; got {t.warmup_steps:g}"]
     if name in _MEASURED:
         return [f"`lr_scheduler_type: {name}` {_MEASURED[name]}, which is not built: the schedules here follow the "
                 f"step count ({', '.join(SCHEDULERS)})"]
