@@ -86,3 +86,22 @@ def test_a_run_resumes_with_compile_switched_on(stopped):
     values, out, _ = stopped
     results = run_training(dict(values, torch_compile_backend="eager"))  # eager: no kernels to build, a quick test
     assert results["global_step"] == 6 and [r["current_steps"] for r in read_log(out)] == list(range(1, 7))
+
+
+def test_resume_from_checkpoint_true_and_false_as_hugging_faces_trainer_reads_them(tmp_path):
+    """LLaMA-Factory hands resume_from_checkpoint to HF's Trainer, where `true` is the latest checkpoint of
+    output_dir (an error when there is none) and `false` names none. Before, `true` was read as a folder "True"."""
+    from tuneforge.train.checkpoint import check_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(FileNotFoundError, match="resume_from_checkpoint: true resumes the latest checkpoint of "
+                                                "output_dir, and .* holds no complete one"):
+        check_output_dir(str(out), False, "True")
+    assert check_output_dir(str(out), False, "false") is None
+    for step in (2, 10):
+        (out / f"checkpoint-{step}").mkdir()
+        (out / f"checkpoint-{step}" / MARKER).write_text("{}")
+    assert check_output_dir(str(out), False, "true") == str(out / "checkpoint-10")
+    with pytest.raises(FileExistsError, match="and overwrite_output_dir: true trains from the start"):
+        check_output_dir(str(out), True, "True")

@@ -85,6 +85,11 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: s
     Never deletes anything a user made: with `overwrite_output_dir`, only tuneforge's own checkpoint folders go.
     """
     folder = Path(output_dir)
+    # true / false, as Hugging Face's Trainer reads them: the latest checkpoint of output_dir (which must have one),
+    # or none named (here the latest is resumed anyway, unless overwrite_output_dir starts over)
+    latest = str(resume_from_checkpoint).lower() == "true"
+    if latest or str(resume_from_checkpoint).lower() == "false":
+        resume_from_checkpoint = None
     if resume_from_checkpoint:
         chosen = Path(resume_from_checkpoint)
         if not (chosen / "trainer_state.json").is_file():
@@ -96,6 +101,9 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: s
                                     "complete checkpoint")
         return resume_from_checkpoint
     if overwrite:
+        if latest:
+            raise FileExistsError("resume_from_checkpoint: true resumes output_dir's latest checkpoint, and "
+                                  "overwrite_output_dir: true trains from the start: remove one of them")
         return None
     if (folder / FINISHED).exists():
         raise FileExistsError(f"output_dir {folder} already holds a trained model ({FINISHED}); choose another "
@@ -107,6 +115,9 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: s
     checkpoints = checkpoints_in(folder)
     if checkpoints:
         return str(checkpoints[-1])
+    if latest:
+        raise FileNotFoundError(f"resume_from_checkpoint: true resumes the latest checkpoint of output_dir, and "
+                                f"{folder} holds no complete one; remove the key to train from the start")
     finished = [m for m in MODEL_FILES if (folder / m).exists()]
     if finished and (folder / RUN_CONFIG).is_file():  # ours, without FINISHED: stopped while saving its model
         raise FileExistsError(f"output_dir {folder} holds the model files of a run that stopped before they were "
