@@ -227,9 +227,10 @@ def attach_adapters(model, model_args, finetune_args, is_trainable: bool, fuse: 
         to_merge = adapters[:-1] if (resume_last or not is_trainable) else adapters
         if to_merge and model_args.quantization_bit:
             keep = ", or leave out create_new_adapter to train it" if not resume_last and len(adapters) == 1 else ""
-            raise ModelError(f"adapter_name_or_path: merging {', '.join(to_merge)} into weights that `quantization_bit` "
-                             "quantises would round them again, losing much of the adapter (LLaMA-Factory refuses "
-                             f"this too); merge it into the unquantised model first (tuneforge export){keep}")
+            raise ModelError(f"adapter_name_or_path: merging {', '.join(to_merge)} into weights that "
+                             "`quantization_bit` quantises would round them again, losing much of the adapter "
+                             "(LLaMA-Factory refuses this too); merge it into the unquantised model first (tuneforge "
+                             f"export){keep}")
         for path in to_merge:
             model = _load_adapter(model, path, False).merge_and_unload()
         if resume_last or not is_trainable:
