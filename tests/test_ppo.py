@@ -2,7 +2,9 @@
 reward model that adds no second model, exact resume, and its config rules."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -144,6 +146,38 @@ def test_a_toy_reward_from_an_http_endpoint_rises(tiny_model, tmp_path, score_se
     for key in ("kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clip_fraction", "approx_kl",
                 "response_length", "generation_tokens_per_second", "generation_time_share"):
         assert key in log[-1], key
+
+
+class _ScoresThenSigterm(_Scores):
+    """The toy scores; the first request also sends this process SIGTERM, as a cluster would during a rollout."""
+    sent = False
+
+    def do_POST(self):
+        if not _ScoresThenSigterm.sent:
+            _ScoresThenSigterm.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        super().do_POST()
+
+
+def test_sigterm_inside_a_rollout_saves_where_the_run_can_resume(tiny_model, tmp_path):
+    """ppo resumes only between rollouts (its buffer of completions is not checkpointed): a stop signal during the
+    first rollout trains on through its 4 updates, saves there, and the re-run resumes. Before, it saved
+    checkpoint-1, which the re-run refused as taken inside a rollout buffer."""
+    from tuneforge.train.faults import Preempted
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ScoresThenSigterm)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        values = _ppo(tiny_model, _prompts(tmp_path), f"http://127.0.0.1:{server.server_address[1]}/score",
+                      tmp_path / "out", reward_model_type="api", max_steps=8, ppo_epochs=4, save_steps=4)
+        with pytest.raises(Preempted, match="stopped by SIGTERM after step 4"):
+            run_training(values)
+        assert [p.name for p in (tmp_path / "out").glob("checkpoint-*")] == ["checkpoint-4"]
+        run_training(values)  # resumes
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r["current_steps"] for r in read_log(tmp_path / "out")] == list(range(1, 9))
 
 
 def test_an_unreachable_scoring_server_is_one_clear_error():

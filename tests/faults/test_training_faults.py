@@ -143,24 +143,6 @@ def test_sigterm_saves_then_a_full_disk_keeps_that_checkpoint_then_rerun_is_exac
     assert_same_as_straight(values, tmp_path, "out")
 
 
-def test_sigterm_inside_a_ppo_rollout_saves_where_the_run_can_resume(tiny_model, tmp_path):
-    """ppo resumes only between rollouts (its buffer of completions is not checkpointed): a stop signal after the
-    first of a rollout's 4 updates trains on to the 4th, saves there, and the rerun resumes. Before, it saved
-    checkpoint-2, which the rerun refused as taken inside a rollout buffer."""
-    from test_ppo import _ppo, _prompts, _reward_adapter
-
-    values = _ppo(tiny_model, _prompts(tmp_path), _reward_adapter(tiny_model, tmp_path / "rm"), tmp_path / "out",
-                  max_steps=8, ppo_epochs=4, save_steps=4)
-    run = Run(values, "sigterm")
-    run.wait_for(after_step(1))
-    run.send(signal.SIGTERM)
-    assert run.wait() == 75, run.output  # faults.Preempted.exit_code
-    assert "stopped by SIGTERM after step 4" in run.output, run.output
-    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-4"]
-    finish(values, "rerun")
-    assert logged_steps(tmp_path / "out") == list(range(1, 9))
-
-
 def test_diverging_learning_rate_stops_naming_step_rows_and_checkpoint(tiny_model, tmp_path):
     data = str(write_jsonl(tmp_path / "d.jsonl", alpaca_rows(16)))
     # SGD at 1e30: step 1 moves the weights to ~1e30, so the next forward pass overflows float32 to inf / NaN
