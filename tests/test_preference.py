@@ -151,8 +151,8 @@ def test_dpo_and_kto_train_with_dropout_off(tiny_model, pref_data, tmp_path, cap
         weights.append(load_file(tmp_path / name / "adapter_model.safetensors"))
     # the same operations either way (an identity in place of each dropout layer): equal
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    assert "dropout is off in this stage, as in LLaMA-Factory and TRL (so `lora_dropout` and the model's " \
-           "dropout of 0.3 have no effect)" in capsys.readouterr().out
+    assert "dropout is off in this stage (TRL's default; LLaMA-Factory's for dpo and kto), so `lora_dropout` and " \
+           "the model's dropout of 0.3 have no effect" in capsys.readouterr().out
 
 
 def test_reward_model_full_finetuning(tiny_model, pref_data, tmp_path):

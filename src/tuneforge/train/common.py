@@ -194,9 +194,10 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
 
 
 def dropout_off(model, accelerator) -> None:
-    """dpo and kto train with the model's dropout layers off, as LLaMA-Factory's trainers do (TRL's
-    disable_dropout): the loss compares the policy's log-probabilities with the reference's, and dropout would
-    add noise to that difference. They become identities, so LoRA layers keep the fused product (lora_linear)."""
+    """dpo, kto and ppo train with the model's dropout layers off, as TRL does by default (disable_dropout) and
+    LLaMA-Factory's dpo and kto trainers do: their losses compare the policy's log-probabilities with another
+    pass's (the reference's; ppo's rollout, taken with dropout off), and dropout would add noise to that
+    difference. They become identities, so LoRA layers keep the fused product (lora_linear)."""
     dropped = set()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -204,9 +205,10 @@ def dropout_off(model, accelerator) -> None:
                 dropped |= {child.p} - {0.0}
                 setattr(parent, name, torch.nn.Identity())
     if dropped:
-        accelerator.print(f"[tuneforge] note: dropout is off in this stage, as in LLaMA-Factory and TRL (so "
-                          f"`lora_dropout` and the model's dropout of {', '.join(map(str, sorted(dropped)))} have no "
-                          "effect): it would make the policy's log-probabilities noisy against the reference's")
+        accelerator.print(f"[tuneforge] note: dropout is off in this stage (TRL's default; LLaMA-Factory's for dpo "
+                          f"and kto), so `lora_dropout` and the model's dropout of "
+                          f"{', '.join(map(str, sorted(dropped)))} have no effect: it would make the policy's "
+                          "log-probabilities noisy against the pass they are compared with")
 
 
 def on_device(module, device: torch.device):

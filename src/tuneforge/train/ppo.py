@@ -25,7 +25,7 @@ from ..data import DataError
 from ..data.templates import data_template, stop_token_ids
 from ..models.adapters import pissa_init_of
 from ..models.load import ModelError
-from .common import guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
+from .common import dropout_off, guard_output_dir, prepare_model, reference_model, start, train_and_evaluate
 from .grpo import encode_prompts
 from .loop import Precision
 from .losses import (adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, completion_log_probs,
@@ -371,7 +371,9 @@ class RewardModelEvaluation:
 
 def setup(cfg, accelerator, tokenizer) -> tuple[PPOLoss, torch.nn.Module | None, object]:
     """(the policy with its value head, the reference or None (LoRA: the adapter switched off), the reward)."""
-    module = PPOLoss(prepare_model(cfg, accelerator)).to(accelerator.device)
+    model = prepare_model(cfg, accelerator)
+    dropout_off(model, accelerator)
+    module = PPOLoss(model).to(accelerator.device)
     reference = reference_model(cfg, accelerator.device)
     return module, reference, load_reward(cfg, module.model, tokenizer, accelerator)
 
