@@ -134,6 +134,8 @@ def test_a_bare_no_is_the_choice_no(tmp_path):
     ("logging_steps=0", "`logging_steps` must be above 0: a number of steps, or below 1 a share of the run's"),
     ("save_steps=2.5", "`save_steps` above 1 is a number of steps and must be whole"),
     ("warmup_steps=2.5", "`warmup_steps` is a whole number of steps, or below 1 a share of all steps; got 2.5"),
+    ("stage=kto precompute_ref_log_probs=true", "`precompute_ref_log_probs` applies to stage dpo only"),
+    ("stage=dpo pref_loss=simpo precompute_ref_log_probs=true", "`precompute_ref_log_probs`: `pref_loss: simpo` uses no"),
     ("train_on_prompt=true mask_history=true", "contradict each other"),
     ("bf16=true fp16=true", "pick one mixed-precision mode"),
     ("lr_scheduler_type=reduce_lr_on_plateau", "which is not built: the schedules here follow the step count"),

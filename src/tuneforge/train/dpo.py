@@ -138,6 +138,8 @@ def check(cfg) -> list[str]:
                    f"{f.pref_loss}` uses none: use sigmoid, hinge or ipo, or remove pref_bco_weight")
     if f.pref_loss in REFERENCE_FREE:
         out += unused_reference(cfg, f"`pref_loss: {f.pref_loss}` uses no reference model")
+        if f.precompute_ref_log_probs:
+            out.append(f"`precompute_ref_log_probs`: `pref_loss: {f.pref_loss}` uses no reference model; remove it")
     if f.pref_bco_weight and cfg.train.fsdp:
         out.append("`pref_bco_weight` with `fsdp` is not built (the baseline is not sharded state); train with DDP "
                    "(torchrun without fsdp) or in one process")

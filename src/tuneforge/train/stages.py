@@ -41,7 +41,7 @@ STAGES = {s.name: s for s in (
     Stage("sft", "sft", "lm", "supervised fine-tuning on conversations", predicts="generated answers"),
     Stage("rm", "rm", "preference", "a reward model (value head) on chosen/rejected pairs", predicts="scores"),
     Stage("dpo", "dpo", "preference", "direct preference optimisation (sigmoid, hinge, ipo, orpo, simpo)",
-          own_keys=("ld_alpha", "pref_bco_weight")),
+          own_keys=("ld_alpha", "pref_bco_weight", "precompute_ref_log_probs")),
     Stage("kto", "kto", "kto", "KTO on answers flagged desirable or undesirable"),
     Stage("cls", "cls", "labelled", "a text or image classifier", predicts="labels",
           own_keys=("cls_pooling", "cls_truncation")),
@@ -90,8 +90,6 @@ def rollout_problems(cfg) -> list[str]:
     out = refuse_packing(cfg)
     if not g.do_sample or g.num_beams != 1:
         out.append(f"stage {stage} samples its completions: set `do_sample: true` and `num_beams: 1`")
-    if cfg.finetune.precompute_ref_log_probs:
-        out.append(f"`precompute_ref_log_probs` is for dpo; {stage} scores new completions every step, so remove it")
     if t.length_grouped:
         out.append(f"{t.length_grouping_key} groups rows of data by length; stage {stage} trains on completions it "
                    "generates, so remove it")
