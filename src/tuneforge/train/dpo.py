@@ -136,6 +136,10 @@ def check(cfg) -> list[str]:
     if f.pref_bco_weight and f.pref_loss in REFERENCE_FREE:
         out.append(f"`pref_bco_weight` classifies rewards measured against the reference model, and `pref_loss: "
                    f"{f.pref_loss}` uses none: use sigmoid, hinge or ipo, or remove pref_bco_weight")
+    defaults = type(f)()
+    for key, loss in (("simpo_gamma", "simpo"), ("dpo_label_smoothing", "sigmoid")):
+        if getattr(f, key) != getattr(defaults, key) and f.pref_loss != loss:
+            out.append(f"`{key}` applies to `pref_loss: {loss}` only, and this run's is {f.pref_loss}; remove it")
     if f.pref_loss in REFERENCE_FREE:
         out += unused_reference(cfg, f"`pref_loss: {f.pref_loss}` uses no reference model")
         if f.precompute_ref_log_probs:
