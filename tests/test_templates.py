@@ -197,6 +197,26 @@ def test_tool_format_rewrites_a_templates_tools(tiny_model):
         validate(build_config({"model_name_or_path": "m", "template": "chatml", "tool_format": "gemma4"}), "chat")
 
 
+def test_an_empty_tool_list_is_no_tools(tiny_model, tmp_path):
+    """glaive_toolcall_en_demo (LLaMA-Factory's data) gives rows without tools `"tools": "[]"`: they render as rows
+    without the key, not with a tool prompt offering "one of []" (LLaMA-Factory writes an empty system turn)."""
+    import json
+
+    from tuneforge.data import load_examples
+    from tuneforge.options import DataArgs
+
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
+    rows = [{"conversations": turns, "tools": "[]"}, {"conversations": turns, "tools": []}, {"conversations": turns}]
+    (tmp_path / "chats.json").write_text(json.dumps(rows))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"chats": {
+        "file_name": "chats.json", "formatting": "sharegpt", "columns": {"messages": "conversations", "tools": "tools"}}}))
+    examples = load_examples("chats", DataArgs(dataset_dir=str(tmp_path)), "sft", 0)
+    tokenizer = family_tokenizer(tiny_model, "", "<|im_end|>", CHATML)
+    texts = {tokenizer.decode(encode_supervised(e, tokenizer, get_template("chatml", tokenizer), 4096)["input_ids"])
+             for e in examples}
+    assert texts == {"<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>"}
+
+
 REACT_TOOLS = [{"name": "add", "description": "Add numbers", "parameters": {
     "type": "object", "required": ["a"], "properties": {
         "a": {"type": "integer", "description": "first"}, "b": {"type": "string", "enum": ["x", "y"]},

@@ -218,7 +218,8 @@ def _sharegpt(attr: DatasetAttr, formatting: str, record: RawRecord, kind: str) 
     tools = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
     if tools:
         try:
-            parse_tools(tools)
+            # an empty list (glaive-style data writes "[]" for rows without tools) is no tools: no tool prompt
+            tools = tools if parse_tools(tools) else ""
         except ValueError as err:
             raise DataError(f"{record.where}: field `{cols['tools']}`: {err}") from None
     return Example(messages=messages, system=system, tools=tools, where=record.where,
