@@ -249,7 +249,8 @@ def test_epochs_warmup_and_epoch_checkpoints(tiny_model, alpaca_file, tmp_path):
     log = read_log(out)
     assert results["global_step"] == 6 and [r["epoch"] for r in log][-1] == 2.0
     # the schedule is Python float arithmetic, the same everywhere: pytest.approx's default (1e-6 relative) suffices
-    assert [r["lr"] for r in log] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3, 1e-3])
+    # each line logs the rate its step used, as transformers' Trainer does: the first warm-up step's is 0
+    assert [r["lr"] for r in log] == pytest.approx([0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]  # the end of training saves to out itself
 
 
@@ -512,8 +513,8 @@ def test_hugging_face_schedules_and_their_arguments(tiny_model, alpaca_file, tmp
     kwargs, factor = SCHEDULES[name]
     run_training(train_config(tiny_model, alpaca_file, tmp_path, max_steps=6, warmup_steps=2, learning_rate=1e-3,
                               lr_scheduler_type=name, lr_scheduler_kwargs=kwargs))
-    # the log's rate is the one the next step uses (after the scheduler's step), as in HF's Trainer
-    expected = [1e-3 * factor(s) for s in range(1, 7)]
+    # each line logs the rate its step used (before the scheduler's step), as transformers' Trainer does
+    expected = [1e-3 * factor(s) for s in range(6)]
     assert [r["lr"] for r in read_log(tmp_path)] == pytest.approx(expected, rel=1e-9)  # float64 arithmetic
 
 

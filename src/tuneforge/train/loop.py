@@ -135,6 +135,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
         interval.count_tokens(sum(b.pop("num_tokens") for b in micro), world)
         units = sum(inner.units(b) for b in micro).to(accelerator.device)  # counted on the CPU: no sync
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
+        lr = scheduler.get_last_lr()[0]  # this step's rate, logged as HF's Trainer logs it since transformers 4.51
         loss_sum, units, metrics, bad = _optimizer_step(module, micro, units, optimizer, scheduler, accelerator,
                                                         precision, t.max_grad_norm, t.average_tokens_across_devices,
                                                         smaller)
@@ -152,8 +153,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
             seen = {} if counted == "no" else {  # LLaMA-Factory's names
                 "total_tokens": state.num_input_tokens_seen,
                 "throughput": (state.num_input_tokens_seen - tokens_at_start) / max(time.time() - log.started, 1e-9)}
-            _log_interval(interval, state, log if logs else None, epoch, scheduler.get_last_lr()[0],
-                          {**source.log_metrics(), **seen})
+            _log_interval(interval, state, log if logs else None, epoch, lr, {**source.log_metrics(), **seen})
         if evaluation and _evaluates_now(t, state, epoch, per_epoch, last, eval_every):
             stop = evaluate_and_check(cfg, module, evaluation, accelerator, state, log, epoch)
         if _should_save(t, state, per_epoch, last, save_every):
