@@ -56,12 +56,13 @@ def test_accumulation_equals_a_big_batch(tiny_model, tmp_path, kind):
     splits = {"big": dict(per_device_train_batch_size=8),
               "acc": dict(per_device_train_batch_size=2, gradient_accumulation_steps=4)}
 
-    def train(name, **options):
-        run_training(train_config(tiny_model, data, tmp_path / name, finetuning_type=kind, max_steps=4,
+    def train(name, steps=4, **options):
+        run_training(train_config(tiny_model, data, tmp_path / name, finetuning_type=kind, max_steps=steps,
                                   logging_steps=1, lr_scheduler_type="constant", **options))
-        return _weights(tmp_path / name), [r["loss"] for r in read_log(tmp_path / name)]
+        log = read_log(tmp_path / name)
+        return _weights(tmp_path / name), [r["loss"] for r in log], [r["grad_norm"] for r in log]
 
-    start, _ = train("start", learning_rate=0.0)  # the same seeded initial weights both runs start from
+    start, *_ = train("start", learning_rate=0.0)  # the same seeded initial weights both runs start from
     # 1. SGD: an update is the accumulated gradient times the rate, so the weight changes compare the gradients.
     # Both runs sum the same per-token terms in another order, which is float32 noise: measured at most 2.3e-6 of
     # the update (AMD EPYC with its AVX512 kernels and with avx2 kernels, 1 and 2 threads). A normalisation error
@@ -70,6 +71,13 @@ def test_accumulation_equals_a_big_batch(tiny_model, tmp_path, kind):
            for name, split in splits.items()}
     assert relative_update_gap(start, sgd["big"][0], sgd["acc"][0]) < 1e-4
     assert sgd["big"][1] == pytest.approx(sgd["acc"][1], abs=LOGGED_LOSS)
+    # the logged grad_norm (transformers' key) is the norm of the step's whole gradient: the same under accumulation,
+    # and for one SGD step without clipping |update| / rate. The log rounds to 4 decimals (up to 5e-5 off); 1e-4
+    # leaves room for the float32 subtraction that gives the update
+    assert sgd["big"][2] == pytest.approx(sgd["acc"][2], abs=LOGGED_LOSS)
+    one = train("sgd-one", steps=1, optim="sgd", learning_rate=0.5, max_grad_norm=0, **splits["acc"])
+    assert one[2] == [pytest.approx((sum(((one[0][k] - start[k]).double() ** 2).sum() for k in start) ** 0.5 / 0.5)
+                                    .item(), abs=1e-4)]
     # 2. AdamW, the default, amplifies that noise (see relative_update_gap): measured at most 4.9e-5 of the update
     # (LoRA, whose B starts at 0 so A's first gradients are tiny; full: 1.5e-6); the normalisation error: 0.15.
     adam = {name: train(f"adam-{name}", learning_rate=1e-3, **split) for name, split in splits.items()}

@@ -136,13 +136,13 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
         units = sum(inner.units(b) for b in micro).to(accelerator.device)  # counted on the CPU: no sync
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
         lr = scheduler.get_last_lr()[0]  # this step's rate, logged as HF's Trainer logs it since transformers 4.51
-        loss_sum, units, metrics, bad = _optimizer_step(module, micro, units, optimizer, scheduler, accelerator,
-                                                        precision, t.max_grad_norm, t.average_tokens_across_devices,
-                                                        smaller)
+        loss_sum, units, metrics, bad, norm = _optimizer_step(
+            module, micro, units, optimizer, scheduler, accelerator, precision, t.max_grad_norm,
+            t.average_tokens_across_devices, smaller)
         if bad:
             _non_finite(bad, state, source, t, accelerator)
         else:
-            interval.add(loss_sum, units, metrics)
+            interval.add(loss_sum, units, metrics, norm)
         state.global_step += 1
         state.step_in_epoch += 1
         log.advance()
@@ -382,6 +382,7 @@ class _Interval:
         self.loss = torch.zeros((), device=self.device)
         self.units = torch.zeros((), device=self.device)
         self.metrics: dict[str, torch.Tensor] = {}
+        self.grad_norm = None  # the last step's, logged as HF's Trainer logs it (before clipping)
         self.real_tokens, self.started = 0, time.time()
 
     def settled(self, state):
@@ -390,9 +391,10 @@ class _Interval:
         return dataclasses.replace(state, loss_sum=state.loss_sum + self.loss.item(),
                                    trained_units=state.trained_units + int(self.units.item()))
 
-    def add(self, loss_sum, units, metrics):
+    def add(self, loss_sum, units, metrics, grad_norm):
         self.loss += loss_sum
         self.units += units
+        self.grad_norm = grad_norm
         for key, value in metrics.items():
             self.metrics[key] = self.metrics.get(key, 0) + value
 
@@ -400,6 +402,8 @@ class _Interval:
         count = self.units.clamp(min=1)
         loss = (self.loss / count).item()
         means = {key: (value / count).item() for key, value in self.metrics.items()}
+        if self.grad_norm is not None:
+            means["grad_norm"] = float(self.grad_norm)
         speed = self.real_tokens / max(time.time() - self.started, 1e-9)
         units = int(self.units.item())
         self.reset()
@@ -421,7 +425,7 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
     if zero.is_engine(module):
         losses, sums, norm = zero.step(module, micro, scale, precision, unwrapped(module))
         bad = _what_is_non_finite(torch.stack(losses), norm, precision, accelerator)  # the gate made this fatal
-        return _after_step(losses, sums, units, scheduler, accelerator, bad)
+        return _after_step(losses, sums, units, scheduler, accelerator, bad, norm)
     while True:
         try:
             losses, sums = _backward(module, micro, scale, accelerator, precision)
@@ -442,7 +446,7 @@ def _optimizer_step(module, micro: list[dict], units, optimizer, scheduler, acce
         precision.scaler.step(optimizer)
         precision.scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return _after_step(losses, sums, units, scheduler, accelerator, bad)
+    return _after_step(losses, sums, units, scheduler, accelerator, bad, norm)
 
 
 def _backward(module, micro: list[dict], scale, accelerator, precision) -> tuple[list, dict]:
@@ -480,14 +484,15 @@ def _smaller(source: SplittableSteps, state, accelerator) -> list[dict]:
     return [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
 
 
-def _after_step(losses: list, sums: dict, units, scheduler, accelerator, bad):
-    """The schedule's step; returns the step's (loss sum, units, metric sums) over all processes, and `bad`."""
+def _after_step(losses: list, sums: dict, units, scheduler, accelerator, bad, norm):
+    """The schedule's step; returns the step's (loss sum, units, metric sums) over all processes, `bad` and the
+    gradient norm."""
     scheduler.step()  # a skipped step still counts: data and schedule move on as in any other run
     total = torch.stack(losses).sum()
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, "sum")
         sums = {k: accelerator.reduce(v, "sum") for k, v in sums.items()}
-    return total, units, sums, bad
+    return total, units, sums, bad, norm
 
 
 def _grad_norm(optimizer, params: list, max_grad_norm: float) -> torch.Tensor:
