@@ -107,7 +107,22 @@ def test_kto_trains(tiny_model, tmp_path, kind):
                               max_steps=15, learning_rate=1e-2 if kind == "lora" else 1e-3,
                               lr_scheduler_type="constant", per_device_train_batch_size=8, pref_beta=0.5))
     log = [r for r in read_log(out) if "loss" in r]
-    assert log[-1]["loss"] < log[0]["loss"] and log[-1]["rewards/signed"] > log[0]["rewards/signed"]
+    margins = [r["rewards/margins"] for r in log if "rewards/margins" in r]  # steps with both kinds of answer
+    assert log[-1]["loss"] < log[0]["loss"] and margins[-1] > margins[0]
+
+
+def test_kto_rewards_are_means_over_their_own_answers():
+    """KTO's desirable and undesirable answers are each a share of a step: each reward is averaged over its own
+    answers (TRL's and LLaMA-Factory's rewards/chosen, rewards/rejected), not over the whole step."""
+    from tuneforge.train.steps import metric_means
+
+    # 4 examples: 3 desirable (rewards summing to 0.6), 1 undesirable (-0.2); KL summed as batch KL x examples
+    sums = {"rewards/chosen": 0.6, "rewards/rejected": -0.2, "count/chosen": 3, "count/rejected": 1, "kl": 0.4}
+    assert metric_means(sums, 4) == pytest.approx(
+        {"rewards/chosen": 0.2, "rewards/rejected": -0.2, "kl": 0.1, "rewards/margins": 0.4})
+    # an interval without undesirable answers reports no mean for them (rather than a 0)
+    assert metric_means({"rewards/chosen": 0.6, "rewards/rejected": 0.0, "count/chosen": 3, "count/rejected": 0},
+                        3) == pytest.approx({"rewards/chosen": 0.2})
 
 
 def test_stages_refuse_the_wrong_kind_of_data(tiny_model, pref_data, alpaca_file, tmp_path):

@@ -16,7 +16,7 @@ import torch
 from ..config import ConfigError
 from . import checkpoint as ckpt
 from . import sharding, zero
-from .steps import unwrapped
+from .steps import metric_means, unwrapped
 
 
 @torch.no_grad()
@@ -62,7 +62,8 @@ def evaluate(module, rows: list[dict], collator, batch_size: int, accelerator, p
     result = {"eval_loss": loss}
     if module.unit == "token":
         result["eval_perplexity"] = math.exp(min(loss, 50))
-    result.update({f"eval_{key}": (value / count).item() for key, value in zip(sums, totals[2:])})
+    result.update({f"eval_{key}": value for key, value in metric_means(dict(zip(sums, totals[2:].tolist())),
+                                                                      count.item()).items()})
     return result
 
 

@@ -38,10 +38,13 @@ class KTOLoss(torch.nn.Module):
         losses, chosen_reward, rejected_reward = kto_loss(
             own[kto_tag], own[~kto_tag], ref_own[kto_tag], ref_own[~kto_tag], mismatched, ref_mismatched,
             a.pref_beta, a.kto_chosen_weight, a.kto_rejected_weight)
-        # per-example means: a desirable answer's reward should rise, an undesirable one's fall
-        signed = chosen_reward.sum() - rejected_reward.sum()
+        # a desirable answer's reward should rise, an undesirable one's fall: each a mean over its own count
+        # (steps.metric_means), as TRL and LLaMA-Factory log them
         kl = (mismatched - ref_mismatched).detach().mean().clamp(min=0)
-        return losses.sum(), {"rewards/signed": signed, "kl": kl * n}
+        return losses.sum(), {
+            "rewards/chosen": chosen_reward.sum(), "rewards/rejected": rejected_reward.sum(),
+            "logps/chosen": own[kto_tag].detach().sum(), "logps/rejected": own[~kto_tag].detach().sum(),
+            "count/chosen": kto_tag.sum(), "count/rejected": (~kto_tag).sum(), "kl": kl * n}
 
 
 def check(cfg) -> list[str]:

@@ -32,7 +32,7 @@ from .intervals import every
 from .optimizers import Layerwise, build_optimizer
 from .schedules import build_scheduler
 from .profiling import step_profiler
-from .steps import LossModule, SplittableSteps, StepSource, StreamSteps, unwrapped
+from .steps import LossModule, SplittableSteps, StepSource, StreamSteps, metric_means, unwrapped
 from .trackers import open_trackers
 
 
@@ -401,7 +401,7 @@ class _Interval:
     def flush(self) -> tuple[float, int, dict, float]:
         count = self.units.clamp(min=1)
         loss = (self.loss / count).item()
-        means = {key: (value / count).item() for key, value in self.metrics.items()}
+        means = metric_means({key: value.item() for key, value in self.metrics.items()}, count.item())
         if self.grad_norm is not None:
             means["grad_norm"] = float(self.grad_norm)
         speed = self.real_tokens / max(time.time() - self.started, 1e-9)
