@@ -316,7 +316,7 @@ class CausalLMLoss(torch.nn.Module):
             loss, _ = token_cross_entropy(logits, labels, self.label_smoothing)
         if self.training or not self.compute_accuracy:  # token accuracy is an evaluation metric
             return loss, {}
-        return loss, {"accuracy": ((logits[:, :-1].argmax(-1) == shift_labels) & targets).sum()}
+        return loss, _example_accuracy((logits[:, :-1].argmax(-1) == shift_labels)[targets], targets)
 
     def _from_hidden(self, last_hidden, labels):
         head = self.split[1]
@@ -334,9 +334,18 @@ class CausalLMLoss(torch.nn.Module):
         if self.training or not self.compute_accuracy:  # token accuracy is an evaluation metric
             return loss, {}
         with torch.no_grad():
-            correct = sum((head(hidden[s: s + self.chunk_size]).argmax(-1) == wanted[s: s + self.chunk_size]).sum()
-                          for s in range(0, hidden.shape[0], self.chunk_size))
-        return loss, {"accuracy": correct}
+            correct = torch.cat([head(hidden[s: s + self.chunk_size]).argmax(-1) == wanted[s: s + self.chunk_size]
+                                 for s in range(0, hidden.shape[0], self.chunk_size)])
+        return loss, _example_accuracy(correct, targets)
+
+
+def _example_accuracy(correct: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """LLaMA-Factory's eval_accuracy: each example's share of its target tokens predicted right, averaged over the
+    examples (steps.metric_means divides by count/accuracy). `correct` holds one flag per True of `targets`."""
+    rows = targets.nonzero()[:, 0]
+    hits = torch.zeros(targets.shape[0], device=correct.device).index_add_(0, rows, correct.float())
+    has = targets.any(1)
+    return {"accuracy": (hits[has] / targets.sum(1)[has]).sum(), "count/accuracy": has.sum()}
 
 
 EAFT_TOP_K = 20  # EAFT's entropy is over the 20 likeliest tokens, its weight that entropy over 3 (about ln 20)
