@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -211,9 +212,16 @@ def test_mix_strategies(tmp_path):
 
     a, b = list("abc"), list("12345")
     assert mix([a, b], "concat", None, 0) == a + b
-    assert mix([a, b], "interleave_under", None, 0) == ["a", "1", "b", "2", "c"]
+    assert mix([a, b], "interleave_under", None, 0) == ["a", "1", "b", "2", "c", "3"]  # whole rounds
     assert mix([a, b], "interleave_over", None, 0) == ["a", "1", "b", "2", "c", "3", "a", "4", "b", "5"]
     assert mix([a, b], "interleave_once", None, 0) == ["a", "1", "b", "2", "c", "3", "4", "5"]
+    # taken in turn, as datasets' interleave_datasets mixes them (LLaMA-Factory's mixing), in every order
+    from datasets import Dataset, interleave_datasets
+
+    for parts in itertools.permutations([a, b, list("xy")]):
+        for strategy, stopping in (("interleave_under", "first_exhausted"), ("interleave_over", "all_exhausted")):
+            theirs = interleave_datasets([Dataset.from_dict({"x": part}) for part in parts], stopping_strategy=stopping)
+            assert mix(list(parts), strategy, None, 0) == list(theirs["x"])
     drawn = mix([a * 100, b * 100], "interleave_under", "0.2,0.8", 0)
     # seeded integer draws, the same on every machine (0.201 of 626); +-0.05 is 3 standard deviations
     assert 0.15 < sum(x in a for x in drawn) / len(drawn) < 0.25  # drawn by the given probabilities

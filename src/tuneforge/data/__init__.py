@@ -43,10 +43,11 @@ def mix(parts: list[list], strategy: str, probs: str | None, seed: int) -> list:
 
 
 def mix_streams(sources: list[Callable[[], Iterator]], strategy: str, probs: str | None, seed: int) -> Iterator:
-    """Mix datasets, each given as a function that opens it. concat: one after another. interleave_under: take
-    from the datasets in turn (or at random by `interleave_probs`) until one runs out; interleave_over: until every
-    one has been seen whole, opening used-up ones again (oversampling); interleave_once: until every one runs out,
-    each example used once."""
+    """Mix datasets, each given as a function that opens it, as datasets' interleave_datasets does (LLaMA-Factory's
+    mixing). concat: one after another. interleave_under: take from the datasets in turn, whole rounds until one
+    runs out (each gives as many examples), or at random by `interleave_probs` until the one drawn has run out;
+    interleave_over: likewise until every one has been seen whole, opening used-up ones again (oversampling);
+    interleave_once: until every one runs out, each example used once."""
     if strategy == "concat" or len(sources) == 1:
         for source in sources:
             yield from source()
@@ -58,22 +59,26 @@ def mix_streams(sources: list[Callable[[], Iterator]], strategy: str, probs: str
     whole = [False] * len(sources)
     needed = [i for i, weight in enumerate(weights) if weight > 0]  # a zero-weight dataset is never drawn
     while True:
-        live = [i for i in needed if strategy == "interleave_over" or ahead[i] is not end]
+        live = [i for i in needed if strategy != "interleave_once" or ahead[i] is not end]
         if not live:
             return
         if probs:
             i = rng.choices(live, weights=[weights[j] for j in live])[0]
         else:
             i, turn = live[turn % len(live)], turn + 1
-        if ahead[i] is end:  # interleave_over starts a used-up dataset again
-            streams[i] = sources[i]()
+        if ahead[i] is end:
+            if strategy == "interleave_under":
+                return
+            streams[i] = sources[i]()  # interleave_over starts a used-up dataset again
             ahead[i] = next(streams[i])
         yield ahead[i]
         ahead[i] = next(streams[i], end)
-        if ahead[i] is end:
-            whole[i] = True
-            if strategy == "interleave_under" or (strategy == "interleave_over" and all(whole[j] for j in needed)):
-                return
+        whole[i] = whole[i] or ahead[i] is end
+        round_ends = not probs and turn % len(live) == 0  # taken in turn, datasets stops only at a round's end
+        if strategy == "interleave_over" and all(whole[j] for j in needed) and (probs or round_ends):
+            return
+        if strategy == "interleave_under" and round_ends and any(whole):
+            return
 
 
 @dataclass
