@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -142,7 +143,8 @@ def load_splits(cfg, load=None) -> tuple[list, list]:
     if d.val_size and train_examples:
         shuffled = train_examples[:]
         random.Random(seed).shuffle(shuffled)
-        count = int(d.val_size) if d.val_size >= 1 else max(1, round(d.val_size * len(shuffled)))
+        # a fraction rounds up, as datasets' train_test_split (LLaMA-Factory's split) counts it
+        count = int(d.val_size) if d.val_size >= 1 else math.ceil(d.val_size * len(shuffled))
         if count >= len(shuffled):
             raise DataError(f"val_size {d.val_size} leaves no training examples out of {len(shuffled)}; lower it")
         eval_examples, train_examples = eval_examples + shuffled[:count], shuffled[count:]
