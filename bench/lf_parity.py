@@ -35,6 +35,8 @@ CASES = {
     # a cutoff no pair reaches: the two truncate long prompts differently (tuneforge keeps a prompt's end)
     "dpo-lora": dict(finetuning_type="lora", lora_target="all", learning_rate=5e-5, stage="dpo", pref_beta=0.1,
                      dataset="dpo_en_demo", cutoff_len=4096),
+    "kto-lora": dict(finetuning_type="lora", lora_target="all", learning_rate=5e-5, stage="kto", pref_beta=0.1,
+                     dataset="kto_en_demo", cutoff_len=4096),
 }
 KEYS = (("loss", "loss"), ("grad_norm", "grad_norm"), ("learning_rate", "lr"))
 

@@ -137,8 +137,8 @@ def encode_pair(example: Example, tokenizer, template, cutoff_len: int, default_
 
 def encode_kto(examples: list[Example], tokenizer, template, cutoff_len: int,
                default_system: str | None = None) -> list[dict]:
-    """KTO rows: each example's own final answer, plus a mismatched answer (the next example's) to its prompt,
-    from which the batch estimates the KL term."""
+    """KTO rows: each example's own final answer, plus a mismatched answer (the one before it, as LLaMA-Factory
+    pairs them; the first takes the last) to its prompt, from which the batch estimates the KL term."""
     split = []
     for example in examples:
         history = Example(messages=example.messages[:-1], system=example.system, tools=example.tools,
@@ -147,7 +147,7 @@ def encode_kto(examples: list[Example], tokenizer, template, cutoff_len: int,
                                           default_system))
     rows = []
     for i, (example, (prompt, answer)) in enumerate(zip(examples, split)):
-        other = split[(i + 1) % len(split)][1]
+        other = split[i - 1][1]
         prompt, (answer, other) = _fit(prompt, [answer, other], cutoff_len)
         masked = [IGNORE] * len(prompt)
         rows.append({"input_ids": prompt + answer, "labels": masked + answer, "kl_input_ids": prompt + other,
