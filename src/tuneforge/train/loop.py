@@ -135,7 +135,7 @@ def train(cfg, module: LossModule, tokenizer, source: StepSource, evaluation: Ev
         interval.count_tokens(sum(b.pop("num_tokens") for b in micro), world)
         units = sum(inner.units(b) for b in micro).to(accelerator.device)  # counted on the CPU: no sync
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
-        lr = scheduler.get_last_lr()[0]  # this step's rate, logged as HF's Trainer logs it since transformers 4.51
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses: the log's, as in transformers 5's Trainer
         loss_sum, units, metrics, bad, norm = _optimizer_step(
             module, micro, units, optimizer, scheduler, accelerator, precision, t.max_grad_norm,
             t.average_tokens_across_devices, smaller)

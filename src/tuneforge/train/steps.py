@@ -30,14 +30,16 @@ class LossModule(Protocol):
 
     def __call__(self, **batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss summed over the batch's units, metric sums); the loop divides both by the step's units, except
-        a metric `<what>/<part>` that comes with a `count/<part>` sum: that count divides it (metric_means)."""
+        a metric `<what>/<part>` (or `<part>`) that comes with a `count/<part>` sum: that count divides it
+        (metric_means)."""
 
 
 def metric_means(sums: dict[str, float], units: float) -> dict[str, float]:
     """Metric sums over a step, log interval or evaluation as the means the log reports. KTO's desirable and
     undesirable answers are each a share of the batch, so their rewards are summed with a count of their own
     (`count/chosen`): divided by it, and left out where that count is 0; the counts themselves are not reported.
-    With both, `rewards/margins` is the chosen mean less the rejected mean, as TRL and LLaMA-Factory log it."""
+    compute_accuracy's per-example accuracy is divided by its examples (`count/accuracy`) likewise. With both KTO
+    rewards, `rewards/margins` is the chosen mean less the rejected mean, as TRL and LLaMA-Factory log it."""
     counts = {key.removeprefix("count/"): value for key, value in sums.items() if key.startswith("count/")}
     means = {}
     for key, value in sums.items():
