@@ -208,8 +208,9 @@ def test_an_empty_tool_list_is_no_tools(tiny_model, tmp_path):
     turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
     rows = [{"conversations": turns, "tools": "[]"}, {"conversations": turns, "tools": []}, {"conversations": turns}]
     (tmp_path / "chats.json").write_text(json.dumps(rows))
+    columns = {"messages": "conversations", "tools": "tools"}
     (tmp_path / "dataset_info.json").write_text(json.dumps({"chats": {
-        "file_name": "chats.json", "formatting": "sharegpt", "columns": {"messages": "conversations", "tools": "tools"}}}))
+        "file_name": "chats.json", "formatting": "sharegpt", "columns": columns}}))
     examples = load_examples("chats", DataArgs(dataset_dir=str(tmp_path)), "sft", 0)
     tokenizer = family_tokenizer(tiny_model, "", "<|im_end|>", CHATML)
     texts = {tokenizer.decode(encode_supervised(e, tokenizer, get_template("chatml", tokenizer), 4096)["input_ids"])
