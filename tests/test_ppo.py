@@ -107,7 +107,8 @@ def _prompts(tmp_path: Path) -> str:
 
 
 def _reward_adapter(model: str, folder: Path) -> str:
-    """What a LoRA `stage: rm` run leaves in its output_dir: an adapter and value_head.safetensors (random here)."""
+    """What a LoRA `stage: rm` run leaves in its output_dir, here or in LLaMA-Factory: an adapter and
+    value_head.safetensors with TRL's names (random here)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -115,7 +116,8 @@ def _reward_adapter(model: str, folder: Path) -> str:
     base = AutoModelForCausalLM.from_pretrained(model)
     lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(folder)
-    save_file({"weight": torch.randn(1, base.config.hidden_size) * 0.1, "bias": torch.zeros(1)},
+    save_file({"v_head.summary.weight": torch.randn(1, base.config.hidden_size) * 0.1,
+               "v_head.summary.bias": torch.zeros(1)},
               str(folder / "value_head.safetensors"))
     return str(folder)
 

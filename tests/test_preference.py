@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import LOGGED_LOSS, read_log, run_training, train_config, write_jsonl
+from safetensors.torch import load_file
 
 from tuneforge.data.registry import DataError
 
@@ -83,13 +84,23 @@ def test_reward_model_learns_and_reloads(tiny_model, pref_data, tmp_path):
     out = tmp_path / "rm"
     results = run_training(_config(tiny_model, pref_data, out, "rm", learning_rate=3e-3))
     assert results["eval_accuracy"] >= 0.9
-    assert (out / "value_head.safetensors").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").is_file()
+    # TRL's names, which LLaMA-Factory's ppo and predict load (with strict=False: other names would be ignored)
+    assert set(load_file(out / "value_head.safetensors")) == {"v_head.summary.weight", "v_head.summary.bias"}
     # the saved reward model scores the held-out pairs the same way when loaded again
     again = run_training(_config(tiny_model, pref_data, tmp_path / "scores", "rm", do_train=False,
                                  adapter_name_or_path=str(out), do_predict=True, eval_strategy="no"))
     assert again["eval_accuracy"] == results["eval_accuracy"]  # same weights, same kernels: the same scores
     scores = [json.loads(line) for line in (tmp_path / "scores" / "generated_predictions.jsonl").read_text().splitlines()]
     assert len(scores) == 16 and sum(s["chosen"] > s["rejected"] for s in scores) / 16 == again["predict_accuracy"]
+
+
+def test_a_value_head_saved_under_the_older_names_loads():
+    from tuneforge.train.rm import ValueHead
+
+    head = ValueHead(4)
+    head.load_state_dict({"weight": torch.ones(1, 4), "bias": torch.full((1,), 2.0)})  # tuneforge before 2026-11-25
+    assert head(torch.ones(1, 4)).item() == 6.0
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])

@@ -30,7 +30,7 @@ from .grpo import encode_prompts
 from .loop import Precision
 from .losses import (adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, completion_log_probs,
                      completion_outputs, decoder_and_head, generalised_advantages, kl_penalised_rewards, masked_whiten)
-from .rm import VALUE_HEAD, load_reward_model, new_value_head
+from .rm import VALUE_HEAD, ValueHead, load_reward_model
 from .rollout import RolloutStats, generate, greedy_rollouts, my_share
 from .stages import rollout_problems
 from .steps import epoch_batches
@@ -112,7 +112,7 @@ class PPOLoss(torch.nn.Module):
         super().__init__()
         self.model, self.split = model, decoder_and_head(model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.value_head = new_value_head(base.config.hidden_size)
+        self.value_head = ValueHead(base.config.hidden_size)
         self.extra = {POLICY_VALUE_HEAD: self.value_head}
 
     @staticmethod
@@ -153,9 +153,9 @@ class AdapterReward:
 
         policy.load_adapter(folder, adapter_name=REWARD_ADAPTER, is_trainable=False)
         self.policy, self.decoder = policy, policy.get_base_model().get_decoder()
-        weights = load_file(Path(folder) / VALUE_HEAD)
-        self.head = torch.nn.Linear(weights["weight"].shape[1], 1).requires_grad_(False).to(device)
-        self.head.load_state_dict(weights)
+        self.head = ValueHead(policy.get_base_model().config.hidden_size).requires_grad_(False)
+        self.head.load_state_dict(load_file(Path(folder) / VALUE_HEAD))
+        self.head.to(device)
 
     def __call__(self, input_ids, attention_mask, prompts, completions) -> torch.Tensor:
         trained = self.policy.active_adapter

@@ -19,12 +19,31 @@ from .stages import refuse_packing, unused_reference
 VALUE_HEAD = "value_head.safetensors"
 
 
-def new_value_head(hidden_size: int) -> torch.nn.Linear:
-    """A scalar head on the last hidden state, starting near 0 (also the PPO policy's value head)."""
-    head = torch.nn.Linear(hidden_size, 1)
-    torch.nn.init.normal_(head.weight, std=1 / (hidden_size + 1))
-    torch.nn.init.zeros_(head.bias)
-    return head
+class ValueHead(torch.nn.Module):
+    """A scalar head on the last hidden state, starting near 0 (also the PPO policy's value head). Its weights are
+    named as TRL's value-head models name theirs (`v_head.summary.weight`, `.bias`), so value_head.safetensors is
+    the file LLaMA-Factory's rm writes and its ppo reads, both ways; files of tuneforge before 2026-11-25 (`weight`,
+    `bias`) still load."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.v_head = torch.nn.ModuleDict({"summary": torch.nn.Linear(hidden_size, 1)})
+        torch.nn.init.normal_(self.weight, std=1 / (hidden_size + 1))
+        torch.nn.init.zeros_(self.v_head.summary.bias)
+        self.register_load_state_dict_pre_hook(_older_names)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.v_head.summary.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.v_head.summary(hidden)
+
+
+def _older_names(module, state_dict, prefix, *_) -> None:
+    for name in ("weight", "bias"):
+        if prefix + name in state_dict:
+            state_dict[f"{prefix}v_head.summary.{name}"] = state_dict.pop(prefix + name)
 
 
 class RewardLoss(torch.nn.Module):
@@ -38,7 +57,7 @@ class RewardLoss(torch.nn.Module):
         head = base.get_output_embeddings()
         if head is not None and head.weight is not base.get_input_embeddings().weight:
             head.requires_grad_(False)  # unused by a reward model; DDP must not wait for its gradient
-        self.value_head = new_value_head(base.config.hidden_size)
+        self.value_head = ValueHead(base.config.hidden_size)
         self.extra = {VALUE_HEAD: self.value_head}
 
     @staticmethod
@@ -57,7 +76,6 @@ class RewardLoss(torch.nn.Module):
         metrics = {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).detach().sum(),
                    "chosen_reward": chosen.detach().sum(), "rejected_reward": rejected.detach().sum()}
         return losses.sum(), metrics
-
 
 
 def check(cfg) -> list[str]:
