@@ -9,6 +9,7 @@ order. Template `mistral`, whose answers end at eos: LLaMA-Factory's chatml also
 `<|im_end|>`, which tuneforge leaves to the next prompt (docs/config.md), and that alone would move the losses.
 It prints each step's figures side by side from LLaMA-Factory's trainer_state.json and tuneforge's trainer_log.jsonl
 (rounded to 4 decimals there) and the largest difference. CPU-heavy: about a minute per run on two cores.
+pt-full and the packing cases differ on purpose (docs/llamafactory.md says how).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ CASES = {
                      dataset="dpo_en_demo", cutoff_len=4096),
     "kto-lora": dict(finetuning_type="lora", lora_target="all", learning_rate=5e-5, stage="kto", pref_beta=0.1,
                      dataset="kto_en_demo", cutoff_len=4096),
+    "pt-full": dict(finetuning_type="full", learning_rate=2e-5, stage="pt", dataset="c4_demo"),
+    "sft-packing": dict(finetuning_type="lora", lora_target="all", learning_rate=2e-4, packing=True),
+    "sft-neat-packing": dict(finetuning_type="lora", lora_target="all", learning_rate=2e-4, packing=True,
+                             neat_packing=True),
 }
 KEYS = (("loss", "loss"), ("grad_norm", "grad_norm"), ("learning_rate", "lr"))
 
