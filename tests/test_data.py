@@ -206,6 +206,18 @@ def test_arrow_files_split_folders_and_hub_entries(tmp_path):
     assert [e.messages[1]["content"] for e in examples] == ["a3"] and "[test] record 0" in examples[0].where
 
 
+def test_num_samples_picks_what_llamafactory_picks(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"question {i}", "output": "x"} for i in range(10)])
+    write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"query {i}", "output": "x"} for i in range(3)])
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.jsonl", "num_samples": 4},
+                                                            "b": {"file_name": "b.jsonl", "num_samples": 5}}))
+    picked = load_examples("a,b", DataArgs(dataset_dir=str(tmp_path)), "sft", 42)
+    # LLaMA-Factory 0.9.5 picked these from the same files with seed 42: the second dataset, asked for more than it
+    # has, gives all of its records and then draws with replacement
+    assert [e.messages[0]["content"] for e in picked] == ["question 8", "question 1", "question 5", "question 0",
+                                                          "query 1", "query 0", "query 2", "query 2", "query 2"]
+
+
 def test_mix_strategies(tmp_path):
     from tuneforge.config import ConfigError, build_config, validate
     from tuneforge.data import mix

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
 from ..train.stages import data_kind
 from . import cache
 from .collate import pack_rows
 from .encode import chunk_documents, encode_kto, encode_pair, encode_supervised_batch, tokenize_documents
 from .formats import Example, to_examples
 from .placeholders import filled
-from .registry import DataError, read_records, resolve
+from .registry import DataError, read_records, resolve, sampled
 from .templates import data_template
 
 __all__ = ["DataError", "Example", "LMData", "load_examples", "prepare_lm_data"]
@@ -24,15 +26,13 @@ __all__ = ["DataError", "Example", "LMData", "load_examples", "prepare_lm_data"]
 def load_examples(names: str, data_args, stage: str, seed: int, warn: bool = True) -> list[Example]:
     """The canonical examples of a comma list of datasets, mixed by `mix_strategy`, placeholders filled (and
     those left warned about, unless not `warn`)."""
-    parts = []
+    parts, rng = [], np.random.RandomState(seed)
     for attr in resolve(names, data_args.dataset_dir):
         skip = data_args.skip_bad_records
         part = list(filled(to_examples(attr, read_records(attr, skip), stage, skip), data_args.fill_placeholders,
                            warn))
-        if attr.num_samples:  # resample to the requested size, as LLaMA-Factory does
-            rng = random.Random(seed)
-            part = (part * (attr.num_samples // len(part) + 1))[: attr.num_samples] if attr.num_samples > len(part) \
-                else rng.sample(part, attr.num_samples)
+        if attr.num_samples:
+            part = sampled(part, attr.num_samples, rng)
         if data_args.max_samples:
             part = part[: data_args.max_samples]
         parts.append(part)

@@ -7,12 +7,12 @@ sub-folder per class (the ImageFolder layout) is an image dataset whose labels a
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
-
 from pathlib import Path
 
-from .registry import DataError, RawRecord, read_records, resolve
+import numpy as np
+
+from .registry import DataError, RawRecord, read_records, resolve, sampled
 
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGE_NAMES = ("image", "image_path", "path", "file", "filename")
@@ -80,7 +80,7 @@ def load_labelled(names: str, data_args, seed: int) -> list[Labelled]:
 
 
 def _load_table(names: str, data_args, seed: int) -> list[Labelled]:
-    examples = []
+    examples, rng = [], np.random.RandomState(seed)
     for attr in resolve(names, data_args.dataset_dir):
         records = read_records(attr)
         first = records[0]
@@ -103,9 +103,7 @@ def _load_table(names: str, data_args, seed: int) -> list[Labelled]:
                 text = str(attr.files[0].parent / text) if not Path(text).is_absolute() else text
             part.append(Labelled(text.strip(), str(label).strip(), pair, record.where, image=bool(image_col)))
         if attr.num_samples:
-            rng = random.Random(seed)
-            part = rng.sample(part, attr.num_samples) if attr.num_samples <= len(part) else \
-                (part * (attr.num_samples // len(part) + 1))[: attr.num_samples]
+            part = sampled(part, attr.num_samples, rng)
         if data_args.max_samples:
             part = part[: data_args.max_samples]
         examples += part

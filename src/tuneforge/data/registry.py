@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 
 class DataError(ValueError):
     """A data problem, worded for the person who owns the data: file, record, field, expectation, fix."""
@@ -265,3 +267,14 @@ def _read_hub(attr: DatasetAttr, streaming: bool = False) -> Iterator[RawRecord]
         raise DataError(f"dataset `{attr.name}`: cannot load `{attr.hub}` (split {attr.split}) from the Hugging Face "
                         f"Hub ({reason}); on an offline machine download it elsewhere and register it with "
                         "`file_name` pointing at a local file") from None
+
+
+def sampled(part: list, num_samples: int, rng: np.random.RandomState) -> list:
+    """A dataset's `num_samples` examples, picked as LLaMA-Factory picks them: a random order cut to num_samples, and
+    where that asks for more than there are, all of them followed by draws with replacement. `rng`: one
+    RandomState(seed) per load, drawn in dataset order, as LLaMA-Factory draws from numpy's global generator just
+    after seeding it, so the same seed picks the same examples."""
+    order = rng.permutation(len(part))[:num_samples]
+    if num_samples > len(order):
+        order = np.concatenate([order, rng.choice(len(part), num_samples - len(order))])
+    return [part[i] for i in order]
