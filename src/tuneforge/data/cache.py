@@ -15,7 +15,9 @@ from typing import Iterator
 
 from .registry import resolve
 
-VERSION = 3  # bump when the encoded format changes (3: records are checked for parts a template drops)
+# bump when what encoding gives changes (3: records are checked for parts a template drops; 4: empty tool lists,
+# KTO's mismatched pairs, val_size's rounding, interleaving and num_samples as LLaMA-Factory does them)
+VERSION = 4
 
 
 def fingerprint(cfg, tokenizer, template) -> str:
