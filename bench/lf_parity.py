@@ -38,6 +38,8 @@ CASES = {
                      dataset="dpo_en_demo", cutoff_len=4096),
     "kto-lora": dict(finetuning_type="lora", lora_target="all", learning_rate=5e-5, stage="kto", pref_beta=0.1,
                      dataset="kto_en_demo", cutoff_len=4096),
+    "sft-freeze": dict(finetuning_type="freeze", learning_rate=2e-5),
+    "sft-lora-shuffled": dict(finetuning_type="lora", lora_target="all", learning_rate=2e-4, disable_shuffling=False),
     "pt-full": dict(finetuning_type="full", learning_rate=2e-5, stage="pt", dataset="c4_demo"),
     "sft-packing": dict(finetuning_type="lora", lora_target="all", learning_rate=2e-4, packing=True),
     "sft-neat-packing": dict(finetuning_type="lora", lora_target="all", learning_rate=2e-4, packing=True,
