@@ -93,6 +93,11 @@ def test_reward_model_learns_and_reloads(tiny_model, pref_data, tmp_path):
     assert again["eval_accuracy"] == results["eval_accuracy"]  # same weights, same kernels: the same scores
     scores = [json.loads(line) for line in (tmp_path / "scores" / "generated_predictions.jsonl").read_text().splitlines()]
     assert len(scores) == 16 and sum(s["chosen"] > s["rejected"] for s in scores) / 16 == again["predict_accuracy"]
+    # training on from the reward model goes on from its value head too, as in LLaMA-Factory (not from a new one)
+    run_training(_config(tiny_model, pref_data, tmp_path / "more", "rm", adapter_name_or_path=str(out),
+                         learning_rate=1e-12, max_steps=1, eval_strategy="no", do_eval=False))
+    before, after = load_file(out / "value_head.safetensors"), load_file(tmp_path / "more" / "value_head.safetensors")
+    assert all(torch.allclose(before[k], after[k], atol=1e-9) for k in before)  # one step at 1e-12 moves it < 1e-11
 
 
 def test_a_value_head_saved_under_the_older_names_loads():

@@ -82,10 +82,15 @@ def check(cfg) -> list[str]:
     return refuse_packing(cfg) + unused_reference(cfg, "stage rm trains without a reference model")
 
 
+def _head_folder(cfg) -> str:
+    """Where a reward model's value head is: beside its last adapter, else beside the model."""
+    m = cfg.model
+    return m.adapter_name_or_path.split(",")[-1].strip() if m.adapter_name_or_path else m.model_name_or_path
+
+
 def load_reward_model(cfg, accelerator) -> RewardLoss:
     """A trained reward model: base model + adapter, and the value head saved beside the adapter or model."""
-    folder = cfg.model.adapter_name_or_path.split(",")[-1].strip() if cfg.model.adapter_name_or_path \
-        else cfg.model.model_name_or_path
+    folder = _head_folder(cfg)
     if not (Path(folder) / VALUE_HEAD).is_file():
         raise FileNotFoundError(f"{folder} has no {VALUE_HEAD}: point adapter_name_or_path (LoRA) or "
                                 "model_name_or_path (full/freeze) at the output_dir of a `stage: rm` run")
@@ -116,7 +121,11 @@ def run(cfg) -> dict:
     train_rows, eval_rows, _ = prepare_preference_data(cfg, tokenizer)
     resume = guard_output_dir(cfg, accelerator)
     if t.do_train:
-        module = on_device(RewardLoss(prepare_model(cfg, accelerator)), accelerator.device)
+        module = RewardLoss(prepare_model(cfg, accelerator))
+        if (Path(_head_folder(cfg)) / VALUE_HEAD).is_file():  # training goes on from a reward model's head
+            load_extra_weights(module, _head_folder(cfg))
+            accelerator.print(f"[tuneforge] value head from {Path(_head_folder(cfg)) / VALUE_HEAD}")
+        module = on_device(module, accelerator.device)
     else:
         module = load_reward_model(cfg, accelerator).to(accelerator.device)
     collator = PairCollator(tokenizer.pad_token_id)
