@@ -252,18 +252,19 @@ def test_mix_strategies(tmp_path):
             validate(cfg, "train")
 
 
-def test_val_size_counts_as_datasets_train_test_split_does():
-    """A val_size fraction holds out as many examples as LLaMA-Factory's split (datasets' train_test_split): rounded
-    up, so 0.1 of 25 examples is 3 and 0.2 of 7 is 2."""
+def test_val_size_splits_as_datasets_train_test_split_does():
+    """val_size holds out the examples LLaMA-Factory's split (datasets' train_test_split with the run's seed) holds
+    out, in its order: a fraction rounded up, so 0.1 of 25 examples is 3 and 0.2 of 7 is 2; a count as it is."""
     from datasets import Dataset
 
     from tuneforge.config import build_config
     from tuneforge.data import load_splits
 
-    for n, share in ((45, 0.1), (25, 0.1), (7, 0.2), (200, 0.2)):
-        train, held = load_splits(build_config({"dataset": "d", "val_size": share}), load=lambda names: list(range(n)))
-        theirs = Dataset.from_dict({"x": list(range(n))}).train_test_split(test_size=share, seed=0)
-        assert (len(train), len(held)) == (len(theirs["train"]), len(theirs["test"]))
+    for n, share, seed in ((45, 0.1, 42), (25, 0.1, 42), (7, 0.2, 0), (200, 0.2, 3), (30, 4, 42)):
+        config = build_config({"dataset": "d", "val_size": share, "seed": seed})
+        train, held = load_splits(config, load=lambda names: list(range(n)))
+        theirs = Dataset.from_dict({"x": list(range(n))}).train_test_split(test_size=share, seed=seed)
+        assert (train, held) == (theirs["train"]["x"], theirs["test"]["x"])
 
 
 def test_eval_on_each_dataset_reports_each_set(tiny_model, tmp_path):

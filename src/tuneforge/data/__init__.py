@@ -141,13 +141,14 @@ def load_splits(cfg, load=None) -> tuple[list, list]:
     train_examples = load(d.dataset) if d.dataset else []
     eval_examples = load(d.eval_dataset) if d.eval_dataset else []
     if d.val_size and train_examples:
-        shuffled = train_examples[:]
-        random.Random(seed).shuffle(shuffled)
-        # a fraction rounds up, as datasets' train_test_split (LLaMA-Factory's split) counts it
-        count = int(d.val_size) if d.val_size >= 1 else math.ceil(d.val_size * len(shuffled))
-        if count >= len(shuffled):
-            raise DataError(f"val_size {d.val_size} leaves no training examples out of {len(shuffled)}; lower it")
-        eval_examples, train_examples = eval_examples + shuffled[:count], shuffled[count:]
+        # held out as datasets' train_test_split (LLaMA-Factory's split) holds them out with the same seed: the
+        # first of a permutation, a fraction rounded up; the rest train in the permutation's order
+        order = np.random.default_rng(seed).permutation(len(train_examples)).tolist()
+        count = int(d.val_size) if d.val_size >= 1 else math.ceil(d.val_size * len(order))
+        if count >= len(order):
+            raise DataError(f"val_size {d.val_size} leaves no training examples out of {len(order)}; lower it")
+        eval_examples += [train_examples[i] for i in order[:count]]
+        train_examples = [train_examples[i] for i in order[count:]]
     return train_examples, eval_examples
 
 
