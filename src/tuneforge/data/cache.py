@@ -16,7 +16,7 @@ from typing import Iterator
 from .registry import resolve
 
 # bump when what encoding gives changes (3: records are checked for parts a template drops; 4: empty tool lists,
-# KTO's mismatched pairs, val_size's rounding, interleaving and num_samples as LLaMA-Factory does them)
+# KTO's mismatched pairs, val_size's split, interleaving and num_samples as LLaMA-Factory does them)
 VERSION = 4
 
 
