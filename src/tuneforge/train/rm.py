@@ -121,10 +121,10 @@ def run(cfg) -> dict:
     train_rows, eval_rows, _ = prepare_preference_data(cfg, tokenizer)
     resume = guard_output_dir(cfg, accelerator)
     if t.do_train:
-        module = RewardLoss(prepare_model(cfg, accelerator))
-        if (Path(_head_folder(cfg)) / VALUE_HEAD).is_file():  # training goes on from a reward model's head
-            load_extra_weights(module, _head_folder(cfg))
-            accelerator.print(f"[tuneforge] value head from {Path(_head_folder(cfg)) / VALUE_HEAD}")
+        module, start_head = RewardLoss(prepare_model(cfg, accelerator)), Path(_head_folder(cfg)) / VALUE_HEAD
+        if start_head.is_file():  # training goes on from a reward model's head
+            load_extra_weights(module, start_head.parent)
+            accelerator.print(f"[tuneforge] value head from {start_head}")
         module = on_device(module, accelerator.device)
     else:
         module = load_reward_model(cfg, accelerator).to(accelerator.device)
