@@ -41,6 +41,9 @@ CASES = {
        for loss in ("ipo", "hinge", "orpo", "simpo")},
     "kto-lora": dict(finetuning_type="lora", lora_target="all", learning_rate=5e-5, stage="kto", pref_beta=0.1,
                      dataset="kto_en_demo", cutoff_len=4096),
+    # 5 micro-batches an epoch: each epoch's last optimizer step has one, and the second epoch is shuffled anew
+    "sft-lora-2-epochs": dict(finetuning_type="lora", lora_target="all", learning_rate=2e-4, disable_shuffling=False,
+                              max_samples=10, max_steps=-1, num_train_epochs=2),
     "sft-freeze": dict(finetuning_type="freeze", learning_rate=2e-5),
     "sft-lora-shuffled": dict(finetuning_type="lora", lora_target="all", learning_rate=2e-4, disable_shuffling=False),
     "sft-dora": dict(finetuning_type="lora", lora_target="all", learning_rate=2e-4, use_dora=True),
