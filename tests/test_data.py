@@ -234,9 +234,14 @@ def test_mix_strategies(tmp_path):
         for strategy, stopping in (("interleave_under", "first_exhausted"), ("interleave_over", "all_exhausted")):
             theirs = interleave_datasets([Dataset.from_dict({"x": part}) for part in parts], stopping_strategy=stopping)
             assert mix(list(parts), strategy, None, 0) == list(theirs["x"])
-    drawn = mix([a * 100, b * 100], "interleave_under", "0.2,0.8", 0)
-    # seeded integer draws, the same on every machine (0.201 of 626); +-0.05 is 3 standard deviations
-    assert 0.15 < sum(x in a for x in drawn) / len(drawn) < 0.25  # drawn by the given probabilities
+    # drawn at random, the same draws as datasets makes with the same seed (numpy's PCG64: the same on every machine)
+    strategies = (("interleave_under", "first_exhausted"), ("interleave_over", "all_exhausted"),
+                  ("interleave_once", "all_exhausted_without_replacement"))
+    for (strategy, stopping), (probs, seed) in itertools.product(strategies, (("0.2,0.8", 42), ("0.5,0.3,0.2", 7))):
+        parts = [a * 100, b * 100, list("xy")][: len(probs.split(","))]
+        theirs = interleave_datasets([Dataset.from_dict({"x": part}) for part in parts], stopping_strategy=stopping,
+                                     probabilities=[float(p) for p in probs.split(",")], seed=seed)
+        assert mix(parts, strategy, probs, seed) == list(theirs["x"])
     assert mix([a, b], "interleave_over", "1,0", 0) == a  # a zero-probability dataset is never waited for
     write_jsonl(tmp_path / "x.jsonl", [{"instruction": "q", "output": "a"}] * 3)
     write_jsonl(tmp_path / "y.jsonl", [{"instruction": "r", "output": "b"}] * 2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,41 +44,59 @@ def mix(parts: list[list], strategy: str, probs: str | None, seed: int) -> list:
 
 def mix_streams(sources: list[Callable[[], Iterator]], strategy: str, probs: str | None, seed: int) -> Iterator:
     """Mix datasets, each given as a function that opens it, as datasets' interleave_datasets does (LLaMA-Factory's
-    mixing). concat: one after another. interleave_under: take from the datasets in turn, whole rounds until one
-    runs out (each gives as many examples), or at random by `interleave_probs` until the one drawn has run out;
+    mixing), example for example. concat: one after another. interleave_under: take from the datasets in turn, whole
+    rounds until one runs out (each gives as many examples), or at random by `interleave_probs` until one has run out;
     interleave_over: likewise until every one has been seen whole, opening used-up ones again (oversampling);
     interleave_once: until every one runs out, each example used once."""
     if strategy == "concat" or len(sources) == 1:
         for source in sources:
             yield from source()
         return
-    weights = [float(p) for p in probs.split(",")] if probs else [1.0] * len(sources)
-    rng, turn, end = random.Random(seed), 0, object()
+    if probs:
+        yield from _drawn(sources, strategy, [float(p) for p in probs.split(",")], seed)
+        return
+    turn, end = 0, object()
     streams = [source() for source in sources]
     ahead = [next(stream, end) for stream in streams]  # the next example of each dataset: `end` once used up
     whole = [False] * len(sources)
-    needed = [i for i, weight in enumerate(weights) if weight > 0]  # a zero-weight dataset is never drawn
     while True:
-        live = [i for i in needed if strategy != "interleave_once" or ahead[i] is not end]
+        live = [i for i in range(len(sources)) if strategy != "interleave_once" or ahead[i] is not end]
         if not live:
             return
-        if probs:
-            i = rng.choices(live, weights=[weights[j] for j in live])[0]
-        else:
-            i, turn = live[turn % len(live)], turn + 1
-        if ahead[i] is end:
-            if strategy == "interleave_under":
-                return
-            streams[i] = sources[i]()  # interleave_over starts a used-up dataset again
+        i, turn = live[turn % len(live)], turn + 1
+        if ahead[i] is end:  # interleave_over starts a used-up dataset again
+            streams[i] = sources[i]()
             ahead[i] = next(streams[i])
         yield ahead[i]
         ahead[i] = next(streams[i], end)
         whole[i] = whole[i] or ahead[i] is end
-        round_ends = not probs and turn % len(live) == 0  # taken in turn, datasets stops only at a round's end
-        if strategy == "interleave_over" and all(whole[j] for j in needed) and (probs or round_ends):
-            return
-        if strategy == "interleave_under" and round_ends and any(whole):
-            return
+        if turn % len(live) == 0 and (all(whole) if strategy == "interleave_over" else
+                                      strategy == "interleave_under" and any(whole)):
+            return  # taken in turn, datasets stops only at a round's end
+
+
+def _drawn(sources: list[Callable[[], Iterator]], strategy: str, weights: list[float], seed: int) -> Iterator:
+    """interleave_probs: each example from a dataset drawn at random, the draws datasets makes (numpy's default_rng
+    with the seed, 1,000 at a time), so the same seed mixes the same examples. A zero-weight dataset is never drawn,
+    nor waited for."""
+    rng, end = np.random.default_rng(seed), object()
+    p = np.asarray(weights) / sum(weights)
+    streams = [source() for source in sources]
+    ahead = [next(stream, end) for stream in streams]
+    needed = [i for i, weight in enumerate(weights) if weight > 0]
+    whole = [False] * len(sources)
+    while True:
+        for i in rng.choice(len(sources), size=1000, p=p).tolist():
+            if ahead[i] is end:
+                if strategy == "interleave_once":
+                    continue  # a used-up dataset's draws are skipped
+                streams[i] = sources[i]()  # interleave_over starts a used-up dataset again
+                ahead[i] = next(streams[i])
+            yield ahead[i]
+            ahead[i] = next(streams[i], end)
+            whole[i] = whole[i] or ahead[i] is end
+            if whole[i] and strategy == "interleave_under" or all(whole[j] for j in needed):
+                return
 
 
 @dataclass
