@@ -216,6 +216,12 @@ def test_num_samples_picks_what_llamafactory_picks(tmp_path):
     # has, gives all of its records and then draws with replacement
     assert [e.messages[0]["content"] for e in picked] == ["question 8", "question 1", "question 5", "question 0",
                                                           "query 1", "query 0", "query 2", "query 2", "query 2"]
+    # b as the evaluation dataset: LLaMA-Factory draws its samples after the training datasets', from one generator
+    from tuneforge.config import build_config
+    from tuneforge.data import load_splits
+
+    train, held = load_splits(build_config({"dataset": "a", "eval_dataset": "b", "dataset_dir": str(tmp_path)}))
+    assert [e.messages[0]["content"] for e in train + held] == [e.messages[0]["content"] for e in picked]
 
 
 def test_mix_strategies(tmp_path):

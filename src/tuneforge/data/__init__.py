@@ -22,10 +22,11 @@ from .templates import data_template
 __all__ = ["DataError", "Example", "LMData", "load_examples", "prepare_lm_data"]
 
 
-def load_examples(names: str, data_args, stage: str, seed: int, warn: bool = True) -> list[Example]:
+def load_examples(names: str, data_args, stage: str, seed: int, warn: bool = True,
+                  rng: np.random.RandomState | None = None) -> list[Example]:
     """The canonical examples of a comma list of datasets, mixed by `mix_strategy`, placeholders filled (and
-    those left warned about, unless not `warn`)."""
-    parts, rng = [], np.random.RandomState(seed)
+    those left warned about, unless not `warn`); `num_samples` drawn from `rng` (default: a new one from `seed`)."""
+    parts, rng = [], rng or np.random.RandomState(seed)
     for attr in resolve(names, data_args.dataset_dir):
         skip = data_args.skip_bad_records
         part = list(filled(to_examples(attr, read_records(attr, skip), stage, skip), data_args.fill_placeholders,
@@ -154,7 +155,8 @@ def load_splits(cfg, load=None) -> tuple[list, list]:
 
     `load(names)` reads a comma list of datasets; by default as canonical Examples for the config's stage."""
     d, stage, seed = cfg.data, cfg.finetune.stage, cfg.train.seed
-    load = load or (lambda names: load_examples(names, d, stage, seed))
+    rng = np.random.RandomState(seed)  # training then evaluation datasets draw from it, as in LLaMA-Factory
+    load = load or (lambda names: load_examples(names, d, stage, seed, rng=rng))
     train_examples = load(d.dataset) if d.dataset else []
     eval_examples = load(d.eval_dataset) if d.eval_dataset else []
     if d.val_size and train_examples:
