@@ -249,6 +249,9 @@ def test_mix_strategies(tmp_path):
                                      probabilities=[float(p) for p in probs.split(",")], seed=seed)
         assert mix(parts, strategy, probs, seed) == list(theirs["x"])
     assert mix([a, b], "interleave_over", "1,0", 0) == a  # a zero-probability dataset is never waited for
+    for probs in (None, "0.5,0.5"):  # a dataset left empty (all its records skipped) is named, not waited for
+        with pytest.raises(DataError, match="dataset number 1 of the 2 to interleave has no examples left"):
+            mix([[], a], "interleave_once", probs, 0)
     write_jsonl(tmp_path / "x.jsonl", [{"instruction": "q", "output": "a"}] * 3)
     write_jsonl(tmp_path / "y.jsonl", [{"instruction": "r", "output": "b"}] * 2)
     names = f"{tmp_path / 'x.jsonl'},{tmp_path / 'y.jsonl'}"

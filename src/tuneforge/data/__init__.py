@@ -56,9 +56,8 @@ def mix_streams(sources: list[Callable[[], Iterator]], strategy: str, probs: str
     if probs:
         yield from _drawn(sources, strategy, [float(p) for p in probs.split(",")], seed)
         return
-    turn, end = 0, object()
-    streams = [source() for source in sources]
-    ahead = [next(stream, end) for stream in streams]  # the next example of each dataset: `end` once used up
+    turn, end = 0, _END
+    streams, ahead = _opened(sources)
     whole = [False] * len(sources)
     while True:
         live = [i for i in range(len(sources)) if strategy != "interleave_once" or ahead[i] is not end]
@@ -76,14 +75,27 @@ def mix_streams(sources: list[Callable[[], Iterator]], strategy: str, probs: str
             return  # taken in turn, datasets stops only at a round's end
 
 
+_END = object()  # what a used-up dataset's stream gives next
+
+
+def _opened(sources: list[Callable[[], Iterator]]) -> tuple[list[Iterator], list]:
+    """Each dataset opened, with its first example ahead; one that has none could never be taken from."""
+    streams = [source() for source in sources]
+    ahead = [next(stream, _END) for stream in streams]
+    empty = [str(i + 1) for i, first in enumerate(ahead) if first is _END]
+    if empty:
+        raise DataError(f"dataset number {', '.join(empty)} of the {len(sources)} to interleave has no examples left "
+                        "(were all its records skipped as bad?): fix its records or leave it out")
+    return streams, ahead
+
+
 def _drawn(sources: list[Callable[[], Iterator]], strategy: str, weights: list[float], seed: int) -> Iterator:
     """interleave_probs: each example from a dataset drawn at random, the draws datasets makes (numpy's default_rng
     with the seed, 1,000 at a time), so the same seed mixes the same examples. A zero-weight dataset is never drawn,
     nor waited for."""
-    rng, end = np.random.default_rng(seed), object()
+    rng, end = np.random.default_rng(seed), _END
     p = np.asarray(weights) / sum(weights)
-    streams = [source() for source in sources]
-    ahead = [next(stream, end) for stream in streams]
+    streams, ahead = _opened(sources)
     needed = [i for i, weight in enumerate(weights) if weight > 0]
     whole = [False] * len(sources)
     while True:
