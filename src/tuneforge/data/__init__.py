@@ -43,6 +43,9 @@ def mix(parts: list[list], strategy: str, probs: str | None, seed: int) -> list:
     return list(mix_streams([lambda part=part: iter(part) for part in parts], strategy, probs, seed))
 
 
+_END = object()  # what a used-up dataset's stream gives next
+
+
 def mix_streams(sources: list[Callable[[], Iterator]], strategy: str, probs: str | None, seed: int) -> Iterator:
     """Mix datasets, each given as a function that opens it, as datasets' interleave_datasets does (LLaMA-Factory's
     mixing), example for example. concat: one after another. interleave_under: take from the datasets in turn, whole
@@ -56,26 +59,23 @@ def mix_streams(sources: list[Callable[[], Iterator]], strategy: str, probs: str
     if probs:
         yield from _drawn(sources, strategy, [float(p) for p in probs.split(",")], seed)
         return
-    turn, end = 0, _END
+    turn = 0
     streams, ahead = _opened(sources)
     whole = [False] * len(sources)
     while True:
-        live = [i for i in range(len(sources)) if strategy != "interleave_once" or ahead[i] is not end]
+        live = [i for i in range(len(sources)) if strategy != "interleave_once" or ahead[i] is not _END]
         if not live:
             return
         i, turn = live[turn % len(live)], turn + 1
-        if ahead[i] is end:  # interleave_over starts a used-up dataset again
+        if ahead[i] is _END:  # interleave_over starts a used-up dataset again
             streams[i] = sources[i]()
             ahead[i] = next(streams[i])
         yield ahead[i]
-        ahead[i] = next(streams[i], end)
-        whole[i] = whole[i] or ahead[i] is end
+        ahead[i] = next(streams[i], _END)
+        whole[i] = whole[i] or ahead[i] is _END
         if turn % len(live) == 0 and (all(whole) if strategy == "interleave_over" else
                                       strategy == "interleave_under" and any(whole)):
             return  # taken in turn, datasets stops only at a round's end
-
-
-_END = object()  # what a used-up dataset's stream gives next
 
 
 def _opened(sources: list[Callable[[], Iterator]]) -> tuple[list[Iterator], list]:
@@ -93,21 +93,21 @@ def _drawn(sources: list[Callable[[], Iterator]], strategy: str, weights: list[f
     """interleave_probs: each example from a dataset drawn at random, the draws datasets makes (numpy's default_rng
     with the seed, 1,000 at a time), so the same seed mixes the same examples. A zero-weight dataset is never drawn,
     nor waited for."""
-    rng, end = np.random.default_rng(seed), _END
+    rng = np.random.default_rng(seed)
     p = np.asarray(weights) / sum(weights)
     streams, ahead = _opened(sources)
     needed = [i for i, weight in enumerate(weights) if weight > 0]
     whole = [False] * len(sources)
     while True:
         for i in rng.choice(len(sources), size=1000, p=p).tolist():
-            if ahead[i] is end:
+            if ahead[i] is _END:
                 if strategy == "interleave_once":
                     continue  # a used-up dataset's draws are skipped
                 streams[i] = sources[i]()  # interleave_over starts a used-up dataset again
                 ahead[i] = next(streams[i])
             yield ahead[i]
-            ahead[i] = next(streams[i], end)
-            whole[i] = whole[i] or ahead[i] is end
+            ahead[i] = next(streams[i], _END)
+            whole[i] = whole[i] or ahead[i] is _END
             if whole[i] and strategy == "interleave_under" or all(whole[j] for j in needed):
                 return
 
