@@ -3,8 +3,11 @@ both built here (no downloads), plus helpers to write data and run training in-p
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import subprocess
 from pathlib import Path
 
 # The suite checks CPU numerics (CI's machine has no GPU): its tolerances, dtype defaults and in-process Accelerators
@@ -113,6 +116,18 @@ def run_training(values: dict):
     cfg = build_config(values, source="test")
     validate(cfg, "train")
     return run_stage(cfg)
+
+
+def train_here(args: list[str]) -> subprocess.CompletedProcess:
+    """`tuneforge train ARGS` in this process, through the command line's own parsing and error handling, its
+    output captured: a one-process run to compare sharded processes with, without the five seconds a new
+    interpreter spends importing torch, transformers and PEFT."""
+    from tuneforge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["train", *args])
+    return subprocess.CompletedProcess(["train", *args], code, out.getvalue(), err.getvalue())
 
 
 # Numeric comparisons in this suite must hold on every CPU our machines and users have (Intel AMX, AMD AVX512-BF16,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (LOGGED_LOSS, SHARDED_GAP, alpaca_rows, check_same_lora_run, gate_problems, read_log,
-                      relative_update_gap, write_jsonl)
+                      relative_update_gap, train_here, write_jsonl)
 from safetensors.torch import load_file
 
 from tuneforge.config import ConfigError, build_config
@@ -33,9 +33,10 @@ LF_ZERO3 = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"
 
 
 def _run(args: list[str], processes: int) -> subprocess.CompletedProcess:
-    launcher = [str(TORCHRUN), "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
-    return subprocess.run([*launcher, "-m", "tuneforge.cli", "train", *args], capture_output=True, text=True,
-                          timeout=300)
+    """`tuneforge train ARGS` in `processes` torchrun processes; one process runs in the test's own."""
+    return train_here(args) if processes == 1 else subprocess.run(
+        [str(TORCHRUN), "--nproc_per_node", str(processes), "-m", "tuneforge.cli", "train", *args],
+        capture_output=True, text=True, timeout=300)
 
 
 def _train(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:

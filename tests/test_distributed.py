@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import LOGGED_LOSS, alpaca_rows, read_log, relative_update_gap, write_jsonl
+from conftest import LOGGED_LOSS, alpaca_rows, read_log, relative_update_gap, train_here, write_jsonl
 from safetensors.torch import load_file
 
 from tuneforge.train.common import _processes
@@ -68,8 +68,7 @@ def test_machines_that_see_different_checkpoints_stop_before_training(tiny_model
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(16))
     common = [f"model_name_or_path={tiny_model}", f"dataset={data}", "template=chatml", "cutoff_len=64", "max_steps=4",
               "save_steps=2", "learning_rate=1e-3", "finetuning_type=full", "do_train=true", "ddp_timeout=60"]
-    first = subprocess.run([sys.executable, "-m", "tuneforge.cli", "train", *common, "per_device_train_batch_size=4",
-                            f"output_dir={tmp_path / 'first'}"], capture_output=True, text=True, timeout=300)
+    first = train_here([*common, "per_device_train_batch_size=4", f"output_dir={tmp_path / 'first'}"])
     assert first.returncode == 0, first.stderr[-2000:]
     shutil.copytree(tmp_path / "first" / "checkpoint-2", tmp_path / "m0" / "out" / "checkpoint-2")
     (tmp_path / "m1").mkdir()
@@ -105,8 +104,7 @@ def test_ddp_two_processes_match_one(tiny_model, tmp_path, streaming, ddp_keys, 
     assert ddp.stdout.count("trainable params") == machines
     # one process tokenised and cached the rows, the other read its cache (streamed rows are not cached)
     assert ddp.stdout.count("tokenised data loaded from the cache") == (0 if streaming else 1)
-    single = subprocess.run([sys.executable, "-m", "tuneforge.cli", "train", *common, f"output_dir={tmp_path / 'one'}",
-                             "per_device_train_batch_size=8"], capture_output=True, text=True, timeout=300)
+    single = train_here([*common, f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=8"])
     assert single.returncode == 0, single.stderr[-2000:]
     a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     # AdamW over gloo's all-reduce, whose summation order differs from one process's: measured at most 7e-6 of the update
@@ -133,9 +131,8 @@ def test_ddp_divides_by_each_process_tokens_when_not_averaging_across_devices(ti
     runs = {"both": [short, long], "short": [short], "long": [long]}
     for name, rows in runs.items():
         data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
-        args = ["-m", "tuneforge.cli", "train", *common, f"dataset={data}", f"output_dir={tmp_path / name}"]
-        run = _as_srun(args, 2) if name == "both" else subprocess.run([sys.executable, *args], capture_output=True,
-                                                                       text=True, timeout=300)
+        args = [*common, f"dataset={data}", f"output_dir={tmp_path / name}"]
+        run = _as_srun(["-m", "tuneforge.cli", "train", *args], 2) if name == "both" else train_here(args)
         assert run.returncode == 0, run.stderr[-2000:]
         assert ("average_tokens_across_devices: false` divides" in run.stdout + run.stderr) == (name != "both")
     start = load_file(f"{tiny_model}/model.safetensors")

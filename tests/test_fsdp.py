@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (LOGGED_LOSS, SHARDED_GAP, alpaca_rows, check_same_lora_run, gate_problems, read_log,
-                      relative_update_gap, write_jsonl)
+                      relative_update_gap, train_here, write_jsonl)
 from safetensors.torch import load_file, save_file
 
 from tuneforge.config import ConfigError, build_config, validate
@@ -26,9 +26,10 @@ ONE = ["per_device_train_batch_size=8"]  # the same global batch: 2 x 2 x 2 proc
 
 
 def _train(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
-    launcher = [str(TORCHRUN), "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
-    done = subprocess.run([*launcher, "-m", "tuneforge.cli", "train", *args], capture_output=True, text=True,
-                          timeout=300)
+    """`tuneforge train ARGS` in `processes` torchrun processes; one process runs in the test's own."""
+    done = train_here(args) if processes == 1 else subprocess.run(
+        [str(TORCHRUN), "--nproc_per_node", str(processes), "-m", "tuneforge.cli", "train", *args],
+        capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import SHARDED_GAP, alpaca_rows, relative_update_gap, write_jsonl
+from conftest import SHARDED_GAP, alpaca_rows, relative_update_gap, train_here, write_jsonl
 from safetensors.torch import load_file
 
 from tuneforge.launch import LaunchError, agreed_exit_code, torchrun_command, torchrun_environment
@@ -91,11 +91,14 @@ def test_the_exit_code_the_processes_agree_on(tmp_path):
     assert agreed_exit_code(1, tmp_path) == 1  # they disagree: torchrun's own code
 
 
+def _keys(tiny_model, data, out, *keys) -> list[str]:
+    return [f"model_name_or_path={tiny_model}", f"dataset={data}", "template=chatml", "cutoff_len=64",
+            "learning_rate=1e-3", "finetuning_type=full", f"output_dir={out}", *keys]
+
+
 def _train(tiny_model, data, out, environ, *keys, **popen):
-    args = [sys.executable, "-m", "tuneforge.cli", "train", f"model_name_or_path={tiny_model}", f"dataset={data}",
-            "template=chatml", "cutoff_len=64", "learning_rate=1e-3", "finetuning_type=full", f"output_dir={out}",
-            *keys]
-    return subprocess.Popen(args, env={**os.environ, **environ, "PYTHONUNBUFFERED": "1"}, text=True, **popen)
+    return subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "train", *_keys(tiny_model, data, out, *keys)],
+                            env={**os.environ, **environ, "PYTHONUNBUFFERED": "1"}, text=True, **popen)
 
 
 def test_a_config_error_is_said_once_before_any_process_starts(tiny_model, tmp_path):
@@ -142,9 +145,8 @@ def test_a_killed_process_restarts_them_all_from_the_last_checkpoint(tiny_model,
     assert f"(pid: {victim.pid})" in output  # torchrun saw it fail ...
     assert f"[tuneforge] resuming from {tmp_path / 'two'}/checkpoint-" in output  # ... and the restart resumed
 
-    one = _train(tiny_model, data, tmp_path / "one", {}, *keys, "per_device_train_batch_size=8",
-                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert one.wait(timeout=180) == 0, one.stderr.read()[-2000:]
+    one = train_here(_keys(tiny_model, data, tmp_path / "one", *keys, "per_device_train_batch_size=8"))
+    assert one.returncode == 0, one.stderr[-2000:]
     start = load_file(f"{tiny_model}/model.safetensors")
     gap = relative_update_gap(start, load_file(tmp_path / "two" / "model.safetensors"),
                               load_file(tmp_path / "one" / "model.safetensors"))

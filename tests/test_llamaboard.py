@@ -2,15 +2,14 @@
 one of its training configs sets, counts what transformers counts: every position of the token ids (all) or the
 attended ones (non_padding), summed over processes (tests/test_distributed.py) and kept across a resume."""
 
+import contextlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import alpaca_rows, read_log, run_training, train_config, write_jsonl
+from conftest import alpaca_rows, read_log, run_training, train_config, train_here, write_jsonl
 
 DATA = Path(__file__).parent / "data"
 
@@ -25,11 +24,11 @@ def _llamaboard_folder(tmp_path: Path, config: str) -> Path:
     return tmp_path
 
 
-def _tuneforge(folder: Path, config: str, *keys: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "tuneforge.cli", "train", config, *keys], cwd=folder,
-                          capture_output=True, text=True, timeout=300)
+def _tuneforge(folder: Path, config: str, *keys: str) -> None:
+    """`tuneforge train CONFIG KEYS` run in `folder`, where the config's relative paths lead."""
+    with contextlib.chdir(folder):
+        done = train_here([config, *keys])
     assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def test_a_llamaboard_training_config_runs(tiny_model, tmp_path):
