@@ -81,6 +81,21 @@ def tiny_model(tmp_path_factory) -> str:
     return str(folder)
 
 
+# The bundled SmolLM2 converts to a safetensors folder in the cache `make demo` uses too: once per machine, rather
+# than once per test session (half a minute). Tests that load it by its alias set TUNEFORGE_CACHE to this.
+SHARED_CACHE = str(Path.home() / ".cache" / "tuneforge")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """The folder of the bundled SmolLM2-135M-Instruct, converted in SHARED_CACHE."""
+    from tuneforge.models.load import resolve_model_path
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TUNEFORGE_CACHE", SHARED_CACHE)
+        return resolve_model_path("smollm2-135m-instruct")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

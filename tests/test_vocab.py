@@ -132,7 +132,7 @@ def test_lora_trains_only_the_new_rows_and_the_adapter_loads_in_plain_peft(tiny_
         torch.testing.assert_close(plain(prompt).logits, engine.model(prompt).logits, rtol=0, atol=1e-5)
 
 
-def test_tied_embeddings_stay_tied_and_learn_to_say_the_new_tokens(tmp_path):
+def test_tied_embeddings_stay_tied_and_learn_to_say_the_new_tokens(smollm2, tmp_path):
     """The bundled SmolLM2 ties its head to its embeddings: one set of new rows serves both, and after a few steps
     on answers that open with <think> the model says it, in chat and in the merged export."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -142,17 +142,17 @@ def test_tied_embeddings_stay_tied_and_learn_to_say_the_new_tokens(tmp_path):
 
     data = write_jsonl(tmp_path / "think.jsonl", think_rows(16))
     out = tmp_path / "run"
-    run_training(train_config("smollm2-135m-instruct", str(data), out, add_special_tokens=THINK, max_steps=10,
+    run_training(train_config(smollm2, str(data), out, add_special_tokens=THINK, max_steps=10,
                               learning_rate=3e-3, bf16=True, pure_bf16=True, cutoff_len=96))
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["trainable_token_indices"] == {"embed_tokens": [49152, 49153]}
     assert read_log(out)[-1]["loss"] < 0.5 * read_log(out)[0]["loss"]
 
-    cfg = build_config({"model_name_or_path": "smollm2-135m-instruct", "adapter_name_or_path": str(out),
+    cfg = build_config({"model_name_or_path": smollm2, "adapter_name_or_path": str(out),
                         "template": "chatml", "max_new_tokens": 8, "skip_special_tokens": False}, source="test")
     engine = Engine(cfg)
     assert engine.chat([{"role": "user", "content": "What is 3 plus 1?"}]).startswith("<think>")
-    merged = run_export(build_config({"model_name_or_path": "smollm2-135m-instruct", "adapter_name_or_path": str(out),
+    merged = run_export(build_config({"model_name_or_path": smollm2, "adapter_name_or_path": str(out),
                                       "template": "chatml", "export_dir": str(tmp_path / "merged")}, source="test"))
     model, tokenizer = AutoModelForCausalLM.from_pretrained(merged), AutoTokenizer.from_pretrained(merged)
     assert model.config.vocab_size == len(tokenizer) == 49154 and model.config.tie_word_embeddings
@@ -275,14 +275,14 @@ def chunked_token_losses_kept(hidden, head, labels):
     return out, sum(saved)
 
 
-def test_tied_embeddings_train_as_one_copy_or_are_refused(tmp_path):
+def test_tied_embeddings_train_as_one_copy_or_are_refused(smollm2, tmp_path):
     """SmolLM2 ties its head to its embeddings. LoRA's whole-embedding training (additional_target, or resize_vocab
     without listed tokens) keeps one trained copy for both; OFT, which PEFT cannot keep tied, is refused."""
     from tuneforge.models.adapters import setup_trainable
     from tuneforge.models.load import ModelError
 
     def trained(**values) -> list[str]:
-        cfg = build_config(train_config("smollm2-135m-instruct", "x.jsonl", tmp_path, **values), source="test")
+        cfg = build_config(train_config(smollm2, "x.jsonl", tmp_path, **values), source="test")
         model = setup_trainable(load_base_model(cfg.model), cfg.model, cfg.finetune)
         return [name for name, p in model.named_parameters() if p.requires_grad and "modules_to_save" in name]
 
