@@ -142,7 +142,10 @@ def test_a_bare_no_is_the_choice_no(tmp_path):
     ("train_on_prompt=true mask_history=true", "contradict each other"),
     ("bf16=true fp16=true", "pick one mixed-precision mode"),
     ("lr_scheduler_type=reduce_lr_on_plateau", "which is not built: the schedules here follow the step count"),
-    ("finetuning_type=half", "`finetuning_type` must be one of full, freeze, lora, oft; got 'half'"),
+    ("finetuning_type=half", r"`finetuning_type` must be one of full, freeze, lora, oft; got 'half' \(set on"),
+    # other tools' spellings of what a key here asks for another way say that way
+    ("finetuning_type=qlora", "got 'qlora'; QLoRA is `finetuning_type: lora` with `quantization_bit: 4`"),
+    ("stage=SimPO", "unknown stage `SimPO`; choose one of .*; SimPO is `stage: dpo` with `pref_loss: simpo`"),
     ("eval_strategy=steps", "needs evaluation data"),
     ("do_eval=true", "`do_eval` needs evaluation data"),
     ("early_stopping_steps=3 val_size=0.1", "`early_stopping_steps` needs evaluations during training"),

@@ -18,7 +18,7 @@ import yaml
 
 from .options import (  # noqa: F401 (re-exported: `from tuneforge.config import Config` keeps working)
     GROUPS, KEY_GROUP, NO_EFFECT_YET, NOT_YET, SCHEDULERS, Config, DataArgs, EvalArgs, FinetuneArgs, GenerateArgs,
-    ModelArgs, TrainArgs)
+    ModelArgs, TrainArgs, spelled_otherwise)
 
 
 class ConfigError(ValueError):
@@ -339,7 +339,7 @@ def _train_problems(cfg: Config) -> list[str]:
 
     m, d, f, t, stage, out = cfg.model, cfg.data, cfg.finetune, cfg.train, _stage(cfg), []
     if stage is None:
-        out.append(f"unknown stage `{f.stage}`; choose one of {', '.join(STAGES)}")
+        out.append(f"unknown stage `{f.stage}`; choose one of {', '.join(STAGES)}{spelled_otherwise('stage', f.stage)}")
     elif not stage.built:
         out.append(f"stage `{f.stage}` is not built yet; the stages available now are "
                    f"{', '.join(s.name for s in STAGES.values() if s.built)}")
@@ -507,7 +507,8 @@ def _literal_problems(cfg: Config) -> list[str]:
             if optional:
                 hint = next((a for a in get_args(hint) if typing.get_origin(a) is Literal), hint)
             if typing.get_origin(hint) is Literal and value not in get_args(hint) and not (optional and value is None):
-                out.append(f"`{key}` must be one of {', '.join(get_args(hint))}; got {value!r}")
+                out.append(f"`{key}` must be one of {', '.join(get_args(hint))}; got {value!r}"
+                           + spelled_otherwise(key, value))
     return out
 
 

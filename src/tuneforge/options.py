@@ -536,3 +536,18 @@ NO_EFFECT_YET = {
                         "frozen embeddings)",
     **{key: why for key, _, _, why in HF_NO_EFFECT},
 }
+# Values other tools (TRL's trainers, axolotl's adapters) use for what a key here spells another way: their refusal
+# says how to ask for it
+SPELLED_OTHERWISE = {
+    ("finetuning_type", "qlora"): "QLoRA is `finetuning_type: lora` with `quantization_bit: 4`",
+    ("finetuning_type", "dora"): "DoRA is `finetuning_type: lora` with `use_dora: true`",
+    ("finetuning_type", "pissa"): "PiSSA is `finetuning_type: lora` with `pissa_init: true`",
+    **{("stage", loss): f"{name} is `stage: dpo` with `pref_loss: {loss}`"
+       for loss, name in (("orpo", "ORPO"), ("simpo", "SimPO"), ("ipo", "IPO"), ("hinge", "the hinge loss"))},
+}
+
+
+def spelled_otherwise(key: str, value) -> str:
+    """'; <how to ask for it>' where `value` of `key` is another tool's spelling of something tuneforge has."""
+    hint = SPELLED_OTHERWISE.get((key, str(value).lower()))
+    return f"; {hint}" if hint else ""
