@@ -143,7 +143,7 @@ def test_a_bare_no_is_the_choice_no(tmp_path):
     ("bf16=true fp16=true", "pick one mixed-precision mode"),
     ("lr_scheduler_type=reduce_lr_on_plateau", "which is not built: the schedules here follow the step count"),
     ("finetuning_type=half", r"`finetuning_type` must be one of full, freeze, lora, oft; got 'half' \(set on"),
-    # other tools' spellings of what a key here asks for another way say that way
+    # another tool's name for something asked for otherwise here: the refusal says how to ask for it
     ("finetuning_type=qlora", "got 'qlora'; QLoRA is `finetuning_type: lora` with `quantization_bit: 4`"),
     ("stage=SimPO", "unknown stage `SimPO`; choose one of .*; SimPO is `stage: dpo` with `pref_loss: simpo`"),
     ("eval_strategy=steps", "needs evaluation data"),
