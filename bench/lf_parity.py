@@ -39,8 +39,15 @@ CASES = {
     **{f"{loss}-lora": dict(finetuning_type="lora", lora_target="all", learning_rate=5e-5, stage="dpo", pref_beta=0.1,
                             pref_loss=loss, dataset="dpo_en_demo", cutoff_len=4096)
        for loss in ("ipo", "hinge", "orpo", "simpo")},
+    # DPO's extra terms: the SFT term on the chosen answers (pref_ftx) and conservative DPO's label smoothing
+    "dpo-ftx-smoothing-lora": dict(finetuning_type="lora", lora_target="all", learning_rate=5e-5, stage="dpo",
+                                   pref_beta=0.1, pref_ftx=0.5, dpo_label_smoothing=0.1, dataset="dpo_en_demo",
+                                   cutoff_len=4096),
     "kto-lora": dict(finetuning_type="lora", lora_target="all", learning_rate=5e-5, stage="kto", pref_beta=0.1,
                      dataset="kto_en_demo", cutoff_len=4096),
+    "kto-weighted-lora": dict(finetuning_type="lora", lora_target="all", learning_rate=5e-5, stage="kto",
+                              pref_beta=0.1, kto_chosen_weight=2.0, kto_rejected_weight=0.5, dataset="kto_en_demo",
+                              cutoff_len=4096),
     # 5 micro-batches an epoch: each epoch's last optimizer step has one, and the second epoch is shuffled anew
     "sft-lora-2-epochs": dict(finetuning_type="lora", lora_target="all", learning_rate=2e-4, disable_shuffling=False,
                               max_samples=10, max_steps=-1, num_train_epochs=2),
