@@ -9,7 +9,8 @@ order. Template `mistral`, whose answers end at eos: LLaMA-Factory's chatml also
 `<|im_end|>`, which tuneforge leaves to the next prompt (docs/config.md), and that alone would move the losses.
 It prints each step's figures side by side from LLaMA-Factory's trainer_state.json and tuneforge's trainer_log.jsonl
 (rounded to 4 decimals there) and the largest difference. CPU-heavy: about a minute per run on two cores.
-ipo-lora, hinge-lora (a bug of LLaMA-Factory's), pt-full and the packing cases differ (docs/llamafactory.md says why).
+ipo-lora, hinge-lora (a bug of LLaMA-Factory's), pt-full, the packing cases and sft-lora-embeddings (tied
+embeddings trained as one copy here, two there) differ (docs/llamafactory.md says why).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ CASES = {
                                  freeze_trainable_modules="mlp"),
     "sft-lora-qv-r16": dict(finetuning_type="lora", lora_target="q_proj,v_proj", lora_rank=16, lora_alpha=64,
                             learning_rate=2e-4),
+    "sft-lora-embeddings": dict(finetuning_type="lora", lora_target="all", learning_rate=2e-4,
+                                additional_target="embed_tokens,lm_head"),
     "sft-lora-shuffled": dict(finetuning_type="lora", lora_target="all", learning_rate=2e-4, disable_shuffling=False),
     "sft-dora": dict(finetuning_type="lora", lora_target="all", learning_rate=2e-4, use_dora=True),
     "sft-rslora-loraplus": dict(finetuning_type="lora", lora_target="all", learning_rate=2e-4, use_rslora=True,
