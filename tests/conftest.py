@@ -135,8 +135,8 @@ def run_training(values: dict):
 
 def train_here(args: list[str]) -> subprocess.CompletedProcess:
     """`tuneforge train ARGS` in this process, through the command line's own parsing and error handling, its
-    output captured: a one-process run to compare sharded processes with, without the five seconds a new
-    interpreter spends importing torch, transformers and PEFT."""
+    output captured: a one-process run (the reference for sharded runs, a config that must run) without the five
+    seconds a new interpreter spends importing torch, transformers and PEFT."""
     from tuneforge.cli import main
 
     out, err = io.StringIO(), io.StringIO()
