@@ -182,8 +182,9 @@ def prepare_model(cfg, accelerator, packed: bool = False, reference: bool = Fals
     # the fused LoRA function on CPUs, where it was measured (docs/benchmarks.md); not under DeepSpeed, whose ZeRO-3
     # gathers each module's weights when that module is called, and the function reads the base layer's weight
     # without calling it; nor under selective checkpointing, which keeps a projection's output by the product that
-    # made it, where the function adds its low-rank term in place (or makes it in row blocks)
-    fuse = accelerator.device.type == "cpu" and not t.deepspeed and scope != "selective"
+    # made it, where the function adds its low-rank term in place (or makes it in row blocks); nor compiled, where
+    # inductor fuses the same work and dynamo breaks each layer's graph at the function (half the speed)
+    fuse = accelerator.device.type == "cpu" and not (t.deepspeed or t.torch_compile) and scope != "selective"
     model = setup_trainable(model, cfg.model, f, fuse=fuse)
     if f.neftune_noise_alpha:
         add_noise_to_embeddings(model, f.neftune_noise_alpha)
