@@ -271,10 +271,10 @@ def test_compiled_layers_have_no_graph_breaks(tiny_model, alpaca_file, tmp_path)
 
     torch._dynamo.reset()
     counters.clear()
-    # the fast settings' bf16 packed micro-batches of 4 x 256 rows (row blocks are only tried on 16-bit products
-    # of over 512 rows); the eager backend: dynamo's tracing without building kernels (a quick test)
+    # the fast settings: bf16, eager attention, packed micro-batches of 4 x 256 rows (row blocks are only tried on
+    # 16-bit products of over 512 rows); the eager backend: dynamo's tracing without building kernels (a quick test)
     run_training(train_config(tiny_model, alpaca_file, tmp_path / "out", torch_compile_backend="eager", max_steps=1,
-                              bf16=True, pure_bf16=True, packing=True, cutoff_len=256))
+                              bf16=True, pure_bf16=True, packing=True, cutoff_len=256, flash_attn="eager"))
     assert dict(counters["graph_break"]) == {}
 
 

@@ -5,8 +5,8 @@ apart in backward. Written as one function: the up-projection is added into the 
 input gradient's low-rank term by another, and B's gradient is taken as (xa.T @ g).T, which oneDNN runs faster at
 LoRA's shapes than g.T @ xa. On an Intel AMX Xeon it saves 34% of what LoRA adds to a layer's products eager and
 22% compiled (bench/lora_function.py); in a whole training step, 1.04x eager and nothing compiled, where inductor
-fuses the same work (bench/adapter_cost.py, docs/benchmarks.md). The mathematics is PEFT's; only the order in which
-bf16 sums round differs.
+fuses the same work (bench/adapter_cost.py, docs/benchmarks.md), so compiled training keeps PEFT's layers. The
+mathematics is PEFT's; only the order in which bf16 sums round differs.
 
 It is PEFT's own `lora.Linear` (same parameters, names, merge, save and load; an adapter trained with it loads in
 plain PEFT), registered through LoraConfig's custom-module mapping (`_register_custom_module`, which PEFT documents

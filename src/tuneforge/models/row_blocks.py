@@ -59,8 +59,10 @@ def choose_blocks(rows, weight, bias, clock: Callable[[], float] = time.perf_cou
 
 
 def _may_block(rows: torch.Tensor) -> bool:
-    return (rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16) and rows.dim() == 2
-            and rows.shape[0] > BLOCK_ROWS and torch.get_num_threads() > 1 and not torch.compiler.is_compiling())
+    # compiling first: dynamo cannot trace get_num_threads and would break the graph there
+    return (not torch.compiler.is_compiling() and rows.device.type == "cpu"
+            and rows.dtype in (torch.bfloat16, torch.float16) and rows.dim() == 2 and rows.shape[0] > BLOCK_ROWS
+            and torch.get_num_threads() > 1)
 
 
 def _whole(rows, weight, bias):
