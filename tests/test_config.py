@@ -94,6 +94,9 @@ def test_llamafactory_yaml_is_accepted(tmp_path):
         "with streaming", " `overwrite_cache` has no effect with streaming"]
     assert notices(load_config(str(path), ["dataloader_num_workers=0", "dataloader_prefetch_factor=4"])) == [
         "note: `dataloader_prefetch_factor` has no effect without workers (dataloader_num_workers: 0)"]
+    dora = [n for n in notices(load_config(str(path), ["use_dora=true", "torch_compile=true"])) if "DoRA" in n]
+    assert dora and "leave torch_compile off" in dora[0]
+    assert not [n for n in notices(load_config(str(path), ["use_dora=true"])) if "DoRA" in n]
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):

@@ -60,9 +60,9 @@ def notices(cfg: Config) -> list[str]:
     elif t.gradient_checkpointing and t.gradient_checkpointing_scope == "layers" and cfg.model.flash_attn == "eager":
         out.append("note: with eager attention, `gradient_checkpointing_scope: attention` recomputes only attention: "
                    "faster steps for more memory (SmolLM2-135M, cutoff 256: ~15% less time, 2.0 instead of 1.2 GB)")
-    from .models import vocab
+    from .models import adapters, vocab
 
-    out += vocab.notices(cfg)
+    out += vocab.notices(cfg) + adapters.notices(cfg)
     from .train import evaluation, optimizers, sharding, steps
 
     out += (optimizers.notices(cfg) + sharding.notices(cfg) + steps.loader_notices(cfg)

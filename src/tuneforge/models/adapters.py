@@ -312,6 +312,16 @@ def check(cfg) -> list[str]:
     return out
 
 
+def notices(cfg) -> list[str]:
+    """What an adapter setting costs in combination with another."""
+    if cfg.finetune.use_dora and cfg.finetune.finetuning_type == "lora" and cfg.train.torch_compile:
+        # measured with bench/train_speed.py --set use_dora=true (docs/benchmarks.md)
+        return ["note: `use_dora` with `torch_compile`: PEFT's DoRA layers break each compiled decoder layer's graph "
+                "(dynamo cannot trace their weight-norm code); compiled steps ran at 0.87-0.91x eager's speed with "
+                "7-8% more memory (SmolLM2-135M, bf16, Intel Xeon with AMX), so leave torch_compile off for DoRA"]
+    return []
+
+
 def save_pissa_init(model, output_dir) -> None:
     """pissa_convert, before training: the initial PiSSA adapter (output_dir/pissa_init), which the conversion
     subtracts. It is saved as a plain LoRA (init_lora_weights True) so that PEFT loads it without another SVD."""
